@@ -1,0 +1,94 @@
+"""Checkpoints: plain tensors and primitives only, loaded with ``weights_only=True``.
+
+Every trainable stage saves one file holding::
+
+    {
+      "format": "vsa",            # marks a vsa checkpoint
+      "version": 1,               # bumped on incompatible changes
+      "kind": "align" | "mrnn",   # which stage wrote it
+      "config": {...},            # the stage's config dataclass, as a dict of primitives
+      "vocab": ["a", "dog", ...], # vocabulary words (special tokens excluded)
+      "extractor": {...},         # feature extractor name and settings (from the features NPZ)
+      "state_dict": {...},        # model tensors
+      "meta": {...},              # epoch, best val metrics, optimiser state for --resume, ...
+    }
+
+Nothing in it needs unpickling code: ``torch.load(path, weights_only=True)``
+refuses any other object, so a malicious file cannot run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from vsa.errors import VsaError
+
+FORMAT = "vsa"
+VERSION = 1
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _plain(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def save_checkpoint(path, kind: str, config: Any, vocab: list[str], extractor: dict, state_dict: dict, meta: dict | None = None) -> None:
+    """Save atomically (temp file + rename)."""
+    import torch
+
+    from vsa.io import atomic_write
+
+    ckpt = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "config": _plain(config),
+        "vocab": list(vocab),
+        "extractor": _plain(extractor or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "meta": _plain(meta or {}),
+    }
+    with atomic_write(path) as fh:
+        torch.save(ckpt, fh)
+
+
+def load_checkpoint(path, kind: str | None = None) -> dict:
+    """Load a vsa checkpoint safely; clear errors for wrong kind, version or format."""
+    import pickle
+
+    import torch
+
+    p = Path(path)
+    if not p.exists():
+        raise VsaError("no such checkpoint", p)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise VsaError(f"refused: not a plain-tensor checkpoint, it would need to unpickle code ({first[:160]})", p) from None
+    except Exception as e:
+        raise VsaError(f"not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})", p) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise VsaError("not a vsa checkpoint (no 'format': 'vsa' marker)", p)
+    if ckpt.get("version") != VERSION:
+        raise VsaError(
+            f"checkpoint version {ckpt.get('version')} is not supported by this vsa (expects {VERSION}); "
+            "retrain it or use the vsa release that wrote it", p)
+    if kind is not None and ckpt.get("kind") != kind:
+        raise VsaError(f"is a '{ckpt.get('kind')}' checkpoint, expected '{kind}'", p)
+    return ckpt
+
+
+def config_from(cls, d: dict):
+    """Rebuild a config dataclass from a checkpoint dict, ignoring unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})

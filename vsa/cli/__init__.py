@@ -1,0 +1,47 @@
+"""The ``vsa`` command line: one typer app, one module per pipeline stage.
+
+Each module in this package registers its commands on :data:`app`.  Modules
+only parse arguments, call the library (``vsa.*``) and do I/O; heavy imports
+(torch, ultralytics) happen inside the command functions so ``vsa --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="vsa",
+    help=(
+        "Deep visual-semantic alignments (Karpathy & Fei-Fei, CVPR 2015): detect regions, embed them, "
+        "align words to regions, generate and score image descriptions.\n\n"
+        "Commands read and write JSONL / NPZ and pipe: `vsa regions imgs/ | vsa embed -o feats.npz`. "
+        "Defaults come from ./vsa.toml (see `vsa init`)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+)
+
+# command modules register themselves on `app` when imported (order = --help order)
+from vsa.cli import init_cmd  # noqa: E402,F401
+from vsa.cli import data_cmd  # noqa: E402,F401
+from vsa.cli import regions_cmd  # noqa: E402,F401
+from vsa.cli import embed_cmd  # noqa: E402,F401
+from vsa.cli import align_cmd  # noqa: E402,F401
+from vsa.cli import mrnn_cmd  # noqa: E402,F401
+from vsa.cli import eval_cmd  # noqa: E402,F401
+from vsa.cli import show_cmd  # noqa: E402,F401
+
+
+def main() -> None:
+    from vsa.errors import VsaError
+
+    try:
+        app()
+    except VsaError as e:  # raised outside a guarded command (e.g. while loading vsa.toml)
+        sys.stderr.write(f"vsa: error: {e}\n")
+        sys.exit(e.exit_code)

@@ -1,0 +1,78 @@
+"""Helpers shared by the CLI modules: stderr console, error handling, logging."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import typer
+
+from vsa.errors import VsaError
+
+_console = None
+
+
+def console():
+    """A rich Console on stderr (stdout carries data)."""
+    global _console
+    if _console is None:
+        from rich.console import Console
+
+        _console = Console(stderr=True)
+    return _console
+
+
+def info(msg: str) -> None:
+    console().print(msg, highlight=False)
+
+
+def warn(msg: str) -> None:
+    console().print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
+
+
+def fail(msg: str, code: int = 2):
+    """Print ``vsa: error: msg`` as one line on stderr and exit with ``code``."""
+    sys.stderr.write(f"vsa: error: {msg}\n")
+    sys.stderr.flush()
+    raise typer.Exit(code)
+
+
+def guarded(fn):
+    """Decorator for command functions: VsaError -> one line on stderr, exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VsaError as e:
+            fail(str(e), e.exit_code)
+        except BrokenPipeError:
+            # downstream closed the pipe (e.g. `vsa regions ... | head`): stop quietly
+            try:
+                sys.stdout = None  # type: ignore[assignment]
+            finally:
+                raise typer.Exit(0)
+
+    return wrapper
+
+
+def progress(transient: bool = False):
+    """A rich Progress on stderr with a bar, counts, rate and ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console(),
+        transient=transient,
+    )
