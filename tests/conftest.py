@@ -1,0 +1,51 @@
+"""Shared fixtures. Tests that need ../shared (real Flickr8K data, YOLOv5 weights) skip when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VSA_SHARED", ROOT.parent / "shared"))
+FLICKR8K = SHARED / "data" / "flickr8k"
+YOLOV5N = SHARED / "weights" / "yolov5n-coco"
+
+
+@pytest.fixture(scope="session")
+def flickr8k() -> Path:
+    if not (FLICKR8K / "dataset_flickr8k.json").exists():
+        pytest.skip(f"Flickr8K not found at {FLICKR8K} (set VSA_SHARED to the shared folder)")
+    return FLICKR8K
+
+
+@pytest.fixture(scope="session")
+def yolov5n() -> Path:
+    if not (YOLOV5N / "yolov5n-coco-state-dict.pt").exists():
+        pytest.skip(f"YOLOv5n COCO weights not found at {YOLOV5N} (set VSA_SHARED to the shared folder)")
+    return YOLOV5N
+
+
+@pytest.fixture(autouse=True)
+def _fresh_workspace(monkeypatch):
+    """Each test sees no vsa.toml unless it writes one."""
+    from vsa import config
+
+    monkeypatch.delenv("VSA_CONFIG", raising=False)
+    config.reset_workspace()
+    yield
+    config.reset_workspace()
+
+
+def run_cli(*args, input: bytes | None = None, cwd=None, env=None, timeout=600):
+    """Run `python -m vsa ARGS` as a real subprocess; returns CompletedProcess (bytes)."""
+    import subprocess
+    import sys
+
+    e = dict(os.environ)
+    e.setdefault("OMP_NUM_THREADS", "2")
+    if env:
+        e.update(env)
+    return subprocess.run([sys.executable, "-m", "vsa", *map(str, args)], input=input, capture_output=True,
+                          cwd=cwd, env=e, timeout=timeout)
