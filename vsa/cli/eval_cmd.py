@@ -1,14 +1,68 @@
 from __future__ import annotations
 
+from pathlib import Path
+from typing import List, Optional
+
 import typer
 
 from vsa.cli import app
-from vsa.errors import NotImplementedStage
-from vsa.cli.common import guarded
+from vsa.cli.common import console, guarded
 
 
-@app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("eval")
 @guarded
-def evaluate(ctx: typer.Context):
-    """Retrieval (aligner) and caption metrics (generator) on a split."""
-    raise NotImplementedStage("eval")
+def evaluate(
+    split: str = typer.Option("test", "--split", help="Dataset split to evaluate on (paper protocol: test)."),
+    model: Optional[List[Path]] = typer.Option(None, "--model", "-m", help="Checkpoint(s) to evaluate; an aligner gives retrieval, a generator caption metrics. Default: [align] model and [mrnn] model in vsa.toml (those that exist)."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Caption dataset (default: [dataset] path in vsa.toml)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image root folder."),
+    features: Optional[Path] = typer.Option(None, "--features", help="Features NPZ (default: the one the model was trained on, from vsa.toml)."),
+    beam: Optional[int] = typer.Option(None, "--beam", help="Beam size for generators (default: the checkpoint's val-chosen beam)."),
+    captions_out: Optional[Path] = typer.Option(None, "--captions-out", help="Write generated captions here as COCO results JSON."),
+    ranks_out: Optional[Path] = typer.Option(None, "--ranks-out", help="Write retrieval ranks (for `vsa show`) here as JSON."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the eval report JSON here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of tables."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
+):
+    """Retrieval (aligner) and caption metrics (generator) on a split, beside the paper's numbers."""
+    from vsa.checkpoint import load_checkpoint
+    from vsa.cli.data_cmd import open_dataset
+    from vsa.config import workspace
+    from vsa.errors import VsaError
+    from vsa.io import write_json
+
+    models = list(model or [])
+    if not models:
+        ws = workspace()
+        for key in ("align.model", "mrnn.model"):
+            p = ws.get(key)
+            if p is not None and Path(p).exists():
+                models.append(Path(p))
+        if not models:
+            raise VsaError("no model to evaluate: pass --model CKPT or set [align] model / [mrnn] model in vsa.toml "
+                           "(and train them with `vsa train-align` / `vsa train-mrnn`)")
+    ds = open_dataset(dataset, images)
+    if not ds.split(split):
+        raise VsaError(f"split {split!r} has no images in {ds.source}")
+    report: dict = {"split": split, "dataset": ds.name}
+    for m in models:
+        kind = load_checkpoint(m)["kind"]
+        if kind == "align":
+            from vsa.eval_align import evaluate_aligner, render_retrieval
+
+            report["retrieval"] = evaluate_aligner(m, ds, split, features=features, ranks_out=ranks_out, device=device)
+            if not as_json:
+                render_retrieval(report["retrieval"], console())
+        elif kind == "mrnn":
+            from vsa.eval_caption import evaluate_generator, render_generation
+
+            report["generation"] = evaluate_generator(m, ds, split, features=features, beam=beam,
+                                                      captions_out=captions_out, device=device)
+            if not as_json:
+                render_generation(report["generation"], console())
+        else:
+            raise VsaError(f"cannot evaluate a '{kind}' checkpoint", m)
+    if out is not None:
+        write_json(out, report, indent=True)
+    if as_json:
+        write_json("-", report)

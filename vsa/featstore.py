@@ -1,0 +1,114 @@
+"""Read a features NPZ (see docs/formats.md) and join it with a caption dataset by image key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vsa.errors import VsaError
+
+REQUIRED = ("feats", "offsets", "keys")
+
+
+class FeatureStore:
+    """Region features per image.
+
+    ``store[key]`` gives ``[R_i, D]`` float32 features of one image (whole image first);
+    ``store.boxes(key)``, ``store.labels(key)`` the matching boxes and class names.
+    """
+
+    def __init__(self, path, arrays: dict | None = None):
+        from vsa.io import load_npz
+
+        self.path = Path(path) if path is not None else None
+        a = arrays if arrays is not None else load_npz(path, required=REQUIRED)
+        self.feats = a["feats"]
+        self.offsets = np.asarray(a["offsets"], dtype=np.int64)
+        self.keys = [str(k) for k in a["keys"]]
+        n = len(self.keys)
+        where = self.path or "<features>"
+        if self.offsets.shape != (n + 1,):
+            raise VsaError(f"'offsets' has shape {self.offsets.shape}, expected ({n + 1},) for {n} keys", where)
+        if int(self.offsets[-1]) != len(self.feats):
+            raise VsaError(f"'offsets' ends at {int(self.offsets[-1])} but 'feats' has {len(self.feats)} rows", where)
+        if np.any(np.diff(self.offsets) < 1):
+            raise VsaError("every image needs at least one region (offsets must increase)", where)
+        R = len(self.feats)
+        self._boxes = a.get("boxes")
+        self._labels = a.get("labels")
+        self._scores = a.get("scores")
+        for name, arr in (("boxes", self._boxes), ("labels", self._labels), ("scores", self._scores)):
+            if arr is not None and len(arr) != R:
+                raise VsaError(f"'{name}' has {len(arr)} rows but 'feats' has {R}", where)
+        self.sizes = a.get("sizes")
+        meta = a.get("meta")
+        try:
+            self.meta = json.loads(str(meta)) if meta is not None else {}
+        except json.JSONDecodeError:
+            raise VsaError("'meta' is not valid JSON", where) from None
+        self.index = {k: i for i, k in enumerate(self.keys)}
+        # fall back to the file name when keys are paths
+        self._by_name: dict[str, int] = {}
+        for i, k in enumerate(self.keys):
+            self._by_name.setdefault(Path(k).name, i)
+
+    @property
+    def dim(self) -> int:
+        return int(self.feats.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def find(self, key: str) -> int | None:
+        i = self.index.get(key)
+        if i is None:
+            i = self._by_name.get(Path(key).name)
+        return i
+
+    def __contains__(self, key: str) -> bool:
+        return self.find(key) is not None
+
+    def _i(self, key: str) -> int:
+        i = self.find(key)
+        if i is None:
+            raise VsaError(f"image {key!r} is not in the features file", self.path or "<features>")
+        return i
+
+    def rows(self, key: str) -> slice:
+        i = self._i(key)
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return np.asarray(self.feats[self.rows(key)], dtype=np.float32)
+
+    def whole(self, key: str) -> np.ndarray:
+        """The whole-image feature (first region) of one image, ``[D]``."""
+        return np.asarray(self.feats[int(self.offsets[self._i(key)])], dtype=np.float32)
+
+    def boxes(self, key: str) -> np.ndarray | None:
+        return None if self._boxes is None else np.asarray(self._boxes[self.rows(key)], dtype=np.float32)
+
+    def labels(self, key: str) -> list[str] | None:
+        return None if self._labels is None else [str(x) for x in self._labels[self.rows(key)]]
+
+    def scores(self, key: str) -> np.ndarray | None:
+        return None if self._scores is None else np.asarray(self._scores[self.rows(key)], dtype=np.float32)
+
+    def check_dataset(self, records, skip_missing: bool = False, warn=None) -> list:
+        """Return the records that have features; a missing image is an error unless ``skip_missing``."""
+        out, missing = [], []
+        for r in records:
+            (out if r.key in self else missing).append(r)
+        if missing and not skip_missing:
+            raise VsaError(
+                f"{len(missing)} dataset image(s) have no features, e.g. {missing[0].key!r} "
+                "(run `vsa embed` on them, or pass --skip-missing)", self.path or "<features>")
+        if missing and warn:
+            warn(f"{len(missing)} dataset image(s) have no features and are skipped, e.g. {missing[0].key!r}")
+        return out
+
+
+def load_features(path) -> FeatureStore:
+    return FeatureStore(path)
