@@ -6,7 +6,13 @@ from typing import List, Optional
 import typer
 
 from vsa.cli import app
-from vsa.cli.common import console, guarded
+from vsa.cli.common import guarded
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console()  # tables are this command's data: stdout
 
 
 @app.command("eval")
@@ -52,14 +58,14 @@ def evaluate(
 
             report["retrieval"] = evaluate_aligner(m, ds, split, features=features, ranks_out=ranks_out, device=device)
             if not as_json:
-                render_retrieval(report["retrieval"], console())
+                render_retrieval(report["retrieval"], _stdout())
         elif kind == "mrnn":
             from vsa.eval_caption import evaluate_generator, render_generation
 
             report["generation"] = evaluate_generator(m, ds, split, features=features, beam=beam,
                                                       captions_out=captions_out, device=device)
             if not as_json:
-                render_generation(report["generation"], console())
+                render_generation(report["generation"], _stdout())
         else:
             raise VsaError(f"cannot evaluate a '{kind}' checkpoint", m)
     if out is not None:
