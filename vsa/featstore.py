@@ -12,6 +12,71 @@ from vsa.errors import VsaError
 REQUIRED = ("feats", "offsets", "keys")
 
 
+def memmap_npz_member(path, name: str):
+    """Memory-map array ``name`` of an uncompressed NPZ (``np.savez``) without reading it.
+
+    ``np.savez`` stores members uncompressed, so the ``.npy`` payload lies contiguous in the
+    file; this maps it read-only, so features larger than RAM are paged in on demand.
+    Returns None when the member is compressed or not a plain array (callers then load it).
+    """
+    import struct
+    import zipfile
+
+    member = name if name.endswith(".npy") else name + ".npy"
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(member)
+        except KeyError:
+            return None
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        fh.seek(start)
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            return None
+        if dtype.hasobject:
+            return None
+        offset = fh.tell()
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def _load_arrays(path, mmap: bool) -> dict:
+    from vsa.io import load_npz
+
+    if not mmap:
+        return load_npz(path, required=REQUIRED)
+    import zipfile
+
+    try:
+        feats = memmap_npz_member(path, "feats")
+    except (OSError, zipfile.BadZipFile, ValueError):
+        feats = None
+    if feats is None:
+        return load_npz(path, required=REQUIRED)
+    # everything but the big matrix is small: load it normally
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files if k != "feats"}
+    except Exception as e:
+        raise VsaError(f"not a readable NPZ file ({type(e).__name__}: {e})", path) from None
+    out["feats"] = feats
+    missing = [k for k in REQUIRED if k not in out]
+    if missing:
+        raise VsaError(f"missing key(s) {', '.join(missing)} (has: {', '.join(sorted(out))})", path)
+    return out
+
+
 class FeatureStore:
     """Region features per image.
 
@@ -19,11 +84,12 @@ class FeatureStore:
     ``store.boxes(key)``, ``store.labels(key)`` the matching boxes and class names.
     """
 
-    def __init__(self, path, arrays: dict | None = None):
-        from vsa.io import load_npz
-
+    def __init__(self, path, arrays: dict | None = None, mmap: bool = True):
+        """Open ``path``; with ``mmap`` (default) the feature matrix is memory-mapped, not read."""
         self.path = Path(path) if path is not None else None
-        a = arrays if arrays is not None else load_npz(path, required=REQUIRED)
+        if arrays is None and self.path is not None and not self.path.exists():
+            raise VsaError("no such file", self.path)
+        a = arrays if arrays is not None else _load_arrays(path, mmap)
         self.feats = a["feats"]
         self.offsets = np.asarray(a["offsets"], dtype=np.int64)
         self.keys = [str(k) for k in a["keys"]]
@@ -110,5 +176,5 @@ class FeatureStore:
         return out
 
 
-def load_features(path) -> FeatureStore:
-    return FeatureStore(path)
+def load_features(path, mmap: bool = True) -> FeatureStore:
+    return FeatureStore(path, mmap=mmap)
