@@ -1,0 +1,114 @@
+"""torch.distributed glue shared by the training loops (torchrun, DDP).
+
+Under ``torchrun --nproc_per_node N vsa train-...`` the environment variables
+``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` are set; :func:`setup` then joins the
+process group (nccl on GPU, gloo on CPU).  Run plainly, it is a no-op and
+``world == 1``.  Only rank 0 logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from vsa.errors import VsaError
+
+        raise VsaError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def setup(device: str = "auto") -> DistEnv:
+    """Join the torchrun process group if there is one; return this process's place in it."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = pick_device(device)
+    if world <= 1:
+        return DistEnv(device=dev)
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        dev = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
+    return DistEnv(rank, world, local_rank, dev)
+
+
+def wrap(model, env: DistEnv):
+    """DistributedDataParallel around ``model`` when running distributed."""
+    if not env.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if env.device.startswith("cuda"):
+        return DDP(model, device_ids=[env.local_rank])
+    return DDP(model)
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+def shard_indices(n: int, env: DistEnv, epoch_perm=None) -> list[int]:
+    """This rank's share of ``range(n)`` (or of a permutation), padded so every rank gets as many.
+
+    Equivalent to torch's DistributedSampler: rank r takes items r, r+world, r+2*world, ...
+    """
+    order = list(range(n)) if epoch_perm is None else list(epoch_perm)
+    if not env.enabled:
+        return order
+    per = -(-len(order) // env.world)
+    order = order + order[: per * env.world - len(order)]
+    return order[env.rank :: env.world]
+
+
+def all_reduce_mean(value: float, env: DistEnv) -> float:
+    if not env.enabled:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], device=env.device)
+    dist.all_reduce(t)
+    return float(t.item()) / env.world
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def cleanup(env: DistEnv) -> None:
+    if env.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
