@@ -1,14 +1,94 @@
 from __future__ import annotations
 
+from pathlib import Path
+from typing import List, Optional
+
 import typer
 
 from vsa.cli import app
-from vsa.errors import NotImplementedStage
-from vsa.cli.common import guarded
+from vsa.cli.common import guarded, info, progress, warn
 
 
-@app.command("embed", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+
+def _is_regions_jsonl(p: str) -> bool:
+    return p == "-" or p.endswith(".jsonl") or p.endswith(".json")
+
+
+@app.command("embed")
 @guarded
-def embed(ctx: typer.Context):
-    """CNN features of regions (or whole images) into one NPZ."""
-    raise NotImplementedStage("embed")
+def embed(
+    inputs: Optional[List[str]] = typer.Argument(None, help="Regions JSONL (file or '-'), or image files/folders (whole image only). Default: stdin."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output NPZ (default: [features] regions in vsa.toml)."),
+    cnn: Optional[str] = typer.Option(None, "--cnn", help="efficientnet-lite0 (default), efficientnet-lite2, or a torchvision model name."),
+    cnn_weights: Optional[str] = typer.Option(None, "--cnn-weights", help="Local weights file for --cnn (torchvision models need one offline)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Crops per CNN forward (small batches are fastest on CPU)."),
+    workers: int = typer.Option(1, "--workers", help="DataLoader worker processes for decoding/cropping."),
+    context: float = typer.Option(0.0, "--context", help="Pad each box by this fraction of its size per side before warping."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 or float32 features."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: process a deterministic 1/N of the inputs (1-based K)."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Ignore finished parts of an earlier run."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about unreadable images and go on (default: exit 2)."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Decompression-bomb guard (default 178956970 or $VSA_MAX_PIXELS)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
+    threads: int = typer.Option(0, "--threads", help="torch intra-op threads (0 = torch default)."),
+):
+    """CNN features of every region (whole image first) into one NPZ, resumable and shardable.
+
+    `vsa embed merge A.npz B.npz ... -o ALL.npz` joins the outputs of `--shard K/N` runs.
+    """
+    import time
+
+    if inputs and inputs[0] == "merge":
+        return merge(inputs[1:], out)
+
+    from vsa.config import resolve
+    from vsa.errors import VsaError
+    from vsa.features import EmbedItem, embed as run_embed, items_from_regions, load_extractor, shard_of
+    from vsa.images import find_images
+    from vsa.io import iter_jsonl, resolve_input
+
+    if not inputs:
+        inputs = [resolve_input(None, "regions JSONL or images", "INPUTS...")]
+    items: list = []
+    detectors: set = set()
+
+    def note_detector(records):
+        for r in records:
+            detectors.add(str(r.get("detector", "")))
+            yield r
+
+    for inp in inputs:
+        if _is_regions_jsonl(inp):
+            items.extend(items_from_regions(note_detector(iter_jsonl(inp, skip_bad=skip_bad, warn=warn)), inp))
+        else:
+            items.extend(EmbedItem(key, str(p), None) for p, key in find_images([inp]))
+    items = shard_of(items, shard)
+    out_path = resolve(out, "features.regions", "--out/-o")
+    if dtype not in ("float16", "float32"):
+        raise VsaError(f"--dtype must be float16 or float32, got {dtype!r}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    ex = load_extractor(resolve(cnn, "features.cnn", "--cnn", default="efficientnet-lite0"), cnn_weights, device)
+    t0 = time.time()
+    with progress() as prog:
+        st = run_embed(items, out_path, ex, batch_size=batch_size, workers=workers, context=context, dtype=dtype,
+                       resume=not no_resume, skip_bad=skip_bad, max_pixels=max_pixels, warn=warn, progress=prog,
+                       extra_meta={"detector": ",".join(sorted(detectors)) or None, **({"shard": shard} if shard else {})})
+    dt = time.time() - t0
+    done = st["images"] - st["skipped_done"] - st["bad"]
+    info(f"embed: {st['written']} images in {out_path} ({st['skipped_done']} resumed, {st['bad']} bad), "
+         f"{st['regions'] / max(done, 1):.2f} regions/image, {done / max(dt, 1e-9):.1f} images/s")
+
+
+def merge(inputs, out):
+    """Join `vsa embed --shard K/N` outputs into one NPZ (same format as a single run)."""
+    from vsa.errors import VsaError
+    from vsa.features import merge_npz
+
+    if not inputs or out is None:
+        raise VsaError("usage: vsa embed merge SHARD.npz... -o OUT.npz")
+
+    n = merge_npz(list(inputs), out)
+    info(f"merged {len(inputs)} files: {n} images -> {out}")

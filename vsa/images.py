@@ -1,0 +1,134 @@
+"""Robust image loading and image-file discovery.
+
+:func:`open_image` returns an RGB PIL image with its EXIF orientation applied, or
+raises :class:`ImageError` (a VsaError) naming the file and the reason.  Boxes
+computed on it refer to the rotated (upright) image.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from vsa.errors import VsaError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own default (about 13400 x 13400)
+ENV_MAX_PIXELS = "VSA_MAX_PIXELS"
+
+
+class ImageError(VsaError):
+    pass
+
+
+def max_pixels(value: int | None = None) -> int:
+    if value is not None:
+        return int(value)
+    env = os.environ.get(ENV_MAX_PIXELS)
+    return int(env) if env else DEFAULT_MAX_PIXELS
+
+
+def _to_rgb(im, path):
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGB", im.size, (255, 255, 255))
+        bg.paste(im, mask=im.getchannel("A"))
+        return bg
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        a = ((a - lo) * scale).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    return im.convert("RGB")  # L, P, CMYK, YCbCr, 1, ...
+
+
+def open_image(path, max_pixels_: int | None = None):
+    """Open ``path`` as an upright RGB PIL image; ImageError naming the file otherwise."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    p = Path(path)
+    limit = max_pixels(max_pixels_)
+    try:
+        size = p.stat().st_size
+    except FileNotFoundError:
+        raise ImageError("no such file", p) from None
+    except OSError as e:
+        raise ImageError(f"cannot read ({e.strerror})", p) from None
+    if size == 0:
+        raise ImageError("empty file (0 bytes)", p)
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # we check ourselves, with our own message
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+            if w * h > limit:
+                raise ImageError(
+                    f"image is {w}x{h} = {w * h} pixels, over the limit of {limit} (possible decompression bomb; "
+                    f"raise it with --max-pixels or {ENV_MAX_PIXELS})", p)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im, p)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)", p) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "truncated" in msg.lower():
+            msg = f"truncated or corrupt image ({msg})"
+        raise ImageError(f"cannot decode image ({msg})", p) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _walk(folder: Path, seen: set) -> Iterable[Path]:
+    try:
+        real = folder.resolve()
+    except (OSError, RuntimeError):
+        return
+    if real in seen:  # symlink loop or repeated folder
+        return
+    seen.add(real)
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: os.fsencode(e.name))
+    except OSError:
+        return
+    for e in entries:
+        p = Path(e.path)
+        try:
+            if e.is_dir(follow_symlinks=True):
+                yield from _walk(p, seen)
+            elif e.is_file(follow_symlinks=True) and p.suffix.lower() in IMAGE_EXTS:
+                yield p
+        except OSError:
+            continue
+
+
+def find_images(inputs: Iterable, recursive: bool = True) -> list[tuple[Path, str]]:
+    """Expand files and folders into ``(path, key)`` pairs.
+
+    Folders are walked recursively (sorted, symlink loops skipped) for common image
+    extensions; keys are paths relative to the folder given. Files given directly
+    keep their file name as key. A missing input is an ImageError.
+    """
+    out: list[tuple[Path, str]] = []
+    for inp in inputs:
+        p = Path(inp)
+        if p.is_dir():
+            files = _walk(p, set()) if recursive else sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS)
+            for f in files:
+                out.append((f, f.relative_to(p).as_posix()))
+        elif p.exists():
+            out.append((p, p.name))
+        else:
+            raise ImageError("no such file or folder", p)
+    return out

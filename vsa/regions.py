@@ -1,0 +1,268 @@
+"""Region proposals: the whole image plus the top detections of an object detector.
+
+Two detector families, chosen by :func:`load_detector`:
+
+* ``YoloV5StateDict`` - the YOLOv5 COCO checkpoint stored as a plain state dict plus
+  ``meta.json`` (``../shared/weights/yolov5n-coco``). Layers 0-23 are built by
+  ultralytics from its own ``yolov5n.yaml``; the anchor head (``model.24``) is three
+  1x1 convolutions decoded here as YOLOv5 does, followed by torchvision NMS.
+* ``UltralyticsDetector`` - anything ``ultralytics.YOLO`` loads: a weights path, or
+  a name such as ``yolo11n.pt`` that ultralytics downloads when online.
+
+Images are letterboxed (aspect ratio kept, grey padding) to ``imgsz`` and boxes are
+mapped back to pixel ``xyxy`` in the original image.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from vsa.errors import VsaError
+
+ENV_DETECTOR = "VSA_DETECTOR"
+DEFAULT_DETECTOR = "yolo11n.pt"
+
+
+@dataclass
+class DetectOptions:
+    top: int = 19  # detections kept per image (the whole image is added on top)
+    conf: float = 0.05  # low: the paper keeps the top detections even when weak
+    iou: float = 0.5  # class-aware NMS threshold
+    dedup: float = 0.9  # then drop a box overlapping a higher-scoring box of any class above this IoU
+    imgsz: int = 640
+
+
+def _letterbox(images, size: int):
+    """Resize each PIL image into a size x size canvas keeping aspect; return batch, scales, pads."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    batch = np.full((len(images), size, size, 3), 114, dtype=np.uint8)
+    metas = []
+    for i, im in enumerate(images):
+        w, h = im.size
+        r = min(size / w, size / h)
+        nw, nh = max(1, round(w * r)), max(1, round(h * r))
+        px, py = (size - nw) // 2, (size - nh) // 2
+        batch[i, py : py + nh, px : px + nw] = np.asarray(im.resize((nw, nh), Image.BILINEAR))
+        metas.append((r, px, py, w, h))
+    t = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+    return t, metas
+
+
+def _postprocess(boxes, scores, labels, names, meta, opt: DetectOptions):
+    """NMS + dedup + top-K on one image's candidates; map boxes back to the original image."""
+    import torch
+    from torchvision.ops import batched_nms, box_iou
+
+    if boxes.numel() == 0:
+        return []
+    keep = batched_nms(boxes, scores, labels, opt.iou)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    if opt.dedup < 1.0 and len(boxes) > 1:
+        iou = box_iou(boxes, boxes)
+        alive = torch.ones(len(boxes), dtype=torch.bool)
+        for i in range(len(boxes)):  # sorted by score already
+            if alive[i]:
+                dup = (iou[i] > opt.dedup) & (torch.arange(len(boxes)) > i)
+                alive &= ~dup
+        boxes, scores, labels = boxes[alive], scores[alive], labels[alive]
+    boxes, scores, labels = boxes[: opt.top], scores[: opt.top], labels[: opt.top]
+    r, px, py, w, h = meta
+    b = boxes.clone()
+    b[:, [0, 2]] = ((b[:, [0, 2]] - px) / r).clamp(0, w)
+    b[:, [1, 3]] = ((b[:, [1, 3]] - py) / r).clamp(0, h)
+    out = []
+    for bb, s, c in zip(b.tolist(), scores.tolist(), labels.tolist()):
+        if bb[2] - bb[0] < 1 or bb[3] - bb[1] < 1:
+            continue
+        out.append({"box": [round(v, 1) for v in bb], "score": round(float(s), 4), "label": names[int(c)], "class_id": int(c)})
+    return out
+
+
+class YoloV5StateDict:
+    """YOLOv5 (anchor head) from a plain state dict + meta.json, backbone/neck built by ultralytics."""
+
+    def __init__(self, folder: Path, device: str = "cpu"):
+        import json
+
+        import torch
+
+        folder = Path(folder)
+        if folder.is_file():
+            weights, folder = folder, folder.parent
+        else:
+            cands = sorted(folder.glob("*state-dict*.pt")) or sorted(folder.glob("*.pt"))
+            if not cands:
+                raise VsaError("no *.pt state dict in the detector folder", folder)
+            weights = cands[0]
+        meta_path = folder / "meta.json"
+        if not meta_path.exists():
+            raise VsaError("YOLOv5 state-dict detector needs meta.json beside the weights", folder)
+        meta = json.loads(meta_path.read_text())
+        self.names = list(meta["names"].values()) if isinstance(meta["names"], dict) else list(meta["names"])
+        self.strides = [int(s) for s in meta["strides"]]
+        self.anchors = torch.tensor(meta["anchors_pixels"], dtype=torch.float32)  # [3 levels, 3, 2]
+        self.name = folder.name
+        self.device = device
+        try:
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise VsaError(f"cannot load state dict ({type(e).__name__}: {e})", weights) from None
+        import contextlib
+        import io
+
+        from ultralytics.nn.tasks import DetectionModel
+
+        cfg = meta.get("ultralytics_cfg", "yolov5n.yaml")
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = DetectionModel(cfg, nc=len(self.names), verbose=False)
+        body = {k: v.float() for k, v in sd.items() if not k.startswith("model.24.")}
+        missing, unexpected = model.load_state_dict(body, strict=False)
+        missing = [k for k in missing if not k.startswith("model.24.")]
+        if missing or unexpected:
+            raise VsaError(f"state dict does not match {cfg}: missing {missing[:3]}, unexpected {unexpected[:3]}", weights)
+        self.layers = model.model[:24].eval().to(device)
+        no = 5 + len(self.names)
+        heads = []
+        for i in range(3):
+            w = sd[f"model.24.m.{i}.weight"].float()
+            conv = torch.nn.Conv2d(w.shape[1], w.shape[0], 1)
+            conv.weight.data.copy_(w)
+            conv.bias.data.copy_(sd[f"model.24.m.{i}.bias"].float())
+            assert w.shape[0] == 3 * no, "head output size does not match the class count"
+            heads.append(conv)
+        self.heads = torch.nn.ModuleList(heads).eval().to(device)
+        self.no = no
+        # fuse conv+bn for speed (inference only)
+        for m in self.layers.modules():
+            if hasattr(m, "bn") and hasattr(m, "conv") and hasattr(m, "forward_fuse"):
+                from ultralytics.utils.torch_utils import fuse_conv_and_bn
+
+                m.conv = fuse_conv_and_bn(m.conv, m.bn)
+                delattr(m, "bn")
+                m.forward = m.forward_fuse
+
+    def _forward(self, x):
+        y = []
+        for m in self.layers:
+            if m.f != -1:
+                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+            x = m(x)
+            y.append(x)
+        return [y[17], y[20], y[23]]
+
+    def detect(self, images, opt: DetectOptions | None = None):
+        import torch
+
+        opt = opt or DetectOptions()
+        x, metas = _letterbox(images, opt.imgsz)
+        x = x.to(self.device)
+        with torch.inference_mode():
+            feats = self._forward(x)
+            all_boxes, all_scores = [], []
+            for lvl, (f, head) in enumerate(zip(feats, self.heads)):
+                p = head(f)
+                b, _, ny, nx = p.shape
+                p = p.view(b, 3, self.no, ny, nx).permute(0, 1, 3, 4, 2).sigmoid()
+                gy, gx = torch.meshgrid(torch.arange(ny, device=p.device), torch.arange(nx, device=p.device), indexing="ij")
+                grid = torch.stack((gx, gy), -1).view(1, 1, ny, nx, 2).float()
+                anchor = self.anchors[lvl].to(p.device).view(1, 3, 1, 1, 2)
+                xy = (p[..., :2] * 2 - 0.5 + grid) * self.strides[lvl]
+                wh = (p[..., 2:4] * 2) ** 2 * anchor
+                box = torch.cat((xy - wh / 2, xy + wh / 2), -1).reshape(b, -1, 4)
+                score = (p[..., 4:5] * p[..., 5:]).reshape(b, -1, self.no - 5)
+                all_boxes.append(box)
+                all_scores.append(score)
+            boxes = torch.cat(all_boxes, 1)
+            scores = torch.cat(all_scores, 1)
+            out = []
+            for i in range(len(images)):
+                idx, cls = (scores[i] > opt.conf).nonzero(as_tuple=True)
+                s = scores[i][idx, cls]
+                order = s.argsort(descending=True)[: 30 * max(opt.top, 1)]
+                out.append(_postprocess(boxes[i][idx[order]].cpu(), s[order].cpu(), cls[order].cpu(), self.names, metas[i], opt))
+        return out
+
+
+class UltralyticsDetector:
+    """Any model ``ultralytics.YOLO`` can load (path or downloadable name)."""
+
+    def __init__(self, spec: str, device: str = "cpu"):
+        from ultralytics import YOLO
+
+        try:
+            self.model = YOLO(spec)
+        except Exception as e:
+            offline_hint = ""
+            if not Path(spec).exists():
+                offline_hint = (f"; '{spec}' is not a local file and could not be downloaded (offline?): "
+                                "point --detector (or VSA_DETECTOR, or [regions] detector in vsa.toml) at a local "
+                                "weights file, or at a YOLOv5 state-dict folder such as ../shared/weights/yolov5n-coco")
+            raise VsaError(f"cannot load detector {spec!r} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}){offline_hint}") from None
+        self.name = Path(spec).stem
+        self.device = device
+        names = self.model.names
+        self.names = [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
+
+    def detect(self, images, opt: DetectOptions | None = None):
+        import torch
+
+        opt = opt or DetectOptions()
+        res = self.model.predict(images, imgsz=opt.imgsz, conf=opt.conf, iou=opt.iou, max_det=max(opt.top * 5, 50),
+                                 device=self.device, verbose=False)
+        out = []
+        for im, r in zip(images, res):
+            b = r.boxes
+            boxes = b.xyxy.float().cpu()
+            scores = b.conf.float().cpu()
+            cls = b.cls.long().cpu()
+            order = scores.argsort(descending=True)
+            w, h = im.size
+            dets = _postprocess(boxes[order], scores[order], cls[order], self.names, (1.0, 0, 0, w, h),
+                                DetectOptions(opt.top, opt.conf, 1.0, opt.dedup, opt.imgsz))
+            out.append(dets)
+        del torch
+        return out
+
+
+def is_yolov5_state_dict(spec: str) -> bool:
+    p = Path(spec)
+    if p.is_dir():
+        return (p / "meta.json").exists()
+    return p.is_file() and p.suffix == ".pt" and (p.parent / "meta.json").exists() and "state-dict" in p.name
+
+
+def load_detector(spec: str | None = None, device: str = "auto"):
+    """Detector from a flag value, else $VSA_DETECTOR, else [regions] detector in vsa.toml, else yolo11n.pt."""
+    from vsa.config import workspace
+    from vsa.distributed import pick_device
+
+    if spec is None:
+        spec = os.environ.get(ENV_DETECTOR) or workspace().get("regions.detector") or DEFAULT_DETECTOR
+    spec = str(spec)
+    dev = pick_device(device)
+    if is_yolov5_state_dict(spec):
+        return YoloV5StateDict(Path(spec), dev)
+    if Path(spec).is_dir():
+        raise VsaError("detector folder has no meta.json (expected a YOLOv5 state-dict folder)", spec)
+    return UltralyticsDetector(spec, dev)
+
+
+def whole_image_region(width: int, height: int) -> dict:
+    return {"box": [0.0, 0.0, float(width), float(height)], "score": 1.0, "label": "image"}
+
+
+def regions_record(key: str, path, image, detections: list[dict], detector_name: str) -> dict:
+    w, h = image.size
+    return {
+        "key": key,
+        "path": os.fsdecode(path) if not isinstance(path, str) else path,
+        "width": w,
+        "height": h,
+        "detector": detector_name,
+        "regions": [whole_image_region(w, h)] + detections,
+    }
