@@ -54,6 +54,7 @@ ENV_CONFIG = "VSA_CONFIG"
 PATH_KEYS = {
     "dataset.path",
     "dataset.images",
+    "dataset.splits",
     "regions.detector",
     "regions.out",
     "features.regions",
@@ -82,6 +83,7 @@ TEMPLATE = """\
 [dataset]
 path = "{dataset}"          # Karpathy JSON, Flickr8k token file folder, Kaggle captions.txt, or COCO annotations
 images = "{images}"
+# splits = "path/to/split-lists"   # folder of *train*.txt / *val*.txt / *test*.txt (layouts without splits)
 min_count = 5               # vocabulary: words seen at least this often in train
 
 [regions]

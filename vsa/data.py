@@ -14,8 +14,11 @@ Layouts read by :func:`load_dataset` (detected from the path):
     plus Karpathy split lists (text files ``*train*.txt``, ``*val*.txt``, ``*test*.txt``,
     ``*restval*.txt`` holding file names or image ids, one per line).
 
-Tokenization follows the paper: lowercase, split on white space, strip every
-non-alphanumeric character from each token, drop empty tokens.
+Tokenization follows the paper's data (Karpathy's ``tokens`` field): Unicode NFKC,
+lowercase, split on white space, hyphens and slashes (``t-shirt`` -> ``t shirt``),
+strip every other non-alphanumeric character from each token (``statefarm.com`` ->
+``statefarmcom``), drop empty tokens.  Sentences with no words are dropped at load
+time and counted in ``CaptionDataset.notes``.  See docs/datasets.md.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import io
 import random
 import re
 import statistics
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,13 +40,19 @@ SPLITS = ("train", "val", "test", "restval")
 PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
 SPECIALS = (PAD, UNK, START, END)
 
+_SPLIT = re.compile(r"[\s\-\u2010-\u2015\u2212/]+")  # white space, hyphens and dashes, slash
 _STRIP = re.compile(r"[^\w]|_", re.UNICODE)
 
 
 def tokenize(text: str) -> list[str]:
-    """Paper tokenization: lowercase, split on spaces, strip punctuation inside tokens."""
+    """Paper tokenization: lowercase, split on spaces/hyphens/slashes, strip other punctuation.
+
+    ``"A boy's red T-shirt (statefarm.com)!"`` -> ``["a", "boys", "red", "t", "shirt", "statefarmcom"]``.
+    Letters of any script are kept (``"Café"`` -> ``["café"]``, composed or not).
+    """
+    text = unicodedata.normalize("NFKC", str(text)).lower()
     out = []
-    for tok in text.lower().split():
+    for tok in _SPLIT.split(text):
         tok = _STRIP.sub("", tok)
         if tok:
             out.append(tok)
@@ -72,6 +82,7 @@ class CaptionDataset:
     image_root: Path | None = None
     source: Path | None = None
     layout: str = ""
+    notes: list[str] = field(default_factory=list)  # what the loader decided (dropped sentences, seeded split)
 
     def split(self, name: str) -> list[ImageRecord]:
         if name == "train+restval":
@@ -159,48 +170,154 @@ def build_vocab(ds: CaptionDataset, min_count: int = 5, split: str = "train") ->
 
 # ----------------------------------------------------------------------------- loaders
 
+HOLDOUT = 1000  # val and test images of a seeded split (scaled down for small datasets)
 
-def _check_split(split, path, where: str) -> str:
+
+def _check_split(split, path, where: str, line: int | None = None) -> str:
     if split not in SPLITS:
-        raise VsaError(f"unknown split {split!r} for {where} (expected one of {', '.join(SPLITS)})", path)
+        raise VsaError(f"unknown split {split!r} for {where} (expected one of {', '.join(SPLITS)})", path, line)
     return split
 
 
-def load_karpathy(path: Path, image_root: Path | None = None) -> CaptionDataset:
-    from vsa.io import read_json
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file (a leading BOM is skipped); bad bytes are an error naming the line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise VsaError(f"cannot read ({e.strerror})", path) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise VsaError(f"not valid UTF-8 (byte 0x{data[e.start]:02x}); re-save the file as UTF-8", path, line) from None
 
+
+def _make_sentence(raw, sentid: int) -> Sentence | None:
+    """A Sentence, or None when the text has no words (empty sentences are dropped)."""
+    tokens = tokenize(raw)
+    return Sentence(raw, tokens, sentid) if tokens else None
+
+
+def seeded_split(keys: Iterable[str], seed: int = 0, holdout: int = HOLDOUT) -> dict[str, str]:
+    """Assign ``holdout`` random images each to val and test, the rest to train.
+
+    With fewer than ``5 * holdout`` images, val and test get a fifth of the images each
+    (rounded down), so a 10-image set splits 6/2/2. Deterministic for a given seed:
+    the keys are sorted before shuffling, so the input order does not matter.
+    """
+    shuffled = sorted(set(keys))
+    random.Random(seed).shuffle(shuffled)
+    n = holdout if len(shuffled) >= 5 * holdout else len(shuffled) // 5
+    return {k: ("val" if i < n else "test" if i < 2 * n else "train") for i, k in enumerate(shuffled)}
+
+
+def _split_counts(split_of: dict[str, str]) -> str:
+    c = Counter(split_of.values())
+    return "/".join(str(c.get(s, 0)) for s in ("train", "val", "test"))
+
+
+def _karpathy_items(path: Path) -> tuple[str | None, list[tuple[int | None, object]]]:
+    """(dataset name, [(line or None, image record)]) from a Karpathy JSON or JSONL file."""
+    from vsa.io import iter_jsonl, read_json
+
+    if path.suffix.lower() == ".jsonl":
+        return None, list(iter_jsonl(path, with_lineno=True))
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise VsaError("not a Karpathy split file: expected an object with an 'images' list", path)
-    images = []
-    sentid = 0
-    for i, im in enumerate(data["images"]):
+    name = data.get("dataset") if isinstance(data.get("dataset"), str) else None
+    return name, [(None, im) for im in data["images"]]
+
+
+def load_karpathy(path: Path, image_root: Path | None = None, splits: Path | None = None, seed: int = 0) -> CaptionDataset:
+    """Karpathy split JSON (``{"images": [...]}``), or JSONL with one such image record per line.
+
+    Every image needs ``filename`` and a ``sentences`` list (objects with ``raw`` or ``tokens``,
+    or plain strings). ``split`` is taken from the file; ``splits`` (a folder of split lists)
+    overrides it; a file with no split at all gets :func:`seeded_split`.
+    """
+    path = Path(path)
+    name, items = _karpathy_items(path)
+    images: list[ImageRecord] = []
+    lines: list[int | None] = []
+    seen: dict[str, int] = {}
+    sentid, dropped, n_sents = 0, 0, 0
+    for i, (line, im) in enumerate(items):
         if not isinstance(im, dict):
-            raise VsaError(f"image record {i} is not an object", path)
-        if "filename" not in im:
-            raise VsaError(f"image record {i} has no 'filename'", path)
-        where = f"image {i} ({im['filename']})"
-        if "sentences" not in im or not isinstance(im["sentences"], list):
-            raise VsaError(f"{where} has no 'sentences' list", path)
-        if "split" not in im:
-            raise VsaError(f"{where} has no 'split' (a dataset without splits needs --splits or `vsa data convert`)", path)
-        split = _check_split(im["split"], path, where)
-        key = f"{im['filepath']}/{im['filename']}" if im.get("filepath") else im["filename"]
+            raise VsaError(f"image record {i} is not an object", path, line)
+        fn = im.get("filename")
+        if not isinstance(fn, str) or not fn:
+            raise VsaError(f"image record {i} has no 'filename'", path, line)
+        where = f"image {i} ({fn})"
+        if not isinstance(im.get("sentences"), list):
+            raise VsaError(f"{where} has no 'sentences' list", path, line)
+        split = im.get("split")
+        if split is not None:
+            split = _check_split(split, path, where, line)
+        key = f"{im['filepath']}/{fn}" if im.get("filepath") else fn
+        if key in seen:
+            raise VsaError(f"{where}: image {key!r} is listed twice (also image {seen[key]})", path, line)
+        seen[key] = i
         sents = []
-        for s in im["sentences"]:
-            raw = s.get("raw") if isinstance(s, dict) else None
-            if raw is None:
-                raw = " ".join(s.get("tokens", [])) if isinstance(s, dict) else str(s)
-            sid = s.get("sentid", sentid) if isinstance(s, dict) else sentid
-            sents.append(Sentence(raw, tokenize(raw), int(sid)))
-            sentid = max(sentid, int(sid)) + 1
-        images.append(ImageRecord(key, split, int(im.get("imgid", i)), sents, im.get("cocoid")))
-    name = data.get("dataset") or path.stem.replace("dataset_", "")
-    return CaptionDataset(name, images, image_root, path, "karpathy")
+        for j, s in enumerate(im["sentences"]):
+            if isinstance(s, str):
+                raw, sid = s, sentid
+            elif isinstance(s, dict) and isinstance(s.get("raw"), str):
+                raw, sid = s["raw"], s.get("sentid", sentid)
+            elif isinstance(s, dict) and isinstance(s.get("tokens"), list):
+                raw, sid = " ".join(str(t) for t in s["tokens"]), s.get("sentid", sentid)
+            else:
+                raise VsaError(f"{where}: sentence {j} has neither 'raw' text nor a 'tokens' list", path, line)
+            try:
+                sid = int(sid)
+            except (TypeError, ValueError):
+                raise VsaError(f"{where}: sentence {j} has a non-integer 'sentid' {sid!r}", path, line) from None
+            sentid = max(sentid, sid) + 1
+            n_sents += 1
+            sent = _make_sentence(raw, sid)
+            if sent is None:
+                dropped += 1
+            else:
+                sents.append(sent)
+        imgid = im.get("imgid", i)
+        images.append(ImageRecord(key, split, int(imgid) if isinstance(imgid, int) else i, sents, im.get("cocoid")))
+        lines.append(line)
+    notes: list[str] = []
+    if dropped:
+        notes.append(f"{dropped} of {n_sents} sentences have no words and were dropped")
+    if splits is not None:
+        split_of = _split_lists(Path(splits))
+        if split_of is None:
+            raise VsaError("no split list files (*train*.txt, *val*.txt, *test*.txt) in folder", splits)
+        kept = []
+        for r in images:
+            sp = split_of.get(r.key) or split_of.get(Path(r.key).name)
+            if sp is None and r.cocoid is not None:
+                sp = split_of.get(str(r.cocoid))
+            if sp is not None:
+                r.split = sp
+                kept.append(r)
+        if len(kept) < len(images):
+            notes.append(f"{len(images) - len(kept)} images are in no split list of {splits} and were left out")
+        images = kept
+    else:
+        missing = [i for i, r in enumerate(images) if r.split is None]
+        if missing and len(missing) < len(images):
+            i = missing[0]
+            raise VsaError(f"image {i} ({images[i].key}) has no 'split' while other images have one "
+                           "(give every image a split, or pass --splits DIR)", path, lines[i])
+        if missing:
+            split_of = seeded_split((r.key for r in images), seed)
+            for r in images:
+                r.split = split_of[r.key]
+            notes.append(f"no splits in the file: seeded random split {_split_counts(split_of)} train/val/test "
+                         f"(--seed {seed}; pass --splits DIR to use split lists)")
+    name = name or path.stem.replace("dataset_", "")
+    return CaptionDataset(name, images, image_root, path, "karpathy", notes)
 
 
 def _read_list(path: Path) -> list[str]:
-    return [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    return [ln.strip() for ln in _read_text(path).splitlines() if ln.strip()]
 
 
 def _flickr_lists(folder: Path) -> dict[str, str] | None:
@@ -216,6 +333,8 @@ def _flickr_lists(folder: Path) -> dict[str, str] | None:
 
 def _split_lists(folder: Path) -> dict[str, str] | None:
     """Split list files in ``folder``: official Flickr8k names or ``*train*/*val*/*test*/*restval*.txt``."""
+    if not folder.is_dir():
+        raise VsaError("split lists: expected a folder of *train*.txt / *val*.txt / *test*.txt files", folder)
     lists = _flickr_lists(folder)
     if lists is not None:
         return lists
@@ -245,127 +364,172 @@ def _guess_image_root(folder: Path, names: Iterable[str]) -> Path | None:
 
 
 def _records_from_captions(
-    captions: dict[str, list[str]], split_of: dict[str, str] | None, seed: int, path: Path, holdout: int = 1000
+    captions: dict[str, list[str]], split_of: dict[str, str] | None, seed: int, path: Path, notes: list[str] | None = None
 ) -> list[ImageRecord]:
-    files = list(captions)
+    """Image records from ``{file: [captions]}``; ``split_of`` None means a seeded split."""
+    notes = notes if notes is not None else []
     if split_of is None:
-        rng = random.Random(seed)
-        shuffled = sorted(files)
-        rng.shuffle(shuffled)
-        n = min(holdout, len(shuffled) // 5) if len(shuffled) < 5 * holdout else holdout
-        split_of = {}
-        for i, fn in enumerate(shuffled):
-            split_of[fn] = "val" if i < n else "test" if i < 2 * n else "train"
-        order = files
+        split_of = seeded_split(captions, seed)
+        order = list(captions)
+        notes.append(f"no split lists: seeded random split {_split_counts(split_of)} train/val/test "
+                     f"(--seed {seed}; pass --splits DIR to use split lists)")
     else:
         order = [fn for fn in split_of if fn in captions]  # the split files' order
-    recs, sentid = [], 0
-    for imgid, fn in enumerate(order):
-        split = split_of.get(fn)
-        if split is None:
-            continue
-        _check_split(split, path, fn)
+        unlisted = len(captions) - len(order)
+        if unlisted:
+            notes.append(f"{unlisted} images with captions are in no split list and were left out")
+        missing = sum(1 for fn in split_of if fn not in captions)
+        if missing:
+            notes.append(f"{missing} images in the split lists have no captions and were left out")
+    recs, sentid, dropped = [], 0, 0
+    for fn in order:
+        split = _check_split(split_of[fn], path, fn)
         sents = []
         for raw in captions[fn]:
-            sents.append(Sentence(raw, tokenize(raw), sentid))
+            sent = _make_sentence(raw, sentid)
             sentid += 1
+            if sent is None:
+                dropped += 1
+            else:
+                sents.append(sent)
         recs.append(ImageRecord(fn, split, len(recs), sents))
+    if dropped:
+        notes.append(f"{dropped} of {sentid} sentences have no words and were dropped")
     return recs
 
 
-def load_flickr_tokens(path: Path, image_root: Path | None = None, splits: Path | None = None) -> CaptionDataset:
+def load_flickr_tokens(path: Path, image_root: Path | None = None, splits: Path | None = None, seed: int = 0) -> CaptionDataset:
+    """The official ``Flickr8k.token.txt`` (``<image>.jpg#<n><TAB><caption>``) plus split lists."""
+    path = Path(path)
     token_file = path / "Flickr8k.token.txt" if path.is_dir() else path
     folder = token_file.parent
     if not token_file.exists():
         raise VsaError("no such file", token_file)
     captions: dict[str, list[str]] = {}
-    with open(token_file, encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if "\t" not in line or "#" not in line.split("\t", 1)[0]:
-                raise VsaError("expected '<image>.jpg#<n><TAB><caption>'", token_file, lineno)
-            ref, raw = line.split("\t", 1)
-            fn = ref.rsplit("#", 1)[0]
-            captions.setdefault(fn, []).append(raw)
-    split_of = _split_lists(splits or folder)
+    for lineno, line in enumerate(_read_text(token_file).splitlines(), 1):
+        if not line.strip():
+            continue
+        if "\t" not in line or "#" not in line.split("\t", 1)[0]:
+            raise VsaError("expected '<image>.jpg#<n><TAB><caption>'", token_file, lineno)
+        ref, raw = line.split("\t", 1)
+        fn = ref.rsplit("#", 1)[0].strip()
+        captions.setdefault(fn, []).append(raw)
+    split_of = _split_lists(Path(splits)) if splits is not None else _split_lists(folder)
     if split_of is None:
-        raise VsaError("no split lists found beside it (Flickr_8k.{train,dev,test}Images.txt); pass --splits DIR", token_file)
+        raise VsaError("no split lists found beside it (Flickr_8k.{train,dev,test}Images.txt); pass --splits DIR",
+                       token_file)
     if image_root is None:
-        image_root = _guess_image_root(folder, ["Flicker8k_Dataset", "Flickr8k_Dataset", "images", "Images"])
-        if image_root is None:
-            image_root = _guess_image_root(folder.parent, ["Flicker8k_Dataset", "Flickr8k_Dataset", "images", "Images"])
-    recs = _records_from_captions(captions, split_of, 0, token_file)
-    return CaptionDataset("flickr8k", recs, image_root, token_file, "flickr-token")
+        names = ["Flicker8k_Dataset", "Flickr8k_Dataset", "images", "Images"]
+        image_root = _guess_image_root(folder, names) or _guess_image_root(folder.parent, names)
+    notes: list[str] = []
+    recs = _records_from_captions(captions, split_of, seed, token_file, notes)
+    return CaptionDataset("flickr8k", recs, image_root, token_file, "flickr-token", notes)
 
 
 def load_kaggle(path: Path, image_root: Path | None = None, splits: Path | None = None, seed: int = 0) -> CaptionDataset:
+    """Kaggle ``captions.txt``: CSV ``image,caption`` with a header line; split lists or a seeded split."""
+    path = Path(path)
     cap = path / "captions.txt" if path.is_dir() else path
     folder = cap.parent
     if not cap.exists():
         raise VsaError("no such file", cap)
     captions: dict[str, list[str]] = {}
-    text = cap.read_text(encoding="utf-8", errors="replace")
-    reader = csv.reader(io.StringIO(text))
-    for lineno, row in enumerate(reader, 1):
-        if not row:
-            continue
-        if lineno == 1 and [c.strip().lower() for c in row[:2]] == ["image", "caption"]:
-            continue
-        if len(row) < 2:
-            raise VsaError("expected CSV 'image,caption'", cap, lineno)
-        fn, raw = row[0].strip(), ",".join(row[1:]).strip()
-        captions.setdefault(fn, []).append(raw)
-    split_of = _split_lists(splits) if splits else _flickr_lists(folder)
+    reader = csv.reader(io.StringIO(_read_text(cap), newline=""))
+    try:
+        for row in reader:
+            lineno = reader.line_num
+            if not row or not any(c.strip() for c in row):
+                continue
+            if not captions and [c.strip().lower() for c in row[:2]] == ["image", "caption"]:
+                continue
+            if len(row) < 2 or not row[0].strip():
+                raise VsaError("expected CSV 'image,caption'", cap, lineno)
+            fn, raw = row[0].strip(), ",".join(row[1:]).strip()
+            captions.setdefault(fn, []).append(raw)
+    except csv.Error as e:
+        raise VsaError(f"malformed CSV ({e})", cap, reader.line_num) from None
+    if not captions:
+        raise VsaError("no captions in file (expected CSV 'image,caption')", cap)
+    split_of = _split_lists(Path(splits)) if splits is not None else _flickr_lists(folder)
     if image_root is None:
         image_root = _guess_image_root(folder, ["Images", "images"])
-    recs = _records_from_captions(captions, split_of, seed, cap)
+    notes: list[str] = []
+    recs = _records_from_captions(captions, split_of, seed, cap, notes)
     name = "flickr8k" if len(captions) in (8091, 8092, 8000) else folder.name
-    return CaptionDataset(name, recs, image_root, cap, "kaggle")
+    return CaptionDataset(name, recs, image_root, cap, "kaggle", notes)
 
 
 def load_coco_annotations(paths: list[Path], image_root: Path | None = None, splits: Path | None = None) -> CaptionDataset:
+    """COCO caption annotation files (read with pycocotools), split by Karpathy split lists if given.
+
+    Without split lists, images of ``*train2014*`` files go to train and of ``*val2014*`` to val.
+    Keys are ``val2014/<file_name>``, relative to the COCO image root.
+    """
     import contextlib
     import os
 
     from pycocotools.coco import COCO
 
-    split_of = _split_lists(splits) if splits else None
+    split_of = _split_lists(Path(splits)) if splits is not None else None
     recs: list[ImageRecord] = []
-    sentid = 0
+    notes: list[str] = []
+    sentid, dropped, unlisted = 0, 0, 0
     for p in paths:
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             try:
                 coco = COCO(str(p))
             except Exception as e:  # pycocotools asserts on bad files
-                raise VsaError(f"not a COCO annotation file ({type(e).__name__}: {e})", p) from None
-        if not coco.dataset.get("annotations") or "caption" not in coco.dataset["annotations"][0]:
+                msg = str(e).splitlines()[0] if str(e) else "unexpected content"
+                raise VsaError(f"not a COCO annotation file ({type(e).__name__}: {msg})", p) from None
+        anns = coco.dataset.get("annotations")
+        if not anns or not isinstance(anns[0], dict) or "caption" not in anns[0]:
             raise VsaError("COCO file has no caption annotations", p)
+        if not coco.dataset.get("images"):
+            raise VsaError("COCO file has no 'images' list", p)
         folder = re.search(r"(train|val|test)(\d{4})", p.name)
         default_split = folder.group(1) if folder else "train"
         subdir = f"{folder.group(1)}{folder.group(2)}" if folder else ""
         for img_id in sorted(coco.getImgIds()):
             info = coco.imgs[img_id]
-            fn = info["file_name"]
+            fn = info.get("file_name")
+            if not isinstance(fn, str):
+                raise VsaError(f"image id {img_id} has no 'file_name'", p)
             key = f"{subdir}/{fn}" if subdir else fn
             split = default_split
             if split_of is not None:
                 split = split_of.get(fn) or split_of.get(key) or split_of.get(str(img_id))
                 if split is None:
+                    unlisted += 1
                     continue
             sents = []
             for ann in coco.imgToAnns.get(img_id, []):
-                raw = ann["caption"].strip()
-                sents.append(Sentence(raw, tokenize(raw), sentid))
+                sent = _make_sentence(str(ann.get("caption", "")).strip(), sentid)
                 sentid += 1
+                if sent is None:
+                    dropped += 1
+                else:
+                    sents.append(sent)
             recs.append(ImageRecord(key, _check_split(split, p, fn), len(recs), sents, img_id))
-    return CaptionDataset("coco", recs, image_root, paths[0], "coco")
+        if image_root is None and subdir:  # annotations/ beside train2014/ val2014/, or inside the root
+            for root in (p.parent, p.parent.parent):
+                if (root / subdir).is_dir():
+                    image_root = root
+                    break
+    if unlisted:
+        notes.append(f"{unlisted} images are in no split list of {splits} and were left out")
+    if dropped:
+        notes.append(f"{dropped} of {sentid} sentences have no words and were dropped")
+    return CaptionDataset("coco", recs, image_root, paths[0], "coco", notes)
 
 
 def detect_layout(path: Path) -> str:
+    path = Path(path)
     if path.is_dir():
-        if list(path.glob("dataset_*.json")):
+        karpathy = sorted(path.glob("dataset_*.json"))
+        if len(karpathy) > 1:
+            raise VsaError(f"several Karpathy split files in folder ({', '.join(p.name for p in karpathy)}): "
+                           "pass one of them", path)
+        if karpathy:
             return "karpathy"
         if (path / "Flickr8k.token.txt").exists():
             return "flickr-token"
@@ -377,32 +541,41 @@ def detect_layout(path: Path) -> str:
             "no dataset found in folder (expected dataset_*.json, Flickr8k.token.txt, captions.txt or captions_*.json)",
             path,
         )
-    name = path.name
+    name = path.name.lower()
     if name.endswith(".json"):
         return "coco" if name.startswith("captions_") else "karpathy"
+    if name.endswith(".jsonl"):
+        return "karpathy"
     if name == "captions.txt" or name.endswith(".csv"):
         return "kaggle"
-    if name.endswith(".token.txt") or name.endswith(".txt"):
+    if name.endswith(".txt"):
         return "flickr-token"
-    raise VsaError("unknown dataset layout (expected .json, Flickr8k.token.txt or captions.txt)", path)
+    raise VsaError("unknown dataset layout (expected .json, .jsonl, Flickr8k.token.txt or captions.txt)", path)
 
 
 def load_dataset(path, image_root=None, splits=None, seed: int = 0) -> CaptionDataset:
-    """Load a caption dataset from any supported layout (see module docstring)."""
+    """Load a caption dataset from any supported layout (see module docstring).
+
+    ``splits`` is a folder of split list files (overrides the file's own split); ``seed``
+    seeds the random val/test split of a layout that has none.  ``ds.notes`` lists what
+    the loader had to decide (dropped empty sentences, a seeded split, unlisted images).
+    """
     path = Path(path)
     if not path.exists():
         raise VsaError("no such file or folder", path)
     image_root = Path(image_root) if image_root is not None else None
     splits = Path(splits) if splits is not None else None
+    if splits is not None and not splits.exists():
+        raise VsaError("no such folder (split lists)", splits)
     layout = detect_layout(path)
     if layout == "karpathy":
         if path.is_dir():
             path = sorted(path.glob("dataset_*.json"))[0]
         if image_root is None:
             image_root = _guess_image_root(path.parent, ["images", "Images", "Flicker8k_Dataset", "flickr30k-images"])
-        return load_karpathy(path, image_root)
+        return load_karpathy(path, image_root, splits, seed)
     if layout == "flickr-token":
-        return load_flickr_tokens(path, image_root, splits)
+        return load_flickr_tokens(path, image_root, splits, seed)
     if layout == "kaggle":
         return load_kaggle(path, image_root, splits, seed)
     paths = sorted(path.glob("captions_*.json")) if path.is_dir() else [path]
@@ -427,6 +600,7 @@ def stats(ds: CaptionDataset, min_count: int = 5) -> dict:
             "length_median": statistics.median(lens) if lens else 0,
             "length_min": min(lens) if lens else 0,
             "length_max": max(lens) if lens else 0,
+            "images_without_sentences": sum(1 for r in recs if not r.sentences),
         }
     counts = word_counts(ds, "train")
     vocab = build_vocab(ds, min_count)
@@ -439,4 +613,5 @@ def stats(ds: CaptionDataset, min_count: int = 5) -> dict:
         "train_words_distinct": len(counts),
         "min_count": min_count,
         "vocab_size": len(vocab.words),
+        "notes": list(ds.notes),
     }

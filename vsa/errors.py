@@ -18,6 +18,8 @@ class VsaError(Exception):
     def __init__(self, message: str, path: str | os.PathLike | None = None, line: int | None = None):
         self.path = None if path is None else os.fspath(path)
         self.line = line
+        # always one line: messages quoted from libraries (pickle, zipfile, csv) may hold newlines
+        message = " ".join(str(message).split("\n")).replace("\r", " ")
         self.reason = message
         where = ""
         if self.path is not None:

@@ -27,6 +27,7 @@ import orjson
 from vsa.errors import VsaError
 
 STDIO = "-"
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark (Windows editors write one): skipped
 
 
 def is_stdio(path) -> bool:
@@ -126,6 +127,8 @@ def read_json(path) -> Any:
     finally:
         if not is_stdio(path):
             fh.close()
+    if data.startswith(_BOM):
+        data = data[len(_BOM):]
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as e:
@@ -140,11 +143,17 @@ def write_json(path, obj: Any, indent: bool = False) -> None:
         fh.write(b"\n")
 
 
-def iter_jsonl(path, skip_bad: bool = False, warn=None) -> Iterator[dict]:
-    """Yield one object per non-empty line; errors name the file and line."""
+def iter_jsonl(path, skip_bad: bool = False, warn=None, with_lineno: bool = False) -> Iterator[dict]:
+    """Yield one object per non-empty line; errors name the file and line.
+
+    With ``skip_bad`` a malformed line is reported through ``warn`` (if given) and skipped.
+    With ``with_lineno`` yield ``(lineno, obj)`` pairs (1-based) instead of objects.
+    """
     fh = _open_input(path)
     try:
         for lineno, line in enumerate(fh, 1):
+            if lineno == 1 and line.startswith(_BOM):
+                line = line[len(_BOM):]
             line = line.strip()
             if not line:
                 continue
@@ -164,7 +173,7 @@ def iter_jsonl(path, skip_bad: bool = False, warn=None) -> Iterator[dict]:
                         warn(str(err))
                     continue
                 raise err
-            yield obj
+            yield (lineno, obj) if with_lineno else obj
     finally:
         if not is_stdio(path):
             fh.close()

@@ -23,11 +23,15 @@ def console():
 
 
 def info(msg: str) -> None:
-    console().print(msg, highlight=False)
+    """A log line on stderr (rich markup allowed: callers escape user text)."""
+    console().print(msg, highlight=False, soft_wrap=True)
 
 
 def warn(msg: str) -> None:
-    console().print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
+    """``warning: msg`` on stderr, one line; ``msg`` is plain text (brackets are not markup)."""
+    from rich.markup import escape
+
+    console().print(f"[yellow]warning:[/yellow] {escape(msg)}", highlight=False, soft_wrap=True)
 
 
 def fail(msg: str, code: int = 2):
