@@ -61,20 +61,31 @@ def save_checkpoint(path, kind: str, config: Any, vocab: list[str], extractor: d
         torch.save(ckpt, fh)
 
 
+def _unpickling_reason(e: Exception) -> str:
+    """The specific line of torch's long weights_only error (e.g. 'unsupported GLOBAL posix.system')."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = [ln for ln in lines[1:] if not ln.startswith(("Check the documentation", "Please file an issue"))]
+    return (detail[0] if detail else lines[0] if lines else "unsupported content")[:160]
+
+
 def load_checkpoint(path, kind: str | None = None) -> dict:
     """Load a vsa checkpoint safely; clear errors for wrong kind, version or format."""
     import pickle
 
     import torch
 
+    import warnings
+
     p = Path(path)
     if not p.exists():
         raise VsaError("no such checkpoint", p)
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: keep errors one line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise VsaError(f"refused: not a plain-tensor checkpoint, it would need to unpickle code ({first[:160]})", p) from None
+        raise VsaError("refused: not a plain-tensor checkpoint, it would need to unpickle code "
+                       f"({_unpickling_reason(e)})", p) from None
     except Exception as e:
         raise VsaError(f"not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})", p) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
