@@ -26,6 +26,22 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        from vsa import __version__
+
+        sys.stdout.write(f"vsa {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    pass
+
+
 # command modules register themselves on `app` when imported (order = --help order)
 from vsa.cli import init_cmd  # noqa: E402,F401
 from vsa.cli import data_cmd  # noqa: E402,F401
