@@ -1,0 +1,331 @@
+"""The alignment model: regions and words in one space (Karpathy & Fei-Fei 2015, section 3.1).
+
+* Image: every region's CNN feature is projected, ``v_i = W_m cnn_i + b_m`` (eq. 1).
+* Sentence: the bidirectional RNN of eq. 2-6: a word embedding, a ReLU layer, a forward and a
+  backward recurrent pass and a combined ReLU output ``s_t`` per word; GRU and LSTM cells are
+  options (``AlignConfig.rnn``).
+* Image-sentence score: ``S_kl = sum_t max_i v_i . s_t`` (eq. 8), with the paper's other
+  variants as ablations (``AlignConfig.score``):
+
+  ``sum-max``   the paper's score (eq. 8)
+  ``mean-max``  the same averaged over the words (long sentences do not win by length)
+  ``sum-all``   ``sum_t sum_i max(0, v_i . s_t)``, the paper's first, simpler score (eq. 7)
+  ``global``    one vector per side: the whole-image region against the mean word vector
+
+* Loss: the bidirectional max-margin ranking loss (eq. 9) over the batch, summing the
+  violations (``loss="sum"``) or taking the hardest negative (``loss="max"``, VSE++).
+
+``--model whole-image`` (the ablation) is :class:`WholeImageModel`: the whole-image feature
+through one linear map, a GRU over the words, cosine score.  Both models share one
+interface (``embed_images``, ``embed_sentences``, ``score``), so training, retrieval and
+search are written once.
+
+For other stages: :func:`load_aligner` gives an :class:`Aligner` with ``vocab``,
+``extractor_meta`` and ``word_region_scores(region_feats, tokens) -> [T, R]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vsa.errors import VsaError
+
+ASSET = Path(__file__).parent / "assets" / "align-flickr8k.pt"
+SCORES = ("sum-max", "mean-max", "sum-all", "global")
+RNNS = ("brnn", "gru", "lstm")
+MODELS = ("brnn", "whole-image")
+
+
+def _l2(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1, eps=1e-6)
+
+
+class RegionEncoder(nn.Module):
+    """``v_i = W_m cnn_i + b_m`` for every region (eq. 1), optionally L2-normalised."""
+
+    def __init__(self, feat_dim: int, hidden: int, dropout: float = 0.0, norm: bool = True):
+        super().__init__()
+        self.proj = nn.Linear(feat_dim, hidden)
+        self.drop = nn.Dropout(dropout)
+        self.norm = norm
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # [B, R, D] -> [B, R, h]
+        v = self.proj(self.drop(feats))
+        return _l2(v) if self.norm else v
+
+
+class SentenceBRNN(nn.Module):
+    """Word vectors ``s_t`` (eq. 2-6): embedding, ReLU layer, forward + backward pass, ReLU output.
+
+    ``rnn="brnn"`` is the paper's ReLU recurrence; ``gru``/``lstm`` swap in those cells.
+    Forward and backward states are added (eq. 6) before the output layer.
+    """
+
+    def __init__(self, vocab_size: int, embed: int, hidden: int, rnn: str = "brnn", dropout: float = 0.0,
+                 norm: bool = True, out_relu: bool = True):
+        super().__init__()
+        if rnn not in RNNS:
+            raise VsaError(f"unknown rnn {rnn!r} (expected one of {', '.join(RNNS)})")
+        self.embed = nn.Embedding(vocab_size, embed, padding_idx=0)
+        self.inp = nn.Linear(embed, hidden)  # e_t = f(W_e x_t + b_e)
+        if rnn == "brnn":
+            self.rnn = nn.RNN(hidden, hidden, nonlinearity="relu", batch_first=True, bidirectional=True)
+        elif rnn == "gru":
+            self.rnn = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
+        else:
+            self.rnn = nn.LSTM(hidden, hidden, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(hidden, hidden)  # s_t = f(W_d (h^f_t + h^b_t) + b_d)
+        self.drop = nn.Dropout(dropout)
+        self.hidden = hidden
+        self.norm = norm
+        self.out_relu = out_relu
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, h]
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        x = self.drop(self.embed(ids))
+        e = F.relu(self.inp(x))
+        packed = pack_padded_sequence(e, lengths.cpu().clamp(min=1), batch_first=True, enforce_sorted=False)
+        h, _ = self.rnn(packed)
+        h, _ = pad_packed_sequence(h, batch_first=True, total_length=ids.shape[1])
+        h = h[..., : self.hidden] + h[..., self.hidden :]
+        s = self.out(self.drop(h))
+        if self.out_relu:
+            s = F.relu(s)
+        return _l2(s) if self.norm else s
+
+
+def pair_scores(V: torch.Tensor, vmask: torch.Tensor, S: torch.Tensor, smask: torch.Tensor,
+                score: str = "sum-max") -> torch.Tensor:
+    """Image-sentence scores ``[Bi, Bs]`` from region vectors ``V [Bi, R, h]`` and word vectors ``S [Bs, T, h]``.
+
+    ``vmask [Bi, R]`` and ``smask [Bs, T]`` mark real regions / words (padding is ignored).
+    """
+    Bi, R, h = V.shape
+    Bs, T, _ = S.shape
+    if score == "global":
+        v = V[:, 0]
+        s = (S * smask[..., None]).sum(1) / smask.sum(1, keepdim=True).clamp(min=1)
+        return _l2(v) @ _l2(s).T
+    d = (V.reshape(Bi * R, h) @ S.reshape(Bs * T, h).T).view(Bi, R, Bs, T)
+    if score == "sum-all":
+        d = d.clamp(min=0) * vmask.view(Bi, R, 1, 1)
+        per_word = d.sum(1)  # [Bi, Bs, T]
+    else:
+        d = d.masked_fill(~vmask.view(Bi, R, 1, 1), float("-inf"))
+        per_word = d.amax(1)  # [Bi, Bs, T]
+    per_word = per_word * smask.view(1, Bs, T)
+    total = per_word.sum(-1)
+    if score == "mean-max":
+        total = total / smask.sum(1).clamp(min=1).view(1, Bs)
+    return total
+
+
+def ranking_loss(scores: torch.Tensor, same: torch.Tensor | None = None, margin: float = 0.2,
+                 hardest: bool = False) -> torch.Tensor:
+    """Bidirectional max-margin ranking loss (eq. 9) over a batch of pairs.
+
+    ``scores[k, l]`` is image k against sentence l; the diagonal holds the true pairs.
+    ``same[k, l]`` (optional) marks other sentences of the same image: never negatives.
+    ``hardest`` keeps only the largest violation per row and column (VSE++); otherwise all are summed.
+    Returns the mean over the batch of the per-pair loss.
+    """
+    B = scores.shape[0]
+    pos = scores.diagonal()
+    cost_s = (margin + scores - pos[:, None]).clamp(min=0)  # image k: wrong sentences l
+    cost_i = (margin + scores - pos[None, :]).clamp(min=0)  # sentence l: wrong images k
+    mask = torch.eye(B, dtype=torch.bool, device=scores.device)
+    if same is not None:
+        mask = mask | same
+    cost_s = cost_s.masked_fill(mask, 0)
+    cost_i = cost_i.masked_fill(mask, 0)
+    if hardest:
+        return (cost_s.amax(1).sum() + cost_i.amax(0).sum()) / B
+    return (cost_s.sum() + cost_i.sum()) / B
+
+
+class BRNNAligner(nn.Module):
+    """The paper's model: projected regions, BRNN word vectors, ``score`` over word-region dots."""
+
+    kind = "brnn"
+
+    def __init__(self, cfg, vocab_size: int, feat_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.regions = RegionEncoder(feat_dim, cfg.hidden, cfg.dropout_regions, cfg.norm)
+        self.words = SentenceBRNN(vocab_size, cfg.embed, cfg.hidden, cfg.rnn, cfg.dropout, cfg.norm, cfg.out_relu)
+
+    def embed_images(self, feats: torch.Tensor, rmask: torch.Tensor):
+        return self.regions(feats), rmask
+
+    def embed_sentences(self, ids: torch.Tensor, lengths: torch.Tensor):
+        smask = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+        return self.words(ids, lengths), smask
+
+    def score(self, V, vmask, S, smask) -> torch.Tensor:
+        return pair_scores(V, vmask, S, smask, self.cfg.score)
+
+
+class WholeImageModel(nn.Module):
+    """The ablation baseline: whole-image feature -> linear, GRU over words -> last state, cosine score."""
+
+    kind = "whole-image"
+
+    def __init__(self, cfg, vocab_size: int, feat_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.img = nn.Linear(feat_dim, cfg.hidden)
+        self.embed = nn.Embedding(vocab_size, cfg.embed, padding_idx=0)
+        self.gru = nn.GRU(cfg.embed, cfg.hidden, batch_first=True)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.drop_img = nn.Dropout(cfg.dropout_regions)
+
+    def embed_images(self, feats: torch.Tensor, rmask: torch.Tensor):
+        v = _l2(self.img(self.drop_img(feats[:, :1])))  # the whole image is region 0
+        return v, rmask[:, :1]
+
+    def embed_sentences(self, ids: torch.Tensor, lengths: torch.Tensor):
+        from torch.nn.utils.rnn import pack_padded_sequence
+
+        x = self.drop(self.embed(ids))
+        packed = pack_padded_sequence(x, lengths.cpu().clamp(min=1), batch_first=True, enforce_sorted=False)
+        _, h = self.gru(packed)
+        s = _l2(h[-1])[:, None, :]
+        return s, torch.ones(ids.shape[0], 1, dtype=torch.bool, device=ids.device)
+
+    def score(self, V, vmask, S, smask) -> torch.Tensor:
+        return V[:, 0] @ S[:, 0].T
+
+
+def build_model(cfg, vocab_size: int, feat_dim: int) -> nn.Module:
+    """Factory: ``cfg.model`` is ``brnn`` (the paper) or ``whole-image`` (the ablation)."""
+    if cfg.model == "brnn":
+        return BRNNAligner(cfg, vocab_size, feat_dim)
+    if cfg.model == "whole-image":
+        return WholeImageModel(cfg, vocab_size, feat_dim)
+    raise VsaError(f"unknown model {cfg.model!r} (expected one of {', '.join(MODELS)})")
+
+
+# ----------------------------------------------------------------------------- batching helpers
+
+
+def pad_regions(feat_list: list[np.ndarray], max_regions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[R_i, D]`` arrays -> padded float32 ``[N, R, D]`` and mask ``[N, R]``."""
+    R = max(len(f) for f in feat_list)
+    if max_regions:
+        R = min(R, max_regions)
+    D = feat_list[0].shape[1]
+    out = torch.zeros(len(feat_list), R, D, dtype=torch.float32)
+    mask = torch.zeros(len(feat_list), R, dtype=torch.bool)
+    for i, f in enumerate(feat_list):
+        n = min(len(f), R)
+        out[i, :n] = torch.from_numpy(np.asarray(f[:n], dtype=np.float32))
+        mask[i, :n] = True
+    return out, mask
+
+
+def pad_ids(seqs: list[list[int]], max_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> padded ``[N, T]`` int64 (0 = <pad>) and lengths ``[N]``; empty lists get one <unk>."""
+    seqs = [s if s else [1] for s in seqs]
+    if max_len:
+        seqs = [s[:max_len] for s in seqs]
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids, torch.tensor([len(s) for s in seqs], dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- loading a trained aligner
+
+
+class Aligner:
+    """A trained alignment model ready for inference (CPU by default)."""
+
+    def __init__(self, model: nn.Module, cfg, vocab, extractor_meta: dict, path=None, meta: dict | None = None):
+        self.model = model.eval()
+        self.cfg = cfg
+        self.vocab = vocab
+        self.extractor_meta = dict(extractor_meta or {})
+        self.path = path
+        self.meta = meta or {}
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def encode_tokens(self, token_lists: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_ids([self.vocab.encode(t) for t in token_lists], self.cfg.max_len)
+
+    @torch.inference_mode()
+    def image_vectors(self, region_feats: np.ndarray) -> np.ndarray:
+        """``[R, D]`` CNN features of one image -> ``[R', h]`` region vectors (R' = 1 for whole-image)."""
+        feats, mask = pad_regions([region_feats])
+        V, _ = self.model.embed_images(feats.to(self.device), mask.to(self.device))
+        return V[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def word_vectors(self, tokens: list[str]) -> np.ndarray:
+        """Word vectors ``[T, h]`` of one tokenised sentence (``[1, h]`` for the whole-image model)."""
+        ids, lengths = self.encode_tokens([tokens])
+        S, smask = self.model.embed_sentences(ids.to(self.device), lengths.to(self.device))
+        return S[0][smask[0]].float().cpu().numpy()
+
+    def word_region_scores(self, region_feats: np.ndarray, tokens: list[str]) -> np.ndarray:
+        """The ``v_i . s_t`` matrix ``[T, R]`` of one image (``[R, D]`` CNN features) and one sentence."""
+        if self.cfg.model != "brnn":
+            raise VsaError(f"a '{self.cfg.model}' aligner has no word-region scores (train with --model brnn)", self.path)
+        if not tokens:
+            return np.zeros((0, len(region_feats)), dtype=np.float32)
+        V = self.image_vectors(region_feats)
+        S = self.word_vectors(tokens)
+        return S @ V.T
+
+    @torch.inference_mode()
+    def score(self, region_feats: np.ndarray, tokens: list[str]) -> float:
+        """The image-sentence score ``S_kl`` of one image and one sentence."""
+        feats, mask = pad_regions([region_feats])
+        ids, lengths = self.encode_tokens([tokens])
+        dev = self.device
+        V, vm = self.model.embed_images(feats.to(dev), mask.to(dev))
+        S, sm = self.model.embed_sentences(ids.to(dev), lengths.to(dev))
+        return float(self.model.score(V, vm, S, sm)[0, 0])
+
+
+def aligner_from_checkpoint(ckpt: dict, path=None, device: str = "cpu") -> Aligner:
+    from vsa.checkpoint import config_from
+    from vsa.data import Vocab
+    from vsa.train_align import AlignConfig
+
+    cfg = config_from(AlignConfig, ckpt["config"])
+    vocab = Vocab(ckpt["vocab"])
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    feat_dim = int(ckpt["extractor"].get("dim") or sd[_feat_key(cfg)].shape[1])
+    model = build_model(cfg, len(vocab), feat_dim)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise VsaError(f"checkpoint weights do not fit the model ({str(e).splitlines()[0][:160]})", path) from None
+    model.to(device)
+    return Aligner(model, cfg, vocab, ckpt.get("extractor") or {}, path, ckpt.get("meta"))
+
+
+def _feat_key(cfg) -> str:
+    return "regions.proj.weight" if cfg.model == "brnn" else "img.weight"
+
+
+def load_aligner(path=None, device: str = "cpu") -> Aligner:
+    """A trained aligner from ``path`` (default: the one shipped with vsa, trained on Flickr8k)."""
+    from vsa.checkpoint import load_checkpoint
+
+    p = Path(path) if path is not None else ASSET
+    if path is None and not p.exists():
+        raise VsaError("the shipped aligner is missing from this install; pass --model CKPT "
+                       "(train one with `vsa train-align`)", p)
+    ckpt = load_checkpoint(p, kind="align")
+    return aligner_from_checkpoint(ckpt, p, device)

