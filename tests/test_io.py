@@ -1,0 +1,115 @@
+"""vsa.io: atomic writes, JSON/JSONL, NPZ without pickles, stdin/stdout conventions."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vsa import io as vio
+from vsa.errors import VsaError
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    p = tmp_path / "out" / "x.txt"
+    with vio.atomic_write(p, "w") as fh:
+        fh.write("first")
+    assert p.read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with vio.atomic_write(p, "w") as fh:
+            fh.write("half of the second")
+            raise RuntimeError("boom")
+    assert p.read_text() == "first"
+    with pytest.raises(KeyboardInterrupt):
+        with vio.atomic_write(p, "w") as fh:
+            fh.write("interrupted")
+            raise KeyboardInterrupt
+    assert p.read_text() == "first"
+    assert [f.name for f in p.parent.iterdir()] == ["x.txt"]  # no temporary files left
+
+
+def test_jsonl_round_trip_unicode_and_numpy(tmp_path):
+    p = tmp_path / "r.jsonl"
+    recs = [{"key": "caf\u00e9.jpg", "v": np.float32(0.5), "a": np.arange(3)}, {"key": "\u72ac.jpg", "n": None}]
+    assert vio.write_jsonl(p, recs) == 2
+    assert vio.read_jsonl(p) == [{"key": "caf\u00e9.jpg", "v": 0.5, "a": [0, 1, 2]}, {"key": "\u72ac.jpg", "n": None}]
+    assert p.read_bytes().count(b"\n") == 2
+    numbered = list(vio.iter_jsonl(p, with_lineno=True))
+    assert [n for n, _ in numbered] == [1, 2]
+
+
+def test_jsonl_writer_leaves_nothing_on_failure(tmp_path):
+    p = tmp_path / "r.jsonl"
+    with pytest.raises(ValueError):
+        with vio.JsonlWriter(p) as w:
+            w.write({"a": 1})
+            raise ValueError
+    assert not p.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_read_json_error_line(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text('{\n"a": 1,\n"b": [1, 2,,]\n}')
+    with pytest.raises(VsaError, match=r"x\.json:3: invalid JSON"):
+        vio.read_json(p)
+    with pytest.raises(VsaError, match="is a folder, expected a file"):
+        vio.read_json(tmp_path)
+    with pytest.raises(VsaError, match="no such file"):
+        vio.read_json(tmp_path / "none.json")
+
+
+def test_write_json_indent_and_stdout(tmp_path):
+    p = tmp_path / "x.json"
+    vio.write_json(p, {"a": [1, 2]}, indent=True)
+    assert p.read_text() == '{\n  "a": [\n    1,\n    2\n  ]\n}\n'
+    code = "from vsa.io import write_json, write_jsonl; write_json('-', {'a': 1}); write_jsonl(None, [{'b': 2}])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert r.stdout == b'{"a":1}\n{"b":2}\n'
+
+
+def test_stdin_conventions(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'{"a": 1}\n\n{"a": 2}\n')))
+    assert vio.resolve_input(None) == "-"  # a non-tty stdin counts as piped
+    assert vio.read_jsonl("-") == [{"a": 1}, {"a": 2}]
+    monkeypatch.setattr(vio, "stdin_is_piped", lambda: False)
+    with pytest.raises(VsaError, match="no regions given: pass REGIONS or pipe it on stdin"):
+        vio.resolve_input(None, "regions", "REGIONS")
+    assert vio.resolve_input("x.jsonl") == "x.jsonl"
+
+
+def test_stdin_errors_say_stdin():
+    code = "from vsa.io import read_jsonl; read_jsonl('-')"
+    r = subprocess.run([sys.executable, "-c", code], input=b'{"a": 1}\n{oops\n', capture_output=True, timeout=60)
+    assert b"vsa.errors.VsaError: <stdin>:2: invalid JSON line" in r.stderr
+
+
+def test_npz_round_trip_and_refusals(tmp_path):
+    p = tmp_path / "a.npz"
+    arrays = {"f": np.ones((3, 2), np.float16), "keys": np.array(["a.jpg", "caf\u00e9.jpg"]), "meta": np.array('{"x": 1}')}
+    vio.save_npz(p, arrays)
+    back = vio.load_npz(p, required=("f", "keys"))
+    assert back["f"].dtype == np.float16 and back["keys"].tolist() == ["a.jpg", "caf\u00e9.jpg"]
+    assert str(back["meta"]) == '{"x": 1}'
+    with pytest.raises(VsaError, match=r"missing key\(s\) boxes \(has: f, keys, meta\)"):
+        vio.load_npz(p, required=("boxes",))
+    with pytest.raises(TypeError, match="dtype object"):
+        vio.save_npz(tmp_path / "o.npz", {"k": np.array(["a", None], dtype=object)})
+    assert not (tmp_path / "o.npz").exists()
+    vio.save_npz(tmp_path / "c.npz", arrays, compress=True)
+    assert vio.load_npz(tmp_path / "c.npz")["f"].shape == (3, 2)
+    (tmp_path / "bad.npz").write_text("not a zip")
+    with pytest.raises(VsaError, match="not a readable NPZ file"):
+        vio.load_npz(tmp_path / "bad.npz")
+
+
+def test_text_stream_lines(tmp_path):
+    p = tmp_path / "list.txt"
+    p.write_bytes(b"a.jpg\r\n\n  \nsub/b c.jpg\nbad\xff.jpg\n")
+    lines = list(vio.text_stream_lines(p))
+    assert lines[:2] == ["a.jpg", "sub/b c.jpg"]
+    assert lines[2].encode("utf-8", "surrogateescape") == b"bad\xff.jpg"  # undecodable names survive
+    assert len(lines) == 3
