@@ -1,0 +1,190 @@
+"""Pictures (PNG) and pages (HTML) of alignments and captions; `vsa align` streaming and resume."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from PIL import Image
+
+from tests.conftest import run_cli
+from vsa import pictures as P
+
+GREY = (128, 128, 128)
+
+
+def hexrgb(c: str) -> tuple:
+    return tuple(int(c[i:i + 2], 16) for i in (1, 3, 5))
+
+
+@pytest.fixture
+def grey_image(tmp_path) -> Path:
+    p = tmp_path / "img" / "grey.jpg"
+    p.parent.mkdir()
+    Image.new("RGB", (224, 224), GREY).save(p, quality=95)
+    return p
+
+
+def alignment(key="grey.jpg"):
+    return {"key": key, "sentid": 3, "split": "test", "tokens": "a dog runs on the grass".split(), "beta": 1.0,
+            "snippets": [
+                {"start": 0, "end": 2, "text": "a dog", "region": 2, "box": [20, 30, 100, 120], "label": "dog", "score": 2.0},
+                {"start": 2, "end": 3, "text": "runs", "region": 0, "box": [0, 0, 224, 224], "label": "image", "score": 0.5},
+                {"start": 3, "end": 6, "text": "on the grass", "region": 5, "box": [120, 140, 210, 210], "label": "", "score": 1.0},
+            ]}
+
+
+def test_render_alignment_draws_one_box_per_region_in_its_colour(grey_image):
+    rec = alignment()
+    pic = P.from_alignment(rec, grey_image)
+    im = P.render(pic, side=448).convert("RGB")
+    scale, top = 448 / 224, 28
+    assert im.width > 448 and im.height > 448 + top  # upscaled, side panel, sentence underneath
+    px = im.load()
+    for region, box in ((2, [20, 30, 100, 120]), (5, [120, 140, 210, 210])):
+        col = hexrgb(P.colour_of(region))
+        x1, y1, x2, y2 = (round(v * scale) for v in box)
+        ymid = (y1 + y2) // 2 + top
+        # the left and right edges of the box are drawn in the region's colour
+        assert px[x1 + 1, ymid] == col, (region, px[x1 + 1, ymid])
+        assert px[x2 - 1, ymid] == col
+    # the image area holds exactly the colours of those two boxes (plus grey, black/white outlines, the whole-image frame)
+    area = np.asarray(im)[top:top + 448, :448].reshape(-1, 3)
+    palette = {hexrgb(c) for c in P.PALETTE}
+    found = {tuple(c) for c in np.unique(area, axis=0)} & palette
+    assert found == {hexrgb(P.colour_of(2)), hexrgb(P.colour_of(5))}
+    # the whole-image snippet is a frame around the image
+    assert px[4, top + 224] == hexrgb(P.WHOLE)
+    # each object snippet's label sits in the panel in its colour (a colour chip)
+    panel = np.asarray(im)[:, 448:].reshape(-1, 3)
+    panel_cols = {tuple(c) for c in np.unique(panel, axis=0)}
+    assert {hexrgb(P.colour_of(2)), hexrgb(P.colour_of(5)), hexrgb(P.WHOLE)} <= panel_cols
+
+
+def test_render_caption_with_regions(grey_image):
+    rec = {"path": str(grey_image), "key": "grey.jpg", "caption": "a dog on the grass",
+           "regions": [{"box": [10, 10, 90, 90], "label": "dog", "caption": "a black dog"},
+                       {"box": [100, 100, 200, 200], "label": "person", "caption": "a man"}]}
+    pic = P.from_caption(rec, grey_image)
+    assert [L.text for L in pic.labels] == ["a black dog", "a man"] and len(pic.boxes) == 2
+    im = P.render(pic, side=448)
+    area = np.asarray(im.convert("RGB"))[28:28 + 448, :448].reshape(-1, 3)
+    found = {tuple(c) for c in np.unique(area, axis=0)} & {hexrgb(c) for c in P.PALETTE}
+    assert len(found) == 2
+
+
+def test_show_alignments_cli_writes_pngs_and_page(tmp_path, grey_image):
+    recs = [alignment(), {**alignment(), "sentid": 4, "snippets": alignment()["snippets"][:1]}]
+    src = tmp_path / "al.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    out = tmp_path / "show"
+    r = run_cli("show", src, "-o", out, "--images", grey_image.parent)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout == b""  # nothing but data on stdout, and show writes files
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["grey-3.png", "grey-4.png"]
+    page = (out / "index.html").read_text()
+    assert page.count('class="card"') == 2
+    assert re.findall(r'data-boxes="(\d+)" data-snippets="(\d+)"', page) == [("3", "3"), ("1", "1")]
+    assert page.count('class="snip"') == 4
+    assert 'src="grey-3.png"' in page and "http" not in page.split("<body>")[1]  # nothing remote
+
+
+def test_show_errors_name_file_and_line(tmp_path):
+    src = tmp_path / "al.jsonl"
+    src.write_bytes(orjson.dumps(alignment("missing.jpg")) + b"\n")
+    r = run_cli("show", src, "-o", tmp_path / "o", "--images", tmp_path)
+    assert r.returncode == 2
+    err = r.stderr.decode()
+    assert err.startswith("vsa: error: ") and ":1: image not found" in err and len(err.splitlines()) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"x": 1}\n')
+    r = run_cli("show", bad, "-o", tmp_path / "o")
+    assert r.returncode == 2 and f"{bad}:1:" in r.stderr.decode()
+
+
+# ----------------------------------------------------------------------------- vsa align (library)
+
+
+class FakeAligner:
+    """Word-region scores from a fixed rule: word t prefers region (t // 2) % R."""
+
+    extractor_meta = {"extractor": "fake", "dim": 4}
+
+    def __init__(self):
+        self.calls = 0
+
+    def word_region_scores(self, feats, tokens):
+        self.calls += 1
+        T, R = len(tokens), len(feats)
+        U = np.zeros((T, R))
+        for t in range(T):
+            U[t, (t // 2) % R] = 1.0
+        return U
+
+
+def fake_store_and_pairs(n_images=4, n_sent=3):
+    from vsa.data import ImageRecord, Sentence
+    from vsa.featstore import FeatureStore
+
+    keys = [f"im{i}.jpg" for i in range(n_images)]
+    R = 3
+    arrays = {"feats": np.random.default_rng(0).normal(size=(n_images * R, 4)).astype(np.float32),
+              "offsets": np.arange(0, n_images * R + 1, R), "keys": np.array(keys),
+              "boxes": np.tile(np.array([[0, 0, 224, 224], [1, 2, 3, 4], [5, 6, 7, 8]], np.float32), (n_images, 1)),
+              "labels": np.array(["image", "dog", "cat"] * n_images)}
+    store = FeatureStore(None, arrays=arrays)
+    recs = [ImageRecord(k, "train", i, [Sentence("", "a b c d e f".split(), i * 10 + j) for j in range(n_sent)])
+            for i, k in enumerate(keys)]
+    return store, [(r, s) for r in recs for s in r.sentences]
+
+
+def test_align_to_file_resumes_and_is_atomic(tmp_path):
+    from vsa.snippets import align_to_file, part_path
+
+    store, pairs = fake_store_and_pairs()
+    out = tmp_path / "al.jsonl"
+    out.write_text("previous\n")
+
+    class Boom(KeyboardInterrupt):
+        pass
+
+    class Interrupting(FakeAligner):
+        def word_region_scores(self, feats, tokens):
+            if self.calls == 5:
+                raise Boom()
+            return super().word_region_scores(feats, tokens)
+
+    with pytest.raises(Boom):
+        align_to_file(Interrupting(), store, pairs, out, beta=0.0)
+    assert out.read_text() == "previous\n"  # Ctrl-C leaves the old output intact
+    part = part_path(out)
+    assert len(part.read_text().splitlines()) == 5  # finished pairs are kept
+    with open(part, "ab") as fh:  # a torn last line, as after a kill during a write
+        fh.write(b'{"key": "im1.jpg", "sen')
+    a = FakeAligner()
+    res = align_to_file(a, store, pairs, out, beta=0.0)
+    assert res["resumed"] == 5 and res["aligned"] == len(pairs) - 5 and a.calls == len(pairs) - 5
+    assert not part.exists()
+    lines = [orjson.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["key"], r["sentid"]) for r in lines] == [(r.key, s.sentid) for r, s in pairs]  # dataset order
+    # the fake scores put words (0,1) on region 0, (2,3) on 1, (4,5) on 2: three 2-word snippets at beta 0
+    assert [(s["start"], s["end"], s["region"], s["label"]) for s in lines[0]["snippets"]] == [
+        (0, 2, 0, "image"), (2, 4, 1, "dog"), (4, 6, 2, "cat")]
+    assert lines[0]["snippets"][1]["box"] == [1.0, 2.0, 3.0, 4.0]
+    # a rerun with another beta redoes everything, a rerun with the same beta on a finished file recomputes it
+    res = align_to_file(FakeAligner(), store, pairs, out, beta=100.0)
+    assert res["resumed"] == 0
+    assert all(len(orjson.loads(x)["snippets"]) == 1 for x in out.read_text().splitlines())
+
+
+def test_extractor_mismatch_is_an_error():
+    from vsa.errors import VsaError
+    from vsa.snippets import check_extractor
+
+    check_extractor({"extractor": "a", "dim": 4}, {"extractor": "a", "dim": 4}, "f.npz")
+    with pytest.raises(VsaError, match="aligner was trained on 'a'"):
+        check_extractor({"extractor": "a"}, {"extractor": "b"}, "f.npz")

@@ -1,0 +1,519 @@
+"""Pictures of grounded sentences (PNG, PIL) and static HTML pages that open from disk.
+
+A *picture* is one image with coloured boxes and, in a panel on its right, one text label per
+grounded snippet (alignment) or region caption (captions JSONL), joined by a line to the centre of
+its box, as on the paper's project page.  One colour per region; the sentence is printed under
+the image with each snippet underlined in its region's colour.  Snippets grounded in the
+whole-image box get a frame around the image instead of a line.
+
+Small images (Flickr8K is 224x224) are upscaled for drawing (``side`` pixels on the long side),
+so boxes and text stay readable.  Labels are stacked in the side panel, sorted by the height of
+their box centre, so they never overlap and their lines rarely cross.
+
+Pages (:func:`write_pictures_page`, :func:`write_retrieval_page`) use no network, no server:
+images are files next to the page (relative links) and the little JavaScript is inline.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# colour-blind-friendly-ish, saturated, readable as text on white and as boxes on photos
+PALETTE = ["#e6194b", "#1f6fd1", "#2a9d3a", "#f58231", "#911eb4", "#0fa3a3", "#d6289b", "#8a5a14",
+           "#5b6b00", "#000080", "#b8860b", "#c0392b"]
+WHOLE = "#404040"  # the whole-image region
+FONT_CANDIDATES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf",
+                   "/Library/Fonts/Arial.ttf", "C:/Windows/Fonts/arial.ttf")
+BOLD_CANDIDATES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", "/usr/share/fonts/TTF/DejaVuSans-Bold.ttf",
+                   "/Library/Fonts/Arial Bold.ttf", "C:/Windows/Fonts/arialbd.ttf")
+
+
+@dataclass
+class Label:
+    text: str
+    region: int  # index into Picture.boxes
+    note: str = ""  # e.g. the score
+
+
+@dataclass
+class Picture:
+    """What one PNG shows."""
+
+    image: Path
+    title: str
+    boxes: dict[int, tuple[list[float], str]] = field(default_factory=dict)  # region -> (xyxy box, class label)
+    labels: list[Label] = field(default_factory=list)
+    # the sentence(s) printed under the image: each a list of (text, region or None)
+    sentences: list[list[tuple[str, int | None]]] = field(default_factory=list)
+    whole_regions: set = field(default_factory=set)  # regions that are the whole image
+
+
+def colour_of(region: int, whole: bool = False) -> str:
+    return WHOLE if whole else PALETTE[region % len(PALETTE)]
+
+
+def _font(size: int, bold: bool = False):
+    from PIL import ImageFont
+
+    for p in BOLD_CANDIDATES if bold else FONT_CANDIDATES:
+        if os.path.exists(p):
+            return ImageFont.truetype(p, size)
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # very old Pillow
+        return ImageFont.load_default()
+
+
+def _is_whole(box, label: str, width: int, height: int) -> bool:
+    if label == "image":
+        return True
+    x1, y1, x2, y2 = box
+    return x1 <= 1 and y1 <= 1 and x2 >= width - 1 and y2 >= height - 1
+
+
+# ----------------------------------------------------------------------------- from records
+
+
+def from_alignment(rec: dict, image: Path) -> Picture:
+    """A picture of one alignments-JSONL line (docs/formats.md)."""
+    pic = Picture(Path(image), f"{rec.get('key', '')} #{rec.get('sentid', '')}")
+    seg: list[tuple[str, int | None]] = []
+    for s in rec.get("snippets", []):
+        r = int(s["region"])
+        box = s.get("box")
+        label = str(s.get("label", ""))
+        if r == 0 or label == "image":
+            pic.whole_regions.add(r)
+        if box is not None:
+            pic.boxes[r] = (list(box), label)
+        note = f"{s['score']:.2f}" if isinstance(s.get("score"), (int, float)) else ""
+        pic.labels.append(Label(str(s.get("text", "")), r, note))
+        seg.append((str(s.get("text", "")), r))
+    pic.sentences.append(seg)
+    return pic
+
+
+def from_caption(rec: dict, image: Path) -> Picture:
+    """A picture of one captions-JSONL line: the caption, and region captions if present."""
+    pic = Picture(Path(image), str(rec.get("key") or rec.get("path") or ""))
+    for i, reg in enumerate(rec.get("regions") or [], 1):
+        box = reg.get("box")
+        if box is None:
+            continue
+        label = str(reg.get("label", ""))
+        pic.boxes[i] = (list(box), label)
+        if label == "image":
+            pic.whole_regions.add(i)
+        pic.labels.append(Label(str(reg.get("caption", "")), i))
+    pic.sentences.append([(str(rec.get("caption", "")), None)])
+    return pic
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    lines, cur = [], ""
+    for w in text.split():
+        t = f"{cur} {w}".strip()
+        if draw.textlength(t, font=font) <= width or not cur:
+            cur = t
+        else:
+            lines.append(cur)
+            cur = w
+    if cur:
+        lines.append(cur)
+    return lines or [""]
+
+
+def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | None = None):
+    """Draw ``pic``; returns a PIL RGB image."""
+    from PIL import Image, ImageDraw
+
+    from vsa.images import open_image
+
+    im = open_image(pic.image, max_pixels)
+    W0, H0 = im.size
+    scale = side / max(W0, H0)
+    W, H = max(1, round(W0 * scale)), max(1, round(H0 * scale))
+    im = im.resize((W, H), Image.BICUBIC)
+    pad = 16
+    f_label = _font(19, bold=True)
+    f_small = _font(14)
+    f_text = _font(20)
+    f_title = _font(14)
+
+    # sentence block under the image
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = W + panel - pad
+    sent_lines = []  # list of lines, each a list of (word, region)
+    for seg in pic.sentences:
+        words = [(w, r) for text, r in seg for w in text.split()]
+        line, x = [], 0.0
+        for w, r in words:
+            wl = measure.textlength(w + " ", font=f_text)
+            if x + wl > text_w and line:
+                sent_lines.append(line)
+                line, x = [], 0.0
+            line.append((w, r))
+            x += wl
+        sent_lines.append(line)
+    line_h = 30
+    # label rows in the side panel: object regions sorted by box-centre height, whole-image ones last
+    def centre(r):
+        b = pic.boxes.get(r)
+        return ((b[0][0] + b[0][2]) / 2 * scale, (b[0][1] + b[0][3]) / 2 * scale) if b else None
+
+    def is_whole(r):
+        b = pic.boxes.get(r)
+        return r in pic.whole_regions or (b is not None and _is_whole(b[0], b[1], W0, H0))
+
+    labels = sorted(pic.labels, key=lambda L: (is_whole(L.region) or centre(L.region) is None,
+                                               (centre(L.region) or (0, 0))[1]))
+    rows = []
+    for L in labels:
+        wrapped = _wrap(measure, L.text, f_label, panel - 2 * pad - 28)
+        rows.append((L, wrapped))
+    rows_h = sum(len(w) * 24 + 14 for _, w in rows)
+    top = 28  # title bar
+    body_h = max(H, rows_h + 8)
+    total_h = top + body_h + pad + len(sent_lines) * line_h + pad
+    canvas = Image.new("RGB", (W + panel, total_h), "white")
+    canvas.paste(im, (0, top))
+    d = ImageDraw.Draw(canvas)
+    d.text((6, 6), pic.title, fill="#333333", font=f_title)
+
+    def rgb(c):
+        return tuple(int(c[i:i + 2], 16) for i in (1, 3, 5))
+
+    # boxes: object regions as 3px coloured frames with a dark outline; whole image as an inset frame
+    used = {L.region for L in pic.labels}
+    for r in sorted(used):
+        if r not in pic.boxes:
+            continue
+        box, label = pic.boxes[r]
+        whole = is_whole(r)
+        col = colour_of(r, whole)
+        x1, y1, x2, y2 = (v * scale for v in box)
+        x1, x2 = max(0, min(x1, W - 1)), max(0, min(x2, W - 1))
+        y1, y2 = max(0, min(y1, H - 1)) + top, max(0, min(y2, H - 1)) + top
+        if whole:
+            d.rectangle([x1 + 2, y1 + 2, x2 - 2, y2 - 2], outline=col, width=5)
+            continue
+        d.rectangle([x1 - 1, y1 - 1, x2 + 1, y2 + 1], outline="black", width=1)
+        d.rectangle([x1, y1, x2, y2], outline=col, width=3)
+        d.rectangle([x1 + 3, y1 + 3, x2 - 3, y2 - 3], outline="black", width=1)
+        if label:
+            tw = d.textlength(label, font=f_small)
+            ty = y1 + 3 if y1 + 22 < y2 else y1 - 20
+            d.rectangle([x1 + 3, ty, x1 + 3 + tw + 8, ty + 18], fill=col)
+            d.text((x1 + 7, ty + 1), label, fill="white", font=f_small)
+
+    # panel rows and leader lines: each row as near its box centre's height as the rows above allow
+    heights = [len(w) * 24 + 14 for _, w in rows]
+    ys, y = [], top + 4
+    for (L, _), h in zip(rows, heights):
+        c = None if is_whole(L.region) else centre(L.region)
+        want = top + c[1] - 12 if c is not None else y
+        y = max(y, want)
+        ys.append(y)
+        y += h
+    overflow = y - (top + body_h)
+    for i in range(len(ys) - 1, -1, -1):  # push back up from the bottom where rows ran over
+        if overflow <= 0:
+            break
+        limit = (ys[i - 1] + heights[i - 1]) if i else top + 4
+        shift = min(overflow, ys[i] - limit)
+        for k in range(i, len(ys)):
+            ys[k] -= shift
+        overflow -= shift
+    px = W + pad
+    for (L, wrapped), y in zip(rows, ys):
+        whole = is_whole(L.region)
+        col = colour_of(L.region, whole)
+        h = len(wrapped) * 24
+        cy = y + 12
+        d.rectangle([px, cy - 8, px + 16, cy + 8], fill=col)
+        for i, ln in enumerate(wrapped):
+            d.text((px + 26, y + i * 24), ln, fill=col, font=f_label)
+        end_y = y + h - 2
+        sub = "whole image" if whole else (pic.boxes.get(L.region, (None, ""))[1] or f"region {L.region}")
+        if L.note:
+            sub += f"  score {L.note}"
+        d.text((px + 26, end_y), sub, fill="#666666", font=f_small)
+        c = centre(L.region)
+        if c is not None and not whole:
+            cx, cyy = c[0], c[1] + top
+            d.line([(px - 2, cy), (cx, cyy)], fill="white", width=5)
+            d.line([(px - 2, cy), (cx, cyy)], fill=col, width=3)
+            d.ellipse([cx - 6, cyy - 6, cx + 6, cyy + 6], fill=col, outline="white", width=2)
+
+    # the sentence(s), snippets underlined in their colour
+    y = top + body_h + pad
+    for line in sent_lines:
+        x = pad / 2
+        space = d.textlength(" ", font=f_text)
+        for i, (w, r) in enumerate(line):
+            wl = d.textlength(w, font=f_text)
+            if r is None:
+                d.text((x, y), w, fill="black", font=f_text)
+            else:
+                col = colour_of(r, is_whole(r))
+                d.text((x, y), w, fill=col, font=f_text)
+                same_next = i + 1 < len(line) and line[i + 1][1] == r
+                d.line([(x, y + 25), (x + wl + (space if same_next else 0), y + 25)], fill=col, width=3)
+            x += wl + space
+        y += line_h
+    return canvas
+
+
+# ----------------------------------------------------------------------------- HTML
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{font-size:22px} .card{background:white;border:1px solid #ddd;border-radius:6px;padding:12px;margin:0 0 18px 0;
+display:inline-block;vertical-align:top;max-width:940px} .card img{max-width:100%;display:block}
+.sent{font-size:17px;margin:8px 0 0 0;line-height:1.7} .snip{border-bottom:3px solid;padding:0 1px;font-weight:600}
+.meta{color:#666;font-size:13px} .ok{color:#1a7f1a;font-weight:700} .bad{color:#999}
+nav button{margin:0 4px} input{font-size:15px;padding:3px 6px} table{border-collapse:collapse}
+td{vertical-align:top;padding:6px 10px;border-bottom:1px solid #eee} .thumb{width:112px;height:auto;border:3px solid transparent}
+.thumb.ok{border-color:#1a9f1a} .rank{color:#888;font-size:12px}
+"""
+
+
+def _sentence_html(pic: Picture, is_whole) -> str:
+    parts = []
+    for seg in pic.sentences:
+        h = []
+        for text, r in seg:
+            if r is None:
+                h.append(html.escape(text))
+            else:
+                col = colour_of(r, is_whole(r))
+                h.append(f'<span class="snip" style="color:{col};border-color:{col}" data-region="{r}">{html.escape(text)}</span>')
+        parts.append('<p class="sent">' + " ".join(h) + "</p>")
+    return "".join(parts)
+
+
+def write_pictures_page(entries: list[tuple[Picture, str]], out_dir: Path, title: str = "vsa") -> Path:
+    """``entries``: (picture, PNG file name relative to ``out_dir``). Writes ``out_dir/index.html``."""
+    from vsa.io import atomic_write
+
+    cards = []
+    for pic, png in entries:
+        def is_whole(r, pic=pic):
+            return r in pic.whole_regions or (r in pic.boxes and pic.boxes[r][1] == "image")
+        n_boxes = len({L.region for L in pic.labels if L.region in pic.boxes})
+        cards.append(
+            f'<div class="card" data-boxes="{n_boxes}" data-snippets="{len(pic.labels)}">'
+            f'<div class="meta">{html.escape(pic.title)}</div>'
+            f'<img src="{html.escape(png)}" alt="{html.escape(pic.title)}">'
+            f"{_sentence_html(pic, is_whole)}</div>")
+    doc = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+           f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+           f"<p class=\"meta\">{len(entries)} picture(s). Each snippet is joined to the centre of its box; "
+           f"a frame around the whole image marks snippets grounded in the whole image.</p>"
+           + "".join(cards) + "</body></html>\n")
+    out = Path(out_dir) / "index.html"
+    with atomic_write(out, "w") as fh:
+        fh.write(doc)
+    return out
+
+
+RETRIEVAL_JS = r"""
+const D = JSON.parse(document.getElementById('data').textContent);
+const PER = 20;
+let mode = 'i2t', page = 0, filt = '';
+function esc(s){return s.replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
+function items(){
+  const L = mode === 'i2t' ? D.i2t : D.t2i;
+  if (!filt) return L;
+  const f = filt.toLowerCase();
+  return L.filter(x => (mode === 'i2t' ? D.images[x.image].key : D.sentences[x.sent].text).toLowerCase().includes(f)
+                       || (mode === 'i2t' && x.top.some(s => D.sentences[s].text.toLowerCase().includes(f))));
+}
+function thumb(i, ok){const im = D.images[i]; return `<img class="thumb${ok?' ok':''}" src="${esc(im.thumb)}" title="${esc(im.key)}" alt="${esc(im.key)}">`;}
+function draw(){
+  const L = items(), n = Math.max(1, Math.ceil(L.length / PER));
+  page = Math.min(page, n - 1);
+  const rows = L.slice(page * PER, page * PER + PER).map(x => {
+    if (mode === 'i2t') {
+      const s = x.top.map((sid, k) => { const ok = x.gt.includes(sid);
+        return `<div class="${ok?'ok':''}"><span class="rank">${k+1}.</span> ${ok?'&#10003; ':''}${esc(D.sentences[sid].text)}</div>`; }).join('');
+      return `<tr class="item"><td>${thumb(x.image, false)}<div class="meta">${esc(D.images[x.image].key)}<br>first correct at rank ${x.rank}</div></td><td>${s}</td></tr>`;
+    }
+    const t = x.top.map((iid, k) => `<span><span class="rank">${k+1}</span>${thumb(iid, iid === x.gt)}</span>`).join(' ');
+    return `<tr class="item"><td style="max-width:320px">${esc(D.sentences[x.sent].text)}<div class="meta">correct image at rank ${x.rank}</div></td><td>${t}</td></tr>`;
+  }).join('');
+  document.getElementById('rows').innerHTML = rows;
+  document.getElementById('pos').textContent = `page ${page + 1} / ${n} (${L.length} ${mode === 'i2t' ? 'images' : 'sentences'})`;
+}
+function setMode(m){mode = m; page = 0; draw();}
+document.getElementById('i2t').onclick = () => setMode('i2t');
+document.getElementById('t2i').onclick = () => setMode('t2i');
+document.getElementById('prev').onclick = () => {page = Math.max(0, page - 1); draw();};
+document.getElementById('next').onclick = () => {page += 1; draw();};
+document.getElementById('q').oninput = e => {filt = e.target.value; page = 0; draw();};
+const h = new URLSearchParams(location.hash.slice(1));
+if (h.get('mode')) mode = h.get('mode');
+if (h.get('page')) page = parseInt(h.get('page')) || 0;
+draw();
+"""
+
+
+def write_retrieval_page(data: dict, out_dir: Path, title: str = "vsa retrieval") -> Path:
+    """``data``: ``{"images": [{"key", "thumb"}], "sentences": [{"text", "image"}], "i2t": [{"image", "top": [sent idx],
+    "gt": [sent idx], "rank"}], "t2i": [{"sent", "top": [image idx], "gt": image idx, "rank"}], "summary": str}``."""
+    import orjson
+
+    from vsa.io import atomic_write
+
+    blob = orjson.dumps(data).decode().replace("</", "<\\/")
+    doc = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+           f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+           f"<p class=\"meta\">{html.escape(data.get('summary', ''))}</p>"
+           "<nav><button id=\"i2t\">Image annotation (image &rarr; sentences)</button>"
+           "<button id=\"t2i\">Image search (sentence &rarr; images)</button> "
+           "<input id=\"q\" placeholder=\"filter by word or file\"> "
+           "<button id=\"prev\">&larr;</button><span id=\"pos\"></span><button id=\"next\">&rarr;</button></nav>"
+           "<p class=\"meta\">Correct sentences are marked &#10003; in green; the correct image has a green frame.</p>"
+           "<table><tbody id=\"rows\"></tbody></table>"
+           f"<script type=\"application/json\" id=\"data\">{blob}</script>"
+           f"<script>{RETRIEVAL_JS}</script></body></html>\n")
+    out = Path(out_dir) / "retrieval.html"
+    with atomic_write(out, "w") as fh:
+        fh.write(doc)
+    return out
+
+
+def write_thumb(src: Path, dst: Path, side: int = 160, max_pixels: int | None = None) -> None:
+    from vsa.images import open_image
+    from vsa.io import atomic_write
+
+    im = open_image(src, max_pixels)
+    im.thumbnail((side, side))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(dst) as fh:
+        im.save(fh, "JPEG", quality=85)
+
+
+def save_png(img, dst: Path) -> None:
+    from vsa.io import atomic_write
+
+    with atomic_write(dst) as fh:
+        img.save(fh, "PNG", optimize=True)
+
+
+# ----------------------------------------------------------------------------- retrieval ranks -> page data
+
+_IMG_FIELDS = ("key", "image", "filename", "imgid", "image_id")
+_SENT_FIELDS = ("sentid", "sent", "sentence_id", "sentence")
+_TOP_FIELDS = ("top", "topk", "ranked", "top_sentences", "top_images", "top_sentids", "top_keys", "top_imgids")
+_GT_FIELDS = ("gt", "truth", "correct", "gt_sentids", "gt_sentences", "gt_image", "gt_key", "gt_imgid")
+
+
+def _field(d: dict, names, what: str, source, default=...):
+    from vsa.errors import VsaError
+
+    for n in names:
+        if n in d:
+            return d[n]
+    if default is not ...:
+        return default
+    raise VsaError(f"a {what} entry has none of the fields {', '.join(names)} (has: {', '.join(sorted(d))})", source)
+
+
+def retrieval_data(ranks: dict, ds, out_dir: Path, top: int = 5, source=None, progress_factory=None) -> dict:
+    """Page data for :func:`write_retrieval_page` from ``vsa eval --ranks-out`` JSON and the dataset.
+
+    Accepts ``{"split", "i2t": [{"key"|"imgid", "top": [sentid...], "gt": [sentid...], "rank"}],
+    "t2i": [{"sentid", "top": [key|imgid...], "gt": key|imgid, "rank"}]}`` (``images``/``sentences`` are
+    accepted for ``i2t``/``t2i``).  Thumbnails are written into ``out_dir/thumbs/``.
+    """
+    from vsa.errors import VsaError
+
+    i2t = ranks.get("i2t", ranks.get("images"))
+    t2i = ranks.get("t2i", ranks.get("sentences"))
+    if not isinstance(i2t, list) or not isinstance(t2i, list):
+        raise VsaError("retrieval ranks need lists 'i2t' (per image) and 't2i' (per sentence)", source)
+    by_key, by_name, by_imgid, by_sentid = {}, {}, {}, {}
+    for r in ds.images:
+        by_key[r.key] = r
+        by_name.setdefault(Path(r.key).name, r)
+        by_imgid[r.imgid] = r
+        for s in r.sentences:
+            by_sentid[s.sentid] = (r, s)
+    images: list[dict] = []
+    img_index: dict[str, int] = {}
+    sents: list[dict] = []
+    sent_index: dict[int, int] = {}
+
+    def img(ref):
+        if isinstance(ref, dict):
+            ref = _field(ref, _IMG_FIELDS, "image", source)
+        r = by_key.get(ref) or by_name.get(Path(str(ref)).name) if isinstance(ref, str) else by_imgid.get(ref)
+        if r is None:
+            raise VsaError(f"image {ref!r} of the ranks is not in the dataset {ds.source}", source)
+        if r.key not in img_index:
+            img_index[r.key] = len(images)
+            images.append({"key": r.key, "thumb": f"thumbs/{Path(r.key).stem}.jpg", "_rec": r})
+        return img_index[r.key]
+
+    def sent(ref):
+        if isinstance(ref, dict):
+            ref = _field(ref, _SENT_FIELDS, "sentence", source)
+        hit = by_sentid.get(int(ref)) if isinstance(ref, (int, float, str)) and str(ref).lstrip("-").isdigit() else None
+        if hit is None:
+            raise VsaError(f"sentence {ref!r} of the ranks is not in the dataset {ds.source}", source)
+        r, s = hit
+        if s.sentid not in sent_index:
+            sent_index[s.sentid] = len(sents)
+            sents.append({"text": s.raw or " ".join(s.tokens), "image": img(r.key)})
+        return sent_index[s.sentid]
+
+    out_i2t, out_t2i = [], []
+    for e in i2t:
+        gt = _field(e, _GT_FIELDS, "i2t", source, default=None)
+        i = img(e)
+        rec = images[i]["_rec"]
+        gt_ids = [sent(g) for g in gt] if gt is not None else [sent(s.sentid) for s in rec.sentences]
+        tops = [sent(x) for x in _field(e, _TOP_FIELDS, "i2t", source)[:top]]
+        rank = e.get("rank") or next((k + 1 for k, x in enumerate(tops) if x in gt_ids), None)
+        out_i2t.append({"image": i, "top": tops, "gt": gt_ids, "rank": rank if rank is not None else f">{top}"})
+    for e in t2i:
+        s = sent(e)
+        gt = _field(e, _GT_FIELDS, "t2i", source, default=None)
+        gt_i = img(gt) if gt is not None else sents[s]["image"]
+        tops = [img(x) for x in _field(e, _TOP_FIELDS, "t2i", source)[:top]]
+        rank = e.get("rank") or next((k + 1 for k, x in enumerate(tops) if x == gt_i), None)
+        out_t2i.append({"sent": s, "top": tops, "gt": gt_i, "rank": rank if rank is not None else f">{top}"})
+    out_dir = Path(out_dir)
+    prog = progress_factory() if progress_factory else None
+    task = prog.add_task("thumbs", total=len(images)) if prog else None
+    if prog:
+        prog.start()
+    try:
+        for im in images:
+            dst = out_dir / im["thumb"]
+            if not dst.exists():
+                write_thumb(ds.image_path(im["_rec"]), dst)
+            if prog:
+                prog.advance(task)
+    finally:
+        if prog:
+            prog.stop()
+    for im in images:
+        del im["_rec"]
+    summ = ranks.get("summary") or ""
+    if not summ and isinstance(ranks.get("i2t_summary"), dict):
+        summ = str(ranks["i2t_summary"])
+    r1_i = 100.0 * sum(1 for e in out_i2t if e["rank"] == 1) / max(len(out_i2t), 1)
+    r1_t = 100.0 * sum(1 for e in out_t2i if e["rank"] == 1) / max(len(out_t2i), 1)
+    summary = (f"{len(out_i2t)} images, {len(out_t2i)} sentences"
+               + (f" ({ranks['model']})" if ranks.get("model") else "")
+               + f". Image annotation R@1 {r1_i:.1f}%, image search R@1 {r1_t:.1f}%. {summ}".rstrip())
+    return {"split": ranks.get("split", ""), "summary": summary, "images": images, "sentences": sents,
+            "i2t": out_i2t, "t2i": out_t2i}

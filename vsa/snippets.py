@@ -1,0 +1,144 @@
+"""``vsa align``: snippet alignments of a dataset split, streamed and resumable.
+
+For every image-sentence pair of a split: the aligner's word-region scores ``[T, R]``
+(:meth:`vsa.align.Aligner.word_region_scores`), the chain MRF (:mod:`vsa.mrf`), and one JSONL
+record (docs/formats.md, "Alignments JSONL").
+
+Written to a file, work goes first into ``<out>.part`` (one record per line, appended as it is
+made); a rerun with the same output skips the pairs already there, and the final file is written
+atomically in dataset order at the end, after which the part is removed.  An interrupted run
+(Ctrl-C, kill) leaves any earlier ``<out>`` untouched and the part for the next run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from vsa.errors import VsaError
+from vsa.mrf import alignment_record
+
+
+def check_extractor(aligner_meta: dict, features_meta: dict, features_path) -> None:
+    """The aligner must have been trained on features from the same CNN as the features file."""
+    a, f = (aligner_meta or {}).get("extractor"), (features_meta or {}).get("extractor")
+    if a and f and a != f:
+        raise VsaError(f"features come from {f!r} but the aligner was trained on {a!r} features "
+                       f"(run `vsa embed --cnn {a}`)", features_path)
+    ad, fd = (aligner_meta or {}).get("dim"), (features_meta or {}).get("dim")
+    if ad and fd and int(ad) != int(fd):
+        raise VsaError(f"features are {fd}-d but the aligner expects {ad}-d", features_path)
+
+
+def pairs_of(ds, split: str) -> list[tuple]:
+    """``(ImageRecord, Sentence)`` pairs of one split (``all``: every split), in dataset order."""
+    recs = ds.images if split == "all" else ds.split(split)
+    return [(r, s) for r in recs for s in r.sentences]
+
+
+def _scores(aligner, feats: np.ndarray, tokens: list[str], cache: dict) -> np.ndarray:
+    """``[T, R]`` word-region scores; the image side is computed once per image when possible."""
+    if hasattr(aligner, "image_vectors") and hasattr(aligner, "word_vectors") and getattr(
+            getattr(aligner, "cfg", None), "model", "brnn") == "brnn":
+        if "V" not in cache:
+            cache["V"] = aligner.image_vectors(feats)
+        if not tokens:
+            return np.zeros((0, len(feats)), dtype=np.float32)
+        return aligner.word_vectors(tokens) @ cache["V"].T
+    return np.asarray(aligner.word_region_scores(feats, tokens))
+
+
+def iter_alignments(aligner, store, pairs: Iterable[tuple], beta: float, done: set | None = None,
+                    on_pair: Callable[[], None] | None = None) -> Iterator[dict]:
+    """Yield one alignment record per pair not in ``done`` (a set of ``(key, sentid)``)."""
+    cur_key, cache, feats, boxes, labels = None, {}, None, None, None
+    for rec, sent in pairs:
+        if done and (rec.key, sent.sentid) in done:
+            if on_pair:
+                on_pair()
+            continue
+        if rec.key != cur_key:
+            cur_key, cache = rec.key, {}
+            feats = store[rec.key]
+            boxes = store.boxes(rec.key)
+            labels = store.labels(rec.key)
+        U = _scores(aligner, feats, sent.tokens, cache)
+        yield alignment_record(rec.key, sent.sentid, rec.split, sent.tokens, U, beta, boxes, labels)
+        if on_pair:
+            on_pair()
+
+
+def part_path(out: Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".part")
+
+
+def read_part(part: Path, beta: float, warn=None) -> list[dict]:
+    """Finished records of an interrupted run (same beta); a torn last line is dropped."""
+    import orjson
+
+    from vsa.io import atomic_write, dumps
+
+    if not part.exists():
+        return []
+    good, bad, other_beta = [], 0, 0
+    with open(part, "rb") as fh:
+        for line in fh:
+            try:
+                r = orjson.loads(line)
+                if not isinstance(r, dict) or "key" not in r or "sentid" not in r or "snippets" not in r:
+                    raise ValueError
+            except (orjson.JSONDecodeError, ValueError):
+                bad += 1
+                continue
+            if float(r.get("beta", beta)) != float(beta):
+                other_beta += 1
+                continue
+            good.append(r)
+    if bad or other_beta:
+        if warn and other_beta:
+            warn(f"{part}: {other_beta} record(s) made with another --beta are redone")
+        with atomic_write(part) as fh:  # rewrite clean, so appending never follows a torn line
+            for r in good:
+                fh.write(dumps(r) + b"\n")
+    return good
+
+
+def align_to_file(aligner, store, pairs: list[tuple], out: Path, beta: float, resume: bool = True,
+                  warn=None, progress=None, flush_every: int = 200) -> dict:
+    """Align every pair into ``out`` (atomically), resumable through ``<out>.part``."""
+    from vsa.io import atomic_write, dumps
+
+    out = Path(out)
+    part = part_path(out)
+    if not resume and part.exists():
+        part.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = read_part(part, beta, warn) if resume else []
+    done = {(r["key"], r["sentid"]) for r in old}
+    task = progress.add_task("align", total=len(pairs)) if progress is not None else None
+    step = (lambda: progress.advance(task)) if progress is not None else None
+    n_new = 0
+    with open(part, "ab") as fh:
+        for i, r in enumerate(iter_alignments(aligner, store, pairs, beta, done, step)):
+            fh.write(dumps(r) + b"\n")
+            n_new += 1
+            if i % flush_every == 0:
+                fh.flush()
+    # final file in dataset order, from the part (the part holds every finished record)
+    order = {(rec.key, s.sentid): i for i, (rec, s) in enumerate(pairs)}
+    records = read_part(part, beta)
+    records = [r for r in records if (r["key"], r["sentid"]) in order]
+    seen, unique = set(), []
+    for r in sorted(records, key=lambda r: order[(r["key"], r["sentid"])]):
+        k = (r["key"], r["sentid"])
+        if k not in seen:
+            seen.add(k)
+            unique.append(r)
+    with atomic_write(out) as fh:
+        for r in unique:
+            fh.write(dumps(r) + b"\n")
+    part.unlink(missing_ok=True)
+    return {"pairs": len(pairs), "resumed": len(done), "aligned": n_new, "written": len(unique), "records": unique}
