@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import run_cli
 from vsa.data import (
@@ -90,6 +92,15 @@ def test_tokenize_non_ascii_is_kept_and_normalized():
     assert tokenize("Ein M\u00c4DCHEN l\u00e4uft \u2014 schnell") == ["ein", "m\u00e4dchen", "l\u00e4uft", "schnell"]
     assert tokenize("\u72ac\u304c\u8d70\u308b") == ["\u72ac\u304c\u8d70\u308b"]  # no spaces: one token
     assert tokenize("\uff21 \uff24\uff4f\uff47") == ["a", "dog"]  # full-width letters (NFKC)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_tokenize_properties(text):
+    tokens = tokenize(text)
+    for t in tokens:
+        assert t and t == t.lower() and not re.search(r"[\s\-/_]", t) and all(ch.isalnum() for ch in t)
+    assert tokenize(" ".join(tokens)) == tokens  # tokens survive a round trip through text (Karpathy JSON `raw`)
 
 
 def test_tokenizer_matches_karpathy_tokens_except_standalone_punctuation(flickr8k):
