@@ -22,11 +22,17 @@ class ImageError(VsaError):
     pass
 
 
-def max_pixels(value: int | None = None) -> int:
+def pixel_limit(value: int | None = None) -> int:
+    """The decompression-bomb limit: ``value``, else $VSA_MAX_PIXELS, else PIL's default."""
     if value is not None:
         return int(value)
     env = os.environ.get(ENV_MAX_PIXELS)
-    return int(env) if env else DEFAULT_MAX_PIXELS
+    if not env:
+        return DEFAULT_MAX_PIXELS
+    try:
+        return int(float(env))
+    except ValueError:
+        raise VsaError(f"{ENV_MAX_PIXELS} must be a number of pixels, got {env!r}") from None
 
 
 def _to_rgb(im, path):
@@ -51,12 +57,12 @@ def _to_rgb(im, path):
     return im.convert("RGB")  # L, P, CMYK, YCbCr, 1, ...
 
 
-def open_image(path, max_pixels_: int | None = None):
+def open_image(path, max_pixels: int | None = None):
     """Open ``path`` as an upright RGB PIL image; ImageError naming the file otherwise."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     p = Path(path)
-    limit = max_pixels(max_pixels_)
+    limit = pixel_limit(max_pixels)
     try:
         size = p.stat().st_size
     except FileNotFoundError:
@@ -132,3 +138,47 @@ def find_images(inputs: Iterable, recursive: bool = True) -> list[tuple[Path, st
         else:
             raise ImageError("no such file or folder", p)
     return out
+
+
+class _ImageSet:
+    """Map-style dataset for a DataLoader: decodes one image, returns it or the one-line error."""
+
+    def __init__(self, files, max_pixels):
+        self.files, self.max_pixels = files, max_pixels
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        path = self.files[i][0]
+        try:
+            return i, open_image(path, self.max_pixels), None
+        except ImageError as e:
+            return i, None, str(e)
+        except Exception as e:  # never a worker traceback: the same one-line message as in-process
+            return i, None, str(ImageError(f"cannot read image ({type(e).__name__}: {e})", path))
+
+
+def iter_images(files: list, workers: int = 0, max_pixels: int | None = None):
+    """Yield ``(path, key, image, error)`` in order, decoding in ``workers`` processes.
+
+    ``image`` is None and ``error`` a one-line message (naming the file) when it cannot be read.
+    """
+    ds = _ImageSet(files, max_pixels)
+    if workers <= 0 or len(files) < 2:
+        for i in range(len(files)):
+            _, im, err = ds[i]
+            yield files[i][0], files[i][1], im, err
+        return
+    import torch
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                                         prefetch_factor=8, worker_init_fn=_one_thread)
+    for i, im, err in loader:
+        yield files[i][0], files[i][1], im, err
+
+
+def _one_thread(_):
+    import torch
+
+    torch.set_num_threads(1)

@@ -10,7 +10,7 @@ Two detector families, chosen by :func:`load_detector`:
   a name such as ``yolo11n.pt`` that ultralytics downloads when online.
 
 Images are letterboxed (aspect ratio kept, grey padding) to ``imgsz`` and boxes are
-mapped back to pixel ``xyxy`` in the original image.
+mapped back to pixel ``xyxy`` in the original image (after EXIF orientation).
 """
 
 from __future__ import annotations
@@ -28,10 +28,33 @@ DEFAULT_DETECTOR = "yolo11n.pt"
 @dataclass
 class DetectOptions:
     top: int = 19  # detections kept per image (the whole image is added on top)
-    conf: float = 0.05  # low: the paper keeps the top detections even when weak
+    conf: float = 0.03  # low: the paper keeps the top detections even when weak
     iou: float = 0.5  # class-aware NMS threshold
-    dedup: float = 0.9  # then drop a box overlapping a higher-scoring box of any class above this IoU
-    imgsz: int = 640
+    dedup: float = 0.9  # then drop a box overlapping a higher-scoring box of any class above this IoU (1 = off)
+    imgsz: int = 0  # detector input side; 0 = auto (see auto_imgsz)
+
+
+def _options(opt: DetectOptions | None, kw: dict) -> DetectOptions:
+    """``detect(images, top=19, conf=..., iou=...)`` or ``detect(images, DetectOptions(...))``."""
+    from dataclasses import replace
+
+    opt = opt or DetectOptions()
+    unknown = set(kw) - set(DetectOptions.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown detect option(s): {', '.join(sorted(unknown))}")
+    return replace(opt, **{k: v for k, v in kw.items() if v is not None})
+
+
+def _sized(opt: DetectOptions, images) -> DetectOptions:
+    from dataclasses import replace
+
+    return opt if opt.imgsz > 0 else replace(opt, imgsz=auto_imgsz(images))
+
+
+def auto_imgsz(images, cap: int = 640) -> int:
+    """Detector input side: twice the longest image side (small images gain from upsampling), multiple of 32, <= cap."""
+    m = max(max(im.size) for im in images)
+    return int(min(cap, max(64, -(-2 * m // 32) * 32)))
 
 
 def _letterbox(images, size: int):
@@ -155,10 +178,10 @@ class YoloV5StateDict:
             y.append(x)
         return [y[17], y[20], y[23]]
 
-    def detect(self, images, opt: DetectOptions | None = None):
+    def detect(self, images, opt: DetectOptions | None = None, **kw):
         import torch
 
-        opt = opt or DetectOptions()
+        opt = _sized(_options(opt, kw), images)
         x, metas = _letterbox(images, opt.imgsz)
         x = x.to(self.device)
         with torch.inference_mode():
@@ -208,10 +231,8 @@ class UltralyticsDetector:
         names = self.model.names
         self.names = [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
 
-    def detect(self, images, opt: DetectOptions | None = None):
-        import torch
-
-        opt = opt or DetectOptions()
+    def detect(self, images, opt: DetectOptions | None = None, **kw):
+        opt = _sized(_options(opt, kw), images)
         res = self.model.predict(images, imgsz=opt.imgsz, conf=opt.conf, iou=opt.iou, max_det=max(opt.top * 5, 50),
                                  device=self.device, verbose=False)
         out = []
@@ -225,7 +246,6 @@ class UltralyticsDetector:
             dets = _postprocess(boxes[order], scores[order], cls[order], self.names, (1.0, 0, 0, w, h),
                                 DetectOptions(opt.top, opt.conf, 1.0, opt.dedup, opt.imgsz))
             out.append(dets)
-        del torch
         return out
 
 
@@ -254,6 +274,16 @@ def load_detector(spec: str | None = None, device: str = "auto"):
 
 def whole_image_region(width: int, height: int) -> dict:
     return {"box": [0.0, 0.0, float(width), float(height)], "score": 1.0, "label": "image"}
+
+
+def regions_for_image(detector, path, key: str | None = None, opt: DetectOptions | None = None,
+                      max_pixels: int | None = None, **kw) -> dict:
+    """Open one image, detect, and return its full regions record (whole image first)."""
+    from vsa.images import open_image
+
+    im = open_image(path, max_pixels)
+    dets = detector.detect([im], _options(opt, kw))[0]
+    return regions_record(key or Path(path).name, path, im, dets, detector.name)
 
 
 def regions_record(key: str, path, image, detections: list[dict], detector_name: str) -> dict:

@@ -11,7 +11,28 @@ from vsa.cli.common import guarded, info, progress, warn
 
 
 def _is_regions_jsonl(p: str) -> bool:
-    return p == "-" or p.endswith(".jsonl") or p.endswith(".json")
+    return p.endswith(".jsonl") or p.endswith(".json")
+
+
+def _stdin_is_jsonl() -> bool:
+    """Regions JSONL or a list of image paths on stdin? Look at the first non-blank byte."""
+    import sys
+
+    head = sys.stdin.buffer.peek(256)[:256].lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head[:1] in (b"{", b"")
+
+
+def _on_sigterm():
+    """SIGTERM behaves like Ctrl-C: finished parts are kept and a rerun resumes."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (library use)
+        pass
 
 
 @app.command("embed")
@@ -49,6 +70,8 @@ def embed(
 
     if not inputs:
         inputs = [resolve_input(None, "regions JSONL or images", "INPUTS...")]
+    from vsa.io import text_stream_lines
+
     items: list = []
     detectors: set = set()
 
@@ -58,8 +81,10 @@ def embed(
             yield r
 
     for inp in inputs:
-        if _is_regions_jsonl(inp):
+        if _is_regions_jsonl(inp) or (inp == "-" and _stdin_is_jsonl()):
             items.extend(items_from_regions(note_detector(iter_jsonl(inp, skip_bad=skip_bad, warn=warn)), inp))
+        elif inp == "-" or inp.endswith(".txt"):  # a list of image paths, one per line
+            items.extend(EmbedItem(key, str(p), None) for p, key in find_images(list(text_stream_lines(inp))))
         else:
             items.extend(EmbedItem(key, str(p), None) for p, key in find_images([inp]))
     items = shard_of(items, shard)
@@ -72,10 +97,18 @@ def embed(
         torch.set_num_threads(threads)
     ex = load_extractor(resolve(cnn, "features.cnn", "--cnn", default="efficientnet-lite0"), cnn_weights, device)
     t0 = time.time()
-    with progress() as prog:
-        st = run_embed(items, out_path, ex, batch_size=batch_size, workers=workers, context=context, dtype=dtype,
-                       resume=not no_resume, skip_bad=skip_bad, max_pixels=max_pixels, warn=warn, progress=prog,
-                       extra_meta={"detector": ",".join(sorted(detectors)) or None, **({"shard": shard} if shard else {})})
+    _on_sigterm()
+    try:
+        with progress() as prog:
+            st = run_embed(items, out_path, ex, batch_size=batch_size, workers=workers, context=context, dtype=dtype,
+                           resume=not no_resume, skip_bad=skip_bad, max_pixels=max_pixels, warn=warn, progress=prog,
+                           extra_meta={"detector": ",".join(sorted(d for d in detectors if d)) or None,
+                                       **({"shard": shard} if shard else {})})
+    except KeyboardInterrupt:
+        import sys
+
+        sys.stderr.write(f"vsa: interrupted: finished work is kept in {out_path}.parts; rerun the same command to resume\n")
+        raise typer.Exit(130)
     dt = time.time() - t0
     done = st["images"] - st["skipped_done"] - st["bad"]
     info(f"embed: {st['written']} images in {out_path} ({st['skipped_done']} resumed, {st['bad']} bad), "
