@@ -188,3 +188,64 @@ def test_extractor_mismatch_is_an_error():
     check_extractor({"extractor": "a", "dim": 4}, {"extractor": "a", "dim": 4}, "f.npz")
     with pytest.raises(VsaError, match="aligner was trained on 'a'"):
         check_extractor({"extractor": "a"}, {"extractor": "b"}, "f.npz")
+
+
+# ----------------------------------------------------------------------------- vsa align (CLI, real aligner class)
+
+
+def _tiny_aligner(tmp_path, dim=8):
+    """A real (untrained) aligner checkpoint from vsa.align, on dim-d features."""
+    torch = pytest.importorskip("torch")
+    from vsa.align import build_model
+    from vsa.checkpoint import save_checkpoint
+    from vsa.data import SPECIALS
+    from vsa.train_align import AlignConfig
+
+    cfg = AlignConfig(hidden=16, embed=8)
+    words = list(SPECIALS) + ["a", "dog", "runs", "on", "grass", "the", "cat"]
+    torch.manual_seed(0)
+    model = build_model(cfg, len(words), dim)
+    path = tmp_path / "align.pt"
+    save_checkpoint(path, "align", cfg, words, {"extractor": "fake", "dim": dim}, model.state_dict())
+    return path
+
+
+def test_align_cli_streams_and_resumes(tmp_path):
+    from vsa.io import save_npz
+
+    model = _tiny_aligner(tmp_path)
+    keys = ["a.jpg", "b.jpg", "c.jpg"]
+    R = 4
+    save_npz(tmp_path / "feats.npz", {
+        "feats": np.random.default_rng(1).normal(size=(3 * R, 8)).astype(np.float16),
+        "offsets": np.arange(0, 3 * R + 1, R), "keys": np.array(keys), "image_index": np.repeat(np.arange(3), R).astype(np.int32),
+        "boxes": np.tile(np.array([[0, 0, 224, 224], [1, 1, 50, 50], [60, 60, 120, 120], [100, 10, 200, 90]], np.float32), (3, 1)),
+        "labels": np.array(["image", "dog", "dog", "person"] * 3), "scores": np.ones(3 * R, np.float32),
+        "meta": np.array('{"extractor": "fake", "dim": 8}')})
+    ds = {"dataset": "tiny", "images": [
+        {"filename": k, "imgid": i, "split": "train" if i < 2 else "test", "sentids": [2 * i, 2 * i + 1],
+         "sentences": [{"raw": "A dog runs on the grass.", "tokens": "a dog runs on the grass".split(), "imgid": i, "sentid": 2 * i},
+                       {"raw": "The cat.", "tokens": ["the", "cat"], "imgid": i, "sentid": 2 * i + 1}]}
+        for i, k in enumerate(keys)]}
+    (tmp_path / "ds.json").write_bytes(orjson.dumps(ds))
+    args = ["align", "--model", model, "--dataset", tmp_path / "ds.json", "--features", tmp_path / "feats.npz"]
+    r = run_cli(*args, "--beta", "0.5")
+    assert r.returncode == 0, r.stderr.decode()
+    lines = [orjson.loads(x) for x in r.stdout.splitlines()]
+    assert [(x["key"], x["sentid"]) for x in lines] == [("a.jpg", 0), ("a.jpg", 1), ("b.jpg", 2), ("b.jpg", 3)]
+    for x in lines:
+        sn = x["snippets"]
+        assert sn[0]["start"] == 0 and sn[-1]["end"] == len(x["tokens"]) and x["beta"] == 0.5
+        assert all(a["end"] == b["start"] for a, b in zip(sn, sn[1:]))  # contiguous cover of the sentence
+        assert all(s["text"] == " ".join(x["tokens"][s["start"]:s["end"]]) for s in sn)
+        assert all(len(s["box"]) == 4 and s["label"] in ("image", "dog", "person") for s in sn)
+    assert "snippets/sentence" in r.stderr.decode()
+    # to a file: the same records; a huge beta gives one snippet per sentence
+    r = run_cli(*args, "--beta", "0.5", "-o", tmp_path / "al.jsonl", "--split", "all")
+    assert r.returncode == 0, r.stderr.decode()
+    assert [orjson.loads(x) for x in (tmp_path / "al.jsonl").read_bytes().splitlines()][:4] == lines
+    r = run_cli(*args, "--beta", "1000", "-o", tmp_path / "big.jsonl")
+    assert all(len(orjson.loads(x)["snippets"]) == 1 for x in (tmp_path / "big.jsonl").read_bytes().splitlines())
+    # features from another CNN: one-line error
+    r = run_cli("align", "--model", model, "--dataset", tmp_path / "ds.json", "--features", tmp_path / "other.npz")
+    assert r.returncode == 2 and r.stderr.decode().count("\n") == 1
