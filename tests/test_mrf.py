@@ -93,3 +93,15 @@ def test_empty_and_bad_input():
         viterbi(np.zeros((3, 0)), 1.0)
     with pytest.raises(ValueError):
         viterbi(np.zeros(3), 1.0)
+
+
+def test_label_agreement_counts_snippets_naming_their_box():
+    from vsa.snippets import label_agreement
+
+    recs = [{"snippets": [{"text": "a black dog", "region": 2, "label": "dog"},
+                          {"text": "jumps", "region": 0, "label": "image"},
+                          {"text": "over the man", "region": 3, "label": "dog"},
+                          {"text": "in a red", "region": 4, "label": "toaster"}]}]
+    a = label_agreement(recs)
+    assert a["object_snippets_with_known_label"] == 2 and a["agree"] == 0.5
+    assert a["person_dog_snippets"] == 2 and a["person_dog_on_matching_box"] == 0.5

@@ -142,3 +142,76 @@ def align_to_file(aligner, store, pairs: list[tuple], out: Path, beta: float, re
             fh.write(dumps(r) + b"\n")
     part.unlink(missing_ok=True)
     return {"pairs": len(pairs), "resumed": len(done), "aligned": n_new, "written": len(unique), "records": unique}
+
+
+# ----------------------------------------------------------------------------- choosing beta
+
+# caption words that name a COCO detector class (Flickr8K's frequent ones); used to check that an object
+# box's snippet talks about what the detector found there
+LABEL_WORDS = {
+    "person": {"man", "men", "woman", "women", "boy", "boys", "girl", "girls", "child", "children", "kid", "kids",
+               "person", "people", "player", "players", "baby", "lady", "guy", "crowd", "biker", "rider", "skier",
+               "surfer", "climber", "snowboarder", "skateboarder", "dancer", "toddler", "adult", "he", "she", "they",
+               "swimmer", "runner", "cyclist", "team", "couple", "group", "worker", "teenager", "teen", "someone"},
+    "dog": {"dog", "dogs", "puppy", "puppies", "poodle", "terrier", "collie", "retriever", "shepherd", "lab", "labrador",
+            "greyhound", "dachshund", "husky", "pup", "beagle", "spaniel", "bulldog", "pitbull"},
+    "cat": {"cat", "cats", "kitten"}, "horse": {"horse", "horses", "pony"}, "sheep": {"sheep", "lamb"},
+    "cow": {"cow", "cows", "cattle", "bull", "calf"}, "bird": {"bird", "birds", "duck", "ducks", "seagull", "pigeon", "pigeons"},
+    "bicycle": {"bike", "bikes", "bicycle", "bicycles", "cyclist", "biker"},
+    "motorcycle": {"motorcycle", "motorbike", "dirt", "motocross", "motorcyclist"},
+    "car": {"car", "cars", "truck", "vehicle", "jeep"}, "truck": {"truck", "trucks"}, "bus": {"bus"},
+    "boat": {"boat", "boats", "canoe", "kayak", "raft"}, "sports ball": {"ball", "soccer", "football", "basketball", "volleyball"},
+    "frisbee": {"frisbee"}, "skateboard": {"skateboard", "skateboarder", "skateboarding"},
+    "surfboard": {"surfboard", "surfer", "surfing", "board"}, "skis": {"ski", "skis", "skier", "skiing"},
+    "snowboard": {"snowboard", "snowboarder", "snowboarding"}, "kite": {"kite"}, "umbrella": {"umbrella"},
+    "bench": {"bench"}, "chair": {"chair", "chairs"}, "backpack": {"backpack"}, "handbag": {"bag", "purse", "handbag"},
+    "bottle": {"bottle"}, "cup": {"cup", "mug"}, "tennis racket": {"racket", "racquet", "tennis"},
+    "baseball bat": {"bat", "baseball"}, "baseball glove": {"glove", "mitt", "baseball"}, "teddy bear": {"teddy", "bear"},
+}
+
+
+def label_agreement(records) -> dict:
+    """How often an object-box snippet names the detector's class of its box (a proxy for correct grounding).
+
+    Counted over snippets on object boxes whose label is in :data:`LABEL_WORDS`: ``agree`` is the share
+    whose text holds one of the label's words.  ``name_hits`` counts, over all snippets holding such a word,
+    the share grounded on a box of that class (the words the region generator should learn from boxes).
+    """
+    on_obj = agree = named = named_hit = 0
+    for r in records:
+        for s in r["snippets"]:
+            words = set(s["text"].split())
+            lab = s.get("label", "")
+            if s["region"] != 0 and lab in LABEL_WORDS:
+                on_obj += 1
+                agree += bool(words & LABEL_WORDS[lab])
+            for L, ws in LABEL_WORDS.items():
+                if words & ws and L in ("person", "dog"):
+                    named += 1
+                    named_hit += lab == L
+                    break
+    return {"object_snippets_with_known_label": on_obj, "agree": agree / max(on_obj, 1),
+            "person_dog_snippets": named, "person_dog_on_matching_box": named_hit / max(named, 1)}
+
+
+def beta_sweep(aligner, store, pairs: list[tuple], betas: Iterable[float], progress=None) -> dict:
+    """Snippet statistics (:func:`vsa.mrf.snippet_stats`, :func:`label_agreement`) of ``pairs`` for several betas.
+
+    The word-region scores are computed once per pair and decoded with every beta.
+    """
+    from vsa.mrf import snippet_stats
+
+    betas = list(betas)
+    recs: dict[float, list] = {b: [] for b in betas}
+    cur_key, cache = None, {}
+    task = progress.add_task("sweep", total=len(pairs)) if progress is not None else None
+    for rec, sent in pairs:
+        if rec.key != cur_key:
+            cur_key, cache = rec.key, {}
+            feats, boxes, labels = store[rec.key], store.boxes(rec.key), store.labels(rec.key)
+        U = _scores(aligner, feats, sent.tokens, cache)
+        for b in betas:
+            recs[b].append(alignment_record(rec.key, sent.sentid, rec.split, sent.tokens, U, b, boxes, labels))
+        if progress is not None:
+            progress.advance(task)
+    return {b: {**snippet_stats(recs[b]), **label_agreement(recs[b])} for b in betas}
