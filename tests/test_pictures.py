@@ -45,7 +45,7 @@ def test_render_alignment_draws_one_box_per_region_in_its_colour(grey_image):
     assert im.width > 448 and im.height > 448 + top  # upscaled, side panel, sentence underneath
     px = im.load()
     for region, box in ((2, [20, 30, 100, 120]), (5, [120, 140, 210, 210])):
-        col = hexrgb(P.colour_of(region))
+        col = hexrgb(pic.colour(region))
         x1, y1, x2, y2 = (round(v * scale) for v in box)
         ymid = (y1 + y2) // 2 + top
         # the left and right edges of the box are drawn in the region's colour
@@ -55,13 +55,13 @@ def test_render_alignment_draws_one_box_per_region_in_its_colour(grey_image):
     area = np.asarray(im)[top:top + 448, :448].reshape(-1, 3)
     palette = {hexrgb(c) for c in P.PALETTE}
     found = {tuple(c) for c in np.unique(area, axis=0)} & palette
-    assert found == {hexrgb(P.colour_of(2)), hexrgb(P.colour_of(5))}
+    assert found == {hexrgb(pic.colour(2)), hexrgb(pic.colour(5))}
     # the whole-image snippet is a frame around the image
     assert px[4, top + 224] == hexrgb(P.WHOLE)
     # each object snippet's label sits in the panel in its colour (a colour chip)
     panel = np.asarray(im)[:, 448:].reshape(-1, 3)
     panel_cols = {tuple(c) for c in np.unique(panel, axis=0)}
-    assert {hexrgb(P.colour_of(2)), hexrgb(P.colour_of(5)), hexrgb(P.WHOLE)} <= panel_cols
+    assert {hexrgb(pic.colour(2)), hexrgb(pic.colour(5)), hexrgb(P.WHOLE)} <= panel_cols
 
 
 def test_render_caption_with_regions(grey_image):
@@ -249,3 +249,11 @@ def test_align_cli_streams_and_resumes(tmp_path):
     # features from another CNN: one-line error
     r = run_cli("align", "--model", model, "--dataset", tmp_path / "ds.json", "--features", tmp_path / "other.npz")
     assert r.returncode == 2 and r.stderr.decode().count("\n") == 1
+
+
+def test_regions_of_one_picture_get_distinct_colours(grey_image):
+    snips = [{"start": i, "end": i + 1, "text": f"w{i}", "region": r, "box": [r, r, r + 20, r + 20], "label": "x"}
+             for i, r in enumerate([1, 13, 25, 1, 7])]
+    pic = P.from_alignment({"key": "grey.jpg", "sentid": 0, "snippets": snips}, grey_image)
+    cols = [pic.colour(r) for r in (1, 13, 25, 7)]
+    assert len(set(cols)) == 4 and P.WHOLE not in cols

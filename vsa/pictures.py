@@ -50,6 +50,16 @@ class Picture:
     sentences: list[list[tuple[str, int | None]]] = field(default_factory=list)
     whole_regions: set = field(default_factory=set)  # regions that are the whole image
 
+    def colour(self, region: int, whole: bool = False) -> str:
+        """Distinct colours for the regions of this picture, in order of first mention."""
+        if whole or region in self.whole_regions:
+            return WHOLE
+        order = []
+        for L in self.labels:
+            if L.region not in order and L.region not in self.whole_regions:
+                order.append(L.region)
+        return PALETTE[order.index(region) % len(PALETTE)] if region in order else colour_of(region)
+
 
 def colour_of(region: int, whole: bool = False) -> str:
     return WHOLE if whole else PALETTE[region % len(PALETTE)]
@@ -196,7 +206,7 @@ def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | No
             continue
         box, label = pic.boxes[r]
         whole = is_whole(r)
-        col = colour_of(r, whole)
+        col = pic.colour(r, whole)
         x1, y1, x2, y2 = (v * scale for v in box)
         x1, x2 = max(0, min(x1, W - 1)), max(0, min(x2, W - 1))
         y1, y2 = max(0, min(y1, H - 1)) + top, max(0, min(y2, H - 1)) + top
@@ -233,7 +243,7 @@ def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | No
     px = W + pad
     for (L, wrapped), y in zip(rows, ys):
         whole = is_whole(L.region)
-        col = colour_of(L.region, whole)
+        col = pic.colour(L.region, whole)
         h = len(wrapped) * 24
         cy = y + 12
         d.rectangle([px, cy - 8, px + 16, cy + 8], fill=col)
@@ -261,7 +271,7 @@ def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | No
             if r is None:
                 d.text((x, y), w, fill="black", font=f_text)
             else:
-                col = colour_of(r, is_whole(r))
+                col = pic.colour(r, is_whole(r))
                 d.text((x, y), w, fill=col, font=f_text)
                 same_next = i + 1 < len(line) and line[i + 1][1] == r
                 d.line([(x, y + 25), (x + wl + (space if same_next else 0), y + 25)], fill=col, width=3)
@@ -292,7 +302,7 @@ def _sentence_html(pic: Picture, is_whole) -> str:
             if r is None:
                 h.append(html.escape(text))
             else:
-                col = colour_of(r, is_whole(r))
+                col = pic.colour(r, is_whole(r))
                 h.append(f'<span class="snip" style="color:{col};border-color:{col}" data-region="{r}">{html.escape(text)}</span>')
         parts.append('<p class="sent">' + " ".join(h) + "</p>")
     return "".join(parts)
