@@ -88,6 +88,37 @@ class Extractor:
     def forward(self, x):
         return self.net(x)
 
+    def roi(self, batch, boxes: list, output_size: int = 2):
+        """Fast R-CNN style region features from ONE forward per image (``--crop roi``).
+
+        ``batch`` is ``[B, 3, S, S]`` whole images (squashed, as :meth:`preprocess`), ``boxes`` a list of
+        ``[R_b, 4]`` float tensors in those S x S coordinates. Each box is RoIAligned on the last
+        feature map (stride 32) to ``output_size`` x ``output_size`` and averaged; a box covering
+        the whole image gets exactly the whole-image feature. Returns ``[sum R_b, dim]`` float32.
+        """
+        import torch
+        from torchvision.ops import roi_align
+
+        fmap_fn = getattr(self.net, "fmap", None)
+        if fmap_fn is None:
+            raise VsaError(f"--crop roi needs a CNN with a feature map; {self.name} has none here (use --crop warp)")
+        with torch.inference_mode():
+            x = batch.to(self.device)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            fm = fmap_fn(x).float()
+            scale = fm.shape[-1] / x.shape[-1]
+            rois = [b.to(fm.device, torch.float32) for b in boxes]
+            pooled = roi_align(fm, rois, output_size, spatial_scale=scale, sampling_ratio=2, aligned=True).mean((2, 3))
+            # the whole-image box: the plain global average (identical to the whole-image feature)
+            s = x.shape[-1]
+            whole = torch.cat([(b[:, 0] <= 0) & (b[:, 1] <= 0) & (b[:, 2] >= s) & (b[:, 3] >= s) for b in rois])
+            if whole.any():
+                glob = fm.mean((2, 3))
+                idx = torch.cat([torch.full((len(b),), i, dtype=torch.long, device=fm.device) for i, b in enumerate(rois)])
+                pooled[whole] = glob[idx[whole]]
+            return pooled
+
 
 def _efficientnet_lite(name: str, weights: str | None):
     import contextlib
@@ -119,8 +150,11 @@ def _efficientnet_lite(name: str, weights: str | None):
             super().__init__()
             self.m = m
 
+        def fmap(self, x):
+            return self.m.extract_features(x)
+
         def forward(self, x):
-            return self.m.extract_features(x).mean((2, 3))
+            return self.fmap(x).mean((2, 3))
 
     size = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}.get(name, 224)
     return Pooled(net), 1280, size, weights
@@ -158,6 +192,9 @@ def _torchvision(name: str, weights: str | None):
             break
     if dim is None:
         raise VsaError(f"cannot find the classifier of {name} to take pooled features")
+    if hasattr(net, "layer4"):  # ResNet family: the last feature map, for --crop roi
+        fmap = torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+        object.__setattr__(net, "fmap", fmap)  # shares the modules; not a second registered copy
     return net, dim, 224, weights
 
 
@@ -235,7 +272,8 @@ def shard_of(items: list, shard: str | None) -> list:
 class _CropDataset:
     """Decodes an image and makes its crops (runs in DataLoader workers)."""
 
-    def __init__(self, items, extractor_cfg, context: float, max_pixels: int | None, skip_bad: bool):
+    def __init__(self, items, extractor_cfg, context: float, max_pixels: int | None, skip_bad: bool, crop: str = "warp"):
+        self.crop = crop
         self.items = items
         self.cfg = extractor_cfg
         self.context = context
@@ -261,15 +299,24 @@ class _CropDataset:
         ex = self.cfg
         w, h = im.size
         regs = it.regions if it.regions else [{"box": [0.0, 0.0, float(w), float(h)], "score": 1.0, "label": "image"}]
+        import torch
+
+        if self.crop == "roi":  # one squashed whole image + its boxes in S x S coordinates
+            S = ex.input_size
+            b = torch.tensor([[float(v) for v in r["box"]] for r in regs], dtype=torch.float32).reshape(-1, 4)
+            if self.context:
+                pad = (b[:, 2:] - b[:, :2]) * self.context
+                b = torch.cat([b[:, :2] - pad, b[:, 2:] + pad], 1)
+            b = b * torch.tensor([S / w, S / h, S / w, S / h])
+            b = b.clamp(0, S)
+            return {"index": i, "crops": ex.preprocess(im)[None], "rois": b, "n": len(regs), "regions": regs, "size": (w, h)}
         crops = []
         for r in regs:
             if r.get("label") == "image" and list(map(float, r["box"])) == [0.0, 0.0, float(w), float(h)]:
                 crops.append(ex.preprocess(im))
             else:
                 crops.append(ex.crop(im, r["box"], self.context))
-        import torch
-
-        return {"index": i, "crops": torch.stack(crops), "regions": regs, "size": (w, h)}
+        return {"index": i, "crops": torch.stack(crops), "n": len(regs), "regions": regs, "size": (w, h)}
 
 
 class _Prep:
@@ -397,7 +444,7 @@ def _load_done(parts_dir: Path, out: Path, settings: dict, warn=None) -> tuple[l
 
 
 def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 16, workers: int = 1,
-          context: float = 0.0, dtype: str = "float16", resume: bool = True, part_every: int = 500,
+          context: float = 0.0, crop: str = "warp", dtype: str = "float16", resume: bool = True, part_every: int = 500,
           skip_bad: bool = False, max_pixels: int | None = None, warn=None, progress=None, extra_meta: dict | None = None) -> dict:
     """Compute features of every item and write one NPZ at ``out`` (atomically).
 
@@ -418,7 +465,9 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
     parts_dir = out.with_name(out.name + ".parts")
     np_dtype = np.dtype(dtype)
     meta = dict(extractor.meta)
-    meta.update({"crop": "warp", "context": float(context), "dtype": np_dtype.name})
+    if crop not in ("warp", "roi"):
+        raise VsaError(f"--crop must be warp or roi, got {crop!r}")
+    meta.update({"crop": crop, "context": float(context), "dtype": np_dtype.name})
     if extra_meta:
         meta.update({k: v for k, v in extra_meta.items()})
     from vsa import __version__
@@ -436,7 +485,7 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
     todo = [it for it in items if it.key not in done]
     stats = {"images": len(items), "skipped_done": len(items) - len(todo), "bad": 0, "regions": 0}
 
-    ds = _CropDataset(todo, _Prep(extractor), context, max_pixels, skip_bad)
+    ds = _CropDataset(todo, _Prep(extractor), context, max_pixels, skip_bad, crop)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers if todo else 0,
                                          prefetch_factor=4 if workers > 0 and todo else None,
                                          worker_init_fn=_worker_init)
@@ -450,10 +499,13 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
         if not pending:
             return
         batch = torch.cat([p["crops"] for p in pending])
-        feats = extractor(batch).cpu().numpy()
+        if crop == "roi":
+            feats = extractor.roi(batch, [p["rois"] for p in pending]).cpu().numpy()
+        else:
+            feats = extractor(batch).cpu().numpy()
         s = 0
         for p in pending:
-            n = len(p["crops"])
+            n = p["n"]
             rows.append({"key": todo[p["index"]].key, "feats": feats[s : s + n].astype(np_dtype),
                          "regions": p["regions"], "size": p["size"]})
             s += n
@@ -483,7 +535,7 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
             else:
                 pending.append(item)
                 pending_n += len(item["crops"])
-                stats["regions"] += len(item["crops"])
+                stats["regions"] += item["n"]
                 if pending_n >= batch_size:
                     flush_forward()
             since_part += 1

@@ -44,9 +44,11 @@ def embed(
     cnn_weights: Optional[str] = typer.Option(None, "--cnn-weights", help="Local weights file for --cnn (torchvision models need one offline)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Crops per CNN forward (small batches are fastest on CPU: activations stay under glibc's mmap threshold)."),
     workers: int = typer.Option(1, "--workers", help="DataLoader worker processes for decoding/cropping."),
+    crop: str = typer.Option("warp", "--crop", help="warp: each box cropped and warped to 224 (paper, R-CNN style, one CNN pass per region); roi: RoIAlign on the whole image's feature map (one pass per image, ~Nx faster, coarser)."),
     context: float = typer.Option(0.0, "--context", help="Pad each box by this fraction of its size per side before warping."),
     dtype: str = typer.Option("float16", "--dtype", help="float16 or float32 features."),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: process a deterministic 1/N of the inputs (1-based K)."),
+    part_every: int = typer.Option(500, "--part-every", help="Save finished work every N images (resume granularity)."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore finished parts of an earlier run."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about unreadable images and go on (default: exit 2)."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Decompression-bomb guard (default 178956970 or $VSA_MAX_PIXELS)."),
@@ -100,8 +102,8 @@ def embed(
     _on_sigterm()
     try:
         with progress() as prog:
-            st = run_embed(items, out_path, ex, batch_size=batch_size, workers=workers, context=context, dtype=dtype,
-                           resume=not no_resume, skip_bad=skip_bad, max_pixels=max_pixels, warn=warn, progress=prog,
+            st = run_embed(items, out_path, ex, batch_size=batch_size, workers=workers, context=context, crop=crop, dtype=dtype,
+                           resume=not no_resume, part_every=part_every, skip_bad=skip_bad, max_pixels=max_pixels, warn=warn, progress=prog,
                            extra_meta={"detector": ",".join(sorted(d for d in detectors if d)) or None,
                                        **({"shard": shard} if shard else {})})
     except KeyboardInterrupt:
