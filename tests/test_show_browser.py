@@ -159,11 +159,12 @@ def test_retrieval_page(tmp_path):
         for s in im["sentences"]:
             s["tokens"] = s["raw"].split()
     (tmp_path / "ds.json").write_bytes(orjson.dumps(ds))
-    ranks = {"split": "test",
-             "i2t": [{"key": k, "top": [(2 * i + 2) % 12, 2 * i, 2 * i + 1], "gt": [2 * i, 2 * i + 1], "rank": 2}
-                     for i, k in enumerate(keys)],
-             "t2i": [{"sentid": s, "top": [keys[s // 2], keys[(s // 2 + 1) % 6]], "gt": keys[s // 2], "rank": 1}
-                     for s in range(12)]}
+    # the `vsa eval --ranks-out` format (docs/formats.md, "Retrieval ranks JSON")
+    ranks = {"split": "test", "dataset": "tiny", "model": "align.pt", "k": 3,
+             "images": [{"key": k, "top": [(2 * i + 2) % 12, 2 * i, 2 * i + 1], "top_scores": [0.3, 0.2, 0.1],
+                         "gt": [2 * i, 2 * i + 1], "rank": 2} for i, k in enumerate(keys)],
+             "sentences": [{"sentid": s, "text": "", "top": [keys[s // 2], keys[(s // 2 + 1) % 6]], "top_scores": [0.2, 0.1],
+                            "gt": keys[s // 2], "rank": 1} for s in range(12)]}
     (tmp_path / "ranks.json").write_bytes(orjson.dumps(ranks))
     out = tmp_path / "ret"
     r = run_cli("show", tmp_path / "ranks.json", "-o", out, "--dataset", tmp_path / "ds.json", "--images", tmp_path / "imgs")

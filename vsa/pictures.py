@@ -439,9 +439,10 @@ def _field(d: dict, names, what: str, source, default=...):
 def retrieval_data(ranks: dict, ds, out_dir: Path, top: int = 5, source=None, progress_factory=None) -> dict:
     """Page data for :func:`write_retrieval_page` from ``vsa eval --ranks-out`` JSON and the dataset.
 
-    Accepts ``{"split", "i2t": [{"key"|"imgid", "top": [sentid...], "gt": [sentid...], "rank"}],
-    "t2i": [{"sentid", "top": [key|imgid...], "gt": key|imgid, "rank"}]}`` (``images``/``sentences`` are
-    accepted for ``i2t``/``t2i``).  Thumbnails are written into ``out_dir/thumbs/``.
+    Reads the ``--ranks-out`` format of :mod:`vsa.eval_align` (docs/formats.md): ``{"split", "model",
+    "images": [{"key", "top": [sentid...], "gt": [sentid...], "rank"}], "sentences": [{"sentid", "top":
+    [key...], "gt": key, "rank"}]}``; ``i2t``/``t2i`` for ``images``/``sentences`` and image ids for keys are
+    accepted too.  Thumbnails are written into ``out_dir/thumbs/``.
     """
     from vsa.errors import VsaError
 
