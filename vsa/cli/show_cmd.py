@@ -79,8 +79,24 @@ def align(
         st = snippet_stats(recs_out)
         where = "stdout"
     else:
-        with progress() as prog:
-            res = align_to_file(aligner, store, pairs, Path(out), beta, resume=not no_resume, warn=warn, progress=prog)
+        import signal
+
+        from vsa.snippets import part_path
+
+        def _term(*_):
+            raise KeyboardInterrupt
+
+        old_term = signal.signal(signal.SIGTERM, _term)
+        try:
+            with progress() as prog:
+                res = align_to_file(aligner, store, pairs, Path(out), beta, resume=not no_resume, warn=warn, progress=prog)
+        except KeyboardInterrupt:
+            part = part_path(Path(out))
+            n = sum(1 for _ in open(part, "rb")) if part.exists() else 0
+            raise VsaError(f"interrupted; {n} finished pair(s) kept in {part} ({out} untouched); "
+                           "rerun the same command to resume") from None
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
         st = snippet_stats(res["records"])
         where = f"{out} ({res['resumed']} resumed)"
     info(f"align: {st['sentences']} pairs -> {where}; beta {beta:g}: {st['snippets_per_sentence']:.2f} snippets/sentence, "
