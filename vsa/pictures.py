@@ -181,8 +181,16 @@ def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | No
         b = pic.boxes.get(r)
         return r in pic.whole_regions or (b is not None and _is_whole(b[0], b[1], W0, H0))
 
-    labels = sorted(pic.labels, key=lambda L: (is_whole(L.region) or centre(L.region) is None,
-                                               (centre(L.region) or (0, 0))[1]))
+    # one row per region: its snippets in sentence order, joined by a dot (one line to each box)
+    grouped: dict[int, Label] = {}
+    for L in pic.labels:
+        if L.region in grouped:
+            g = grouped[L.region]
+            grouped[L.region] = Label(f"{g.text}  \u00b7  {L.text}", L.region, ", ".join(x for x in (g.note, L.note) if x))
+        else:
+            grouped[L.region] = Label(L.text, L.region, L.note)
+    labels = sorted(grouped.values(), key=lambda L: (is_whole(L.region) or centre(L.region) is None,
+                                                     (centre(L.region) or (0, 0))[1]))
     rows = []
     for L in labels:
         wrapped = _wrap(measure, L.text, f_label, panel - 2 * pad - 28)
@@ -201,6 +209,8 @@ def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | No
 
     # boxes: object regions as 3px coloured frames with a dark outline; whole image as an inset frame
     used = {L.region for L in pic.labels}
+    tags: list[tuple] = []
+    tag_draw: list[tuple] = []
     for r in sorted(used):
         if r not in pic.boxes:
             continue
@@ -216,11 +226,22 @@ def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | No
         d.rectangle([x1 - 1, y1 - 1, x2 + 1, y2 + 1], outline="black", width=1)
         d.rectangle([x1, y1, x2, y2], outline=col, width=3)
         d.rectangle([x1 + 3, y1 + 3, x2 - 3, y2 - 3], outline="black", width=1)
-        if label:
+        if label:  # a tag with the class name, moved down the box's left edge until it overlaps no other tag
             tw = d.textlength(label, font=f_small)
             ty = y1 + 3 if y1 + 22 < y2 else y1 - 20
-            d.rectangle([x1 + 3, ty, x1 + 3 + tw + 8, ty + 18], fill=col)
-            d.text((x1 + 7, ty + 1), label, fill="white", font=f_small)
+            tag = None
+            while ty + 18 <= max(y2, y1 + 18):
+                cand = (x1 + 3, ty, x1 + 3 + tw + 8, ty + 18)
+                if not any(cand[0] < t[2] and t[0] < cand[2] and cand[1] < t[3] and t[1] < cand[3] for t in tags):
+                    tag = cand
+                    break
+                ty += 19
+            if tag is not None:
+                tags.append(tag)
+                tag_draw.append((tag, col, label))
+    for tag, col, label in tag_draw:  # after every box, so no frame crosses a tag
+        d.rectangle(list(tag), fill=col)
+        d.text((tag[0] + 4, tag[1] + 1), label, fill="white", font=f_small)
 
     # panel rows and leader lines: each row as near its box centre's height as the rows above allow
     heights = [len(w) * 24 + 14 for _, w in rows]
