@@ -104,3 +104,41 @@ def test_fish_syntax_and_completions(tmp_path):
     assert complete("vsa data stats --min") == ["--min-count"]
     assert complete("vsa data convert --out fe") == ["feats.npz"]
     assert "data" in complete("vsa ")
+
+
+def zsh_complete(line: str, expect: str, cwd: Path, home: Path) -> str:
+    """Type LINE<TAB> in an interactive zsh (on a pty) that loaded _vsa; return what the line became."""
+    import os
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: an interactive zsh without user config
+        os.chdir(cwd)
+        os.execvpe("zsh", ["zsh", "-f", "-i"], {"HOME": str(home), "PATH": "/usr/bin:/bin", "TERM": "dumb", "PS1": "> "})
+    out = b""
+    try:
+        os.write(fd, f"autoload -U compinit; compinit -u -d {home}/zcd; source {ZSH}; print READY\n".encode())
+        deadline = time.monotonic() + 30
+        while b"READY\r\n" not in out and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.2)[0]:
+                out += os.read(fd, 65536)
+        out = b""
+        os.write(fd, f"{line}\t".encode())
+        while expect.encode() not in out and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.2)[0]:
+                out += os.read(fd, 65536)
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    return out.decode(errors="replace").replace("\x07", "")
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
+def test_zsh_completes_on_a_terminal(tmp_path):
+    (tmp_path / "feats.npz").write_bytes(b"")
+    assert "vsa data stats " in zsh_complete("vsa data st", "ats ", tmp_path, tmp_path)
+    assert "--min-count " in zsh_complete("vsa data stats --mi", "n-count ", tmp_path, tmp_path)
+    assert "feats.npz " in zsh_complete("vsa data convert --out fe", "ats.npz ", tmp_path, tmp_path)
