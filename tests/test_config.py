@@ -175,3 +175,35 @@ def test_init_writes_a_working_workspace(tmp_path):
     assert 'path = "x.json"' in (ws / "vsa.toml").read_text()
     assert run_cli("init", "--path", ws / "sub" / "my.toml", cwd=ws).returncode == 0
     assert (ws / "sub" / "my.toml").exists()
+
+
+def test_template_quotes_awkward_paths(tmp_path):
+    p = tmp_path / "vsa.toml"
+    odd = 'my "data"\\caf\u00e9.json'
+    config.write_template(p, odd, "imgs", "yolo11n.pt", "out dir/")
+    ws = load_workspace(p)
+    assert ws.raw("dataset.path") == odd
+    assert ws.get("mrnn.model") == tmp_path / "out dir" / "mrnn.pt"
+
+
+def test_init_elsewhere_rewrites_paths_relative_to_the_file(tmp_path):
+    ds = small_dataset(tmp_path / "data")
+    (tmp_path / "imgs").mkdir()
+    r = run_cli("init", "--path", "proj/vsa.toml", "--dataset", "data/dataset_small.json", "--images", "imgs",
+                "--out", "work", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    ws = load_workspace(tmp_path / "proj" / "vsa.toml")
+    assert ws.raw("dataset.path") == "../data/dataset_small.json"
+    assert ws.get("dataset.path").resolve() == ds
+    assert ws.get("dataset.images").resolve() == tmp_path / "imgs"
+    assert ws.get("align.model").resolve() == tmp_path / "work" / "align.pt"
+    assert ws.raw("regions.detector") == "yolo11n.pt"  # a model name, not a path: unchanged
+    r = run_cli("data", "stats", "--json", cwd=tmp_path / "proj")
+    assert r.returncode == 0 and json.loads(r.stdout)["splits"]["train"]["images"] == 8
+
+
+def test_init_warns_about_missing_inputs(tmp_path):
+    r = run_cli("init", "--dataset", "nope.json", "--images", "nowhere", cwd=tmp_path)
+    assert r.returncode == 0
+    err = r.stderr.decode()
+    assert "warning: --dataset nope.json does not exist (yet)" in err and "warning: --images nowhere" in err

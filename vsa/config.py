@@ -81,30 +81,30 @@ TEMPLATE = """\
 # Relative paths are relative to this file.
 
 [dataset]
-path = "{dataset}"          # Karpathy JSON, Flickr8k token file folder, Kaggle captions.txt, or COCO annotations
-images = "{images}"
+path = {dataset}          # Karpathy JSON, Flickr8k token file folder, Kaggle captions.txt, or COCO annotations
+images = {images}
 # splits = "path/to/split-lists"   # folder of *train*.txt / *val*.txt / *test*.txt (layouts without splits)
 min_count = 5               # vocabulary: words seen at least this often in train
 
 [regions]
-detector = "{detector}"     # ultralytics weights (path or name) or a YOLOv5 state-dict folder
+detector = {detector}     # ultralytics weights (path or name) or a YOLOv5 state-dict folder
 top = 19
-out = "{out}/regions.jsonl"
+out = {regions_out}
 
 [features]
 cnn = "efficientnet-lite0"
-regions = "{out}/feats.npz"
-whole = "{out}/whole.npz"
+regions = {feats}
+whole = {whole}
 
 [align]
-model = "{out}/align.pt"
-alignments = "{out}/alignments.jsonl"
+model = {align}
+alignments = {alignments}
 
 [mrnn]
-model = "{out}/mrnn.pt"
+model = {mrnn}
 
 [output]
-dir = "{out}"
+dir = {out}
 """
 
 
@@ -208,9 +208,21 @@ def resolve(value: Any, key: str, flag: str, required: bool = True, default: Any
     return None
 
 
+def toml_string(value: str) -> str:
+    """``value`` as a TOML basic string (quotes, backslashes and control characters escaped)."""
+    import json
+
+    return json.dumps(str(value), ensure_ascii=False)
+
+
 def write_template(path: Path, dataset: str, images: str, detector: str, out: str) -> None:
     from vsa.io import atomic_write
 
-    text = TEMPLATE.format(dataset=dataset, images=images, detector=detector, out=out)
+    out = str(out).rstrip("/") or "."
+    q = toml_string
+    text = TEMPLATE.format(dataset=q(dataset), images=q(images), detector=q(detector), out=q(out),
+                           regions_out=q(f"{out}/regions.jsonl"), feats=q(f"{out}/feats.npz"),
+                           whole=q(f"{out}/whole.npz"), align=q(f"{out}/align.pt"),
+                           alignments=q(f"{out}/alignments.jsonl"), mrnn=q(f"{out}/mrnn.pt"))
     with atomic_write(path, "w") as fh:
         fh.write(text)

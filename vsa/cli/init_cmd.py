@@ -6,7 +6,19 @@ from typing import Optional
 import typer
 
 from vsa.cli import app
-from vsa.cli.common import guarded, info
+from vsa.cli.common import guarded, info, warn
+
+
+def _relative_to(value: str, folder: Path, must_exist: bool = False) -> str:
+    """``value`` (given relative to the current folder) rewritten relative to ``folder``, where vsa.toml lives."""
+    import os
+
+    p = Path(os.path.expanduser(value))
+    if p.is_absolute() or (must_exist and not p.exists()):
+        return value
+    if folder.resolve() == Path.cwd().resolve():
+        return value
+    return os.path.relpath(p.resolve(), folder.resolve())
 
 
 @app.command("init")
@@ -26,5 +38,13 @@ def init(
     target = path or Path(CONFIG_NAME)
     if target.exists() and not force:
         raise VsaError("already exists (use --force to overwrite)", target)
+    # paths on the command line are relative to the current folder; in the file, to the file's folder
+    folder = target.parent if str(target.parent) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, value in (("--dataset", dataset), ("--images", images)):
+        if not Path(value).expanduser().exists():
+            warn(f"{name} {value} does not exist (yet); edit {target} or pass {name} when it does")
+    dataset, images, out = (_relative_to(v, folder) for v in (dataset, images, out))
+    detector = _relative_to(detector, folder, must_exist=True)
     write_template(target, dataset, images, detector, out)
     info(f"wrote {target}")
