@@ -26,6 +26,7 @@ For other stages: :func:`load_aligner` gives an :class:`Aligner` with ``vocab``,
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +60,43 @@ class RegionEncoder(nn.Module):
         return _l2(v) if self.norm else v
 
 
+class ReluBRNN(nn.Module):
+    """The paper's recurrence (eq. 4-5) on inputs ``e [B, T, h]``, both directions in one loop:
+    ``h^f_t = f(e_t + W_f h^f_{t-1} + b_f)``, ``h^b_t = f(e_t + W_b h^b_{t+1} + b_b)``.
+    Returns ``h^f + h^b`` (the input of eq. 6), zero at padded positions."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.W = nn.Parameter(torch.empty(2, hidden, hidden))
+        self.b = nn.Parameter(torch.zeros(2, 1, hidden))
+        with torch.no_grad():  # start near the identity map of a leaky integrator: stable ReLU recurrence
+            self.W.copy_(torch.randn(2, hidden, hidden) * (0.5 / math.sqrt(hidden)))
+
+    def forward(self, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        B, T, h = e.shape
+        ar = torch.arange(T, device=e.device)
+        mask = (ar[None, :] < lengths[:, None]).to(e.dtype)  # [B, T]
+        # backward direction: reverse every sequence inside its own length
+        rev = (lengths[:, None] - 1 - ar[None, :]).clamp(min=0)  # [B, T]
+        e_rev = e.gather(1, rev[..., None].expand(B, T, h))
+        x = torch.stack((e, e_rev))  # [2, B, T, h]
+        state = e.new_zeros(2, B, h)
+        outs = []
+        for t in range(T):
+            state = F.relu(x[:, :, t] + torch.bmm(state, self.W) + self.b)
+            outs.append(state)
+        H = torch.stack(outs, 2)  # [2, B, T, h]
+        fwd = H[0]
+        bwd = H[1].gather(1, rev[..., None].expand(B, T, h))
+        return (fwd + bwd) * mask[..., None]
+
+
 class SentenceBRNN(nn.Module):
     """Word vectors ``s_t`` (eq. 2-6): embedding, ReLU layer, forward + backward pass, ReLU output.
 
-    ``rnn="brnn"`` is the paper's ReLU recurrence; ``gru``/``lstm`` swap in those cells.
-    Forward and backward states are added (eq. 6) before the output layer.
+    ``rnn="brnn"`` is the paper's ReLU recurrence (:class:`ReluBRNN`); ``gru``/``lstm`` swap in
+    those cells (bidirectional, on the ReLU layer's output). Forward and backward states are
+    added (eq. 6) before the output layer.
     """
 
     def __init__(self, vocab_size: int, embed: int, hidden: int, rnn: str = "brnn", dropout: float = 0.0,
@@ -74,7 +107,7 @@ class SentenceBRNN(nn.Module):
         self.embed = nn.Embedding(vocab_size, embed, padding_idx=0)
         self.inp = nn.Linear(embed, hidden)  # e_t = f(W_e x_t + b_e)
         if rnn == "brnn":
-            self.rnn = nn.RNN(hidden, hidden, nonlinearity="relu", batch_first=True, bidirectional=True)
+            self.rnn = ReluBRNN(hidden)
         elif rnn == "gru":
             self.rnn = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
         else:
@@ -86,14 +119,17 @@ class SentenceBRNN(nn.Module):
         self.out_relu = out_relu
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, h]
-        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
         x = self.drop(self.embed(ids))
         e = F.relu(self.inp(x))
-        packed = pack_padded_sequence(e, lengths.cpu().clamp(min=1), batch_first=True, enforce_sorted=False)
-        h, _ = self.rnn(packed)
-        h, _ = pad_packed_sequence(h, batch_first=True, total_length=ids.shape[1])
-        h = h[..., : self.hidden] + h[..., self.hidden :]
+        if isinstance(self.rnn, ReluBRNN):
+            h = self.rnn(e, lengths)
+        else:
+            from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+            packed = pack_padded_sequence(e, lengths.cpu().clamp(min=1), batch_first=True, enforce_sorted=False)
+            h, _ = self.rnn(packed)
+            h, _ = pad_packed_sequence(h, batch_first=True, total_length=ids.shape[1])
+            h = h[..., : self.hidden] + h[..., self.hidden :]
         s = self.out(self.drop(h))
         if self.out_relu:
             s = F.relu(s)
@@ -112,38 +148,42 @@ def pair_scores(V: torch.Tensor, vmask: torch.Tensor, S: torch.Tensor, smask: to
         v = V[:, 0]
         s = (S * smask[..., None]).sum(1) / smask.sum(1, keepdim=True).clamp(min=1)
         return _l2(v) @ _l2(s).T
-    d = (V.reshape(Bi * R, h) @ S.reshape(Bs * T, h).T).view(Bi, R, Bs, T)
+    # only real words take part: [Nw, h] with the sentence of each word
+    word_sent = smask.nonzero(as_tuple=True)[0]
+    Sw = S[smask]
+    Nw = Sw.shape[0]
+    d = (V.reshape(Bi * R, h) @ Sw.T).view(Bi, R, Nw)
     if score == "sum-all":
-        d = d.clamp(min=0) * vmask.view(Bi, R, 1, 1)
-        per_word = d.sum(1)  # [Bi, Bs, T]
+        per_word = (d.clamp(min=0) * vmask.view(Bi, R, 1)).sum(1)  # [Bi, Nw]
     else:
-        d = d.masked_fill(~vmask.view(Bi, R, 1, 1), float("-inf"))
-        per_word = d.amax(1)  # [Bi, Bs, T]
-    per_word = per_word * smask.view(1, Bs, T)
-    total = per_word.sum(-1)
+        per_word = d.masked_fill(~vmask.view(Bi, R, 1), float("-inf")).amax(1)  # [Bi, Nw]
+    total = per_word.new_zeros(Bi, Bs).index_add_(1, word_sent, per_word)
     if score == "mean-max":
-        total = total / smask.sum(1).clamp(min=1).view(1, Bs)
+        total = total / smask.sum(1).clamp(min=1).view(1, Bs).to(total.dtype)
     return total
 
 
-def ranking_loss(scores: torch.Tensor, same: torch.Tensor | None = None, margin: float = 0.2,
+def ranking_loss(scores: torch.Tensor, img_of: torch.Tensor | None = None, margin: float = 0.2,
                  hardest: bool = False) -> torch.Tensor:
-    """Bidirectional max-margin ranking loss (eq. 9) over a batch of pairs.
+    """Bidirectional max-margin ranking loss (eq. 9) over a batch.
 
-    ``scores[k, l]`` is image k against sentence l; the diagonal holds the true pairs.
-    ``same[k, l]`` (optional) marks other sentences of the same image: never negatives.
-    ``hardest`` keeps only the largest violation per row and column (VSE++); otherwise all are summed.
-    Returns the mean over the batch of the per-pair loss.
+    ``scores [U, B]``: U distinct images against B sentences; sentence j belongs to image
+    ``img_of[j]`` (default: ``j``, one sentence per image). Other sentences of the same image are
+    never negatives. For each true pair, image annotation penalises sentences of other images
+    scoring within ``margin`` of it, image search penalises other images. ``hardest`` keeps only
+    the largest violation per true pair and direction (VSE++); otherwise all are summed.
+    Returns the mean over the B true pairs.
     """
-    B = scores.shape[0]
-    pos = scores.diagonal()
-    cost_s = (margin + scores - pos[:, None]).clamp(min=0)  # image k: wrong sentences l
-    cost_i = (margin + scores - pos[None, :]).clamp(min=0)  # sentence l: wrong images k
-    mask = torch.eye(B, dtype=torch.bool, device=scores.device)
-    if same is not None:
-        mask = mask | same
-    cost_s = cost_s.masked_fill(mask, 0)
-    cost_i = cost_i.masked_fill(mask, 0)
+    U, B = scores.shape
+    if img_of is None:
+        img_of = torch.arange(B, device=scores.device)
+    cols = torch.arange(B, device=scores.device)
+    pos = scores[img_of, cols]  # [B]
+    other = img_of[None, :] != torch.arange(U, device=scores.device)[:, None]  # [U, B]: image u is not sentence j's
+    cost_i = (margin + scores - pos[None, :]).clamp(min=0) * other  # sentence j vs wrong image u
+    rows = scores[img_of]  # [B, B]: sentence j's image against every sentence l
+    wrong = img_of[None, :] != img_of[:, None]
+    cost_s = (margin + rows - pos[:, None]).clamp(min=0) * wrong  # image of j vs wrong sentence l
     if hardest:
         return (cost_s.amax(1).sum() + cost_i.amax(0).sum()) / B
     return (cost_s.sum() + cost_i.sum()) / B
@@ -190,12 +230,10 @@ class WholeImageModel(nn.Module):
         return v, rmask[:, :1]
 
     def embed_sentences(self, ids: torch.Tensor, lengths: torch.Tensor):
-        from torch.nn.utils.rnn import pack_padded_sequence
-
         x = self.drop(self.embed(ids))
-        packed = pack_padded_sequence(x, lengths.cpu().clamp(min=1), batch_first=True, enforce_sorted=False)
-        _, h = self.gru(packed)
-        s = _l2(h[-1])[:, None, :]
+        h, _ = self.gru(x)  # forward only: the state at a sentence's last word ignores the padding after it
+        last = (lengths.clamp(min=1) - 1).to(h.device)
+        s = _l2(h[torch.arange(len(ids), device=h.device), last])[:, None, :]
         return s, torch.ones(ids.shape[0], 1, dtype=torch.bool, device=ids.device)
 
     def score(self, V, vmask, S, smask) -> torch.Tensor:

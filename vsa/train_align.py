@@ -52,6 +52,7 @@ class AlignConfig:
     lr_decay_epoch: int = 10  # multiply the learning rate by lr_decay from this epoch on (0: never)
     lr_decay: float = 0.1
     batch_size: int = 128
+    group: int = 2  # sentences of one image side by side in a batch (1: plain random pairs)
     clip: float = 2.0  # gradient norm clip (0: none)
     clip_value: float = 0.0  # elementwise clip (the paper: 5; 0: none)
     seed: int = 0
@@ -183,6 +184,28 @@ def evaluate_split(model, data: Split) -> dict:
     return retrieval_metrics(s, data.sent_image.numpy())
 
 
+def epoch_order(sent_image: torch.Tensor, group: int, seed: int) -> torch.Tensor:
+    """Sentence order for one epoch: random, with up to ``group`` sentences of an image side by side
+    (so a batch embeds fewer distinct images: ``group=1`` is plain random pairs)."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(sent_image), generator=gen)
+    if group <= 1:
+        return order
+    # stable sort by image keeps the random order of each image's sentences; cut into chunks; shuffle chunks
+    by_img = order[torch.sort(sent_image[order], stable=True).indices]
+    imgs = sent_image[by_img]
+    starts = torch.ones(len(imgs), dtype=torch.long)
+    starts[1:] = (imgs[1:] != imgs[:-1]).long()
+    run = torch.cumsum(starts, 0)
+    pos = torch.arange(len(imgs)) - torch.nonzero(starts).flatten().repeat_interleave(
+        torch.bincount(run - 1))
+    chunk_id = (run - 1) * 100 + pos // group
+    uniq, inv = torch.unique(chunk_id, return_inverse=True)
+    perm = torch.randperm(len(uniq), generator=gen)
+    key = perm[inv] * 100 + pos % group
+    return by_img[torch.argsort(key)]
+
+
 def train_epoch(model, opt, cfg: AlignConfig, data: Split, epoch: int, progress=None) -> dict:
     from vsa.align import ranking_loss
 
@@ -190,23 +213,20 @@ def train_epoch(model, opt, cfg: AlignConfig, data: Split, epoch: int, progress=
     for g in opt.param_groups:
         g["lr"] = lr_at(cfg, epoch)
     hardest = cfg.loss == "max" and epoch >= cfg.warmup_epochs
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-    order = torch.randperm(len(data.ids), generator=gen)
+    order = epoch_order(data.sent_image, cfg.group, cfg.seed * 1000 + epoch)
     dev = next(model.parameters()).device
     n_batches = math.ceil(len(order) / cfg.batch_size)
     task = progress.add_task(f"epoch {epoch + 1}", total=n_batches) if progress is not None else None
     total, steps = 0.0, 0
     for b in range(n_batches):
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-        img = data.sent_image[idx]
+        img, img_of = torch.unique(data.sent_image[idx], return_inverse=True)
         lengths = data.lengths[idx]
         ids = data.ids[idx, : int(lengths.max())]
-        feats, rmask = data.feats[img], data.rmask[img]
-        V, vm = model.embed_images(feats.to(dev), rmask.to(dev))
+        V, vm = model.embed_images(data.feats[img].to(dev), data.rmask[img].to(dev))
         S, sm = model.embed_sentences(ids.to(dev), lengths.to(dev))
         scores = model.score(V, vm, S, sm)
-        same = (img[:, None] == img[None, :]).to(dev)
-        loss = ranking_loss(scores, same, cfg.margin, hardest)
+        loss = ranking_loss(scores, img_of.to(dev), cfg.margin, hardest)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_value:
@@ -338,3 +358,37 @@ def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, d
 
 def config_fields() -> list[str]:
     return [f.name for f in dataclasses.fields(AlignConfig)]
+
+
+def parse_overrides(cfg: AlignConfig, items: list[str]) -> AlignConfig:
+    """Apply ``KEY=VALUE`` strings to ``cfg``, converting to each field's type."""
+    types = {f.name: f.type for f in dataclasses.fields(AlignConfig)}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in types:
+            raise VsaError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+        cur = getattr(cfg, key)
+        try:
+            if isinstance(cur, bool):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                v = value.lower() in ("true", "1", "yes")
+            else:
+                v = type(cur)(value)
+        except ValueError:
+            raise VsaError(f"--set {item!r}: {value!r} is not a valid {type(cur).__name__}") from None
+        setattr(cfg, key, v)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: AlignConfig) -> None:
+    from vsa.align import MODELS, RNNS, SCORES
+
+    for name, allowed in (("model", MODELS), ("rnn", RNNS), ("score", SCORES), ("loss", ("sum", "max")),
+                          ("optimizer", ("adam", "sgd"))):
+        if getattr(cfg, name) not in allowed:
+            raise VsaError(f"unknown {name} {getattr(cfg, name)!r} (expected one of {', '.join(allowed)})")
+    if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.hidden < 1:
+        raise VsaError("epochs >= 1, batch_size >= 2 and hidden >= 1 are required")

@@ -1,0 +1,215 @@
+"""The alignment model: scores, loss, BRNN, training on a synthetic set with a known answer, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vsa.align import ReluBRNN, load_aligner, pair_scores, ranking_loss
+from vsa.train_align import AlignConfig, epoch_order, parse_overrides, train
+
+from tests.synth_align import WORDS, make_synthetic
+
+torch.set_num_threads(1)
+
+
+def _vm(V):
+    return torch.ones(V.shape[:2], dtype=torch.bool)
+
+
+def test_pair_scores_paper_formula_by_hand():
+    # one image with 2 regions, one sentence with 3 words (h = 2)
+    V = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    S = torch.tensor([[[2.0, 1.0], [-1.0, 3.0], [-1.0, -2.0]]])
+    # v.s: word 0 -> (2, 1), word 1 -> (-1, 3), word 2 -> (-1, -2)
+    sm = _vm(S)
+    assert pair_scores(V, _vm(V), S, sm, "sum-max").item() == pytest.approx(2 + 3 - 1)
+    assert pair_scores(V, _vm(V), S, sm, "mean-max").item() == pytest.approx(4 / 3)
+    assert pair_scores(V, _vm(V), S, sm, "sum-all").item() == pytest.approx(2 + 1 + 3)
+
+
+def test_pair_scores_ignore_padding():
+    V = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [50.0, 50.0]]])
+    vm = torch.tensor([[True, True, False]])  # the third region is padding
+    S = torch.tensor([[[2.0, 1.0], [-1.0, 3.0], [9.0, 9.0]]])
+    sm = torch.tensor([[True, True, False]])  # the third word is padding
+    assert pair_scores(V, vm, S, sm, "sum-max").item() == pytest.approx(5)
+    assert pair_scores(V, vm, S, sm, "mean-max").item() == pytest.approx(2.5)
+
+
+def test_pair_scores_matrix_matches_one_by_one():
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(3, 4, 8, generator=g)
+    vm = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    S = torch.randn(5, 6, 8, generator=g)
+    lengths = torch.tensor([6, 1, 3, 4, 2])
+    sm = torch.arange(6)[None] < lengths[:, None]
+    for score in ("sum-max", "mean-max", "sum-all", "global"):
+        M = pair_scores(V, vm, S, sm, score)
+        for i in range(3):
+            for j in range(5):
+                r, t = int(vm[i].sum()), int(lengths[j])
+                one = pair_scores(V[i : i + 1, :r], vm[i : i + 1, :r], S[j : j + 1, :t], sm[j : j + 1, :t], score)
+                assert M[i, j].item() == pytest.approx(one.item(), abs=1e-5), score
+
+
+def test_ranking_loss_by_hand():
+    s = torch.tensor([[1.0, 0.5, 0.95], [0.2, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    # margin 0.2: image 0 vs sentences 1 (0.5 -> 0 violation? 0.2+0.5-1 < 0) and 2 (0.2+0.95-1 = 0.15)
+    # sentence 0 vs images 1 (0.2+0.2-1<0), 2 (0); sentence 2 vs image 0 (0.2+0.95-1 = 0.15)
+    assert ranking_loss(s, margin=0.2).item() == pytest.approx((0.15 + 0.15) / 3)
+    assert ranking_loss(s, margin=0.2, hardest=True).item() == pytest.approx((0.15 + 0.15) / 3)
+    s2 = s.clone()
+    s2[0, 1] = 0.9  # a second violation for image 0 (0.1): sum counts both, hardest only the larger
+    assert ranking_loss(s2, margin=0.2).item() == pytest.approx((0.15 + 0.1 + 0.15 + 0.1) / 3)
+    assert ranking_loss(s2, margin=0.2, hardest=True).item() == pytest.approx((0.15 + 0.15 + 0.1) / 3)
+    # well separated: no loss
+    assert ranking_loss(torch.eye(4) * 2, margin=0.2).item() == 0
+
+
+def test_ranking_loss_never_uses_same_image_sentences_as_negatives():
+    # 2 images, 4 sentences: 0, 1 of image 0; 2, 3 of image 1. Sentence 1 scores high with image 0
+    # but is also image 0's: no violation.
+    s = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    assert ranking_loss(s, torch.tensor([0, 0, 1, 1]), margin=0.5).item() == 0
+    s[1, 0] = 0.9  # image 1 scores sentence 0 almost as high as image 0 does -> violations both ways
+    assert ranking_loss(s, torch.tensor([0, 0, 1, 1]), margin=0.5).item() > 0
+
+
+def test_relu_brnn_respects_lengths():
+    torch.manual_seed(0)
+    rnn = ReluBRNN(6)
+    e = torch.randn(2, 5, 6).relu()
+    lengths = torch.tensor([5, 3])
+    out = rnn(e, lengths)
+    alone = rnn(e[1:, :3], torch.tensor([3]))
+    assert torch.allclose(out[1, :3], alone[0], atol=1e-6)  # padding does not leak into the backward pass
+    assert out[1, 3:].abs().sum() == 0
+    # the backward pass really runs backwards: the first output depends on the last word
+    e2 = e.clone()
+    e2[0, 4] += 1.0
+    assert not torch.allclose(rnn(e2, lengths)[0, 0], out[0, 0])
+
+
+def test_epoch_order_is_a_permutation_with_groups():
+    owner = torch.arange(10).repeat_interleave(5)
+    o = epoch_order(owner, 2, 3)
+    assert sorted(o.tolist()) == list(range(50))
+    pairs = sum(int(owner[o[i]] == owner[o[i + 1]]) for i in range(49))
+    assert pairs >= 20  # each image's 5 sentences come as 2 + 2 + 1
+    assert torch.equal(o, epoch_order(owner, 2, 3)) and not torch.equal(o, epoch_order(owner, 2, 4))
+
+
+SMALL = dict(hidden=32, embed=16, epochs=5, batch_size=32, lr=3e-3, min_count=1, lr_decay_epoch=0, threads=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("align")
+    ds, feats, objs = make_synthetic(tmp, n_train=80, n_val=30, n_test=30)
+    cfg = AlignConfig(**SMALL)
+    res = train(cfg, ds, feats, tmp / "a.pt", info=lambda *a: None)
+    return tmp, ds, feats, objs, res
+
+
+def test_loss_falls_and_retrieval_learns_the_known_answer(trained):
+    tmp, ds, feats, objs, res = trained
+    from vsa.io import read_jsonl
+
+    log = read_jsonl(tmp / "a.log.jsonl")
+    assert len(log) == 5 and [r["epoch"] for r in log] == [1, 2, 3, 4, 5]
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    # chance R@1 on 30 val images is ~3%
+    assert res["best"]["i2t"]["r1"] >= 60 and res["best"]["t2i"]["r1"] >= 40
+
+
+def test_word_region_scores_point_at_the_named_objects(trained):
+    tmp, ds, feats, objs, _ = trained
+    from vsa.featstore import load_features
+
+    al = load_aligner(tmp / "a.pt")
+    st = load_features(feats)
+    hits = n = 0
+    for rec, o in list(zip(ds.images, objs))[-30:]:  # test images
+        tokens = ["a", WORDS[o[0]], "and", "a", WORDS[o[1]]]
+        m = al.word_region_scores(st[rec.key], tokens)
+        assert m.shape == (5, 4)
+        labels = st.labels(rec.key)
+        for t in (1, 4):
+            hits += labels[int(m[t].argmax())] == tokens[t]
+            n += 1
+    assert hits / n >= 0.8
+
+
+def test_checkpoint_round_trip(trained):
+    tmp, ds, feats, _, res = trained
+    from vsa.checkpoint import load_checkpoint
+    from vsa.featstore import load_features
+    from vsa.retrieval import retrieval_metrics, score_matrix
+    from vsa.train_align import load_split
+
+    ck = load_checkpoint(tmp / "a.pt", kind="align")
+    assert ck["config"]["hidden"] == 32 and ck["extractor"]["extractor"] == "synthetic"
+    assert ck["meta"]["epoch"] == res["best"]["epoch"] and "dog" in ck["vocab"]
+    al = load_aligner(tmp / "a.pt")
+    assert al.vocab.encode(["dog"]) != [al.vocab.unk]
+    data = load_split(ds, "val", load_features(feats), al.vocab, al.cfg)
+    m = retrieval_metrics(score_matrix(al.model, data.feats, data.rmask, data.ids, data.lengths), data.sent_image.numpy())
+    assert m["rsum"] == pytest.approx(res["best"]["rsum"])  # the saved model is the best-on-val one
+    # one pair through the Aligner API = the batched matrix
+    st = load_features(feats)
+    k = data.keys[0]
+    toks = ds.split("val")[0].sentences[0].tokens
+    full = score_matrix(al.model, data.feats[:1], data.rmask[:1], data.ids[:1], data.lengths[:1])
+    assert al.score(st[k], toks) == pytest.approx(float(full[0, 0]), abs=1e-5)
+
+
+def _tensors(path):
+    from vsa.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)["state_dict"]
+
+
+def test_same_seed_same_checkpoint_tensors(tmp_path):
+    ds, feats, _ = make_synthetic(tmp_path, n_train=40, n_val=10, n_test=10)
+    kw = {**SMALL, "epochs": 2}
+    train(AlignConfig(**kw, seed=7), ds, feats, tmp_path / "a.pt", info=lambda *a: None)
+    train(AlignConfig(**kw, seed=7), ds, feats, tmp_path / "b.pt", info=lambda *a: None)
+    train(AlignConfig(**kw, seed=8), ds, feats, tmp_path / "c.pt", info=lambda *a: None)
+    a, b, c = _tensors(tmp_path / "a.pt"), _tensors(tmp_path / "b.pt"), _tensors(tmp_path / "c.pt")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_continues_to_the_same_result(tmp_path):
+    ds, feats, _ = make_synthetic(tmp_path, n_train=40, n_val=10, n_test=10)
+    kw = {**SMALL, "epochs": 3}
+    train(AlignConfig(**kw), ds, feats, tmp_path / "full.pt", info=lambda *a: None)
+    train(AlignConfig(**{**kw, "epochs": 2}), ds, feats, tmp_path / "part.pt", info=lambda *a: None)
+    res = train(AlignConfig(**kw), ds, feats, tmp_path / "part.pt", resume=True, info=lambda *a: None)
+    assert res["epochs"] == 1
+    a, b = _tensors(tmp_path / "full.last.pt"), _tensors(tmp_path / "part.last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_whole_image_model_and_variants_train(tmp_path):
+    ds, feats, _ = make_synthetic(tmp_path, n_train=40, n_val=10, n_test=10)
+    for extra in ({"model": "whole-image"}, {"rnn": "gru", "score": "sum-max", "loss": "sum"},
+                  {"rnn": "lstm", "score": "sum-all", "norm": False}):
+        cfg = AlignConfig(**{**SMALL, "epochs": 1, **extra})
+        res = train(cfg, ds, feats, tmp_path / "m.pt", info=lambda *a: None)
+        assert np.isfinite(res["best"]["rsum"])
+    al = load_aligner(tmp_path / "m.pt")
+    assert al.cfg.rnn == "lstm"
+
+
+def test_overrides_are_typed_and_checked():
+    from vsa.errors import VsaError
+
+    cfg = parse_overrides(AlignConfig(), ["dropout=0.3", "norm=false", "epochs=3"])
+    assert cfg.dropout == 0.3 and cfg.norm is False and cfg.epochs == 3
+    for bad in (["nope=1"], ["epochs=x"], ["score=best"], ["dropout"]):
+        with pytest.raises(VsaError):
+            parse_overrides(AlignConfig(), bad)

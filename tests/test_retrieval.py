@@ -1,0 +1,72 @@
+"""R@K and median rank against hand-computed cases (the paper's protocol, both directions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vsa.retrieval import i2t_ranks, retrieval_metrics, summarize, t2i_ranks, top_k
+
+# 2 images x 4 sentences; sentences 0, 1 belong to image 0 and 2, 3 to image 1
+SCORES = np.array([
+    [0.1, 0.9, 0.5, 0.3],   # image 0: its best true sentence (1, 0.9) is first -> rank 1
+    [0.8, 0.2, 0.1, 0.7],   # image 1: true sentences 2 (0.1), 3 (0.7); 0.8 beats 0.7 -> rank 2
+])
+OWNER = np.array([0, 0, 1, 1])
+
+
+def test_i2t_ranks_hand_computed():
+    assert i2t_ranks(SCORES, OWNER).tolist() == [1, 2]
+
+
+def test_t2i_ranks_hand_computed():
+    # sentence 0: image 1 (0.8) beats image 0 (0.1) -> 2; sentence 1: 0.9 > 0.2 -> 1
+    # sentence 2: image 0 (0.5) beats image 1 (0.1) -> 2; sentence 3: 0.7 > 0.3 -> 1
+    assert t2i_ranks(SCORES, OWNER).tolist() == [2, 1, 2, 1]
+
+
+def test_summarize_recall_and_median():
+    s = summarize(np.array([1, 2, 3, 10, 11]))
+    assert s["r1"] == 20.0 and s["r5"] == 60.0 and s["r10"] == 80.0
+    assert s["medr"] == 3 and isinstance(s["medr"], int)
+    assert s["meanr"] == 5.4
+
+
+def test_median_of_even_count_is_the_mean_of_the_middle_two():
+    assert summarize(np.array([1, 2, 3, 4]))["medr"] == 2.5
+    assert summarize(np.array([1, 2, 4, 100]))["medr"] == 3
+
+
+def test_ties_count_in_favour_of_the_true_item():
+    s = np.array([[0.5, 0.5], [0.5, 0.5]])
+    assert i2t_ranks(s, np.array([0, 1])).tolist() == [1, 1]
+    assert t2i_ranks(s, np.array([0, 1])).tolist() == [1, 1]
+
+
+def test_retrieval_metrics_rsum():
+    m = retrieval_metrics(SCORES, OWNER)
+    assert m["i2t"]["r1"] == 50.0 and m["i2t"]["r5"] == 100.0
+    assert m["t2i"]["r1"] == 50.0 and m["t2i"]["medr"] == 1.5
+    assert m["rsum"] == 50 + 100 + 100 + 50 + 100 + 100
+
+
+def test_perfect_and_reversed_scores():
+    n = 20
+    owner = np.repeat(np.arange(n), 5)
+    perfect = (owner[None, :] == np.arange(n)[:, None]).astype(float)
+    m = retrieval_metrics(perfect, owner)
+    assert m["i2t"]["r1"] == 100 and m["t2i"]["r1"] == 100 and m["i2t"]["medr"] == 1
+    m = retrieval_metrics(-perfect, owner)
+    assert m["i2t"]["r1"] == 0 and m["t2i"]["medr"] == n  # the true image is always last
+
+
+def test_image_without_sentence_is_an_error():
+    with pytest.raises(ValueError):
+        i2t_ranks(np.zeros((2, 2)), np.array([0, 0]))
+
+
+def test_top_k_best_first_both_axes():
+    s = np.array([[0.1, 0.9, 0.5], [0.3, 0.2, 0.8]])
+    assert top_k(s, 2).tolist() == [[1, 2], [2, 0]]
+    assert top_k(s, 1, axis=0).tolist() == [[1], [0], [1]]
+    assert top_k(s, 10).shape == (2, 3)

@@ -1,0 +1,133 @@
+"""Retrieval evaluation of an aligner (``vsa eval`` with an ``align`` checkpoint): the paper's protocol.
+
+All images of the split against all their sentences (Flickr8k test: 1000 x 5000), R@1/5/10 and
+median rank for image annotation (image -> sentences) and image search (sentence -> images),
+beside the paper's numbers (Table 1, "Our model: BRNN").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vsa.errors import VsaError
+
+# Karpathy & Fei-Fei 2015, Table 1, "Our model: BRNN" (Flickr8k, Flickr30k, COCO 1K test images)
+PAPER = {
+    "flickr8k": {"i2t": {"r1": 16.5, "r5": 40.6, "r10": 54.2, "medr": 7.6}, "t2i": {"r1": 11.8, "r5": 32.1, "r10": 44.7, "medr": 12.4}},
+    "flickr30k": {"i2t": {"r1": 22.2, "r5": 48.2, "r10": 61.4, "medr": 4.8}, "t2i": {"r1": 15.2, "r5": 37.7, "r10": 50.5, "medr": 9.2}},
+    "coco": {"i2t": {"r1": 38.4, "r5": 69.9, "r10": 80.5, "medr": 1.0}, "t2i": {"r1": 27.4, "r5": 60.2, "r10": 74.8, "medr": 3.0}},
+}
+TOP = 10  # ranked items kept per query in --ranks-out
+
+
+def _features_for(ckpt: dict, features) -> Path:
+    from vsa.config import workspace
+
+    if features is not None:
+        return Path(features)
+    trained = ckpt.get("meta", {}).get("features")
+    if trained and Path(trained).exists():
+        return Path(trained)
+    key = "features.whole" if ckpt["config"].get("model") == "whole-image" else "features.regions"
+    p = workspace().get(key)
+    if p is None:
+        raise VsaError(f"no features for the evaluation: pass --features NPZ or set [{key.replace('.', '] ')} in vsa.toml"
+                       + (f" (the model was trained on {trained}, which is missing)" if trained else ""))
+    return Path(p)
+
+
+def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, device: str = "auto") -> dict:
+    """Retrieval metrics of the aligner at ``model_path`` on ``split`` of ``ds`` (see docs/formats.md)."""
+    from vsa.align import aligner_from_checkpoint
+    from vsa.checkpoint import load_checkpoint
+    from vsa.distributed import pick_device
+    from vsa.featstore import load_features
+    from vsa.retrieval import retrieval_metrics, score_matrix
+    from vsa.train_align import load_split
+
+    ckpt = load_checkpoint(model_path, kind="align")
+    aligner = aligner_from_checkpoint(ckpt, model_path, pick_device(device))
+    feats_path = _features_for(ckpt, features)
+    store = load_features(feats_path)
+    want = aligner.extractor_meta.get("extractor")
+    if want and store.meta.get("extractor") and store.meta["extractor"] != want:
+        raise VsaError(f"features come from {store.meta['extractor']!r} but the model was trained on {want!r} features",
+                       feats_path)
+    data = load_split(ds, split, store, aligner.vocab, aligner.cfg)
+    scores = score_matrix(aligner.model, data.feats, data.rmask, data.ids, data.lengths)
+    m = retrieval_metrics(scores, data.sent_image.numpy())
+    report = {"model": str(model_path), "features": str(feats_path), "images": len(data.keys),
+              "sentences": len(data.ids), "i2t": m["i2t"], "t2i": m["t2i"], "rsum": m["rsum"],
+              "config": {k: ckpt["config"].get(k) for k in ("model", "rnn", "score", "hidden", "loss")}}
+    paper = PAPER.get(_paper_key(ds.name))
+    if paper:
+        report["paper"] = paper
+    if ranks_out is not None:
+        write_ranks(ranks_out, ds, split, data, scores, str(model_path))
+    return report
+
+
+def _paper_key(name: str) -> str:
+    n = (name or "").lower()
+    return "coco" if n.startswith("coco") else n
+
+
+def ranks_record(ds, split: str, data, scores: np.ndarray, model: str, k: int = TOP) -> dict:
+    """The ``--ranks-out`` JSON (docs/formats.md "Retrieval ranks JSON")."""
+    from vsa.retrieval import i2t_ranks, t2i_ranks, top_k
+
+    owner = data.sent_image.numpy()
+    ri, rt = i2t_ranks(scores, owner), t2i_ranks(scores, owner)
+    top_s, top_i = top_k(scores, k, axis=1), top_k(scores, k, axis=0)
+    text = {s.sentid: s.raw for r in ds.split(split) for s in r.sentences}
+    images = []
+    for i, key in enumerate(data.keys):
+        images.append({"key": key, "gt": [data.sentids[j] for j in np.flatnonzero(owner == i)], "rank": int(ri[i]),
+                       "top": [data.sentids[j] for j in top_s[i]],
+                       "top_scores": [round(float(scores[i, j]), 4) for j in top_s[i]]})
+    sentences = []
+    for j, sid in enumerate(data.sentids):
+        sentences.append({"sentid": sid, "text": text.get(sid, ""), "gt": data.keys[owner[j]], "rank": int(rt[j]),
+                          "top": [data.keys[i] for i in top_i[j]],
+                          "top_scores": [round(float(scores[i, j]), 4) for i in top_i[j]]})
+    return {"split": split, "dataset": ds.name, "model": model, "k": k, "images": images, "sentences": sentences}
+
+
+def write_ranks(path, ds, split: str, data, scores: np.ndarray, model: str) -> None:
+    from vsa.io import write_json
+
+    write_json(path, ranks_record(ds, split, data, scores, model))
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float) and not x.is_integer():
+        return f"{x:.1f}"
+    return f"{int(x)}" if isinstance(x, (int, float)) else str(x)
+
+
+def render_retrieval(report: dict, console) -> None:
+    """A rich table: our R@1/5/10 and median rank in both directions, the paper's beside them."""
+    from rich.table import Table
+
+    t = Table(title=f"Retrieval: {report['images']} images x {report['sentences']} sentences ({report['model']})")
+    t.add_column("model")
+    for d in ("annotation", "search"):
+        for m in ("R@1", "R@5", "R@10", "Med r"):
+            t.add_column(f"{d} {m}", justify="right")
+    rows = []
+    if report.get("paper"):
+        rows.append(("paper BRNN", report["paper"], "dim"))
+    rows.append((f"vsa {report.get('config', {}).get('model', '')}".strip(), report, "bold"))
+    for name, r, style in rows:
+        cells = [_fmt(r[d][m]) for d in ("i2t", "t2i") for m in ("r1", "r5", "r10", "medr")]
+        t.add_row(name, *cells, style=style)
+    console.print(t)
+    if report.get("paper"):
+        p, better = report["paper"], 0
+        for d in ("i2t", "t2i"):
+            for m in ("r1", "r5", "r10"):
+                better += report[d][m] > p[d][m]
+            better += report[d]["medr"] < p[d]["medr"]
+        console.print(f"better than the paper on {better} of 8 figures; rsum {report['rsum']:.1f}")
