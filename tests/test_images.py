@@ -177,3 +177,20 @@ def test_cli_reports_broken_image_by_name(tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     assert "warning" in r.stderr.decode() and "broken.jpg" in r.stderr.decode()
     assert list(np.load(tmp_path / "f.npz")["keys"]) == ["ok.jpg"]
+
+
+def test_ultralytics_pil_patch_is_bypassed(tmp_path, capfd):
+    """Importing ultralytics wraps PIL.Image.open (pip-installs a HEIF plugin, prints to stdout); we do not use it."""
+    pytest.importorskip("ultralytics")
+    import ultralytics.utils.patches  # noqa: F401  (applies the patch)
+
+    p = tmp_path / "fake.jpg"
+    p.write_bytes(b"plain text, not a JPEG")
+    with pytest.raises(ImageError, match="not an image"):
+        open_image(p)
+    out, _ = capfd.readouterr()
+    assert out == ""
+
+
+def test_missing_ok_keeps_missing_files_for_skip_bad(tmp_path):
+    assert find_images([tmp_path / "gone.jpg"], missing_ok=True) == [(tmp_path / "gone.jpg", "gone.jpg")]

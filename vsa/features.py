@@ -407,7 +407,8 @@ def merge_npz(inputs: list, out, meta: dict | None = None) -> int:
                                f"({_settings(m)} vs {_settings(meta)}); cannot merge", p)
         meta.pop("shard", None)
         dets = sorted({str(m.get("detector")) for m in metas if m.get("detector")})
-        meta["detector"] = ",".join(dets) or None
+        if dets:
+            meta["detector"] = ",".join(dets)
     save_npz(out, _pack(rows, dtype or np.float16, meta))
     return len(rows)
 

@@ -57,6 +57,21 @@ def _to_rgb(im, path):
     return im.convert("RGB")  # L, P, CMYK, YCbCr, 1, ...
 
 
+def _pil_open():
+    """PIL's own ``Image.open``: importing ultralytics replaces it with a wrapper that, on an unreadable
+    file, tries to pip-install a HEIF plugin and prints to stdout (our data channel)."""
+    import sys
+
+    from PIL import Image
+
+    f = Image.open
+    if getattr(f, "__module__", "PIL.Image") != "PIL.Image":
+        orig = getattr(sys.modules.get(f.__module__), "_image_open", None)
+        if orig is not None and getattr(orig, "__module__", "") == "PIL.Image":
+            return orig
+    return f
+
+
 def open_image(path, max_pixels: int | None = None):
     """Open ``path`` as an upright RGB PIL image; ImageError naming the file otherwise."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -74,7 +89,7 @@ def open_image(path, max_pixels: int | None = None):
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # we check ourselves, with our own message
     try:
-        with Image.open(p) as im:
+        with _pil_open()(p) as im:
             w, h = im.size
             if w * h > limit:
                 raise ImageError(
@@ -119,12 +134,13 @@ def _walk(folder: Path, seen: set) -> Iterable[Path]:
             continue
 
 
-def find_images(inputs: Iterable, recursive: bool = True) -> list[tuple[Path, str]]:
+def find_images(inputs: Iterable, recursive: bool = True, missing_ok: bool = False) -> list[tuple[Path, str]]:
     """Expand files and folders into ``(path, key)`` pairs.
 
     Folders are walked recursively (sorted, symlink loops skipped) for common image
     extensions; keys are paths relative to the folder given. Files given directly
-    keep their file name as key. A missing input is an ImageError.
+    keep their file name as key. A missing input is an ImageError, unless ``missing_ok``
+    (then it is kept, and opening it reports it: ``--skip-bad`` warns and goes on).
     """
     out: list[tuple[Path, str]] = []
     for inp in inputs:
@@ -133,7 +149,7 @@ def find_images(inputs: Iterable, recursive: bool = True) -> list[tuple[Path, st
             files = _walk(p, set()) if recursive else sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS)
             for f in files:
                 out.append((f, f.relative_to(p).as_posix()))
-        elif p.exists():
+        elif p.exists() or missing_ok:
             out.append((p, p.name))
         else:
             raise ImageError("no such file or folder", p)

@@ -215,10 +215,14 @@ class UltralyticsDetector:
     """Any model ``ultralytics.YOLO`` can load (path or downloadable name)."""
 
     def __init__(self, spec: str, device: str = "cpu"):
+        import contextlib
+        import sys
+
         from ultralytics import YOLO
 
         try:
-            self.model = YOLO(spec)
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries our JSONL
+                self.model = YOLO(spec)
         except Exception as e:
             offline_hint = ""
             if not Path(spec).exists():
@@ -232,9 +236,13 @@ class UltralyticsDetector:
         self.names = [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
 
     def detect(self, images, opt: DetectOptions | None = None, **kw):
+        import contextlib
+        import sys
+
         opt = _sized(_options(opt, kw), images)
-        res = self.model.predict(images, imgsz=opt.imgsz, conf=opt.conf, iou=opt.iou, max_det=max(opt.top * 5, 50),
-                                 device=self.device, verbose=False)
+        with contextlib.redirect_stdout(sys.stderr):
+            res = self.model.predict(images, imgsz=opt.imgsz, conf=opt.conf, iou=opt.iou, max_det=max(opt.top * 5, 50),
+                                     device=self.device, verbose=False)
         out = []
         for im, r in zip(images, res):
             b = r.boxes

@@ -86,9 +86,9 @@ def embed(
         if _is_regions_jsonl(inp) or (inp == "-" and _stdin_is_jsonl()):
             items.extend(items_from_regions(note_detector(iter_jsonl(inp, skip_bad=skip_bad, warn=warn)), inp))
         elif inp == "-" or inp.endswith(".txt"):  # a list of image paths, one per line
-            items.extend(EmbedItem(key, str(p), None) for p, key in find_images(list(text_stream_lines(inp))))
+            items.extend(EmbedItem(key, str(p), None) for p, key in find_images(list(text_stream_lines(inp)), missing_ok=skip_bad))
         else:
-            items.extend(EmbedItem(key, str(p), None) for p, key in find_images([inp]))
+            items.extend(EmbedItem(key, str(p), None) for p, key in find_images([inp], missing_ok=skip_bad))
     items = shard_of(items, shard)
     out_path = resolve(out, "features.regions", "--out/-o")
     if dtype not in ("float16", "float32"):

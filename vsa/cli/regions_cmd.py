@@ -39,7 +39,7 @@ def regions(
     if not inputs:
         src = resolve_input(None, "images", "IMAGES...")
         inputs = list(text_stream_lines(src))
-    files = find_images(inputs)
+    files = find_images(inputs, missing_ok=skip_bad)
     if threads:
         import torch
 

@@ -1,0 +1,222 @@
+"""vsa embed: NPZ contract, squash convention, resume, shard + merge, interruption, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orjson
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import run_cli
+from vsa.errors import VsaError
+from vsa.features import EmbedItem, embed, load_extractor, merge_npz, shard_of
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def ex():
+    return load_extractor("efficientnet-lite0", device="cpu")
+
+
+def _images(folder, n=4):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        a = rng.integers(0, 255, (120 + 10 * i, 200, 3), dtype=np.uint8)
+        a[20:80, 30:120] = (250, 20, 20)  # a red block to crop
+        p = folder / f"im{i}.png"
+        Image.fromarray(a).save(p)
+        paths.append(p)
+    return paths
+
+
+def _same(a, b):
+    """Equal NPZ contents; features up to batch-composition noise (CPU kernels differ by batch size)."""
+    assert sorted(a.files) == sorted(b.files)
+    for k in a.files:
+        if k == "feats":
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+            assert np.allclose(a[k].astype(np.float32), b[k].astype(np.float32), atol=1e-2, rtol=1e-2), k
+        else:
+            assert np.array_equal(a[k], b[k]), k
+
+
+def _regions_jsonl(paths, out):
+    with open(out, "wb") as fh:
+        for p in paths:
+            w, h = Image.open(p).size
+            regs = [{"box": [0, 0, w, h], "score": 1.0, "label": "image"},
+                    {"box": [30, 20, 120, 80], "score": 0.9, "label": "block", "class_id": 0},
+                    {"box": [5.5, 6.5, 50.2, 100.7], "score": 0.2, "label": "thing", "class_id": 1}]
+            fh.write(orjson.dumps({"key": p.name, "path": str(p), "width": w, "height": h, "detector": "test", "regions": regs}) + b"\n")
+    return out
+
+
+def test_extractor_contract(ex, tmp_path):
+    assert (ex.name, ex.dim, ex.input_size) == ("efficientnet-lite0", 1280, 224)
+    assert ex.meta["extractor"] == "efficientnet-lite0" and ex.meta["resize"] == "squash"
+    im = Image.open(_images(tmp_path, 1)[0])
+    x = ex.preprocess(im)
+    assert x.shape == (3, 224, 224)
+    # whole image = squash to 224x224 (no centre crop), normalised with mean 0.498 / std 0.502
+    ref = (torch.from_numpy(np.array(im.resize((224, 224), Image.BILINEAR))).permute(2, 0, 1).float() / 255 - 0.498) / 0.502
+    assert torch.allclose(x, ref, atol=1e-6)
+    crop = ex.crop(im, [30, 20, 120, 80])
+    assert crop.shape == (3, 224, 224) and crop[0].mean() > 0.9 and crop[1].mean() < -0.8  # the red block fills it
+    f = ex(torch.stack([x, crop]))
+    assert f.shape == (2, 1280) and f.dtype == torch.float32 and torch.isfinite(f).all()
+    assert not torch.allclose(f[0], f[1])
+
+
+def test_npz_layout_from_regions(ex, tmp_path):
+    paths = _images(tmp_path / "imgs", 3)
+    jl = _regions_jsonl(paths, tmp_path / "r.jsonl")
+    r = run_cli("embed", jl, "-o", tmp_path / "f.npz", "--threads", "2")
+    assert r.returncode == 0, r.stderr.decode()
+    a = np.load(tmp_path / "f.npz", allow_pickle=False)
+    assert sorted(a.files) == sorted(["feats", "image_index", "offsets", "boxes", "scores", "labels", "keys", "sizes", "meta"])
+    assert a["feats"].dtype == np.float16 and a["feats"].shape == (9, 1280)
+    assert a["image_index"].dtype == np.int32 and a["image_index"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert a["offsets"].dtype == np.int64 and a["offsets"].tolist() == [0, 3, 6, 9]
+    assert a["boxes"].dtype == np.float32 and a["boxes"].shape == (9, 4)
+    assert a["boxes"][4].tolist() == [30, 20, 120, 80]
+    assert a["scores"].dtype == np.float32 and a["scores"][0] == 1.0
+    assert a["labels"].dtype.kind == "U" and a["labels"][:3].tolist() == ["image", "block", "thing"]
+    assert a["keys"].tolist() == ["im0.png", "im1.png", "im2.png"]
+    assert a["sizes"].dtype == np.int32 and a["sizes"][1].tolist() == [200, 130]
+    meta = json.loads(str(a["meta"]))
+    assert meta["extractor"] == "efficientnet-lite0" and meta["dim"] == 1280 and meta["crop"] == "warp"
+    assert meta["detector"] == "test"
+    # the whole-image row is exactly the extractor on the squashed image
+    ref = ex(ex.preprocess(Image.open(paths[1]).convert("RGB"))[None])[0].numpy()
+    assert np.allclose(a["feats"][3].astype(np.float32), ref, atol=2e-2 + 1e-3 * np.abs(ref).max())
+    # the feature store others use reads it
+    from vsa.featstore import load_features
+
+    store = load_features(tmp_path / "f.npz")
+    assert store.dim == 1280
+
+
+def test_whole_image_inputs_and_roi_mode(ex, tmp_path):
+    paths = _images(tmp_path / "imgs", 2)
+    r = run_cli("embed", tmp_path / "imgs", "-o", tmp_path / "w.npz", "--dtype", "float32", "--threads", "2")
+    assert r.returncode == 0, r.stderr.decode()
+    w = np.load(tmp_path / "w.npz")
+    assert w["feats"].dtype == np.float32 and w["feats"].shape == (2, 1280) and w["offsets"].tolist() == [0, 1, 2]
+    assert w["labels"].tolist() == ["image", "image"] and w["boxes"][0].tolist() == [0, 0, 200, 120]
+    jl = _regions_jsonl(paths, tmp_path / "r.jsonl")
+    from vsa.features import items_from_regions
+    from vsa.io import read_jsonl
+
+    embed(list(items_from_regions(read_jsonl(jl))), tmp_path / "roi.npz", ex, crop="roi", dtype="float32", workers=0)
+    roi = np.load(tmp_path / "roi.npz")
+    assert roi["feats"].shape == (6, 1280) and json.loads(str(roi["meta"]))["crop"] == "roi"
+    # roi mode's whole-image row is the whole-image feature; its region rows differ from it
+    assert np.allclose(roi["feats"][[0, 3]], w["feats"], atol=1e-3)
+    assert not np.allclose(roi["feats"][1], roi["feats"][0], atol=1e-2)
+
+
+def test_resume_skips_finished_images(ex, tmp_path):
+    paths = _images(tmp_path / "imgs", 4)
+    items = [EmbedItem(p.name, str(p), None) for p in paths]
+    bad = tmp_path / "imgs" / "zz_bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "f.npz"
+    with pytest.raises(VsaError, match="zz_bad.png"):
+        embed(items[:2] + [EmbedItem(bad.name, str(bad), None)] + items[2:], out, ex, workers=0, part_every=1)
+    assert not out.exists()
+    parts = sorted((tmp_path / "f.npz.parts").glob("part-*.npz"))
+    assert len(parts) == 2  # the two images before the bad one are kept
+    st = embed(items, out, ex, workers=0, part_every=1)
+    assert st["skipped_done"] == 2 and st["written"] == 4
+    assert not (tmp_path / "f.npz.parts").exists()
+    fresh = tmp_path / "fresh.npz"
+    embed(items, fresh, ex, workers=0)
+    _same(np.load(out), np.load(fresh))
+    # a rerun of a finished output computes nothing, and keeps only the images asked for
+    st = embed(items[1:3], out, ex, workers=0)
+    assert st["skipped_done"] == 2 and np.load(out)["keys"].tolist() == ["im1.png", "im2.png"]
+    # other settings are not mixed with earlier work
+    st = embed(items[1:3], out, ex, workers=0, context=0.1)
+    assert st["skipped_done"] == 0 and json.loads(str(np.load(out)["meta"]))["context"] == 0.1
+
+
+def test_shard_merge_equals_single_run(tmp_path, ex):
+    paths = _images(tmp_path / "imgs", 5)
+    jl = _regions_jsonl(paths, tmp_path / "r.jsonl")
+    assert shard_of(list(range(5)), "1/2") == [0, 1] and shard_of(list(range(5)), "2/2") == [2, 3, 4]
+    assert sum((shard_of(list(range(7)), f"{k}/3") for k in (1, 2, 3)), []) == list(range(7))
+    with pytest.raises(VsaError, match="K/N"):
+        shard_of([1], "3/2")
+    from vsa.features import items_from_regions
+    from vsa.io import read_jsonl
+
+    items = list(items_from_regions(read_jsonl(jl)))
+    for k in (1, 2, 3):
+        embed(shard_of(items, f"{k}/3"), tmp_path / f"s{k}.npz", ex, workers=0, extra_meta={"shard": f"{k}/3"})
+    embed(items, tmp_path / "single.npz", ex, workers=0)
+    r = run_cli("embed", "merge", tmp_path / "s3.npz", tmp_path / "s1.npz", tmp_path / "s2.npz", "-o", tmp_path / "all.npz")
+    assert r.returncode == 0, r.stderr.decode()
+    _same(np.load(tmp_path / "single.npz"), np.load(tmp_path / "all.npz"))
+
+
+def test_merge_refuses_other_settings(tmp_path, ex):
+    paths = _images(tmp_path / "imgs", 2)
+    embed([EmbedItem(paths[0].name, str(paths[0]), None)], tmp_path / "a.npz", ex, workers=0)
+    embed([EmbedItem(paths[1].name, str(paths[1]), None)], tmp_path / "b.npz", ex, workers=0, dtype="float32")
+    with pytest.raises(VsaError, match="b.npz"):
+        merge_npz([tmp_path / "a.npz", tmp_path / "b.npz"], tmp_path / "m.npz")
+
+
+def test_duplicate_keys_refused(tmp_path, ex):
+    paths = _images(tmp_path / "a", 1) + _images(tmp_path / "b", 1)
+    with pytest.raises(VsaError, match="same image key"):
+        embed([EmbedItem(p.name, str(p), None) for p in paths], tmp_path / "f.npz", ex, workers=0)
+
+
+def test_stdin_paths_and_broken_image_in_worker(tmp_path):
+    paths = _images(tmp_path / "imgs", 2)
+    bad = tmp_path / "imgs" / "bad.jpg"
+    bad.write_bytes(b"")
+    listing = "\n".join(map(str, [paths[0], bad, paths[1]])).encode() + b"\n"
+    r = run_cli("embed", "-o", tmp_path / "f.npz", "--workers", "1", "--threads", "2", input=listing)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "bad.jpg" in err and "empty file" in err and "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if "error" in ln]) == 1
+    r = run_cli("embed", "-o", tmp_path / "f.npz", "--workers", "1", "--skip-bad", "--threads", "2", input=listing)
+    assert r.returncode == 0, r.stderr.decode()
+    assert np.load(tmp_path / "f.npz")["keys"].tolist() == ["im0.png", "im1.png"]
+
+
+def test_sigterm_keeps_parts_and_rerun_resumes(tmp_path):
+    folder = tmp_path / "imgs"
+    _images(folder, 30)
+    out = tmp_path / "f.npz"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "vsa", "embed", str(folder), "-o", str(out), "--part-every", "2", "--threads", "1", "--workers", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    parts = tmp_path / "f.npz.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (parts.exists() and len(list(parts.glob("part-*.npz"))) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert "resume" in err.decode()
+    assert not out.exists()
+    kept = list(parts.glob("part-*.npz"))
+    assert kept and not list(parts.glob(".*tmp"))
+    r = run_cli("embed", folder, "-o", out, "--threads", "2")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "0 resumed" not in r.stderr.decode()
+    assert np.load(out)["keys"].shape == (30,)

@@ -1,0 +1,125 @@
+"""vsa regions: YOLOv5 state-dict detector on real Flickr8K images, box mapping, CLI contract."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import run_cli
+from vsa.errors import VsaError
+from vsa.regions import DetectOptions, _postprocess, auto_imgsz, load_detector, regions_for_image
+
+# two Flickr8K training images whose five captions all mention a dog
+DOG_IMAGES = ["2273038287_3004a72a34.jpg", "2407470303_6fd5e3600d.jpg"]
+
+
+@pytest.fixture(scope="module")
+def detector(yolov5n):
+    torch.set_num_threads(2)
+    return load_detector(str(yolov5n), device="cpu")
+
+
+def test_postprocess_maps_letterboxed_boxes_back():
+    # a 400x200 image letterboxed into 320: scale 0.8, 80 px of padding above
+    boxes = torch.tensor([[80.0, 120.0, 160.0, 200.0], [0.0, 70.0, 330.0, 250.0]])
+    scores, labels = torch.tensor([0.9, 0.5]), torch.tensor([0, 1])
+    out = _postprocess(boxes, scores, labels, ["person", "dog"], (0.8, 0, 80, 400, 200), DetectOptions(top=5))
+    assert out[0]["box"] == [100.0, 50.0, 200.0, 150.0] and out[0]["label"] == "person"
+    assert out[1]["box"] == [0.0, 0.0, 400.0, 200.0]  # clamped to the image
+    assert _postprocess(boxes, scores, labels, ["person", "dog"], (0.8, 0, 80, 400, 200), DetectOptions(top=1))[0]["score"] == 0.9
+
+
+def test_dedup_drops_cross_class_duplicates():
+    boxes = torch.tensor([[0.0, 0.0, 100.0, 100.0], [1.0, 1.0, 100.0, 100.0], [50.0, 50.0, 150.0, 150.0]])
+    scores, labels = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 1, 0])
+    meta = (1.0, 0, 0, 200, 200)
+    kept = _postprocess(boxes, scores, labels, ["a", "b"], meta, DetectOptions(dedup=0.9))
+    assert [d["label"] for d in kept] == ["a", "a"]
+    assert len(_postprocess(boxes, scores, labels, ["a", "b"], meta, DetectOptions(dedup=1.0))) == 3
+
+
+def test_auto_imgsz():
+    assert auto_imgsz([Image.new("RGB", (224, 224))]) == 448
+    assert auto_imgsz([Image.new("RGB", (4000, 3000))]) == 640
+    assert auto_imgsz([Image.new("RGB", (1, 1))]) == 64
+
+
+def test_dog_captions_get_a_dog_box(detector, flickr8k):
+    ds = json.loads((flickr8k / "dataset_flickr8k.json").read_bytes())
+    caps = {im["filename"]: im["sentences"] for im in ds["images"]}
+    for key in DOG_IMAGES:
+        assert all("dog" in s["tokens"] for s in caps[key])
+        rec = regions_for_image(detector, flickr8k / "images" / key, key)
+        assert rec["key"] == key and (rec["width"], rec["height"]) == (224, 224)
+        assert rec["regions"][0] == {"box": [0.0, 0.0, 224.0, 224.0], "score": 1.0, "label": "image"}
+        dogs = [r for r in rec["regions"][1:] if r["label"] == "dog"]
+        assert dogs and max(d["score"] for d in dogs) > 0.5, rec["regions"][:4]
+
+
+def test_boxes_are_in_original_coordinates(detector, flickr8k):
+    """Paste a dog photo into a wide canvas: the dog box must land where the photo was pasted."""
+    dog = Image.open(flickr8k / "images" / DOG_IMAGES[0]).convert("RGB")
+    ref = max((d for d in detector.detect([dog], top=19)[0] if d["label"] == "dog"), key=lambda d: d["score"])
+    canvas = Image.new("RGB", (900, 400), (90, 90, 90))
+    canvas.paste(dog.resize((448, 448)).crop((0, 24, 448, 424)), (400, 0))  # scale 2, shifted x+400, y-48
+    dets = detector.detect([canvas], top=19)[0]
+    best = max((d for d in dets if d["label"] == "dog"), key=lambda d: d["score"])
+    x1, y1, x2, y2 = ref["box"]
+    expect = [2 * x1 + 400, 2 * y1 - 48, 2 * x2 + 400, 2 * y2 - 48]
+    expect = [max(0, min(900, expect[0])), max(0, expect[1]), min(900, expect[2]), min(400, expect[3])]
+    assert all(abs(a - b) < 40 for a, b in zip(best["box"], expect)), (best["box"], expect)
+    assert all(0 <= d["box"][0] < d["box"][2] <= 900 and 0 <= d["box"][1] < d["box"][3] <= 400 for d in dets)
+
+
+def test_top_limits_detections(detector, flickr8k):
+    im = Image.open(flickr8k / "images" / DOG_IMAGES[1]).convert("RGB")
+    for top in (0, 1, 3):
+        assert len(detector.detect([im], top=top, conf=0.001)[0]) <= top
+    many = detector.detect([im], top=19, conf=0.001)[0]
+    assert 3 < len(many) <= 19
+    assert [d["score"] for d in many] == sorted((d["score"] for d in many), reverse=True)
+
+
+def test_cli_regions_jsonl(tmp_path, yolov5n, flickr8k):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in DOG_IMAGES:
+        (folder / k).write_bytes((flickr8k / "images" / k).read_bytes())
+    Image.new("RGB", (300, 120), (10, 200, 10)).save(folder / "wide.png")
+    r = run_cli("regions", folder, "--detector", yolov5n, "--top", "3", "--threads", "2")
+    assert r.returncode == 0, r.stderr.decode()
+    recs = [orjson.loads(line) for line in r.stdout.splitlines()]
+    assert [x["key"] for x in recs] == sorted(DOG_IMAGES) + ["wide.png"]
+    for rec in recs:
+        regs = rec["regions"]
+        assert regs[0]["label"] == "image" and regs[0]["box"] == [0, 0, rec["width"], rec["height"]]
+        assert 1 <= len(regs) <= 4
+        assert all(0 <= g["box"][0] < g["box"][2] <= rec["width"] and 0 <= g["box"][1] < g["box"][3] <= rec["height"] for g in regs)
+    assert (recs[2]["width"], recs[2]["height"]) == (300, 120)
+    assert any(g["label"] == "dog" for g in recs[0]["regions"])
+
+
+def test_cli_regions_bad_image_and_stdin(tmp_path, yolov5n, flickr8k):
+    good = flickr8k / "images" / DOG_IMAGES[0]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not a jpeg")
+    paths = f"{good}\n{bad}\n".encode()
+    r = run_cli("regions", "--detector", yolov5n, input=paths)
+    assert r.returncode == 2 and "broken.jpg" in r.stderr.decode() and "Traceback" not in r.stderr.decode()
+    r = run_cli("regions", "--detector", yolov5n, "--skip-bad", input=paths)
+    assert r.returncode == 0, r.stderr.decode()
+    assert [orjson.loads(x)["key"] for x in r.stdout.splitlines()] == [DOG_IMAGES[0]]
+    assert "broken.jpg" in r.stderr.decode()
+
+
+def test_offline_detector_error_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VSA_DETECTOR", raising=False)
+    with pytest.raises(VsaError, match="--detector"):
+        load_detector(str(tmp_path / "missing-weights.pt"), device="cpu")
+    with pytest.raises(VsaError, match="meta.json"):
+        load_detector(str(tmp_path), device="cpu")  # a folder that is not a YOLOv5 state-dict folder
