@@ -60,3 +60,246 @@ def train_align(
     info(f"best val rsum {b['rsum']} at epoch {b['epoch']} -> {out} ({result['seconds']:.0f}s of training)")
     if as_json:
         write_json("-", result)
+
+
+def _aligner(model: Optional[Path], device: str):
+    from vsa.align import load_aligner
+    from vsa.distributed import pick_device
+
+    return load_aligner(model, pick_device(device))
+
+
+def _encoder(aligner, detector, top, device, cnn_weights):
+    from vsa.distributed import pick_device
+    from vsa.search import PhotoEncoder
+
+    return PhotoEncoder(aligner.extractor_meta, detector, top, pick_device(device), cnn_weights,
+                        whole_only=aligner.cfg.model != "brnn")
+
+
+def _score_table(rec: dict):
+    from rich.table import Table
+
+    t = Table(title=f"{rec['image']}: score {rec['score']:.3f}", title_justify="left")
+    t.add_column("word")
+    t.add_column("best region")
+    t.add_column("box", justify="right")
+    t.add_column("v.s", justify="right")
+    for w in rec.get("words", []):
+        t.add_row(w["word"] if w["known"] else f"{w['word']} (unknown)", f"{w['region']} {w['label']}",
+                  " ".join(f"{v:.0f}" for v in w["box"]), f"{w['dot']:.3f}")
+    return t
+
+
+MODEL_HELP = "Aligner checkpoint (default: [align] model in vsa.toml if it exists, else the shipped Flickr8k aligner)."
+DETECTOR_HELP = ("Detector for new photos: ultralytics weights (path or name) or a YOLOv5 state-dict folder "
+                 "(default: $VSA_DETECTOR, [regions] detector in vsa.toml, else yolo11n.pt, which needs internet once).")
+CNN_HELP = "Local CNN weights file (default: the pip package's)."
+
+
+def _default_model(model: Optional[Path]) -> Optional[Path]:
+    from vsa.config import workspace
+
+    if model is not None:
+        return model
+    p = workspace().get("align.model")
+    return Path(p) if p is not None and Path(p).exists() else None
+
+
+@app.command("score")
+@guarded
+def score_cmd(
+    image: Optional[str] = typer.Argument(None, help="Photo (or, with --features, an image key). Omit to read JSONL pairs {\"image\", \"sentence\"} on stdin."),
+    sentence: Optional[str] = typer.Argument(None, help="The sentence to score against the photo."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    features: Optional[Path] = typer.Option(None, "--features", "-f", help="Take regions + CNN features from this features NPZ (by image key) instead of running the detector and CNN."),
+    detector: Optional[str] = typer.Option(None, "--detector", help=DETECTOR_HELP),
+    top: int = typer.Option(19, "--top", help="Detections per photo (plus the whole image)."),
+    cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help=CNN_HELP),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout (always, for stdin pairs)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Stdin pairs: warn and go on past bad lines and unreadable photos."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, or auto."),
+):
+    """Image-sentence score and, for each word, its best region (box, class)."""
+    from vsa.errors import VsaError
+    from vsa.io import JsonlWriter, iter_jsonl, stdin_is_piped
+    from vsa.search import photo_from_store, score_record
+
+    aligner = _aligner(_default_model(model), device)
+    store = None
+    if features is not None:
+        from vsa.featstore import load_features
+
+        store = load_features(features)
+    encoder = _encoder(aligner, detector, top, device, cnn_weights)
+
+    def photo(img: str):
+        return photo_from_store(store, img) if store is not None else encoder.encode(img)
+
+    if image is not None:
+        if sentence is None:
+            raise VsaError("give a sentence after the photo: vsa score IMAGE \"a dog runs\"")
+        rec = score_record(aligner, photo(image), sentence)
+        if as_json:
+            with JsonlWriter("-") as w:
+                w.write(rec)
+        else:
+            from rich.console import Console
+
+            Console().print(_score_table(rec))
+        return
+    if not stdin_is_piped():
+        raise VsaError("no photo given: pass IMAGE SENTENCE, or pipe JSONL {\"image\": ..., \"sentence\": ...} on stdin")
+    with JsonlWriter("-") as w:
+        for line, obj in iter_jsonl("-", skip_bad=skip_bad, warn=warn, with_lineno=True):
+            img, sent = obj.get("image") or obj.get("path") or obj.get("key"), obj.get("sentence")
+            try:
+                if not isinstance(img, str) or not isinstance(sent, str):
+                    raise VsaError("each line needs string fields 'image' and 'sentence'", "<stdin>", line)
+                w.write(score_record(aligner, photo(img), sent))
+            except VsaError as e:
+                if not skip_bad:
+                    raise
+                warn(str(e))
+
+
+search_app = typer.Typer(help="Index a folder of photos once; rank photos for a text query, or sentences for a photo.",
+                         no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
+                         rich_markup_mode=None)
+app.add_typer(search_app, name="search")
+
+
+@search_app.command("index")
+@guarded
+def search_index(
+    photos: Optional[List[Path]] = typer.Argument(None, help="Photo files and/or folders (searched recursively)."),
+    out: Path = typer.Option(Path("index.npz"), "--out", "-o", help="Index file to write."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    features: Optional[Path] = typer.Option(None, "--features", "-f", help="Index the images of this features NPZ instead of running the detector and CNN on photos."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="With --features: only the images of this dataset (and --split)."),
+    split: Optional[str] = typer.Option(None, "--split", help="With --features and --dataset: which split (e.g. test)."),
+    detector: Optional[str] = typer.Option(None, "--detector", help=DETECTOR_HELP),
+    top: int = typer.Option(19, "--top", help="Detections per photo (plus the whole image)."),
+    cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help=CNN_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn and go on past unreadable photos."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, or auto."),
+):
+    """Detect, embed and project every photo once into an index file."""
+    from vsa.cli.common import progress
+    from vsa.errors import VsaError
+    from vsa.search import build_index, save_index
+
+    aligner = _aligner(_default_model(model), device)
+    if features is not None:
+        from vsa.featstore import load_features
+
+        store = load_features(features)
+        keys = None
+        if dataset is not None or split is not None:
+            from vsa.cli.data_cmd import open_dataset
+
+            ds = open_dataset(dataset)
+            recs = ds.split(split) if split else ds.images
+            keys = [r.key for r in store.check_dataset(recs, skip_missing=skip_bad, warn=warn)]
+        items = build_index(aligner, None, store=store, keys=keys)
+    else:
+        from vsa.images import find_images
+
+        if not photos:
+            raise VsaError("no photos given: pass files or folders (or --features NPZ)")
+        inputs = find_images(photos)
+        if not inputs:
+            raise VsaError("no images found in " + ", ".join(map(str, photos)))
+        encoder = _encoder(aligner, detector, top, device, cnn_weights)
+        with progress() as prog:
+            items = build_index(aligner, [(str(p), k) for p, k in inputs], encoder, progress=prog, skip_bad=skip_bad,
+                                warn=warn)
+    save_index(out, aligner, items)
+    info(f"indexed {len(items)} photos -> {out}")
+
+
+def _index_model(model: Optional[Path], idx) -> Optional[Path]:
+    m = _default_model(model)
+    if m is None and idx.meta.get("model") and Path(idx.meta["model"]).is_file():
+        m = Path(idx.meta["model"])
+    return m
+
+
+@search_app.command("text")
+@guarded
+def search_text_cmd(
+    query: str = typer.Argument(..., help="What to look for, e.g. \"a dog jumping into a lake\"."),
+    index: Path = typer.Option(Path("index.npz"), "--index", "-i", help="Index from `vsa search index`."),
+    k: int = typer.Option(10, "-k", "--top-k", help="How many photos to list."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Aligner checkpoint (default: the index's)."),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout instead of a table."),
+):
+    """Rank the indexed photos for a text query."""
+    from vsa.io import JsonlWriter
+    from vsa.search import Index, search_text
+
+    idx = Index(index)
+    aligner = _aligner(_index_model(model, idx), "cpu")
+    idx.check_model(aligner)
+    hits = search_text(aligner, idx, query, k)
+    if as_json:
+        with JsonlWriter("-") as w:
+            for h in hits:
+                w.write(h)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{query!r}: {len(idx)} photos")
+    for c in ("rank", "score", "photo", "words -> regions"):
+        t.add_column(c, justify="right" if c in ("rank", "score") else "left")
+    for h in hits:
+        words = ", ".join(f"{w['word']}->{w['label']}" for w in h.get("words", []) if w["label"] != "image")
+        t.add_row(str(h["rank"]), f"{h['score']:.3f}", h["path"], words)
+    Console().print(t)
+
+
+@search_app.command("sentences")
+@guarded
+def search_sentences_cmd(
+    image: str = typer.Argument(..., help="A photo (or, with --index, the key of an indexed photo)."),
+    corpus: Path = typer.Option(..., "--corpus", "-c", help="Sentences to rank, one per line ('-' = stdin)."),
+    index: Optional[Path] = typer.Option(None, "--index", "-i", help="Take the photo's regions from this index when it holds it."),
+    k: int = typer.Option(10, "-k", "--top-k", help="How many sentences to list."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    detector: Optional[str] = typer.Option(None, "--detector", help=DETECTOR_HELP),
+    top: int = typer.Option(19, "--top", help="Detections per photo (plus the whole image)."),
+    cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help=CNN_HELP),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout instead of a table."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, or auto."),
+):
+    """Rank the sentences of a corpus for one photo (image annotation by retrieval)."""
+    from vsa.io import JsonlWriter
+    from vsa.search import Index, read_corpus, search_sentences
+
+    photo, aligner = None, None
+    if index is not None:
+        idx = Index(index)
+        aligner = _aligner(_index_model(model, idx), device)
+        i = idx.store.find(image)
+        if i is not None:
+            idx.check_model(aligner)
+            photo = idx.photo(i)
+    aligner = aligner or _aligner(_default_model(model), device)
+    if photo is None:
+        photo = _encoder(aligner, detector, top, device, cnn_weights).encode(image)
+    hits = search_sentences(aligner, photo, read_corpus(corpus), k)
+    if as_json:
+        with JsonlWriter("-") as w:
+            for h in hits:
+                w.write(h)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{photo.path}")
+    for c in ("rank", "score", "sentence"):
+        t.add_column(c, justify="right" if c != "sentence" else "left")
+    for h in hits:
+        t.add_row(str(h["rank"]), f"{h['score']:.3f}", h["sentence"])
+    Console().print(t)
