@@ -3,8 +3,9 @@
 
 _vsa_subcommands() {
     case "$1" in
-        "vsa") echo "init regions embed train-align score search train-mrnn caption eval align show data" ;;
+        "vsa") echo "init regions embed train-align score train-mrnn caption eval align show data search" ;;
         "vsa data") echo "stats convert" ;;
+        "vsa search") echo "index text sentences" ;;
     esac
 }
 
@@ -12,19 +13,22 @@ _vsa_options() {
     case "$1" in
         "vsa") echo "--version -h --help" ;;
         "vsa init") echo "--dataset --images --detector --out --force --path -h --help" ;;
-        "vsa regions") echo "-d --detector --top --conf --iou --dedup --imgsz --batch-size -o --out --skip-bad --max-pixels --device --threads -h --help" ;;
-        "vsa embed") echo "-o --out --cnn --cnn-weights --batch-size --workers --context --dtype --shard --no-resume --skip-bad --max-pixels --device --threads -h --help" ;;
-        "vsa train-align") echo "-h --help" ;;
-        "vsa score") echo "-h --help" ;;
-        "vsa search") echo "-h --help" ;;
+        "vsa regions") echo "-d --detector --top --conf --iou --dedup --imgsz --batch-size --workers -o --out --skip-bad --max-pixels --device --threads -h --help" ;;
+        "vsa embed") echo "-o --out --cnn --cnn-weights --batch-size --workers --crop --context --dtype --shard --part-every --no-resume --skip-bad --max-pixels --device --threads -h --help" ;;
+        "vsa train-align") echo "--dataset -f --features -o --out --log --model --rnn --score --loss --epochs --batch-size --lr --hidden --glove --set --seed --resume --min-count --threads --device --json -h --help" ;;
+        "vsa score") echo "-m --model -f --features --detector --top --cnn-weights --json --skip-bad --device -h --help" ;;
         "vsa train-mrnn") echo "-h --help" ;;
         "vsa caption") echo "-h --help" ;;
         "vsa eval") echo "--split -m --model --dataset --images --features --beam --captions-out --ranks-out -o --out --json --device -h --help" ;;
-        "vsa align") echo "-h --help" ;;
-        "vsa show") echo "-h --help" ;;
+        "vsa align") echo "-m --model --dataset --images --features --split --beta -o --out --no-resume --skip-missing --limit --device --threads -h --help" ;;
+        "vsa show") echo "-o --out --images --dataset -k --key --split --limit --sentences --side --top --no-png -h --help" ;;
         "vsa data") echo "-h --help" ;;
         "vsa data stats") echo "--images --splits --min-count --seed --json -h --help" ;;
         "vsa data convert") echo "-o --out --images --splits --seed -h --help" ;;
+        "vsa search") echo "-h --help" ;;
+        "vsa search index") echo "-o --out -m --model -f --features --dataset --split --detector --top --cnn-weights --skip-bad --device -h --help" ;;
+        "vsa search text") echo "-i --index -k --top-k -m --model --json -h --help" ;;
+        "vsa search sentences") echo "-c --corpus -i --index -k --top-k -m --model --detector --top --cnn-weights --json --device -h --help" ;;
     esac
 }
 
@@ -47,6 +51,7 @@ _vsa_value_kind() {
         "vsa regions --dedup") echo "value" ;;
         "vsa regions --imgsz") echo "value" ;;
         "vsa regions --batch-size") echo "value" ;;
+        "vsa regions --workers") echo "value" ;;
         "vsa regions -o"|"vsa regions --out") echo "files" ;;
         "vsa regions --skip-bad") echo "flag" ;;
         "vsa regions --max-pixels") echo "value" ;;
@@ -59,9 +64,11 @@ _vsa_value_kind() {
         "vsa embed --cnn-weights") echo "files" ;;
         "vsa embed --batch-size") echo "value" ;;
         "vsa embed --workers") echo "value" ;;
+        "vsa embed --crop") echo "value" ;;
         "vsa embed --context") echo "value" ;;
         "vsa embed --dtype") echo "value" ;;
         "vsa embed --shard") echo "value" ;;
+        "vsa embed --part-every") echo "value" ;;
         "vsa embed --no-resume") echo "flag" ;;
         "vsa embed --skip-bad") echo "flag" ;;
         "vsa embed --max-pixels") echo "value" ;;
@@ -69,12 +76,37 @@ _vsa_value_kind() {
         "vsa embed --threads") echo "value" ;;
         "vsa embed -h"|"vsa embed --help") echo "flag" ;;
         "vsa embed ARGS") echo "files" ;;
+        "vsa train-align --dataset") echo "files" ;;
+        "vsa train-align -f"|"vsa train-align --features") echo "files" ;;
+        "vsa train-align -o"|"vsa train-align --out") echo "files" ;;
+        "vsa train-align --log") echo "files" ;;
+        "vsa train-align --model") echo "files" ;;
+        "vsa train-align --rnn") echo "value" ;;
+        "vsa train-align --score") echo "value" ;;
+        "vsa train-align --loss") echo "value" ;;
+        "vsa train-align --epochs") echo "value" ;;
+        "vsa train-align --batch-size") echo "value" ;;
+        "vsa train-align --lr") echo "value" ;;
+        "vsa train-align --hidden") echo "value" ;;
+        "vsa train-align --glove") echo "value" ;;
+        "vsa train-align --set") echo "value" ;;
+        "vsa train-align --seed") echo "value" ;;
+        "vsa train-align --resume") echo "flag" ;;
+        "vsa train-align --min-count") echo "value" ;;
+        "vsa train-align --threads") echo "value" ;;
+        "vsa train-align --device") echo "value" ;;
+        "vsa train-align --json") echo "flag" ;;
         "vsa train-align -h"|"vsa train-align --help") echo "flag" ;;
-        "vsa train-align ARGS") echo "files" ;;
+        "vsa score -m"|"vsa score --model") echo "files" ;;
+        "vsa score -f"|"vsa score --features") echo "files" ;;
+        "vsa score --detector") echo "files" ;;
+        "vsa score --top") echo "value" ;;
+        "vsa score --cnn-weights") echo "files" ;;
+        "vsa score --json") echo "flag" ;;
+        "vsa score --skip-bad") echo "flag" ;;
+        "vsa score --device") echo "value" ;;
         "vsa score -h"|"vsa score --help") echo "flag" ;;
-        "vsa score ARGS") echo "files" ;;
-        "vsa search -h"|"vsa search --help") echo "flag" ;;
-        "vsa search ARGS") echo "files" ;;
+        "vsa score ARGS") echo "value" ;;
         "vsa train-mrnn -h"|"vsa train-mrnn --help") echo "flag" ;;
         "vsa train-mrnn ARGS") echo "files" ;;
         "vsa caption -h"|"vsa caption --help") echo "flag" ;;
@@ -91,8 +123,29 @@ _vsa_value_kind() {
         "vsa eval --json") echo "flag" ;;
         "vsa eval --device") echo "value" ;;
         "vsa eval -h"|"vsa eval --help") echo "flag" ;;
+        "vsa align -m"|"vsa align --model") echo "files" ;;
+        "vsa align --dataset") echo "files" ;;
+        "vsa align --images") echo "files" ;;
+        "vsa align --features") echo "files" ;;
+        "vsa align --split") echo "value" ;;
+        "vsa align --beta") echo "value" ;;
+        "vsa align -o"|"vsa align --out") echo "files" ;;
+        "vsa align --no-resume") echo "flag" ;;
+        "vsa align --skip-missing") echo "flag" ;;
+        "vsa align --limit") echo "value" ;;
+        "vsa align --device") echo "value" ;;
+        "vsa align --threads") echo "value" ;;
         "vsa align -h"|"vsa align --help") echo "flag" ;;
-        "vsa align ARGS") echo "files" ;;
+        "vsa show -o"|"vsa show --out") echo "files" ;;
+        "vsa show --images") echo "files" ;;
+        "vsa show --dataset") echo "files" ;;
+        "vsa show -k"|"vsa show --key") echo "value" ;;
+        "vsa show --split") echo "value" ;;
+        "vsa show --limit") echo "value" ;;
+        "vsa show --sentences") echo "value" ;;
+        "vsa show --side") echo "value" ;;
+        "vsa show --top") echo "value" ;;
+        "vsa show --no-png") echo "flag" ;;
         "vsa show -h"|"vsa show --help") echo "flag" ;;
         "vsa show ARGS") echo "files" ;;
         "vsa data -h"|"vsa data --help") echo "flag" ;;
@@ -109,6 +162,36 @@ _vsa_value_kind() {
         "vsa data convert --seed") echo "value" ;;
         "vsa data convert -h"|"vsa data convert --help") echo "flag" ;;
         "vsa data convert ARGS") echo "files" ;;
+        "vsa search -h"|"vsa search --help") echo "flag" ;;
+        "vsa search index -o"|"vsa search index --out") echo "files" ;;
+        "vsa search index -m"|"vsa search index --model") echo "files" ;;
+        "vsa search index -f"|"vsa search index --features") echo "files" ;;
+        "vsa search index --dataset") echo "files" ;;
+        "vsa search index --split") echo "value" ;;
+        "vsa search index --detector") echo "files" ;;
+        "vsa search index --top") echo "value" ;;
+        "vsa search index --cnn-weights") echo "files" ;;
+        "vsa search index --skip-bad") echo "flag" ;;
+        "vsa search index --device") echo "value" ;;
+        "vsa search index -h"|"vsa search index --help") echo "flag" ;;
+        "vsa search index ARGS") echo "files" ;;
+        "vsa search text -i"|"vsa search text --index") echo "files" ;;
+        "vsa search text -k"|"vsa search text --top-k") echo "value" ;;
+        "vsa search text -m"|"vsa search text --model") echo "files" ;;
+        "vsa search text --json") echo "flag" ;;
+        "vsa search text -h"|"vsa search text --help") echo "flag" ;;
+        "vsa search text ARGS") echo "value" ;;
+        "vsa search sentences -c"|"vsa search sentences --corpus") echo "files" ;;
+        "vsa search sentences -i"|"vsa search sentences --index") echo "files" ;;
+        "vsa search sentences -k"|"vsa search sentences --top-k") echo "value" ;;
+        "vsa search sentences -m"|"vsa search sentences --model") echo "files" ;;
+        "vsa search sentences --detector") echo "files" ;;
+        "vsa search sentences --top") echo "value" ;;
+        "vsa search sentences --cnn-weights") echo "files" ;;
+        "vsa search sentences --json") echo "flag" ;;
+        "vsa search sentences --device") echo "value" ;;
+        "vsa search sentences -h"|"vsa search sentences --help") echo "flag" ;;
+        "vsa search sentences ARGS") echo "value" ;;
     esac
 }
 

