@@ -1,0 +1,93 @@
+"""Speed of feature extraction (prints figures; no pass/fail).
+
+    .venv/bin/python benchmarks/embed.py [--images 500] [--batch-size 16] [--threads 2]
+
+1. raw CNN forward, images/s, on a fixed in-memory batch (the ceiling);
+2. the `vsa embed` pipeline (decode in a worker, squash, batch, forward, parts, merge) on N real
+   Flickr8K images, whole image only, same batch size; ratio to 1 (goal >= 0.8);
+3. seconds per image for regions + embed with 20 regions per image (goal <= 0.25 s on 2 cores),
+   for --crop warp (paper) and --crop roi.
+
+Run it on an otherwise idle machine: other jobs on the same cores distort every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = Path(os.environ.get("VSA_SHARED", ROOT.parent / "shared"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--region-images", type=int, default=20)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from vsa.features import EmbedItem, embed, load_extractor
+    from vsa.images import find_images, open_image
+    from vsa.regions import load_detector
+
+    folder = SHARED / "data" / "flickr8k" / "images"
+    if not folder.exists():
+        sys.exit(f"needs Flickr8K images at {folder} (set VSA_SHARED)")
+    files = find_images([folder])
+    ex = load_extractor(device="cpu")
+    B = args.batch_size
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {B}, cpu {torch.backends.cpu.get_cpu_capability()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+
+    # 1. raw forward on a fixed batch of real images
+    x = torch.stack([ex.preprocess(open_image(p)) for p, _ in files[:B]])
+    ex(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 10:
+        ex(x)
+        n += B
+    raw = n / (time.perf_counter() - t0)
+    print(f"raw CNN forward:            {raw:7.1f} images/s")
+
+    # 2. the embed pipeline, whole image only
+    items = [EmbedItem(k, str(p), None) for p, k in files[: args.images]]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        embed(items, Path(tmp) / "w.npz", ex, batch_size=B, workers=args.workers)
+        pipe = len(items) / (time.perf_counter() - t0)
+    print(f"vsa embed ({len(items)} images):     {pipe:7.1f} images/s   ratio {pipe / raw:.2f} (goal >= 0.8)")
+
+    # 3. regions + embed, 20 regions per image
+    det = load_detector(str(SHARED / "weights" / "yolov5n-coco"), device="cpu")
+    sub = files[: args.region_images]
+    det.detect([open_image(sub[0][0])], top=19)  # warm-up
+    for crop in ("warp", "roi"):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            recs = []
+            for s in range(0, len(sub), B):
+                ims = [open_image(p) for p, _ in sub[s : s + B]]
+                for (p, k), im, d in zip(sub[s : s + B], ims, det.detect(ims, top=19, conf=0.0005, dedup=1.0)):
+                    w, h = im.size
+                    recs.append(EmbedItem(k, str(p), [{"box": [0, 0, w, h], "score": 1.0, "label": "image"}] + d))
+            t_det = time.perf_counter() - t0
+            st = embed(recs, Path(tmp) / "r.npz", ex, batch_size=B, workers=args.workers, crop=crop)
+            dt = time.perf_counter() - t0
+        per = st["regions"] / len(sub)
+        print(f"regions + embed --crop {crop}: {dt / len(sub):6.3f} s/image ({per:.1f} regions/image; "
+              f"detector {t_det / len(sub):.3f} s/image) (goal <= 0.25)")
+
+
+if __name__ == "__main__":
+    main()
