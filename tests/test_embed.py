@@ -220,3 +220,20 @@ def test_sigterm_keeps_parts_and_rerun_resumes(tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     assert "0 resumed" not in r.stderr.decode()
     assert np.load(out)["keys"].shape == (30,)
+
+
+def test_torchvision_cnn_from_local_weights(tmp_path):
+    import torchvision
+
+    w = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), w)
+    ex = load_extractor("resnet18", weights=str(w), device="cpu")
+    assert (ex.name, ex.dim, ex.input_size) == ("resnet18", 512, 224)
+    im = Image.open(_images(tmp_path / "imgs", 1)[0]).convert("RGB")
+    x = ex.preprocess(im)[None]
+    assert ex(x).shape == (1, 512)
+    boxes = [torch.tensor([[0.0, 0.0, 224.0, 224.0], [20.0, 30.0, 120.0, 90.0]])]
+    r = ex.roi(x, boxes)
+    assert r.shape == (2, 512) and torch.allclose(r[0], ex(x)[0], atol=1e-4)
+    with pytest.raises(VsaError, match="unknown CNN"):
+        load_extractor("no_such_net", weights=str(w), device="cpu")
