@@ -70,9 +70,13 @@ def embed(
     from vsa.images import find_images
     from vsa.io import iter_jsonl, resolve_input
 
+    from vsa.io import stdin_is_piped, text_stream_lines
+
     if not inputs:
-        inputs = [resolve_input(None, "regions JSONL or images", "INPUTS...")]
-    from vsa.io import text_stream_lines
+        if stdin_is_piped():
+            inputs = [resolve_input(None, "regions JSONL or images", "INPUTS...")]
+        else:
+            inputs = [str(resolve(None, "regions.out", "INPUTS... (regions JSONL or images, or pipe them on stdin)"))]
 
     items: list = []
     detectors: set = set()
@@ -89,15 +93,20 @@ def embed(
             items.extend(EmbedItem(key, str(p), None) for p, key in find_images(list(text_stream_lines(inp)), missing_ok=skip_bad))
         else:
             items.extend(EmbedItem(key, str(p), None) for p, key in find_images([inp], missing_ok=skip_bad))
+    if not items:
+        raise VsaError(f"no images to embed in {', '.join(inputs)}")
     items = shard_of(items, shard)
-    out_path = resolve(out, "features.regions", "--out/-o")
+    whole_only = all(it.regions is None for it in items)
+    out_path = resolve(out, "features.whole" if whole_only else "features.regions", "--out/-o")
+    cnn_weights = resolve(cnn_weights, "features.cnn_weights", "--cnn-weights", required=False)
     if dtype not in ("float16", "float32"):
         raise VsaError(f"--dtype must be float16 or float32, got {dtype!r}")
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    ex = load_extractor(resolve(cnn, "features.cnn", "--cnn", default="efficientnet-lite0"), cnn_weights, device)
+    ex = load_extractor(resolve(cnn, "features.cnn", "--cnn", default="efficientnet-lite0"),
+                        str(cnn_weights) if cnn_weights else None, device)
     t0 = time.time()
     _on_sigterm()
     try:

@@ -21,7 +21,7 @@ def regions(
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Detector input side. Default 0 = auto: twice the longest image side, multiple of 32, at most 640."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per detector batch."),
     workers: int = typer.Option(1, "--workers", help="Processes decoding images (0 = in the main process)."),
-    out: str = typer.Option("-", "--out", "-o", help="Output JSONL (default stdout)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output JSONL. Default: stdout; in a terminal with a vsa.toml, [regions] out."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about unreadable images and go on (default: exit 2)."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Decompression-bomb guard (default 178956970 or $VSA_MAX_PIXELS)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
@@ -36,9 +36,15 @@ def regions(
     from vsa.io import JsonlWriter, resolve_input, text_stream_lines
     from vsa.regions import DetectOptions, load_detector, regions_record
 
+    from vsa.io import stdin_is_piped, stdout_is_piped
+
     if not inputs:
-        src = resolve_input(None, "images", "IMAGES...")
-        inputs = list(text_stream_lines(src))
+        if stdin_is_piped():
+            inputs = list(text_stream_lines(resolve_input(None, "images", "IMAGES...")))
+        else:
+            inputs = [str(resolve(None, "dataset.images", "IMAGES... (or paths on stdin)"))]
+    if out is None:
+        out = "-" if stdout_is_piped() else str(resolve(None, "regions.out", "--out", required=False, default="-"))
     files = find_images(inputs, missing_ok=skip_bad)
     if threads:
         import torch
