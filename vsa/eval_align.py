@@ -111,23 +111,27 @@ def render_retrieval(report: dict, console) -> None:
     """A rich table: our R@1/5/10 and median rank in both directions, the paper's beside them."""
     from rich.table import Table
 
-    t = Table(title=f"Retrieval: {report['images']} images x {report['sentences']} sentences ({report['model']})")
-    t.add_column("model")
-    for d in ("annotation", "search"):
-        for m in ("R@1", "R@5", "R@10", "Med r"):
-            t.add_column(f"{d} {m}", justify="right")
-    rows = []
-    if report.get("paper"):
-        rows.append(("paper BRNN", report["paper"], "dim"))
-    rows.append((f"vsa {report.get('config', {}).get('model', '')}".strip(), report, "bold"))
-    for name, r, style in rows:
-        cells = [_fmt(r[d][m]) for d in ("i2t", "t2i") for m in ("r1", "r5", "r10", "medr")]
-        t.add_row(name, *cells, style=style)
+    cfg = report.get("config", {})
+    name = f"vsa {cfg.get('model', '')}".strip()
+    t = Table(title=f"Retrieval, {report['images']} images x {report['sentences']} sentences", title_justify="left",
+              caption=f"{report['model']}", caption_justify="left")
+    t.add_column("direction")
+    t.add_column("metric")
+    paper = report.get("paper")
+    if paper:
+        t.add_column("paper BRNN", justify="right", style="dim")
+    t.add_column(name, justify="right", style="bold")
+    better = 0
+    for d, label in (("i2t", "annotation (image->text)"), ("t2i", "search (text->image)")):
+        for m, mlabel in (("r1", "R@1"), ("r5", "R@5"), ("r10", "R@10"), ("medr", "Med r")):
+            row = [label if m == "r1" else "", mlabel]
+            if paper:
+                row.append(_fmt(paper[d][m]))
+                better += (report[d][m] < paper[d][m]) if m == "medr" else (report[d][m] > paper[d][m])
+            row.append(_fmt(report[d][m]))
+            t.add_row(*row, end_section=m == "medr")
     console.print(t)
-    if report.get("paper"):
-        p, better = report["paper"], 0
-        for d in ("i2t", "t2i"):
-            for m in ("r1", "r5", "r10"):
-                better += report[d][m] > p[d][m]
-            better += report[d]["medr"] < p[d]["medr"]
-        console.print(f"better than the paper on {better} of 8 figures; rsum {report['rsum']:.1f}")
+    tail = f"rsum {report['rsum']:.1f}"
+    if paper:
+        tail = f"better than the paper on {better} of 8 figures; " + tail
+    console.print(tail)

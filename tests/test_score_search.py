@@ -1,0 +1,177 @@
+"""`vsa train-align`, `vsa eval` (retrieval), `vsa score` and `vsa search` end to end.
+
+The synthetic set (tests/synth_align.py) has a known answer; the real-photo tests run the shipped
+aligner with the YOLOv5n detector and EfficientNet-Lite0 on Flickr8K images.
+"""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from tests.conftest import run_cli
+from tests.synth_align import make_synthetic
+
+SMALL = ["--hidden", "32", "--epochs", "4", "--batch-size", "32", "--lr", "3e-3", "--min-count", "1",
+         "--threads", "1", "--set", "embed=16", "--set", "lr_decay_epoch=0"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from vsa.io import write_json
+
+    tmp = tmp_path_factory.mktemp("cli")
+    ds, feats, objs = make_synthetic(tmp, n_train=80, n_val=30, n_test=30)
+    write_json(tmp / "synthetic.json", ds.to_karpathy())
+    r = run_cli("train-align", "--dataset", tmp / "synthetic.json", "--features", feats, "-o", tmp / "a.pt", *SMALL,
+                "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    summary = orjson.loads(r.stdout)
+    return tmp, ds, feats, objs, summary
+
+
+def test_train_align_cli_writes_checkpoints_and_log(synth):
+    tmp, _, _, _, summary = synth
+    assert (tmp / "a.pt").exists() and (tmp / "a.last.pt").exists()
+    lines = (tmp / "a.log.jsonl").read_bytes().splitlines()
+    assert len(lines) == 4 and summary["epochs"] == 4
+    assert summary["best"]["i2t"]["r1"] > 30  # chance is ~3%
+
+
+def test_train_align_cli_errors_are_one_line(tmp_path):
+    r = run_cli("train-align", "--features", tmp_path / "missing.npz", "--dataset", tmp_path / "nope.json",
+                "-o", tmp_path / "a.pt")
+    assert r.returncode == 2 and r.stderr.decode().startswith("vsa: error:") and r.stderr.count(b"\n") == 1
+    r = run_cli("train-align", "--set", "score=best", "-o", tmp_path / "a.pt")
+    assert r.returncode == 2 and b"unknown score" in r.stderr
+
+
+def test_eval_retrieval_report_and_ranks(synth):
+    tmp, ds, feats, _, _ = synth
+    r = run_cli("eval", "--model", tmp / "a.pt", "--dataset", tmp / "synthetic.json", "--features", feats,
+                "--json", "--ranks-out", tmp / "ranks.json")
+    assert r.returncode == 0, r.stderr.decode()
+    rep = orjson.loads(r.stdout)["retrieval"]
+    assert rep["images"] == 30 and rep["sentences"] == 150
+    assert rep["i2t"]["r1"] > 30 and set(rep["t2i"]) >= {"r1", "r5", "r10", "medr"}
+    ranks = orjson.loads((tmp / "ranks.json").read_bytes())
+    assert len(ranks["images"]) == 30 and len(ranks["sentences"]) == 150
+    # the ranks file agrees with the report
+    r1 = sum(im["rank"] == 1 for im in ranks["images"]) / 30 * 100
+    assert r1 == pytest.approx(rep["i2t"]["r1"], abs=0.01)
+    im = ranks["images"][0]
+    assert len(im["gt"]) == 5 and len(im["top"]) == 10 and im["top_scores"] == sorted(im["top_scores"], reverse=True)
+    s = ranks["sentences"][0]
+    assert s["gt"] == im["key"] and s["text"]
+    # the human table goes to stdout with the figures
+    r = run_cli("eval", "--model", tmp / "a.pt", "--dataset", tmp / "synthetic.json", "--features", feats)
+    assert r.returncode == 0 and b"R@10" in r.stdout and b"Med r" in r.stdout
+
+
+def test_score_matching_beats_non_matching_and_points_at_objects(synth):
+    from tests.synth_align import WORDS
+
+    tmp, ds, feats, objs, _ = synth
+    rec, o = ds.images[-1], objs[-1]
+    missing = [w for i, w in enumerate(WORDS) if i not in o]
+    good = f"a {WORDS[o[0]]} and a {WORDS[o[1]]}"
+    bad = f"a {missing[0]} and a {missing[1]}"
+    pairs = b"".join(orjson.dumps({"image": rec.key, "sentence": s}) + b"\n" for s in (good, bad))
+    r = run_cli("score", "-m", tmp / "a.pt", "-f", feats, input=pairs)
+    assert r.returncode == 0, r.stderr.decode()
+    out = [orjson.loads(x) for x in r.stdout.splitlines()]
+    assert out[0]["score"] > out[1]["score"]
+    words = {w["word"]: w for w in out[0]["words"]}
+    assert words[WORDS[o[0]]]["label"] == WORDS[o[0]] and words[WORDS[o[1]]]["label"] == WORDS[o[1]]
+    assert len(words[WORDS[o[0]]]["box"]) == 4
+
+
+def test_score_stdin_skip_bad_and_errors(synth):
+    tmp, ds, feats, _, _ = synth
+    lines = b'{"image": "img0000.jpg", "sentence": "a dog"}\nnot json\n{"image": "nope.jpg", "sentence": "a"}\n'
+    r = run_cli("score", "-m", tmp / "a.pt", "-f", feats, "--skip-bad", input=lines)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1 and r.stderr.count(b"warning") == 2
+    r = run_cli("score", "-m", tmp / "a.pt", "-f", feats, input=lines)
+    assert r.returncode == 2 and b"<stdin>:2" in r.stderr
+    r = run_cli("score", "img0000.jpg", "-m", tmp / "a.pt", "-f", feats)
+    assert r.returncode == 2 and b"give a sentence" in r.stderr
+
+
+def test_search_index_text_and_sentences(synth):
+    from tests.synth_align import WORDS
+
+    tmp, ds, feats, objs, _ = synth
+    idx = tmp / "idx.npz"
+    r = run_cli("search", "index", "-f", feats, "--dataset", tmp / "synthetic.json", "--split", "test",
+                "-m", tmp / "a.pt", "-o", idx)
+    assert r.returncode == 0, r.stderr.decode()
+    o = objs[-1]
+    q = f"a {WORDS[o[0]]} and a {WORDS[o[1]]} near the {WORDS[o[2]]}"
+    r = run_cli("search", "text", q, "-i", idx, "-k", "5", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    hits = [orjson.loads(x) for x in r.stdout.splitlines()]
+    assert len(hits) == 5 and [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    # every image with the same three objects ranks above the rest; ours is among the top 5
+    assert ds.images[-1].key in [h["key"] for h in hits]
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("a dog and a cat\n" + q + "\n" + "a boat near a kite\n")
+    r = run_cli("search", "sentences", ds.images[-1].key, "-i", idx, "-c", corpus, "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    assert orjson.loads(r.stdout.splitlines()[0])["sentence"] == q
+    # an index is tied to its model
+    other = tmp / "b.pt"
+    r = run_cli("train-align", "--dataset", tmp / "synthetic.json", "--features", feats, "-o", other, *SMALL[:-4],
+                "--epochs", "1", "--seed", "3")
+    assert r.returncode == 0, r.stderr.decode()
+    r = run_cli("search", "text", q, "-i", idx, "-m", other)
+    assert r.returncode == 2 and b"another model" in r.stderr
+
+
+# ----------------------------------------------------------------------------- real photos
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from vsa.align import ASSET
+
+    if not ASSET.exists():
+        pytest.skip("the shipped aligner vsa/assets/align-flickr8k.pt is not built yet")
+    return ASSET
+
+
+# a Flickr8K test image of a dog in the snow, and a caption of another test image
+PHOTO = "1056338697_4f7d7ce270.jpg"
+GOOD = "a black dog runs through the snow"
+BAD = "a man in a suit is playing the guitar on stage"
+
+
+def test_score_real_photo(flickr8k, yolov5n, shipped):
+    r = run_cli("score", flickr8k / "images" / PHOTO, GOOD, "--detector", yolov5n, "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    good = orjson.loads(r.stdout)
+    r = run_cli("score", flickr8k / "images" / PHOTO, BAD, "--detector", yolov5n, "--json")
+    bad = orjson.loads(r.stdout)
+    assert good["score"] > bad["score"]
+    words = {w["word"]: w for w in good["words"]}
+    assert words["dog"]["label"] in ("dog", "image", "cat", "sheep", "bear")  # a box of the animal (or the whole photo)
+    assert all(len(w["box"]) == 4 for w in good["words"])
+
+
+def test_search_real_photos(flickr8k, yolov5n, shipped, tmp_path):
+    import json
+
+    data = json.loads((flickr8k / "dataset_flickr8k.json").read_text())
+    test = [im for im in data["images"] if im["split"] == "test"][:4]
+    photos = [flickr8k / "images" / im["filename"] for im in test]
+    idx = tmp_path / "idx.npz"
+    r = run_cli("search", "index", *photos, "--detector", yolov5n, "-o", idx)
+    assert r.returncode == 0, r.stderr.decode()
+    hits_all = []
+    for im in test:
+        q = im["sentences"][0]["raw"]
+        r = run_cli("search", "text", q, "-i", idx, "--json")
+        assert r.returncode == 0, r.stderr.decode()
+        hits = [orjson.loads(x) for x in r.stdout.splitlines()]
+        assert len(hits) == 4
+        hits_all.append(hits[0]["key"] == im["filename"])
+    assert sum(hits_all) >= 3  # 4 photos: its own photo comes first for (nearly) every caption
