@@ -188,7 +188,7 @@ def test_resume_continues_to_the_same_result(tmp_path):
     kw = {**SMALL, "epochs": 3}
     train(AlignConfig(**kw), ds, feats, tmp_path / "full.pt", info=lambda *a: None)
     train(AlignConfig(**{**kw, "epochs": 2}), ds, feats, tmp_path / "part.pt", info=lambda *a: None)
-    res = train(AlignConfig(**kw), ds, feats, tmp_path / "part.pt", resume=True, info=lambda *a: None)
+    res = train(AlignConfig(**kw), ds, feats, tmp_path / "part.pt", resume=True, epochs=3, info=lambda *a: None)
     assert res["epochs"] == 1
     a, b = _tensors(tmp_path / "full.last.pt"), _tensors(tmp_path / "part.last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)

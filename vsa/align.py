@@ -55,9 +55,14 @@ class RegionEncoder(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.norm = norm
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # [B, R, D] -> [B, R, h]
-        v = self.proj(self.drop(feats))
-        return _l2(v) if self.norm else v
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # [B, R, D] -> [B, R, h]
+        if mask is None or bool(mask.all()):
+            v = self.proj(self.drop(feats))
+            return _l2(v) if self.norm else v
+        v = self.proj(self.drop(feats[mask]))  # only real regions (images have ~10 of 20 on average)
+        v = _l2(v) if self.norm else v
+        out = v.new_zeros(*feats.shape[:2], v.shape[-1])
+        return out.masked_scatter(mask[..., None], v)
 
 
 class ReluBRNN(nn.Module):
@@ -152,11 +157,15 @@ def pair_scores(V: torch.Tensor, vmask: torch.Tensor, S: torch.Tensor, smask: to
     word_sent = smask.nonzero(as_tuple=True)[0]
     Sw = S[smask]
     Nw = Sw.shape[0]
-    d = (V.reshape(Bi * R, h) @ Sw.T).view(Bi, R, Nw)
+    # and only real regions: [Nr, h] with the image of each region
+    reg_img = vmask.nonzero(as_tuple=True)[0]
+    Vr = V[vmask]
+    d = Vr @ Sw.T  # [Nr, Nw]
     if score == "sum-all":
-        per_word = (d.clamp(min=0) * vmask.view(Bi, R, 1)).sum(1)  # [Bi, Nw]
+        per_word = d.new_zeros(Bi, Nw).index_add_(0, reg_img, d.clamp(min=0))  # [Bi, Nw]
     else:
-        per_word = d.masked_fill(~vmask.view(Bi, R, 1), float("-inf")).amax(1)  # [Bi, Nw]
+        per_word = d.new_full((Bi, Nw), float("-inf")).scatter_reduce(
+            0, reg_img[:, None].expand(-1, Nw), d, "amax", include_self=True)  # [Bi, Nw]
     total = per_word.new_zeros(Bi, Bs).index_add_(1, word_sent, per_word)
     if score == "mean-max":
         total = total / smask.sum(1).clamp(min=1).view(1, Bs).to(total.dtype)
@@ -201,7 +210,7 @@ class BRNNAligner(nn.Module):
         self.words = SentenceBRNN(vocab_size, cfg.embed, cfg.hidden, cfg.rnn, cfg.dropout, cfg.norm, cfg.out_relu)
 
     def embed_images(self, feats: torch.Tensor, rmask: torch.Tensor):
-        return self.regions(feats), rmask
+        return self.regions(feats, rmask), rmask
 
     def embed_sentences(self, ids: torch.Tensor, lengths: torch.Tensor):
         smask = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
@@ -367,3 +376,27 @@ def load_aligner(path=None, device: str = "cpu") -> Aligner:
                        "(train one with `vsa train-align`)", p)
     ckpt = load_checkpoint(p, kind="align")
     return aligner_from_checkpoint(ckpt, p, device)
+
+
+def export_aligner(src, dst, half: bool = True) -> dict:
+    """Write a compact inference copy of a trained aligner (float16 weights, no optimiser state).
+
+    This is how ``vsa/assets/align-flickr8k.pt`` is made: ``python -m vsa.align SRC DST``.
+    """
+    from vsa.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(src, kind="align")
+    sd = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ck["state_dict"].items()}
+    keep = ("epoch", "best", "seconds", "features", "dataset", "train_images", "test")
+    meta = {k: v for k, v in ck.get("meta", {}).items() if k in keep}
+    meta["exported_from"] = str(src)
+    save_checkpoint(dst, "align", ck["config"], ck["vocab"], ck["extractor"], sd, meta)
+    return meta
+
+
+if __name__ == "__main__":  # python -m vsa.align SRC DST
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m vsa.align TRAINED.pt OUT.pt")
+    print(export_aligner(sys.argv[1], sys.argv[2]))

@@ -75,12 +75,14 @@ class Split:
     sentids: list[int]
 
 
-def load_split(ds, split: str, store, vocab, cfg: AlignConfig, limit: int = 0, warn=None) -> Split:
-    """Padded region features and encoded sentences of one split (images without features: error)."""
+def load_split(ds, split: str, store, vocab, cfg: AlignConfig, limit: int = 0, warn=None,
+               skip_missing: bool = False) -> Split:
+    """Padded region features and encoded sentences of one split (images without features: error,
+    or skipped with a warning when ``skip_missing``)."""
     from vsa.align import pad_ids, pad_regions
 
     recs = [r for r in ds.split(split) if r.sentences]
-    recs = store.check_dataset(recs, skip_missing=False, warn=warn)
+    recs = store.check_dataset(recs, skip_missing=skip_missing, warn=warn)
     if limit:
         recs = recs[:limit]
     if not recs:
@@ -274,8 +276,13 @@ def last_path(out: Path) -> Path:
 
 
 def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, device: str = "cpu",
-          info=print, warn=None, progress=None) -> dict:
-    """Train, keep the best-on-val model at ``out``; returns ``{"best": ..., "epochs": ..., "seconds": ...}``."""
+          info=print, warn=None, progress=None, skip_missing: bool = False, epochs: int | None = None,
+          overrides: list[str] | None = None) -> dict:
+    """Train, keep the best-on-val model at ``out``; returns ``{"best": ..., "epochs": ..., "seconds": ...}``.
+
+    With ``resume`` the config comes from ``<out stem>.last.pt``; ``epochs`` (if given) changes its total
+    and ``overrides`` (``KEY=VALUE``, as ``--set``) change other fields (e.g. the learning-rate schedule).
+    """
     from vsa.align import build_model
     from vsa.checkpoint import load_checkpoint, save_checkpoint
     from vsa.data import build_vocab, Vocab
@@ -292,17 +299,18 @@ def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, d
         state = load_checkpoint(lastp, kind="align")
         from vsa.checkpoint import config_from
 
-        epochs = cfg.epochs
         cfg = config_from(AlignConfig, state["config"])
-        cfg.epochs = max(epochs, cfg.epochs) if epochs else cfg.epochs
+        if epochs:
+            cfg.epochs = epochs
+        parse_overrides(cfg, overrides or [])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _set_seed(cfg.seed)
     store = load_features(features)
     vocab = Vocab(state["vocab"]) if state else build_vocab(ds, cfg.min_count)
     t0 = time.time()
-    train_data = load_split(ds, "train", store, vocab, cfg, cfg.max_train_images, warn)
-    val_data = load_split(ds, "val", store, vocab, cfg, cfg.val_images, warn)
+    train_data = load_split(ds, "train", store, vocab, cfg, cfg.max_train_images, warn, skip_missing)
+    val_data = load_split(ds, "val", store, vocab, cfg, cfg.val_images, warn, skip_missing)
     info(f"train: {len(train_data.keys)} images, {len(train_data.ids)} sentences; val: {len(val_data.keys)} images, "
          f"{len(val_data.ids)} sentences; vocabulary {len(vocab)}; features {store.dim}-d, "
          f"up to {train_data.feats.shape[1]} regions ({time.time() - t0:.1f}s to load)")

