@@ -170,27 +170,38 @@ LABEL_WORDS = {
 }
 
 
+PHRASE_MAX = 6  # a region description is a short phrase ("a black dog jumps"); longer snippets are sentences
+
+
 def label_agreement(records) -> dict:
     """How often an object-box snippet names the detector's class of its box (a proxy for correct grounding).
 
     Counted over snippets on object boxes whose label is in :data:`LABEL_WORDS`: ``agree`` is the share
-    whose text holds one of the label's words.  ``name_hits`` counts, over all snippets holding such a word,
+    whose text holds one of the label's words.  ``good_phrases_per_sentence``: object snippets of 2 to
+    :data:`PHRASE_MAX` words naming their box's class, per sentence (usable region-caption training pairs),
+    ``phrase_precision`` the share of such phrase-length object snippets that name their class.  ``name_hits`` counts, over all snippets holding such a word,
     the share grounded on a box of that class (the words the region generator should learn from boxes).
     """
-    on_obj = agree = named = named_hit = 0
+    on_obj = agree = named = named_hit = phrases = good = n_sent = 0
     for r in records:
+        n_sent += 1
         for s in r["snippets"]:
             words = set(s["text"].split())
             lab = s.get("label", "")
             if s["region"] != 0 and lab in LABEL_WORDS:
                 on_obj += 1
-                agree += bool(words & LABEL_WORDS[lab])
+                hit = bool(words & LABEL_WORDS[lab])
+                agree += hit
+                if 2 <= s["end"] - s["start"] <= PHRASE_MAX:
+                    phrases += 1
+                    good += hit
             for L, ws in LABEL_WORDS.items():
                 if words & ws and L in ("person", "dog"):
                     named += 1
                     named_hit += lab == L
                     break
     return {"object_snippets_with_known_label": on_obj, "agree": agree / max(on_obj, 1),
+            "good_phrases_per_sentence": good / max(n_sent, 1), "phrase_precision": good / max(phrases, 1),
             "person_dog_snippets": named, "person_dog_on_matching_box": named_hit / max(named, 1)}
 
 
