@@ -98,10 +98,13 @@ def test_empty_and_bad_input():
 def test_label_agreement_counts_snippets_naming_their_box():
     from vsa.snippets import label_agreement
 
-    recs = [{"snippets": [{"text": "a black dog", "region": 2, "label": "dog"},
-                          {"text": "jumps", "region": 0, "label": "image"},
-                          {"text": "over the man", "region": 3, "label": "dog"},
-                          {"text": "in a red", "region": 4, "label": "toaster"}]}]
+    recs = [{"snippets": [{"start": 0, "end": 3, "text": "a black dog", "region": 2, "label": "dog"},
+                          {"start": 3, "end": 4, "text": "jumps", "region": 0, "label": "image"},
+                          {"start": 4, "end": 7, "text": "over the man", "region": 3, "label": "dog"},
+                          {"start": 7, "end": 10, "text": "in a red", "region": 4, "label": "toaster"}]},
+            {"snippets": [{"start": 0, "end": 1, "text": "dog", "region": 1, "label": "dog"}]}]
     a = label_agreement(recs)
-    assert a["object_snippets_with_known_label"] == 2 and a["agree"] == 0.5
-    assert a["person_dog_snippets"] == 2 and a["person_dog_on_matching_box"] == 0.5
+    assert a["object_snippets_with_known_label"] == 3 and a["agree"] == 2 / 3
+    # phrase-length (2..6 words) object snippets: "a black dog" (names its box) and "over the man" (does not)
+    assert a["phrase_precision"] == 0.5 and a["good_phrases_per_sentence"] == 0.5
+    assert a["person_dog_snippets"] == 3 and a["person_dog_on_matching_box"] == 2 / 3
