@@ -310,7 +310,8 @@ display:inline-block;vertical-align:top;max-width:940px} .card img{max-width:100
 .sent{font-size:17px;margin:8px 0 0 0;line-height:1.7} .snip{border-bottom:3px solid;padding:0 1px;font-weight:600}
 .meta{color:#666;font-size:13px} .ok{color:#1a7f1a;font-weight:700} .bad{color:#999}
 nav button{margin:0 4px} input{font-size:15px;padding:3px 6px} table{border-collapse:collapse}
-td{vertical-align:top;padding:6px 10px;border-bottom:1px solid #eee} .thumb{width:112px;height:auto;border:3px solid transparent}
+td{vertical-align:top;padding:6px 10px;border-bottom:1px solid #eee} .thumb{width:104px;height:auto;border:3px solid transparent;vertical-align:middle}
+.thumbs{white-space:nowrap}
 .thumb.ok{border-color:#1a9f1a} .rank{color:#888;font-size:12px}
 """
 
@@ -351,6 +352,7 @@ def write_pictures_page(entries: list[tuple[Picture, str]], out_dir: Path, title
     out = Path(out_dir) / "index.html"
     with atomic_write(out, "w") as fh:
         fh.write(doc)
+    _readable(out)
     return out
 
 
@@ -374,10 +376,13 @@ function draw(){
     if (mode === 'i2t') {
       const s = x.top.map((sid, k) => { const ok = x.gt.includes(sid);
         return `<div class="${ok?'ok':''}"><span class="rank">${k+1}.</span> ${ok?'&#10003; ':''}${esc(D.sentences[sid].text)}</div>`; }).join('');
-      return `<tr class="item"><td>${thumb(x.image, false)}<div class="meta">${esc(D.images[x.image].key)}<br>first correct at rank ${x.rank}</div></td><td>${s}</td></tr>`;
+      const miss = x.top.some(sid => x.gt.includes(sid)) ? '' :
+        `<div class="bad">correct (rank ${x.rank}): ${x.gt.slice(0, 2).map(sid => esc(D.sentences[sid].text)).join(' / ')}</div>`;
+      return `<tr class="item"><td>${thumb(x.image, false)}<div class="meta">${esc(D.images[x.image].key)}<br>first correct at rank ${x.rank}</div></td><td>${s}${miss}</td></tr>`;
     }
     const t = x.top.map((iid, k) => `<span><span class="rank">${k+1}</span>${thumb(iid, iid === x.gt)}</span>`).join(' ');
-    return `<tr class="item"><td style="max-width:320px">${esc(D.sentences[x.sent].text)}<div class="meta">correct image at rank ${x.rank}</div></td><td>${t}</td></tr>`;
+    const miss = x.top.includes(x.gt) ? '' : ` <span class="bad">&nbsp;correct (rank ${x.rank}):</span>${thumb(x.gt, true)}`;
+    return `<tr class="item"><td style="max-width:320px">${esc(D.sentences[x.sent].text)}<div class="meta">correct image at rank ${x.rank}</div></td><td class="thumbs">${t}${miss}</td></tr>`;
   }).join('');
   document.getElementById('rows').innerHTML = rows;
   document.getElementById('pos').textContent = `page ${page + 1} / ${n} (${L.length} ${mode === 'i2t' ? 'images' : 'sentences'})`;
@@ -417,6 +422,7 @@ def write_retrieval_page(data: dict, out_dir: Path, title: str = "vsa retrieval"
     out = Path(out_dir) / "retrieval.html"
     with atomic_write(out, "w") as fh:
         fh.write(doc)
+    _readable(out)
     return out
 
 
@@ -429,6 +435,17 @@ def write_thumb(src: Path, dst: Path, side: int = 160, max_pixels: int | None = 
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(dst) as fh:
         im.save(fh, "JPEG", quality=85)
+    _readable(dst)
+
+
+def _readable(path: Path) -> None:
+    """Pages and pictures are for sharing: the usual file mode (0644 under umask 022), not mkstemp's 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    try:
+        os.chmod(path, 0o666 & ~mask)
+    except OSError:
+        pass
 
 
 def save_png(img, dst: Path) -> None:
@@ -436,6 +453,7 @@ def save_png(img, dst: Path) -> None:
 
     with atomic_write(dst) as fh:
         img.save(fh, "PNG", optimize=True)
+    _readable(dst)
 
 
 # ----------------------------------------------------------------------------- retrieval ranks -> page data
