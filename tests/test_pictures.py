@@ -299,3 +299,9 @@ def test_align_cli_sigint_keeps_old_output_and_part(tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr.decode()
     assert f"({kept} resumed)" in r.stderr.decode()
     assert len(out.read_bytes().splitlines()) == 5 * n and not part.exists()
+
+
+def test_plain_caption_has_no_side_panel(grey_image):
+    pic = P.from_caption({"path": str(grey_image), "key": "grey.jpg", "caption": "a grey square " * 8}, grey_image)
+    im = P.render(pic, side=300)
+    assert im.width == 300 and im.height > 300 + 28 + 2 * 30  # the long caption wraps under the image

@@ -146,6 +146,8 @@ def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | No
     from vsa.images import open_image
 
     im = open_image(pic.image, max_pixels)
+    if not pic.labels:
+        panel = 0  # a plain caption: no side panel
     W0, H0 = im.size
     scale = side / max(W0, H0)
     W, H = max(1, round(W0 * scale)), max(1, round(H0 * scale))
