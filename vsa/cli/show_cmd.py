@@ -17,7 +17,7 @@ def align(
     images: Optional[Path] = typer.Option(None, "--images", help="Image root folder (only for the dataset loader)."),
     features: Optional[Path] = typer.Option(None, "--features", help="Region features NPZ (default: [features] regions in vsa.toml)."),
     split: str = typer.Option("train", "--split", help="train, val, test, restval, train+restval or all."),
-    beta: Optional[float] = typer.Option(None, "--beta", help="Reward for neighbouring words on the same region; larger gives longer snippets (default 0.01, for the cosine word-region scores of vsa aligners; see docs/alignment-snippets.md)."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="Reward for neighbouring words on the same region; larger gives longer snippets (default 0.005, for the cosine word-region scores of vsa aligners; see docs/alignment-snippets.md)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output JSONL (default: [align] alignments in vsa.toml, else stdout; '-' for stdout)."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore the finished part of an earlier run."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Skip dataset images that have no features (default: error)."),
