@@ -305,3 +305,16 @@ def test_plain_caption_has_no_side_panel(grey_image):
     pic = P.from_caption({"path": str(grey_image), "key": "grey.jpg", "caption": "a grey square " * 8}, grey_image)
     im = P.render(pic, side=300)
     assert im.width == 300 and im.height > 300 + 28 + 2 * 30  # the long caption wraps under the image
+
+
+def test_second_writer_on_the_same_output_is_refused(tmp_path):
+    from vsa.errors import VsaError
+    from vsa.snippets import _lock, align_to_file
+
+    store, pairs = fake_store_and_pairs(1, 1)
+    out = tmp_path / "al.jsonl"
+    with _lock(out):  # as if another `vsa align -o al.jsonl` were running
+        with pytest.raises(VsaError, match="another `vsa align` is writing"):
+            align_to_file(FakeAligner(), store, pairs, out, beta=0.0)
+    assert align_to_file(FakeAligner(), store, pairs, out, beta=0.0)["written"] == 1
+    assert not (tmp_path / "al.jsonl.lock").exists()
