@@ -1,21 +1,178 @@
 from __future__ import annotations
 
+from pathlib import Path
+from typing import List, Optional
+
 import typer
 
 from vsa.cli import app
-from vsa.errors import NotImplementedStage
-from vsa.cli.common import guarded
+from vsa.cli.common import console, guarded, info, warn
 
 
-@app.command("train-mrnn", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _sigterm_as_interrupt():
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@app.command("train-mrnn")
 @guarded
-def train_mrnn(ctx: typer.Context):
-    """Train the multimodal RNN caption generator."""
-    raise NotImplementedStage("train-mrnn")
+def train_mrnn(
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Caption dataset (default: [dataset] path in vsa.toml)."),
+    features: Optional[Path] = typer.Option(None, "--features", "-f", help="Features NPZ (default: [features] whole, or [features] regions with --attention/--alignments)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Best-on-val checkpoint (default: [mrnn] model). The latest epoch goes to <stem>.last.pt."),
+    alignments: Optional[Path] = typer.Option(None, "--alignments", help="Snippet alignments JSONL (`vsa align`): train on (region feature, snippet) pairs for region descriptions."),
+    rnn: str = typer.Option("lstm", "--rnn", help="lstm (default, chosen on val) or rnn (the paper's multimodal RNN)."),
+    attention: bool = typer.Option(False, "--attention", help="Attend over the region features of a regions features file."),
+    hidden: int = typer.Option(256, "--hidden", help="RNN hidden size."),
+    embed: int = typer.Option(256, "--embed", help="Word embedding size."),
+    dropout: float = typer.Option(0.5, "--dropout"),
+    epochs: int = typer.Option(8, "--epochs", help="Cross-entropy epochs (early stopping on val CIDEr)."),
+    scst_epochs: int = typer.Option(0, "--scst-epochs", help="Self-critical (CIDEr-D reward) epochs after cross-entropy."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    lr: float = typer.Option(5e-4, "--lr"),
+    lr_decay: float = typer.Option(0.8, "--lr-decay", help="LR factor per epoch after --lr-decay-start."),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
+    max_len: int = typer.Option(20, "--max-len", help="Maximum words per sentence."),
+    min_count: Optional[int] = typer.Option(None, "--min-count", help="Vocabulary threshold (default [dataset] min_count or 5)."),
+    patience: int = typer.Option(3, "--patience", help="Stop after this many epochs without val CIDEr gain."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0: all)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <stem>.last.pt."),
+    no_beam_search: bool = typer.Option(False, "--no-beam-search", help="Skip choosing beam size / length penalty on val."),
+    skip_missing: bool = typer.Option(False, "--skip-missing", help="Skip dataset images that have no features."),
+    as_json: bool = typer.Option(False, "--json", help="Print the training summary as JSON on stdout."),
+):
+    """Train the multimodal RNN caption generator (best-on-val checkpoint, --resume, Ctrl-C safe)."""
+    from vsa.cli.data_cmd import open_dataset
+    from vsa.config import resolve
+    from vsa.data import build_vocab
+    from vsa.errors import VsaError
+
+    regions = attention or alignments is not None
+    key = "features.regions" if regions else "features.whole"
+    feats_path = resolve(features, key, "--features")
+    out = Path(resolve(out, "mrnn.model", "--out"))
+    mc = int(resolve(min_count, "dataset.min_count", "--min-count", default=5))
+    if rnn not in ("rnn", "lstm"):
+        raise VsaError(f"--rnn must be rnn or lstm, got {rnn!r}")
+    ds = open_dataset(dataset, None)
+
+    import torch
+
+    from vsa.featstore import FeatureStore
+    from vsa.mrnn import MRNNConfig
+    from vsa import train_mrnn as T
+
+    if threads:
+        torch.set_num_threads(threads)
+    store = FeatureStore(feats_path)
+    vocab = build_vocab(ds, mc)
+    cfg = MRNNConfig(rnn=rnn, attention=attention, hidden=hidden, embed=embed, dropout=dropout, epochs=epochs,
+                     scst_epochs=scst_epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay,
+                     label_smoothing=label_smoothing, max_len=max_len, min_count=mc, patience=patience, seed=seed,
+                     threads=threads)
+    if alignments is not None:
+        from vsa.io import read_jsonl
+
+        recs = read_jsonl(alignments)
+        tr = T.alignment_split(recs, store, "train", vocab, max_len, alignments)
+        va = T.alignment_split(recs, store, "val", vocab, max_len, alignments)
+    else:
+        tr = T.image_split(ds, store, "train", vocab, max_len, regions=attention, skip_missing=skip_missing, warn=warn)
+        va = T.image_split(ds, store, "val", vocab, max_len, regions=attention, skip_missing=skip_missing, warn=warn)
+    info(f"train-mrnn: {len(tr.sents)} train sentences ({len(tr.feats)} items), {len(va.feats)} val items, "
+         f"vocabulary {len(vocab)}, {rnn}{' + attention' if attention else ''} -> {out}")
+    extractor = dict(store.meta)
+    meta = {"features": str(Path(feats_path).resolve()), "dataset": ds.name,
+            "mode": "regions" if alignments is not None else "image"}
+    _sigterm_as_interrupt()
+    try:
+        summary = T.train(cfg, tr, va, vocab, out, extractor, resume=resume, log=info, extra_meta=meta,
+                          choose_decoding=not no_beam_search)
+    except KeyboardInterrupt:
+        warn(f"interrupted: the last good checkpoints are intact ({out}, {T.last_path(out)}); continue with --resume")
+        raise typer.Exit(130)
+    info(f"best val CIDEr {summary['best'].get('val_CIDEr')} at epoch {summary['best'].get('epoch')}, "
+         f"{summary['train_seconds'] / 60:.1f} min -> {out}")
+    if as_json:
+        from vsa.io import write_json
+
+        write_json("-", summary)
 
 
-@app.command("caption", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("caption")
 @guarded
-def caption(ctx: typer.Context):
-    """Describe images (or their regions) with the generator."""
-    raise NotImplementedStage("caption")
+def caption(
+    inputs: Optional[List[str]] = typer.Argument(None, help="Image files or folders; '-' reads image paths from stdin (one per line)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Generator checkpoint (default: the Flickr8k model shipped with vsa)."),
+    beam: Optional[int] = typer.Option(None, "--beam", help="Beam size (default: the model's, chosen on val)."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Maximum words."),
+    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="Rank beams by logprob/len^alpha (default: the model's)."),
+    as_json: bool = typer.Option(False, "--json", help="JSONL records (docs/formats.md) instead of text lines."),
+    coco_results: Optional[Path] = typer.Option(None, "--coco-results", help="Also write COCO results JSON (image_id = position, or dataset imgid with --dataset)."),
+    bare: bool = typer.Option(False, "--bare", help="Text mode: print only the caption, without the path and TAB."),
+    regions: bool = typer.Option(False, "--regions", help="Also describe each detected region (needs a detector and a region model)."),
+    region_model: Optional[Path] = typer.Option(None, "--region-model", help="Region caption model for --regions (`vsa train-mrnn --alignments`)."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="Detector for --regions (default: [regions] detector in vsa.toml)."),
+    top: int = typer.Option(5, "--top", help="Regions described per image with --regions."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
+    cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help="Local CNN weights (default: the packaged EfficientNet-Lite0 weights)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn and go on when an image cannot be read."),
+    threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0: all)."),
+):
+    """Describe images: one line per image, `PATH<TAB>caption` (or --bare, --json, --coco-results)."""
+    import sys
+
+    from vsa.errors import VsaError
+    from vsa.images import find_images
+    from vsa.io import dumps, text_stream_lines
+
+    paths: list[tuple[Path, str]] = []
+    items = list(inputs or [])
+    if not items:
+        from vsa.io import stdin_is_piped
+
+        if not stdin_is_piped():
+            raise VsaError("no images given: pass IMAGE... or a folder, or pipe paths on stdin with '-'")
+        items = ["-"]
+    for it in items:
+        if it == "-":
+            paths.extend((Path(p), Path(p).name) for p in text_stream_lines("-"))
+        else:
+            paths.extend(find_images([it]))
+    if not paths:
+        raise VsaError("no images found in " + ", ".join(items))
+    from vsa.captioner import Captioner
+
+    if regions and region_model is None:
+        raise VsaError("--regions needs --region-model CKPT (a generator trained with `vsa train-mrnn --alignments`)")
+    cap = Captioner.load(model, device=device, cnn_weights=cnn_weights, threads=threads,
+                         region_model=region_model if regions else None)
+    det = None
+    if regions:
+        from vsa.config import resolve
+        from vsa.regions import load_detector
+
+        det = load_detector(resolve(detector, "regions.detector", "--detector", required=False), device=device)
+    results = []
+    out = sys.stdout.buffer
+    for rec in cap.caption_files(paths, beam=beam, max_len=max_len, length_penalty=length_penalty,
+                                 batch_size=batch_size, skip_bad=skip_bad, warn=warn, detector=det, top=top):
+        if as_json:
+            out.write(dumps(rec) + b"\n")
+        else:
+            line = rec["caption"] if bare else f"{rec['path']}\t{rec['caption']}"
+            out.write(line.encode("utf-8", "surrogateescape") + b"\n")
+            for r in rec.get("regions", []):
+                out.write(f"{'' if bare else rec['path']}\t{r['label']} {[round(x) for x in r['box']]}\t{r['caption']}\n".encode())
+        out.flush()
+        results.append(rec)
+    if coco_results is not None:
+        from vsa.io import write_json
+
+        write_json(coco_results, [{"image_id": i, "caption": r["caption"]} for i, r in enumerate(results)])

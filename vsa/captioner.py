@@ -1,0 +1,148 @@
+"""Photo -> caption: the pipeline behind ``vsa caption``.
+
+A photo is featurised exactly as the training features were made (the checkpoint names
+the extractor and its settings: EfficientNet-Lite0, whole image squashed to 224x224),
+then decoded with the generator.  Without ``model`` the Flickr8k model shipped in
+``vsa/assets`` is used, so captioning works offline right after install.  No detector
+code is imported unless region captions are asked for.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from vsa.errors import VsaError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_MODEL = ASSETS / "mrnn-flickr8k.pt"
+
+
+def default_model() -> Path:
+    if not DEFAULT_MODEL.exists():
+        raise VsaError(f"the shipped caption model is missing ({DEFAULT_MODEL}); reinstall vsa or pass --model CKPT")
+    return DEFAULT_MODEL
+
+
+class Captioner:
+    def __init__(self, ckpt: dict, model_path: Path, device: str = "cpu", cnn_weights=None, region_ckpt: dict | None = None):
+        from vsa.data import Vocab
+        from vsa.mrnn import model_from_checkpoint
+
+        self.path = model_path
+        self.ckpt = ckpt
+        self.device = device
+        self.model = model_from_checkpoint(ckpt, device)
+        self.vocab = Vocab(ckpt["vocab"])
+        self.cfg = ckpt["config"]
+        self.extractor_meta = ckpt.get("extractor") or {}
+        self.cnn_weights = cnn_weights
+        self._ex = None
+        self.region_model = model_from_checkpoint(region_ckpt, device) if region_ckpt else None
+        self.region_vocab = Vocab(region_ckpt["vocab"]) if region_ckpt else None
+
+    @classmethod
+    def load(cls, model=None, device: str = "auto", cnn_weights=None, threads: int = 0, region_model=None) -> "Captioner":
+        import torch
+
+        from vsa.checkpoint import load_checkpoint
+        from vsa.distributed import pick_device
+
+        if threads:
+            torch.set_num_threads(threads)
+        path = Path(model) if model is not None else default_model()
+        ck = load_checkpoint(path, "mrnn")
+        rck = load_checkpoint(region_model, "mrnn") if region_model is not None else None
+        return cls(ck, path, pick_device(device), cnn_weights, rck)
+
+    @property
+    def extractor(self):
+        if self._ex is None:
+            from vsa.features import load_extractor
+
+            name = self.extractor_meta.get("extractor", "efficientnet-lite0")
+            self._ex = load_extractor(name, str(self.cnn_weights) if self.cnn_weights else None, self.device)
+            want, got = self.extractor_meta.get("input"), self._ex.input_size
+            if want and int(want) != int(got):
+                raise VsaError(f"the model was trained on {want}px inputs but the extractor uses {got}px", self.path)
+        return self._ex
+
+    # ------------------------------------------------------------------ decoding
+
+    def caption_features(self, feats, beam: int | None = None, max_len: int | None = None,
+                         length_penalty: float | None = None, model=None, vocab=None) -> list[tuple[str, float]]:
+        """``feats`` ``[B, D]`` CNN features -> ``(caption, logprob)`` per row."""
+        import torch
+
+        from vsa.decoding import decode
+
+        model = model or self.model
+        vocab = vocab or self.vocab
+        cfg = model.cfg
+        b = int(beam if beam is not None else cfg.beam)
+        L = int(max_len if max_len is not None else cfg.max_len)
+        lp = float(length_penalty if length_penalty is not None else cfg.length_penalty)
+        feats = torch.as_tensor(feats, dtype=torch.float32, device=self.device)
+        with torch.inference_mode():
+            hyps = decode(model, feats, None, b, L, lp)
+        return [(" ".join(vocab.decode(h.tokens)), round(h.logprob, 3)) for h in hyps]
+
+    # ------------------------------------------------------------------ files
+
+    def _load(self, item):
+        from vsa.images import ImageError, open_image
+
+        path, key = item
+        try:
+            im = open_image(path)
+        except ImageError as e:
+            return path, key, None, str(e)
+        return path, key, im, self.extractor.preprocess(im)
+
+    def caption_files(self, items: Iterable[tuple[Path, str]], beam=None, max_len=None, length_penalty=None,
+                      batch_size: int = 16, skip_bad: bool = False, warn=None, detector=None, top: int = 5,
+                      workers: int = 2) -> Iterator[dict]:
+        """Caption ``(path, key)`` pairs; yields caption JSONL records (docs/formats.md) in input order."""
+        import torch
+
+        items = list(items)
+        ex = self.extractor
+        pool = ThreadPoolExecutor(max(1, workers))
+        try:
+            for s in range(0, len(items), batch_size):
+                loaded = list(pool.map(self._load, items[s : s + batch_size]))
+                good = []
+                for path, key, im, x in loaded:
+                    if im is None:
+                        if not skip_bad:
+                            raise VsaError(x)
+                        if warn:
+                            warn(f"skipped: {x}")
+                        continue
+                    good.append((path, key, im, x))
+                if not good:
+                    continue
+                feats = ex(torch.stack([g[3] for g in good]))
+                caps = self.caption_features(feats, beam, max_len, length_penalty)
+                for (path, key, im, _), (c, lp) in zip(good, caps):
+                    rec = {"path": str(path), "key": key, "caption": c, "logprob": lp}
+                    if detector is not None:
+                        rec["regions"] = self.caption_regions(im, detector, top, beam, max_len, length_penalty)
+                    yield rec
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def caption_regions(self, im, detector, top: int = 5, beam=None, max_len=None, length_penalty=None) -> list[dict]:
+        """Describe the top detections of one image with the region model."""
+        import torch
+
+        if self.region_model is None:
+            raise VsaError("--regions needs a region caption model trained with `vsa train-mrnn --alignments` "
+                           "(pass it with --region-model)")
+        dets = detector.detect([im], top=top)[0][:top]
+        if not dets:
+            return []
+        crops = torch.stack([self.extractor.crop(im, d["box"]) for d in dets])
+        caps = self.caption_features(self.extractor(crops), beam, max_len, length_penalty, self.region_model, self.region_vocab)
+        return [{"box": d["box"], "label": d["label"], "score": d.get("score"), "caption": c} for d, (c, _) in zip(dets, caps)]

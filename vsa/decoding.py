@@ -1,0 +1,167 @@
+"""Greedy and beam-search decoding, batched over images.
+
+Both take a model with ``init_state(feats, mask)`` / ``step(tokens, state)`` (see
+:mod:`vsa.mrnn`) and return, per image, hypotheses as :class:`Hyp` (word ids without
+``<start>``/``<end>``, summed log-probability, ranking score).  ``max_len`` bounds the
+number of words; a sentence cut there has no ``<end>``.  With ``length_penalty`` alpha > 0
+hypotheses are ranked by ``logprob / len**alpha`` (len counts ``<end>``) instead of the raw
+sum, which favours longer sentences.  ``<unk>`` is never generated, and ``<end>`` is not
+allowed as the first word.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vsa.data import Vocab
+
+NEG = -1e9
+
+
+@dataclass
+class Hyp:
+    tokens: list[int]
+    logprob: float
+    score: float
+
+
+def _score(logprob: float, n: int, alpha: float) -> float:
+    return logprob / (max(n, 1) ** alpha) if alpha else logprob
+
+
+def _length(tokens: list[int], ended: bool) -> int:
+    return len(tokens) + (1 if ended else 0)
+
+
+def _forbid(logp: torch.Tensor, t: int) -> torch.Tensor:
+    logp[:, Vocab.unk] = NEG
+    logp[:, Vocab.pad] = NEG
+    logp[:, Vocab.start] = NEG
+    if t == 0:
+        logp[:, Vocab.end] = NEG
+    return logp
+
+
+@torch.no_grad()
+def greedy(model, feats: torch.Tensor, mask: torch.Tensor | None = None, max_len: int = 20,
+           length_penalty: float = 0.0) -> list[Hyp]:
+    """Most likely word at each step; one hypothesis per image."""
+    B = feats.shape[0]
+    st = model.init_state(feats, mask)
+    tok = torch.full((B,), Vocab.start, dtype=torch.long, device=feats.device)
+    done = torch.zeros(B, dtype=torch.bool, device=feats.device)
+    total = torch.zeros(B, dtype=torch.float64, device=feats.device)
+    words: list[list[int]] = [[] for _ in range(B)]
+    ended = [False] * B
+    for t in range(max_len):
+        logp, st = model.step(tok, st)
+        logp = _forbid(logp, t)
+        lp, tok = logp.max(-1)
+        total += torch.where(done, torch.zeros_like(lp), lp).double()
+        for i in (~done).nonzero().flatten().tolist():
+            w = int(tok[i])
+            if w == Vocab.end:
+                ended[i] = True
+            else:
+                words[i].append(w)
+        done |= tok == Vocab.end
+        if bool(done.all()):
+            break
+    return [Hyp(w, float(lp), _score(float(lp), _length(w, e), length_penalty)) for w, lp, e in zip(words, total.tolist(), ended)]
+
+
+@torch.no_grad()
+def beam_search(model, feats: torch.Tensor, mask: torch.Tensor | None = None, beam: int = 3, max_len: int = 20,
+                length_penalty: float = 0.0) -> list[list[Hyp]]:
+    """Beam search for every image of the batch at once.
+
+    Returns ``beam`` hypotheses per image, best first (by score). A finished beam is
+    kept alive with zero cost so the beam always holds ``beam`` candidates; the final
+    ranking applies the length penalty.  ``beam=1`` equals :func:`greedy`.
+    """
+    if beam < 1:
+        raise ValueError("beam must be >= 1")
+    B, K = feats.shape[0], beam
+    dev = feats.device
+    st = model.init_state(feats, mask)
+    st = {k: v.repeat_interleave(K, 0) for k, v in st.items()}
+    tok = torch.full((B * K,), Vocab.start, dtype=torch.long, device=dev)
+    scores = torch.full((B, K), NEG, dtype=torch.float64, device=dev)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    finished = torch.zeros(B * K, dtype=torch.bool, device=dev)
+    seqs = torch.zeros(B * K, 0, dtype=torch.long, device=dev)
+    base = (torch.arange(B, device=dev) * K)[:, None]
+    for t in range(max_len):
+        logp, st = model.step(tok, st)
+        logp = _forbid(logp, t).double()
+        V = logp.shape[1]
+        # a finished beam can only be extended by <pad> at no cost
+        fin = finished.nonzero().flatten()
+        if len(fin):
+            logp[fin] = NEG
+            logp[fin, Vocab.pad] = 0.0
+        cand = (scores.view(B * K, 1) + logp).view(B, K * V)
+        top, idx = cand.topk(K, dim=1)
+        src = (idx // V + base).flatten()
+        words = (idx % V).flatten()
+        scores = top
+        st = {k: v.index_select(0, src) for k, v in st.items()}
+        seqs = torch.cat([seqs.index_select(0, src), words[:, None]], 1)
+        finished = finished.index_select(0, src) | (words == Vocab.end)
+        tok = words.clone()
+        tok[tok == Vocab.pad] = Vocab.end  # fed but never read: keeps the embedding lookup valid
+        if bool(finished.all()):
+            break
+    out: list[list[Hyp]] = []
+    seqs_l = seqs.tolist()
+    sc = scores.flatten().tolist()
+    for b in range(B):
+        hyps = []
+        for k in range(K):
+            s = seqs_l[b * K + k]
+            ended = Vocab.end in s
+            w = [x for x in (s[: s.index(Vocab.end)] if ended else s) if x != Vocab.pad]
+            lp = sc[b * K + k]
+            if lp <= NEG / 2:
+                continue
+            hyps.append(Hyp(w, lp, _score(lp, _length(w, ended), length_penalty)))
+        hyps.sort(key=lambda h: -h.score)
+        out.append(hyps)
+    return out
+
+
+def decode(model, feats: torch.Tensor, mask: torch.Tensor | None = None, beam: int = 1, max_len: int = 20,
+           length_penalty: float = 0.0) -> list[Hyp]:
+    """Best hypothesis per image (greedy for ``beam=1``)."""
+    if beam <= 1:
+        return greedy(model, feats, mask, max_len, length_penalty)
+    return [h[0] for h in beam_search(model, feats, mask, beam, max_len, length_penalty)]
+
+
+@torch.no_grad()
+def sample(model, feats: torch.Tensor, mask: torch.Tensor | None = None, n: int = 5, max_len: int = 20,
+           temperature: float = 1.0):
+    """``n`` sampled sentences per image, for self-critical training (with gradients).
+
+    Returns ``(seqs [B*n, T], logprobs [B*n, T] summed later, lengths)``; the caller
+    re-scores the samples with gradients through :func:`sequence_logprob`.
+    """
+    B = feats.shape[0]
+    st = model.init_state(feats, mask)
+    st = {k: v.repeat_interleave(n, 0) for k, v in st.items()}
+    tok = torch.full((B * n,), Vocab.start, dtype=torch.long, device=feats.device)
+    done = torch.zeros(B * n, dtype=torch.bool, device=feats.device)
+    seqs = []
+    for t in range(max_len):
+        logp, st = model.step(tok, st)
+        logp = _forbid(logp, t)
+        tok = torch.multinomial(torch.softmax(logp / temperature, -1), 1).squeeze(1)
+        tok = torch.where(done, torch.full_like(tok, Vocab.pad), tok)
+        seqs.append(tok)
+        done |= tok == Vocab.end
+        if bool(done.all()):
+            break
+        tok = torch.where(tok == Vocab.pad, torch.full_like(tok, Vocab.end), tok)
+    return torch.stack(seqs, 1)

@@ -1,0 +1,202 @@
+"""The multimodal RNN caption generator (paper Sec. 3.2) and an LSTM variant.
+
+Paper RNN (``rnn="rnn"``)::
+
+    b_v = W_hi CNN(I)
+    h_t = relu(W_hx x_t + W_hh h_{t-1} + b_h + 1(t=1) * b_v)
+    y_t = softmax(W_oh h_t + b_o)
+
+with x_1 the ``<start>`` embedding and ``<end>`` closing the sentence.
+
+LSTM variant (``rnn="lstm"``, neuraltalk2 style): the projected image is the LSTM's
+input at step 0, then ``<start>`` and the words.  With ``attention=True`` each step
+also reads a soft-attention mix of the image's region features (whole image + detector
+boxes, Show-Attend-Tell style); with one region per image it reduces to the plain model.
+
+Both expose one step interface for decoding (:meth:`CaptionModel.init_state`,
+:meth:`CaptionModel.step`) and a teacher-forced :meth:`CaptionModel.forward`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MRNNConfig:
+    # model
+    rnn: str = "lstm"  # "rnn" (the paper's multimodal RNN) or "lstm"
+    vocab_size: int = 0  # including the 4 special tokens
+    feat_dim: int = 1280
+    embed: int = 512
+    hidden: int = 512
+    dropout: float = 0.5
+    attention: bool = False  # attend over the region features (needs a regions features file)
+    att_dim: int = 256
+    # training
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 5e-4
+    lr_decay: float = 0.8  # per epoch, after warm epochs
+    lr_decay_start: int = 2
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0
+    label_smoothing: float = 0.0
+    max_len: int = 20  # words per generated / trained sentence
+    min_count: int = 5
+    patience: int = 4  # epochs without val CIDEr gain before stopping
+    seed: int = 0
+    threads: int = 0  # torch threads (0: leave as is)
+    # decoding defaults (chosen on val at the end of training)
+    beam: int = 3
+    length_penalty: float = 0.0
+    # SCST fine-tuning (self-critical, CIDEr-D reward) after cross-entropy training
+    scst_epochs: int = 0
+    scst_lr: float = 5e-5
+    scst_samples: int = 5
+
+
+class CaptionModel(nn.Module):
+    def __init__(self, cfg: MRNNConfig):
+        super().__init__()
+        if cfg.rnn not in ("rnn", "lstm"):
+            raise ValueError(f"unknown rnn {cfg.rnn!r} (rnn or lstm)")
+        self.cfg = cfg
+        V, E, H, D = cfg.vocab_size, cfg.embed, cfg.hidden, cfg.feat_dim
+        # feature standardisation, set from the training features (buffers: saved, not trained)
+        self.register_buffer("feat_mean", torch.zeros(D))
+        self.register_buffer("feat_std", torch.ones(D))
+        self.embed = nn.Embedding(V, E, padding_idx=0)
+        self.drop = nn.Dropout(cfg.dropout)
+        ctx = 0
+        if cfg.attention:
+            ctx = D
+            self.att_feat = nn.Linear(D, cfg.att_dim)
+            self.att_h = nn.Linear(H, cfg.att_dim, bias=False)
+            self.att_v = nn.Linear(cfg.att_dim, 1)
+        if cfg.rnn == "rnn":
+            self.W_hx = nn.Linear(E + ctx, H)  # bias is b_h
+            self.W_hh = nn.Linear(H, H, bias=False)
+            self.W_hi = nn.Linear(D, H)  # b_v = W_hi CNN(I)
+        else:
+            self.img = nn.Linear(D, E)
+            if cfg.attention:
+                self.cell = nn.LSTMCell(E + ctx, H)
+            else:  # fused: teacher forcing runs all steps in one call
+                self.lstm = nn.LSTM(E, H, batch_first=True)
+        self.out = nn.Linear(H, V)  # W_oh, b_o
+
+    # ------------------------------------------------------------------ state
+
+    def normalise(self, feats: torch.Tensor) -> torch.Tensor:
+        return (feats - self.feat_mean) / self.feat_std
+
+    def init_state(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        """``feats``: ``[B, D]`` (whole image) or ``[B, R, D]`` (regions, whole image first)
+        with ``mask`` ``[B, R]`` (True = real region). Returns the state before ``<start>``."""
+        if feats.dim() == 2:
+            feats = feats[:, None]
+        if mask is None:
+            mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        feats = self.normalise(feats.float())
+        glob = feats[:, 0]
+        B, H = feats.shape[0], self.cfg.hidden
+        z = feats.new_zeros(B, H)
+        st: dict = {}
+        if self.cfg.attention:
+            st["regions"] = feats
+            st["att_keys"] = self.att_feat(feats)
+            st["mask"] = mask
+        if self.cfg.rnn == "rnn":
+            st["h"] = z
+            st["bv"] = self.W_hi(self.drop(glob))
+        else:
+            x = self.drop(self.img(self.drop(glob)))
+            if self.cfg.attention:
+                x = torch.cat([x, self._attend(z, st)], 1)
+            h, c = self._lstm_step(x, z, z)
+            st["h"], st["c"] = h, c
+        return st
+
+    def _lstm_step(self, x, h, c):
+        if self.cfg.attention:
+            return self.cell(x, (h, c))
+        _, (h, c) = self.lstm(x[:, None], (h[None].contiguous(), c[None].contiguous()))
+        return h[0], c[0]
+
+    def _attend(self, h: torch.Tensor, st: dict) -> torch.Tensor:
+        e = self.att_v(torch.tanh(st["att_keys"] + self.att_h(h)[:, None])).squeeze(-1)  # [B, R]
+        e = e.masked_fill(~st["mask"], float("-inf"))
+        a = torch.softmax(e, dim=1)
+        return torch.bmm(a[:, None], st["regions"]).squeeze(1)
+
+    def _core(self, tokens: torch.Tensor, st: dict) -> tuple[torch.Tensor, dict]:
+        x = self.drop(self.embed(tokens))
+        if self.cfg.attention:
+            x = torch.cat([x, self._attend(st["h"], st)], 1)
+        new = dict(st)
+        if self.cfg.rnn == "rnn":
+            pre = self.W_hx(x) + self.W_hh(st["h"]) + st["bv"]
+            h = torch.relu(pre)
+            new["h"] = h
+            new["bv"] = torch.zeros_like(st["bv"])  # the image enters at t=1 only
+        else:
+            h, c = self._lstm_step(x, st["h"], st["c"])
+            new["h"], new["c"] = h, c
+        return h, new
+
+    def step(self, tokens: torch.Tensor, st: dict) -> tuple[torch.Tensor, dict]:
+        """One word: ``tokens`` ``[B]`` -> log-probabilities ``[B, V]`` and the next state."""
+        h, st = self._core(tokens, st)
+        return torch.log_softmax(self.out(self.drop(h)).float(), dim=-1), st
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, feats: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None = None,
+                select: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: ``inputs`` ``[B, T]`` starts with ``<start>``; returns logits ``[B, T, V]``,
+        or ``[N, V]`` for the positions where the boolean ``select`` ``[B, T]`` is True (cheaper)."""
+        st = self.init_state(feats, mask)
+        if self.cfg.rnn == "lstm" and not self.cfg.attention:
+            x = self.drop(self.embed(inputs))
+            hs, _ = self.lstm(x, (st["h"][None].contiguous(), st["c"][None].contiguous()))
+        elif self.cfg.rnn == "rnn" and not self.cfg.attention:
+            u = self.W_hx(self.drop(self.embed(inputs)))  # all input projections at once
+            h, out = st["h"], []
+            for t in range(inputs.shape[1]):
+                h = torch.relu(u[:, t] + self.W_hh(h) + (st["bv"] if t == 0 else 0))
+                out.append(h)
+            hs = torch.stack(out, 1)
+        else:
+            out = []
+            for t in range(inputs.shape[1]):
+                h, st = self._core(inputs[:, t], st)
+                out.append(h)
+            hs = torch.stack(out, 1)
+        if select is not None:
+            hs = hs[select]
+        return self.out(self.drop(hs))
+
+
+def reorder_state(st: dict, index: torch.Tensor) -> dict:
+    """Select / repeat batch rows of a state (beam search)."""
+    return {k: v.index_select(0, index) for k, v in st.items()}
+
+
+def build_model(cfg: MRNNConfig) -> CaptionModel:
+    """Factory (open_clip style)."""
+    return CaptionModel(cfg)
+
+
+def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> CaptionModel:
+    """Rebuild a model from a loaded ``mrnn`` checkpoint (weights cast to float32)."""
+    from vsa.checkpoint import config_from
+
+    cfg = config_from(MRNNConfig, ckpt["config"])
+    model = build_model(cfg)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    model.load_state_dict(sd)
+    return model.to(device).eval()

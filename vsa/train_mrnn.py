@@ -1,0 +1,395 @@
+"""Training loop of the caption generator (``vsa train-mrnn``).
+
+Cross-entropy with teacher forcing (Adam, dropout, optional label smoothing, per-epoch
+LR decay), val perplexity and val BLEU/CIDEr (greedy, simple tokenizer) after every
+epoch, best-on-val-CIDEr checkpoint, early stopping; then optionally self-critical
+fine-tuning (SCST, CIDEr-D reward, mean-of-samples baseline); finally the decoding
+defaults (beam size, length penalty) are chosen on val and stored in the checkpoint.
+
+Two checkpoints: ``out`` (best on val, what users load) and ``<out stem>.last.pt``
+(latest epoch with optimiser and RNG state, for ``--resume``).  Both are written
+atomically, so Ctrl-C / SIGTERM leaves the last good ones intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vsa.data import CaptionDataset, Vocab, build_vocab
+from vsa.decoding import decode, sample
+from vsa.errors import VsaError
+from vsa.mrnn import MRNNConfig, build_model
+
+SEARCH_BEAMS = (1, 3, 5, 7)
+SEARCH_PENALTIES = (0.0, 0.7)
+
+
+@dataclass
+class Split:
+    """Inputs of one split: features per item, training sentences and references per item."""
+
+    feats: torch.Tensor  # [M, D] or [M, R, D]
+    mask: torch.Tensor | None  # [M, R] for regions
+    sents: list[tuple[int, list[int]]]  # (item index, word ids) pairs
+    refs: list[list[str]]  # reference sentences (raw text) per item
+    ref_tokens: list[list[list[str]]]  # tokenised references per item
+    items: list  # ImageRecord per item (or (key, region) pairs for region training)
+
+
+def last_path(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".last" + (out.suffix or ".pt"))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _stack_regions(store, keys: list[str], max_regions: int):
+    R = min(max_regions, int(np.diff(store.offsets).max()))
+    feats = torch.zeros(len(keys), R, store.dim)
+    mask = torch.zeros(len(keys), R, dtype=torch.bool)
+    for i, k in enumerate(keys):
+        f = store[k][:R]
+        feats[i, : len(f)] = torch.from_numpy(f)
+        mask[i, : len(f)] = True
+    return feats, mask
+
+
+def image_split(ds: CaptionDataset, store, split: str, vocab: Vocab, max_len: int, regions: bool = False,
+                max_regions: int = 20, skip_missing: bool = False, warn=None) -> Split:
+    recs = ds.split(split)
+    if not recs:
+        raise VsaError(f"split {split!r} has no images", ds.source)
+    recs = store.check_dataset(recs, skip_missing=skip_missing, warn=warn)
+    keys = [r.key for r in recs]
+    if regions:
+        feats, mask = _stack_regions(store, keys, max_regions)
+    else:
+        feats = torch.from_numpy(np.stack([store.whole(k) for k in keys]))
+        mask = None
+    sents = []
+    for i, r in enumerate(recs):
+        for s in r.sentences:
+            if s.tokens:
+                sents.append((i, vocab.encode(s.tokens[:max_len])))
+    refs = [[s.raw for s in r.sentences] for r in recs]
+    ref_tokens = [[s.tokens for s in r.sentences] for r in recs]
+    return Split(feats, mask, sents, refs, ref_tokens, recs)
+
+
+def alignment_split(records: list[dict], store, split: str, vocab: Vocab, max_len: int, source="alignments") -> Split:
+    """(region feature, snippet) pairs from alignments JSONL records of ``split``."""
+    index: dict[tuple[str, int], int] = {}
+    feats, sents, refs, toks, items = [], [], [], [], []
+    for ln, rec in enumerate(records, 1):
+        if rec.get("split", "train") != split:
+            continue
+        key = rec.get("key")
+        if key is None or "snippets" not in rec or "tokens" not in rec:
+            raise VsaError("alignment record needs 'key', 'tokens' and 'snippets'", source, ln)
+        if key not in store:
+            raise VsaError(f"image {key!r} is not in the features file {store.path}", source, ln)
+        regs = store[key]
+        for sn in rec["snippets"]:
+            words = rec["tokens"][sn["start"] : sn["end"]]
+            r = int(sn["region"])
+            if not words or not 0 <= r < len(regs):
+                continue
+            j = index.get((key, r))
+            if j is None:
+                j = index[(key, r)] = len(feats)
+                feats.append(regs[r])
+                refs.append([])
+                toks.append([])
+                items.append((key, r))
+            sents.append((j, vocab.encode(words[:max_len])))
+            refs[j].append(" ".join(words))
+            toks[j].append(list(words))
+    if not feats:
+        raise VsaError(f"no {split} snippets in the alignments", source)
+    return Split(torch.from_numpy(np.stack(feats)), None, sents, refs, toks, items)
+
+
+def batch_tensors(sents: list[tuple[int, list[int]]]):
+    """Teacher-forcing tensors: inputs ``<start> w1..wn``, targets ``w1..wn <end>`` (0-padded)."""
+    T = max(len(w) for _, w in sents) + 1
+    inp = torch.zeros(len(sents), T, dtype=torch.long)
+    tgt = torch.zeros(len(sents), T, dtype=torch.long)
+    for i, (_, w) in enumerate(sents):
+        inp[i, 0] = Vocab.start
+        inp[i, 1 : len(w) + 1] = torch.tensor(w)
+        tgt[i, : len(w)] = torch.tensor(w)
+        tgt[i, len(w)] = Vocab.end
+    idx = torch.tensor([j for j, _ in sents])
+    return idx, inp, tgt
+
+
+def _sub(sp: Split, idx: torch.Tensor):
+    f = sp.feats.index_select(0, idx)
+    m = sp.mask.index_select(0, idx) if sp.mask is not None else None
+    return f, m
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def perplexity(model, sp: Split, batch_size: int = 256) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for s in range(0, len(sp.sents), batch_size):
+        idx, inp, tgt = batch_tensors(sp.sents[s : s + batch_size])
+        f, m = _sub(sp, idx)
+        logits = model(f, inp, m)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=0, reduction="sum")
+        total += float(loss)
+        n += int((tgt != 0).sum())
+    return math.exp(total / max(n, 1))
+
+
+@torch.no_grad()
+def generate(model, sp: Split, vocab: Vocab, beam: int = 1, max_len: int = 20, length_penalty: float = 0.0,
+             batch_size: int = 100) -> list[str]:
+    model.eval()
+    out = []
+    for s in range(0, len(sp.feats), batch_size):
+        idx = torch.arange(s, min(s + batch_size, len(sp.feats)))
+        f, m = _sub(sp, idx)
+        for h in decode(model, f, m, beam, max_len, length_penalty):
+            out.append(" ".join(vocab.decode(h.tokens)))
+    return out
+
+
+def val_scores(model, sp: Split, vocab: Vocab, beam: int = 1, max_len: int = 20, length_penalty: float = 0.0,
+               metrics=("BLEU", "CIDEr"), tokenizer: str = "simple") -> dict:
+    from vsa.caption_metrics import score_captions
+
+    caps = generate(model, sp, vocab, beam, max_len, length_penalty)
+    gts = {i: r for i, r in enumerate(sp.refs)}
+    res = {i: c for i, c in enumerate(caps)}
+    return score_captions(gts, res, metrics, tokenizer)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def _save(path, model, cfg, vocab, extractor, meta) -> None:
+    from vsa.checkpoint import save_checkpoint
+
+    save_checkpoint(path, "mrnn", cfg, vocab.words, extractor, model.state_dict(), meta)
+
+
+def train(cfg: MRNNConfig, train_sp: Split, val_sp: Split, vocab: Vocab, out, extractor: dict, resume: bool = False,
+          log=print, extra_meta: dict | None = None, choose_decoding: bool = True) -> dict:
+    """Train, keeping the best-on-val checkpoint at ``out``; returns a summary dict."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    last = last_path(out)
+    torch.manual_seed(cfg.seed)
+    cfg = dataclasses.replace(cfg, vocab_size=len(vocab), feat_dim=int(train_sp.feats.shape[-1]))
+    model = build_model(cfg)
+    # feature standardisation from the training features
+    flat = train_sp.feats if train_sp.mask is None else train_sp.feats[train_sp.mask]
+    flat = flat.reshape(-1, flat.shape[-1]).float()
+    model.feat_mean.copy_(flat.mean(0))
+    model.feat_std.copy_(flat.std(0).clamp_min(1e-3))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: list[dict] = []
+    best = {"epoch": 0, "val_CIDEr": -1.0}
+    start_epoch, phase = 1, "xe"
+    t0 = time.time()
+    elapsed0 = 0.0
+    meta_common = dict(extra_meta or {})
+    if resume:
+        from vsa.checkpoint import config_from, load_checkpoint
+
+        if not last.exists():
+            raise VsaError(f"nothing to resume: {last} does not exist (train without --resume first)")
+        ck = load_checkpoint(last, "mrnn")
+        if ck["vocab"] != vocab.words:
+            raise VsaError("the checkpoint's vocabulary differs from this dataset's (same dataset and --min-count?)", last)
+        cfg = dataclasses.replace(config_from(MRNNConfig, ck["config"]), epochs=cfg.epochs, scst_epochs=cfg.scst_epochs)
+        model = build_model(cfg)
+        model.load_state_dict(ck["state_dict"])
+        m = ck["meta"]
+        phase = m.get("phase", "xe")
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr if phase == "xe" else cfg.scst_lr, weight_decay=cfg.weight_decay)
+        osd = dict(m["optimizer"])
+        osd["state"] = {int(k): v for k, v in osd["state"].items()}  # checkpoint dict keys are strings
+        opt.load_state_dict(osd)
+        torch.set_rng_state(m["rng"])
+        history, best = m["history"], m["best"]
+        start_epoch = int(m["epoch"]) + 1
+        elapsed0 = float(m.get("train_seconds", 0.0))
+        log(f"resumed from {last} at epoch {start_epoch} ({phase})")
+
+    def snapshot(epoch: int, phase: str, improved: bool) -> None:
+        meta = dict(meta_common, epoch=epoch, phase=phase, history=history, best=best,
+                    train_seconds=elapsed0 + time.time() - t0)
+        if improved:
+            _save(out, model, cfg, vocab, extractor, meta)
+        _save(last, model, cfg, vocab, extractor,
+              dict(meta, optimizer=opt.state_dict(), rng=torch.get_rng_state()))
+
+    # ------------------------------------------------------------ cross-entropy phase
+    stale = 0 if not history else epoch_since_best(history, best)
+    total_epochs = cfg.epochs + cfg.scst_epochs
+    scorer = None
+    for epoch in range(start_epoch, total_epochs + 1):
+        phase = "xe" if epoch <= cfg.epochs else "scst"
+        if phase == "xe" and stale >= cfg.patience:
+            continue
+        if phase == "scst" and (epoch == cfg.epochs + 1 or scorer is None):
+            if epoch == cfg.epochs + 1 and best["epoch"] and out.exists():
+                # fine-tune from the best cross-entropy weights
+                from vsa.checkpoint import load_checkpoint
+
+                model.load_state_dict(load_checkpoint(out, "mrnn")["state_dict"])
+                opt = torch.optim.Adam(model.parameters(), lr=cfg.scst_lr)
+            from vsa.caption_metrics import CiderD
+
+            scorer = CiderD(train_sp.ref_tokens)
+        te = time.time()
+        if phase == "xe":
+            lr = cfg.lr * (cfg.lr_decay ** max(0, epoch - cfg.lr_decay_start)) if epoch > cfg.lr_decay_start else cfg.lr
+            _set_lr(opt, lr)
+            train_loss = _xe_epoch(model, opt, train_sp, cfg, epoch)
+        else:
+            lr = cfg.scst_lr
+            train_loss = _scst_epoch(model, opt, train_sp, cfg, epoch, scorer, vocab)
+        ppl = perplexity(model, val_sp)
+        sc = val_scores(model, val_sp, vocab, 1, cfg.max_len)
+        rec = {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": round(train_loss, 4), "val_ppl": round(ppl, 3),
+               **{f"val_{k}": v for k, v in sc.items()}, "seconds": round(time.time() - te, 1)}
+        history.append(rec)
+        improved = sc["CIDEr"] > best["val_CIDEr"]
+        if improved:
+            best = {"epoch": epoch, "phase": phase, **{f"val_{k}": v for k, v in sc.items()}, "val_ppl": rec["val_ppl"]}
+            stale = 0
+        else:
+            stale += 1
+        snapshot(epoch, phase, improved)
+        log(f"epoch {epoch:2d} {phase:4s} loss {train_loss:.3f}  val ppl {ppl:6.2f}  BLEU-4 {sc['BLEU-4']:5.2f}  "
+            f"CIDEr {sc['CIDEr']:5.2f}{'  *best' if improved else ''}  ({rec['seconds']:.0f}s)")
+    train_seconds = elapsed0 + time.time() - t0
+    summary = {"best": best, "history": history, "train_seconds": round(train_seconds, 1), "out": str(out)}
+    if choose_decoding and out.exists():
+        summary["decoding"] = choose_beam(out, val_sp, vocab, log=log)
+    return summary
+
+
+def epoch_since_best(history: list[dict], best: dict) -> int:
+    return sum(1 for h in history if h["epoch"] > best.get("epoch", 0) and h.get("phase", "xe") == "xe")
+
+
+def _xe_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int) -> float:
+    model.train()
+    rng = np.random.RandomState(cfg.seed * 1000 + epoch)
+    order = rng.permutation(len(sp.sents))
+    total, n = 0.0, 0
+    for s in range(0, len(order), cfg.batch_size):
+        batch = [sp.sents[i] for i in order[s : s + cfg.batch_size]]
+        idx, inp, tgt = batch_tensors(batch)
+        f, m = _sub(sp, idx)
+        logits = model(f, inp, m)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=0,
+                                                 label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        total += loss.item() * len(batch)
+        n += len(batch)
+    return total / max(n, 1)
+
+
+def sequence_logprob(model, feats, mask, seqs: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each sampled sequence (``<end>``-terminated, pad after), with gradients."""
+    B = seqs.shape[0]
+    inp = torch.cat([torch.full((B, 1), Vocab.start, dtype=torch.long), seqs[:, :-1]], 1)
+    inp = torch.where(inp == Vocab.pad, torch.full_like(inp, Vocab.end), inp)
+    logits = model(feats, inp, mask)
+    lp = torch.log_softmax(logits, -1).gather(2, seqs[:, :, None]).squeeze(2)
+    valid = seqs != Vocab.pad
+    return (lp * valid).sum(1)
+
+
+def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, vocab: Vocab) -> float:
+    """Self-critical sequence training: reward CIDEr-D, baseline the mean reward of the other samples."""
+    model.eval()  # no dropout: the sampled and the re-scored policy are the same
+    rng = np.random.RandomState(cfg.seed * 1000 + epoch)
+    order = torch.from_numpy(rng.permutation(len(sp.feats)))
+    n = cfg.scst_samples
+    B = max(1, cfg.batch_size // n)
+    total, count = 0.0, 0
+    itos = vocab.itos
+    for s in range(0, len(order), B):
+        idx = order[s : s + B]
+        f, m = _sub(sp, idx)
+        seqs = sample(model, f, m, n, cfg.max_len)
+        words = [[itos[t] for t in row if t not in (Vocab.pad, Vocab.end)] for row in seqs.tolist()]
+        refs = [sp.ref_tokens[int(i)] for i in idx for _ in range(n)]
+        r = torch.tensor(scorer.score(words, refs)).view(len(idx), n)
+        base = (r.sum(1, keepdim=True) - r) / max(n - 1, 1)
+        adv = (r - base).flatten()
+        fr = f.repeat_interleave(n, 0)
+        mr = m.repeat_interleave(n, 0) if m is not None else None
+        lp = sequence_logprob(model, fr, mr, seqs)
+        loss = -(adv * lp).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        total += float(r.mean()) * len(idx)
+        count += len(idx)
+    return total / max(count, 1)  # mean sample reward (CIDEr-D)
+
+
+# ----------------------------------------------------------------------------- decoding defaults
+
+
+def choose_beam(path, val_sp: Split, vocab: Vocab, beams=SEARCH_BEAMS, penalties=SEARCH_PENALTIES, log=print) -> dict:
+    """Pick beam size and length penalty on val (by CIDEr, then BLEU-4); store them in the checkpoint."""
+    from vsa.checkpoint import load_checkpoint, save_checkpoint
+    from vsa.mrnn import model_from_checkpoint
+
+    ck = load_checkpoint(path, "mrnn")
+    model = model_from_checkpoint(ck)
+    cfg = ck["config"]
+    results = []
+    for b in beams:
+        for lp in penalties if b > 1 else (0.0,):
+            sc = val_scores(model, val_sp, vocab, b, cfg["max_len"], lp)
+            results.append({"beam": b, "length_penalty": lp, **sc})
+            log(f"val beam {b} lp {lp:.1f}: BLEU-4 {sc['BLEU-4']:5.2f} CIDEr {sc['CIDEr']:5.2f}")
+    best = max(results, key=lambda r: (r["CIDEr"], r["BLEU-4"]))
+    cfg["beam"], cfg["length_penalty"] = best["beam"], best["length_penalty"]
+    meta = dict(ck["meta"], decoding_search=results)
+    save_checkpoint(path, "mrnn", cfg, ck["vocab"], ck["extractor"], ck["state_dict"], meta)
+    log(f"decoding default: beam {best['beam']}, length penalty {best['length_penalty']}")
+    return {"beam": best["beam"], "length_penalty": best["length_penalty"], "search": results}
+
+
+def export_half(src, dst) -> None:
+    """Copy a checkpoint with float16 weights (half the size; loading casts back to float32)."""
+    from vsa.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(src, "mrnn")
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in ck["state_dict"].items()}
+    meta = {k: v for k, v in ck["meta"].items() if k not in ("optimizer", "rng")}
+    save_checkpoint(dst, "mrnn", ck["config"], ck["vocab"], ck["extractor"], sd, meta)
