@@ -237,3 +237,13 @@ def test_torchvision_cnn_from_local_weights(tmp_path):
     assert r.shape == (2, 512) and torch.allclose(r[0], ex(x)[0], atol=1e-4)
     with pytest.raises(VsaError, match="unknown CNN"):
         load_extractor("no_such_net", weights=str(w), device="cpu")
+
+
+def test_frozen_cpu_forward_matches_eager(ex, monkeypatch):
+    x = torch.randn(3, 3, 224, 224)
+    fast = ex(x)
+    assert ex._frozen.get("forward") is not None  # the TorchScript path was taken
+    monkeypatch.setenv("VSA_NO_JIT", "1")
+    eager = ex(x)
+    assert torch.allclose(fast, eager, atol=1e-4)
+    assert ex(x[:1]).shape == (1, 1280)  # other batch sizes work on the traced copy too
