@@ -1,0 +1,55 @@
+"""Metric wrappers against hand-made references."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from vsa.caption_metrics import CiderD, score_captions
+
+GTS = {
+    1: ["a dog runs on the grass", "a brown dog is running in a field", "the dog plays outside"],
+    2: ["two people sit on a bench", "a man and a woman on a park bench", "people sitting outside"],
+    3: ["a child swims in the pool", "a kid is swimming", "a young girl in the water"],
+}
+
+
+def test_bleu_by_hand():
+    # candidate "a dog a dog" vs "a dog runs": clipped unigrams 2/4, bigrams "a dog" x1 of 3 -> 1/3
+    s = score_captions({0: ["a dog runs"]}, {0: "a dog a dog"}, metrics=("BLEU",), tokenizer="simple")
+    assert s["BLEU-1"] == pytest.approx(50.0, abs=0.01)
+    assert s["BLEU-2"] == pytest.approx(100 * (0.5 * 1 / 3) ** 0.5, abs=0.01)
+
+
+def test_perfect_and_disjoint_captions():
+    perfect = {k: v[0] for k, v in GTS.items()}
+    s = score_captions(GTS, perfect, metrics=("BLEU", "ROUGE-L", "CIDEr"), tokenizer="simple")
+    assert s["BLEU-1"] == pytest.approx(100.0, abs=0.01) and s["BLEU-4"] == pytest.approx(100.0, abs=0.1)
+    assert s["ROUGE-L"] > 60
+    bad = {k: "zebra umbrella" for k in GTS}
+    z = score_captions(GTS, bad, metrics=("BLEU", "ROUGE-L", "CIDEr"), tokenizer="simple")
+    assert z["BLEU-1"] < 1 and z["CIDEr"] == 0 and z["ROUGE-L"] == 0
+    assert s["CIDEr"] > 100
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the PTB tokenizer and METEOR need Java")
+def test_ptb_tokenizer_and_meteor():
+    res = {1: "A dog runs on the grass.", 2: "Two people sit on a bench!", 3: "zebra"}
+    s = score_captions(GTS, res, tokenizer="ptb")
+    assert set(s) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    # punctuation and case are removed by PTB, so 2 of 3 captions equal a reference
+    one = score_captions({1: GTS[1]}, {1: "A dog runs on the grass."}, metrics=("BLEU", "METEOR"), tokenizer="ptb")
+    assert one["BLEU-4"] == pytest.approx(100.0, abs=0.1)
+    assert one["METEOR"] > 90
+    assert 0 < s["METEOR"] < one["METEOR"]
+
+
+def test_cider_d_matches_pycocoevalcap_when_idf_is_the_same_corpus():
+    from pycocoevalcap.cider.cider import Cider
+
+    res = {1: "a dog runs in the grass", 2: "a man sits on a bench", 3: "a kid swimming in a pool"}
+    refs = [[r.split() for r in GTS[k]] for k in GTS]
+    ours = CiderD(refs).score([res[k].split() for k in GTS], refs)
+    _, theirs = Cider().compute_score(GTS, {k: [v] for k, v in res.items()})
+    assert ours == pytest.approx(list(theirs), abs=1e-6)

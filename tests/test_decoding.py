@@ -1,0 +1,87 @@
+"""Greedy and beam search on small random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vsa.data import Vocab
+from vsa.decoding import beam_search, decode, greedy
+from vsa.mrnn import MRNNConfig, build_model
+
+
+def _model(rnn="lstm", seed=0, V=30, D=8, attention=False):
+    torch.manual_seed(seed)
+    cfg = MRNNConfig(rnn=rnn, vocab_size=V, feat_dim=D, embed=12, hidden=16, dropout=0.0, attention=attention, att_dim=8)
+    m = build_model(cfg).eval()
+    with torch.no_grad():  # make <end> plausible so sentences finish
+        m.out.bias[Vocab.end] += 1.5
+    return m
+
+
+@torch.no_grad()
+def _seq_logprob(model, feats, tokens, ended):
+    """Log-probability of one sentence re-scored step by step."""
+    st = model.init_state(feats[None])
+    tok, total = torch.tensor([Vocab.start]), 0.0
+    for w in tokens + ([Vocab.end] if ended else []):
+        lp, st = model.step(tok, st)
+        total += float(lp[0, w])
+        tok = torch.tensor([w])
+    return total
+
+
+@pytest.mark.parametrize("rnn", ["rnn", "lstm"])
+def test_beam_one_equals_greedy(rnn):
+    m = _model(rnn)
+    feats = torch.randn(6, 8)
+    g = greedy(m, feats, max_len=12)
+    b = beam_search(m, feats, beam=1, max_len=12)
+    assert [h.tokens for h in g] == [hs[0].tokens for hs in b]
+    assert [round(h.logprob, 4) for h in g] == [round(hs[0].logprob, 4) for hs in b]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.7])
+def test_beam_hypotheses_sorted_scored_and_bounded(alpha):
+    m = _model("lstm", seed=1)
+    feats = torch.randn(4, 8)
+    out = beam_search(m, feats, beam=5, max_len=6, length_penalty=alpha)
+    assert len(out) == 4
+    for i, hyps in enumerate(out):
+        assert len(hyps) == 5
+        scores = [h.score for h in hyps]
+        assert scores == sorted(scores, reverse=True)
+        assert len({tuple(h.tokens) for h in hyps}) == 5  # distinct hypotheses
+        for h in hyps:
+            assert 1 <= len(h.tokens) <= 6
+            assert Vocab.unk not in h.tokens and Vocab.end not in h.tokens and Vocab.pad not in h.tokens
+            ended = len(h.tokens) < 6 or abs(_seq_logprob(m, feats[i], h.tokens, True) - h.logprob) < 1e-3
+            assert abs(_seq_logprob(m, feats[i], h.tokens, ended) - h.logprob) < 1e-3
+
+
+def test_max_length_cuts_sentences_that_never_end():
+    m = _model("rnn", seed=2)
+    with torch.no_grad():
+        m.out.bias[Vocab.end] = -1e4
+    feats = torch.randn(3, 8)
+    for h in greedy(m, feats, max_len=7):
+        assert len(h.tokens) == 7
+    for hyps in beam_search(m, feats, beam=3, max_len=7):
+        assert all(len(h.tokens) == 7 for h in hyps)
+
+
+def test_beam_batched_equals_one_image_at_a_time():
+    m = _model("lstm", seed=3, attention=True)
+    feats = torch.randn(3, 4, 8)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    batched = [h.tokens for h in decode(m, feats, mask, beam=3, max_len=10)]
+    single = [decode(m, feats[i : i + 1], mask[i : i + 1], beam=3, max_len=10)[0].tokens for i in range(3)]
+    assert batched == single
+
+
+def test_beam_finds_at_least_greedy_likelihood_on_average():
+    m = _model("lstm", seed=4)
+    feats = torch.randn(20, 8)
+    g = sum(h.logprob for h in greedy(m, feats, max_len=10))
+    b = sum(hs[0].logprob for hs in beam_search(m, feats, beam=5, max_len=10))
+    assert b >= g - 1e-6
