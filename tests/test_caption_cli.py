@@ -1,0 +1,86 @@
+"""`vsa caption` with the shipped model, `vsa train-mrnn` + `vsa eval` end to end on a tiny dataset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import orjson
+
+from tests.conftest import run_cli
+from tests.test_mrnn import tiny_dataset
+
+
+def _photo(path):
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (320, 240), (90, 160, 60))
+    d = ImageDraw.Draw(im)
+    d.ellipse((100, 80, 220, 180), fill=(120, 80, 40))
+    im.save(path)
+    return path
+
+
+def test_caption_prints_one_line_per_image_with_the_shipped_model(tmp_path):
+    p = _photo(tmp_path / "photo.jpg")
+    r = run_cli("caption", p, "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    lines = r.stdout.decode().splitlines()
+    assert len(lines) == 1
+    path, cap = lines[0].split("\t")
+    assert path == str(p) and len(cap.split()) >= 3 and "<unk>" not in cap
+    # folder mode, JSONL, bare text and COCO results
+    _photo(tmp_path / "b.png")
+    r = run_cli("caption", tmp_path, "--json", "--coco-results", tmp_path / "res.json", "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    recs = [orjson.loads(x) for x in r.stdout.splitlines()]
+    assert [x["key"] for x in recs] == ["b.png", "photo.jpg"]
+    assert all(x["caption"] and x["logprob"] < 0 for x in recs)
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert [x["caption"] for x in res] == [x["caption"] for x in recs]
+    r = run_cli("caption", p, "--bare", "--beam", "1", "--threads", "1")
+    assert r.returncode == 0 and "\t" not in r.stdout.decode() and len(r.stdout.decode().splitlines()) == 1
+
+
+def test_caption_does_not_import_the_detector(tmp_path):
+    import subprocess
+    import sys
+
+    p = _photo(tmp_path / "photo.jpg")
+    code = ("import sys; from vsa.cli import app\n"
+            f"try:\n    app(['caption', {str(p)!r}, '--threads', '1'])\nexcept SystemExit: pass\n"
+            "assert 'ultralytics' not in sys.modules, 'ultralytics imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+
+
+def test_caption_bad_image_is_one_line_error_and_skip_bad_goes_on(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    r = run_cli("caption", bad, "--threads", "1")
+    assert r.returncode == 2 and r.stderr.decode().count("\n") == 1 and "bad.jpg" in r.stderr.decode()
+    _photo(tmp_path / "ok.jpg")
+    r = run_cli("caption", tmp_path, "--skip-bad", "--threads", "1")
+    assert r.returncode == 0 and len(r.stdout.decode().splitlines()) == 1
+
+
+def test_train_mrnn_then_eval_generation(tmp_path):
+    ds, feats = tiny_dataset(tmp_path, n_train=10, n_val=4, n_test=4)
+    out = tmp_path / "m.pt"
+    r = run_cli("train-mrnn", "--dataset", ds, "--features", feats, "--out", out, "--epochs", "2", "--hidden", "16",
+                "--embed", "16", "--min-count", "1", "--threads", "1", "--no-beam-search", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    summary = orjson.loads(r.stdout)
+    assert len(summary["history"]) == 2 and out.exists() and out.with_name("m.last.pt").exists()
+    r = run_cli("eval", "--model", out, "--dataset", ds, "--split", "test", "--beam", "2", "--json",
+                "--captions-out", tmp_path / "caps.json")
+    assert r.returncode == 0, r.stderr.decode()
+    gen = orjson.loads(r.stdout)["generation"]
+    for k in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
+        assert 0 <= gen[k] <= 100 or k == "CIDEr"
+    assert gen["beam"] == 2 and gen["images"] == 4
+    caps = json.loads((tmp_path / "caps.json").read_text())
+    assert sorted(c["image_id"] for c in caps) == [14, 15, 16, 17]
+    # --resume with nothing newer to do is a no-op; a missing feature file is a one-line error
+    r = run_cli("train-mrnn", "--dataset", ds, "--features", tmp_path / "nope.npz", "--out", out)
+    assert r.returncode == 2 and "nope.npz" in r.stderr.decode()
