@@ -145,10 +145,10 @@ def shipped():
     return ASSET
 
 
-# a Flickr8K test image of a dog in the snow, and a caption of another test image
-PHOTO = "1056338697_4f7d7ce270.jpg"
-GOOD = "a black dog runs through the snow"
-BAD = "a man in a suit is playing the guitar on stage"
+# a Flickr8K test image of two dogs in the snow, and a caption of another test image
+PHOTO = "3385593926_d3e9c21170.jpg"
+GOOD = "two dogs play in the snow in front of a fence"
+BAD = "a man and a woman in festive costumes dancing"
 
 
 def test_score_real_photo(flickr8k, yolov5n, shipped):

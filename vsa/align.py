@@ -46,20 +46,42 @@ def _l2(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=1e-6)
 
 
+class FeatureStats(nn.Module):
+    """Standardise CNN features with the training set's per-dimension mean and std (saved with the model).
+
+    Pooled CNN features are all positive with a large common component; centring them lets the
+    projection separate images from the first steps instead of first unlearning that mean.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def fit(self, feats: torch.Tensor) -> None:
+        """``feats [N, D]``: the training regions."""
+        self.mean.copy_(feats.mean(0))
+        self.std.copy_(feats.std(0).clamp(min=1e-3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 class RegionEncoder(nn.Module):
     """``v_i = W_m cnn_i + b_m`` for every region (eq. 1), optionally L2-normalised."""
 
     def __init__(self, feat_dim: int, hidden: int, dropout: float = 0.0, norm: bool = True):
         super().__init__()
+        self.stats = FeatureStats(feat_dim)
         self.proj = nn.Linear(feat_dim, hidden)
         self.drop = nn.Dropout(dropout)
         self.norm = norm
 
     def forward(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # [B, R, D] -> [B, R, h]
         if mask is None or bool(mask.all()):
-            v = self.proj(self.drop(feats))
+            v = self.proj(self.drop(self.stats(feats)))
             return _l2(v) if self.norm else v
-        v = self.proj(self.drop(feats[mask]))  # only real regions (images have ~10 of 20 on average)
+        v = self.proj(self.drop(self.stats(feats[mask])))  # only real regions (images have ~10 of 20 on average)
         v = _l2(v) if self.norm else v
         out = v.new_zeros(*feats.shape[:2], v.shape[-1])
         return out.masked_scatter(mask[..., None], v)
@@ -209,6 +231,10 @@ class BRNNAligner(nn.Module):
         self.regions = RegionEncoder(feat_dim, cfg.hidden, cfg.dropout_regions, cfg.norm)
         self.words = SentenceBRNN(vocab_size, cfg.embed, cfg.hidden, cfg.rnn, cfg.dropout, cfg.norm, cfg.out_relu)
 
+    @property
+    def stats(self) -> FeatureStats:
+        return self.regions.stats
+
     def embed_images(self, feats: torch.Tensor, rmask: torch.Tensor):
         return self.regions(feats, rmask), rmask
 
@@ -228,6 +254,7 @@ class WholeImageModel(nn.Module):
     def __init__(self, cfg, vocab_size: int, feat_dim: int):
         super().__init__()
         self.cfg = cfg
+        self.stats = FeatureStats(feat_dim)
         self.img = nn.Linear(feat_dim, cfg.hidden)
         self.embed = nn.Embedding(vocab_size, cfg.embed, padding_idx=0)
         self.gru = nn.GRU(cfg.embed, cfg.hidden, batch_first=True)
@@ -235,7 +262,7 @@ class WholeImageModel(nn.Module):
         self.drop_img = nn.Dropout(cfg.dropout_regions)
 
     def embed_images(self, feats: torch.Tensor, rmask: torch.Tensor):
-        v = _l2(self.img(self.drop_img(feats[:, :1])))  # the whole image is region 0
+        v = _l2(self.img(self.drop_img(self.stats(feats[:, :1]))))  # the whole image is region 0
         return v, rmask[:, :1]
 
     def embed_sentences(self, ids: torch.Tensor, lengths: torch.Tensor):
@@ -355,11 +382,21 @@ def aligner_from_checkpoint(ckpt: dict, path=None, device: str = "cpu") -> Align
     feat_dim = int(ckpt["extractor"].get("dim") or sd[_feat_key(cfg)].shape[1])
     model = build_model(cfg, len(vocab), feat_dim)
     try:
-        model.load_state_dict(sd)
+        load_weights(model, sd)
     except RuntimeError as e:
         raise VsaError(f"checkpoint weights do not fit the model ({str(e).splitlines()[0][:160]})", path) from None
     model.to(device)
     return Aligner(model, cfg, vocab, ckpt.get("extractor") or {}, path, ckpt.get("meta"))
+
+
+def load_weights(model: nn.Module, sd: dict) -> None:
+    """``load_state_dict``; checkpoints from before feature standardisation get the identity (mean 0, std 1)."""
+    own = model.state_dict()
+    sd = dict(sd)
+    for k in own:
+        if k not in sd and k.endswith(("stats.mean", "stats.std")):
+            sd[k] = own[k]
+    model.load_state_dict(sd)
 
 
 def _feat_key(cfg) -> str:

@@ -31,6 +31,7 @@ class AlignConfig:
     hidden: int = 512  # h: size of the shared region/word space
     embed: int = 300  # word vector size
     norm: bool = True  # L2-normalise region and word vectors
+    standardize: bool = True  # centre/scale CNN features with the train set's mean and std
     out_relu: bool = True  # ReLU on the word output layer (eq. 6)
     max_regions: int = 20  # whole image + 19 detections
     max_len: int = 40  # words per sentence (longer ones are cut)
@@ -127,11 +128,14 @@ def glove_vectors(spec: str):
     mat = np.load(npys[0], allow_pickle=False)
     vf = vocab_files[0]
     if vf.suffix == ".parquet":
-        import pandas as pd
-
-        df = pd.read_parquet(vf)
-        col = next((c for c in df.columns if df[c].dtype == object), df.columns[0])
-        words = [str(w) for w in df[col]]
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise VsaError("reading the GloVe vocabulary (parquet) needs `pip install pyarrow`") from None
+        t = pq.read_table(vf)
+        col = next((n for n, ty in zip(t.schema.names, t.schema.types) if str(ty) in ("string", "large_string")),
+                   t.schema.names[0])
+        words = [str(w) for w in t.column(col).to_pylist()]
     else:
         words = [ln.rstrip("\n") for ln in open(vf, encoding="utf-8")]
     return words, mat
@@ -283,7 +287,7 @@ def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, d
     With ``resume`` the config comes from ``<out stem>.last.pt``; ``epochs`` (if given) changes its total
     and ``overrides`` (``KEY=VALUE``, as ``--set``) change other fields (e.g. the learning-rate schedule).
     """
-    from vsa.align import build_model
+    from vsa.align import build_model, load_weights
     from vsa.checkpoint import load_checkpoint, save_checkpoint
     from vsa.data import build_vocab, Vocab
     from vsa.featstore import load_features
@@ -315,6 +319,8 @@ def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, d
          f"{len(val_data.ids)} sentences; vocabulary {len(vocab)}; features {store.dim}-d, "
          f"up to {train_data.feats.shape[1]} regions ({time.time() - t0:.1f}s to load)")
     model = build_model(cfg, len(vocab), store.dim).to(device)
+    if cfg.standardize and not state:
+        model.stats.fit(train_data.feats[train_data.rmask])
     if cfg.glove and not state:
         emb = model.words.embed if cfg.model == "brnn" else model.embed
         n = init_glove(emb, vocab, cfg.glove)
@@ -322,7 +328,7 @@ def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, d
     opt = make_optimizer(cfg, model.parameters())
     start, best, history = 0, None, []
     if state:
-        model.load_state_dict(state["state_dict"])
+        load_weights(model, state["state_dict"])
         m = state["meta"]
         opt.load_state_dict(_optimizer_state_from_meta(m["optimizer"]))
         torch.set_rng_state(m["rng"])
