@@ -123,3 +123,17 @@ def test_offline_detector_error_says_how_to_fix(tmp_path, monkeypatch):
         load_detector(str(tmp_path / "missing-weights.pt"), device="cpu")
     with pytest.raises(VsaError, match="meta.json"):
         load_detector(str(tmp_path), device="cpu")  # a folder that is not a YOLOv5 state-dict folder
+
+
+def test_ultralytics_detector_path(tmp_path, monkeypatch):
+    """Any ultralytics-loadable model (here: an untrained yolov8n built from its yaml, no download)."""
+    monkeypatch.chdir(tmp_path)
+    det = load_detector("yolov8n.yaml", device="cpu")
+    assert det.name == "yolov8n" and len(det.names) == 80
+    im = Image.new("RGB", (300, 200), (120, 50, 50))
+    dets = det.detect([im], top=5, conf=0.0)[0]
+    assert 0 < len(dets) <= 5
+    assert all(0 <= d["box"][0] < d["box"][2] <= 300 and 0 <= d["box"][1] < d["box"][3] <= 200 for d in dets)
+    im.save(tmp_path / "x.png")
+    rec = regions_for_image(det, tmp_path / "x.png", top=2, conf=0.0)
+    assert rec["regions"][0]["label"] == "image" and len(rec["regions"]) <= 3
