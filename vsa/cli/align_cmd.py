@@ -135,8 +135,13 @@ def score_cmd(
         store = load_features(features)
     encoder = _encoder(aligner, detector, top, device, cnn_weights)
 
-    def photo(img: str):
-        return photo_from_store(store, img) if store is not None else encoder.encode(img)
+    last: dict = {}
+
+    def photo(img: str):  # consecutive pairs of one photo detect and embed it once
+        if img not in last:
+            last.clear()
+            last[img] = photo_from_store(store, img) if store is not None else encoder.encode(img)
+        return last[img]
 
     if image is not None:
         if sentence is None:
