@@ -84,3 +84,34 @@ def test_train_mrnn_then_eval_generation(tmp_path):
     # --resume with nothing newer to do is a no-op; a missing feature file is a one-line error
     r = run_cli("train-mrnn", "--dataset", ds, "--features", tmp_path / "nope.npz", "--out", out)
     assert r.returncode == 2 and "nope.npz" in r.stderr.decode()
+
+
+def test_sigterm_keeps_the_last_good_checkpoints(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from vsa.checkpoint import load_checkpoint
+
+    ds, feats = tiny_dataset(tmp_path, n_train=20, n_val=4, n_test=2)
+    out = tmp_path / "m.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "vsa", "train-mrnn", "--dataset", str(ds), "--features", str(feats),
+                          "--out", str(out), "--epochs", "500", "--patience", "500", "--hidden", "16", "--embed", "16",
+                          "--min-count", "1", "--threads", "1", "--no-beam-search"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    last = tmp_path / "m.last.pt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), p.stderr.read().decode() if p.poll() is not None else "no checkpoint"
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err.decode()
+    assert "interrupted" in err.decode()
+    ck = load_checkpoint(last)  # complete and loadable, not a half-written file
+    assert ck["meta"]["epoch"] >= 1 and load_checkpoint(out)["kind"] == "mrnn"
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
