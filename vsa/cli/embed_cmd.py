@@ -42,7 +42,7 @@ def embed(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output NPZ (default: [features] regions in vsa.toml)."),
     cnn: Optional[str] = typer.Option(None, "--cnn", help="efficientnet-lite0 (default), efficientnet-lite2, or a torchvision model name."),
     cnn_weights: Optional[str] = typer.Option(None, "--cnn-weights", help="Local weights file for --cnn (torchvision models need one offline)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Crops per CNN forward (small batches are fastest on CPU: activations stay under glibc's mmap threshold)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Crops per CNN forward (small batches are fastest on CPU)."),
     workers: int = typer.Option(1, "--workers", help="DataLoader worker processes for decoding/cropping."),
     crop: str = typer.Option("warp", "--crop", help="warp: each box cropped and warped to 224 (paper, R-CNN style, one CNN pass per region); roi: RoIAlign on the whole image's feature map (one pass per image, ~Nx faster, coarser)."),
     context: float = typer.Option(0.0, "--context", help="Pad each box by this fraction of its size per side before warping."),
