@@ -75,7 +75,7 @@ class Captioner:
         """``feats`` ``[B, D]`` CNN features -> ``(caption, logprob)`` per row."""
         import torch
 
-        from vsa.decoding import decode
+        from vsa.decoding import bad_ending_ids, decode
 
         model = model or self.model
         vocab = vocab or self.vocab
@@ -84,8 +84,9 @@ class Captioner:
         L = int(max_len if max_len is not None else cfg.max_len)
         lp = float(length_penalty if length_penalty is not None else cfg.length_penalty)
         feats = torch.as_tensor(feats, dtype=torch.float32, device=self.device)
+        bad = bad_ending_ids(vocab) if cfg.bad_endings else None
         with torch.inference_mode():
-            hyps = decode(model, feats, None, b, L, lp)
+            hyps = decode(model, feats, None, b, L, lp, bad)
         return [(" ".join(vocab.decode(h.tokens)), round(h.logprob, 3)) for h in hyps]
 
     # ------------------------------------------------------------------ files

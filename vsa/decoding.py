@@ -35,7 +35,17 @@ def _length(tokens: list[int], ended: bool) -> int:
     return len(tokens) + (1 if ended else 0)
 
 
-def _forbid(logp: torch.Tensor, t: int) -> torch.Tensor:
+BAD_ENDINGS = ("a", "an", "the", "of", "in", "on", "at", "with", "and", "to", "is", "are", "its", "his", "her", "their")
+
+
+def bad_ending_ids(vocab) -> torch.Tensor:
+    """Ids of words a sentence must not end on (an SCST-trained model likes ``... sitting on a``)."""
+    return torch.tensor([vocab.stoi[w] for w in BAD_ENDINGS if w in vocab.stoi], dtype=torch.long)
+
+
+def _forbid(logp: torch.Tensor, t: int, prev: torch.Tensor | None = None, bad: torch.Tensor | None = None) -> torch.Tensor:
+    if bad is not None and len(bad) and prev is not None:
+        logp[torch.isin(prev, bad.to(prev.device)), Vocab.end] = NEG
     logp[:, Vocab.unk] = NEG
     logp[:, Vocab.pad] = NEG
     logp[:, Vocab.start] = NEG
@@ -46,7 +56,7 @@ def _forbid(logp: torch.Tensor, t: int) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy(model, feats: torch.Tensor, mask: torch.Tensor | None = None, max_len: int = 20,
-           length_penalty: float = 0.0) -> list[Hyp]:
+           length_penalty: float = 0.0, bad_endings: torch.Tensor | None = None) -> list[Hyp]:
     """Most likely word at each step; one hypothesis per image."""
     B = feats.shape[0]
     st = model.init_state(feats, mask)
@@ -57,7 +67,7 @@ def greedy(model, feats: torch.Tensor, mask: torch.Tensor | None = None, max_len
     ended = [False] * B
     for t in range(max_len):
         logp, st = model.step(tok, st)
-        logp = _forbid(logp, t)
+        logp = _forbid(logp, t, tok, bad_endings)
         lp, tok = logp.max(-1)
         total += torch.where(done, torch.zeros_like(lp), lp).double()
         for i in (~done).nonzero().flatten().tolist():
@@ -74,7 +84,7 @@ def greedy(model, feats: torch.Tensor, mask: torch.Tensor | None = None, max_len
 
 @torch.no_grad()
 def beam_search(model, feats: torch.Tensor, mask: torch.Tensor | None = None, beam: int = 3, max_len: int = 20,
-                length_penalty: float = 0.0) -> list[list[Hyp]]:
+                length_penalty: float = 0.0, bad_endings: torch.Tensor | None = None) -> list[list[Hyp]]:
     """Beam search for every image of the batch at once.
 
     Returns ``beam`` hypotheses per image, best first (by score). A finished beam is
@@ -95,7 +105,7 @@ def beam_search(model, feats: torch.Tensor, mask: torch.Tensor | None = None, be
     base = (torch.arange(B, device=dev) * K)[:, None]
     for t in range(max_len):
         logp, st = model.step(tok, st)
-        logp = _forbid(logp, t).double()
+        logp = _forbid(logp, t, tok, bad_endings).double()
         V = logp.shape[1]
         # a finished beam can only be extended by <pad> at no cost
         fin = finished.nonzero().flatten()
@@ -133,11 +143,11 @@ def beam_search(model, feats: torch.Tensor, mask: torch.Tensor | None = None, be
 
 
 def decode(model, feats: torch.Tensor, mask: torch.Tensor | None = None, beam: int = 1, max_len: int = 20,
-           length_penalty: float = 0.0) -> list[Hyp]:
+           length_penalty: float = 0.0, bad_endings: torch.Tensor | None = None) -> list[Hyp]:
     """Best hypothesis per image (greedy for ``beam=1``)."""
     if beam <= 1:
-        return greedy(model, feats, mask, max_len, length_penalty)
-    return [h[0] for h in beam_search(model, feats, mask, beam, max_len, length_penalty)]
+        return greedy(model, feats, mask, max_len, length_penalty, bad_endings)
+    return [h[0] for h in beam_search(model, feats, mask, beam, max_len, length_penalty, bad_endings)]
 
 
 @torch.no_grad()

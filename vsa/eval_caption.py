@@ -68,6 +68,10 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     caps: list[str] = []
     import numpy as np
 
+    from vsa.decoding import bad_ending_ids
+
+    bad = bad_ending_ids(vocab) if model.cfg.bad_endings else None
+
     for s in range(0, len(recs), batch_size):
         keys = [r.key for r in recs[s : s + batch_size]]
         if model.cfg.attention:
@@ -76,7 +80,7 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
             f, m = torch.from_numpy(np.stack([store.whole(k) for k in keys])), None
         f = f.to(dev)
         m = m.to(dev) if m is not None else None
-        for h in decode(model, f, m, b, model.cfg.max_len, lp):
+        for h in decode(model, f, m, b, model.cfg.max_len, lp, bad):
             caps.append(" ".join(vocab.decode(h.tokens)))
     return recs, caps, b, lp
 

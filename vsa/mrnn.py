@@ -53,6 +53,7 @@ class MRNNConfig:
     # decoding defaults (chosen on val at the end of training)
     beam: int = 3
     length_penalty: float = 0.0
+    bad_endings: bool = True  # never end a sentence on "a", "the", "on", ... (decoding constraint)
     # SCST fine-tuning (self-critical, CIDEr-D reward) after cross-entropy training
     scst_epochs: int = 0
     scst_lr: float = 5e-5

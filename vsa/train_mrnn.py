@@ -151,18 +151,21 @@ def perplexity(model, sp: Split, batch_size: int = 256) -> float:
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=0, reduction="sum")
         total += float(loss)
         n += int((tgt != 0).sum())
-    return math.exp(total / max(n, 1))
+    return math.exp(min(total / max(n, 1), 50.0))  # SCST models can have huge val perplexity: cap, no overflow
 
 
 @torch.no_grad()
 def generate(model, sp: Split, vocab: Vocab, beam: int = 1, max_len: int = 20, length_penalty: float = 0.0,
              batch_size: int = 100) -> list[str]:
+    from vsa.decoding import bad_ending_ids
+
     model.eval()
+    bad = bad_ending_ids(vocab) if model.cfg.bad_endings else None
     out = []
     for s in range(0, len(sp.feats), batch_size):
         idx = torch.arange(s, min(s + batch_size, len(sp.feats)))
         f, m = _sub(sp, idx)
-        for h in decode(model, f, m, beam, max_len, length_penalty):
+        for h in decode(model, f, m, beam, max_len, length_penalty, bad):
             out.append(" ".join(vocab.decode(h.tokens)))
     return out
 
