@@ -85,3 +85,23 @@ def test_beam_finds_at_least_greedy_likelihood_on_average():
     g = sum(h.logprob for h in greedy(m, feats, max_len=10))
     b = sum(hs[0].logprob for hs in beam_search(m, feats, beam=5, max_len=10))
     assert b >= g - 1e-6
+
+
+def test_bad_endings_are_never_generated():
+    from vsa.decoding import bad_ending_ids
+
+    vocab = Vocab(["a", "dog", "on", "the", "grass", "runs"] + [f"w{i}" for i in range(20)])
+    m = _model("lstm", seed=5, V=len(vocab))
+    with torch.no_grad():
+        m.out.bias[Vocab.end] += 2.0  # end often
+        for w in ("a", "on", "the"):
+            m.out.bias[vocab.stoi[w]] += 3.0  # and say these a lot
+    feats = torch.randn(30, 8)
+    bad = bad_ending_ids(vocab)
+    plain = [h.tokens for h in greedy(m, feats, max_len=8)]
+    assert any(t and t[-1] in bad.tolist() for t in plain)  # the constraint has something to fix
+    for hyps in beam_search(m, feats, beam=3, max_len=8, bad_endings=bad):
+        for h in hyps:
+            assert len(h.tokens) == 8 or h.tokens[-1] not in bad.tolist()
+    for h in greedy(m, feats, max_len=8, bad_endings=bad):
+        assert len(h.tokens) == 8 or h.tokens[-1] not in bad.tolist()
