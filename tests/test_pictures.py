@@ -267,7 +267,7 @@ def test_align_cli_sigint_keeps_old_output_and_part(tmp_path, monkeypatch):
     from vsa.io import save_npz
 
     model = _tiny_aligner(tmp_path)
-    n = 400
+    n = 4000  # long enough (about 20000 pairs) that the signal lands mid-run even on a fast machine
     keys = [f"k{i}.jpg" for i in range(n)]
     save_npz(tmp_path / "feats.npz", {
         "feats": np.random.default_rng(1).normal(size=(2 * n, 8)).astype(np.float16), "offsets": np.arange(0, 2 * n + 1, 2),
