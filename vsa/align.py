@@ -243,7 +243,11 @@ class BRNNAligner(nn.Module):
         return self.words(ids, lengths), smask
 
     def score(self, V, vmask, S, smask) -> torch.Tensor:
-        return pair_scores(V, vmask, S, smask, self.cfg.score)
+        out = pair_scores(V, vmask, S, smask, self.cfg.score)
+        w = getattr(self.cfg, "global_weight", 0.0)
+        if w and self.cfg.score != "global":  # optional global term: whole image vs. mean word vector
+            out = out + w * pair_scores(V, vmask, S, smask, "global")
+        return out
 
 
 class WholeImageModel(nn.Module):

@@ -28,6 +28,7 @@ class AlignConfig:
     model: str = "brnn"  # brnn (the paper) | whole-image (ablation baseline)
     rnn: str = "brnn"  # brnn (ReLU RNN as in the paper) | gru | lstm
     score: str = "mean-max"  # sum-max (paper eq. 8) | mean-max | sum-all (eq. 7) | global
+    global_weight: float = 0.0  # add this times a global score (whole image . mean word vector) to `score`
     hidden: int = 512  # h: size of the shared region/word space
     embed: int = 300  # word vector size
     norm: bool = True  # L2-normalise region and word vectors
