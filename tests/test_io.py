@@ -32,6 +32,31 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
     assert [f.name for f in p.parent.iterdir()] == ["x.txt"]  # no temporary files left
 
 
+def test_a_signal_during_a_deferred_write_lands_after_the_rename(tmp_path):
+    import os
+    import signal
+
+    p = tmp_path / "ck.bin"
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        with vio.deferred_signals(), vio.atomic_write(p) as fh:
+            fh.write(b"part one ")
+            os.kill(os.getpid(), signal.SIGINT)  # held back until the block ends
+            seen.append("still writing")
+            fh.write(b"part two")
+    assert seen == ["still writing"]
+    assert p.read_bytes() == b"part one part two"
+    assert [f.name for f in tmp_path.iterdir()] == ["ck.bin"]
+    # without the deferral the same signal stops the write and leaves the old file
+    with pytest.raises(KeyboardInterrupt):
+        with vio.atomic_write(p) as fh:
+            fh.write(b"new")
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                seen.append("not reached")
+    assert p.read_bytes() == b"part one part two" and "not reached" not in seen
+
+
 def test_jsonl_round_trip_unicode_and_numpy(tmp_path):
     p = tmp_path / "r.jsonl"
     recs = [{"key": "caf\u00e9.jpg", "v": np.float32(0.5), "a": np.arange(3)}, {"key": "\u72ac.jpg", "n": None}]

@@ -45,7 +45,7 @@ def save_checkpoint(path, kind: str, config: Any, vocab: list[str], extractor: d
     """Save atomically (temp file + rename)."""
     import torch
 
-    from vsa.io import atomic_write
+    from vsa.io import atomic_write, deferred_signals
 
     ckpt = {
         "format": FORMAT,
@@ -57,7 +57,7 @@ def save_checkpoint(path, kind: str, config: Any, vocab: list[str], extractor: d
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "meta": _plain(meta or {}),
     }
-    with atomic_write(path) as fh:
+    with deferred_signals(), atomic_write(path) as fh:  # Ctrl-C / SIGTERM land after the rename
         torch.save(ckpt, fh)
 
 
