@@ -205,6 +205,29 @@ def test_whole_image_model_and_variants_train(tmp_path):
     assert al.cfg.rnn == "lstm"
 
 
+def test_gru_global_branch_trains_and_keeps_word_region_scores(tmp_path):
+    ds, feats, objs = make_synthetic(tmp_path, n_train=80, n_val=30, n_test=30)
+    from vsa.featstore import load_features
+    from vsa.retrieval import retrieval_metrics, score_matrix
+    from vsa.train_align import load_split
+
+    res = train(AlignConfig(**SMALL, global_encoder="gru"), ds, feats, tmp_path / "g.pt", info=lambda *a: None)
+    assert res["best"]["i2t"]["r1"] >= 60
+    al = load_aligner(tmp_path / "g.pt")
+    st = load_features(feats)
+    rec, o = ds.images[-1], objs[-1]
+    m = al.word_region_scores(st[rec.key], ["a", WORDS[o[0]], "and", "a", WORDS[o[1]]])
+    assert m.shape == (5, 4)  # the region channels only, not the global branch's
+    assert al.image_vectors(st[rec.key]).shape == (4, 32) and al.image_vectors(st[rec.key], full=True).shape == (4, 64)
+    # the global branch counts in the score: switching it off changes the scores
+    data = load_split(ds, "val", st, al.vocab, al.cfg)
+    with_g = score_matrix(al.model, data.feats, data.rmask, data.ids, data.lengths)
+    al.cfg.global_weight = 0.0
+    without = score_matrix(al.model, data.feats, data.rmask, data.ids, data.lengths)
+    assert not np.allclose(with_g, without)
+    assert retrieval_metrics(with_g, data.sent_image.numpy())["rsum"] > 0
+
+
 def test_overrides_are_typed_and_checked():
     from vsa.errors import VsaError
 

@@ -52,6 +52,28 @@ def test_memmapped_and_loaded_stores_agree(npz, tmp_path):
         assert fs.sizes.shape == (3, 2)
 
 
+def test_region_bank_reads_the_same_padded_batches_as_dense_padding(npz):
+    import torch
+
+    from vsa.align import pad_regions
+    from vsa.featstore import RegionBank
+
+    p, a = npz
+    st = FeatureStore(p)
+    keys = ["c.jpg", "a.jpg", "sub/b.jpg", "a.jpg"]
+    bank = RegionBank(st, keys, max_regions=5)
+    dense, mask = pad_regions([st[k][:5] for k in keys], 5)
+    assert bank.shape == (4, 5, 6) and len(bank) == 4
+    assert torch.equal(bank.mask, mask)
+    assert torch.equal(bank[:], dense)
+    assert torch.equal(bank[torch.tensor([3, 0])], dense[[3, 0]])
+    assert torch.equal(bank[1:3], dense[1:3])
+    real = dense[mask].double().numpy()
+    mean, std = bank.moments(chunk=3)
+    np.testing.assert_allclose(mean, real.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(std, real.std(0, ddof=1), rtol=1e-6)
+
+
 def test_compressed_npz_falls_back_to_loading(tmp_path):
     a = arrays(["a.jpg"], [2])
     p = tmp_path / "c.npz"

@@ -40,6 +40,7 @@ ASSET = Path(__file__).parent / "assets" / "align-flickr8k.pt"
 SCORES = ("sum-max", "mean-max", "sum-all", "global")
 RNNS = ("brnn", "gru", "lstm")
 MODELS = ("brnn", "whole-image")
+GLOBAL_ENCODERS = ("mean", "gru")
 
 
 def _l2(x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +63,11 @@ class FeatureStats(nn.Module):
         """``feats [N, D]``: the training regions."""
         self.mean.copy_(feats.mean(0))
         self.std.copy_(feats.std(0).clamp(min=1e-3))
+
+    def set_moments(self, mean, std) -> None:
+        """The same from precomputed per-dimension moments (e.g. :meth:`RegionBank.moments`)."""
+        self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
+        self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype).clamp(min=1e-3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -220,8 +226,36 @@ def ranking_loss(scores: torch.Tensor, img_of: torch.Tensor | None = None, margi
     return (cost_s.sum() + cost_i.sum()) / B
 
 
+class GlobalBranch(nn.Module):
+    """A sentence-level branch beside the word-region alignment (``global_encoder = "gru"``).
+
+    The whole image through its own linear map and the sentence through a GRU (its last state),
+    cosine score: the whole-image baseline's pair, trained jointly with the regions.
+    """
+
+    def __init__(self, feat_dim: int, embed: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.img = nn.Linear(feat_dim, hidden)
+        self.gru = nn.GRU(embed, hidden, batch_first=True)
+        self.drop = nn.Dropout(dropout)
+
+    def image(self, std_feats: torch.Tensor) -> torch.Tensor:  # standardised whole-image features [B, D]
+        return _l2(self.img(std_feats))
+
+    def sentence(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # word embeddings [B, T, e]
+        h, _ = self.gru(self.drop(x))
+        last = (lengths.clamp(min=1) - 1).to(h.device)
+        return _l2(h[torch.arange(len(x), device=h.device), last])
+
+
 class BRNNAligner(nn.Module):
-    """The paper's model: projected regions, BRNN word vectors, ``score`` over word-region dots."""
+    """The paper's model: projected regions, BRNN word vectors, ``score`` over word-region dots.
+
+    With ``global_encoder = "gru"`` a :class:`GlobalBranch` adds ``global_weight`` times its cosine
+    to the score. Its vectors travel in extra channels after the first ``region_dim`` ones (row 0
+    of ``V`` and of ``S``), so every stage keeps the ``embed_images`` / ``embed_sentences`` /
+    ``score`` interface; :attr:`region_dim` says where the region/word vectors end.
+    """
 
     kind = "brnn"
 
@@ -230,23 +264,42 @@ class BRNNAligner(nn.Module):
         self.cfg = cfg
         self.regions = RegionEncoder(feat_dim, cfg.hidden, cfg.dropout_regions, cfg.norm)
         self.words = SentenceBRNN(vocab_size, cfg.embed, cfg.hidden, cfg.rnn, cfg.dropout, cfg.norm, cfg.out_relu)
+        self.region_dim = cfg.hidden
+        enc = getattr(cfg, "global_encoder", "mean")
+        if enc not in GLOBAL_ENCODERS:
+            raise VsaError(f"unknown global_encoder {enc!r} (expected one of {', '.join(GLOBAL_ENCODERS)})")
+        self.glob = GlobalBranch(feat_dim, cfg.embed, cfg.hidden, cfg.dropout) if enc == "gru" else None
 
     @property
     def stats(self) -> FeatureStats:
         return self.regions.stats
 
     def embed_images(self, feats: torch.Tensor, rmask: torch.Tensor):
-        return self.regions(feats, rmask), rmask
+        V = self.regions(feats, rmask)
+        if self.glob is not None:
+            g = torch.zeros_like(V)
+            g[:, 0] = self.glob.image(self.regions.drop(self.stats(feats[:, 0])))  # the whole image is region 0
+            V = torch.cat((V, g), -1)
+        return V, rmask
 
     def embed_sentences(self, ids: torch.Tensor, lengths: torch.Tensor):
         smask = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
-        return self.words(ids, lengths), smask
+        S = self.words(ids, lengths)
+        if self.glob is not None:
+            g = torch.zeros_like(S)
+            g[:, 0] = self.glob.sentence(self.words.embed(ids), lengths)
+            S = torch.cat((S, g), -1)
+        return S, smask
 
     def score(self, V, vmask, S, smask) -> torch.Tensor:
-        out = pair_scores(V, vmask, S, smask, self.cfg.score)
+        h = self.region_dim
+        Vr, Sr = V[..., :h], S[..., :h]
+        out = pair_scores(Vr, vmask, Sr, smask, self.cfg.score)
         w = getattr(self.cfg, "global_weight", 0.0)
-        if w and self.cfg.score != "global":  # optional global term: whole image vs. mean word vector
-            out = out + w * pair_scores(V, vmask, S, smask, "global")
+        if w and self.glob is not None:
+            out = out + w * (V[:, 0, h:] @ S[:, 0, h:].T)
+        elif w and self.cfg.score != "global":  # global term: whole image vs. mean word vector
+            out = out + w * pair_scores(Vr, vmask, Sr, smask, "global")
         return out
 
 
@@ -341,18 +394,21 @@ class Aligner:
         return pad_ids([self.vocab.encode(t) for t in token_lists], self.cfg.max_len)
 
     @torch.inference_mode()
-    def image_vectors(self, region_feats: np.ndarray) -> np.ndarray:
-        """``[R, D]`` CNN features of one image -> ``[R', h]`` region vectors (R' = 1 for whole-image)."""
+    def image_vectors(self, region_feats: np.ndarray, full: bool = False) -> np.ndarray:
+        """``[R, D]`` CNN features of one image -> ``[R', h]`` region vectors (R' = 1 for whole-image).
+
+        ``full`` keeps the extra channels of a global branch (what ``model.score`` needs)."""
         feats, mask = pad_regions([region_feats])
         V, _ = self.model.embed_images(feats.to(self.device), mask.to(self.device))
-        return V[0].float().cpu().numpy()
+        h = V.shape[-1] if full else getattr(self.model, "region_dim", V.shape[-1])
+        return V[0, :, :h].float().cpu().numpy()
 
     @torch.inference_mode()
     def word_vectors(self, tokens: list[str]) -> np.ndarray:
         """Word vectors ``[T, h]`` of one tokenised sentence (``[1, h]`` for the whole-image model)."""
         ids, lengths = self.encode_tokens([tokens])
         S, smask = self.model.embed_sentences(ids.to(self.device), lengths.to(self.device))
-        return S[0][smask[0]].float().cpu().numpy()
+        return S[0][smask[0]][:, : getattr(self.model, "region_dim", S.shape[-1])].float().cpu().numpy()
 
     def word_region_scores(self, region_feats: np.ndarray, tokens: list[str]) -> np.ndarray:
         """The ``v_i . s_t`` matrix ``[T, R]`` of one image (``[R, D]`` CNN features) and one sentence."""

@@ -178,3 +178,78 @@ class FeatureStore:
 
 def load_features(path, mmap: bool = True) -> FeatureStore:
     return FeatureStore(path, mmap=mmap)
+
+
+class RegionBank:
+    """The padded region features ``[N, R, D]`` of a list of images, read from a store on demand.
+
+    Training and evaluation index it like a tensor (``bank[idx]`` with a slice, a list or an index
+    tensor gives float32 ``[b, R, D]``), but only the rows of those images are read: with a
+    memory-mapped store (the default for ``np.savez`` files) the process holds one batch, not the
+    feature set, so memory stays flat however large the features file is. :attr:`mask` (``[N, R]``,
+    real regions) is small and kept in memory.
+    """
+
+    def __init__(self, store: FeatureStore, keys: list[str], max_regions: int):
+        idx = np.array([store._i(k) for k in keys], dtype=np.int64)
+        self.store = store
+        self.starts = store.offsets[idx]
+        self.counts = np.minimum(store.offsets[idx + 1] - self.starts, max_regions)
+        self.R = int(max(1, min(max_regions, int(self.counts.max()) if len(keys) else 1)))
+        self.D = store.dim
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self), self.R, self.D)
+
+    @property
+    def mask(self):
+        import torch
+
+        return torch.arange(self.R)[None, :] < torch.from_numpy(self.counts)[:, None]
+
+    def _select(self, idx) -> np.ndarray:
+        if isinstance(idx, slice):
+            return np.arange(len(self))[idx]
+        if hasattr(idx, "numpy"):
+            idx = idx.cpu().numpy()
+        return np.asarray(idx, dtype=np.int64).reshape(-1)
+
+    def rows(self, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store rows of the images ``which`` (concatenated) and their count per image."""
+        counts = self.counts[which]
+        starts = self.starts[which]
+        rows = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(int(counts.sum()))
+        return rows, counts
+
+    def __getitem__(self, idx):
+        import torch
+
+        which = self._select(idx)
+        rows, counts = self.rows(which)
+        out = np.zeros((len(which), self.R, self.D), dtype=np.float32)
+        mask = np.arange(self.R)[None, :] < counts[:, None]
+        if len(rows):
+            sort = np.argsort(rows, kind="stable")  # read the file in order, put the rows back after
+            got = np.empty((len(rows), self.D), dtype=np.float32)
+            got[sort] = self.store.feats[rows[sort]]
+            out[mask] = got
+        return torch.from_numpy(out)
+
+    def moments(self, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """Per-dimension mean and std over all real regions, read in chunks (float64 sums)."""
+        s = np.zeros(self.D)
+        s2 = np.zeros(self.D)
+        n = 0
+        for a in range(0, len(self), chunk):
+            rows, _ = self.rows(np.arange(a, min(a + chunk, len(self))))
+            x = np.asarray(self.store.feats[np.sort(rows)], dtype=np.float64)
+            s += x.sum(0)
+            s2 += (x * x).sum(0)
+            n += len(x)
+        mean = s / max(n, 1)
+        var = (s2 - n * mean * mean) / max(n - 1, 1)  # unbiased, as torch.std
+        return mean, np.sqrt(np.clip(var, 0, None))

@@ -163,7 +163,7 @@ def model_fingerprint(aligner) -> str:
 
 
 def region_vectors(aligner, photos: list[Photo]) -> list[np.ndarray]:
-    return [aligner.image_vectors(p.feats[: aligner.cfg.max_regions]) for p in photos]
+    return [aligner.image_vectors(p.feats[: aligner.cfg.max_regions], full=True) for p in photos]
 
 
 def save_index(path, aligner, photos: list[Photo], meta_extra: dict | None = None) -> None:
@@ -283,7 +283,8 @@ def search_text(aligner, index: Index, query: str, k: int = 10) -> list[dict]:
         rec = {"rank": rank, "key": index.store.keys[i], "path": index.paths[i], "score": round(float(scores[i]), 4)}
         if aligner.cfg.model == "brnn":
             a, b = index.emb_offsets[i], index.emb_offsets[i + 1]
-            m = S[0][sm[0]].float().numpy() @ index.emb[a:b].T  # [T, R]
+            h = getattr(aligner.model, "region_dim", S.shape[-1])  # word-region dots use the region channels only
+            m = S[0][sm[0]][:, :h].float().numpy() @ index.emb[a:b, :h].T  # [T, R]
             boxes, labels = index.store.boxes(index.store.keys[i]), index.store.labels(index.store.keys[i])
             rec["words"] = [{"word": w, "region": int(m[t].argmax()), "label": labels[int(m[t].argmax())] if labels else "",
                              "box": [round(float(v), 1) for v in boxes[int(m[t].argmax())]] if boxes is not None else None}

@@ -28,7 +28,8 @@ class AlignConfig:
     model: str = "brnn"  # brnn (the paper) | whole-image (ablation baseline)
     rnn: str = "brnn"  # brnn (ReLU RNN as in the paper) | gru | lstm
     score: str = "mean-max"  # sum-max (paper eq. 8) | mean-max | sum-all (eq. 7) | global
-    global_weight: float = 1.0  # add this times a global score (whole image . mean word vector) to `score`
+    global_weight: float = 1.0  # add this times a global score (whole image vs. sentence) to `score`
+    global_encoder: str = "mean"  # the global term's sentence vector: mean (of the word vectors) | gru (own GRU + image map)
     hidden: int = 512  # h: size of the shared region/word space
     embed: int = 300  # word vector size
     norm: bool = True  # L2-normalise region and word vectors
@@ -69,7 +70,7 @@ class AlignConfig:
 @dataclass
 class Split:
     keys: list[str]
-    feats: torch.Tensor  # [N, R, D] float32
+    feats: "RegionBank"  # [N, R, D] float32 on indexing, read from the (memory-mapped) store
     rmask: torch.Tensor  # [N, R] bool
     ids: torch.Tensor  # [M, T] int64
     lengths: torch.Tensor  # [M]
@@ -79,9 +80,10 @@ class Split:
 
 def load_split(ds, split: str, store, vocab, cfg: AlignConfig, limit: int = 0, warn=None,
                skip_missing: bool = False) -> Split:
-    """Padded region features and encoded sentences of one split (images without features: error,
-    or skipped with a warning when ``skip_missing``)."""
-    from vsa.align import pad_ids, pad_regions
+    """Region features (read on demand) and encoded sentences of one split (images without features:
+    error, or skipped with a warning when ``skip_missing``)."""
+    from vsa.align import pad_ids
+    from vsa.featstore import RegionBank
 
     recs = [r for r in ds.split(split) if r.sentences]
     recs = store.check_dataset(recs, skip_missing=skip_missing, warn=warn)
@@ -90,7 +92,8 @@ def load_split(ds, split: str, store, vocab, cfg: AlignConfig, limit: int = 0, w
     if not recs:
         raise VsaError(f"split {split!r} has no images with sentences", ds.source)
     R = 1 if cfg.model == "whole-image" else cfg.max_regions
-    feats, rmask = pad_regions([store[r.key][:R] for r in recs], R)
+    feats = RegionBank(store, [r.key for r in recs], R)
+    rmask = feats.mask
     seqs, owner, sentids = [], [], []
     for i, r in enumerate(recs):
         for s in r.sentences:
@@ -321,7 +324,7 @@ def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, d
          f"up to {train_data.feats.shape[1]} regions ({time.time() - t0:.1f}s to load)")
     model = build_model(cfg, len(vocab), store.dim).to(device)
     if cfg.standardize and not state:
-        model.stats.fit(train_data.feats[train_data.rmask])
+        model.stats.set_moments(*train_data.feats.moments())
     if cfg.glove and not state:
         emb = model.words.embed if cfg.model == "brnn" else model.embed
         n = init_glove(emb, vocab, cfg.glove)
@@ -399,9 +402,10 @@ def parse_overrides(cfg: AlignConfig, items: list[str]) -> AlignConfig:
 
 
 def _check(cfg: AlignConfig) -> None:
-    from vsa.align import MODELS, RNNS, SCORES
+    from vsa.align import GLOBAL_ENCODERS, MODELS, RNNS, SCORES
 
     for name, allowed in (("model", MODELS), ("rnn", RNNS), ("score", SCORES), ("loss", ("sum", "max")),
+                          ("global_encoder", GLOBAL_ENCODERS),
                           ("optimizer", ("adam", "sgd"))):
         if getattr(cfg, name) not in allowed:
             raise VsaError(f"unknown {name} {getattr(cfg, name)!r} (expected one of {', '.join(allowed)})")
