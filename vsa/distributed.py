@@ -112,3 +112,27 @@ def cleanup(env: DistEnv) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def gather_with_grad(x, env: DistEnv, sizes: list[int]):
+    """Concatenate every rank's ``x`` (rank order) along dim 0; this rank's part keeps its gradient.
+
+    ``sizes`` (rows per rank) must be known on every rank; other dims must match. Used for losses
+    over the global batch (contrastive ranking loss): with the loss scaled by ``world`` and DDP's
+    gradient averaging, the gradient equals the one-process gradient of the same global batch.
+    """
+    if not env.enabled:
+        return x
+    import torch
+    import torch.distributed as dist
+
+    n = max(sizes)
+    pad = x.new_zeros((n, *x.shape[1:]))
+    pad[: len(x)] = x.detach()
+    if pad.dtype == torch.bool:
+        pad = pad.to(torch.uint8)
+    parts = [torch.empty_like(pad) for _ in range(env.world)]
+    dist.all_gather(parts, pad.contiguous())
+    parts = [p[:k].to(x.dtype) for p, k in zip(parts, sizes)]
+    parts[env.rank] = x
+    return torch.cat(parts)

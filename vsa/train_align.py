@@ -60,6 +60,7 @@ class AlignConfig:
     clip_value: float = 0.0  # elementwise clip (the paper: 5; 0: none)
     seed: int = 0
     threads: int = 0  # torch threads (0: leave torch's default)
+    amp: bool = True  # bfloat16 autocast on CUDA (CPU always runs float32)
     max_train_images: int = 0  # 0: all (small numbers for quick experiments)
     val_images: int = 1000  # val images used for model selection (0: all)
 
@@ -216,9 +217,59 @@ def epoch_order(sent_image: torch.Tensor, group: int, seed: int) -> torch.Tensor
     return by_img[torch.argsort(key)]
 
 
-def train_epoch(model, opt, cfg: AlignConfig, data: Split, epoch: int, progress=None) -> dict:
-    from vsa.align import ranking_loss
+class _Embed(torch.nn.Module):
+    """The forward pass DDP wraps: images and sentences of one (local) batch -> their vectors."""
 
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats, rmask, ids, lengths):
+        V, vm = self.model.embed_images(feats, rmask)
+        S, sm = self.model.embed_sentences(ids, lengths)
+        return V, vm, S, sm
+
+
+def rank_share(img_of: torch.Tensor, n_img: int, world: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Split one global batch over ``world`` ranks by image: rank r embeds images r, r+world, ... and
+    their sentences. Returns the image positions and sentence positions of every rank (all ranks
+    compute the same split, so no communication is needed)."""
+    u = torch.arange(n_img)
+    imgs = [u[u % world == r] for r in range(world)]
+    sents = [torch.nonzero(img_of % world == r).flatten() for r in range(world)]
+    return imgs, sents
+
+
+def batch_loss(emb, model, cfg: AlignConfig, data: Split, idx: torch.Tensor, hardest: bool, env=None, dev="cpu"):
+    """The ranking loss of the global batch ``idx`` (sentence positions); under torch.distributed this
+    rank embeds only its share and the scores use every rank's vectors (see :func:`rank_share`)."""
+    from vsa.align import ranking_loss
+    from vsa.distributed import gather_with_grad
+
+    img, img_of = torch.unique(data.sent_image[idx], return_inverse=True)
+    lengths = data.lengths[idx]
+    T = int(lengths.max())
+    ids = data.ids[idx, :T]
+    if env is None or not env.enabled:
+        V, vm, S, sm = emb(data.feats[img].to(dev), data.rmask[img].to(dev), ids.to(dev), lengths.to(dev))
+        return ranking_loss(model.score(V, vm, S, sm), img_of.to(dev), cfg.margin, hardest), 1.0
+    imgs, sents = rank_share(img_of, len(img), env.world)
+    mi, ms = imgs[env.rank], sents[env.rank]
+    V, vm, S, sm = emb(data.feats[img[mi]].to(dev), data.rmask[img[mi]].to(dev), ids[ms].to(dev), lengths[ms].to(dev))
+    isz, ssz = [len(x) for x in imgs], [len(x) for x in sents]
+    V, vm = gather_with_grad(V, env, isz), gather_with_grad(vm, env, isz)
+    S, sm = gather_with_grad(S, env, ssz), gather_with_grad(sm, env, ssz)
+    order = torch.cat(imgs)  # image u sits at position where[u] of the gathered rows
+    where = torch.empty_like(order)
+    where[order] = torch.arange(len(order))
+    owner = where[img_of[torch.cat(sents)]]
+    return ranking_loss(model.score(V, vm, S, sm), owner.to(dev), cfg.margin, hardest), float(env.world)
+
+
+def train_epoch(model, opt, cfg: AlignConfig, data: Split, epoch: int, progress=None, env=None, emb=None) -> dict:
+    """One epoch over ``data`` in global batches of ``cfg.batch_size`` sentences. ``emb`` is the
+    (DDP-wrapped, under torchrun) :class:`_Embed` of ``model``."""
+    emb = emb if emb is not None else _Embed(model)
     model.train()
     for g in opt.param_groups:
         g["lr"] = lr_at(cfg, epoch)
@@ -228,17 +279,16 @@ def train_epoch(model, opt, cfg: AlignConfig, data: Split, epoch: int, progress=
     n_batches = math.ceil(len(order) / cfg.batch_size)
     task = progress.add_task(f"epoch {epoch + 1}", total=n_batches) if progress is not None else None
     total, steps = 0.0, 0
+    world = env.world if env is not None and env.enabled else 1
+    amp = dev.type == "cuda" and cfg.amp
     for b in range(n_batches):
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-        img, img_of = torch.unique(data.sent_image[idx], return_inverse=True)
-        lengths = data.lengths[idx]
-        ids = data.ids[idx, : int(lengths.max())]
-        V, vm = model.embed_images(data.feats[img].to(dev), data.rmask[img].to(dev))
-        S, sm = model.embed_sentences(ids.to(dev), lengths.to(dev))
-        scores = model.score(V, vm, S, sm)
-        loss = ranking_loss(scores, img_of.to(dev), cfg.margin, hardest)
+        if world > 1 and len(torch.unique(data.sent_image[idx])) < world:
+            continue  # too few images to give every rank one (only a tiny last batch): skipped everywhere
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss, scale = batch_loss(emb, model, cfg, data, idx, hardest, env, dev)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * scale).backward()  # DDP averages gradients over ranks: x world gives the global-batch gradient
         if cfg.clip_value:
             torch.nn.utils.clip_grad_value_(model.parameters(), cfg.clip_value)
         if cfg.clip:
@@ -297,6 +347,12 @@ def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, d
     from vsa.featstore import load_features
     from vsa.io import append_jsonl
 
+    from vsa import distributed as dist_
+
+    env = dist_.setup(device)  # under torchrun: joins the process group (gloo on CPU, nccl on GPU)
+    device = env.device
+    if not env.is_main:  # only rank 0 talks, evaluates and writes
+        info, progress = (lambda *a, **k: None), None
     out = Path(out)
     log = Path(log) if log is not None else out.with_name(out.stem + ".log.jsonl")
     lastp = last_path(out)
@@ -329,6 +385,11 @@ def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, d
         emb = model.words.embed if cfg.model == "brnn" else model.embed
         n = init_glove(emb, vocab, cfg.glove)
         info(f"GloVe: {n} of {len(vocab) - 4} words initialised from {cfg.glove}")
+    emb = dist_.wrap(_Embed(model), env)  # DDP when distributed (broadcasts rank 0's weights)
+    if env.enabled:
+        torch.manual_seed(cfg.seed + 1000 * env.rank)  # different dropout masks on different ranks
+        info(f"distributed: {env.world} processes ({'nccl' if device.startswith('cuda') else 'gloo'}), "
+             f"global batch {cfg.batch_size} sentences split over them by image")
     opt = make_optimizer(cfg, model.parameters())
     start, best, history = 0, None, []
     if state:
@@ -345,8 +406,11 @@ def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, d
         with _Stop():
             for epoch in range(start, cfg.epochs):
                 t = time.time()
-                stats = train_epoch(model, opt, cfg, train_data, epoch, progress)
+                stats = train_epoch(model, opt, cfg, train_data, epoch, progress, env, emb)
                 t_train = time.time() - t
+                if not env.is_main:
+                    dist_.barrier(env)  # wait for rank 0's evaluation and checkpoints
+                    continue
                 val = evaluate_split(model, val_data)
                 seconds += time.time() - t
                 rec = {"epoch": epoch + 1, **stats, "val": val, "train_s": round(t_train, 1),
@@ -368,10 +432,14 @@ def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, d
                 info(f"epoch {epoch + 1}/{cfg.epochs} loss {stats['loss']:.4f} | val i2t R@1/5/10 {i2t['r1']:.1f}/"
                      f"{i2t['r5']:.1f}/{i2t['r10']:.1f} t2i {t2i['r1']:.1f}/{t2i['r5']:.1f}/{t2i['r10']:.1f} "
                      f"rsum {val['rsum']:.1f}{' *' if improved else ''} | {time.time() - t:.0f}s")
+                dist_.barrier(env)
     except KeyboardInterrupt:
         raise VsaError(f"interrupted; the best checkpoint so far is {out}, the last completed epoch is in "
                        f"{lastp} (continue with --resume)") from None
-    return {"best": best, "epochs": len(history), "seconds": round(seconds, 1), "out": str(out), "log": str(log)}
+    finally:
+        dist_.cleanup(env)
+    return {"best": best, "epochs": len(history), "seconds": round(seconds, 1), "out": str(out), "log": str(log),
+            "world": env.world, "rank": env.rank}
 
 
 def config_fields() -> list[str]:

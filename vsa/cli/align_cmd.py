@@ -33,7 +33,7 @@ def train_align(
     min_count: Optional[int] = typer.Option(None, "--min-count", help="Vocabulary threshold (default: [dataset] min_count, 5)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Leave out dataset images that have no features (with a warning) instead of failing."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, or auto."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
 ):
     """Train the region-word alignment model (BRNN, max-margin ranking); keeps the best-on-val checkpoint."""
@@ -58,6 +58,8 @@ def train_align(
         result = train(cfg, ds, feats, out, log, resume=resume, device=pick_device(device), info=info, warn=warn,
                        progress=prog, skip_missing=skip_missing,
                        epochs=epochs if resume else None, overrides=set_ if resume else None)
+    if result.get("rank", 0) != 0:  # torchrun: rank 0 reports
+        return
     b = result["best"]
     info(f"best val rsum {b['rsum']} at epoch {b['epoch']} -> {out} ({result['seconds']:.0f}s of training)")
     if as_json:
@@ -120,7 +122,7 @@ def score_cmd(
     cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help=CNN_HELP),
     as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout (always, for stdin pairs)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Stdin pairs: warn and go on past bad lines and unreadable photos."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, or auto."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
 ):
     """Image-sentence score and, for each word, its best region (box, class)."""
     from vsa.errors import VsaError
@@ -189,7 +191,7 @@ def search_index(
     top: int = typer.Option(19, "--top", help="Detections per photo (plus the whole image)."),
     cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help=CNN_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn and go on past unreadable photos."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, or auto."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
 ):
     """Detect, embed and project every photo once into an index file."""
     from vsa.cli.common import progress
@@ -278,7 +280,7 @@ def search_sentences_cmd(
     top: int = typer.Option(19, "--top", help="Detections per photo (plus the whole image)."),
     cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help=CNN_HELP),
     as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout instead of a table."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, or auto."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
 ):
     """Rank the sentences of a corpus for one photo (image annotation by retrieval)."""
     from vsa.io import JsonlWriter

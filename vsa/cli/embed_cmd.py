@@ -52,7 +52,7 @@ def embed(
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore finished parts of an earlier run."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about unreadable images and go on (default: exit 2)."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Decompression-bomb guard (default 178956970 or $VSA_MAX_PIXELS)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
     threads: int = typer.Option(0, "--threads", help="torch intra-op threads (0 = torch default)."),
 ):
     """CNN features of every region (whole image first) into one NPZ, resumable and shardable.

@@ -28,7 +28,7 @@ def evaluate(
     ranks_out: Optional[Path] = typer.Option(None, "--ranks-out", help="Write retrieval ranks (for `vsa show`) here as JSON."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the eval report JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of tables."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
 ):
     """Retrieval (aligner) and caption metrics (generator) on a split, beside the paper's numbers."""
     from vsa.checkpoint import load_checkpoint

@@ -120,7 +120,7 @@ def caption(
     detector: Optional[str] = typer.Option(None, "--detector", help="Detector for --regions (default: [regions] detector in vsa.toml)."),
     top: int = typer.Option(5, "--top", help="Regions described per image with --regions."),
     batch_size: int = typer.Option(16, "--batch-size"),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
     cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help="Local CNN weights (default: the packaged EfficientNet-Lite0 weights)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn and go on when an image cannot be read."),
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0: all)."),

@@ -24,7 +24,7 @@ def regions(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output JSONL. Default: stdout; in a terminal with a vsa.toml, [regions] out."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about unreadable images and go on (default: exit 2)."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Decompression-bomb guard (default 178956970 or $VSA_MAX_PIXELS)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
     threads: int = typer.Option(0, "--threads", help="torch intra-op threads (0 = torch default)."),
 ):
     """Detect regions: the whole image + top detections per image, as JSONL (one line per image)."""

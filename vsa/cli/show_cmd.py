@@ -22,7 +22,7 @@ def align(
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore the finished part of an earlier run."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Skip dataset images that have no features (default: error)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N image-sentence pairs."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, or auto."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
     threads: int = typer.Option(0, "--threads", help="torch intra-op threads (0 = torch default)."),
 ):
     """Snippet alignment (chain MRF, exact Viterbi) of every sentence to its image's regions, as JSONL.
