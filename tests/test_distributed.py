@@ -78,3 +78,39 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path)
     worst = max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
     scale = max(float(sa[k].float().abs().max()) for k in sa)
     assert worst <= 1e-3 * scale, worst
+
+
+def _train_mrnn(tmp_path, ds, feats, out, nproc: int):
+    args = ["train-mrnn", "--dataset", str(ds), "--features", str(feats), "--out", str(out), "--epochs", "3",
+            "--batch-size", "24", "--hidden", "16", "--embed", "16", "--dropout", "0", "--lr", "5e-3", "--min-count", "1",
+            "--threads", "1", "--seed", "2", "--device", "cpu", "--no-beam-search"]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "vsa", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "vsa", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_train_mrnn_two_gloo_processes_match_one_process(tmp_path):
+    from tests.test_mrnn import tiny_dataset
+    from vsa.checkpoint import load_checkpoint
+
+    ds, feats = tiny_dataset(tmp_path, n_train=30, n_val=5, n_test=2)  # 90 sentences: batches of 24, 24, 24, 18
+    _train_mrnn(tmp_path, ds, feats, tmp_path / "one.pt", 1)
+    p2 = _train_mrnn(tmp_path, ds, feats, tmp_path / "two.pt", 2)
+    assert "distributed: 2 processes (gloo)" in p2.stderr and p2.stderr.count("best val CIDEr") == 1
+    a, b = load_checkpoint(tmp_path / "one.last.pt"), load_checkpoint(tmp_path / "two.last.pt")
+    ha, hb = a["meta"]["history"], b["meta"]["history"]
+    assert [h["epoch"] for h in ha] == [h["epoch"] for h in hb] == [1, 2, 3]
+    for x, y in zip(ha, hb):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-3, abs=1e-3)
+    assert ha[-1]["train_loss"] < ha[0]["train_loss"]
+    sa, sb = a["state_dict"], b["state_dict"]
+    worst = max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
+    assert worst <= 1e-3 * max(float(sa[k].float().abs().max()) for k in sa), worst

@@ -136,3 +136,19 @@ def gather_with_grad(x, env: DistEnv, sizes: list[int]):
     parts = [p[:k].to(x.dtype) for p, k in zip(parts, sizes)]
     parts[env.rank] = x
     return torch.cat(parts)
+
+
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's ``obj`` on every rank (e.g. the early-stopping decision, which only rank 0 evaluates)."""
+    if not env.enabled:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def share(n: int, env: DistEnv) -> slice:
+    """This rank's strided share of a global batch of ``n`` items (``rank::world``)."""
+    return slice(env.rank, n, env.world) if env.enabled else slice(0, n)

@@ -131,10 +131,16 @@ def batch_tensors(sents: list[tuple[int, list[int]]]):
     return idx, inp, tgt
 
 
-def _sub(sp: Split, idx: torch.Tensor):
+def _sub(sp: Split, idx: torch.Tensor, dev=None):
     f = sp.feats.index_select(0, idx)
     m = sp.mask.index_select(0, idx) if sp.mask is not None else None
+    if dev is not None:
+        f, m = f.to(dev), (m.to(dev) if m is not None else None)
     return f, m
+
+
+def _dev(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -143,10 +149,12 @@ def _sub(sp: Split, idx: torch.Tensor):
 @torch.no_grad()
 def perplexity(model, sp: Split, batch_size: int = 256) -> float:
     model.eval()
+    dev = _dev(model)
     total, n = 0.0, 0
     for s in range(0, len(sp.sents), batch_size):
         idx, inp, tgt = batch_tensors(sp.sents[s : s + batch_size])
-        f, m = _sub(sp, idx)
+        f, m = _sub(sp, idx, dev)
+        inp, tgt = inp.to(dev), tgt.to(dev)
         logits = model(f, inp, m)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=0, reduction="sum")
         total += float(loss)
@@ -164,7 +172,7 @@ def generate(model, sp: Split, vocab: Vocab, beam: int = 1, max_len: int = 20, l
     out = []
     for s in range(0, len(sp.feats), batch_size):
         idx = torch.arange(s, min(s + batch_size, len(sp.feats)))
-        f, m = _sub(sp, idx)
+        f, m = _sub(sp, idx, _dev(model))
         for h in decode(model, f, m, beam, max_len, length_penalty, bad):
             out.append(" ".join(vocab.decode(h.tokens)))
     return out
@@ -195,8 +203,20 @@ def _save(path, model, cfg, vocab, extractor, meta) -> None:
 
 
 def train(cfg: MRNNConfig, train_sp: Split, val_sp: Split, vocab: Vocab, out, extractor: dict, resume: bool = False,
-          log=print, extra_meta: dict | None = None, choose_decoding: bool = True) -> dict:
-    """Train, keeping the best-on-val checkpoint at ``out``; returns a summary dict."""
+          log=print, extra_meta: dict | None = None, choose_decoding: bool = True, device: str = "cpu") -> dict:
+    """Train, keeping the best-on-val checkpoint at ``out``; returns a summary dict.
+
+    Under ``torchrun`` every rank takes a strided share of each global batch (DDP averages the
+    gradients; the loss is normalised by the global batch, so the step is the one-process step);
+    rank 0 alone evaluates on val, logs and writes checkpoints, and broadcasts the early-stopping
+    decision. On CUDA the forward passes run under bfloat16 autocast.
+    """
+    from vsa import distributed as D
+
+    env = D.setup(device)
+    dev = torch.device(env.device)
+    if not env.is_main:
+        log = lambda *a, **k: None  # noqa: E731
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out)
@@ -209,7 +229,6 @@ def train(cfg: MRNNConfig, train_sp: Split, val_sp: Split, vocab: Vocab, out, ex
     flat = flat.reshape(-1, flat.shape[-1]).float()
     model.feat_mean.copy_(flat.mean(0))
     model.feat_std.copy_(flat.std(0).clamp_min(1e-3))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: list[dict] = []
     best = {"epoch": 0, "val_CIDEr": -1.0}
     start_epoch, phase = 1, "xe"
@@ -229,7 +248,14 @@ def train(cfg: MRNNConfig, train_sp: Split, val_sp: Split, vocab: Vocab, out, ex
         model.load_state_dict(ck["state_dict"])
         m = ck["meta"]
         phase = m.get("phase", "xe")
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr if phase == "xe" else cfg.scst_lr, weight_decay=cfg.weight_decay)
+    model = model.to(dev)
+    ddp = D.wrap(model, env)
+    if env.enabled:
+        torch.manual_seed(cfg.seed + 1000 * env.rank)  # different dropout masks on different ranks
+        log(f"distributed: {env.world} processes ({'nccl' if env.device.startswith('cuda') else 'gloo'}), "
+            f"global batch {cfg.batch_size} split over them")
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr if phase == "xe" else cfg.scst_lr, weight_decay=cfg.weight_decay)
+    if resume:
         osd = dict(m["optimizer"])
         osd["state"] = {int(k): v for k, v in osd["state"].items()}  # checkpoint dict keys are strings
         opt.load_state_dict(osd)
@@ -240,6 +266,8 @@ def train(cfg: MRNNConfig, train_sp: Split, val_sp: Split, vocab: Vocab, out, ex
         log(f"resumed from {last} at epoch {start_epoch} ({phase})")
 
     def snapshot(epoch: int, phase: str, improved: bool) -> None:
+        if not env.is_main:
+            return
         meta = dict(meta_common, epoch=epoch, phase=phase, history=history, best=best,
                     train_seconds=elapsed0 + time.time() - t0)
         if improved:
@@ -260,7 +288,7 @@ def train(cfg: MRNNConfig, train_sp: Split, val_sp: Split, vocab: Vocab, out, ex
                 # fine-tune from the best cross-entropy weights
                 from vsa.checkpoint import load_checkpoint
 
-                model.load_state_dict(load_checkpoint(out, "mrnn")["state_dict"])
+                model.load_state_dict(load_checkpoint(out, "mrnn")["state_dict"])  # shared file system under torchrun
                 opt = torch.optim.Adam(model.parameters(), lr=cfg.scst_lr)
             from vsa.caption_metrics import CiderD
 
@@ -269,10 +297,14 @@ def train(cfg: MRNNConfig, train_sp: Split, val_sp: Split, vocab: Vocab, out, ex
         if phase == "xe":
             lr = cfg.lr * (cfg.lr_decay ** max(0, epoch - cfg.lr_decay_start)) if epoch > cfg.lr_decay_start else cfg.lr
             _set_lr(opt, lr)
-            train_loss = _xe_epoch(model, opt, train_sp, cfg, epoch)
+            train_loss = _xe_epoch(model, opt, train_sp, cfg, epoch, ddp, env)
         else:
             lr = cfg.scst_lr
-            train_loss = _scst_epoch(model, opt, train_sp, cfg, epoch, scorer, vocab)
+            train_loss = _scst_epoch(model, opt, train_sp, cfg, epoch, scorer, vocab, ddp, env)
+        if not env.is_main:  # rank 0 evaluates, saves and says whether to stop
+            D.barrier(env)
+            stale = D.broadcast_object(None, env)
+            continue
         ppl = perplexity(model, val_sp)
         sc = val_scores(model, val_sp, vocab, 1, cfg.max_len)
         rec = {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": round(train_loss, 4), "val_ppl": round(ppl, 3),
@@ -287,9 +319,13 @@ def train(cfg: MRNNConfig, train_sp: Split, val_sp: Split, vocab: Vocab, out, ex
         snapshot(epoch, phase, improved)
         log(f"epoch {epoch:2d} {phase:4s} loss {train_loss:.3f}  val ppl {ppl:6.2f}  BLEU-4 {sc['BLEU-4']:5.2f}  "
             f"CIDEr {sc['CIDEr']:5.2f}{'  *best' if improved else ''}  ({rec['seconds']:.0f}s)")
+        D.barrier(env)
+        D.broadcast_object(stale, env)
     train_seconds = elapsed0 + time.time() - t0
-    summary = {"best": best, "history": history, "train_seconds": round(train_seconds, 1), "out": str(out)}
-    if choose_decoding and out.exists():
+    summary = {"best": best, "history": history, "train_seconds": round(train_seconds, 1), "out": str(out),
+               "world": env.world, "rank": env.rank}
+    D.cleanup(env)
+    if choose_decoding and env.is_main and out.exists():
         summary["decoding"] = choose_beam(out, val_sp, vocab, log=log)
     return summary
 
@@ -298,32 +334,48 @@ def epoch_since_best(history: list[dict], best: dict) -> int:
     return sum(1 for h in history if h["epoch"] > best.get("epoch", 0) and h.get("phase", "xe") == "xe")
 
 
-def _xe_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int) -> float:
+def _xe_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, ddp=None, env=None) -> float:
+    """One teacher-forced epoch; ``ddp`` is the (DDP-wrapped) model that runs the forward pass."""
+    from vsa.distributed import DistEnv, share
+
+    env = env or DistEnv()
+    ddp = ddp if ddp is not None else model
     model.train()
+    dev = _dev(model)
+    amp = dev.type == "cuda"
     rng = np.random.RandomState(cfg.seed * 1000 + epoch)
     order = rng.permutation(len(sp.sents))
     total, n = 0.0, 0
     for s in range(0, len(order), cfg.batch_size):
         batch = [sp.sents[i] for i in order[s : s + cfg.batch_size]]
-        idx, inp, tgt = batch_tensors(batch)
-        f, m = _sub(sp, idx)
-        logits = model(f, inp, m)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=0,
-                                                 label_smoothing=cfg.label_smoothing)
+        if len(batch) < env.world:
+            continue  # a last batch too small to give every rank a sentence: skipped on every rank
+        n_tokens = sum(len(w) + 1 for _, w in batch)  # the global batch's targets (words + <end>)
+        mine = batch[share(len(batch), env)]
+        idx, inp, tgt = batch_tensors(mine)
+        f, m = _sub(sp, idx, dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            logits = ddp(f, inp.to(dev), m)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt.to(dev).flatten(), ignore_index=0,
+                                                 label_smoothing=cfg.label_smoothing, reduction="sum") / n_tokens
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * env.world).backward()  # DDP averages over ranks: the sum is the global-batch mean
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        total += loss.item() * len(batch)
+        total += loss.item() * len(batch)  # this rank's part of the global batch's mean
         n += len(batch)
+    if env.enabled:
+        from vsa.distributed import all_reduce_mean
+
+        total = all_reduce_mean(total, env) * env.world
     return total / max(n, 1)
 
 
 def sequence_logprob(model, feats, mask, seqs: torch.Tensor) -> torch.Tensor:
     """Summed log-probability of each sampled sequence (``<end>``-terminated, pad after), with gradients."""
     B = seqs.shape[0]
-    inp = torch.cat([torch.full((B, 1), Vocab.start, dtype=torch.long), seqs[:, :-1]], 1)
+    inp = torch.cat([torch.full((B, 1), Vocab.start, dtype=torch.long, device=seqs.device), seqs[:, :-1]], 1)
     inp = torch.where(inp == Vocab.pad, torch.full_like(inp, Vocab.end), inp)
     logits = model(feats, inp, mask)
     lp = torch.log_softmax(logits, -1).gather(2, seqs[:, :, None]).squeeze(2)
@@ -331,8 +383,15 @@ def sequence_logprob(model, feats, mask, seqs: torch.Tensor) -> torch.Tensor:
     return (lp * valid).sum(1)
 
 
-def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, vocab: Vocab) -> float:
-    """Self-critical sequence training: reward CIDEr-D, baseline the mean reward of the other samples."""
+def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, vocab: Vocab, ddp=None, env=None) -> float:
+    """Self-critical sequence training: reward CIDEr-D, baseline the mean reward of the other samples.
+
+    Under torchrun every rank samples for its share of each global batch of images."""
+    from vsa.distributed import DistEnv, share
+
+    env = env or DistEnv()
+    ddp = ddp if ddp is not None else model
+    dev = _dev(model)
     model.eval()  # no dropout: the sampled and the re-scored policy are the same
     rng = np.random.RandomState(cfg.seed * 1000 + epoch)
     order = torch.from_numpy(rng.permutation(len(sp.feats)))
@@ -341,8 +400,11 @@ def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, voca
     total, count = 0.0, 0
     itos = vocab.itos
     for s in range(0, len(order), B):
-        idx = order[s : s + B]
-        f, m = _sub(sp, idx)
+        glob = order[s : s + B]
+        if len(glob) < env.world:
+            continue
+        idx = glob[share(len(glob), env)]
+        f, m = _sub(sp, idx, dev)
         seqs = sample(model, f, m, n, cfg.max_len)
         words = [[itos[t] for t in row if t not in (Vocab.pad, Vocab.end)] for row in seqs.tolist()]
         refs = [sp.ref_tokens[int(i)] for i in idx for _ in range(n)]
@@ -351,15 +413,19 @@ def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, voca
         adv = (r - base).flatten()
         fr = f.repeat_interleave(n, 0)
         mr = m.repeat_interleave(n, 0) if m is not None else None
-        lp = sequence_logprob(model, fr, mr, seqs)
-        loss = -(adv * lp).mean()
+        lp = sequence_logprob(ddp, fr, mr, seqs)
+        loss = -(adv.to(dev) * lp).sum() / (len(glob) * n)  # the mean over the global batch's samples
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * env.world).backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         total += float(r.mean()) * len(idx)
         count += len(idx)
+    if env.enabled:
+        from vsa.distributed import all_reduce_mean
+
+        total, count = all_reduce_mean(total, env), all_reduce_mean(count, env)
     return total / max(count, 1)  # mean sample reward (CIDEr-D)
 
 

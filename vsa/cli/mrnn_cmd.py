@@ -41,6 +41,7 @@ def train_mrnn(
     patience: int = typer.Option(3, "--patience", help="Stop after this many epochs without val CIDEr gain."),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0: all)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda; under torchrun each rank its own GPU."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <stem>.last.pt."),
     no_beam_search: bool = typer.Option(False, "--no-beam-search", help="Skip choosing beam size / length penalty on val."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Skip dataset images that have no features."),
@@ -92,10 +93,12 @@ def train_mrnn(
     _sigterm_as_interrupt()
     try:
         summary = T.train(cfg, tr, va, vocab, out, extractor, resume=resume, log=info, extra_meta=meta,
-                          choose_decoding=not no_beam_search)
+                          choose_decoding=not no_beam_search, device=device)
     except KeyboardInterrupt:
         warn(f"interrupted: the last good checkpoints are intact ({out}, {T.last_path(out)}); continue with --resume")
         raise typer.Exit(130)
+    if summary.get("rank", 0) != 0:  # torchrun: rank 0 reports
+        return
     info(f"best val CIDEr {summary['best'].get('val_CIDEr')} at epoch {summary['best'].get('epoch')}, "
          f"{summary['train_seconds'] / 60:.1f} min -> {out}")
     if as_json:
