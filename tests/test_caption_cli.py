@@ -40,6 +40,14 @@ def test_caption_prints_one_line_per_image_with_the_shipped_model(tmp_path):
     assert [x["caption"] for x in res] == [x["caption"] for x in recs]
     r = run_cli("caption", p, "--bare", "--beam", "1", "--threads", "1")
     assert r.returncode == 0 and "\t" not in r.stdout.decode() and len(r.stdout.decode().splitlines()) == 1
+    # --shard K/N: the shards together are the whole folder, in order, each image once
+    _photo(tmp_path / "c.jpg")
+    parts = []
+    for k in (1, 2):
+        r = run_cli("caption", tmp_path, "--json", "--shard", f"{k}/2", "--threads", "1")
+        assert r.returncode == 0, r.stderr.decode()
+        parts.append([orjson.loads(x)["key"] for x in r.stdout.splitlines()])
+    assert parts == [["b.png"], ["c.jpg", "photo.jpg"]]
 
 
 def test_caption_does_not_import_the_detector(tmp_path):

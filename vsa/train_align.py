@@ -62,6 +62,7 @@ class AlignConfig:
     threads: int = 0  # torch threads (0: leave torch's default)
     amp: bool = True  # bfloat16 autocast on CUDA (CPU always runs float32)
     max_train_images: int = 0  # 0: all (small numbers for quick experiments)
+    steps_per_epoch: int = 0  # 0: the whole train split; else stop each epoch after this many batches (smoke runs, benchmarks)
     val_images: int = 1000  # val images used for model selection (0: all)
 
 
@@ -277,8 +278,10 @@ def train_epoch(model, opt, cfg: AlignConfig, data: Split, epoch: int, progress=
     order = epoch_order(data.sent_image, cfg.group, cfg.seed * 1000 + epoch)
     dev = next(model.parameters()).device
     n_batches = math.ceil(len(order) / cfg.batch_size)
+    if cfg.steps_per_epoch:
+        n_batches = min(n_batches, cfg.steps_per_epoch)
     task = progress.add_task(f"epoch {epoch + 1}", total=n_batches) if progress is not None else None
-    total, steps = 0.0, 0
+    total, steps, seen = 0.0, 0, 0
     world = env.world if env is not None and env.enabled else 1
     amp = dev.type == "cuda" and cfg.amp
     for b in range(n_batches):
@@ -296,11 +299,12 @@ def train_epoch(model, opt, cfg: AlignConfig, data: Split, epoch: int, progress=
         opt.step()
         total += float(loss.detach())
         steps += 1
+        seen += len(idx)
         if progress is not None:
             progress.advance(task)
     if progress is not None:
         progress.remove_task(task)
-    return {"loss": total / max(steps, 1), "hardest": hardest, "lr": lr_at(cfg, epoch)}
+    return {"loss": total / max(steps, 1), "hardest": hardest, "lr": lr_at(cfg, epoch), "sentences": seen}
 
 
 def _optimizer_state_from_meta(state: dict) -> dict:

@@ -126,6 +126,7 @@ def caption(
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
     cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help="Local CNN weights (default: the packaged EfficientNet-Lite0 weights)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn and go on when an image cannot be read."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: caption a deterministic 1/N of the images (1-based K), for cluster arrays."),
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0: all)."),
 ):
     """Describe images: one line per image, `PATH<TAB>caption` (or --bare, --json, --coco-results)."""
@@ -148,6 +149,10 @@ def caption(
             paths.extend((Path(p), Path(p).name) for p in text_stream_lines("-"))
         else:
             paths.extend(find_images([it]))
+    if shard:
+        from vsa.features import shard_of
+
+        paths = shard_of(paths, shard)
     if not paths:
         raise VsaError("no images found in " + ", ".join(items))
     from vsa.captioner import Captioner

@@ -22,6 +22,7 @@ def align(
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore the finished part of an earlier run."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Skip dataset images that have no features (default: error)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N image-sentence pairs."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: align a deterministic 1/N of the pairs (1-based K); concatenating shards 1..N in order gives one run's output."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
     threads: int = typer.Option(0, "--threads", help="torch intra-op threads (0 = torch default)."),
 ):
@@ -69,6 +70,10 @@ def align(
     pairs = [(r, s) for r, s in pairs_of(ds, split) if r.key in keep]
     if limit is not None:
         pairs = pairs[:limit]
+    if shard:
+        from vsa.features import shard_of
+
+        pairs = shard_of(pairs, shard)
     if to_stdout:
         with progress() as prog, JsonlWriter("-") as w:
             task = prog.add_task("align", total=len(pairs))
