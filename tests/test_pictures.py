@@ -244,6 +244,14 @@ def test_align_cli_streams_and_resumes(tmp_path):
     r = run_cli(*args, "--beta", "0.5", "-o", tmp_path / "al.jsonl", "--split", "all")
     assert r.returncode == 0, r.stderr.decode()
     assert [orjson.loads(x) for x in (tmp_path / "al.jsonl").read_bytes().splitlines()][:4] == lines
+    # --shard K/N: the shards, concatenated in order, are the whole run
+    whole = (tmp_path / "al.jsonl").read_bytes().splitlines()
+    got = []
+    for k in (1, 2, 3):
+        r = run_cli(*args, "--beta", "0.5", "--split", "all", "--shard", f"{k}/3")
+        assert r.returncode == 0, r.stderr.decode()
+        got.append(r.stdout.splitlines())
+    assert [len(g) for g in got] == [2, 2, 2] and sum(got, []) == whole
     # features from another CNN: one-line error
     r = run_cli("align", "--model", model, "--dataset", tmp_path / "ds.json", "--features", tmp_path / "other.npz")
     assert r.returncode == 2 and r.stderr.decode().count("\n") == 1

@@ -101,6 +101,17 @@ def test_cli_regions_jsonl(tmp_path, yolov5n, flickr8k):
         assert all(0 <= g["box"][0] < g["box"][2] <= rec["width"] and 0 <= g["box"][1] < g["box"][3] <= rec["height"] for g in regs)
     assert (recs[2]["width"], recs[2]["height"]) == (300, 120)
     assert any(g["label"] == "dog" for g in recs[0]["regions"])
+    # --shard K/N: the shards concatenated in order are the single run (at a fixed detector input
+    # size: the automatic one is chosen per batch, and sharding changes the batches)
+    fixed = ("--detector", yolov5n, "--top", "3", "--threads", "2", "--imgsz", "448")
+    r = run_cli("regions", folder, *fixed)
+    lines = r.stdout.splitlines()
+    parts = []
+    for k in (1, 2):
+        rs = run_cli("regions", folder, *fixed, "--shard", f"{k}/2")
+        assert rs.returncode == 0, rs.stderr.decode()
+        parts.append(rs.stdout.splitlines())
+    assert all(parts) and parts[0] + parts[1] == lines
 
 
 def test_cli_regions_bad_image_and_stdin(tmp_path, yolov5n, flickr8k):

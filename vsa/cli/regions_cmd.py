@@ -24,6 +24,7 @@ def regions(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output JSONL. Default: stdout; in a terminal with a vsa.toml, [regions] out."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about unreadable images and go on (default: exit 2)."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Decompression-bomb guard (default 178956970 or $VSA_MAX_PIXELS)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: detect on a deterministic 1/N of the images (1-based K); the shards' outputs, concatenated in order, are one run's."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
     threads: int = typer.Option(0, "--threads", help="torch intra-op threads (0 = torch default)."),
 ):
@@ -46,6 +47,10 @@ def regions(
     if out is None:
         out = "-" if stdout_is_piped() else str(resolve(None, "regions.out", "--out", required=False, default="-"))
     files = find_images(inputs, missing_ok=skip_bad)
+    if shard:
+        from vsa.features import shard_of
+
+        files = shard_of(files, shard)
     if threads:
         import torch
 
