@@ -38,6 +38,38 @@ def test_train_align_cli_writes_checkpoints_and_log(synth):
     assert summary["best"]["i2t"]["r1"] > 30  # chance is ~3%
 
 
+def test_combine_scores_standardises_each_model_by_hand():
+    import numpy as np
+
+    from vsa.eval_align import combine_scores
+
+    a = np.array([[1.0, 3.0], [5.0, 7.0]])  # mean 4, std sqrt(5)
+    b = np.array([[10.0, 0.0], [0.0, 10.0]])  # mean 5, std 5
+    za, zb = (a - 4) / np.sqrt(5), (b - 5) / 5
+    np.testing.assert_allclose(combine_scores([a, b]), (za + zb) / 2, rtol=1e-6)
+    np.testing.assert_allclose(combine_scores([a, b], [3, 1]), (3 * za + zb) / 4, rtol=1e-6)
+    np.testing.assert_allclose(combine_scores([a, 100 * a + 7]), za, rtol=1e-5)  # scale-free
+
+
+def test_eval_ensemble_of_two_aligners(synth):
+    tmp, ds, feats, _, _ = synth
+    r = run_cli("train-align", "--model", "whole-image", "--dataset", tmp / "synthetic.json", "--features", feats,
+                "-o", tmp / "w.pt", *SMALL)
+    assert r.returncode == 0, r.stderr.decode()
+    base = ["eval", "--dataset", tmp / "synthetic.json", "--json"]
+    one = orjson.loads(run_cli(*base, "--model", tmp / "a.pt").stdout)["retrieval"]
+    r = run_cli(*base, "--model", tmp / "a.pt", "--model", tmp / "w.pt", "--ensemble", "--weights", "1,0")
+    assert r.returncode == 0, r.stderr.decode()
+    zero = orjson.loads(r.stdout)["retrieval"]
+    assert zero["i2t"] == one["i2t"] and zero["t2i"] == one["t2i"]  # weight 0: the first model alone
+    r = run_cli(*base, "--model", tmp / "a.pt", "--model", tmp / "w.pt", "--ensemble")
+    rep = orjson.loads(r.stdout)["retrieval"]
+    assert len(rep["ensemble"]["members"]) == 2 and rep["ensemble"]["members"][0] == pytest.approx(one["rsum"])
+    assert rep["images"] == 30 and rep["i2t"]["r1"] > 30
+    r = run_cli(*base, "--model", tmp / "a.pt", "--model", tmp / "w.pt")
+    assert r.returncode == 2 and b"--ensemble" in r.stderr
+
+
 def test_train_align_cli_errors_are_one_line(tmp_path):
     r = run_cli("train-align", "--features", tmp_path / "missing.npz", "--dataset", tmp_path / "nope.json",
                 "-o", tmp_path / "a.pt")

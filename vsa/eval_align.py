@@ -38,13 +38,13 @@ def _features_for(ckpt: dict, features) -> Path:
     return Path(p)
 
 
-def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, device: str = "auto") -> dict:
-    """Retrieval metrics of the aligner at ``model_path`` on ``split`` of ``ds`` (see docs/formats.md)."""
+def _model_scores(model_path, ds, split: str, features=None, device: str = "auto"):
+    """``(scores [images, sentences], split data, features path, checkpoint)`` of one aligner."""
     from vsa.align import aligner_from_checkpoint
     from vsa.checkpoint import load_checkpoint
     from vsa.distributed import pick_device
     from vsa.featstore import load_features
-    from vsa.retrieval import retrieval_metrics, score_matrix
+    from vsa.retrieval import score_matrix
     from vsa.train_align import load_split
 
     ckpt = load_checkpoint(model_path, kind="align")
@@ -56,16 +56,51 @@ def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, 
         raise VsaError(f"features come from {store.meta['extractor']!r} but the model was trained on {want!r} features",
                        feats_path)
     data = load_split(ds, split, store, aligner.vocab, aligner.cfg)
-    scores = score_matrix(aligner.model, data.feats, data.rmask, data.ids, data.lengths)
+    return score_matrix(aligner.model, data.feats, data.rmask, data.ids, data.lengths), data, feats_path, ckpt
+
+
+def combine_scores(mats: list[np.ndarray], weights: list[float] | None = None) -> np.ndarray:
+    """Ensemble of aligners: each score matrix standardised (its own mean and std over all pairs, so
+    models with different score ranges count alike), then the weighted mean (equal by default)."""
+    w = np.ones(len(mats)) if not weights else np.asarray(weights, dtype=np.float64)
+    if len(w) != len(mats):
+        raise VsaError(f"{len(w)} weights for {len(mats)} models")
+    out = np.zeros_like(mats[0], dtype=np.float64)
+    for m, wi in zip(mats, w):
+        out += wi * (m - m.mean()) / max(float(m.std()), 1e-12)
+    return (out / w.sum()).astype(np.float32)
+
+
+def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, device: str = "auto",
+                     weights: list[float] | None = None) -> dict:
+    """Retrieval metrics of the aligner at ``model_path`` on ``split`` of ``ds`` (see docs/formats.md).
+
+    ``model_path`` may be a list of aligners: their standardised scores are averaged (an ensemble;
+    each model reads the features it was trained on unless ``features`` is given)."""
+    from vsa.retrieval import retrieval_metrics
+
+    paths = list(model_path) if isinstance(model_path, (list, tuple)) else [model_path]
+    runs = [_model_scores(p, ds, split, features if len(paths) == 1 else None, device) for p in paths]
+    data = runs[0][1]
+    for p, (_, d, _, _) in zip(paths[1:], runs[1:]):
+        if d.keys != data.keys or d.sentids != data.sentids:
+            raise VsaError("the ensemble's models see different images or sentences of the split "
+                           "(features files with different images?)", p)
+    scores = runs[0][0] if len(runs) == 1 else combine_scores([r[0] for r in runs], weights)
     m = retrieval_metrics(scores, data.sent_image.numpy())
-    report = {"model": str(model_path), "features": str(feats_path), "images": len(data.keys),
+    name = " + ".join(str(p) for p in paths)
+    cfgs = [{k: r[3]["config"].get(k) for k in ("model", "rnn", "score", "hidden", "loss")} for r in runs]
+    report = {"model": name, "features": " + ".join(str(r[2]) for r in runs), "images": len(data.keys),
               "sentences": len(data.ids), "i2t": m["i2t"], "t2i": m["t2i"], "rsum": m["rsum"],
-              "config": {k: ckpt["config"].get(k) for k in ("model", "rnn", "score", "hidden", "loss")}}
+              "config": cfgs[0] if len(cfgs) == 1 else cfgs}
+    if len(runs) > 1:
+        report["ensemble"] = {"models": [str(p) for p in paths], "weights": list(weights or [1.0] * len(paths)),
+                              "members": [retrieval_metrics(r[0], data.sent_image.numpy())["rsum"] for r in runs]}
     paper = PAPER.get(_paper_key(ds.name))
     if paper:
         report["paper"] = paper
     if ranks_out is not None:
-        write_ranks(ranks_out, ds, split, data, scores, str(model_path))
+        write_ranks(ranks_out, ds, split, data, scores, name)
     return report
 
 

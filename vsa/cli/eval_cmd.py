@@ -28,6 +28,8 @@ def evaluate(
     ranks_out: Optional[Path] = typer.Option(None, "--ranks-out", help="Write retrieval ranks (for `vsa show`) here as JSON."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the eval report JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of tables."),
+    ensemble: bool = typer.Option(False, "--ensemble", help="Several aligners: average their standardised scores (each on the features it was trained on) and evaluate that."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="With --ensemble: comma-separated weights, one per aligner (default: equal)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
 ):
     """Retrieval (aligner) and caption metrics (generator) on a split, beside the paper's numbers."""
@@ -51,14 +53,27 @@ def evaluate(
     if not ds.split(split):
         raise VsaError(f"split {split!r} has no images in {ds.source}")
     report: dict = {"split": split, "dataset": ds.name}
-    for m in models:
-        kind = load_checkpoint(m)["kind"]
-        if kind == "align":
-            from vsa.eval_align import evaluate_aligner, render_retrieval
+    kinds = {m: load_checkpoint(m)["kind"] for m in models}
+    aligners = [m for m in models if kinds[m] == "align"]
+    if len(aligners) > 1 and not ensemble:
+        raise VsaError(f"{len(aligners)} aligners given: evaluate one at a time, or pass --ensemble to combine them")
+    if weights is not None and not ensemble:
+        raise VsaError("--weights needs --ensemble")
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else None
+    except ValueError:
+        raise VsaError(f"--weights must be comma-separated numbers, got {weights!r}") from None
+    if aligners:
+        from vsa.eval_align import evaluate_aligner, render_retrieval
 
-            report["retrieval"] = evaluate_aligner(m, ds, split, features=features, ranks_out=ranks_out, device=device)
-            if not as_json:
-                render_retrieval(report["retrieval"], _stdout())
+        report["retrieval"] = evaluate_aligner(aligners if ensemble else aligners[0], ds, split, features=features,
+                                               ranks_out=ranks_out, device=device, weights=w)
+        if not as_json:
+            render_retrieval(report["retrieval"], _stdout())
+    for m in models:
+        kind = kinds[m]
+        if kind == "align":
+            continue
         elif kind == "mrnn":
             from vsa.eval_caption import evaluate_generator, render_generation
 
