@@ -475,18 +475,21 @@ def load_aligner(path=None, device: str = "cpu") -> Aligner:
     return aligner_from_checkpoint(ckpt, p, device)
 
 
-def export_aligner(src, dst, half: bool = True) -> dict:
+def export_aligner(src, dst, half: bool = True, beta: float | None = None) -> dict:
     """Write a compact inference copy of a trained aligner (float16 weights, no optimiser state).
 
-    This is how ``vsa/assets/align-flickr8k.pt`` is made: ``python -m vsa.align SRC DST``.
+    This is how ``vsa/assets/align-flickr8k.pt`` is made: ``python -m vsa.align SRC DST [BETA]``;
+    ``beta`` (the snippet MRF's val-chosen beta for this aligner) is saved in the meta for ``vsa align``.
     """
     from vsa.checkpoint import load_checkpoint, save_checkpoint
 
     ck = load_checkpoint(src, kind="align")
     sd = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ck["state_dict"].items()}
-    keep = ("epoch", "best", "seconds", "features", "dataset", "train_images", "test")
+    keep = ("epoch", "best", "seconds", "features", "dataset", "train_images", "test", "beta")
     meta = {k: v for k, v in ck.get("meta", {}).items() if k in keep}
     meta["exported_from"] = str(src)
+    if beta is not None:
+        meta["beta"] = float(beta)
     save_checkpoint(dst, "align", ck["config"], ck["vocab"], ck["extractor"], sd, meta)
     return meta
 
@@ -494,6 +497,6 @@ def export_aligner(src, dst, half: bool = True) -> dict:
 if __name__ == "__main__":  # python -m vsa.align SRC DST
     import sys
 
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m vsa.align TRAINED.pt OUT.pt")
-    print(export_aligner(sys.argv[1], sys.argv[2]))
+    if len(sys.argv) not in (3, 4):
+        sys.exit("usage: python -m vsa.align TRAINED.pt OUT.pt [BETA]")
+    print(export_aligner(sys.argv[1], sys.argv[2], beta=float(sys.argv[3]) if len(sys.argv) == 4 else None))

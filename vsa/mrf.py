@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_BETA = 0.005  # for the cosine scores of vsa.align; chosen on val, see docs/alignment-snippets.md
+DEFAULT_BETA = 0.05  # for the cosine scores of vsa.align; chosen on val for the shipped aligner, see docs/alignment-snippets.md
 
 
 def viterbi(unary: np.ndarray, beta: float) -> tuple[np.ndarray, float]:

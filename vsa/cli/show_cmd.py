@@ -17,7 +17,7 @@ def align(
     images: Optional[Path] = typer.Option(None, "--images", help="Image root folder (only for the dataset loader)."),
     features: Optional[Path] = typer.Option(None, "--features", help="Region features NPZ (default: [features] regions in vsa.toml)."),
     split: str = typer.Option("train", "--split", help="train, val, test, restval, train+restval or all."),
-    beta: Optional[float] = typer.Option(None, "--beta", help="Reward for neighbouring words on the same region; larger gives longer snippets (default 0.005, for the cosine word-region scores of vsa aligners; see docs/alignment-snippets.md)."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="Reward for neighbouring words on the same region; larger gives longer snippets (default: the aligner's own, chosen on val and saved in it, else 0.05; see docs/alignment-snippets.md)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output JSONL (default: [align] alignments in vsa.toml, else stdout; '-' for stdout)."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore the finished part of an earlier run."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Skip dataset images that have no features (default: error)."),
@@ -39,8 +39,7 @@ def align(
     from vsa.mrf import DEFAULT_BETA, snippet_stats
     from vsa.snippets import align_to_file, check_extractor, iter_alignments, pairs_of
 
-    beta = DEFAULT_BETA if beta is None else float(beta)
-    if beta < 0:
+    if beta is not None and beta < 0:
         raise VsaError(f"--beta must be >= 0, got {beta}")
     if out is None:
         out = workspace().get("align.alignments")
@@ -59,6 +58,8 @@ def align(
     if model_path is not None and model is None and not Path(model_path).exists():
         model_path = None  # configured but not trained yet: the shipped aligner
     aligner = load_aligner(model_path, device=device)
+    if beta is None:  # the aligner's own (a val sweep, saved in the checkpoint), else the default
+        beta = float((aligner.meta or {}).get("beta", DEFAULT_BETA))
     feats_path = resolve(features, "features.regions", "--features")
     store = load_features(feats_path)
     check_extractor(aligner.extractor_meta, store.meta, feats_path)
