@@ -80,11 +80,17 @@ class Extractor:
     def __call__(self, batch):
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode(), self._amp():
             x = batch.to(self.device)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             return self._fast("forward", x)(x).float()
+
+    def _amp(self):
+        """float16 autocast on CUDA (features are stored as float16 anyway); CPU stays float32."""
+        import torch
+
+        return torch.autocast("cuda", dtype=torch.float16, enabled=str(self.device).startswith("cuda"))
 
     def _fast(self, what: str, x):
         """On CPU, a traced + frozen TorchScript copy of ``net.<what>`` (conv+BN folded, oneDNN fusions:
@@ -132,7 +138,7 @@ class Extractor:
         fmap_fn = getattr(self.net, "fmap", None)
         if fmap_fn is None:
             raise VsaError(f"--crop roi needs a CNN with a feature map; {self.name} has none here (use --crop warp)")
-        with torch.inference_mode():
+        with torch.inference_mode(), self._amp():
             x = batch.to(self.device)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

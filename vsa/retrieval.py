@@ -80,7 +80,8 @@ def score_matrix(model, feats, rmask, ids, lengths, img_chunk: int = 100, sent_c
     model.eval()
     dev = next(model.parameters()).device
     out = np.zeros((len(feats), len(ids)), dtype=np.float32)
-    with torch.inference_mode():
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=getattr(dev, "type", str(dev)) == "cuda")
+    with torch.inference_mode(), amp:
         Vs = []
         for a in range(0, len(feats), img_chunk):
             V, vm = model.embed_images(feats[a : a + img_chunk].to(dev), rmask[a : a + img_chunk].to(dev))
