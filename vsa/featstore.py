@@ -239,8 +239,9 @@ class RegionBank:
             out[mask] = got
         return torch.from_numpy(out)
 
-    def moments(self, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-        """Per-dimension mean and std over all real regions, read in chunks (float64 sums)."""
+    def moments(self, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Per-dimension mean and std over all real regions, read ``chunk`` images at a time (float64
+        sums; memory of one chunk, a few MB)."""
         s = np.zeros(self.D)
         s2 = np.zeros(self.D)
         n = 0
@@ -248,7 +249,7 @@ class RegionBank:
             rows, _ = self.rows(np.arange(a, min(a + chunk, len(self))))
             x = np.asarray(self.store.feats[np.sort(rows)], dtype=np.float64)
             s += x.sum(0)
-            s2 += (x * x).sum(0)
+            s2 += np.einsum("ij,ij->j", x, x)
             n += len(x)
         mean = s / max(n, 1)
         var = (s2 - n * mean * mean) / max(n - 1, 1)  # unbiased, as torch.std
