@@ -109,6 +109,8 @@ class Captioner:
 
         items = list(items)
         ex = self.extractor
+        if len(items) <= batch_size and detector is None:
+            ex.jit = False  # one batch: tracing the CNN would cost more than it saves (cold start of one photo)
         pool = ThreadPoolExecutor(max(1, workers))
         try:
             for s in range(0, len(items), batch_size):

@@ -47,6 +47,7 @@ class Extractor:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.weights = weights
         self._frozen: dict = {}
+        self.jit = True  # trace + freeze on CPU (see _fast); False for one-off small jobs
         self.meta = {"extractor": name, "dim": dim, "input": input_size, "resize": "squash",
                      "mean": mean, "std": std}
 
@@ -99,7 +100,7 @@ class Extractor:
         import torch
 
         eager = self.net if what == "forward" else getattr(self.net, what)
-        if self.device != "cpu" or os.environ.get("VSA_NO_JIT"):
+        if self.device != "cpu" or os.environ.get("VSA_NO_JIT") or not self.jit:
             return eager
         if what not in self._frozen:
             class _Call(torch.nn.Module):
