@@ -13,14 +13,14 @@ _vsa_options() {
     case "$1" in
         "vsa") echo "--version -h --help" ;;
         "vsa init") echo "--dataset --images --detector --out --force --path -h --help" ;;
-        "vsa regions") echo "-d --detector --top --conf --iou --dedup --imgsz --batch-size --workers -o --out --skip-bad --max-pixels --device --threads -h --help" ;;
+        "vsa regions") echo "-d --detector --top --conf --iou --dedup --imgsz --batch-size --workers -o --out --skip-bad --max-pixels --shard --device --threads -h --help" ;;
         "vsa embed") echo "-o --out --cnn --cnn-weights --batch-size --workers --crop --context --dtype --shard --part-every --no-resume --skip-bad --max-pixels --device --threads -h --help" ;;
         "vsa train-align") echo "--dataset -f --features -o --out --log --model --rnn --score --loss --epochs --batch-size --lr --hidden --glove --set --seed --resume --min-count --threads --skip-missing --device --json -h --help" ;;
         "vsa score") echo "-m --model -f --features --detector --top --cnn-weights --json --skip-bad --device -h --help" ;;
-        "vsa train-mrnn") echo "--dataset -f --features -o --out --alignments --rnn --attention --hidden --embed --dropout --epochs --scst-epochs --batch-size --lr --lr-decay --label-smoothing --max-len --min-count --patience --seed --threads --resume --no-beam-search --skip-missing --json -h --help" ;;
-        "vsa caption") echo "-m --model --beam --max-len --length-penalty --json --coco-results --bare --regions --region-model --detector --top --batch-size --device --cnn-weights --skip-bad --threads -h --help" ;;
-        "vsa eval") echo "--split -m --model --dataset --images --features --beam --captions-out --ranks-out -o --out --json --device -h --help" ;;
-        "vsa align") echo "-m --model --dataset --images --features --split --beta -o --out --no-resume --skip-missing --limit --device --threads -h --help" ;;
+        "vsa train-mrnn") echo "--dataset -f --features -o --out --alignments --rnn --attention --hidden --embed --dropout --epochs --scst-epochs --batch-size --lr --lr-decay --label-smoothing --max-len --min-count --patience --seed --threads --device --resume --no-beam-search --skip-missing --json -h --help" ;;
+        "vsa caption") echo "-m --model --beam --max-len --length-penalty --json --coco-results --bare --regions --region-model --detector --top --batch-size --device --cnn-weights --skip-bad --shard --threads -h --help" ;;
+        "vsa eval") echo "--split -m --model --dataset --images --features --beam --captions-out --ranks-out -o --out --json --ensemble --weights --device -h --help" ;;
+        "vsa align") echo "-m --model --dataset --images --features --split --beta -o --out --no-resume --skip-missing --limit --shard --device --threads -h --help" ;;
         "vsa show") echo "-o --out --images --dataset -k --key --split --limit --sentences --side --top --no-png -h --help" ;;
         "vsa data") echo "-h --help" ;;
         "vsa data stats") echo "--images --splits --min-count --seed --json -h --help" ;;
@@ -55,6 +55,7 @@ _vsa_value_kind() {
         "vsa regions -o"|"vsa regions --out") echo "files" ;;
         "vsa regions --skip-bad") echo "flag" ;;
         "vsa regions --max-pixels") echo "value" ;;
+        "vsa regions --shard") echo "value" ;;
         "vsa regions --device") echo "value" ;;
         "vsa regions --threads") echo "value" ;;
         "vsa regions -h"|"vsa regions --help") echo "flag" ;;
@@ -128,6 +129,7 @@ _vsa_value_kind() {
         "vsa train-mrnn --patience") echo "value" ;;
         "vsa train-mrnn --seed") echo "value" ;;
         "vsa train-mrnn --threads") echo "value" ;;
+        "vsa train-mrnn --device") echo "value" ;;
         "vsa train-mrnn --resume") echo "flag" ;;
         "vsa train-mrnn --no-beam-search") echo "flag" ;;
         "vsa train-mrnn --skip-missing") echo "flag" ;;
@@ -148,6 +150,7 @@ _vsa_value_kind() {
         "vsa caption --device") echo "value" ;;
         "vsa caption --cnn-weights") echo "files" ;;
         "vsa caption --skip-bad") echo "flag" ;;
+        "vsa caption --shard") echo "value" ;;
         "vsa caption --threads") echo "value" ;;
         "vsa caption -h"|"vsa caption --help") echo "flag" ;;
         "vsa caption ARGS") echo "files" ;;
@@ -161,6 +164,8 @@ _vsa_value_kind() {
         "vsa eval --ranks-out") echo "files" ;;
         "vsa eval -o"|"vsa eval --out") echo "files" ;;
         "vsa eval --json") echo "flag" ;;
+        "vsa eval --ensemble") echo "flag" ;;
+        "vsa eval --weights") echo "files" ;;
         "vsa eval --device") echo "value" ;;
         "vsa eval -h"|"vsa eval --help") echo "flag" ;;
         "vsa align -m"|"vsa align --model") echo "files" ;;
@@ -173,6 +178,7 @@ _vsa_value_kind() {
         "vsa align --no-resume") echo "flag" ;;
         "vsa align --skip-missing") echo "flag" ;;
         "vsa align --limit") echo "value" ;;
+        "vsa align --shard") echo "value" ;;
         "vsa align --device") echo "value" ;;
         "vsa align --threads") echo "value" ;;
         "vsa align -h"|"vsa align --help") echo "flag" ;;

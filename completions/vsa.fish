@@ -40,7 +40,8 @@ complete -c vsa -n '__fish_seen_subcommand_from regions' -l workers -x -d 'Proce
 complete -c vsa -n '__fish_seen_subcommand_from regions' -s o -l out -r -F -d 'Output JSONL'
 complete -c vsa -n '__fish_seen_subcommand_from regions' -l skip-bad -d 'Warn about unreadable images and go on (default: exit 2)'
 complete -c vsa -n '__fish_seen_subcommand_from regions' -l max-pixels -x -d 'Decompression-bomb guard (default 178956970 or $VSA_MAX_PIXELS)'
-complete -c vsa -n '__fish_seen_subcommand_from regions' -l device -x -d 'cpu, cuda, or auto'
+complete -c vsa -n '__fish_seen_subcommand_from regions' -l shard -x -d 'K/N: detect on a deterministic 1/N of the images (1-based K); the sha...'
+complete -c vsa -n '__fish_seen_subcommand_from regions' -l device -x -d 'auto (cuda when present), cpu, cuda'
 complete -c vsa -n '__fish_seen_subcommand_from regions' -l threads -x -d 'torch intra-op threads (0 = torch default)'
 complete -c vsa -n '__fish_seen_subcommand_from regions' -s h -l help -d 'Show help and exit'
 complete -c vsa -n '__fish_seen_subcommand_from regions' -F
@@ -59,7 +60,7 @@ complete -c vsa -n '__fish_seen_subcommand_from embed' -l part-every -x -d 'Save
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l no-resume -d 'Ignore finished parts of an earlier run'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l skip-bad -d 'Warn about unreadable images and go on (default: exit 2)'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l max-pixels -x -d 'Decompression-bomb guard (default 178956970 or $VSA_MAX_PIXELS)'
-complete -c vsa -n '__fish_seen_subcommand_from embed' -l device -x -d 'cpu, cuda, or auto'
+complete -c vsa -n '__fish_seen_subcommand_from embed' -l device -x -d 'auto (cuda when present), cpu, cuda'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l threads -x -d 'torch intra-op threads (0 = torch default)'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -s h -l help -d 'Show help and exit'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -F
@@ -84,7 +85,7 @@ complete -c vsa -n '__fish_seen_subcommand_from train-align' -l resume -d 'Conti
 complete -c vsa -n '__fish_seen_subcommand_from train-align' -l min-count -x -d 'Vocabulary threshold (default: [dataset] min_count, 5)'
 complete -c vsa -n '__fish_seen_subcommand_from train-align' -l threads -x -d 'CPU threads for torch (default: torch\'s choice)'
 complete -c vsa -n '__fish_seen_subcommand_from train-align' -l skip-missing -d 'Leave out dataset images that have no features (with a warning) inste...'
-complete -c vsa -n '__fish_seen_subcommand_from train-align' -l device -x -d 'cpu, cuda, or auto'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l device -x -d 'auto (cuda when present), cpu, cuda'
 complete -c vsa -n '__fish_seen_subcommand_from train-align' -l json -d 'Print the final summary as JSON on stdout'
 complete -c vsa -n '__fish_seen_subcommand_from train-align' -s h -l help -d 'Show help and exit'
 
@@ -96,7 +97,7 @@ complete -c vsa -n '__fish_seen_subcommand_from score' -l top -x -d 'Detections 
 complete -c vsa -n '__fish_seen_subcommand_from score' -l cnn-weights -r -F -d 'Local CNN weights file (default: the pip package\'s)'
 complete -c vsa -n '__fish_seen_subcommand_from score' -l json -d 'JSON lines on stdout (always, for stdin pairs)'
 complete -c vsa -n '__fish_seen_subcommand_from score' -l skip-bad -d 'Stdin pairs: warn and go on past bad lines and unreadable photos'
-complete -c vsa -n '__fish_seen_subcommand_from score' -l device -x -d 'cpu, cuda, or auto'
+complete -c vsa -n '__fish_seen_subcommand_from score' -l device -x -d 'auto (cuda when present), cpu, cuda'
 complete -c vsa -n '__fish_seen_subcommand_from score' -s h -l help -d 'Show help and exit'
 
 # vsa train-mrnn
@@ -120,6 +121,7 @@ complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -l min-count -x -d '
 complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -l patience -x -d 'Stop after this many epochs without val CIDEr gain'
 complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -l seed -x -d ''
 complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -l threads -x -d 'Torch CPU threads (0: all)'
+complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -l device -x -d 'auto (cuda when present), cpu, cuda; under torchrun each rank its own...'
 complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -l resume -d 'Continue from <stem>.last.pt'
 complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -l no-beam-search -d 'Skip choosing beam size / length penalty on val'
 complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -l skip-missing -d 'Skip dataset images that have no features'
@@ -139,9 +141,10 @@ complete -c vsa -n '__fish_seen_subcommand_from caption' -l region-model -r -F -
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l detector -r -F -d 'Detector for --regions (default: [regions] detector in vsa.toml)'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l top -x -d 'Regions described per image with --regions'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l batch-size -x -d ''
-complete -c vsa -n '__fish_seen_subcommand_from caption' -l device -x -d 'cpu, cuda, or auto'
+complete -c vsa -n '__fish_seen_subcommand_from caption' -l device -x -d 'auto (cuda when present), cpu, cuda'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l cnn-weights -r -F -d 'Local CNN weights (default: the packaged EfficientNet-Lite0 weights)'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l skip-bad -d 'Warn and go on when an image cannot be read'
+complete -c vsa -n '__fish_seen_subcommand_from caption' -l shard -x -d 'K/N: caption a deterministic 1/N of the images (1-based K), for clust...'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l threads -x -d 'Torch CPU threads (0: all)'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -s h -l help -d 'Show help and exit'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -F
@@ -157,7 +160,9 @@ complete -c vsa -n '__fish_seen_subcommand_from eval' -l captions-out -r -F -d '
 complete -c vsa -n '__fish_seen_subcommand_from eval' -l ranks-out -r -F -d 'Write retrieval ranks (for `vsa show`) here as JSON'
 complete -c vsa -n '__fish_seen_subcommand_from eval' -s o -l out -r -F -d 'Write the eval report JSON here'
 complete -c vsa -n '__fish_seen_subcommand_from eval' -l json -d 'Print the report as JSON on stdout instead of tables'
-complete -c vsa -n '__fish_seen_subcommand_from eval' -l device -x -d 'cpu, cuda, or auto'
+complete -c vsa -n '__fish_seen_subcommand_from eval' -l ensemble -d 'Several aligners: average their standardised scores (each on the feat...'
+complete -c vsa -n '__fish_seen_subcommand_from eval' -l weights -r -F -d 'With --ensemble: comma-separated weights, one per aligner (default: e...'
+complete -c vsa -n '__fish_seen_subcommand_from eval' -l device -x -d 'auto (cuda when present), cpu, cuda'
 complete -c vsa -n '__fish_seen_subcommand_from eval' -s h -l help -d 'Show help and exit'
 
 # vsa align
@@ -171,7 +176,8 @@ complete -c vsa -n '__fish_seen_subcommand_from align' -s o -l out -r -F -d 'Out
 complete -c vsa -n '__fish_seen_subcommand_from align' -l no-resume -d 'Ignore the finished part of an earlier run'
 complete -c vsa -n '__fish_seen_subcommand_from align' -l skip-missing -d 'Skip dataset images that have no features (default: error)'
 complete -c vsa -n '__fish_seen_subcommand_from align' -l limit -x -d 'Only the first N image-sentence pairs'
-complete -c vsa -n '__fish_seen_subcommand_from align' -l device -x -d 'cpu, cuda, or auto'
+complete -c vsa -n '__fish_seen_subcommand_from align' -l shard -x -d 'K/N: align a deterministic 1/N of the pairs (1-based K); concatenatin...'
+complete -c vsa -n '__fish_seen_subcommand_from align' -l device -x -d 'auto (cuda when present), cpu, cuda'
 complete -c vsa -n '__fish_seen_subcommand_from align' -l threads -x -d 'torch intra-op threads (0 = torch default)'
 complete -c vsa -n '__fish_seen_subcommand_from align' -s h -l help -d 'Show help and exit'
 
@@ -227,7 +233,7 @@ complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcomma
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -l top -x -d 'Detections per photo (plus the whole image)'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -l cnn-weights -r -F -d 'Local CNN weights file (default: the pip package\'s)'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -l skip-bad -d 'Warn and go on past unreadable photos'
-complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -l device -x -d 'cpu, cuda, or auto'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -l device -x -d 'auto (cuda when present), cpu, cuda'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -s h -l help -d 'Show help and exit'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from index' -F
 
@@ -247,5 +253,5 @@ complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcomma
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l top -x -d 'Detections per photo (plus the whole image)'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l cnn-weights -r -F -d 'Local CNN weights file (default: the pip package\'s)'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l json -d 'JSON lines on stdout instead of a table'
-complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l device -x -d 'cpu, cuda, or auto'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l device -x -d 'auto (cuda when present), cpu, cuda'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -s h -l help -d 'Show help and exit'
