@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import orjson
+import pytest
 
 from tests.conftest import run_cli
 from tests.test_mrnn import tiny_dataset
@@ -123,3 +124,21 @@ def test_sigterm_keeps_the_last_good_checkpoints(tmp_path):
     ck = load_checkpoint(last)  # complete and loadable, not a half-written file
     assert ck["meta"]["epoch"] >= 1 and load_checkpoint(out)["kind"] == "mrnn"
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_region_captions_with_the_shipped_region_model(tmp_path, flickr8k, yolov5n):
+    from vsa.captioner import DEFAULT_REGION_MODEL
+
+    if not DEFAULT_REGION_MODEL.exists():
+        pytest.skip("the shipped region caption model is not built")
+    photo = tmp_path / "pool.jpg"  # a Flickr8K test image: a brown and white dog swimming in a pool
+    photo.write_bytes((flickr8k / "images" / "2677656448_6b7e7702af.jpg").read_bytes())
+    r = run_cli("caption", photo, "--regions", "--detector", yolov5n, "--top", "3", "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    rec = orjson.loads(r.stdout.splitlines()[0])
+    regs = rec["regions"]
+    assert 1 <= len(regs) <= 3
+    for g in regs:
+        assert len(g["box"]) == 4 and g["label"] and g["caption"] and "<unk>" not in g["caption"]
+    dog = [g for g in regs if g["label"] == "dog"]
+    assert dog and any(w in dog[0]["caption"].split() for w in ("dog", "dogs", "puppy"))

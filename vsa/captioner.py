@@ -17,6 +17,7 @@ from vsa.errors import VsaError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = ASSETS / "mrnn-flickr8k.pt"
+DEFAULT_REGION_MODEL = ASSETS / "mrnn-regions-flickr8k.pt"  # trained on (region, snippet) pairs of `vsa align`
 
 
 def default_model() -> Path:
@@ -41,6 +42,7 @@ class Captioner:
         self._ex = None
         self.region_model = model_from_checkpoint(region_ckpt, device) if region_ckpt else None
         self.region_vocab = Vocab(region_ckpt["vocab"]) if region_ckpt else None
+        self.region_meta = (region_ckpt.get("extractor") or {}) if region_ckpt else {}
 
     @classmethod
     def load(cls, model=None, device: str = "auto", cnn_weights=None, threads: int = 0, region_model=None) -> "Captioner":
@@ -146,6 +148,9 @@ class Captioner:
         dets = detector.detect([im], top=top)[0][:top]
         if not dets:
             return []
-        crops = torch.stack([self.extractor.crop(im, d["box"]) for d in dets])
-        caps = self.caption_features(self.extractor(crops), beam, max_len, length_penalty, self.region_model, self.region_vocab)
+        from vsa.search import region_features
+
+        # the region features exactly as the region model's training features were made (warp or roi crops)
+        feats = region_features(self.extractor, self.region_meta, im, dets)
+        caps = self.caption_features(feats, beam, max_len, length_penalty, self.region_model, self.region_vocab)
         return [{"box": d["box"], "label": d["label"], "score": d.get("score"), "caption": c} for d, (c, _) in zip(dets, caps)]

@@ -119,7 +119,7 @@ def caption(
     coco_results: Optional[Path] = typer.Option(None, "--coco-results", help="Also write COCO results JSON (image_id = position, or dataset imgid with --dataset)."),
     bare: bool = typer.Option(False, "--bare", help="Text mode: print only the caption, without the path and TAB."),
     regions: bool = typer.Option(False, "--regions", help="Also describe each detected region (needs a detector and a region model)."),
-    region_model: Optional[Path] = typer.Option(None, "--region-model", help="Region caption model for --regions (`vsa train-mrnn --alignments`)."),
+    region_model: Optional[Path] = typer.Option(None, "--region-model", help="Region caption model for --regions (`vsa train-mrnn --alignments`; default: the shipped Flickr8k one)."),
     detector: Optional[str] = typer.Option(None, "--detector", help="Detector for --regions (default: [regions] detector in vsa.toml)."),
     top: int = typer.Option(5, "--top", help="Regions described per image with --regions."),
     batch_size: int = typer.Option(16, "--batch-size"),
@@ -158,7 +158,11 @@ def caption(
     from vsa.captioner import Captioner
 
     if regions and region_model is None:
-        raise VsaError("--regions needs --region-model CKPT (a generator trained with `vsa train-mrnn --alignments`)")
+        from vsa.captioner import DEFAULT_REGION_MODEL
+
+        if not DEFAULT_REGION_MODEL.exists():
+            raise VsaError("--regions needs --region-model CKPT (a generator trained with `vsa train-mrnn --alignments`)")
+        region_model = DEFAULT_REGION_MODEL
     cap = Captioner.load(model, device=device, cnn_weights=cnn_weights, threads=threads,
                          region_model=region_model if regions else None)
     det = None
