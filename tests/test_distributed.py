@@ -37,11 +37,8 @@ def test_gather_is_the_identity_in_one_process():
     assert gather_with_grad(x, DistEnv(), [3]) is x
 
 
-def _train(tmp_path, ds_json, feats, out, nproc: int):
-    args = ["train-align", "--dataset", str(ds_json), "--features", str(feats), "-o", str(out),
-            "--epochs", "3", "--batch-size", "40", "--hidden", "32", "--lr", "3e-3", "--min-count", "1",
-            "--seed", "5", "--threads", "1", "--device", "cpu",
-            "--set", "embed=16", "--set", "dropout=0", "--set", "lr_decay_epoch=0", "--set", "warmup_epochs=1"]
+def _launch(tmp_path, args: list[str], nproc: int):
+    """``vsa ARGS`` in one plain process, or under torchrun with ``nproc`` CPU processes."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "vsa", *args]
     else:
@@ -53,6 +50,14 @@ def _train(tmp_path, ds_json, feats, out, nproc: int):
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
+
+
+def _train(tmp_path, ds_json, feats, out, nproc: int):
+    args = ["train-align", "--dataset", str(ds_json), "--features", str(feats), "-o", str(out),
+            "--epochs", "3", "--batch-size", "40", "--hidden", "32", "--lr", "3e-3", "--min-count", "1",
+            "--seed", "5", "--threads", "1", "--device", "cpu",
+            "--set", "embed=16", "--set", "dropout=0", "--set", "lr_decay_epoch=0", "--set", "warmup_epochs=1"]
+    return _launch(tmp_path, args, nproc)
 
 
 def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path):
@@ -84,17 +89,7 @@ def _train_mrnn(tmp_path, ds, feats, out, nproc: int):
     args = ["train-mrnn", "--dataset", str(ds), "--features", str(feats), "--out", str(out), "--epochs", "3",
             "--batch-size", "24", "--hidden", "16", "--embed", "16", "--dropout", "0", "--lr", "5e-3", "--min-count", "1",
             "--threads", "1", "--seed", "2", "--device", "cpu", "--no-beam-search"]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "vsa", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "vsa", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
+    return _launch(tmp_path, args, nproc)
 
 
 def test_train_mrnn_two_gloo_processes_match_one_process(tmp_path):
