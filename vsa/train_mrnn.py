@@ -203,7 +203,8 @@ def _save(path, model, cfg, vocab, extractor, meta) -> None:
 
 
 def train(cfg: MRNNConfig, train_sp: Split, val_sp: Split, vocab: Vocab, out, extractor: dict, resume: bool = False,
-          log=print, extra_meta: dict | None = None, choose_decoding: bool = True, device: str = "cpu") -> dict:
+          log=print, extra_meta: dict | None = None, choose_decoding: bool = True, device: str = "cpu",
+          scst_lr: float | None = None) -> dict:
     """Train, keeping the best-on-val checkpoint at ``out``; returns a summary dict.
 
     Under ``torchrun`` every rank takes a strided share of each global batch (DDP averages the
@@ -244,6 +245,8 @@ def train(cfg: MRNNConfig, train_sp: Split, val_sp: Split, vocab: Vocab, out, ex
         if ck["vocab"] != vocab.words:
             raise VsaError("the checkpoint's vocabulary differs from this dataset's (same dataset and --min-count?)", last)
         cfg = dataclasses.replace(config_from(MRNNConfig, ck["config"]), epochs=cfg.epochs, scst_epochs=cfg.scst_epochs)
+        if scst_lr is not None:  # a new self-critical learning rate for the epochs still to run
+            cfg = dataclasses.replace(cfg, scst_lr=scst_lr)
         model = build_model(cfg)
         model.load_state_dict(ck["state_dict"])
         m = ck["meta"]

@@ -32,6 +32,7 @@ def train_mrnn(
     dropout: float = typer.Option(0.5, "--dropout"),
     epochs: int = typer.Option(8, "--epochs", help="Cross-entropy epochs (early stopping on val CIDEr)."),
     scst_epochs: int = typer.Option(0, "--scst-epochs", help="Self-critical (CIDEr-D reward) epochs after cross-entropy."),
+    scst_lr: Optional[float] = typer.Option(None, "--scst-lr", help="Learning rate of the self-critical epochs (default 5e-5; with --resume: the checkpoint's)."),
     batch_size: int = typer.Option(64, "--batch-size"),
     lr: float = typer.Option(5e-4, "--lr"),
     lr_decay: float = typer.Option(0.8, "--lr-decay", help="LR factor per epoch after --lr-decay-start."),
@@ -74,6 +75,7 @@ def train_mrnn(
     vocab = build_vocab(ds, mc)
     cfg = MRNNConfig(rnn=rnn, attention=attention, hidden=hidden, embed=embed, dropout=dropout, epochs=epochs,
                      scst_epochs=scst_epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay,
+                     **({"scst_lr": scst_lr} if scst_lr is not None else {}),
                      label_smoothing=label_smoothing, max_len=max_len, min_count=mc, patience=patience, seed=seed,
                      threads=threads)
     if alignments is not None:
@@ -93,7 +95,7 @@ def train_mrnn(
     _sigterm_as_interrupt()
     try:
         summary = T.train(cfg, tr, va, vocab, out, extractor, resume=resume, log=info, extra_meta=meta,
-                          choose_decoding=not no_beam_search, device=device)
+                          choose_decoding=not no_beam_search, device=device, scst_lr=scst_lr)
     except KeyboardInterrupt:
         warn(f"interrupted: the last good checkpoints are intact ({out}, {T.last_path(out)}); continue with --resume")
         raise typer.Exit(130)
