@@ -17,7 +17,7 @@ _vsa_options() {
         "vsa embed") echo "-o --out --cnn --cnn-weights --batch-size --workers --crop --context --dtype --shard --part-every --no-resume --skip-bad --max-pixels --device --threads -h --help" ;;
         "vsa train-align") echo "--dataset -f --features -o --out --log --model --rnn --score --loss --epochs --batch-size --lr --hidden --glove --set --seed --resume --min-count --threads --skip-missing --device --json -h --help" ;;
         "vsa score") echo "-m --model -f --features --detector --top --cnn-weights --json --skip-bad --device -h --help" ;;
-        "vsa train-mrnn") echo "--dataset -f --features -o --out --alignments --rnn --attention --hidden --embed --dropout --epochs --scst-epochs --batch-size --lr --lr-decay --label-smoothing --max-len --min-count --patience --seed --threads --device --resume --no-beam-search --skip-missing --json -h --help" ;;
+        "vsa train-mrnn") echo "--dataset -f --features -o --out --alignments --rnn --attention --hidden --embed --dropout --epochs --scst-epochs --scst-lr --batch-size --lr --lr-decay --label-smoothing --max-len --min-count --patience --seed --threads --device --resume --no-beam-search --skip-missing --json -h --help" ;;
         "vsa caption") echo "-m --model --beam --max-len --length-penalty --json --coco-results --bare --regions --region-model --detector --top --batch-size --device --cnn-weights --skip-bad --shard --threads -h --help" ;;
         "vsa eval") echo "--split -m --model --dataset --images --features --beam --captions-out --ranks-out -o --out --json --ensemble --weights --device -h --help" ;;
         "vsa align") echo "-m --model --dataset --images --features --split --beta -o --out --no-resume --skip-missing --limit --shard --device --threads -h --help" ;;
@@ -120,6 +120,7 @@ _vsa_value_kind() {
         "vsa train-mrnn --dropout") echo "value" ;;
         "vsa train-mrnn --epochs") echo "value" ;;
         "vsa train-mrnn --scst-epochs") echo "value" ;;
+        "vsa train-mrnn --scst-lr") echo "value" ;;
         "vsa train-mrnn --batch-size") echo "value" ;;
         "vsa train-mrnn --lr") echo "value" ;;
         "vsa train-mrnn --lr-decay") echo "value" ;;

@@ -23,6 +23,30 @@ from vsa.errors import VsaError
 # ----------------------------------------------------------------------------- regions + features of new photos
 
 
+def region_features(ex, meta: dict, im, regions: list[dict]) -> np.ndarray:
+    """CNN features ``[R, D]`` of ``regions`` (dicts with ``box``, pixel xyxy) of one PIL image, made the
+    way the training features were (``meta`` of the features / checkpoint: ``crop`` warp or roi, ``context``)."""
+    import torch
+
+    w, h = im.size
+    context = float(meta.get("context") or 0.0)
+    if meta.get("crop") == "roi":
+        S = ex.input_size
+        b = torch.tensor([[float(v) for v in r["box"]] for r in regions], dtype=torch.float32).reshape(-1, 4)
+        if context:
+            pad = (b[:, 2:] - b[:, :2]) * context
+            b = torch.cat([b[:, :2] - pad, b[:, 2:] + pad], 1)
+        b = (b * torch.tensor([S / w, S / h, S / w, S / h])).clamp(0, S)
+        return ex.roi(ex.preprocess(im)[None], [b]).cpu().numpy().astype(np.float32)
+    crops = []
+    for r in regions:
+        if r.get("label") == "image":
+            crops.append(ex.preprocess(im))
+        else:
+            crops.append(ex.crop(im, r["box"], context))
+    return ex(torch.stack(crops)).cpu().numpy().astype(np.float32)
+
+
 @dataclass
 class Photo:
     key: str
@@ -75,29 +99,6 @@ class PhotoEncoder:
     def features(self, im, regions: list[dict]) -> np.ndarray:
         return region_features(self.extractor, self.meta, im, regions)
 
-
-def region_features(ex, meta: dict, im, regions: list[dict]) -> np.ndarray:
-    """CNN features ``[R, D]`` of ``regions`` (dicts with ``box``, pixel xyxy) of one PIL image, made the
-    way the training features were (``meta`` of the features / checkpoint: ``crop`` warp or roi, ``context``)."""
-    import torch
-
-    w, h = im.size
-    context = float(meta.get("context") or 0.0)
-    if meta.get("crop") == "roi":
-        S = ex.input_size
-        b = torch.tensor([[float(v) for v in r["box"]] for r in regions], dtype=torch.float32).reshape(-1, 4)
-        if context:
-            pad = (b[:, 2:] - b[:, :2]) * context
-            b = torch.cat([b[:, :2] - pad, b[:, 2:] + pad], 1)
-        b = (b * torch.tensor([S / w, S / h, S / w, S / h])).clamp(0, S)
-        return ex.roi(ex.preprocess(im)[None], [b]).cpu().numpy().astype(np.float32)
-    crops = []
-    for r in regions:
-        if r.get("label") == "image":
-            crops.append(ex.preprocess(im))
-        else:
-            crops.append(ex.crop(im, r["box"], context))
-    return ex(torch.stack(crops)).cpu().numpy().astype(np.float32)
 
     def encode(self, path, key: str | None = None) -> Photo:
         from vsa.images import open_image
