@@ -117,7 +117,7 @@ class Extractor:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     mod = _Call(self.net).eval()
-                    self._frozen[what] = torch.jit.freeze(torch.jit.trace(mod, x[:2]))
+                    self._frozen[what] = torch.jit.freeze(torch.jit.trace(mod, x[:2], check_trace=False))  # the check re-runs both: 1.5 s
             except Exception:  # any tracing problem: stay eager
                 self._frozen[what] = None
         return self._frozen[what] or eager
