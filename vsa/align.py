@@ -59,13 +59,8 @@ class FeatureStats(nn.Module):
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
 
-    def fit(self, feats: torch.Tensor) -> None:
-        """``feats [N, D]``: the training regions."""
-        self.mean.copy_(feats.mean(0))
-        self.std.copy_(feats.std(0).clamp(min=1e-3))
-
     def set_moments(self, mean, std) -> None:
-        """The same from precomputed per-dimension moments (e.g. :meth:`RegionBank.moments`)."""
+        """Per-dimension mean and std of the training regions (:meth:`vsa.featstore.RegionBank.moments`)."""
         self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
         self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype).clamp(min=1e-3))
 

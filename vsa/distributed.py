@@ -71,23 +71,6 @@ def wrap(model, env: DistEnv):
     return DDP(model)
 
 
-def unwrap(model):
-    return getattr(model, "module", model)
-
-
-def shard_indices(n: int, env: DistEnv, epoch_perm=None) -> list[int]:
-    """This rank's share of ``range(n)`` (or of a permutation), padded so every rank gets as many.
-
-    Equivalent to torch's DistributedSampler: rank r takes items r, r+world, r+2*world, ...
-    """
-    order = list(range(n)) if epoch_perm is None else list(epoch_perm)
-    if not env.enabled:
-        return order
-    per = -(-len(order) // env.world)
-    order = order + order[: per * env.world - len(order)]
-    return order[env.rank :: env.world]
-
-
 def all_reduce_mean(value: float, env: DistEnv) -> float:
     if not env.enabled:
         return value
@@ -106,11 +89,16 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def cleanup(env: DistEnv) -> None:
+def cleanup(env: DistEnv, sync: bool = True) -> None:
+    """Leave the process group. With ``sync`` (a normal end) all ranks meet first, so none tears down
+    gloo while a peer is still finishing its last collective (that aborted a rank at exit: "terminate
+    called without an active exception"); after an error, leave at once rather than wait for peers."""
     if env.enabled:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if sync:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -406,6 +406,7 @@ def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, d
     extractor = dict(store.meta)
     base_meta = {"features": str(features), "dataset": str(ds.source), "train_images": len(train_data.keys)}
     seconds = float(state["meta"].get("seconds", 0.0)) if state else 0.0
+    finished = False
     try:
         with _Stop():
             for epoch in range(start, cfg.epochs):
@@ -437,11 +438,12 @@ def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, d
                      f"{i2t['r5']:.1f}/{i2t['r10']:.1f} t2i {t2i['r1']:.1f}/{t2i['r5']:.1f}/{t2i['r10']:.1f} "
                      f"rsum {val['rsum']:.1f}{' *' if improved else ''} | {time.time() - t:.0f}s")
                 dist_.barrier(env)
+        finished = True
     except KeyboardInterrupt:
         raise VsaError(f"interrupted; the best checkpoint so far is {out}, the last completed epoch is in "
                        f"{lastp} (continue with --resume)") from None
     finally:
-        dist_.cleanup(env)
+        dist_.cleanup(env, sync=finished)
     return {"best": best, "epochs": len(history), "seconds": round(seconds, 1), "out": str(out), "log": str(log),
             "world": env.world, "rank": env.rank}
 
