@@ -111,8 +111,8 @@ class Captioner:
 
         items = list(items)
         ex = self.extractor
-        if len(items) <= batch_size and detector is None:
-            ex.jit = False  # one batch: tracing the CNN would cost more than it saves (cold start of one photo)
+        # one batch and no regions: tracing the CNN would cost more than it saves (cold start of one photo)
+        ex.jit = len(items) > batch_size or detector is not None
         pool = ThreadPoolExecutor(max(1, workers))
         try:
             for s in range(0, len(items), batch_size):

@@ -195,7 +195,7 @@ class RegionBank:
         self.store = store
         self.starts = store.offsets[idx]
         self.counts = np.minimum(store.offsets[idx + 1] - self.starts, max_regions)
-        self.R = int(max(1, min(max_regions, int(self.counts.max()) if len(keys) else 1)))
+        self.R = int(self.counts.max()) if len(keys) else 1  # counts are already capped at max_regions
         self.D = store.dim
 
     def __len__(self) -> int:

@@ -386,8 +386,8 @@ def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, d
     if cfg.standardize and not state:
         model.stats.set_moments(*train_data.feats.moments())
     if cfg.glove and not state:
-        emb = model.words.embed if cfg.model == "brnn" else model.embed
-        n = init_glove(emb, vocab, cfg.glove)
+        table = model.words.embed if cfg.model == "brnn" else model.embed
+        n = init_glove(table, vocab, cfg.glove)
         info(f"GloVe: {n} of {len(vocab) - 4} words initialised from {cfg.glove}")
     emb = dist_.wrap(_Embed(model), env)  # DDP when distributed (broadcasts rank 0's weights)
     if env.enabled:
