@@ -27,6 +27,23 @@ def yolov5n() -> Path:
     return YOLOV5N
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _empty_home(tmp_path_factory):
+    """The suite runs as a new user would: an empty HOME and XDG config/cache folders, for this process and the
+    `vsa` subprocesses it starts, so ultralytics (settings file and banner), torch and matplotlib meet their
+    first run here, not on a developer's machine that has run them before. Nothing the tests need lives in
+    HOME (the CNN weights come from a pip package, the detector from ../shared)."""
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HOME", str(home))
+    mp.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    mp.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    for var in ("YOLO_CONFIG_DIR", "YOLO_VERBOSE", "MPLCONFIGDIR", "TORCH_HOME"):
+        mp.delenv(var, raising=False)
+    yield home
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_workspace(monkeypatch):
     """Each test sees no vsa.toml unless it writes one."""

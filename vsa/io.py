@@ -43,9 +43,42 @@ def stdin_is_piped() -> bool:
 
 def stdout_is_piped() -> bool:
     try:
-        return not sys.stdout.isatty()
+        return not data_stdout().isatty()
     except (AttributeError, ValueError):
         return False
+
+
+# ----------------------------------------------------------------------------- stdout carries data only
+
+_held_stdout = None  # the real stdout while `data_only_stdout` runs; sys.stdout then points at stderr
+
+
+def data_stdout():
+    """The text stream vsa's data goes to: the real stdout, also while :func:`data_only_stdout` has pointed
+    ``sys.stdout`` at stderr. Every writer of data (``"-"`` outputs, tables) writes here."""
+    return _held_stdout if _held_stdout is not None else sys.stdout
+
+
+@contextlib.contextmanager
+def data_only_stdout() -> Iterator[None]:
+    """Hold the real stdout for vsa's writers and point ``sys.stdout`` at stderr while the block runs.
+
+    Whatever a library prints (ultralytics' first-run settings banner and its logger, which binds the
+    ``sys.stdout`` of the moment it is imported; pycocoevalcap; stray ``print`` calls) goes to stderr,
+    so stdout carries nothing but vsa's JSONL / JSON / tables. Nested use is a no-op.
+    """
+    global _held_stdout
+    if _held_stdout is not None:
+        yield
+        return
+    real = sys.stdout
+    _held_stdout = real
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout = real
+        _held_stdout = None
 
 
 def resolve_input(path, what: str = "input", flag: str = "INPUT"):
@@ -119,7 +152,7 @@ def deferred_signals() -> Iterator[None]:
 def open_output(path, binary: bool = True) -> Iterator[IO]:
     """Stdout for ``None``/``"-"``, else an atomic file."""
     if is_stdio(path):
-        stream = sys.stdout.buffer if binary else sys.stdout
+        stream = data_stdout().buffer if binary else data_stdout()
         yield stream
         stream.flush()
     else:

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from vsa.cli import app
-from vsa.cli.common import console, guarded, info, warn
+from vsa.cli.common import console, data_console, guarded, info, warn
 
 
 @app.command("train-align")
@@ -153,9 +153,7 @@ def score_cmd(
             with JsonlWriter("-") as w:
                 w.write(rec)
         else:
-            from rich.console import Console
-
-            Console().print(_score_table(rec))
+            data_console().print(_score_table(rec))
         return
     if not stdin_is_piped():
         raise VsaError("no photo given: pass IMAGE SENTENCE, or pipe JSONL {\"image\": ..., \"sentence\": ...} on stdin")
@@ -256,7 +254,6 @@ def search_text_cmd(
             for h in hits:
                 w.write(h)
         return
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"{query!r}: {len(idx)} photos")
@@ -265,7 +262,7 @@ def search_text_cmd(
     for h in hits:
         words = ", ".join(f"{w['word']}->{w['label']}" for w in h.get("words", []) if w["label"] != "image")
         t.add_row(str(h["rank"]), f"{h['score']:.3f}", h["path"], words)
-    Console().print(t)
+    data_console().print(t)
 
 
 @search_app.command("sentences")
@@ -303,7 +300,6 @@ def search_sentences_cmd(
             for h in hits:
                 w.write(h)
         return
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"{photo.path}")
@@ -311,4 +307,4 @@ def search_sentences_cmd(
         t.add_column(c, justify="right" if c != "sentence" else "left")
     for h in hits:
         t.add_row(str(h["rank"]), f"{h['score']:.3f}", h["sentence"])
-    Console().print(t)
+    data_console().print(t)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import typer
@@ -20,6 +21,15 @@ def console():
 
         _console = Console(stderr=True)
     return _console
+
+
+def data_console(**kw):
+    """A rich Console on the real stdout, for tables that are a command's data (see :func:`guarded`)."""
+    from rich.console import Console
+
+    from vsa.io import data_stdout
+
+    return Console(file=data_stdout(), **kw)
 
 
 def info(msg: str) -> None:
@@ -41,13 +51,27 @@ def fail(msg: str, code: int = 2):
     raise typer.Exit(code)
 
 
+def quiet_libraries() -> None:
+    """Ask third-party libraries not to chat (a user's own setting wins): ultralytics logs at INFO on stdout
+    by default, including its settings banner on a first run."""
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+
+
 def guarded(fn):
-    """Decorator for command functions: VsaError -> one line on stderr, exit 2."""
+    """Decorator for command functions: VsaError -> one line on stderr, exit 2.
+
+    While the command runs, ``sys.stdout`` points at stderr and vsa's writers use the held real stdout
+    (:func:`vsa.io.data_only_stdout`): stdout carries only vsa's data, whatever a library prints.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from vsa.io import data_only_stdout
+
+        quiet_libraries()
         try:
-            return fn(*args, **kwargs)
+            with data_only_stdout():
+                return fn(*args, **kwargs)
         except VsaError as e:
             fail(str(e), e.exit_code)
         except BrokenPipeError:

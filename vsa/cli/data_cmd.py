@@ -58,8 +58,9 @@ def stats_cmd(
 
         write_json("-", st)
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from vsa.cli.common import data_console
 
     t = Table(title=f"{st['dataset']} ({st['layout']}: {st['source']})")
     for col in ("split", "images", "sentences", "per image", "words mean", "median", "min", "max"):
@@ -67,7 +68,7 @@ def stats_cmd(
     for sp, d in st["splits"].items():
         t.add_row(sp, str(d["images"]), str(d["sentences"]), f"{d['sentences_per_image']:g}", f"{d['length_mean']:.2f}",
                   f"{d['length_median']:g}", str(d["length_min"]), str(d["length_max"]))
-    out = Console(width=max(Console().width, 88))  # the table is this command's data: stdout
+    out = data_console(width=max(data_console().width, 88))  # the table is this command's data: stdout
     out.print(t)
     out.print(f"vocabulary: {st['vocab_size']} words seen >= {st['min_count']} times in train "
               f"({st['train_words_distinct']} distinct train words)", highlight=False)

@@ -10,9 +10,9 @@ from vsa.cli.common import guarded
 
 
 def _stdout():
-    from rich.console import Console
+    from vsa.cli.common import data_console
 
-    return Console()  # tables are this command's data: stdout
+    return data_console()  # tables are this command's data: stdout
 
 
 @app.command("eval")

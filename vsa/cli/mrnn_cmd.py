@@ -132,11 +132,9 @@ def caption(
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0: all)."),
 ):
     """Describe images: one line per image, `PATH<TAB>caption` (or --bare, --json, --coco-results)."""
-    import sys
-
     from vsa.errors import VsaError
     from vsa.images import find_images
-    from vsa.io import dumps, text_stream_lines
+    from vsa.io import data_stdout, dumps, text_stream_lines
 
     paths: list[tuple[Path, str]] = []
     items = list(inputs or [])
@@ -174,7 +172,7 @@ def caption(
 
         det = load_detector(resolve(detector, "regions.detector", "--detector", required=False), device=device)
     results = []
-    out = sys.stdout.buffer
+    out = data_stdout().buffer  # the real stdout: the command runs with sys.stdout on stderr (cli.common.guarded)
     for rec in cap.caption_files(paths, beam=beam, max_len=max_len, length_penalty=length_penalty,
                                  batch_size=batch_size, skip_bad=skip_bad, warn=warn, detector=det, top=top):
         if as_json:

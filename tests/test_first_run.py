@@ -1,0 +1,77 @@
+"""A new user's first run: an empty HOME (no ~/.config/Ultralytics yet), the headline pipe as two real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+PHOTO = "2273038287_3004a72a34.jpg"  # a Flickr8K image with a dog
+
+
+def empty_home_env(home) -> dict:
+    """The environment of a user who never ran ultralytics, torch or matplotlib: HOME and XDG folders empty."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("YOLO_CONFIG_DIR", "YOLO_VERBOSE", "MPLCONFIGDIR", "TORCH_HOME", "VSA_CONFIG")}
+    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), XDG_CACHE_HOME=str(home / ".cache"),
+               OMP_NUM_THREADS="2")
+    return env
+
+
+def test_regions_pipe_embed_on_a_first_run(tmp_path, flickr8k, yolov5n):
+    """`vsa regions PHOTO --detector D | vsa embed -o f.npz` under an empty HOME: stdout of regions is JSONL only
+    (ultralytics creates its settings file on first use and announces it), and embed makes the NPZ."""
+    home = tmp_path / "home"
+    env = empty_home_env(home)
+    out = tmp_path / "f.npz"
+    vsa = [sys.executable, "-m", "vsa"]
+    regions = subprocess.Popen([*vsa, "regions", str(flickr8k / "images" / PHOTO), "--detector", str(yolov5n)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    # tee keeps a copy of what regions wrote; the pipes are real OS pipes between real processes
+    tee = subprocess.Popen(["tee", str(tmp_path / "regions.jsonl")], stdin=regions.stdout, stdout=subprocess.PIPE,
+                           env=env, cwd=tmp_path)
+    regions.stdout.close()
+    embed = subprocess.Popen([*vsa, "embed", "-o", str(out)], stdin=tee.stdout, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    tee.stdout.close()
+    e_out, e_err = embed.communicate(timeout=600)
+    r_err = regions.stderr.read()
+    assert regions.wait(timeout=600) == 0, r_err.decode()
+    assert tee.wait(timeout=60) == 0
+    assert embed.returncode == 0, e_err.decode()
+    assert (home / ".config" / "Ultralytics" / "settings.json").exists(), "not a first run: no settings file made"
+
+    lines = (tmp_path / "regions.jsonl").read_bytes().splitlines()
+    assert len(lines) == 1, lines[:3]
+    recs = [json.loads(ln) for ln in lines]  # every stdout line is a regions record
+    assert recs[0]["key"] == PHOTO and recs[0]["regions"][0]["label"] == "image" and len(recs[0]["regions"]) > 1
+    assert e_out == b""
+    with np.load(out, allow_pickle=False) as z:
+        assert list(z["keys"]) == [PHOTO]
+        assert z["feats"].shape == (len(recs[0]["regions"]), 1280)
+
+
+def test_library_prints_go_to_stderr(tmp_path):
+    """Whatever a library prints while a guarded command runs lands on stderr, and vsa's writer still reaches the
+    real stdout; also with ultralytics made verbose (its logger is created while the command runs)."""
+    code = ("import sys\n"
+            "from vsa.cli import common\n"
+            "@common.guarded\n"
+            "def cmd():\n"
+            "    print('library chatter')\n"
+            "    import ultralytics.utils  # noqa: F401  (its settings banner on a first run)\n"
+            "    sys.stdout.write('more chatter\\n')\n"
+            "    from vsa.io import write_json\n"
+            "    write_json('-', {'data': 1})\n"
+            "cmd()\n")
+    env = empty_home_env(tmp_path / "home")
+    env["YOLO_VERBOSE"] = "True"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout == b'{"data":1}\n'
+    err = r.stderr.decode()
+    assert "library chatter" in err and "more chatter" in err and "Creating new Ultralytics Settings" in err
