@@ -11,6 +11,7 @@ from vsa.mrnn import MRNNConfig, build_model
 
 
 def _model(rnn="lstm", seed=0, V=30, D=8, attention=False):
+    """A small random generator (``rnn="updown"`` reads ``[B, R, D]`` regions)."""
     torch.manual_seed(seed)
     cfg = MRNNConfig(rnn=rnn, vocab_size=V, feat_dim=D, embed=12, hidden=16, dropout=0.0, attention=attention, att_dim=8)
     m = build_model(cfg).eval()
@@ -105,3 +106,25 @@ def test_bad_endings_are_never_generated():
             assert len(h.tokens) == 8 or h.tokens[-1] not in bad.tolist()
     for h in greedy(m, feats, max_len=8, bad_endings=bad):
         assert len(h.tokens) == 8 or h.tokens[-1] not in bad.tolist()
+
+
+def _repeats(tokens: list[int]) -> bool:
+    trigrams = [tuple(tokens[i : i + 3]) for i in range(len(tokens) - 2)]
+    return any(a == b for a, b in zip(tokens, tokens[1:])) or len(trigrams) != len(set(trigrams))
+
+
+@pytest.mark.parametrize("rnn", ["lstm", "updown"])
+def test_block_repeats_never_emits_a_repeated_word_or_trigram(rnn):
+    V = 12
+    m = _model(rnn, seed=3, V=V, attention=rnn == "updown")
+    with torch.no_grad():
+        m.out.bias[Vocab.end] -= 6.0  # long sentences over a small vocabulary: repeats are likely
+        m.out.bias[5] += 2.0
+    feats = torch.randn(20, 3, 8)
+    plain = [h.tokens for h in greedy(m, feats, max_len=15)]
+    assert any(_repeats(t) for t in plain)  # the constraint has something to fix
+    for h in greedy(m, feats, max_len=15, block_repeats=True):
+        assert not _repeats(h.tokens), h.tokens
+    for hyps in beam_search(m, feats, beam=4, max_len=15, block_repeats=True):
+        for h in hyps:
+            assert not _repeats(h.tokens), h.tokens

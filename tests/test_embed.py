@@ -127,6 +127,27 @@ def test_whole_image_inputs_and_roi_mode(ex, tmp_path):
     assert not np.allclose(roi["feats"][1], roi["feats"][0], atol=1e-2)
 
 
+def test_grid_mode_whole_image_first_then_the_cells_of_the_feature_map(ex, tmp_path):
+    _images(tmp_path / "imgs", 2)
+    r = run_cli("embed", tmp_path / "imgs", "-o", tmp_path / "g.npz", "--crop", "grid", "--dtype", "float32",
+                "--threads", "2")
+    assert r.returncode == 0, r.stderr.decode()
+    g = np.load(tmp_path / "g.npz")
+    meta = json.loads(str(g["meta"]))
+    assert meta["crop"] == "grid" and meta["grid"] == 7
+    assert g["feats"].shape == (2 * 50, 1280) and g["offsets"].tolist() == [0, 50, 100]
+    assert g["labels"][0] == "image" and set(g["labels"][1:50].tolist()) == {"grid"}
+    assert g["boxes"][1].tolist() == pytest.approx([0, 0, 200 / 7, 120 / 7]) and g["boxes"][49][2:].tolist() == [200, 120]
+    # row 0 is the whole-image feature and the mean of the 49 cells (the 7x7 map at 224 px)
+    x = torch.stack([ex.preprocess(Image.open(tmp_path / "imgs" / "im0.png").convert("RGB"))])
+    assert np.allclose(g["feats"][0], ex(x)[0].numpy(), atol=1e-3)
+    assert np.allclose(g["feats"][1:50].mean(0), g["feats"][0], atol=1e-3)
+    assert not np.allclose(g["feats"][1], g["feats"][0], atol=1e-2)
+    bad = run_cli("embed", _regions_jsonl([tmp_path / "imgs" / "im0.png"], tmp_path / "r.jsonl"), "--crop", "grid",
+                  "-o", tmp_path / "x.npz")
+    assert bad.returncode == 2 and "--crop grid takes images" in bad.stderr.decode()
+
+
 def test_resume_skips_finished_images(ex, tmp_path):
     paths = _images(tmp_path / "imgs", 4)
     items = [EmbedItem(p.name, str(p), None) for p in paths]

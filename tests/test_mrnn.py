@@ -56,7 +56,7 @@ def _splits(tmp_path, **kw):
     return ds, store, vocab, tr, va
 
 
-@pytest.mark.parametrize("rnn,attention", [("rnn", False), ("lstm", False), ("lstm", True)])
+@pytest.mark.parametrize("rnn,attention", [("rnn", False), ("lstm", False), ("lstm", True), ("updown", True)])
 def test_tiny_model_overfits_two_captions_exactly(rnn, attention):
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest on a busy machine
     torch.manual_seed(0)
@@ -165,3 +165,87 @@ def test_scst_phase_runs_and_keeps_best(tmp_path):
     assert phases == ["xe", "xe", "scst"]
     best = load_checkpoint(out)["meta"]["best"]
     assert best["val_CIDEr"] == max(h["val_CIDEr"] for h in summary["history"])
+
+
+def test_updown_packed_teacher_forcing_equals_full_and_step_by_step():
+    torch.manual_seed(0)
+    cfg = MRNNConfig(rnn="updown", vocab_size=12, feat_dim=6, embed=8, hidden=10, att_dim=5, dropout=0.0)
+    model = build_model(cfg).eval()
+    feats = torch.randn(2, 4, 6)  # two images, 4 regions each
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    sents = [(0, [4, 5, 6]), (1, [7]), (0, [8, 9, 10, 11, 4]), (1, [5, 6])]
+    idx, inp, tgt = T.batch_tensors(sents)
+    sel = tgt != 0
+    full = model(feats, inp, mask, rows=idx)
+    packed = model(feats, inp, mask, select=sel, rows=idx)  # rows shorter than the batch stop early
+    assert torch.allclose(full[sel], packed, atol=1e-5)
+    st = model.init_state(feats.index_select(0, idx), mask.index_select(0, idx))
+    for t in range(inp.shape[1]):
+        lp, st = model.step(inp[:, t], st)
+        assert torch.allclose(lp, torch.log_softmax(full[:, t], -1), atol=1e-5)
+
+
+def test_scst_rescores_samples_under_the_distribution_they_were_drawn_from():
+    """The samples' log-probabilities with gradients must be those of the sampling distribution
+    (``<unk>``/``<pad>``/``<start>`` never, ``<end>`` not first): with the plain softmax instead,
+    the probability of never-sampled tokens drifts up while the reward rises."""
+    from vsa.decoding import NEG, _forbid, sample
+
+    torch.manual_seed(0)
+    for rnn in ("lstm", "updown"):
+        cfg = MRNNConfig(rnn=rnn, vocab_size=15, feat_dim=6, embed=8, hidden=10, att_dim=5, dropout=0.0)
+        model = build_model(cfg).eval()
+        with torch.no_grad():
+            model.out.bias[Vocab.unk] += 3.0  # much mass on a token that is never sampled
+        feats = torch.randn(3, 4, 6)
+        seqs = sample(model, feats, None, 4, 8)
+        rows = torch.arange(3).repeat_interleave(4)
+        got = T.sequence_logprob(model, feats, None, seqs, rows)
+        # the sampler's own step-by-step log-probabilities
+        st = model.init_state(feats.index_select(0, rows))
+        tok = torch.full((len(rows),), Vocab.start)
+        want = torch.zeros(len(rows))
+        with torch.no_grad():
+            for t in range(seqs.shape[1]):
+                logp, st = model.step(tok, st)
+                logp = torch.log_softmax(_forbid(logp, t), -1)
+                w = seqs[:, t]
+                want += torch.where(w == Vocab.pad, torch.zeros(()), logp.gather(1, w[:, None]).squeeze(1))
+                tok = torch.where(w == Vocab.pad, torch.full_like(w, Vocab.end), w)
+        assert (seqs != Vocab.pad).any() and NEG < 0
+        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_cider_reward_counts_the_sentence_end():
+    """``... on the`` cut short must not earn the n-grams of ``... on the grass``: the reward sees ``</s>``."""
+    from vsa.caption_metrics import CiderD
+
+    vocab = Vocab(WORDS)
+    refs = [["a", "dog", "runs", "on", "the", "grass"], ["a", "dog", "runs", "on", "the", "green", "grass"]]
+    others = [[["two", "people", "sit"]], [["a", "man", "rides"]]]
+    full = vocab.encode(refs[0]) + [Vocab.end, Vocab.pad]
+    cut = vocab.encode(refs[0][:5]) + [Vocab.end]
+    long_cut = vocab.encode(refs[0][:5])  # cut by max_len: no </s>
+    w_full, w_cut, w_long = (T.sample_words(r, vocab.itos) for r in (full, cut, long_cut))
+    assert w_full[-1] == T.END_WORD and w_cut[-1] == T.END_WORD and T.END_WORD not in w_long
+    scorer = CiderD([T.ends(refs)] + [T.ends(o) for o in others])
+    s_full, s_cut = scorer.score([w_full, w_cut], [T.ends(refs)] * 2)
+    # the same sentences scored without the end token (as before): the cut one loses much less
+    plain = CiderD([refs] + others)
+    p_full, p_cut = plain.score([w_full[:-1], w_cut[:-1]], [refs] * 2)
+    assert s_cut / s_full < p_cut / p_full - 0.1
+
+
+def test_scst_on_a_small_task_raises_the_reward_and_the_greedy_score(tmp_path):
+    torch.set_num_threads(1)
+    ds, store, vocab, tr, va = _splits(tmp_path, n_train=40, n_val=10)
+    cfg = MRNNConfig(rnn="lstm", embed=16, hidden=32, epochs=2, scst_epochs=8, batch_size=20, seed=1, patience=99,
+                     lr=3e-3, scst_lr=3e-3, dropout=0.0)
+    hist = T.train(cfg, tr, va, vocab, tmp_path / "m.pt", store.meta, log=lambda *_: None,
+                   choose_decoding=False)["history"]
+    xe = [h for h in hist if h["phase"] == "xe"]
+    sc = [h for h in hist if h["phase"] == "scst"]
+    assert len(sc) == 8
+    rewards = [h["train_loss"] for h in sc]  # the SCST epoch's mean sampled reward
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:2]) + 0.05
+    assert max(h["val_CIDEr"] for h in sc[-4:]) > xe[-1]["val_CIDEr"] + 10

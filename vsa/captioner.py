@@ -88,8 +88,24 @@ class Captioner:
         feats = torch.as_tensor(feats, dtype=torch.float32, device=self.device)
         bad = bad_ending_ids(vocab) if cfg.bad_endings else None
         with torch.inference_mode():
-            hyps = decode(model, feats, None, b, L, lp, bad)
+            hyps = decode(model, feats, None, b, L, lp, bad, cfg.block_repeats)
         return [(" ".join(vocab.decode(h.tokens)), round(h.logprob, 3)) for h in hyps]
+
+    def featurise(self, batch):
+        """Preprocessed photos ``[B, 3, S, S]`` -> the generator's inputs, made as its training features
+        were: one pooled vector ``[B, D]``, or the whole image + grid cells ``[B, 1 + g*g, D]``
+        for a model trained on ``vsa embed --crop grid`` features."""
+        ex = self.extractor
+        crop = self.extractor_meta.get("crop")
+        from vsa.mrnn import uses_regions
+
+        if not uses_regions(self.cfg):
+            return ex(batch)
+        if crop != "grid":
+            raise VsaError(f"this model attends over detector regions ({crop} features); caption photos with a "
+                           "grid-attention or whole-image model, or evaluate it on a features file", self.path)
+        g = int(self.extractor_meta.get("grid", 7))
+        return ex.grid(batch, g).view(batch.shape[0], 1 + g * g, -1)
 
     # ------------------------------------------------------------------ files
 
@@ -128,7 +144,7 @@ class Captioner:
                     good.append((path, key, im, x))
                 if not good:
                     continue
-                feats = ex(torch.stack([g[3] for g in good]))
+                feats = self.featurise(torch.stack([g[3] for g in good]))
                 caps = self.caption_features(feats, beam, max_len, length_penalty)
                 for (path, key, im, _), (c, lp) in zip(good, caps):
                     rec = {"path": str(path), "key": key, "caption": c, "logprob": lp}

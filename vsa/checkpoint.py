@@ -103,3 +103,26 @@ def config_from(cls, d: dict):
     """Rebuild a config dataclass from a checkpoint dict, ignoring unknown keys."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def apply_overrides(cfg: Any, items: list[str], flag: str = "--set") -> Any:
+    """Apply ``KEY=VALUE`` strings (``--set``) to the dataclass ``cfg`` in place, converting each value to
+    the field's current type; an unknown key or a bad value is a one-line :class:`VsaError`."""
+    names = [f.name for f in dataclasses.fields(cfg)]
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in names:
+            raise VsaError(f"{flag} {item!r}: expected KEY=VALUE with KEY one of {', '.join(names)}")
+        cur = getattr(cfg, key)
+        try:
+            if isinstance(cur, bool):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                v = value.lower() in ("true", "1", "yes")
+            else:
+                v = type(cur)(value)
+        except ValueError:
+            raise VsaError(f"{flag} {item!r}: {value!r} is not a valid {type(cur).__name__}") from None
+        setattr(cfg, key, v)
+    return cfg

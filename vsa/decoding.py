@@ -54,10 +54,36 @@ def _forbid(logp: torch.Tensor, t: int, prev: torch.Tensor | None = None, bad: t
     return logp
 
 
+def constrained_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced ``[B, T, V]`` logits -> log-probabilities of the distribution :func:`sample` draws
+    from: ``<unk>``/``<pad>``/``<start>`` never, ``<end>`` not first, renormalised over the rest.
+
+    Self-critical training re-scores its samples with this; scoring them under the unconstrained
+    softmax instead lets probability drift onto the tokens that are never sampled."""
+    logits = logits.float().clone()
+    logits[..., [Vocab.unk, Vocab.pad, Vocab.start]] = NEG
+    logits[:, 0, Vocab.end] = NEG
+    return torch.log_softmax(logits, -1)
+
+
+def _block_repeats(logp: torch.Tensor, seqs: list[list[int]]) -> torch.Tensor:
+    """Forbid, per row, the previous word again and any word that would repeat a trigram of the row."""
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        logp[i, s[-1]] = NEG
+        if len(s) >= 2:
+            a, b = s[-2], s[-1]
+            for j in range(len(s) - 2):
+                if s[j] == a and s[j + 1] == b:
+                    logp[i, s[j + 2]] = NEG
+    return logp
+
+
 @torch.no_grad()
 def greedy(model, feats: torch.Tensor, mask: torch.Tensor | None = None, max_len: int = 20,
-           length_penalty: float = 0.0, bad_endings: torch.Tensor | None = None) -> list[Hyp]:
-    """Most likely word at each step; one hypothesis per image."""
+           length_penalty: float = 0.0, bad_endings: torch.Tensor | None = None, block_repeats: bool = False) -> list[Hyp]:
+    """Most likely word at each step; one hypothesis per image (``block_repeats``: see :func:`_block_repeats`)."""
     B = feats.shape[0]
     st = model.init_state(feats, mask)
     tok = torch.full((B,), Vocab.start, dtype=torch.long, device=feats.device)
@@ -68,6 +94,8 @@ def greedy(model, feats: torch.Tensor, mask: torch.Tensor | None = None, max_len
     for t in range(max_len):
         logp, st = model.step(tok, st)
         logp = _forbid(logp, t, tok, bad_endings)
+        if block_repeats:
+            logp = _block_repeats(logp, words)
         lp, tok = logp.max(-1)
         total += torch.where(done, torch.zeros_like(lp), lp).double()
         for i in (~done).nonzero().flatten().tolist():
@@ -84,7 +112,8 @@ def greedy(model, feats: torch.Tensor, mask: torch.Tensor | None = None, max_len
 
 @torch.no_grad()
 def beam_search(model, feats: torch.Tensor, mask: torch.Tensor | None = None, beam: int = 3, max_len: int = 20,
-                length_penalty: float = 0.0, bad_endings: torch.Tensor | None = None) -> list[list[Hyp]]:
+                length_penalty: float = 0.0, bad_endings: torch.Tensor | None = None,
+                block_repeats: bool = False) -> list[list[Hyp]]:
     """Beam search for every image of the batch at once.
 
     Returns ``beam`` hypotheses per image, best first (by score). A finished beam is
@@ -105,7 +134,10 @@ def beam_search(model, feats: torch.Tensor, mask: torch.Tensor | None = None, be
     base = (torch.arange(B, device=dev) * K)[:, None]
     for t in range(max_len):
         logp, st = model.step(tok, st)
-        logp = _forbid(logp, t, tok, bad_endings).double()
+        logp = _forbid(logp, t, tok, bad_endings)
+        if block_repeats and t:
+            logp = _block_repeats(logp, seqs.tolist())
+        logp = logp.double()
         V = logp.shape[1]
         # a finished beam can only be extended by <pad> at no cost
         fin = finished.nonzero().flatten()
@@ -143,11 +175,11 @@ def beam_search(model, feats: torch.Tensor, mask: torch.Tensor | None = None, be
 
 
 def decode(model, feats: torch.Tensor, mask: torch.Tensor | None = None, beam: int = 1, max_len: int = 20,
-           length_penalty: float = 0.0, bad_endings: torch.Tensor | None = None) -> list[Hyp]:
+           length_penalty: float = 0.0, bad_endings: torch.Tensor | None = None, block_repeats: bool = False) -> list[Hyp]:
     """Best hypothesis per image (greedy for ``beam=1``)."""
     if beam <= 1:
-        return greedy(model, feats, mask, max_len, length_penalty, bad_endings)
-    return [h[0] for h in beam_search(model, feats, mask, beam, max_len, length_penalty, bad_endings)]
+        return greedy(model, feats, mask, max_len, length_penalty, bad_endings, block_repeats)
+    return [h[0] for h in beam_search(model, feats, mask, beam, max_len, length_penalty, bad_endings, block_repeats)]
 
 
 @torch.no_grad()

@@ -29,7 +29,9 @@ def _features_path(ck: dict, features):
         return Path(p)
     from vsa.config import workspace
 
-    key = "features.regions" if ck["config"].get("attention") else "features.whole"
+    from vsa.mrnn import uses_regions
+
+    key = "features.regions" if uses_regions(ck["config"]) else "features.whole"
     p = workspace().get(key)
     if p is not None and Path(p).exists():
         return Path(p)
@@ -48,6 +50,7 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     from vsa.distributed import pick_device
     from vsa.featstore import FeatureStore
     from vsa.mrnn import model_from_checkpoint
+    from vsa.mrnn import uses_regions
     from vsa.train_mrnn import _stack_regions
 
     ck = load_checkpoint(model_path, "mrnn")
@@ -74,13 +77,13 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
 
     for s in range(0, len(recs), batch_size):
         keys = [r.key for r in recs[s : s + batch_size]]
-        if model.cfg.attention:
-            f, m = _stack_regions(store, keys, 20)
+        if uses_regions(model.cfg):
+            f, m = _stack_regions(store, keys, model.cfg.max_regions)
         else:
             f, m = torch.from_numpy(np.stack([store.whole(k) for k in keys])), None
         f = f.to(dev)
         m = m.to(dev) if m is not None else None
-        for h in decode(model, f, m, b, model.cfg.max_len, lp, bad):
+        for h in decode(model, f, m, b, model.cfg.max_len, lp, bad, model.cfg.block_repeats):
             caps.append(" ".join(vocab.decode(h.tokens)))
     return recs, caps, b, lp
 

@@ -125,6 +125,23 @@ class Extractor:
     def forward(self, x):
         return self.net(x)
 
+    def grid(self, batch, g: int = 7):
+        """Spatial grid features (``--crop grid``): per image the global average of the last feature
+        map first (identical to the whole-image feature), then its ``g`` x ``g`` cells (adaptive
+        average pooling; at 224 px with g=7 exactly the 7x7 map), row-major. ``[B * (1 + g*g), dim]``."""
+        import torch
+
+        fmap_fn = getattr(self.net, "fmap", None)
+        if fmap_fn is None:
+            raise VsaError(f"--crop grid needs a CNN with a feature map; {self.name} has none here")
+        with torch.inference_mode(), self._amp():
+            x = batch.to(self.device)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            fm = self._fast("fmap", x)(x).float()
+            cells = torch.nn.functional.adaptive_avg_pool2d(fm, g).flatten(2).transpose(1, 2)  # [B, g*g, D]
+            return torch.cat([fm.mean((2, 3))[:, None], cells], 1).flatten(0, 1)
+
     def roi(self, batch, boxes: list, output_size: int = 2):
         """Fast R-CNN style region features from ONE forward per image (``--crop roi``).
 
@@ -309,8 +326,10 @@ def shard_of(items: list, shard: str | None) -> list:
 class _CropDataset:
     """Decodes an image and makes its crops (runs in DataLoader workers)."""
 
-    def __init__(self, items, extractor_cfg, context: float, max_pixels: int | None, skip_bad: bool, crop: str = "warp"):
+    def __init__(self, items, extractor_cfg, context: float, max_pixels: int | None, skip_bad: bool, crop: str = "warp",
+                 grid: int = 7):
         self.crop = crop
+        self.grid = grid
         self.items = items
         self.cfg = extractor_cfg
         self.context = context
@@ -338,6 +357,9 @@ class _CropDataset:
         regs = it.regions if it.regions else [{"box": [0.0, 0.0, float(w), float(h)], "score": 1.0, "label": "image"}]
         import torch
 
+        if self.crop == "grid":  # the whole image, then its grid cells (boxes in image pixels)
+            regs = [{"box": [0.0, 0.0, float(w), float(h)], "score": 1.0, "label": "image"}] + grid_boxes(w, h, self.grid)
+            return {"index": i, "crops": ex.preprocess(im)[None], "n": len(regs), "regions": regs, "size": (w, h)}
         if self.crop == "roi":  # one squashed whole image + its boxes in S x S coordinates
             S = ex.input_size
             b = torch.tensor([[float(v) for v in r["box"]] for r in regs], dtype=torch.float32).reshape(-1, 4)
@@ -354,6 +376,12 @@ class _CropDataset:
             else:
                 crops.append(ex.crop(im, r["box"], self.context))
         return {"index": i, "crops": torch.stack(crops), "n": len(regs), "regions": regs, "size": (w, h)}
+
+
+def grid_boxes(w: float, h: float, g: int) -> list[dict]:
+    """The ``g`` x ``g`` cells of a ``w`` x ``h`` image, row-major, as region records (label ``grid``)."""
+    return [{"box": [w * c / g, h * r / g, w * (c + 1) / g, h * (r + 1) / g], "score": 1.0, "label": "grid"}
+            for r in range(g) for c in range(g)]
 
 
 class _Prep:
@@ -452,7 +480,7 @@ def merge_npz(inputs: list, out, meta: dict | None = None) -> int:
 
 def _settings(meta: dict) -> dict:
     """The part of a features ``meta`` that must agree for two files to be merged or resumed."""
-    return {k: meta.get(k) for k in ("extractor", "dim", "input", "resize", "mean", "std", "crop", "context", "dtype")}
+    return {k: meta.get(k) for k in ("extractor", "dim", "input", "resize", "mean", "std", "crop", "context", "dtype", "grid")}
 
 
 def _load_done(parts_dir: Path, out: Path, settings: dict, warn=None) -> tuple[list[Path], set[str]]:
@@ -483,7 +511,8 @@ def _load_done(parts_dir: Path, out: Path, settings: dict, warn=None) -> tuple[l
 
 def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 16, workers: int = 1,
           context: float = 0.0, crop: str = "warp", dtype: str = "float16", resume: bool = True, part_every: int = 500,
-          skip_bad: bool = False, max_pixels: int | None = None, warn=None, progress=None, extra_meta: dict | None = None) -> dict:
+          skip_bad: bool = False, max_pixels: int | None = None, warn=None, progress=None, extra_meta: dict | None = None,
+          grid: int = 7) -> dict:
     """Compute features of every item and write one NPZ at ``out`` (atomically).
 
     Work is saved every ``part_every`` images into ``<out>.parts/`` (each part atomic). Rerunning
@@ -503,9 +532,13 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
     parts_dir = out.with_name(out.name + ".parts")
     np_dtype = np.dtype(dtype)
     meta = dict(extractor.meta)
-    if crop not in ("warp", "roi"):
-        raise VsaError(f"--crop must be warp or roi, got {crop!r}")
+    if crop not in ("warp", "roi", "grid"):
+        raise VsaError(f"--crop must be warp, roi or grid, got {crop!r}")
     meta.update({"crop": crop, "context": float(context), "dtype": np_dtype.name})
+    if crop == "grid":
+        if any(it.regions for it in items):
+            raise VsaError("--crop grid takes images (the grid replaces detector boxes), not a regions JSONL")
+        meta["grid"] = int(grid)
     if extra_meta:
         meta.update({k: v for k, v in extra_meta.items()})
     from vsa import __version__
@@ -523,7 +556,7 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
     todo = [it for it in items if it.key not in done]
     stats = {"images": len(items), "skipped_done": len(items) - len(todo), "bad": 0, "regions": 0}
 
-    ds = _CropDataset(todo, _Prep(extractor), context, max_pixels, skip_bad, crop)
+    ds = _CropDataset(todo, _Prep(extractor), context, max_pixels, skip_bad, crop, grid)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers if todo else 0,
                                          prefetch_factor=4 if workers > 0 and todo else None,
                                          worker_init_fn=_worker_init)
@@ -539,6 +572,8 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
         batch = torch.cat([p["crops"] for p in pending])
         if crop == "roi":
             feats = extractor.roi(batch, [p["rois"] for p in pending]).cpu().numpy()
+        elif crop == "grid":
+            feats = extractor.grid(batch, grid).cpu().numpy()
         else:
             feats = extractor(batch).cpu().numpy()
         s = 0

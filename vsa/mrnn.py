@@ -8,6 +8,11 @@ Paper RNN (``rnn="rnn"``)::
 
 with x_1 the ``<start>`` embedding and ``<end>`` closing the sentence.
 
+Top-down attention (``rnn="updown"``, Anderson et al. 2018): an attention LSTM reads the
+previous language state, the global (whole-image) feature and the word; its state attends
+over the regions (the grid cells of ``vsa embed --crop grid`` or detector boxes); a language
+LSTM reads the attended feature and the attention state and predicts the word.
+
 LSTM variant (``rnn="lstm"``, neuraltalk2 style): the projected image is the LSTM's
 input at step 0, then ``<start>`` and the words.  With ``attention=True`` each step
 also reads a soft-attention mix of the image's region features (whole image + detector
@@ -28,7 +33,7 @@ from torch import nn
 @dataclass
 class MRNNConfig:
     # model
-    rnn: str = "lstm"  # "rnn" (the paper's multimodal RNN) or "lstm"
+    rnn: str = "lstm"  # "rnn" (the paper's multimodal RNN), "lstm", or "updown" (top-down attention over regions)
     vocab_size: int = 0  # including the 4 special tokens
     feat_dim: int = 1280
     embed: int = 512
@@ -36,6 +41,7 @@ class MRNNConfig:
     dropout: float = 0.5
     attention: bool = False  # attend over the region features (needs a regions features file)
     att_dim: int = 256
+    max_regions: int = 64  # regions per image read from a regions/grid features file (whole image first)
     # training
     epochs: int = 12
     batch_size: int = 64
@@ -50,21 +56,32 @@ class MRNNConfig:
     patience: int = 4  # epochs without val CIDEr gain before stopping
     seed: int = 0
     threads: int = 0  # torch threads (0: leave as is)
+    bf16: bool = True  # bfloat16 autocast in training where the hardware has it (CUDA; CPUs with AVX512-BF16/AMX)
     # decoding defaults (chosen on val at the end of training)
     beam: int = 3
     length_penalty: float = 0.0
     bad_endings: bool = True  # never end a sentence on "a", "the", "on", ... (decoding constraint)
+    block_repeats: bool = True  # never repeat a word twice in a row or a trigram (decoding constraint)
     # SCST fine-tuning (self-critical, CIDEr-D reward) after cross-entropy training
     scst_epochs: int = 0
     scst_lr: float = 5e-5
     scst_samples: int = 5
 
 
+RNNS = ("rnn", "lstm", "updown")
+
+
+def uses_regions(cfg) -> bool:
+    """Does the model read region features ``[B, R, D]`` (attention or Up-Down) rather than one vector?"""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    return bool(get("attention", False)) or get("rnn") == "updown"
+
+
 class CaptionModel(nn.Module):
     def __init__(self, cfg: MRNNConfig):
         super().__init__()
         if cfg.rnn not in ("rnn", "lstm"):
-            raise ValueError(f"unknown rnn {cfg.rnn!r} (rnn or lstm)")
+            raise ValueError(f"unknown rnn {cfg.rnn!r} ({', '.join(RNNS)})")
         self.cfg = cfg
         V, E, H, D = cfg.vocab_size, cfg.embed, cfg.hidden, cfg.feat_dim
         # feature standardisation, set from the training features (buffers: saved, not trained)
@@ -157,10 +174,13 @@ class CaptionModel(nn.Module):
     # ------------------------------------------------------------------ training
 
     def forward(self, feats: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None = None,
-                select: torch.Tensor | None = None) -> torch.Tensor:
+                select: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: ``inputs`` ``[B, T]`` starts with ``<start>``; returns logits ``[B, T, V]``,
-        or ``[N, V]`` for the positions where the boolean ``select`` ``[B, T]`` is True (cheaper)."""
+        or ``[N, V]`` for the positions where the boolean ``select`` ``[B, T]`` is True (cheaper).
+        ``rows`` ``[B]``: sentence b reads image ``rows[b]`` of ``feats`` (each image featurised once)."""
         st = self.init_state(feats, mask)
+        if rows is not None:
+            st = reorder_state(st, rows)
         if self.cfg.rnn == "lstm" and not self.cfg.attention:
             x = self.drop(self.embed(inputs))
             hs, _ = self.lstm(x, (st["h"][None].contiguous(), st["c"][None].contiguous()))
@@ -182,13 +202,121 @@ class CaptionModel(nn.Module):
         return self.out(self.drop(hs))
 
 
+class UpDownModel(nn.Module):
+    """Top-down attention captioner (Anderson et al. 2018, "Up-Down"), same interface as CaptionModel.
+
+    ``feats`` ``[B, R, D]``: row 0 the whole image (its global feature), then the regions; every
+    row is attended over. The attention LSTM's input projections of the word and of the global
+    feature are computed outside the time loop (same maths as an ``LSTMCell`` on the concatenation).
+    """
+
+    def __init__(self, cfg: MRNNConfig):
+        super().__init__()
+        self.cfg = cfg
+        V, E, H, D, A = cfg.vocab_size, cfg.embed, cfg.hidden, cfg.feat_dim, cfg.att_dim
+        self.register_buffer("feat_mean", torch.zeros(D))
+        self.register_buffer("feat_std", torch.ones(D))
+        self.embed = nn.Embedding(V, E, padding_idx=0)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.fc = nn.Linear(D, H)  # global feature
+        self.att_embed = nn.Linear(D, H)  # region features
+        self.ctx2att = nn.Linear(H, A)
+        self.h2att = nn.Linear(H, A)
+        self.alpha = nn.Linear(A, 1)
+        # attention LSTM: gates = W_x x + W_g g + W_h [h_lang, h_att]
+        self.att_x = nn.Linear(E, 4 * H)
+        self.att_g = nn.Linear(H, 4 * H, bias=False)
+        self.att_h = nn.Linear(2 * H, 4 * H, bias=False)
+        self.lang = nn.LSTMCell(2 * H, H)
+        self.out = nn.Linear(H, V)
+
+    normalise = CaptionModel.normalise
+
+    def init_state(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        if feats.dim() == 2:
+            feats = feats[:, None]
+        if mask is None:
+            mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        feats = self.normalise(feats.float())
+        regions = self.drop(torch.relu(self.att_embed(feats)))  # [B, R, H]
+        g = self.drop(torch.relu(self.fc(feats[:, 0])))
+        z = feats.new_zeros(feats.shape[0], self.cfg.hidden)
+        return {"regions": regions, "att_keys": self.ctx2att(regions), "mask": mask, "g": self.att_g(g),
+                "h_att": z, "c_att": z, "h": z, "c": z}
+
+    def _attend(self, h: torch.Tensor, st: dict) -> torch.Tensor:
+        e = self.alpha(torch.tanh(st["att_keys"] + self.h2att(h)[:, None])).squeeze(-1)  # [B, R]
+        e = e.masked_fill(~st["mask"], float("-inf"))
+        return torch.bmm(torch.softmax(e, dim=1)[:, None], st["regions"]).squeeze(1)
+
+    def _core_x(self, gx: torch.Tensor, st: dict) -> tuple[torch.Tensor, dict]:
+        """One step from the word's attention-LSTM input projection ``gx`` ``[B, 4H]``."""
+        gates = (gx + st["g"] + self.att_h(torch.cat([st["h"], st["h_att"]], 1))).float()  # cell in float32
+        i, f, gg, o = gates.chunk(4, 1)
+        c_att = torch.sigmoid(f) * st["c_att"] + torch.sigmoid(i) * torch.tanh(gg)
+        h_att = torch.sigmoid(o) * torch.tanh(c_att)
+        ctx = self._attend(h_att, st)
+        h, c = self.lang(torch.cat([ctx, h_att], 1), (st["h"], st["c"]))
+        new = dict(st)
+        new.update(h_att=h_att, c_att=c_att, h=h, c=c)
+        return h, new
+
+    def _core(self, tokens: torch.Tensor, st: dict) -> tuple[torch.Tensor, dict]:
+        return self._core_x(self.att_x(self.drop(self.embed(tokens))), st)
+
+    step = CaptionModel.step
+
+    def forward(self, feats: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None = None,
+                select: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        st = self.init_state(feats, mask)
+        if rows is not None:
+            st = reorder_state(st, rows)
+        gx = self.att_x(self.drop(self.embed(inputs)))  # [B, T, 4H], all steps at once
+        T = inputs.shape[1]
+        if select is None:
+            out = []
+            for t in range(T):
+                h, st = self._core_x(gx[:, t], st)
+                out.append(h)
+            return self.out(self.drop(torch.stack(out, 1)))
+        # ``select`` marks a prefix of each row: run step t only for the rows still going (longest
+        # first, as packed sequences), then put the outputs back in ``hs[select]`` (row-major) order
+        lengths = select.sum(1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        st = reorder_state(st, order)
+        gx, lengths = gx[order], lengths[order]
+        out, where = [], []
+        for t in range(T):
+            n = int((lengths > t).sum())
+            if n == 0:
+                break
+            st = {k: v[:n] for k, v in st.items()}
+            h, st = self._core_x(gx[:n, t], st)
+            out.append(h)
+            where.append(order[:n] * T + t)
+        hs = torch.cat(out)[torch.argsort(torch.cat(where))]
+        return self.out(self.drop(hs))
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bfloat16 autocast for training on ``device`` when ``enabled`` and the hardware computes in bfloat16
+    natively (CUDA, or a CPU whose oneDNN has bfloat16 kernels); a no-op context otherwise."""
+    if device.type == "cpu":
+        ok = enabled and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    else:
+        ok = enabled and device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=ok)
+
+
 def reorder_state(st: dict, index: torch.Tensor) -> dict:
     """Select / repeat batch rows of a state (beam search)."""
     return {k: v.index_select(0, index) for k, v in st.items()}
 
 
-def build_model(cfg: MRNNConfig) -> CaptionModel:
-    """Factory (open_clip style)."""
+def build_model(cfg: MRNNConfig) -> nn.Module:
+    """Factory (open_clip style): the paper's RNN / LSTM (:class:`CaptionModel`) or :class:`UpDownModel`."""
+    if cfg.rnn == "updown":
+        return UpDownModel(cfg)
     return CaptionModel(cfg)
 
 

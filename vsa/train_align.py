@@ -454,23 +454,9 @@ def config_fields() -> list[str]:
 
 def parse_overrides(cfg: AlignConfig, items: list[str]) -> AlignConfig:
     """Apply ``KEY=VALUE`` strings to ``cfg``, converting to each field's type."""
-    types = {f.name: f.type for f in dataclasses.fields(AlignConfig)}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in types:
-            raise VsaError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
-        cur = getattr(cfg, key)
-        try:
-            if isinstance(cur, bool):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                v = value.lower() in ("true", "1", "yes")
-            else:
-                v = type(cur)(value)
-        except ValueError:
-            raise VsaError(f"--set {item!r}: {value!r} is not a valid {type(cur).__name__}") from None
-        setattr(cfg, key, v)
+    from vsa.checkpoint import apply_overrides
+
+    apply_overrides(cfg, items)
     _check(cfg)
     return cfg
 

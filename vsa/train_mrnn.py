@@ -63,7 +63,7 @@ def _stack_regions(store, keys: list[str], max_regions: int):
 
 
 def image_split(ds: CaptionDataset, store, split: str, vocab: Vocab, max_len: int, regions: bool = False,
-                max_regions: int = 20, skip_missing: bool = False, warn=None) -> Split:
+                max_regions: int = 64, skip_missing: bool = False, warn=None) -> Split:
     recs = ds.split(split)
     if not recs:
         raise VsaError(f"split {split!r} has no images", ds.source)
@@ -173,7 +173,7 @@ def generate(model, sp: Split, vocab: Vocab, beam: int = 1, max_len: int = 20, l
     for s in range(0, len(sp.feats), batch_size):
         idx = torch.arange(s, min(s + batch_size, len(sp.feats)))
         f, m = _sub(sp, idx, _dev(model))
-        for h in decode(model, f, m, beam, max_len, length_penalty, bad):
+        for h in decode(model, f, m, beam, max_len, length_penalty, bad, getattr(model.cfg, "block_repeats", False)):
             out.append(" ".join(vocab.decode(h.tokens)))
     return out
 
@@ -295,7 +295,7 @@ def train(cfg: MRNNConfig, train_sp: Split, val_sp: Split, vocab: Vocab, out, ex
                 opt = torch.optim.Adam(model.parameters(), lr=cfg.scst_lr)
             from vsa.caption_metrics import CiderD
 
-            scorer = CiderD(train_sp.ref_tokens)
+            scorer = CiderD([ends(r) for r in train_sp.ref_tokens])
         te = time.time()
         if phase == "xe":
             lr = cfg.lr * (cfg.lr_decay ** max(0, epoch - cfg.lr_decay_start)) if epoch > cfg.lr_decay_start else cfg.lr
@@ -337,30 +337,47 @@ def epoch_since_best(history: list[dict], best: dict) -> int:
     return sum(1 for h in history if h["epoch"] > best.get("epoch", 0) and h.get("phase", "xe") == "xe")
 
 
+def _batches(sp: Split, batch_size: int, rng):
+    """Teacher-forcing batches of about ``batch_size`` sentences: all sentences of a random set of
+    images together (neuraltalk2's seq_per_img), so each image's features are computed once a batch."""
+    by_item: list[list[int]] = [[] for _ in range(len(sp.feats))]
+    for j, (i, _) in enumerate(sp.sents):
+        by_item[i].append(j)
+    per = max(1, round(len(sp.sents) / max(1, len(sp.feats))))
+    step = max(1, batch_size // per)
+    order = rng.permutation(len(by_item))
+    for s in range(0, len(order), step):
+        batch = [sp.sents[j] for i in order[s : s + step] for j in by_item[i]]
+        if batch:
+            yield batch
+
+
 def _xe_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, ddp=None, env=None) -> float:
     """One teacher-forced epoch; ``ddp`` is the (DDP-wrapped) model that runs the forward pass."""
     from vsa.distributed import DistEnv, share
 
     env = env or DistEnv()
     ddp = ddp if ddp is not None else model
+    from vsa.mrnn import autocast
+
     model.train()
     dev = _dev(model)
-    amp = dev.type == "cuda"
     rng = np.random.RandomState(cfg.seed * 1000 + epoch)
-    order = rng.permutation(len(sp.sents))
     total, n = 0.0, 0
-    for s in range(0, len(order), cfg.batch_size):
-        batch = [sp.sents[i] for i in order[s : s + cfg.batch_size]]
+    for batch in _batches(sp, cfg.batch_size, rng):
         if len(batch) < env.world:
             continue  # a last batch too small to give every rank a sentence: skipped on every rank
         n_tokens = sum(len(w) + 1 for _, w in batch)  # the global batch's targets (words + <end>)
         mine = batch[share(len(batch), env)]
         idx, inp, tgt = batch_tensors(mine)
-        f, m = _sub(sp, idx, dev)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            logits = ddp(f, inp.to(dev), m)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt.to(dev).flatten(), ignore_index=0,
-                                                 label_smoothing=cfg.label_smoothing, reduction="sum") / n_tokens
+        items, rows = torch.unique(idx, return_inverse=True)  # each image featurised once
+        f, m = _sub(sp, items, dev)
+        tgt = tgt.to(dev)
+        sel = tgt != 0
+        with autocast(dev, cfg.bf16):
+            logits = ddp(f, inp.to(dev), m, select=sel, rows=rows.to(dev))
+        loss = torch.nn.functional.cross_entropy(logits.float(), tgt[sel], label_smoothing=cfg.label_smoothing,
+                                                 reduction="sum") / n_tokens
         opt.zero_grad(set_to_none=True)
         (loss * env.world).backward()  # DDP averages over ranks: the sum is the global-batch mean
         if cfg.grad_clip:
@@ -375,15 +392,37 @@ def _xe_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, ddp=None, env=
     return total / max(n, 1)
 
 
-def sequence_logprob(model, feats, mask, seqs: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability of each sampled sequence (``<end>``-terminated, pad after), with gradients."""
+def sequence_logprob(model, feats, mask, seqs: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed log-probability of each sampled sequence (``<end>``-terminated, pad after), with gradients,
+    under exactly the distribution :func:`vsa.decoding.sample` draws from (same constraints)."""
+    from vsa.decoding import constrained_log_softmax
+
     B = seqs.shape[0]
     inp = torch.cat([torch.full((B, 1), Vocab.start, dtype=torch.long, device=seqs.device), seqs[:, :-1]], 1)
     inp = torch.where(inp == Vocab.pad, torch.full_like(inp, Vocab.end), inp)
-    logits = model(feats, inp, mask)
-    lp = torch.log_softmax(logits, -1).gather(2, seqs[:, :, None]).squeeze(2)
+    logits = model(feats, inp, mask, rows=rows)
+    lp = constrained_log_softmax(logits).gather(2, seqs[:, :, None]).squeeze(2)
     valid = seqs != Vocab.pad
     return (lp * valid).sum(1)
+
+
+END_WORD = "</s>"  # the sentence end as a CIDEr-D token: "... on a" without it matches the refs' "on a"
+
+
+def sample_words(row: list[int], itos) -> list[str]:
+    """A sampled id row -> words for the CIDEr-D reward, ``</s>`` kept when the sentence ended."""
+    out = []
+    for t in row:
+        if t == Vocab.end:
+            out.append(END_WORD)
+            break
+        if t != Vocab.pad:
+            out.append(itos[t])
+    return out
+
+
+def ends(refs: list[list[str]]) -> list[list[str]]:
+    return [list(r) + [END_WORD] for r in refs]
 
 
 def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, vocab: Vocab, ddp=None, env=None) -> float:
@@ -395,6 +434,8 @@ def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, voca
     env = env or DistEnv()
     ddp = ddp if ddp is not None else model
     dev = _dev(model)
+    from vsa.mrnn import autocast
+
     model.eval()  # no dropout: the sampled and the re-scored policy are the same
     rng = np.random.RandomState(cfg.seed * 1000 + epoch)
     order = torch.from_numpy(rng.permutation(len(sp.feats)))
@@ -408,15 +449,16 @@ def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, voca
             continue
         idx = glob[share(len(glob), env)]
         f, m = _sub(sp, idx, dev)
-        seqs = sample(model, f, m, n, cfg.max_len)
-        words = [[itos[t] for t in row if t not in (Vocab.pad, Vocab.end)] for row in seqs.tolist()]
-        refs = [sp.ref_tokens[int(i)] for i in idx for _ in range(n)]
+        with autocast(dev, cfg.bf16):
+            seqs = sample(model, f, m, n, cfg.max_len)
+        words = [sample_words(row, itos) for row in seqs.tolist()]
+        refs = [ends(sp.ref_tokens[int(i)]) for i in idx for _ in range(n)]
         r = torch.tensor(scorer.score(words, refs)).view(len(idx), n)
         base = (r.sum(1, keepdim=True) - r) / max(n - 1, 1)
         adv = (r - base).flatten()
-        fr = f.repeat_interleave(n, 0)
-        mr = m.repeat_interleave(n, 0) if m is not None else None
-        lp = sequence_logprob(ddp, fr, mr, seqs)
+        rows = torch.arange(len(idx), device=dev).repeat_interleave(n)  # sample j reads image j // n
+        with autocast(dev, cfg.bf16):
+            lp = sequence_logprob(ddp, f, m, seqs, rows)
         loss = -(adv.to(dev) * lp).sum() / (len(glob) * n)  # the mean over the global batch's samples
         opt.zero_grad(set_to_none=True)
         (loss * env.world).backward()

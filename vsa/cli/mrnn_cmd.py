@@ -25,23 +25,24 @@ def train_mrnn(
     features: Optional[Path] = typer.Option(None, "--features", "-f", help="Features NPZ (default: [features] whole, or [features] regions with --attention/--alignments)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Best-on-val checkpoint (default: [mrnn] model). The latest epoch goes to <stem>.last.pt."),
     alignments: Optional[Path] = typer.Option(None, "--alignments", help="Snippet alignments JSONL (`vsa align`): train on (region feature, snippet) pairs for region descriptions."),
-    rnn: str = typer.Option("lstm", "--rnn", help="lstm (default, chosen on val) or rnn (the paper's multimodal RNN)."),
-    attention: bool = typer.Option(False, "--attention", help="Attend over the region features of a regions features file."),
-    hidden: int = typer.Option(256, "--hidden", help="RNN hidden size."),
-    embed: int = typer.Option(256, "--embed", help="Word embedding size."),
-    dropout: float = typer.Option(0.5, "--dropout"),
-    epochs: int = typer.Option(8, "--epochs", help="Cross-entropy epochs (early stopping on val CIDEr)."),
-    scst_epochs: int = typer.Option(0, "--scst-epochs", help="Self-critical (CIDEr-D reward) epochs after cross-entropy."),
-    scst_lr: Optional[float] = typer.Option(None, "--scst-lr", help="Learning rate of the self-critical epochs (default 5e-5; with --resume: the checkpoint's)."),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    lr: float = typer.Option(5e-4, "--lr"),
-    lr_decay: float = typer.Option(0.8, "--lr-decay", help="LR factor per epoch after --lr-decay-start."),
-    label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
-    max_len: int = typer.Option(20, "--max-len", help="Maximum words per sentence."),
+    rnn: Optional[str] = typer.Option(None, "--rnn", help="updown (top-down attention over regions/grid, the default), lstm, or rnn (the paper's multimodal RNN)."),
+    attention: Optional[bool] = typer.Option(None, "--attention/--no-attention", help="lstm/rnn: also attend over the region features of a regions features file."),
+    hidden: Optional[int] = typer.Option(None, "--hidden", help="RNN hidden size."),
+    embed: Optional[int] = typer.Option(None, "--embed", help="Word embedding size."),
+    dropout: Optional[float] = typer.Option(None, "--dropout"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Cross-entropy epochs (early stopping on val CIDEr)."),
+    scst_epochs: Optional[int] = typer.Option(None, "--scst-epochs", help="Self-critical (CIDEr-D reward) epochs after cross-entropy."),
+    scst_lr: Optional[float] = typer.Option(None, "--scst-lr", help="Learning rate of the self-critical epochs (with --resume: changes the checkpoint's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sentences per batch (all sentences of an image together)."),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    lr_decay: Optional[float] = typer.Option(None, "--lr-decay", help="LR factor per epoch after epoch lr_decay_start (--set lr_decay_start=N)."),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Any MRNNConfig field, KEY=VALUE (repeatable), e.g. --set grad_clip=1."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Maximum words per sentence."),
     min_count: Optional[int] = typer.Option(None, "--min-count", help="Vocabulary threshold (default [dataset] min_count or 5)."),
-    patience: int = typer.Option(3, "--patience", help="Stop after this many epochs without val CIDEr gain."),
-    seed: int = typer.Option(0, "--seed"),
-    threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0: all)."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Stop after this many epochs without val CIDEr gain."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (0: all)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda; under torchrun each rank its own GPU."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <stem>.last.pt."),
     no_beam_search: bool = typer.Option(False, "--no-beam-search", help="Skip choosing beam size / length penalty on val."),
@@ -54,30 +55,35 @@ def train_mrnn(
     from vsa.data import build_vocab
     from vsa.errors import VsaError
 
-    regions = attention or alignments is not None
-    key = "features.regions" if regions else "features.whole"
+    from vsa.checkpoint import apply_overrides
+    from vsa.mrnn import RNNS, MRNNConfig, uses_regions
+
+    # the dataclass holds every default; flags and --set only override
+    flags = {"rnn": rnn, "attention": attention, "hidden": hidden, "embed": embed, "dropout": dropout, "epochs": epochs,
+             "scst_epochs": scst_epochs, "scst_lr": scst_lr, "batch_size": batch_size, "lr": lr, "lr_decay": lr_decay,
+             "label_smoothing": label_smoothing, "max_len": max_len, "patience": patience, "seed": seed,
+             "threads": threads}
+    cfg = MRNNConfig(**{k: v for k, v in flags.items() if v is not None})
+    apply_overrides(cfg, set_ or [])
+    if cfg.rnn not in RNNS:
+        raise VsaError(f"--rnn must be one of {', '.join(RNNS)}, got {cfg.rnn!r}")
+    regions = uses_regions(cfg) and alignments is None
+    key = "features.regions" if (regions or alignments is not None) else "features.whole"
     feats_path = resolve(features, key, "--features")
     out = Path(resolve(out, "mrnn.model", "--out"))
-    mc = int(resolve(min_count, "dataset.min_count", "--min-count", default=5))
-    if rnn not in ("rnn", "lstm"):
-        raise VsaError(f"--rnn must be rnn or lstm, got {rnn!r}")
+    cfg.min_count = int(resolve(min_count, "dataset.min_count", "--min-count", default=cfg.min_count))
     ds = open_dataset(dataset, None)
 
     import torch
 
     from vsa.featstore import FeatureStore
-    from vsa.mrnn import MRNNConfig
     from vsa import train_mrnn as T
 
-    if threads:
-        torch.set_num_threads(threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     store = FeatureStore(feats_path)
-    vocab = build_vocab(ds, mc)
-    cfg = MRNNConfig(rnn=rnn, attention=attention, hidden=hidden, embed=embed, dropout=dropout, epochs=epochs,
-                     scst_epochs=scst_epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay,
-                     **({"scst_lr": scst_lr} if scst_lr is not None else {}),
-                     label_smoothing=label_smoothing, max_len=max_len, min_count=mc, patience=patience, seed=seed,
-                     threads=threads)
+    vocab = build_vocab(ds, cfg.min_count)
+    max_len = cfg.max_len
     if alignments is not None:
         from vsa.io import read_jsonl
 
@@ -85,10 +91,12 @@ def train_mrnn(
         tr = T.alignment_split(recs, store, "train", vocab, max_len, alignments)
         va = T.alignment_split(recs, store, "val", vocab, max_len, alignments)
     else:
-        tr = T.image_split(ds, store, "train", vocab, max_len, regions=attention, skip_missing=skip_missing, warn=warn)
-        va = T.image_split(ds, store, "val", vocab, max_len, regions=attention, skip_missing=skip_missing, warn=warn)
+        tr = T.image_split(ds, store, "train", vocab, max_len, regions=regions, max_regions=cfg.max_regions,
+                           skip_missing=skip_missing, warn=warn)
+        va = T.image_split(ds, store, "val", vocab, max_len, regions=regions, max_regions=cfg.max_regions,
+                           skip_missing=skip_missing, warn=warn)
     info(f"train-mrnn: {len(tr.sents)} train sentences ({len(tr.feats)} items), {len(va.feats)} val items, "
-         f"vocabulary {len(vocab)}, {rnn}{' + attention' if attention else ''} -> {out}")
+         f"vocabulary {len(vocab)}, {cfg.rnn}{' + attention' if cfg.attention else ''} -> {out}")
     extractor = dict(store.meta)
     meta = {"features": str(Path(feats_path).resolve()), "dataset": ds.name,
             "mode": "regions" if alignments is not None else "image"}
@@ -113,7 +121,7 @@ def train_mrnn(
 @guarded
 def caption(
     inputs: Optional[List[str]] = typer.Argument(None, help="Image files or folders; '-' reads image paths from stdin (one per line)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Generator checkpoint (default: the Flickr8k model shipped with vsa)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Generator checkpoint (default: [mrnn] model in vsa.toml if it exists, else the Flickr8k model shipped with vsa)."),
     beam: Optional[int] = typer.Option(None, "--beam", help="Beam size (default: the model's, chosen on val)."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Maximum words."),
     length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="Rank beams by logprob/len^alpha (default: the model's)."),
@@ -163,7 +171,10 @@ def caption(
         if not DEFAULT_REGION_MODEL.exists():
             raise VsaError("--regions needs --region-model CKPT (a generator trained with `vsa train-mrnn --alignments`)")
         region_model = DEFAULT_REGION_MODEL
-    cap = Captioner.load(model, device=device, cnn_weights=cnn_weights, threads=threads,
+    from vsa.cli.common import note
+    from vsa.config import default_model
+
+    cap = Captioner.load(default_model("mrnn", model, note), device=device, cnn_weights=cnn_weights, threads=threads,
                          region_model=region_model if regions else None)
     det = None
     if regions:
