@@ -67,7 +67,10 @@ def test_caption_bad_image_is_one_line_error_and_skip_bad_goes_on(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
     r = run_cli("caption", bad, "--threads", "1")
-    assert r.returncode == 2 and r.stderr.decode().count("\n") == 1 and "bad.jpg" in r.stderr.decode()
+    err = r.stderr.decode().splitlines()  # the note naming the shipped model, then the one-line error
+    assert r.returncode == 2 and len(err) == 2 and "Traceback" not in r.stderr.decode(), err
+    assert "using the shipped Flickr8k generator" in err[0] and "mrnn-flickr8k.pt" in err[0]
+    assert err[1].startswith("vsa: error: ") and "bad.jpg" in err[1]
     _photo(tmp_path / "ok.jpg")
     r = run_cli("caption", tmp_path, "--skip-bad", "--threads", "1")
     assert r.returncode == 0 and len(r.stdout.decode().splitlines()) == 1

@@ -34,9 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vsa.config import SHIPPED_MODELS
 from vsa.errors import VsaError
 
-ASSET = Path(__file__).parent / "assets" / "align-flickr8k.pt"
+ASSET = SHIPPED_MODELS["align"]  # the Flickr8k aligner shipped in the package
 SCORES = ("sum-max", "mean-max", "sum-all", "global")
 RNNS = ("brnn", "gru", "lstm")
 MODELS = ("brnn", "whole-image")

@@ -76,6 +76,12 @@ DEFAULT_OUTPUTS = {
     "mrnn.model": "mrnn.pt",
 }
 
+# the models shipped in the package (trained on Flickr8k): what a command uses when neither --model nor
+# vsa.toml names an existing one
+ASSETS = Path(__file__).resolve().parent / "assets"
+SHIPPED_MODELS = {"align": ASSETS / "align-flickr8k.pt", "mrnn": ASSETS / "mrnn-flickr8k.pt"}
+MODEL_NAMES = {"align": "aligner", "mrnn": "generator"}
+
 TEMPLATE = """\
 # vsa workspace: every command takes its defaults from here; flags override.
 # Relative paths are relative to this file.
@@ -226,3 +232,23 @@ def write_template(path: Path, dataset: str, images: str, detector: str, out: st
                            alignments=q(f"{out}/alignments.jsonl"), mrnn=q(f"{out}/mrnn.pt"))
     with atomic_write(path, "w") as fh:
         fh.write(text)
+
+
+def default_model(kind: str, model=None, note=None) -> Path:
+    """The ``kind`` (``align`` or ``mrnn``) model a command uses, one policy for every command: ``model``
+    (the --model flag) if given; else ``[align] model`` / ``[mrnn] model`` of vsa.toml when that file
+    exists; else the Flickr8k model shipped in ``vsa/assets``, announced through ``note(message)``."""
+    if model is not None:
+        return Path(model)
+    configured = workspace().get(f"{kind}.model")
+    if configured is not None and Path(configured).exists():
+        return Path(configured)
+    shipped = SHIPPED_MODELS[kind]
+    name = MODEL_NAMES[kind]
+    if not shipped.exists():
+        raise VsaError(f"the shipped {name} is missing from this install; pass --model CKPT", shipped)
+    if note is not None:
+        why = (f"[{kind}] model {configured} is not trained yet" if configured is not None
+               else f"no --model and no [{kind}] model in vsa.toml")
+        note(f"using the shipped Flickr8k {name} {shipped} ({why})")
+    return shipped

@@ -76,11 +76,18 @@ def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, 
     """Retrieval metrics of the aligner at ``model_path`` on ``split`` of ``ds`` (see docs/formats.md).
 
     ``model_path`` may be a list of aligners: their standardised scores are averaged (an ensemble;
-    each model reads the features it was trained on unless ``features`` is given)."""
+    each model reads the features it was trained on unless ``features`` is given: then a list, one
+    features file (or None) per model)."""
     from vsa.retrieval import retrieval_metrics
 
     paths = list(model_path) if isinstance(model_path, (list, tuple)) else [model_path]
-    runs = [_model_scores(p, ds, split, features if len(paths) == 1 else None, device) for p in paths]
+    if isinstance(features, (list, tuple)):
+        if len(features) != len(paths):
+            raise VsaError(f"{len(features)} features files for {len(paths)} models")
+        per_model = list(features)
+    else:
+        per_model = [features if len(paths) == 1 else None] * len(paths)
+    runs = [_model_scores(p, ds, split, f, device) for p, f in zip(paths, per_model)]
     data = runs[0][1]
     for p, (_, d, _, _) in zip(paths[1:], runs[1:]):
         if d.keys != data.keys or d.sentids != data.sentids:

@@ -304,3 +304,31 @@ def regions_record(key: str, path, image, detections: list[dict], detector_name:
         "detector": detector_name,
         "regions": [whole_image_region(w, h)] + detections,
     }
+
+
+def detect_files(detector, files, opt: DetectOptions | None = None, batch_size: int = 16, workers: int = 1,
+                 max_pixels: int | None = None):
+    """Regions records of image files ``[(path, key)]`` (``vsa regions``), detecting ``batch_size`` images at a time.
+
+    Yields, as the images are read, ``(None, message)`` for an unreadable one (the one-line error naming
+    it) and, batch by batch, ``(record, None)`` for the others, in input order.
+    """
+    from vsa.images import iter_images
+
+    opt = opt or DetectOptions()
+    batch: list = []
+
+    def flush():
+        for (path, key, im), dets in zip(batch, detector.detect([im for _, _, im in batch], opt)):
+            yield regions_record(key, os.fsdecode(path), im, dets, detector.name), None
+        batch.clear()
+
+    for path, key, im, err in iter_images(files, workers, max_pixels):
+        if err is not None:
+            yield None, err
+            continue
+        batch.append((path, key, im))
+        if len(batch) >= batch_size:
+            yield from flush()
+    if batch:
+        yield from flush()

@@ -101,13 +101,12 @@ DETECTOR_HELP = ("Detector for new photos: ultralytics weights (path or name) or
 CNN_HELP = "Local CNN weights file (default: the pip package's)."
 
 
-def _default_model(model: Optional[Path]) -> Optional[Path]:
-    from vsa.config import workspace
+def _default_model(model: Optional[Path]) -> Path:
+    """--model, else [align] model of vsa.toml when trained, else the shipped aligner (said on stderr)."""
+    from vsa.cli.common import note
+    from vsa.config import default_model
 
-    if model is not None:
-        return model
-    p = workspace().get("align.model")
-    return Path(p) if p is not None and Path(p).exists() else None
+    return default_model("align", model, note)
 
 
 @app.command("score")
@@ -225,11 +224,11 @@ def search_index(
     info(f"indexed {len(items)} photos -> {out}")
 
 
-def _index_model(model: Optional[Path], idx) -> Optional[Path]:
-    m = _default_model(model)
-    if m is None and idx.meta.get("model") and Path(idx.meta["model"]).is_file():
-        m = Path(idx.meta["model"])
-    return m
+def _index_model(model: Optional[Path], idx) -> Path:
+    """--model, else the aligner the index was built with, else the default aligner."""
+    if model is None and idx.meta.get("model") and Path(idx.meta["model"]).is_file():
+        return Path(idx.meta["model"])
+    return _default_model(model)
 
 
 @search_app.command("text")

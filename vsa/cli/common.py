@@ -37,6 +37,13 @@ def info(msg: str) -> None:
     console().print(msg, highlight=False, soft_wrap=True)
 
 
+def note(msg: str) -> None:
+    """A plain-text log line on stderr (brackets are not markup)."""
+    from rich.markup import escape
+
+    console().print(escape(msg), highlight=False, soft_wrap=True)
+
+
 def warn(msg: str) -> None:
     """``warning: msg`` on stderr, one line; ``msg`` is plain text (brackets are not markup)."""
     from rich.markup import escape

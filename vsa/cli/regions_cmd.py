@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import typer
@@ -33,9 +32,9 @@ def regions(
 
     from vsa.config import resolve
     from vsa.errors import VsaError
-    from vsa.images import find_images, iter_images
+    from vsa.images import find_images
     from vsa.io import JsonlWriter, resolve_input, text_stream_lines
-    from vsa.regions import DetectOptions, load_detector, regions_record
+    from vsa.regions import DetectOptions, detect_files, load_detector
 
     from vsa.io import stdin_is_piped, stdout_is_piped
 
@@ -60,33 +59,18 @@ def regions(
     opt = DetectOptions(**{k: v for k, v in given.items() if v is not None})
     det = load_detector(detector, device)
     n_img, n_reg, n_bad, t0 = 0, 0, 0, time.time()
-
-    def flush(batch, w):
-        nonlocal n_img, n_reg
-        if not batch:
-            return
-        ims = [im for _, _, im in batch]
-        for (path, key, im), dets in zip(batch, det.detect(ims, opt)):
-            rec = regions_record(key, os.fsdecode(path), im, dets, det.name)
-            n_reg += len(rec["regions"])
-            w.write(rec)
-            n_img += 1
-        batch.clear()
-
     with JsonlWriter(out) as w, progress() as prog:
         task = prog.add_task("regions", total=len(files))
-        batch: list = []
-        for path, key, im, err in iter_images(files, workers, max_pixels):
+        for rec, err in detect_files(det, files, opt, batch_size, workers, max_pixels):
             if err is not None:
                 if not skip_bad:
                     raise VsaError(err)
                 warn(f"skipped: {err}")
                 n_bad += 1
             else:
-                batch.append((path, key, im))
-                if len(batch) >= batch_size:
-                    flush(batch, w)
+                w.write(rec)
+                n_reg += len(rec["regions"])
+                n_img += 1
             prog.advance(task)
-        flush(batch, w)
     dt = time.time() - t0
     info(f"regions: {n_img} images ({n_bad} bad), {n_reg / max(n_img, 1):.2f} regions/image, {n_img / max(dt, 1e-9):.1f} images/s")

@@ -54,10 +54,10 @@ def align(
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_path = resolve(model, "align.model", "--model", required=False)
-    if model_path is not None and model is None and not Path(model_path).exists():
-        model_path = None  # configured but not trained yet: the shipped aligner
-    aligner = load_aligner(model_path, device=device)
+    from vsa.cli.common import note
+    from vsa.config import default_model
+
+    aligner = load_aligner(default_model("align", model, note), device=device)
     if beta is None:  # the aligner's own (a val sweep, saved in the checkpoint), else the default
         beta = float((aligner.meta or {}).get("beta", DEFAULT_BETA))
     feats_path = resolve(features, "features.regions", "--features")
