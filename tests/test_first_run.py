@@ -123,3 +123,17 @@ def test_eval_without_model_or_toml_uses_the_shipped_models_on_features_it_compu
     assert mine["images"] == theirs["images"] and mine["sentences"] == theirs["sentences"]
     mine, theirs = (json.loads((tmp_path / f).read_text()) for f in ("caps.json", "whole.npz.out.json"))
     assert mine == theirs
+
+
+def test_score_names_words_out_of_the_vocabulary(flickr8k, yolov5n):
+    from tests.conftest import run_cli
+
+    photo = flickr8k / "images" / PHOTO
+    r = run_cli("score", photo, "a tall giraffe", "--detector", yolov5n, "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    rec = json.loads(r.stdout)
+    assert rec["oov"] == ["giraffe"] and [w["known"] for w in rec["words"]] == [True, True, False]
+    err = r.stderr.decode()
+    assert "warning: not in the vocabulary: giraffe\n" in err and "using the shipped Flickr8k aligner" in err
+    r = run_cli("score", photo, "a dog runs", "--detector", yolov5n, "--json")
+    assert json.loads(r.stdout)["oov"] == [] and "vocabulary" not in r.stderr.decode()

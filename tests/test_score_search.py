@@ -151,11 +151,18 @@ def test_search_index_text_and_sentences(synth):
     assert len(hits) == 5 and [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
     # every image with the same three objects ranks above the rest; ours is among the top 5
     assert ds.images[-1].key in [h["key"] for h in hits]
+    assert all(h["oov"] == [] for h in hits) and b"vocabulary" not in r.stderr
+    r = run_cli("search", "text", q + " and a giraffe", "-i", idx, "-k", "2", "--json")
+    assert r.returncode == 0 and [orjson.loads(x)["oov"] for x in r.stdout.splitlines()] == [["giraffe"]] * 2
+    assert b"warning: not in the vocabulary: giraffe\n" in r.stderr
     corpus = tmp / "corpus.txt"
     corpus.write_text("a dog and a cat\n" + q + "\n" + "a boat near a kite\n")
     r = run_cli("search", "sentences", ds.images[-1].key, "-i", idx, "-c", corpus, "--json")
     assert r.returncode == 0, r.stderr.decode()
     assert orjson.loads(r.stdout.splitlines()[0])["sentence"] == q
+    corpus.write_text("a dog and a zebra\n")
+    r = run_cli("search", "sentences", ds.images[-1].key, "-i", idx, "-c", corpus, "--json")
+    assert orjson.loads(r.stdout)["oov"] == ["zebra"] and b"(line 1): not in the vocabulary: zebra" in r.stderr
     # an index is tied to its model
     from vsa.train_align import AlignConfig, train
 

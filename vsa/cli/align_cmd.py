@@ -95,6 +95,12 @@ def _score_table(rec: dict):
     return t
 
 
+def _say_oov(words: list[str], where: str = "") -> None:
+    """Name the query words the aligner does not know (they are scored as its unknown-word token)."""
+    if words:
+        warn(f"{where}not in the vocabulary: {', '.join(words)}")
+
+
 MODEL_HELP = "Aligner checkpoint (default: [align] model in vsa.toml if it exists, else the shipped Flickr8k aligner)."
 DETECTOR_HELP = ("Detector for new photos: ultralytics weights (path or name) or a YOLOv5 state-dict folder "
                  "(default: $VSA_DETECTOR, [regions] detector in vsa.toml, else yolo11n.pt, which needs internet once).")
@@ -148,6 +154,7 @@ def score_cmd(
         if sentence is None:
             raise VsaError("give a sentence after the photo: vsa score IMAGE \"a dog runs\"")
         rec = score_record(aligner, photo(image), sentence)
+        _say_oov(rec["oov"])
         if as_json:
             with JsonlWriter("-") as w:
                 w.write(rec)
@@ -162,7 +169,9 @@ def score_cmd(
             try:
                 if not isinstance(img, str) or not isinstance(sent, str):
                     raise VsaError("each line needs string fields 'image' and 'sentence'", "<stdin>", line)
-                w.write(score_record(aligner, photo(img), sent))
+                rec = score_record(aligner, photo(img), sent)
+                _say_oov(rec["oov"], f"<stdin>:{line}: ")
+                w.write(rec)
             except VsaError as e:
                 if not skip_bad:
                     raise
@@ -248,6 +257,7 @@ def search_text_cmd(
     aligner = _aligner(_index_model(model, idx), "cpu")
     idx.check_model(aligner)
     hits = search_text(aligner, idx, query, k)
+    _say_oov(hits[0]["oov"] if hits else [])
     if as_json:
         with JsonlWriter("-") as w:
             for h in hits:
@@ -294,6 +304,8 @@ def search_sentences_cmd(
     if photo is None:
         photo = _encoder(aligner, detector, top, device, cnn_weights).encode(image)
     hits = search_sentences(aligner, photo, read_corpus(corpus), k)
+    for h in hits:
+        _say_oov(h["oov"], f"rank {h['rank']} (line {h['line']}): ")
     if as_json:
         with JsonlWriter("-") as w:
             for h in hits:
