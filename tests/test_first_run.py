@@ -77,6 +77,26 @@ def test_library_prints_go_to_stderr(tmp_path):
     assert "library chatter" in err and "more chatter" in err and "Creating new Ultralytics Settings" in err
 
 
+def test_embed_names_a_line_that_is_neither_a_record_nor_a_path(tmp_path):
+    """What a polluted pipe gives `vsa embed`: the file and line, not '<line text>: no such file or folder'."""
+    from tests.conftest import run_cli
+
+    banner = "Creating new Ultralytics Settings v0.0.8 file ✅ \n".encode()
+    r = run_cli("embed", "-o", tmp_path / "f.npz", input=banner)
+    assert r.returncode == 2
+    assert r.stderr.decode() == ("vsa: error: <stdin>:1: not a regions record and not an image path: "
+                                 "'Creating new Ultralytics Settings v0.0.8 file ✅ '\n")
+    good = tmp_path / "a.jpg"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(good)
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{good}\n\nnope/b.jpg\n")
+    r = run_cli("embed", lst, "-o", tmp_path / "f.npz")
+    assert r.returncode == 2 and r.stderr.decode().startswith(f"vsa: error: {lst}:3: not a regions record"), r.stderr
+    assert not (tmp_path / "f.npz").exists()
+
+
 def _tiny_test_split(flickr8k, path, n=4):
     data = json.loads((flickr8k / "dataset_flickr8k.json").read_text())
     test = [im for im in data["images"] if im["split"] == "test"][:n]

@@ -156,6 +156,22 @@ def find_images(inputs: Iterable, recursive: bool = True, missing_ok: bool = Fal
     return out
 
 
+def listed_images(path, missing_ok: bool = False, bad_line: str = "not an image path") -> list[tuple[Path, str]]:
+    """Images listed one path (file or folder) per line in a text file or on stdin (``"-"``), as
+    :func:`find_images` gives them. A line naming nothing that exists is an ImageError
+    ``<file>:<line>: bad_line: 'the line'`` (``<stdin>:<line>`` for stdin), unless ``missing_ok``."""
+    from vsa.io import numbered_text_lines
+
+    out: list[tuple[Path, str]] = []
+    for lineno, line, where in numbered_text_lines(path):
+        p = Path(line)
+        if not missing_ok and not p.exists():
+            shown = line if len(line) <= 60 else line[:57] + "..."
+            raise ImageError(f"{bad_line}: {shown!r}", where, lineno)
+        out.extend(find_images([p], missing_ok=missing_ok))
+    return out
+
+
 class _ImageSet:
     """Map-style dataset for a DataLoader: decodes one image, returns it or the one-line error."""
 

@@ -323,16 +323,26 @@ def load_npz(path, required: Iterable[str] = (), mmap: bool = False) -> dict[str
     return out
 
 
-def text_stream_lines(path) -> Iterator[str]:
-    """Yield stripped non-empty text lines of a file or stdin (used for path lists)."""
+def numbered_text_lines(path) -> Iterator[tuple[int, str, str]]:
+    """Yield ``(line number, line, display name)`` for the non-blank lines of a text file or stdin (``"-"``):
+    the line without its line ending, the name as errors show it (``<stdin>`` for stdin)."""
     fh = _open_input(path)
     wrapper = io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape")
+    where = _display(path)
     try:
-        for line in wrapper:
+        for lineno, line in enumerate(wrapper, 1):
+            if lineno == 1:
+                line = line.lstrip("\ufeff")
             line = line.rstrip("\r\n")
             if line.strip():
-                yield line
+                yield lineno, line, where
     finally:
         wrapper.detach()
         if not is_stdio(path):
             fh.close()
+
+
+def text_stream_lines(path) -> Iterator[str]:
+    """Yield the non-blank text lines of a file or stdin, without line endings (used for path lists)."""
+    for _, line, _ in numbered_text_lines(path):
+        yield line

@@ -67,7 +67,7 @@ def embed(
     from vsa.config import resolve
     from vsa.errors import VsaError
     from vsa.features import EmbedItem, embed as run_embed, items_from_regions, load_extractor, shard_of
-    from vsa.images import find_images
+    from vsa.images import find_images, listed_images
     from vsa.io import iter_jsonl, resolve_input
 
     from vsa.io import stdin_is_piped, text_stream_lines
@@ -90,7 +90,7 @@ def embed(
         if _is_regions_jsonl(inp) or (inp == "-" and _stdin_is_jsonl()):
             items.extend(items_from_regions(note_detector(iter_jsonl(inp, skip_bad=skip_bad, warn=warn)), inp))
         elif inp == "-" or inp.endswith(".txt"):  # a list of image paths, one per line
-            items.extend(EmbedItem(key, str(p), None) for p, key in find_images(list(text_stream_lines(inp)), missing_ok=skip_bad))
+            items.extend(EmbedItem(key, str(p), None) for p, key in listed_images(inp, skip_bad, "not a regions record and not an image path"))
         else:
             items.extend(EmbedItem(key, str(p), None) for p, key in find_images([inp], missing_ok=skip_bad))
     if not items:
