@@ -17,9 +17,9 @@ _vsa_options() {
         "vsa embed") echo "-o --out --cnn --cnn-weights --batch-size --workers --crop --context --dtype --shard --part-every --no-resume --skip-bad --max-pixels --device --threads -h --help" ;;
         "vsa train-align") echo "--dataset -f --features -o --out --log --model --rnn --score --loss --epochs --batch-size --lr --hidden --glove --set --seed --resume --min-count --threads --skip-missing --device --json -h --help" ;;
         "vsa score") echo "-m --model -f --features --detector --top --cnn-weights --json --skip-bad --device -h --help" ;;
-        "vsa train-mrnn") echo "--dataset -f --features -o --out --alignments --rnn --attention --hidden --embed --dropout --epochs --scst-epochs --scst-lr --batch-size --lr --lr-decay --label-smoothing --max-len --min-count --patience --seed --threads --device --resume --no-beam-search --skip-missing --json -h --help" ;;
+        "vsa train-mrnn") echo "--dataset -f --features -o --out --alignments --rnn --attention --no-attention --hidden --embed --dropout --epochs --scst-epochs --scst-lr --batch-size --lr --lr-decay --label-smoothing --set --max-len --min-count --patience --seed --threads --device --resume --no-beam-search --skip-missing --json -h --help" ;;
         "vsa caption") echo "-m --model --beam --max-len --length-penalty --json --coco-results --bare --regions --region-model --detector --top --batch-size --device --cnn-weights --skip-bad --shard --threads -h --help" ;;
-        "vsa eval") echo "--split -m --model --dataset --images --features --beam --captions-out --ranks-out -o --out --json --ensemble --weights --device -h --help" ;;
+        "vsa eval") echo "--split -m --model --dataset --images --features --detector --beam --captions-out --ranks-out -o --out --json --ensemble --weights --device -h --help" ;;
         "vsa align") echo "-m --model --dataset --images --features --split --beta -o --out --no-resume --skip-missing --limit --shard --device --threads -h --help" ;;
         "vsa show") echo "-o --out --images --dataset -k --key --split --limit --sentences --side --top --no-png -h --help" ;;
         "vsa data") echo "-h --help" ;;
@@ -114,7 +114,7 @@ _vsa_value_kind() {
         "vsa train-mrnn -o"|"vsa train-mrnn --out") echo "files" ;;
         "vsa train-mrnn --alignments") echo "files" ;;
         "vsa train-mrnn --rnn") echo "value" ;;
-        "vsa train-mrnn --attention") echo "flag" ;;
+        "vsa train-mrnn --attention"|"vsa train-mrnn --no-attention") echo "flag" ;;
         "vsa train-mrnn --hidden") echo "value" ;;
         "vsa train-mrnn --embed") echo "value" ;;
         "vsa train-mrnn --dropout") echo "value" ;;
@@ -125,6 +125,7 @@ _vsa_value_kind() {
         "vsa train-mrnn --lr") echo "value" ;;
         "vsa train-mrnn --lr-decay") echo "value" ;;
         "vsa train-mrnn --label-smoothing") echo "value" ;;
+        "vsa train-mrnn --set") echo "value" ;;
         "vsa train-mrnn --max-len") echo "value" ;;
         "vsa train-mrnn --min-count") echo "value" ;;
         "vsa train-mrnn --patience") echo "value" ;;
@@ -160,6 +161,7 @@ _vsa_value_kind() {
         "vsa eval --dataset") echo "files" ;;
         "vsa eval --images") echo "files" ;;
         "vsa eval --features") echo "files" ;;
+        "vsa eval --detector") echo "files" ;;
         "vsa eval --beam") echo "value" ;;
         "vsa eval --captions-out") echo "files" ;;
         "vsa eval --ranks-out") echo "files" ;;
