@@ -204,7 +204,7 @@ def _save(path, model, cfg, vocab, extractor, meta) -> None:
 
 def train(cfg: MRNNConfig, train_sp: Split, val_sp: Split, vocab: Vocab, out, extractor: dict, resume: bool = False,
           log=print, extra_meta: dict | None = None, choose_decoding: bool = True, device: str = "cpu",
-          scst_lr: float | None = None) -> dict:
+          scst_lr: float | None = None, progress=None) -> dict:
     """Train, keeping the best-on-val checkpoint at ``out``; returns a summary dict.
 
     Under ``torchrun`` every rank takes a strided share of each global batch (DDP averages the
@@ -300,10 +300,13 @@ def train(cfg: MRNNConfig, train_sp: Split, val_sp: Split, vocab: Vocab, out, ex
         if phase == "xe":
             lr = cfg.lr * (cfg.lr_decay ** max(0, epoch - cfg.lr_decay_start)) if epoch > cfg.lr_decay_start else cfg.lr
             _set_lr(opt, lr)
-            train_loss = _xe_epoch(model, opt, train_sp, cfg, epoch, ddp, env)
+            tick = _ticker(progress if env.is_main else None, f"epoch {epoch} xe", _n_batches(train_sp, cfg.batch_size))
+            train_loss = _xe_epoch(model, opt, train_sp, cfg, epoch, ddp, env, tick)
         else:
             lr = cfg.scst_lr
-            train_loss = _scst_epoch(model, opt, train_sp, cfg, epoch, scorer, vocab, ddp, env)
+            n_img = max(1, cfg.batch_size // cfg.scst_samples)
+            tick = _ticker(progress if env.is_main else None, f"epoch {epoch} scst", -(-len(train_sp.feats) // n_img))
+            train_loss = _scst_epoch(model, opt, train_sp, cfg, epoch, scorer, vocab, ddp, env, tick)
         if not env.is_main:  # rank 0 evaluates, saves and says whether to stop
             D.barrier(env)
             stale = D.broadcast_object(None, env)
@@ -352,7 +355,28 @@ def _batches(sp: Split, batch_size: int, rng):
             yield batch
 
 
-def _xe_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, ddp=None, env=None) -> float:
+def _n_batches(sp: Split, batch_size: int) -> int:
+    per = max(1, round(len(sp.sents) / max(1, len(sp.feats))))
+    return -(-len(sp.feats) // max(1, batch_size // per))
+
+
+def _ticker(progress, what: str, total: int):
+    """A function advancing a (rich) progress task by one batch; removes the task when complete."""
+    if progress is None:
+        return lambda: None
+    task = progress.add_task(what, total=total)
+    done = [0]
+
+    def tick():
+        done[0] += 1
+        progress.advance(task)
+        if done[0] >= total:
+            progress.remove_task(task)
+
+    return tick
+
+
+def _xe_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, ddp=None, env=None, tick=lambda: None) -> float:
     """One teacher-forced epoch; ``ddp`` is the (DDP-wrapped) model that runs the forward pass."""
     from vsa.distributed import DistEnv, share
 
@@ -383,6 +407,7 @@ def _xe_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, ddp=None, env=
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        tick()
         total += loss.item() * len(batch)  # this rank's part of the global batch's mean
         n += len(batch)
     if env.enabled:
@@ -425,7 +450,8 @@ def ends(refs: list[list[str]]) -> list[list[str]]:
     return [list(r) + [END_WORD] for r in refs]
 
 
-def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, vocab: Vocab, ddp=None, env=None) -> float:
+def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, vocab: Vocab, ddp=None, env=None,
+                tick=lambda: None) -> float:
     """Self-critical sequence training: reward CIDEr-D, baseline the mean reward of the other samples.
 
     Under torchrun every rank samples for its share of each global batch of images."""
@@ -465,6 +491,7 @@ def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, voca
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        tick()
         total += float(r.mean()) * len(idx)
         count += len(idx)
     if env.enabled:

@@ -6,7 +6,7 @@ from typing import List, Optional
 import typer
 
 from vsa.cli import app
-from vsa.cli.common import console, guarded, info, warn
+from vsa.cli.common import console, guarded, info, progress, warn
 
 
 def _sigterm_as_interrupt():
@@ -102,8 +102,9 @@ def train_mrnn(
             "mode": "regions" if alignments is not None else "image"}
     _sigterm_as_interrupt()
     try:
-        summary = T.train(cfg, tr, va, vocab, out, extractor, resume=resume, log=info, extra_meta=meta,
-                          choose_decoding=not no_beam_search, device=device, scst_lr=scst_lr)
+        with progress(transient=True) as prog:
+            summary = T.train(cfg, tr, va, vocab, out, extractor, resume=resume, log=info, extra_meta=meta,
+                              choose_decoding=not no_beam_search, device=device, scst_lr=scst_lr, progress=prog)
     except KeyboardInterrupt:
         warn(f"interrupted: the last good checkpoints are intact ({out}, {T.last_path(out)}); continue with --resume")
         raise typer.Exit(130)

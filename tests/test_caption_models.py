@@ -1,0 +1,62 @@
+"""Every generator architecture round-trips through `vsa caption --model`, fed as its training features were made."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from tests.test_caption_cli import _photo
+from vsa.checkpoint import save_checkpoint
+from vsa.mrnn import MRNNConfig, build_model
+
+WORDS = "a dog runs on the grass man in red shirt water".split()
+
+
+def _ckpt(tmp_path, rnn: str, extractor: dict) -> tuple:
+    torch.manual_seed(0)
+    cfg = MRNNConfig(rnn=rnn, vocab_size=len(WORDS) + 4, feat_dim=1280, embed=16, hidden=24, att_dim=8, beam=2)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        model.out.bias[1] += 2.0  # <end> plausible: short captions
+    path = tmp_path / f"{rnn}.pt"
+    save_checkpoint(path, "mrnn", cfg, WORDS, extractor, model.state_dict(), {})
+    return path, model
+
+
+LITE0 = {"extractor": "efficientnet-lite0", "dim": 1280, "input": 224, "resize": "squash"}
+
+
+@pytest.mark.parametrize("rnn,crop", [("rnn", None), ("lstm", None), ("updown", "grid")])
+def test_each_architecture_captions_a_photo_from_its_checkpoint(tmp_path, rnn, crop):
+    from vsa.data import Vocab
+    from vsa.decoding import decode
+
+    photo = _photo(tmp_path / "photo.jpg")
+    # the features a training run would have used, made by `vsa embed` (whole image, or --crop grid)
+    args = ["embed", photo, "-o", tmp_path / "f.npz", "--dtype", "float32", "--threads", "1"]
+    r = run_cli(*(args + (["--crop", crop] if crop else [])))
+    assert r.returncode == 0, r.stderr.decode()
+    f = np.load(tmp_path / "f.npz")
+    extractor = json.loads(str(f["meta"]))
+    path, model = _ckpt(tmp_path, rnn, extractor)
+    r = run_cli("caption", photo, "--model", path, "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    rec = orjson.loads(r.stdout.splitlines()[0])
+    feats = torch.from_numpy(f["feats"])
+    feats = feats[None] if crop == "grid" else feats[:1]
+    assert feats.shape == ((1, 50, 1280) if crop == "grid" else (1, 1280))
+    want = decode(model, feats, None, 2, model.cfg.max_len, 0.0, None, True)[0]
+    assert rec["caption"] == " ".join(Vocab(WORDS).decode(want.tokens))
+    assert rec["caption"] and rec["logprob"] == pytest.approx(want.logprob, abs=1e-2)
+
+
+def test_a_region_attention_model_without_its_regions_is_a_clear_error(tmp_path):
+    photo = _photo(tmp_path / "photo.jpg")
+    path, _ = _ckpt(tmp_path, "updown", dict(LITE0, crop="roi"))
+    r = run_cli("caption", photo, "--model", path, "--threads", "1")
+    assert r.returncode == 2 and "attends over detector regions" in r.stderr.decode()
