@@ -66,13 +66,14 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="vsa-eval-") as tmp, progress(transient=True) as prog:
         computed: dict = {}
 
-        def feats(m):  # the given / trained-on features, else computed from the images (once per kind of features)
-            return features_for_eval(m, ds, split, tmp, features, det, device, computed, prog, warn, note)
+        def feats(m, given=features):  # the given / trained-on features, else computed from the images (once each)
+            return features_for_eval(m, ds, split, tmp, given, det, device, computed, prog, warn, note)
 
         if aligners:
             from vsa.eval_align import evaluate_aligner, render_retrieval
 
-            fs = [feats(m) for m in aligners]
+            # an ensemble's members each read the features they were trained on (--features is for one model)
+            fs = [feats(m, None if len(aligners) > 1 else features) for m in aligners]
             report["retrieval"] = evaluate_aligner(aligners if ensemble else aligners[0], ds, split,
                                                    features=fs if ensemble else fs[0], ranks_out=ranks_out,
                                                    device=device, weights=w)
