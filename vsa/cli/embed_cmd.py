@@ -44,7 +44,8 @@ def embed(
     cnn_weights: Optional[str] = typer.Option(None, "--cnn-weights", help="Local weights file for --cnn (torchvision models need one offline)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Crops per CNN forward (small batches are fastest on CPU)."),
     workers: int = typer.Option(1, "--workers", help="DataLoader worker processes for decoding/cropping."),
-    crop: str = typer.Option("warp", "--crop", help="warp: each box cropped and warped to 224 (paper, R-CNN style, one CNN pass per region); roi: RoIAlign on the whole image's feature map (one pass per image, ~Nx faster, coarser)."),
+    crop: str = typer.Option("warp", "--crop", help="warp: each box cropped and warped to 224 (paper, R-CNN style, one CNN pass per region); roi: RoIAlign on the whole image's feature map (one pass per image, ~Nx faster, coarser); grid: the whole image then the cells of its last feature map (--grid; for attention captioning, no detector)."),
+    grid: int = typer.Option(7, "--grid", help="Cells per side with --crop grid (7 = the native 7x7 map at 224 px)."),
     context: float = typer.Option(0.0, "--context", help="Pad each box by this fraction of its size per side before warping."),
     dtype: str = typer.Option("float16", "--dtype", help="float16 or float32 features."),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: process a deterministic 1/N of the inputs (1-based K)."),
@@ -112,7 +113,7 @@ def embed(
     try:
         with progress() as prog:
             st = run_embed(items, out_path, ex, batch_size=batch_size, workers=workers, context=context, crop=crop, dtype=dtype,
-                           resume=not no_resume, part_every=part_every, skip_bad=skip_bad, max_pixels=max_pixels, warn=warn, progress=prog,
+                           resume=not no_resume, part_every=part_every, skip_bad=skip_bad, max_pixels=max_pixels, warn=warn, progress=prog, grid=grid,
                            extra_meta={"detector": ",".join(sorted(d for d in detectors if d)) or None,
                                        **({"shard": shard} if shard else {})})
     except KeyboardInterrupt:
