@@ -419,16 +419,20 @@ def _xe_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, ddp=None, env=
 
 def sequence_logprob(model, feats, mask, seqs: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Summed log-probability of each sampled sequence (``<end>``-terminated, pad after), with gradients,
-    under exactly the distribution :func:`vsa.decoding.sample` draws from (same constraints)."""
+    under exactly the distribution :func:`vsa.decoding.sample` draws from (same constraints). Only the
+    real positions are computed (the pads after ``<end>`` are not)."""
     from vsa.decoding import constrained_log_softmax
 
-    B = seqs.shape[0]
+    B, T = seqs.shape
     inp = torch.cat([torch.full((B, 1), Vocab.start, dtype=torch.long, device=seqs.device), seqs[:, :-1]], 1)
     inp = torch.where(inp == Vocab.pad, torch.full_like(inp, Vocab.end), inp)
-    logits = model(feats, inp, mask, rows=rows)
-    lp = constrained_log_softmax(logits).gather(2, seqs[:, :, None]).squeeze(2)
-    valid = seqs != Vocab.pad
-    return (lp * valid).sum(1)
+    valid = seqs != Vocab.pad  # a prefix of each row
+    logits = model(feats, inp, mask, select=valid, rows=rows)  # [N, V], row-major over the valid positions
+    first = torch.zeros_like(valid)
+    first[:, 0] = True
+    lp = constrained_log_softmax(logits, first[valid]).gather(1, seqs[valid][:, None]).squeeze(1)
+    row = torch.arange(B, device=seqs.device)[:, None].expand(B, T)[valid]
+    return torch.zeros(B, device=lp.device, dtype=lp.dtype).index_add(0, row, lp)
 
 
 END_WORD = "</s>"  # the sentence end as a CIDEr-D token: "... on a" without it matches the refs' "on a"
