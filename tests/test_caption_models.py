@@ -60,3 +60,14 @@ def test_a_region_attention_model_without_its_regions_is_a_clear_error(tmp_path)
     path, _ = _ckpt(tmp_path, "updown", dict(LITE0, crop="roi"))
     r = run_cli("caption", photo, "--model", path, "--threads", "1")
     assert r.returncode == 2 and "attends over detector regions" in r.stderr.decode()
+
+
+def test_region_agreement_counts_captions_that_name_their_box():
+    from vsa.eval_caption import region_agreement
+
+    recs = [{"regions": [{"label": "person", "caption": "a young boy"}, {"label": "dog", "caption": "two dogs"},
+                         {"label": "bicycle", "caption": "a black dog"}, {"label": "traffic light", "caption": "a pole"}]},
+            {"regions": [{"label": "person", "caption": "the grass"}]}]
+    a = region_agreement(recs)
+    assert a["regions"] == 4 and a["agree"] == 0.5  # traffic light has no caption words: not counted
+    assert a["by_label"]["person"] == {"regions": 2, "agree": 0.5} and a["by_label"]["bicycle"]["agree"] == 0.0
