@@ -21,6 +21,7 @@ Layout (every key optional; see ``vsa init``)::
     cnn = "efficientnet-lite0"
     regions = "work/feats.npz"       # whole image + top-19 boxes per image
     whole = "work/whole.npz"         # whole image only
+    grid = "work/grid.npz"           # whole image + 7x7 feature-map cells (vsa embed --crop grid; captioning)
 
     [align]
     model = "work/align.pt"
@@ -59,6 +60,7 @@ PATH_KEYS = {
     "regions.out",
     "features.regions",
     "features.whole",
+    "features.grid",
     "features.cnn_weights",
     "align.model",
     "align.alignments",
@@ -71,6 +73,7 @@ DEFAULT_OUTPUTS = {
     "regions.out": "regions.jsonl",
     "features.regions": "feats.npz",
     "features.whole": "whole.npz",
+    "features.grid": "grid.npz",
     "align.model": "align.pt",
     "align.alignments": "alignments.jsonl",
     "mrnn.model": "mrnn.pt",
@@ -101,6 +104,7 @@ out = {regions_out}
 cnn = "efficientnet-lite0"
 regions = {feats}
 whole = {whole}
+grid = {grid}               # vsa embed IMAGES --crop grid: what the caption generator attends over
 
 [align]
 model = {align}
@@ -228,7 +232,7 @@ def write_template(path: Path, dataset: str, images: str, detector: str, out: st
     q = toml_string
     text = TEMPLATE.format(dataset=q(dataset), images=q(images), detector=q(detector), out=q(out),
                            regions_out=q(f"{out}/regions.jsonl"), feats=q(f"{out}/feats.npz"),
-                           whole=q(f"{out}/whole.npz"), align=q(f"{out}/align.pt"),
+                           whole=q(f"{out}/whole.npz"), grid=q(f"{out}/grid.npz"), align=q(f"{out}/align.pt"),
                            alignments=q(f"{out}/alignments.jsonl"), mrnn=q(f"{out}/mrnn.pt"))
     with atomic_write(path, "w") as fh:
         fh.write(text)

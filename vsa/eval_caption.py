@@ -29,9 +29,9 @@ def _features_path(ck: dict, features):
         return Path(p)
     from vsa.config import workspace
 
-    from vsa.mrnn import uses_regions
+    from vsa.mrnn import features_key
 
-    key = "features.regions" if uses_regions(ck["config"]) else "features.whole"
+    key = features_key(ck["config"])
     p = workspace().get(key)
     if p is not None and Path(p).exists():
         return Path(p)

@@ -71,6 +71,15 @@ class MRNNConfig:
 RNNS = ("rnn", "lstm", "updown")
 
 
+def features_key(cfg) -> str:
+    """The vsa.toml key naming the features a generator of this config reads by default: the grid cells
+    for Up-Down, the detector regions for an attention LSTM/RNN, the whole image otherwise."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    if get("rnn") == "updown":
+        return "features.grid"
+    return "features.regions" if get("attention", False) else "features.whole"
+
+
 def uses_regions(cfg) -> bool:
     """Does the model read region features ``[B, R, D]`` (attention or Up-Down) rather than one vector?"""
     get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)

@@ -98,7 +98,8 @@ def embed(
         raise VsaError(f"no images to embed in {', '.join(inputs)}")
     items = shard_of(items, shard)
     whole_only = all(it.regions is None for it in items)
-    out_path = resolve(out, "features.whole" if whole_only else "features.regions", "--out/-o")
+    out_path = resolve(out, "features.grid" if crop == "grid" else "features.whole" if whole_only else "features.regions",
+                       "--out/-o")
     cnn_weights = resolve(cnn_weights, "features.cnn_weights", "--cnn-weights", required=False)
     if dtype not in ("float16", "float32"):
         raise VsaError(f"--dtype must be float16 or float32, got {dtype!r}")

@@ -56,7 +56,7 @@ def train_mrnn(
     from vsa.errors import VsaError
 
     from vsa.checkpoint import apply_overrides
-    from vsa.mrnn import RNNS, MRNNConfig, uses_regions
+    from vsa.mrnn import RNNS, MRNNConfig, features_key, uses_regions
 
     # the dataclass holds every default; flags and --set only override
     flags = {"rnn": rnn, "attention": attention, "hidden": hidden, "embed": embed, "dropout": dropout, "epochs": epochs,
@@ -68,7 +68,7 @@ def train_mrnn(
     if cfg.rnn not in RNNS:
         raise VsaError(f"--rnn must be one of {', '.join(RNNS)}, got {cfg.rnn!r}")
     regions = uses_regions(cfg) and alignments is None
-    key = "features.regions" if (regions or alignments is not None) else "features.whole"
+    key = "features.regions" if alignments is not None else features_key(cfg)
     feats_path = resolve(features, key, "--features")
     out = Path(resolve(out, "mrnn.model", "--out"))
     cfg.min_count = int(resolve(min_count, "dataset.min_count", "--min-count", default=cfg.min_count))
