@@ -145,3 +145,77 @@ def test_region_captions_with_the_shipped_region_model(tmp_path, flickr8k, yolov
         assert len(g["box"]) == 4 and g["label"] and g["caption"] and "<unk>" not in g["caption"]
     dog = [g for g in regs if g["label"] == "dog"]
     assert dog and any(w in dog[0]["caption"].split() for w in ("dog", "dogs", "puppy"))
+
+
+def test_grounded_caption_cuts_the_caption_into_snippets_on_boxes_and_draws_it(tmp_path, flickr8k, yolov5n):
+    from PIL import Image
+
+    photo = tmp_path / "pool.jpg"  # a Flickr8K test image: a brown and white dog swimming in a pool
+    photo.write_bytes((flickr8k / "images" / "2677656448_6b7e7702af.jpg").read_bytes())
+    W, H = Image.open(photo).size
+    r = run_cli("caption", photo, "--ground", "--detector", yolov5n, "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "using the shipped Flickr8k aligner" in r.stderr.decode()
+    rec = orjson.loads(r.stdout.splitlines()[0])
+    words = rec["caption"].split()
+    sn = rec["snippets"]
+    assert rec["beta"] == 0.05  # the shipped aligner's own, from its checkpoint
+    # the snippets cover the caption's words exactly once, in order, as maximal runs on one region
+    assert sn and sn[0]["start"] == 0 and sn[-1]["end"] == len(words)
+    assert all(a["end"] == b["start"] and a["region"] != b["region"] for a, b in zip(sn, sn[1:]))
+    assert all(s["end"] > s["start"] and s["text"] == " ".join(words[s["start"]:s["end"]]) for s in sn)
+    for s in sn:  # each on a valid box of the image: region 0 is the whole image
+        x1, y1, x2, y2 = s["box"]
+        assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H and s["label"] and isinstance(s["score"], float)
+        assert (s["region"] == 0) == (s["label"] == "image")
+        if s["region"] == 0:
+            assert s["box"] == [0, 0, W, H]
+    obj = [s for s in sn if s["region"] != 0]
+    assert obj, sn  # at least one snippet on an object box
+    # text mode: the caption line, then one line per snippet: PATH, label [box], snippet, score
+    r = run_cli("caption", photo, "--ground", "--detector", yolov5n, "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    lines = [ln.split("\t") for ln in r.stdout.decode().splitlines()]
+    assert lines[0] == [str(photo), rec["caption"]] and len(lines) == 1 + len(sn)
+    assert [ln[2] for ln in lines[1:]] == [s["text"] for s in sn]
+    assert [ln[1] for ln in lines[1:]] == [f"{s['label']} {[round(v) for v in s['box']]}" for s in sn]
+    assert all(ln[0] == str(photo) and float(ln[3]) == pytest.approx(s["score"], abs=5e-4) for ln, s in zip(lines[1:], sn))
+    # the JSON record is a picture: the snippets on their boxes, the caption underlined under the image
+    src = tmp_path / "g.jsonl"
+    src.write_bytes(orjson.dumps(rec) + b"\n")
+    r = run_cli("show", src, "-o", tmp_path / "show")
+    assert r.returncode == 0, r.stderr.decode()
+    page = (tmp_path / "show" / "index.html").read_text()
+    assert 'src="pool.png"' in page and page.count('class="snip"') == len(sn)
+    assert f'data-snippets="{len(sn)}"' in page
+    from vsa import pictures as P
+
+    pic = P.from_caption(rec, photo)
+    im = np.asarray(Image.open(tmp_path / "show" / "pool.png").convert("RGB"))
+    scale, top = 512 / max(W, H), 28
+    x1, y1, x2, y2 = (round(v * scale) for v in obj[0]["box"])
+    col = tuple(int(pic.colour(obj[0]["region"])[i:i + 2], 16) for i in (1, 3, 5))
+    assert tuple(im[(y1 + y2) // 2 + top, x1 + 1]) == col  # the object snippet's box, in its colour
+
+
+def test_grounding_embeds_the_photo_as_vsa_score_does(tmp_path, flickr8k, yolov5n):
+    """With beta 0 every word sits on its own best region: the same regions `vsa score` names for each word,
+    so the grounded caption's regions and features are the aligner's (roi features, top 19 boxes)."""
+    import torch
+
+    from vsa.captioner import Captioner
+    from vsa.config import SHIPPED_MODELS
+    from vsa.regions import load_detector
+    from vsa.search import PhotoEncoder, score_record
+
+    torch.set_num_threads(1)
+    photo = flickr8k / "images" / "2677656448_6b7e7702af.jpg"
+    cap = Captioner.load(SHIPPED_MODELS["mrnn"], device="cpu", aligner=SHIPPED_MODELS["align"])
+    cap.aligner.meta = {**cap.aligner.meta, "beta": 0.0}
+    det = load_detector(str(yolov5n), "cpu")
+    rec = next(cap.caption_files([(photo, photo.name)], detector=det, ground=True))
+    assert rec["beta"] == 0.0 and "regions" not in rec
+    enc = PhotoEncoder(cap.aligner.extractor_meta, str(yolov5n), 19, "cpu")  # as `vsa score` makes it
+    words = score_record(cap.aligner, enc.encode(photo), rec["caption"])["words"]
+    per_word = [s["region"] for s in rec["snippets"] for _ in range(s["end"] - s["start"])]
+    assert per_word == [w["region"] for w in words]

@@ -4,7 +4,9 @@ A photo is featurised exactly as the training features were made (the checkpoint
 the extractor and its settings: EfficientNet-Lite0, whole image squashed to 224x224),
 then decoded with the generator.  Without ``model`` the Flickr8k model shipped in
 ``vsa/assets`` is used, so captioning works offline right after install.  No detector
-code is imported unless region captions are asked for.
+code is imported unless region captions or grounded captions are asked for.  A grounded caption
+(``ground``) is cut into snippets on the photo's boxes by an aligner, as ``vsa align`` cuts dataset
+sentences (:func:`vsa.snippets.ground_sentence`), on region features made as the aligner's were.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def default_model() -> Path:
 
 
 class Captioner:
-    def __init__(self, ckpt: dict, model_path: Path, device: str = "cpu", cnn_weights=None, region_ckpt: dict | None = None):
+    def __init__(self, ckpt: dict, model_path: Path, device: str = "cpu", cnn_weights=None, region_ckpt: dict | None = None,
+                 aligner=None):
         from vsa.data import Vocab
         from vsa.mrnn import model_from_checkpoint
 
@@ -43,9 +46,13 @@ class Captioner:
         self.region_model = model_from_checkpoint(region_ckpt, device) if region_ckpt else None
         self.region_vocab = Vocab(region_ckpt["vocab"]) if region_ckpt else None
         self.region_meta = (region_ckpt.get("extractor") or {}) if region_ckpt else {}
+        self.aligner = aligner  # vsa.align.Aligner for grounded captions
+        self._encoder = None
 
     @classmethod
-    def load(cls, model=None, device: str = "auto", cnn_weights=None, threads: int = 0, region_model=None) -> "Captioner":
+    def load(cls, model=None, device: str = "auto", cnn_weights=None, threads: int = 0, region_model=None,
+             aligner=None) -> "Captioner":
+        """``aligner``: an aligner checkpoint for grounded captions (a region model, ``train-align --model brnn``)."""
         import torch
 
         from vsa.checkpoint import load_checkpoint
@@ -56,7 +63,16 @@ class Captioner:
         path = Path(model) if model is not None else default_model()
         ck = load_checkpoint(path, "mrnn")
         rck = load_checkpoint(region_model, "mrnn") if region_model is not None else None
-        return cls(ck, path, pick_device(device), cnn_weights, rck)
+        dev = pick_device(device)
+        al = None
+        if aligner is not None:
+            from vsa.align import load_aligner
+
+            al = load_aligner(aligner, dev)
+            if al.cfg.model != "brnn":
+                raise VsaError(f"grounding needs a region aligner (train-align --model brnn), not a '{al.cfg.model}' one",
+                               aligner)
+        return cls(ck, path, dev, cnn_weights, rck, al)
 
     @property
     def extractor(self):
@@ -121,11 +137,18 @@ class Captioner:
 
     def caption_files(self, items: Iterable[tuple[Path, str]], beam=None, max_len=None, length_penalty=None,
                       batch_size: int = 16, skip_bad: bool = False, warn=None, detector=None, top: int = 5,
-                      workers: int = 2) -> Iterator[dict]:
-        """Caption ``(path, key)`` pairs; yields caption JSONL records (docs/formats.md) in input order."""
+                      workers: int = 2, regions: bool | None = None, ground: bool = False) -> Iterator[dict]:
+        """Caption ``(path, key)`` pairs; yields caption JSONL records (docs/formats.md) in input order.
+
+        ``regions`` (default: when a ``detector`` is given): describe its top boxes with the region model;
+        ``ground``: cut each caption into snippets grounded in the detector's boxes (needs the aligner)."""
         import torch
 
         items = list(items)
+        if regions is None:
+            regions = detector is not None and not ground
+        if (regions or ground) and detector is None:
+            raise VsaError("region captions and grounded captions need a detector")
         ex = self.extractor
         # one batch and no regions: tracing the CNN would cost more than it saves (cold start of one photo)
         ex.jit = len(items) > batch_size or detector is not None
@@ -148,7 +171,9 @@ class Captioner:
                 caps = self.caption_features(feats, beam, max_len, length_penalty)
                 for (path, key, im, _), (c, lp) in zip(good, caps):
                     rec = {"path": str(path), "key": key, "caption": c, "logprob": lp}
-                    if detector is not None:
+                    if ground:
+                        rec["beta"], rec["snippets"] = self.ground(im, path, key, c, detector)
+                    if regions:
                         rec["regions"] = self.caption_regions(im, detector, top, beam, max_len, length_penalty)
                     yield rec
         finally:
@@ -170,3 +195,23 @@ class Captioner:
         feats = region_features(self.extractor, self.region_meta, im, dets)
         caps = self.caption_features(feats, beam, max_len, length_penalty, self.region_model, self.region_vocab)
         return [{"box": d["box"], "label": d["label"], "score": d.get("score"), "caption": c} for d, (c, _) in zip(dets, caps)]
+
+    def ground(self, im, path, key: str, caption: str, detector) -> tuple[float, list[dict]]:
+        """``(beta, snippets)`` of ``caption`` on one photo: the whole image and the detector's top
+        ``max_regions - 1`` boxes, embedded as the aligner's training features were (``vsa.search``), then
+        the aligner's word-region scores and chain MRF with its own beta (:func:`vsa.snippets.ground_sentence`)."""
+        if self.aligner is None:
+            raise VsaError("grounded captions need an aligner (Captioner.load(aligner=CKPT))")
+        from vsa.snippets import aligner_beta, ground_sentence
+
+        if self._encoder is None:
+            from vsa.search import PhotoEncoder
+
+            meta = self.aligner.extractor_meta
+            # one CNN in memory when the generator and the aligner use the same one (the shipped models do)
+            same = (meta.get("extractor") or "efficientnet-lite0") == (self.extractor_meta.get("extractor") or "efficientnet-lite0")
+            self._encoder = PhotoEncoder(meta, detector, self.aligner.cfg.max_regions - 1, self.device,
+                                         self.cnn_weights if same else None, extractor=self.extractor if same else None)
+        photo = self._encoder.encode_image(im, path, key)
+        beta = aligner_beta(self.aligner)
+        return beta, ground_sentence(self.aligner, photo, caption.split(), beta)

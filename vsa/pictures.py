@@ -107,7 +107,12 @@ def from_alignment(rec: dict, image: Path) -> Picture:
 
 
 def from_caption(rec: dict, image: Path) -> Picture:
-    """A picture of one captions-JSONL line: the caption, and region captions if present."""
+    """A picture of one captions-JSONL line: the caption, and region captions if present; a grounded caption
+    (``vsa caption --ground``: ``snippets``) is drawn as an alignment, its snippets on their boxes."""
+    if rec.get("snippets"):
+        pic = from_alignment(rec, image)
+        pic.title = str(rec.get("key") or rec.get("path") or "")
+        return pic
     pic = Picture(Path(image), str(rec.get("key") or rec.get("path") or ""))
     for i, reg in enumerate(rec.get("regions") or [], 1):
         box = reg.get("box")

@@ -59,18 +59,22 @@ class Photo:
 
 
 class PhotoEncoder:
-    """Detector + CNN as the aligner's training features were made (lazy: loaded on first use)."""
+    """Detector + CNN as the aligner's training features were made (lazy: loaded on first use).
+
+    ``detector`` is a detector spec (:func:`vsa.regions.load_detector`) or an already loaded detector;
+    ``extractor`` an already loaded :class:`vsa.features.Extractor` of the CNN ``extractor_meta`` names."""
 
     def __init__(self, extractor_meta: dict, detector=None, top: int = 19, device: str = "cpu", cnn_weights=None,
-                 whole_only: bool = False):
+                 whole_only: bool = False, extractor=None):
         self.meta = dict(extractor_meta or {})
-        self.detector_spec = detector
+        loaded = hasattr(detector, "detect")
+        self.detector_spec = None if loaded else detector
         self.top = top
         self.device = device
         self.cnn_weights = cnn_weights
         self.whole_only = whole_only
-        self._det = None
-        self._ex = None
+        self._det = detector if loaded else None
+        self._ex = extractor
 
     @property
     def detector(self):
@@ -99,11 +103,13 @@ class PhotoEncoder:
     def features(self, im, regions: list[dict]) -> np.ndarray:
         return region_features(self.extractor, self.meta, im, regions)
 
-
     def encode(self, path, key: str | None = None) -> Photo:
         from vsa.images import open_image
 
-        im = open_image(path)
+        return self.encode_image(open_image(path), path, key)
+
+    def encode_image(self, im, path, key: str | None = None) -> Photo:
+        """An opened photo (PIL, upright RGB) -> its regions (whole image first) and their features."""
         regs = self.detections(im)
         feats = self.features(im, regs)
         return Photo(key or Path(path).name, str(path), im.size,

@@ -51,6 +51,27 @@ def _scores(aligner, feats: np.ndarray, tokens: list[str], cache: dict) -> np.nd
     return np.asarray(aligner.word_region_scores(feats, tokens))
 
 
+def aligner_beta(aligner, beta: float | None = None) -> float:
+    """The MRF's beta: ``beta`` if given, else the aligner's own (chosen on val and saved in its checkpoint
+    ``meta``), else :data:`vsa.mrf.DEFAULT_BETA`."""
+    from vsa.mrf import DEFAULT_BETA
+
+    if beta is not None:
+        return float(beta)
+    return float((getattr(aligner, "meta", None) or {}).get("beta", DEFAULT_BETA))
+
+
+def ground_sentence(aligner, photo, tokens: list[str], beta: float | None = None) -> list[dict]:
+    """Snippets of any tokenised sentence (a generated caption, a query) on the regions of one photo
+    (:class:`vsa.search.Photo`, whole image first): the snippet dicts of an alignment record, made by the
+    same word-region scores and chain MRF as ``vsa align``, over the aligner's first ``max_regions`` regions."""
+    R = aligner.cfg.max_regions
+    U = _scores(aligner, photo.feats[:R], list(tokens), {})
+    rec = alignment_record(photo.key, 0, "", list(tokens), U, aligner_beta(aligner, beta), photo.boxes[:R],
+                           list(photo.labels[:R]))
+    return rec["snippets"]
+
+
 def iter_alignments(aligner, store, pairs: Iterable[tuple], beta: float, done: set | None = None,
                     on_pair: Callable[[], None] | None = None) -> Iterator[dict]:
     """Yield one alignment record per pair not in ``done`` (a set of ``(key, sentid)``)."""

@@ -131,7 +131,9 @@ def caption(
     bare: bool = typer.Option(False, "--bare", help="Text mode: print only the caption, without the path and TAB."),
     regions: bool = typer.Option(False, "--regions", help="Also describe each detected region (needs a detector and a region model)."),
     region_model: Optional[Path] = typer.Option(None, "--region-model", help="Region caption model for --regions (`vsa train-mrnn --alignments`; default: the shipped Flickr8k one)."),
-    detector: Optional[str] = typer.Option(None, "--detector", help="Detector for --regions (default: [regions] detector in vsa.toml)."),
+    ground: bool = typer.Option(False, "--ground", help="Also cut the caption into snippets, each grounded in a box (whole image = region 0), with the aligner's chain MRF as `vsa align` does (needs a detector)."),
+    aligner: Optional[Path] = typer.Option(None, "--aligner", help="Aligner for --ground (default: [align] model in vsa.toml if it exists, else the shipped Flickr8k aligner)."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="Detector for --regions and --ground (default: [regions] detector in vsa.toml)."),
     top: int = typer.Option(5, "--top", help="Regions described per image with --regions."),
     batch_size: int = typer.Option(16, "--batch-size"),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
@@ -176,9 +178,10 @@ def caption(
     from vsa.config import default_model
 
     cap = Captioner.load(default_model("mrnn", model, note), device=device, cnn_weights=cnn_weights, threads=threads,
-                         region_model=region_model if regions else None)
+                         region_model=region_model if regions else None,
+                         aligner=default_model("align", aligner, note) if ground else None)
     det = None
-    if regions:
+    if regions or ground:
         from vsa.config import resolve
         from vsa.regions import load_detector
 
@@ -186,12 +189,17 @@ def caption(
     results = []
     out = data_stdout().buffer  # the real stdout: the command runs with sys.stdout on stderr (cli.common.guarded)
     for rec in cap.caption_files(paths, beam=beam, max_len=max_len, length_penalty=length_penalty,
-                                 batch_size=batch_size, skip_bad=skip_bad, warn=warn, detector=det, top=top):
+                                 batch_size=batch_size, skip_bad=skip_bad, warn=warn, detector=det, top=top,
+                                 regions=regions, ground=ground):
         if as_json:
             out.write(dumps(rec) + b"\n")
         else:
             line = rec["caption"] if bare else f"{rec['path']}\t{rec['caption']}"
             out.write(line.encode("utf-8", "surrogateescape") + b"\n")
+            lead = "" if bare else rec["path"]
+            for g in rec.get("snippets", []):  # the caption's snippets, in order: where, what, word-region score
+                out.write(f"{lead}\t{g['label']} {[round(x) for x in g['box']]}\t{g['text']}\t{g['score']:.3f}\n"
+                          .encode("utf-8", "surrogateescape"))
             for r in rec.get("regions", []):
                 out.write(f"{'' if bare else rec['path']}\t{r['label']} {[round(x) for x in r['box']]}\t{r['caption']}\n".encode())
         out.flush()

@@ -36,8 +36,8 @@ def align(
     from vsa.errors import VsaError
     from vsa.featstore import load_features
     from vsa.io import JsonlWriter, is_stdio
-    from vsa.mrf import DEFAULT_BETA, snippet_stats
-    from vsa.snippets import align_to_file, check_extractor, iter_alignments, pairs_of
+    from vsa.mrf import snippet_stats
+    from vsa.snippets import align_to_file, aligner_beta, check_extractor, iter_alignments, pairs_of
 
     if beta is not None and beta < 0:
         raise VsaError(f"--beta must be >= 0, got {beta}")
@@ -58,8 +58,7 @@ def align(
     from vsa.config import default_model
 
     aligner = load_aligner(default_model("align", model, note), device=device)
-    if beta is None:  # the aligner's own (a val sweep, saved in the checkpoint), else the default
-        beta = float((aligner.meta or {}).get("beta", DEFAULT_BETA))
+    beta = aligner_beta(aligner, beta)  # --beta, else the aligner's own (a val sweep, saved in it), else the default
     feats_path = resolve(features, "features.regions", "--features")
     store = load_features(feats_path)
     check_extractor(aligner.extractor_meta, store.meta, feats_path)
@@ -121,10 +120,10 @@ def _kind(path: Path) -> str:
             return "retrieval"
         raise VsaError("expected retrieval ranks (a JSON object from `vsa eval --ranks-out`)", path)
     for lineno, rec in iter_jsonl(path, with_lineno=True):
+        if "caption" in rec:  # a caption record, grounded (`vsa caption --ground`: 'snippets') or not
+            return "captions"
         if "snippets" in rec:
             return "alignments"
-        if "caption" in rec:
-            return "captions"
         raise VsaError("neither an alignment (no 'snippets') nor a caption record (no 'caption')", path, lineno)
     raise VsaError("empty file", path)
 
