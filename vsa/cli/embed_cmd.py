@@ -40,8 +40,8 @@ def _on_sigterm():
 def embed(
     inputs: Optional[List[str]] = typer.Argument(None, help="Regions JSONL (file or '-'), or image files/folders (whole image only). Default: stdin."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output NPZ (default: [features] regions in vsa.toml)."),
-    cnn: Optional[str] = typer.Option(None, "--cnn", help="efficientnet-lite0 (default), efficientnet-lite2, or a torchvision model name."),
-    cnn_weights: Optional[str] = typer.Option(None, "--cnn-weights", help="Local weights file for --cnn (torchvision models need one offline)."),
+    cnn: Optional[str] = typer.Option(None, "--cnn", help="efficientnet-lite0 (default), efficientnet-lite2, a torchvision model name, or open_clip:MODEL/TAG (an OpenCLIP image tower, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k; pip install 'vsa[clip]')."),
+    cnn_weights: Optional[str] = typer.Option(None, "--cnn-weights", help="Local weights file for --cnn (torchvision and open_clip models need one offline)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Crops per CNN forward (small batches are fastest on CPU)."),
     workers: int = typer.Option(1, "--workers", help="DataLoader worker processes for decoding/cropping."),
     crop: str = typer.Option("warp", "--crop", help="warp: each box cropped and warped to 224 (paper, R-CNN style, one CNN pass per region); roi: RoIAlign on the whole image's feature map (one pass per image, ~Nx faster, coarser); grid: the whole image then the cells of its last feature map (--grid; for attention captioning, no detector)."),
