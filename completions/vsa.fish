@@ -48,8 +48,8 @@ complete -c vsa -n '__fish_seen_subcommand_from regions' -F
 
 # vsa embed
 complete -c vsa -n '__fish_seen_subcommand_from embed' -s o -l out -r -F -d 'Output NPZ (default: [features] regions in vsa.toml)'
-complete -c vsa -n '__fish_seen_subcommand_from embed' -l cnn -x -d 'efficientnet-lite0 (default), efficientnet-lite2, or a torchvision mo...'
-complete -c vsa -n '__fish_seen_subcommand_from embed' -l cnn-weights -r -F -d 'Local weights file for --cnn (torchvision models need one offline)'
+complete -c vsa -n '__fish_seen_subcommand_from embed' -l cnn -x -d 'efficientnet-lite0 (default), efficientnet-lite2, a torchvision model...'
+complete -c vsa -n '__fish_seen_subcommand_from embed' -l cnn-weights -r -F -d 'Local weights file for --cnn (torchvision and open_clip models need o...'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l batch-size -x -d 'Crops per CNN forward (small batches are fastest on CPU)'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l workers -x -d 'DataLoader worker processes for decoding/cropping'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l crop -x -d 'warp: each box cropped and warped to 224 (paper, R-CNN style, one CNN...'
