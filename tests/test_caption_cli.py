@@ -79,7 +79,7 @@ def test_caption_bad_image_is_one_line_error_and_skip_bad_goes_on(tmp_path):
 def test_train_mrnn_then_eval_generation(tmp_path):
     ds, feats = tiny_dataset(tmp_path, n_train=10, n_val=4, n_test=4)
     out = tmp_path / "m.pt"
-    r = run_cli("train-mrnn", "--dataset", ds, "--features", feats, "--out", out, "--epochs", "2", "--hidden", "16",
+    r = run_cli("train-mrnn", "--dataset", ds, "--features", feats, "--out", out, "--epochs", "2", "--scst-epochs", "0", "--hidden", "16",
                 "--embed", "16", "--min-count", "1", "--threads", "1", "--no-beam-search", "--json")
     assert r.returncode == 0, r.stderr.decode()
     summary = orjson.loads(r.stdout)

@@ -100,7 +100,7 @@ def test_paper_rnn_sees_the_image_only_at_the_first_step():
 
 def test_checkpoint_round_trip_and_half_export(tmp_path):
     ds, store, vocab, tr, va = _splits(tmp_path)
-    cfg = MRNNConfig(rnn="lstm", embed=16, hidden=16, epochs=1, batch_size=8, seed=3)
+    cfg = MRNNConfig(rnn="lstm", embed=16, hidden=16, epochs=1, scst_epochs=0, batch_size=8, seed=3)
     out = tmp_path / "m.pt"
     T.train(cfg, tr, va, vocab, out, store.meta, log=lambda *_: None, choose_decoding=False)
     ck = load_checkpoint(out, "mrnn")
@@ -128,7 +128,8 @@ def test_checkpoint_round_trip_and_half_export(tmp_path):
 
 def _train(tmp_path, name, epochs, resume=False, seed=7):
     ds, store, vocab, tr, va = _splits(tmp_path)
-    cfg = MRNNConfig(rnn="lstm", embed=16, hidden=16, epochs=epochs, batch_size=8, seed=seed, patience=99)
+    cfg = MRNNConfig(rnn="lstm", embed=16, hidden=16, epochs=epochs, scst_epochs=0, batch_size=8, seed=seed,
+                     patience=99)
     out = tmp_path / name
     T.train(cfg, tr, va, vocab, out, store.meta, resume=resume, log=lambda *_: None, choose_decoding=False)
     return load_checkpoint(T.last_path(out))["state_dict"]

@@ -33,7 +33,7 @@ from torch import nn
 @dataclass
 class MRNNConfig:
     # model
-    rnn: str = "lstm"  # "rnn" (the paper's multimodal RNN), "lstm", or "updown" (top-down attention over regions)
+    rnn: str = "updown"  # "updown" (top-down attention over regions/grid), "lstm", or "rnn" (the paper's multimodal RNN)
     vocab_size: int = 0  # including the 4 special tokens
     feat_dim: int = 1280
     embed: int = 512
@@ -43,8 +43,8 @@ class MRNNConfig:
     att_dim: int = 256
     max_regions: int = 64  # regions per image read from a regions/grid features file (whole image first)
     # training
-    epochs: int = 12
-    batch_size: int = 64
+    epochs: int = 6
+    batch_size: int = 100  # sentences (all sentences of an image in the same batch)
     lr: float = 5e-4
     lr_decay: float = 0.8  # per epoch, after warm epochs
     lr_decay_start: int = 2
@@ -53,7 +53,7 @@ class MRNNConfig:
     label_smoothing: float = 0.0
     max_len: int = 20  # words per generated / trained sentence
     min_count: int = 5
-    patience: int = 4  # epochs without val CIDEr gain before stopping
+    patience: int = 3  # epochs without val CIDEr gain before stopping
     seed: int = 0
     threads: int = 0  # torch threads (0: leave as is)
     bf16: bool = True  # bfloat16 autocast in training where the hardware has it (CUDA; CPUs with AVX512-BF16/AMX)
@@ -63,8 +63,8 @@ class MRNNConfig:
     bad_endings: bool = True  # never end a sentence on "a", "the", "on", ... (decoding constraint)
     block_repeats: bool = True  # never repeat a word twice in a row or a trigram (decoding constraint)
     # SCST fine-tuning (self-critical, CIDEr-D reward) after cross-entropy training
-    scst_epochs: int = 0
-    scst_lr: float = 5e-5
+    scst_epochs: int = 6
+    scst_lr: float = 1e-4
     scst_samples: int = 5
 
 
