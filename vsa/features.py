@@ -137,20 +137,26 @@ class Extractor:
         return VsaError(f"--crop {crop} needs a CNN feature map and {self.name} has none{why}; "
                         "use --crop warp or whole images")
 
+    def _feature_map(self, batch, crop: str):
+        """``(x, fm)``: the batch on the device and the CNN's last feature map (float32); call inside
+        inference mode. ``crop`` names the mode for the error when the CNN has no feature map."""
+        import torch
+
+        if getattr(self.net, "fmap", None) is None:
+            raise self.no_fmap(crop)
+        x = batch.to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self._fast("fmap", x)(x).float()
+
     def grid(self, batch, g: int = 7):
         """Spatial grid features (``--crop grid``): per image the global average of the last feature
         map first (identical to the whole-image feature), then its ``g`` x ``g`` cells (adaptive
         average pooling; at 224 px with g=7 exactly the 7x7 map), row-major. ``[B * (1 + g*g), dim]``."""
         import torch
 
-        fmap_fn = getattr(self.net, "fmap", None)
-        if fmap_fn is None:
-            raise self.no_fmap("grid")
         with torch.inference_mode(), self._amp():
-            x = batch.to(self.device)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            fm = self._fast("fmap", x)(x).float()
+            x, fm = self._feature_map(batch, "grid")
             cells = torch.nn.functional.adaptive_avg_pool2d(fm, g).flatten(2).transpose(1, 2)  # [B, g*g, D]
             return torch.cat([fm.mean((2, 3))[:, None], cells], 1).flatten(0, 1)
 
@@ -165,14 +171,8 @@ class Extractor:
         import torch
         from torchvision.ops import roi_align
 
-        fmap_fn = getattr(self.net, "fmap", None)
-        if fmap_fn is None:
-            raise self.no_fmap("roi")
         with torch.inference_mode(), self._amp():
-            x = batch.to(self.device)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            fm = self._fast("fmap", x)(x).float()
+            x, fm = self._feature_map(batch, "roi")
             scale = fm.shape[-1] / x.shape[-1]
             rois = [b.to(fm.device, torch.float32) for b in boxes]
             pooled = roi_align(fm, rois, output_size, spatial_scale=scale, sampling_ratio=2, aligned=True).mean((2, 3))
