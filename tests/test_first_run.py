@@ -106,7 +106,7 @@ def _tiny_test_split(flickr8k, path, n=4):
 
 def test_eval_without_model_or_toml_uses_the_shipped_models_on_features_it_computes(tmp_path, flickr8k, yolov5n):
     """In an empty folder, `vsa eval --images --detector` evaluates the shipped aligner and generator, says so on
-    stderr, and computes the features exactly as `vsa regions | vsa embed` (and `vsa embed IMAGES`) make them."""
+    stderr, and computes the features exactly as `vsa regions | vsa embed` (and `vsa embed IMAGES --crop grid`) make them."""
     from tests.conftest import run_cli
     from vsa.config import SHIPPED_MODELS
 
@@ -121,7 +121,7 @@ def test_eval_without_model_or_toml_uses_the_shipped_models_on_features_it_compu
     err = r.stderr.decode()
     assert f"using the shipped Flickr8k aligner {SHIPPED_MODELS['align']}" in err
     assert f"using the shipped Flickr8k generator {SHIPPED_MODELS['mrnn']}" in err
-    assert "computing region features of the 4 test images" in err and "computing whole-image features" in err
+    assert "computing region features of the 4 test images" in err and "computing grid features" in err
     assert rep["retrieval"]["images"] == 4 and rep["retrieval"]["sentences"] == 20
     assert rep["retrieval"]["features"] == f"computed from {flickr8k / 'images'}"
     assert rep["generation"]["images"] == 4 and rep["generation"]["model"] == str(SHIPPED_MODELS["mrnn"])
@@ -130,18 +130,18 @@ def test_eval_without_model_or_toml_uses_the_shipped_models_on_features_it_compu
     # the same evaluation on features made by the documented pipeline
     p = subprocess.run(f"{sys.executable} -m vsa regions {' '.join(map(str, photos))} --detector {yolov5n} | "
                        f"{sys.executable} -m vsa embed --crop roi -o {tmp_path / 'feats.npz'} && "
-                       f"{sys.executable} -m vsa embed {' '.join(map(str, photos))} -o {tmp_path / 'whole.npz'}",
+                       f"{sys.executable} -m vsa embed {' '.join(map(str, photos))} --crop grid -o {tmp_path / 'grid.npz'}",
                        shell=True, capture_output=True, cwd=work, timeout=600)
     assert p.returncode == 0, p.stderr.decode()
     for model, feats, out in ((SHIPPED_MODELS["align"], "feats.npz", "--ranks-out"),
-                              (SHIPPED_MODELS["mrnn"], "whole.npz", "--captions-out")):
+                              (SHIPPED_MODELS["mrnn"], "grid.npz", "--captions-out")):
         r = run_cli("eval", "--split", "test", "--dataset", ds, "--model", model, "--features", tmp_path / feats,
                     "--json", out, tmp_path / f"{feats}.out.json", cwd=work)
         assert r.returncode == 0, r.stderr.decode()
         assert "computing" not in r.stderr.decode() and "shipped" not in r.stderr.decode()
     mine, theirs = (json.loads((tmp_path / f).read_text()) for f in ("ranks.json", "feats.npz.out.json"))
     assert mine["images"] == theirs["images"] and mine["sentences"] == theirs["sentences"]
-    mine, theirs = (json.loads((tmp_path / f).read_text()) for f in ("caps.json", "whole.npz.out.json"))
+    mine, theirs = (json.loads((tmp_path / f).read_text()) for f in ("caps.json", "grid.npz.out.json"))
     assert mine == theirs
 
 

@@ -87,7 +87,7 @@ def features_for_eval(model_path, ds, split: str, workdir, features=None, detect
     if found is not None:
         return found
     meta = ck.get("extractor") or {}
-    what = "region" if needs_regions(meta) else "whole-image"
+    what = "region" if needs_regions(meta) else "grid" if meta.get("crop") == "grid" else "whole-image"
     if ds.image_root is None:
         raise VsaError(f"no {what} features to evaluate {model_path} on: pass --features NPZ (from `vsa embed`) "
                        "or --images DIR to compute them from the images")

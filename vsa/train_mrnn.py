@@ -536,5 +536,6 @@ def export_half(src, dst) -> None:
 
     ck = load_checkpoint(src, "mrnn")
     sd = {k: v.half() if v.is_floating_point() else v for k, v in ck["state_dict"].items()}
-    meta = {k: v for k, v in ck["meta"].items() if k not in ("optimizer", "rng")}
+    # no optimiser state, and no path to this machine's training features (meaningless where the copy is used)
+    meta = {k: v for k, v in ck["meta"].items() if k not in ("optimizer", "rng", "features")}
     save_checkpoint(dst, "mrnn", ck["config"], ck["vocab"], ck["extractor"], sd, meta)
