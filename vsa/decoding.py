@@ -54,20 +54,16 @@ def _forbid(logp: torch.Tensor, t: int, prev: torch.Tensor | None = None, bad: t
     return logp
 
 
-def constrained_log_softmax(logits: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
-    """Teacher-forced logits -> log-probabilities of the distribution :func:`sample` draws from:
-    ``<unk>``/``<pad>``/``<start>`` never, ``<end>`` not first, renormalised over the rest.
-    ``logits`` is ``[B, T, V]`` (position 0 first), or ``[N, V]`` with the boolean ``first`` ``[N]``
-    marking the rows that are a sentence's first position.
+def constrained_log_softmax(logits: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits ``[N, V]`` -> log-probabilities of the distribution :func:`sample` draws
+    from: ``<unk>``/``<pad>``/``<start>`` never, ``<end>`` not first (``first`` ``[N]`` marks the rows
+    that are a sentence's first position), renormalised over the rest.
 
     Self-critical training re-scores its samples with this; scoring them under the unconstrained
     softmax instead lets probability drift onto the tokens that are never sampled."""
     logits = logits.float().clone()
-    logits[..., [Vocab.unk, Vocab.pad, Vocab.start]] = NEG
-    if first is None:
-        logits[:, 0, Vocab.end] = NEG
-    else:
-        logits[first, Vocab.end] = NEG
+    logits[:, [Vocab.unk, Vocab.pad, Vocab.start]] = NEG
+    logits[first, Vocab.end] = NEG
     return torch.log_softmax(logits, -1)
 
 

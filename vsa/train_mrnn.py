@@ -173,7 +173,7 @@ def generate(model, sp: Split, vocab: Vocab, beam: int = 1, max_len: int = 20, l
     for s in range(0, len(sp.feats), batch_size):
         idx = torch.arange(s, min(s + batch_size, len(sp.feats)))
         f, m = _sub(sp, idx, _dev(model))
-        for h in decode(model, f, m, beam, max_len, length_penalty, bad, getattr(model.cfg, "block_repeats", False)):
+        for h in decode(model, f, m, beam, max_len, length_penalty, bad, model.cfg.block_repeats):
             out.append(" ".join(vocab.decode(h.tokens)))
     return out
 
@@ -340,14 +340,18 @@ def epoch_since_best(history: list[dict], best: dict) -> int:
     return sum(1 for h in history if h["epoch"] > best.get("epoch", 0) and h.get("phase", "xe") == "xe")
 
 
+def _images_per_batch(sp: Split, batch_size: int) -> int:
+    per = max(1, round(len(sp.sents) / max(1, len(sp.feats))))  # sentences per image (5 for Flickr8K)
+    return max(1, batch_size // per)
+
+
 def _batches(sp: Split, batch_size: int, rng):
     """Teacher-forcing batches of about ``batch_size`` sentences: all sentences of a random set of
     images together (neuraltalk2's seq_per_img), so each image's features are computed once a batch."""
     by_item: list[list[int]] = [[] for _ in range(len(sp.feats))]
     for j, (i, _) in enumerate(sp.sents):
         by_item[i].append(j)
-    per = max(1, round(len(sp.sents) / max(1, len(sp.feats))))
-    step = max(1, batch_size // per)
+    step = _images_per_batch(sp, batch_size)
     order = rng.permutation(len(by_item))
     for s in range(0, len(order), step):
         batch = [sp.sents[j] for i in order[s : s + step] for j in by_item[i]]
@@ -356,8 +360,7 @@ def _batches(sp: Split, batch_size: int, rng):
 
 
 def _n_batches(sp: Split, batch_size: int) -> int:
-    per = max(1, round(len(sp.sents) / max(1, len(sp.feats))))
-    return -(-len(sp.feats) // max(1, batch_size // per))
+    return -(-len(sp.feats) // _images_per_batch(sp, batch_size))
 
 
 def _ticker(progress, what: str, total: int):
@@ -473,6 +476,7 @@ def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, voca
     B = max(1, cfg.batch_size // n)
     total, count = 0.0, 0
     itos = vocab.itos
+    ref_end = [ends(r) for r in sp.ref_tokens]  # the references as the reward scores them
     for s in range(0, len(order), B):
         glob = order[s : s + B]
         if len(glob) < env.world:
@@ -482,7 +486,7 @@ def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, voca
         with autocast(dev, cfg.bf16):
             seqs = sample(model, f, m, n, cfg.max_len)
         words = [sample_words(row, itos) for row in seqs.tolist()]
-        refs = [ends(sp.ref_tokens[int(i)]) for i in idx for _ in range(n)]
+        refs = [ref_end[int(i)] for i in idx for _ in range(n)]
         r = torch.tensor(scorer.score(words, refs)).view(len(idx), n)
         base = (r.sum(1, keepdim=True) - r) / max(n - 1, 1)
         adv = (r - base).flatten()
