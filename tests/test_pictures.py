@@ -298,7 +298,7 @@ def test_align_cli_sigint_keeps_old_output_and_part(tmp_path, monkeypatch):
         assert proc.poll() is None, proc.stderr.read().decode()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2, err.decode()
+    assert proc.returncode == 130, err.decode()
     assert "interrupted" in err.decode() and "resume" in err.decode()
     assert out.read_text() == "old\n"
     kept = len(part.read_bytes().splitlines())

@@ -56,7 +56,7 @@ class Captioner:
         import torch
 
         from vsa.checkpoint import load_checkpoint
-        from vsa.distributed import pick_device
+        from vsa.runtime import pick_device
 
         if threads:
             torch.set_num_threads(threads)

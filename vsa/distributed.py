@@ -28,21 +28,11 @@ class DistEnv:
         return self.world > 1
 
 
-def pick_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from vsa.errors import VsaError
-
-        raise VsaError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    return device
-
-
 def setup(device: str = "auto") -> DistEnv:
     """Join the torchrun process group if there is one; return this process's place in it."""
     import torch
+
+    from vsa.runtime import pick_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = pick_device(device)

@@ -42,7 +42,7 @@ def _model_scores(model_path, ds, split: str, features=None, device: str = "auto
     """``(scores [images, sentences], split data, features path, checkpoint)`` of one aligner."""
     from vsa.align import aligner_from_checkpoint
     from vsa.checkpoint import load_checkpoint
-    from vsa.distributed import pick_device
+    from vsa.runtime import pick_device
     from vsa.featstore import load_features
     from vsa.retrieval import score_matrix
     from vsa.train_align import load_split

@@ -47,7 +47,7 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     from vsa.checkpoint import load_checkpoint
     from vsa.data import Vocab
     from vsa.decoding import decode
-    from vsa.distributed import pick_device
+    from vsa.runtime import pick_device
     from vsa.featstore import FeatureStore
     from vsa.mrnn import model_from_checkpoint
     from vsa.mrnn import uses_regions

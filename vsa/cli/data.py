@@ -7,25 +7,10 @@ import typer
 
 from vsa.cli import app
 from vsa.cli.common import guarded, info, warn
+from vsa.cli.workspace import open_dataset
 
 data_app = typer.Typer(help="Caption datasets: statistics and conversion to Karpathy JSON.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-
-
-def open_dataset(dataset: Optional[Path], images: Optional[Path] = None, splits: Optional[Path] = None, seed: int = 0,
-                 quiet: bool = False):
-    """Load the dataset named by the flag or by [dataset] in vsa.toml; loader notes go to stderr."""
-    from vsa.config import resolve
-    from vsa.data import load_dataset
-
-    path = resolve(dataset, "dataset.path", "DATASET")
-    root = resolve(images, "dataset.images", "--images", required=False)
-    split_dir = resolve(splits, "dataset.splits", "--splits", required=False)
-    ds = load_dataset(path, root, split_dir, seed)
-    if not quiet:
-        for note in ds.notes:
-            warn(f"{ds.source}: {note}")
-    return ds
 
 
 def _min_count(value: Optional[int]) -> int:

@@ -1,0 +1,103 @@
+"""``vsa caption`` (the library: vsa.captioner)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from vsa.cli import app
+from vsa.cli.common import console, guarded, info, progress, warn
+
+
+@app.command("caption")
+@guarded
+def caption(
+    inputs: Optional[List[str]] = typer.Argument(None, help="Image files or folders; '-' reads image paths from stdin (one per line)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Generator checkpoint (default: [mrnn] model in vsa.toml if it exists, else the Flickr8k model shipped with vsa)."),
+    beam: Optional[int] = typer.Option(None, "--beam", help="Beam size (default: the model's, chosen on val)."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Maximum words."),
+    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="Rank beams by logprob/len^alpha (default: the model's)."),
+    as_json: bool = typer.Option(False, "--json", help="JSONL records (docs/formats.md) instead of text lines."),
+    coco_results: Optional[Path] = typer.Option(None, "--coco-results", help="Also write COCO results JSON (image_id = position, or dataset imgid with --dataset)."),
+    bare: bool = typer.Option(False, "--bare", help="Text mode: print only the caption, without the path and TAB."),
+    regions: bool = typer.Option(False, "--regions", help="Also describe each detected region (needs a detector and a region model)."),
+    region_model: Optional[Path] = typer.Option(None, "--region-model", help="Region caption model for --regions (`vsa train-mrnn --alignments`; default: the shipped Flickr8k one)."),
+    ground: bool = typer.Option(False, "--ground", help="Also cut the caption into snippets, each grounded in a box (whole image = region 0), with the aligner's chain MRF as `vsa align` does (needs a detector)."),
+    aligner: Optional[Path] = typer.Option(None, "--aligner", help="Aligner for --ground (default: [align] model in vsa.toml if it exists, else the shipped Flickr8k aligner)."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="Detector for --regions and --ground (default: [regions] detector in vsa.toml)."),
+    top: int = typer.Option(5, "--top", help="Regions described per image with --regions."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
+    cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help="Local CNN weights (default: the packaged EfficientNet-Lite0 weights)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn and go on when an image cannot be read."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: caption a deterministic 1/N of the images (1-based K), for cluster arrays."),
+    threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0: all)."),
+):
+    """Describe images: one line per image, `PATH<TAB>caption` (or --bare, --json, --coco-results)."""
+    from vsa.errors import VsaError
+    from vsa.images import find_images
+    from vsa.io import data_stdout, dumps, text_stream_lines
+
+    paths: list[tuple[Path, str]] = []
+    items = list(inputs or [])
+    if not items:
+        from vsa.io import stdin_is_piped
+
+        if not stdin_is_piped():
+            raise VsaError("no images given: pass IMAGE... or a folder, or pipe paths on stdin with '-'")
+        items = ["-"]
+    for it in items:
+        if it == "-":
+            paths.extend((Path(p), Path(p).name) for p in text_stream_lines("-"))
+        else:
+            paths.extend(find_images([it]))
+    if shard:
+        from vsa.features import shard_of
+
+        paths = shard_of(paths, shard)
+    if not paths:
+        raise VsaError("no images found in " + ", ".join(items))
+    from vsa.captioner import Captioner
+
+    if regions and region_model is None:
+        from vsa.captioner import DEFAULT_REGION_MODEL
+
+        if not DEFAULT_REGION_MODEL.exists():
+            raise VsaError("--regions needs --region-model CKPT (a generator trained with `vsa train-mrnn --alignments`)")
+        region_model = DEFAULT_REGION_MODEL
+    from vsa.cli.common import note
+    from vsa.config import default_model
+
+    cap = Captioner.load(default_model("mrnn", model, note), device=device, cnn_weights=cnn_weights, threads=threads,
+                         region_model=region_model if regions else None,
+                         aligner=default_model("align", aligner, note) if ground else None)
+    det = None
+    if regions or ground:
+        from vsa.config import resolve
+        from vsa.regions import load_detector
+
+        det = load_detector(resolve(detector, "regions.detector", "--detector", required=False), device=device)
+    results = []
+    out = data_stdout().buffer  # the real stdout: the command runs with sys.stdout on stderr (cli.common.guarded)
+    for rec in cap.caption_files(paths, beam=beam, max_len=max_len, length_penalty=length_penalty,
+                                 batch_size=batch_size, skip_bad=skip_bad, warn=warn, detector=det, top=top,
+                                 regions=regions, ground=ground):
+        if as_json:
+            out.write(dumps(rec) + b"\n")
+        else:
+            line = rec["caption"] if bare else f"{rec['path']}\t{rec['caption']}"
+            out.write(line.encode("utf-8", "surrogateescape") + b"\n")
+            lead = "" if bare else rec["path"]
+            for g in rec.get("snippets", []):  # the caption's snippets, in order: where, what, word-region score
+                out.write(f"{lead}\t{g['label']} {[round(x) for x in g['box']]}\t{g['text']}\t{g['score']:.3f}\n"
+                          .encode("utf-8", "surrogateescape"))
+            for r in rec.get("regions", []):
+                out.write(f"{'' if bare else rec['path']}\t{r['label']} {[round(x) for x in r['box']]}\t{r['caption']}\n".encode())
+        out.flush()
+        results.append(rec)
+    if coco_results is not None:
+        from vsa.io import write_json
+
+        write_json(coco_results, [{"image_id": i, "caption": r["caption"]} for i, r in enumerate(results)])

@@ -1,0 +1,91 @@
+"""``vsa score``: image-sentence scores (the library: vsa.align, vsa.search)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from vsa.cli import app
+from vsa.cli.common import data_console, guarded, warn
+from vsa.cli.workspace import CNN_HELP, DETECTOR_HELP, MODEL_HELP, aligner as _aligner, default_aligner as _default_model, encoder as _encoder, say_oov as _say_oov
+
+
+def _score_table(rec: dict):
+    from rich.table import Table
+
+    t = Table(title=f"{rec['image']}: score {rec['score']:.3f}", title_justify="left")
+    t.add_column("word")
+    t.add_column("best region")
+    t.add_column("box", justify="right")
+    t.add_column("v.s", justify="right")
+    for w in rec.get("words", []):
+        t.add_row(w["word"] if w["known"] else f"{w['word']} (unknown)", f"{w['region']} {w['label']}",
+                  " ".join(f"{v:.0f}" for v in w["box"]), f"{w['dot']:.3f}")
+    return t
+
+
+
+
+@app.command("score")
+@guarded
+def score_cmd(
+    image: Optional[str] = typer.Argument(None, help="Photo (or, with --features, an image key). Omit to read JSONL pairs {\"image\", \"sentence\"} on stdin."),
+    sentence: Optional[str] = typer.Argument(None, help="The sentence to score against the photo."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    features: Optional[Path] = typer.Option(None, "--features", "-f", help="Take regions + CNN features from this features NPZ (by image key) instead of running the detector and CNN."),
+    detector: Optional[str] = typer.Option(None, "--detector", help=DETECTOR_HELP),
+    top: int = typer.Option(19, "--top", help="Detections per photo (plus the whole image)."),
+    cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help=CNN_HELP),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout (always, for stdin pairs)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Stdin pairs: warn and go on past bad lines and unreadable photos."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
+):
+    """Image-sentence score and, for each word, its best region (box, class)."""
+    from vsa.errors import VsaError
+    from vsa.io import JsonlWriter, iter_jsonl, stdin_is_piped
+    from vsa.search import photo_from_store, score_record
+
+    aligner = _aligner(_default_model(model), device)
+    store = None
+    if features is not None:
+        from vsa.featstore import load_features
+
+        store = load_features(features)
+    encoder = _encoder(aligner, detector, top, device, cnn_weights)
+
+    last: dict = {}
+
+    def photo(img: str):  # consecutive pairs of one photo detect and embed it once
+        if img not in last:
+            last.clear()
+            last[img] = photo_from_store(store, img) if store is not None else encoder.encode(img)
+        return last[img]
+
+    if image is not None:
+        if sentence is None:
+            raise VsaError("give a sentence after the photo: vsa score IMAGE \"a dog runs\"")
+        rec = score_record(aligner, photo(image), sentence)
+        _say_oov(rec["oov"])
+        if as_json:
+            with JsonlWriter("-") as w:
+                w.write(rec)
+        else:
+            data_console().print(_score_table(rec))
+        return
+    if not stdin_is_piped():
+        raise VsaError("no photo given: pass IMAGE SENTENCE, or pipe JSONL {\"image\": ..., \"sentence\": ...} on stdin")
+    with JsonlWriter("-") as w:
+        for line, obj in iter_jsonl("-", skip_bad=skip_bad, warn=warn, with_lineno=True):
+            img, sent = obj.get("image") or obj.get("path") or obj.get("key"), obj.get("sentence")
+            try:
+                if not isinstance(img, str) or not isinstance(sent, str):
+                    raise VsaError("each line needs string fields 'image' and 'sentence'", "<stdin>", line)
+                rec = score_record(aligner, photo(img), sent)
+                _say_oov(rec["oov"], f"<stdin>:{line}: ")
+                w.write(rec)
+            except VsaError as e:
+                if not skip_bad:
+                    raise
+                warn(str(e))

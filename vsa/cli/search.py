@@ -1,0 +1,154 @@
+"""``vsa search index|text|sentences`` (the library: vsa.search)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from vsa.cli import app
+from vsa.cli.common import data_console, guarded, info, warn
+from vsa.cli.workspace import CNN_HELP, DETECTOR_HELP, MODEL_HELP, aligner as _aligner, default_aligner as _default_model, encoder as _encoder, say_oov as _say_oov
+
+search_app = typer.Typer(help="Index a folder of photos once; rank photos for a text query, or sentences for a photo.",
+                         no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
+                         rich_markup_mode=None)
+app.add_typer(search_app, name="search")
+
+
+@search_app.command("index")
+@guarded
+def search_index(
+    photos: Optional[List[Path]] = typer.Argument(None, help="Photo files and/or folders (searched recursively)."),
+    out: Path = typer.Option(Path("index.npz"), "--out", "-o", help="Index file to write."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    features: Optional[Path] = typer.Option(None, "--features", "-f", help="Index the images of this features NPZ instead of running the detector and CNN on photos."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="With --features: only the images of this dataset (and --split)."),
+    split: Optional[str] = typer.Option(None, "--split", help="With --features and --dataset: which split (e.g. test)."),
+    detector: Optional[str] = typer.Option(None, "--detector", help=DETECTOR_HELP),
+    top: int = typer.Option(19, "--top", help="Detections per photo (plus the whole image)."),
+    cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help=CNN_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn and go on past unreadable photos."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
+):
+    """Detect, embed and project every photo once into an index file."""
+    from vsa.cli.common import progress
+    from vsa.errors import VsaError
+    from vsa.search import build_index, save_index
+
+    aligner = _aligner(_default_model(model), device)
+    if features is not None:
+        from vsa.featstore import load_features
+
+        store = load_features(features)
+        keys = None
+        if dataset is not None or split is not None:
+            from vsa.cli.workspace import open_dataset
+
+            ds = open_dataset(dataset)
+            recs = ds.split(split) if split else ds.images
+            keys = [r.key for r in store.check_dataset(recs, skip_missing=skip_bad, warn=warn)]
+        items = build_index(aligner, None, store=store, keys=keys)
+    else:
+        from vsa.images import find_images
+
+        if not photos:
+            raise VsaError("no photos given: pass files or folders (or --features NPZ)")
+        inputs = find_images(photos)
+        if not inputs:
+            raise VsaError("no images found in " + ", ".join(map(str, photos)))
+        encoder = _encoder(aligner, detector, top, device, cnn_weights)
+        with progress() as prog:
+            items = build_index(aligner, [(str(p), k) for p, k in inputs], encoder, progress=prog, skip_bad=skip_bad,
+                                warn=warn)
+    save_index(out, aligner, items)
+    info(f"indexed {len(items)} photos -> {out}")
+
+
+def _index_model(model: Optional[Path], idx) -> Path:
+    """--model, else the aligner the index was built with, else the default aligner."""
+    if model is None and idx.meta.get("model") and Path(idx.meta["model"]).is_file():
+        return Path(idx.meta["model"])
+    return _default_model(model)
+
+
+@search_app.command("text")
+@guarded
+def search_text_cmd(
+    query: str = typer.Argument(..., help="What to look for, e.g. \"a dog jumping into a lake\"."),
+    index: Path = typer.Option(Path("index.npz"), "--index", "-i", help="Index from `vsa search index`."),
+    k: int = typer.Option(10, "-k", "--top-k", help="How many photos to list."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Aligner checkpoint (default: the index's)."),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout instead of a table."),
+):
+    """Rank the indexed photos for a text query."""
+    from vsa.io import JsonlWriter
+    from vsa.search import Index, search_text
+
+    idx = Index(index)
+    aligner = _aligner(_index_model(model, idx), "cpu")
+    idx.check_model(aligner)
+    hits = search_text(aligner, idx, query, k)
+    _say_oov(hits[0]["oov"] if hits else [])
+    if as_json:
+        with JsonlWriter("-") as w:
+            for h in hits:
+                w.write(h)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{query!r}: {len(idx)} photos")
+    for c in ("rank", "score", "photo", "words -> regions"):
+        t.add_column(c, justify="right" if c in ("rank", "score") else "left")
+    for h in hits:
+        words = ", ".join(f"{w['word']}->{w['label']}" for w in h.get("words", []) if w["label"] != "image")
+        t.add_row(str(h["rank"]), f"{h['score']:.3f}", h["path"], words)
+    data_console().print(t)
+
+
+@search_app.command("sentences")
+@guarded
+def search_sentences_cmd(
+    image: str = typer.Argument(..., help="A photo (or, with --index, the key of an indexed photo)."),
+    corpus: Path = typer.Option(..., "--corpus", "-c", help="Sentences to rank, one per line ('-' = stdin)."),
+    index: Optional[Path] = typer.Option(None, "--index", "-i", help="Take the photo's regions from this index when it holds it."),
+    k: int = typer.Option(10, "-k", "--top-k", help="How many sentences to list."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    detector: Optional[str] = typer.Option(None, "--detector", help=DETECTOR_HELP),
+    top: int = typer.Option(19, "--top", help="Detections per photo (plus the whole image)."),
+    cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help=CNN_HELP),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout instead of a table."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
+):
+    """Rank the sentences of a corpus for one photo (image annotation by retrieval)."""
+    from vsa.io import JsonlWriter
+    from vsa.search import Index, read_corpus, search_sentences
+
+    photo, aligner = None, None
+    if index is not None:
+        idx = Index(index)
+        aligner = _aligner(_index_model(model, idx), device)
+        i = idx.store.find(image)
+        if i is not None:
+            idx.check_model(aligner)
+            photo = idx.photo(i)
+    aligner = aligner or _aligner(_default_model(model), device)
+    if photo is None:
+        photo = _encoder(aligner, detector, top, device, cnn_weights).encode(image)
+    hits = search_sentences(aligner, photo, read_corpus(corpus), k)
+    for h in hits:
+        _say_oov(h["oov"], f"rank {h['rank']} (line {h['line']}): ")
+    if as_json:
+        with JsonlWriter("-") as w:
+            for h in hits:
+                w.write(h)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{photo.path}")
+    for c in ("rank", "score", "sentence"):
+        t.add_column(c, justify="right" if c != "sentence" else "left")
+    for h in hits:
+        t.add_row(str(h["rank"]), f"{h['score']:.3f}", h["sentence"])
+    data_console().print(t)

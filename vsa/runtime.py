@@ -1,0 +1,71 @@
+"""Where a process runs: device, threads, seeds, and how an interrupt stops it.
+
+Small and import-light (torch is imported inside the functions), so captioning or scoring can pick a
+device without importing the torch.distributed glue of :mod:`vsa.distributed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+
+from vsa.errors import VsaError
+
+INTERRUPTED = 130  # the exit code of every interrupted command (128 + SIGINT, as shells report Ctrl-C)
+
+
+class Interrupted(VsaError):
+    """Ctrl-C or SIGTERM stopped a command; the message says what was kept and how to continue."""
+
+    exit_code = INTERRUPTED
+
+
+def pick_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when present, else ``cpu``; an explicit CUDA device on a machine without one is a
+    one-line error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VsaError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def set_threads(n: int | None) -> None:
+    """torch intra-op threads; 0 or None leaves torch's default."""
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (dropout, initialisation)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block SIGTERM raises KeyboardInterrupt, like Ctrl-C, so both stop a command the same way
+    (between atomic writes). A no-op outside the main thread."""
+    try:
+        old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
