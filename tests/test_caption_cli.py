@@ -204,7 +204,7 @@ def test_grounding_embeds_the_photo_as_vsa_score_does(tmp_path, flickr8k, yolov5
     import torch
 
     from vsa.captioner import Captioner
-    from vsa.config import SHIPPED_MODELS
+    from vsa.assets import SHIPPED_MODELS
     from vsa.regions import load_detector
     from vsa.search import PhotoEncoder, score_record
 

@@ -108,7 +108,7 @@ def test_eval_without_model_or_toml_uses_the_shipped_models_on_features_it_compu
     """In an empty folder, `vsa eval --images --detector` evaluates the shipped aligner and generator, says so on
     stderr, and computes the features exactly as `vsa regions | vsa embed` (and `vsa embed IMAGES --crop grid`) make them."""
     from tests.conftest import run_cli
-    from vsa.config import SHIPPED_MODELS
+    from vsa.assets import SHIPPED_MODELS
 
     ds = tmp_path / "tiny.json"
     photos = _tiny_test_split(flickr8k, ds)

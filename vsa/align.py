@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vsa.config import SHIPPED_MODELS
+from vsa.assets import SHIPPED_MODELS
 from vsa.errors import VsaError
 
 ASSET = SHIPPED_MODELS["align"]  # the Flickr8k aligner shipped in the package

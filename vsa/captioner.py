@@ -17,9 +17,10 @@ from typing import Iterable, Iterator
 
 from vsa.errors import VsaError
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_MODEL = ASSETS / "mrnn-flickr8k.pt"
-DEFAULT_REGION_MODEL = ASSETS / "mrnn-regions-flickr8k.pt"  # trained on (region, snippet) pairs of `vsa align`
+from vsa.assets import SHIPPED_MODELS
+
+DEFAULT_MODEL = SHIPPED_MODELS["mrnn"]
+DEFAULT_REGION_MODEL = SHIPPED_MODELS["mrnn-regions"]  # trained on (region, snippet) pairs of `vsa align`
 
 
 def default_model() -> Path:

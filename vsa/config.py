@@ -81,9 +81,7 @@ DEFAULT_OUTPUTS = {
 
 # the models shipped in the package (trained on Flickr8k): what a command uses when neither --model nor
 # vsa.toml names an existing one
-ASSETS = Path(__file__).resolve().parent / "assets"
-SHIPPED_MODELS = {"align": ASSETS / "align-flickr8k.pt", "mrnn": ASSETS / "mrnn-flickr8k.pt"}
-MODEL_NAMES = {"align": "aligner", "mrnn": "generator"}
+from vsa.assets import ASSETS, MODEL_NAMES, SHIPPED_MODELS  # noqa: E402,F401  (re-exported)
 
 TEMPLATE = """\
 # vsa workspace: every command takes its defaults from here; flags override.
