@@ -1,4 +1,13 @@
-"""Read a features NPZ (see docs/formats.md) and join it with a caption dataset by image key."""
+"""The features NPZ of docs/formats.md (also the search index, a superset): its one writer
+(:func:`save_features`), its one reader (:func:`load_features`, a :class:`FeatureStore`, memory-mapped),
+the join with a caption dataset by image key, and the one region padding (:func:`pad_regions`,
+:class:`RegionBank`).
+
+An *image record* is what the writer takes and :meth:`FeatureStore.image` gives back: a dict with ``key``,
+``size`` (width, height), ``feats`` ``[R, D]`` (whole image first) and either ``regions`` (dicts with
+``box``, ``score``, ``label``, as ``vsa regions`` writes them) or the arrays ``boxes`` ``[R, 4]``,
+``scores`` ``[R]`` and ``labels`` (R strings).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,74 @@ import numpy as np
 from vsa.errors import VsaError
 
 REQUIRED = ("feats", "offsets", "keys")
+INDEX = ("emb", "emb_offsets")  # the search index's extra arrays (with ``paths``)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _region_arrays(rec: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    if "regions" in rec:
+        regs = rec["regions"]
+        return (np.array([r["box"] for r in regs], dtype=np.float32).reshape(-1, 4),
+                np.array([float(r.get("score", 1.0)) for r in regs], dtype=np.float32),
+                [str(r.get("label", "")) for r in regs])
+    return (np.asarray(rec["boxes"], dtype=np.float32).reshape(-1, 4), np.asarray(rec["scores"], dtype=np.float32),
+            [str(x) for x in rec["labels"]])
+
+
+def _strings(xs: list[str]) -> np.ndarray:
+    return np.array(xs) if len(xs) else np.zeros(0, dtype="<U1")
+
+
+def pack_features(images: list[dict], dtype="float16", meta: dict | None = None, emb: list | None = None,
+                  paths: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a features NPZ (docs/formats.md) of image records (module docstring), in order.
+
+    ``emb`` (one ``[E_n, h]`` array per image) and ``paths`` (one per image) make it a search index: they add
+    ``emb`` (float16), ``emb_offsets`` and ``paths``. ``meta`` is stored as JSON (no ``meta`` when None)."""
+    dtype = np.dtype(dtype)
+    feats = np.concatenate([r["feats"] for r in images]).astype(dtype) if images else np.zeros((0, 0), dtype)
+    counts = [len(r["feats"]) for r in images]
+    offsets = np.zeros(len(images) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(counts)
+    regs = [_region_arrays(r) for r in images]
+    out = {
+        "feats": feats,
+        "image_index": np.repeat(np.arange(len(images), dtype=np.int32), counts),
+        "offsets": offsets,
+        "boxes": np.concatenate([b for b, _, _ in regs]) if regs else np.zeros((0, 4), np.float32),
+        "scores": np.concatenate([s for _, s, _ in regs]) if regs else np.zeros(0, np.float32),
+        "labels": _strings([lb for _, _, labels in regs for lb in labels]),
+        "keys": _strings([r["key"] for r in images]),
+        "sizes": np.array([r["size"] for r in images], dtype=np.int32).reshape(-1, 2),
+    }
+    for name, arr in (("boxes", out["boxes"]), ("scores", out["scores"]), ("labels", out["labels"])):
+        if len(arr) != len(feats):
+            raise ValueError(f"{name}: {len(arr)} rows for {len(feats)} feature rows")
+    if emb is not None:
+        if len(emb) != len(images) or paths is None or len(paths) != len(images):
+            raise ValueError("a search index needs one emb array and one path per image")
+        emb_offsets = np.zeros(len(images) + 1, dtype=np.int64)
+        emb_offsets[1:] = np.cumsum([len(e) for e in emb])
+        out["emb"] = np.concatenate(emb).astype(np.float16)
+        out["emb_offsets"] = emb_offsets
+        out["paths"] = _strings([str(p) for p in paths])
+    if meta is not None:
+        out["meta"] = np.array(json.dumps(meta))
+    return out
+
+
+def save_features(path, images: list[dict], dtype="float16", meta: dict | None = None, emb: list | None = None,
+                  paths: list[str] | None = None) -> None:
+    """Write the features NPZ (or, with ``emb`` and ``paths``, the search index) of image records at ``path``:
+    :func:`pack_features`, saved uncompressed (so ``feats`` can be memory-mapped) and atomically."""
+    from vsa.io import save_npz
+
+    save_npz(path, pack_features(images, dtype, meta, emb, paths))
+
+
+# ----------------------------------------------------------------------------- reading
 
 
 def memmap_npz_member(path, name: str):
@@ -51,11 +128,12 @@ def memmap_npz_member(path, name: str):
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
-def _load_arrays(path, mmap: bool) -> dict:
+def _load_arrays(path, mmap: bool, required=REQUIRED) -> dict:
     from vsa.io import load_npz
 
+    required = tuple(dict.fromkeys(REQUIRED + tuple(required)))
     if not mmap:
-        return load_npz(path, required=REQUIRED)
+        return load_npz(path, required=required)
     import zipfile
 
     try:
@@ -63,7 +141,7 @@ def _load_arrays(path, mmap: bool) -> dict:
     except (OSError, zipfile.BadZipFile, ValueError):
         feats = None
     if feats is None:
-        return load_npz(path, required=REQUIRED)
+        return load_npz(path, required=required)
     # everything but the big matrix is small: load it normally
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -71,25 +149,28 @@ def _load_arrays(path, mmap: bool) -> dict:
     except Exception as e:
         raise VsaError(f"not a readable NPZ file ({type(e).__name__}: {e})", path) from None
     out["feats"] = feats
-    missing = [k for k in REQUIRED if k not in out]
+    missing = [k for k in required if k not in out]
     if missing:
         raise VsaError(f"missing key(s) {', '.join(missing)} (has: {', '.join(sorted(out))})", path)
     return out
 
 
 class FeatureStore:
-    """Region features per image.
+    """Region features per image: a features NPZ (or a search index) as written by :func:`save_features`.
 
     ``store[key]`` gives ``[R_i, D]`` float32 features of one image (whole image first);
-    ``store.boxes(key)``, ``store.labels(key)`` the matching boxes and class names.
+    ``store.boxes(key)``, ``store.labels(key)`` the matching boxes and class names; ``store.image(i)`` the
+    image record (module docstring). A search index also has :attr:`emb` (float32 ``[E, h]``),
+    :attr:`emb_offsets` and :attr:`paths`; they are None in a plain features file.
     """
 
-    def __init__(self, path, arrays: dict | None = None, mmap: bool = True):
-        """Open ``path``; with ``mmap`` (default) the feature matrix is memory-mapped, not read."""
+    def __init__(self, path, arrays: dict | None = None, mmap: bool = True, required=()):
+        """Open ``path``; with ``mmap`` (default) the feature matrix is memory-mapped, not read. ``required``:
+        more arrays the file must have (e.g. :data:`INDEX`)."""
         self.path = Path(path) if path is not None else None
         if arrays is None and self.path is not None and not self.path.exists():
             raise VsaError("no such file", self.path)
-        a = arrays if arrays is not None else _load_arrays(path, mmap)
+        a = arrays if arrays is not None else _load_arrays(path, mmap, required)
         self.feats = a["feats"]
         self.offsets = np.asarray(a["offsets"], dtype=np.int64)
         self.keys = [str(k) for k in a["keys"]]
@@ -114,6 +195,13 @@ class FeatureStore:
             self.meta = json.loads(str(meta)) if meta is not None else {}
         except json.JSONDecodeError:
             raise VsaError("'meta' is not valid JSON", where) from None
+        emb, emb_offsets = a.get("emb"), a.get("emb_offsets")
+        self.emb = None if emb is None else np.asarray(emb, dtype=np.float32)
+        self.emb_offsets = None if emb_offsets is None else np.asarray(emb_offsets, dtype=np.int64)
+        if self.emb is not None and (self.emb_offsets is None or self.emb_offsets.shape != (n + 1,)
+                                     or int(self.emb_offsets[-1]) != len(self.emb)):
+            raise VsaError("'emb_offsets' does not match 'emb' and 'keys'", where)
+        self.paths = [str(p) for p in a["paths"]] if "paths" in a else None
         self.index = {k: i for i, k in enumerate(self.keys)}
         # fall back to the file name when keys are paths
         self._by_name: dict[str, int] = {}
@@ -162,6 +250,16 @@ class FeatureStore:
     def scores(self, key: str) -> np.ndarray | None:
         return None if self._scores is None else np.asarray(self._scores[self.rows(key)], dtype=np.float32)
 
+    def image(self, i: int) -> dict:
+        """The image record of image ``i`` (module docstring; ``regions`` form), as :func:`save_features` takes it."""
+        s, e = int(self.offsets[i]), int(self.offsets[i + 1])
+        if self._boxes is None or self._scores is None or self._labels is None or self.sizes is None:
+            raise VsaError("the features file has no boxes, scores, labels or sizes", self.path or "<features>")
+        return {"key": self.keys[i], "feats": self.feats[s:e],
+                "regions": [{"box": b.tolist(), "score": float(sc), "label": str(lb)}
+                            for b, sc, lb in zip(self._boxes[s:e], self._scores[s:e], self._labels[s:e])],
+                "size": tuple(int(x) for x in self.sizes[i])}
+
     def check_dataset(self, records, skip_missing: bool = False, warn=None) -> list:
         """Return the records that have features; a missing image is an error unless ``skip_missing``."""
         out, missing = [], []
@@ -176,18 +274,78 @@ class FeatureStore:
         return out
 
 
-def load_features(path, mmap: bool = True) -> FeatureStore:
-    return FeatureStore(path, mmap=mmap)
+def load_features(path, mmap: bool = True, required=()) -> FeatureStore:
+    """The one reader of a features NPZ or search index (every file :func:`save_features` or an earlier vsa
+    wrote): a :class:`FeatureStore`, its feature matrix memory-mapped unless ``mmap`` is False."""
+    return FeatureStore(path, mmap=mmap, required=required)
+
+
+# ----------------------------------------------------------------------------- padding
+
+
+def _gather(feats, starts: np.ndarray, counts: np.ndarray, R: int):
+    """Rows ``starts[n] : starts[n] + counts[n]`` of ``feats`` (an array or memmap, ``[rows, D]``) per image,
+    zero-padded to ``[N, R, D]`` float32, and the ``[N, R]`` mask; the file is read in row order."""
+    import torch
+
+    N, D = len(starts), int(feats.shape[1]) if feats.ndim == 2 else 0
+    counts = np.asarray(counts, dtype=np.int64)
+    out = np.zeros((N, R, D), dtype=np.float32)
+    mask = np.arange(R)[None, :] < counts[:, None]
+    total = int(counts.sum())
+    if total:
+        rows = np.repeat(np.asarray(starts, dtype=np.int64) - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) \
+            + np.arange(total)
+        sort = np.argsort(rows, kind="stable")  # read the file in order, put the rows back after
+        got = np.empty((total, D), dtype=np.float32)
+        got[sort] = feats[rows[sort]]
+        out[mask] = got
+    return torch.from_numpy(out), torch.from_numpy(mask)
+
+
+def pad_regions(regions, keys: list[str] | None = None, max_regions: int | None = None, width: int | None = None):
+    """The region features of N images as a padded batch: ``(feats, mask)``, a float32 ``[N, R, D]`` tensor
+    and a bool ``[N, R]`` tensor.
+
+    ``regions``: a list of ``[R_i, D]`` arrays (one per image), or a :class:`FeatureStore` with ``keys``
+    (its images; default all of them; only their rows are read, in file order). Each image keeps its first
+    ``min(R_i, max_regions)`` rows in their order (the whole image, row 0 of a features file, stays row 0),
+    converted to float32 and zero-padded; ``mask`` is True on them. ``R`` is ``width`` when given (it must
+    hold every image's kept rows), else the largest kept count (1 when there are no images).
+    """
+    cap = int(max_regions) if max_regions else None
+    if isinstance(regions, FeatureStore):
+        store = regions
+        idx = np.arange(len(store)) if keys is None else np.array([store._i(k) for k in keys], dtype=np.int64)
+        starts = store.offsets[idx]
+        counts = store.offsets[idx + 1] - starts
+        feats = store.feats
+    else:
+        if keys is not None:
+            raise TypeError("keys select images of a FeatureStore, not of a list of arrays")
+        arrays = [np.asarray(f[:cap] if cap is not None else f) for f in regions]
+        counts = np.array([len(f) for f in arrays], dtype=np.int64)
+        starts = np.cumsum(counts) - counts
+        D = arrays[0].shape[1] if arrays else 0
+        feats = np.concatenate(arrays) if arrays else np.zeros((0, D), np.float32)
+    if cap is not None:
+        counts = np.minimum(counts, cap)
+    R = int(counts.max()) if len(counts) else 1
+    if width is not None:
+        if int(width) < R:
+            raise ValueError(f"width {width} < {R} regions of an image")
+        R = int(width)
+    return _gather(feats, starts, counts, R)
 
 
 class RegionBank:
     """The padded region features ``[N, R, D]`` of a list of images, read from a store on demand.
 
     Training and evaluation index it like a tensor (``bank[idx]`` with a slice, a list or an index
-    tensor gives float32 ``[b, R, D]``), but only the rows of those images are read: with a
-    memory-mapped store (the default for ``np.savez`` files) the process holds one batch, not the
-    feature set, so memory stays flat however large the features file is. :attr:`mask` (``[N, R]``,
-    real regions) is small and kept in memory.
+    tensor gives float32 ``[b, R, D]``, as :func:`pad_regions` pads them, ``R`` fixed by the whole list), but
+    only the rows of those images are read: with a memory-mapped store (the default for ``np.savez`` files)
+    the process holds one batch, not the feature set, so memory stays flat however large the features file
+    is. :attr:`mask` (``[N, R]``, real regions) is small and kept in memory.
     """
 
     def __init__(self, store: FeatureStore, keys: list[str], max_regions: int):
@@ -226,18 +384,8 @@ class RegionBank:
         return rows, counts
 
     def __getitem__(self, idx):
-        import torch
-
         which = self._select(idx)
-        rows, counts = self.rows(which)
-        out = np.zeros((len(which), self.R, self.D), dtype=np.float32)
-        mask = np.arange(self.R)[None, :] < counts[:, None]
-        if len(rows):
-            sort = np.argsort(rows, kind="stable")  # read the file in order, put the rows back after
-            got = np.empty((len(rows), self.D), dtype=np.float32)
-            got[sort] = self.store.feats[rows[sort]]
-            out[mask] = got
-        return torch.from_numpy(out)
+        return _gather(self.store.feats, self.starts[which], self.counts[which], self.R)[0]
 
     def moments(self, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """Per-dimension mean and std over all real regions, read ``chunk`` images at a time (float64

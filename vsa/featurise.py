@@ -1,107 +1,219 @@
-"""Features of dataset images made the way a checkpoint's training features were (``vsa eval --images``).
+"""The one featurisation path: photos -> the region inputs of a model, exactly as ``vsa regions | vsa embed``
+made its training features.
 
-The same two stages as ``vsa regions IMAGES | vsa embed``: the detector's boxes (:func:`vsa.regions.detect_files`),
-then the CNN the checkpoint names with its crop, context and dtype (:func:`vsa.features.embed`), into a features
-NPZ. Region features are made when the training features were (the checkpoint's extractor meta names a
-detector), whole-image features otherwise.
+A model's checkpoint records the features ``meta`` of its training features (docs/formats.md, "Features
+NPZ"): the CNN (``extractor``, ``input`` size), the ``crop`` mode, its ``context`` and ``grid``, and the
+``detector`` the boxes came from (null for whole-image and grid features). From it:
+
+* the regions of a photo (:meth:`Featuriser.regions`): the whole image first, then the detector's top boxes
+  (region features), or the ``grid`` x ``grid`` cells of the image (``crop`` grid), or nothing more
+  (whole-image features);
+* their CNN inputs (:func:`prepare`, network-free, so the embed pipeline runs it in DataLoader workers):
+  ``warp`` warps each box to S x S (the whole image squashed, never centre-cropped), ``roi`` and ``grid``
+  take the squashed whole image once (``roi`` with the boxes in its S x S coordinates, ``context`` padded);
+* the features (:func:`forward`, batched over images): ``warp`` the pooled CNN output of every crop,
+  ``roi`` RoIAlign on the last feature map (the whole-image box: the global average), ``grid`` the global
+  average then the cells.
+
+``vsa embed`` (:func:`vsa.features.embed`) runs :func:`region_list`, :func:`prepare` and :func:`forward`
+over files; ``vsa score``, ``vsa search``, ``vsa caption`` run them on one photo at a time through a
+:class:`Featuriser`; ``vsa eval --images`` runs ``vsa embed`` on the dataset's images
+(:func:`vsa.features.embed_like_training`). Features come out float32; a features NPZ stores them in its
+``dtype`` (float16 by default), which is the only difference.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
+
+import numpy as np
 
 from vsa.errors import VsaError
 
-
-def needs_regions(extractor_meta: dict) -> bool:
-    """Were the training features made from detector boxes (``vsa regions | vsa embed``)?"""
-    return bool(extractor_meta.get("detector")) and extractor_meta.get("crop") != "grid"
+CROPS = ("warp", "roi", "grid")
 
 
-def embed_like_training(files: list, out, extractor_meta: dict, detector=None, top: int = 19, device: str = "auto",
-                        cnn_weights=None, workers: int = 1, batch_size: int = 8, progress=None, warn=None) -> Path:
-    """Write the features NPZ of image files ``[(path, key)]`` at ``out`` as the training features described by
-    ``extractor_meta`` (a checkpoint's ``extractor``) were made; ``detector`` (a ``--detector`` value) for region
-    features."""
-    from vsa.features import EmbedItem, embed, load_extractor
+@dataclass(frozen=True)
+class CropSpec:
+    """How regions become CNN inputs: ``crop`` (warp, roi or grid), ``context`` (fraction of a box's size added
+    per side) and ``grid`` (cells per side with ``crop`` grid)."""
 
-    meta = dict(extractor_meta or {})
-    extra = {}
-    if needs_regions(meta):
-        from vsa.regions import DetectOptions, detect_files, load_detector
+    crop: str = "warp"
+    context: float = 0.0
+    grid: int = 7
 
-        det = load_detector(detector, device)
-        want = meta.get("detector")
-        if warn is not None and want and det.name != want:
-            warn(f"the model was trained on {want} regions; these come from {det.name}")
-        task = progress.add_task("regions", total=len(files)) if progress is not None else None
-        items = []
-        for rec, err in detect_files(det, files, DetectOptions(top=top), workers=workers):
-            if err is not None:
-                raise VsaError(err)
-            items.append(EmbedItem(rec["key"], rec["path"], rec["regions"]))
-            if task is not None:
-                progress.advance(task)
-        extra["detector"] = det.name
+    def __post_init__(self):
+        if self.crop not in CROPS:
+            raise VsaError(f"--crop must be warp, roi or grid, got {self.crop!r}")
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "CropSpec":
+        """The spec a features ``meta`` (or a checkpoint's ``extractor``) records."""
+        meta = meta or {}
+        return cls(meta.get("crop") or "warp", float(meta.get("context") or 0.0), int(meta.get("grid") or 7))
+
+
+def uses_detector(meta: dict) -> bool:
+    """Were the features ``meta`` describes made from detector boxes (``vsa regions | vsa embed``)? Not for
+    whole-image features (no ``detector``) nor for grid features (the grid replaces the boxes)."""
+    meta = meta or {}
+    return bool(meta.get("detector")) and meta.get("crop") != "grid"
+
+
+def whole_image_region(w: float, h: float) -> dict:
+    """The whole-image region, first in every image (the record ``vsa regions`` writes)."""
+    return {"box": [0.0, 0.0, float(w), float(h)], "score": 1.0, "label": "image"}
+
+
+def grid_boxes(w: float, h: float, g: int) -> list[dict]:
+    """The ``g`` x ``g`` cells of a ``w`` x ``h`` image, row-major, as region records (label ``grid``)."""
+    return [{"box": [w * c / g, h * r / g, w * (c + 1) / g, h * (r + 1) / g], "score": 1.0, "label": "grid"}
+            for r in range(g) for c in range(g)]
+
+
+def region_list(size: tuple[int, int], regions: list[dict] | None, spec: CropSpec) -> list[dict]:
+    """The regions an image of ``size`` (w, h) is featurised on: with ``crop`` grid the whole image then its grid
+    cells; otherwise ``regions`` as given (whole image first, as ``vsa regions`` writes them), or the whole
+    image alone when there are none."""
+    w, h = size
+    if spec.crop == "grid":
+        return [whole_image_region(w, h)] + grid_boxes(w, h, spec.grid)
+    return list(regions) if regions else [whole_image_region(w, h)]
+
+
+def prepare(prep, im, regions: list[dict], spec: CropSpec) -> dict:
+    """The network-free half: ``{"crops": [C, 3, S, S], "rois": [R, 4] or None, "n": R}`` for one PIL image.
+
+    ``prep``: a :class:`vsa.cnn.Preprocess` (or an Extractor). ``warp``: one crop per region (the whole-image
+    region squashed, each box cropped with ``context`` and warped); ``roi``/``grid``: the squashed image once
+    (``roi`` adds the boxes, padded by ``context``, in its S x S coordinates)."""
+    import torch
+
+    w, h = im.size
+    if spec.crop == "grid":
+        return {"crops": prep.preprocess(im)[None], "rois": None, "n": len(regions)}
+    if spec.crop == "roi":
+        S = prep.input_size
+        b = torch.tensor([[float(v) for v in r["box"]] for r in regions], dtype=torch.float32).reshape(-1, 4)
+        if spec.context:
+            pad = (b[:, 2:] - b[:, :2]) * spec.context
+            b = torch.cat([b[:, :2] - pad, b[:, 2:] + pad], 1)
+        b = b * torch.tensor([S / w, S / h, S / w, S / h])
+        b = b.clamp(0, S)
+        return {"crops": prep.preprocess(im)[None], "rois": b, "n": len(regions)}
+    crops = []
+    for r in regions:
+        if r.get("label") == "image" and list(map(float, r["box"])) == [0.0, 0.0, float(w), float(h)]:
+            crops.append(prep.preprocess(im))
+        else:
+            crops.append(prep.crop(im, r["box"], spec.context))
+    return {"crops": torch.stack(crops), "rois": None, "n": len(regions)}
+
+
+def forward(extractor, prepared: list[dict], spec: CropSpec) -> np.ndarray:
+    """Features of prepared images (:func:`prepare`) in one CNN batch: float32 ``[sum n, D]``, image by image."""
+    import torch
+
+    batch = torch.cat([p["crops"] for p in prepared])
+    if spec.crop == "roi":
+        feats = extractor.roi(batch, [p["rois"] for p in prepared])
+    elif spec.crop == "grid":
+        feats = extractor.grid(batch, spec.grid)
     else:
-        items = [EmbedItem(key, str(path), None) for path, key in files]
-    crop = meta.get("crop") or "warp"
-    if crop == "grid":
-        extra_args = {"grid": int(meta.get("grid") or 7)}
-    else:
-        extra_args = {}
-    ex = load_extractor(meta.get("extractor") or "efficientnet-lite0", str(cnn_weights) if cnn_weights else None, device)
-    want = meta.get("input")
-    if want and int(want) != int(ex.input_size):
-        raise VsaError(f"the model was trained on {want}px inputs but {ex.name} uses {ex.input_size}px")
-    embed(items, out, ex, batch_size=batch_size, workers=workers, context=float(meta.get("context") or 0.0), crop=crop,
-          dtype=meta.get("dtype") or "float16", resume=False, progress=progress, warn=warn, extra_meta=extra,
-          **extra_args)
-    return Path(out)
+        feats = extractor(batch)
+    return feats.cpu().numpy()
 
 
-def trained_features(ckpt: dict, features=None) -> Path | None:
-    """The features file an evaluation of ``ckpt`` reads without computing any: ``features`` (--features), else
-    the file it was trained on, else [features] of vsa.toml; None when there is none."""
-    if ckpt["kind"] == "align":
-        from vsa.eval_align import _features_for as lookup
-    else:
-        from vsa.eval_caption import _features_path as lookup
-    try:
-        return Path(lookup(ckpt, features))
-    except VsaError:
-        return None
+def check_fmap(extractor, spec: CropSpec) -> None:
+    """``roi`` and ``grid`` pool the CNN's last feature map: refuse a CNN without one before any work."""
+    if spec.crop in ("roi", "grid") and not extractor.has_fmap:
+        raise extractor.no_fmap(spec.crop)
 
 
-def features_for_eval(model_path, ds, split: str, workdir, features=None, detector=None, device: str = "auto",
-                      cache: dict | None = None, progress=None, warn=None, note=None) -> Path:
-    """The features NPZ to evaluate the checkpoint at ``model_path`` on ``split`` of ``ds``: an existing one
-    (:func:`trained_features`), else computed from the dataset's images into ``workdir`` (``cache`` shares one
-    computation between models whose training features were made alike)."""
-    import json
+class Featuriser:
+    """Photos -> region features as the training features described by ``meta`` were made.
 
-    from vsa.checkpoint import load_checkpoint
+    ``meta``: a features ``meta`` or a checkpoint's ``extractor``. ``detector``: a loaded detector or a
+    detector spec (:func:`vsa.regions.load_detector`; loaded on first use, and only when ``meta`` names a
+    detector); None for whole-image and grid models. ``extractor``: an already loaded
+    :class:`vsa.cnn.Extractor` of the CNN ``meta`` names (else loaded on first use from ``cnn_weights``).
+    ``top``: detections kept per photo (the whole image comes on top). ``whole_only``: the whole image alone
+    whatever ``meta`` says (a model that reads only the whole-image row, e.g. the whole-image aligner).
+    """
 
-    ck = load_checkpoint(model_path)
-    found = trained_features(ck, features)
-    if found is not None:
-        return found
-    meta = ck.get("extractor") or {}
-    what = "region" if needs_regions(meta) else "grid" if meta.get("crop") == "grid" else "whole-image"
-    if ds.image_root is None:
-        raise VsaError(f"no {what} features to evaluate {model_path} on: pass --features NPZ (from `vsa embed`) "
-                       "or --images DIR to compute them from the images")
-    recs = ds.split(split)
-    settings = {k: meta.get(k) for k in ("extractor", "input", "resize", "mean", "std", "crop", "context", "dtype", "grid")}
-    key = json.dumps([settings, needs_regions(meta), str(detector)], sort_keys=True)
-    if cache is not None and key in cache:
-        return cache[key]
-    if note is not None:
-        note(f"computing {what} features of the {len(recs)} {split} images in {ds.image_root} for {Path(model_path).name} "
-             "(pass --features NPZ to reuse a `vsa embed` output)")
-    out = Path(workdir) / f"features-{len(cache or {})}.npz"
-    embed_like_training([(ds.image_path(r), r.key) for r in recs], out, meta, detector=detector, device=device,
-                        progress=progress, warn=warn)
-    if cache is not None:
-        cache[key] = out
-    return out
+    def __init__(self, meta: dict, detector=None, extractor=None, top: int = 19, device: str = "cpu",
+                 cnn_weights=None, whole_only: bool = False, jit: bool = True, warn=None):
+        self.meta = dict(meta or {})
+        self.spec = CropSpec.from_meta(self.meta)
+        loaded = hasattr(detector, "detect")
+        self.detector_spec = None if loaded else detector
+        self._det = detector if loaded else None
+        self._ex = extractor
+        self.top = top
+        self.device = device
+        self.cnn_weights = cnn_weights
+        self.whole_only = whole_only
+        self.jit = jit
+        self.warn = warn
+
+    @property
+    def uses_detector(self) -> bool:
+        return not self.whole_only and uses_detector(self.meta)
+
+    @property
+    def detector(self):
+        if self._det is None:
+            from vsa.regions import load_detector
+
+            self._det = load_detector(self.detector_spec, self.device)
+            want = self.meta.get("detector")
+            if self.warn is not None and want and self._det.name != want:
+                self.warn(f"the model was trained on {want} regions; these come from {self._det.name}")
+        return self._det
+
+    @property
+    def extractor(self):
+        if self._ex is None:
+            from vsa.cnn import load_extractor
+
+            name = self.meta.get("extractor") or "efficientnet-lite0"
+            self._ex = load_extractor(name, str(self.cnn_weights) if self.cnn_weights else None, self.device, self.jit)
+            want = self.meta.get("input")
+            if want and int(want) != int(self._ex.input_size):
+                raise VsaError(f"the model was trained on {want}px inputs but {self._ex.name} uses "
+                               f"{self._ex.input_size}px")
+            check_fmap(self._ex, self.spec)
+        return self._ex
+
+    def regions(self, im) -> list[dict]:
+        """The regions of one photo (PIL, upright RGB), whole image first (see :func:`region_list`)."""
+        dets = None
+        if self.uses_detector:
+            from vsa.regions import DetectOptions
+
+            dets = [whole_image_region(*im.size)] + self.detector.detect([im], DetectOptions(top=self.top))[0]
+        return region_list(im.size, dets, self.spec)
+
+    def prepare(self, im, regions: list[dict] | None = None) -> dict:
+        """:func:`prepare` of one photo, on ``regions`` (default :meth:`regions`); the dict adds ``regions``."""
+        if regions is not None and self.spec.crop == "grid":
+            raise VsaError("grid features are made of the image's cells, not of given boxes")
+        regs = self.regions(im) if regions is None else region_list(im.size, regions, self.spec)
+        return {**prepare(self.extractor.prep, im, regs, self.spec), "regions": regs}
+
+    def forward(self, prepared: list[dict]) -> list[np.ndarray]:
+        """Features of prepared photos in one CNN batch: float32 ``[R_i, D]`` per photo."""
+        if not prepared:
+            return []
+        feats = forward(self.extractor, prepared, self.spec)
+        cuts = np.cumsum([p["n"] for p in prepared])[:-1]
+        return np.split(feats, cuts)
+
+    def features(self, im, regions: list[dict] | None = None) -> np.ndarray:
+        """Float32 ``[R, D]`` features of ``regions`` (default :meth:`regions`) of one photo."""
+        return self.forward([self.prepare(im, regions)])[0]
+
+    def encode(self, im) -> tuple[list[dict], np.ndarray]:
+        """``(regions, feats)`` of one photo: its regions (whole image first) and their ``[R, D]`` features."""
+        p = self.prepare(im)
+        return p["regions"], self.forward([p])[0]
