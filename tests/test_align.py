@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vsa.align import ReluBRNN, load_aligner, pair_scores, ranking_loss
-from vsa.train_align import AlignConfig, epoch_order, parse_overrides, train
+from vsa.train_align import configs, epoch_order, parse_overrides, train
 
 from tests.synth_align import WORDS, make_synthetic
 
@@ -108,8 +108,7 @@ SMALL = dict(hidden=32, embed=16, epochs=5, batch_size=32, lr=3e-3, min_count=1,
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("align")
     ds, feats, objs = make_synthetic(tmp, n_train=80, n_val=30, n_test=30)
-    cfg = AlignConfig(**SMALL)
-    res = train(cfg, ds, feats, tmp / "a.pt", info=lambda *a: None)
+    res = train(*configs(**SMALL), ds, feats, tmp / "a.pt", info=lambda *a: None)
     return tmp, ds, feats, objs, res
 
 
@@ -147,14 +146,14 @@ def test_checkpoint_round_trip(trained):
     from vsa.checkpoint import load_checkpoint
     from vsa.featstore import load_features
     from vsa.retrieval import retrieval_metrics, score_matrix
-    from vsa.train_align import load_split
+    from vsa.splits import retrieval_split
 
     ck = load_checkpoint(tmp / "a.pt", kind="align")
-    assert ck["config"]["hidden"] == 32 and ck["extractor"]["extractor"] == "synthetic"
+    assert ck["model"]["hidden"] == 32 and ck["train"]["lr"] == 3e-3 and ck["extractor"]["extractor"] == "synthetic"
     assert ck["meta"]["epoch"] == res["best"]["epoch"] and "dog" in ck["vocab"]
     al = load_aligner(tmp / "a.pt")
     assert al.vocab.encode(["dog"]) != [al.vocab.unk]
-    data = load_split(ds, "val", load_features(feats), al.vocab, al.cfg)
+    data = retrieval_split(ds, "val", load_features(feats), al.vocab, al.cfg.max_regions, al.cfg.max_len)
     m = retrieval_metrics(score_matrix(al.model, data.feats, data.rmask, data.ids, data.lengths), data.sent_image.numpy())
     assert m["rsum"] == pytest.approx(res["best"]["rsum"])  # the saved model is the best-on-val one
     # one pair through the Aligner API = the batched matrix
@@ -174,9 +173,9 @@ def _tensors(path):
 def test_same_seed_same_checkpoint_tensors(tmp_path):
     ds, feats, _ = make_synthetic(tmp_path, n_train=40, n_val=10, n_test=10)
     kw = {**SMALL, "epochs": 2}
-    train(AlignConfig(**kw, seed=7), ds, feats, tmp_path / "a.pt", info=lambda *a: None)
-    train(AlignConfig(**kw, seed=7), ds, feats, tmp_path / "b.pt", info=lambda *a: None)
-    train(AlignConfig(**kw, seed=8), ds, feats, tmp_path / "c.pt", info=lambda *a: None)
+    train(*configs(**kw, seed=7), ds, feats, tmp_path / "a.pt", info=lambda *a: None)
+    train(*configs(**kw, seed=7), ds, feats, tmp_path / "b.pt", info=lambda *a: None)
+    train(*configs(**kw, seed=8), ds, feats, tmp_path / "c.pt", info=lambda *a: None)
     a, b, c = _tensors(tmp_path / "a.pt"), _tensors(tmp_path / "b.pt"), _tensors(tmp_path / "c.pt")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -186,9 +185,9 @@ def test_same_seed_same_checkpoint_tensors(tmp_path):
 def test_resume_continues_to_the_same_result(tmp_path):
     ds, feats, _ = make_synthetic(tmp_path, n_train=40, n_val=10, n_test=10)
     kw = {**SMALL, "epochs": 3}
-    train(AlignConfig(**kw), ds, feats, tmp_path / "full.pt", info=lambda *a: None)
-    train(AlignConfig(**{**kw, "epochs": 2}), ds, feats, tmp_path / "part.pt", info=lambda *a: None)
-    res = train(AlignConfig(**kw), ds, feats, tmp_path / "part.pt", resume=True, epochs=3, info=lambda *a: None)
+    train(*configs(**kw), ds, feats, tmp_path / "full.pt", info=lambda *a: None)
+    train(*configs(**{**kw, "epochs": 2}), ds, feats, tmp_path / "part.pt", info=lambda *a: None)
+    res = train(*configs(**kw), ds, feats, tmp_path / "part.pt", resume=True, epochs=3, info=lambda *a: None)
     assert res["epochs"] == 1
     a, b = _tensors(tmp_path / "full.last.pt"), _tensors(tmp_path / "part.last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -198,8 +197,7 @@ def test_whole_image_model_and_variants_train(tmp_path):
     ds, feats, _ = make_synthetic(tmp_path, n_train=40, n_val=10, n_test=10)
     for extra in ({"model": "whole-image"}, {"rnn": "gru", "score": "sum-max", "loss": "sum"},
                   {"rnn": "lstm", "score": "sum-all", "norm": False}):
-        cfg = AlignConfig(**{**SMALL, "epochs": 1, **extra})
-        res = train(cfg, ds, feats, tmp_path / "m.pt", info=lambda *a: None)
+        res = train(*configs(**{**SMALL, "epochs": 1, **extra}), ds, feats, tmp_path / "m.pt", info=lambda *a: None)
         assert np.isfinite(res["best"]["rsum"])
     al = load_aligner(tmp_path / "m.pt")
     assert al.cfg.rnn == "lstm"
@@ -209,9 +207,9 @@ def test_gru_global_branch_trains_and_keeps_word_region_scores(tmp_path):
     ds, feats, objs = make_synthetic(tmp_path, n_train=80, n_val=30, n_test=30)
     from vsa.featstore import load_features
     from vsa.retrieval import retrieval_metrics, score_matrix
-    from vsa.train_align import load_split
+    from vsa.splits import retrieval_split
 
-    res = train(AlignConfig(**SMALL, global_encoder="gru"), ds, feats, tmp_path / "g.pt", info=lambda *a: None)
+    res = train(*configs(**SMALL, global_encoder="gru"), ds, feats, tmp_path / "g.pt", info=lambda *a: None)
     assert res["best"]["i2t"]["r1"] >= 60
     al = load_aligner(tmp_path / "g.pt")
     st = load_features(feats)
@@ -220,7 +218,7 @@ def test_gru_global_branch_trains_and_keeps_word_region_scores(tmp_path):
     assert m.shape == (5, 4)  # the region channels only, not the global branch's
     assert al.image_vectors(st[rec.key]).shape == (4, 32) and al.image_vectors(st[rec.key], full=True).shape == (4, 64)
     # the global branch counts in the score: switching it off changes the scores
-    data = load_split(ds, "val", st, al.vocab, al.cfg)
+    data = retrieval_split(ds, "val", st, al.vocab, al.cfg.max_regions, al.cfg.max_len)
     with_g = score_matrix(al.model, data.feats, data.rmask, data.ids, data.lengths)
     al.cfg.global_weight = 0.0
     without = score_matrix(al.model, data.feats, data.rmask, data.ids, data.lengths)
@@ -231,8 +229,8 @@ def test_gru_global_branch_trains_and_keeps_word_region_scores(tmp_path):
 def test_overrides_are_typed_and_checked():
     from vsa.errors import VsaError
 
-    cfg = parse_overrides(AlignConfig(), ["dropout=0.3", "norm=false", "epochs=3"])
-    assert cfg.dropout == 0.3 and cfg.norm is False and cfg.epochs == 3
-    for bad in (["nope=1"], ["epochs=x"], ["score=best"], ["dropout"]):
+    m, t = parse_overrides(configs(), ["dropout=0.3", "norm=false", "epochs=3"])
+    assert m.dropout == 0.3 and m.norm is False and t.epochs == 3  # model and training fields, one --set
+    for bad in (["nope=1"], ["epochs=x"], ["score=best"], ["dropout"], ["loss=least"]):
         with pytest.raises(VsaError):
-            parse_overrides(AlignConfig(), bad)
+            parse_overrides(configs(), bad)

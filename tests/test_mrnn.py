@@ -14,6 +14,7 @@ from vsa.decoding import greedy
 from vsa.featstore import FeatureStore
 from vsa.mrnn import MRNNConfig, build_model, model_from_checkpoint
 from vsa import train_mrnn as T
+from vsa.splits import caption_split
 
 WORDS = "a dog runs on the grass two people sit bench man rides bike red car street child plays in water".split()
 
@@ -51,8 +52,8 @@ def _splits(tmp_path, **kw):
     from vsa.data import build_vocab
 
     vocab = build_vocab(ds, 1)
-    tr = T.image_split(ds, store, "train", vocab, 20)
-    va = T.image_split(ds, store, "val", vocab, 20)
+    tr = caption_split(ds, store, "train", vocab, 20)
+    va = caption_split(ds, store, "val", vocab, 20)
     return ds, store, vocab, tr, va
 
 
@@ -100,12 +101,12 @@ def test_paper_rnn_sees_the_image_only_at_the_first_step():
 
 def test_checkpoint_round_trip_and_half_export(tmp_path):
     ds, store, vocab, tr, va = _splits(tmp_path)
-    cfg = MRNNConfig(rnn="lstm", embed=16, hidden=16, epochs=1, scst_epochs=0, batch_size=8, seed=3)
+    cfg = T.configs(rnn="lstm", embed=16, hidden=16, epochs=1, scst_epochs=0, batch_size=8, seed=3)
     out = tmp_path / "m.pt"
-    T.train(cfg, tr, va, vocab, out, store.meta, log=lambda *_: None, choose_decoding=False)
+    T.train(*cfg, tr, va, vocab, out, store.meta, log=lambda *_: None, choose_decoding=False)
     ck = load_checkpoint(out, "mrnn")
     assert ck["vocab"] == vocab.words and ck["extractor"]["extractor"] == "efficientnet-lite0"
-    assert ck["config"]["vocab_size"] == len(vocab) and ck["config"]["feat_dim"] == 32
+    assert ck["model"]["vocab_size"] == len(vocab) and ck["model"]["feat_dim"] == 32 and ck["train"]["seed"] == 3
     model = model_from_checkpoint(ck)
     feats = tr.feats[:3]
     a = [h.tokens for h in greedy(model, feats)]
@@ -119,19 +120,19 @@ def test_checkpoint_round_trip_and_half_export(tmp_path):
     T.export_half(out, half)
     hk = load_checkpoint(half)
     assert all(v.dtype == torch.float16 for v in hk["state_dict"].values() if v.is_floating_point())
-    assert "optimizer" not in hk["meta"]
+    assert "optimizer" not in hk and "optimizer" not in hk["meta"]
     m3 = model_from_checkpoint(hk)
     assert next(m3.parameters()).dtype == torch.float32
     # last checkpoint holds the optimiser for --resume
-    assert "optimizer" in load_checkpoint(T.last_path(out))["meta"]
+    assert "optimizer" in load_checkpoint(T.last_path(out))
 
 
 def _train(tmp_path, name, epochs, resume=False, seed=7):
     ds, store, vocab, tr, va = _splits(tmp_path)
-    cfg = MRNNConfig(rnn="lstm", embed=16, hidden=16, epochs=epochs, scst_epochs=0, batch_size=8, seed=seed,
-                     patience=99)
+    cfg = T.configs(rnn="lstm", embed=16, hidden=16, epochs=epochs, scst_epochs=0, batch_size=8, seed=seed,
+                    patience=99)
     out = tmp_path / name
-    T.train(cfg, tr, va, vocab, out, store.meta, resume=resume, log=lambda *_: None, choose_decoding=False)
+    T.train(*cfg, tr, va, vocab, out, store.meta, resume=resume, log=lambda *_: None, choose_decoding=False)
     return load_checkpoint(T.last_path(out))["state_dict"]
 
 
@@ -159,13 +160,15 @@ def test_resume_without_last_checkpoint_is_a_clear_error(tmp_path):
 
 def test_scst_phase_runs_and_keeps_best(tmp_path):
     ds, store, vocab, tr, va = _splits(tmp_path)
-    cfg = MRNNConfig(rnn="lstm", embed=16, hidden=16, epochs=2, scst_epochs=1, batch_size=10, seed=1, patience=99)
+    cfg = T.configs(rnn="lstm", embed=16, hidden=16, epochs=2, scst_epochs=1, batch_size=10, seed=1, patience=99)
     out = tmp_path / "s.pt"
-    summary = T.train(cfg, tr, va, vocab, out, store.meta, log=lambda *_: None, choose_decoding=False)
+    summary = T.train(*cfg, tr, va, vocab, out, store.meta, log=lambda *_: None, choose_decoding=False)
     phases = [h["phase"] for h in summary["history"]]
     assert phases == ["xe", "xe", "scst"]
     best = load_checkpoint(out)["meta"]["best"]
-    assert best["val_CIDEr"] == max(h["val_CIDEr"] for h in summary["history"])
+    assert best["CIDEr"] == max(h["val"]["CIDEr"] for h in summary["history"])
+    log = [json.loads(ln) for ln in (tmp_path / "s.log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log] == phases  # one JSON line per epoch
 
 
 def test_updown_packed_teacher_forcing_equals_full_and_step_by_step():
@@ -240,13 +243,13 @@ def test_cider_reward_counts_the_sentence_end():
 def test_scst_on_a_small_task_raises_the_reward_and_the_greedy_score(tmp_path):
     torch.set_num_threads(1)
     ds, store, vocab, tr, va = _splits(tmp_path, n_train=40, n_val=10)
-    cfg = MRNNConfig(rnn="lstm", embed=16, hidden=32, epochs=2, scst_epochs=8, batch_size=20, seed=1, patience=99,
-                     lr=3e-3, scst_lr=3e-3, dropout=0.0)
-    hist = T.train(cfg, tr, va, vocab, tmp_path / "m.pt", store.meta, log=lambda *_: None,
+    cfg = T.configs(rnn="lstm", embed=16, hidden=32, epochs=2, scst_epochs=8, batch_size=20, seed=1, patience=99,
+                    lr=3e-3, scst_lr=3e-3, dropout=0.0)
+    hist = T.train(*cfg, tr, va, vocab, tmp_path / "m.pt", store.meta, log=lambda *_: None,
                    choose_decoding=False)["history"]
     xe = [h for h in hist if h["phase"] == "xe"]
     sc = [h for h in hist if h["phase"] == "scst"]
     assert len(sc) == 8
-    rewards = [h["train_loss"] for h in sc]  # the SCST epoch's mean sampled reward
+    rewards = [h["loss"] for h in sc]  # the SCST epoch's mean sampled reward
     assert np.mean(rewards[-3:]) > np.mean(rewards[:2]) + 0.05
-    assert max(h["val_CIDEr"] for h in sc[-4:]) > xe[-1]["val_CIDEr"] + 10
+    assert max(h["val"]["CIDEr"] for h in sc[-4:]) > xe[-1]["val"]["CIDEr"] + 10

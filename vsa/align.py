@@ -27,6 +27,7 @@ For other stages: :func:`load_aligner` gives an :class:`Aligner` with ``vocab``,
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,36 @@ SCORES = ("sum-max", "mean-max", "sum-all", "global")
 RNNS = ("brnn", "gru", "lstm")
 MODELS = ("brnn", "whole-image")
 GLOBAL_ENCODERS = ("mean", "gru")
+
+
+@dataclass
+class AlignModelConfig:
+    """The alignment model's architecture: everything needed to rebuild it (training settings are
+    :class:`vsa.train_align.AlignTrainConfig`)."""
+
+    model: str = "brnn"  # brnn (the paper) | whole-image (ablation baseline)
+    rnn: str = "brnn"  # brnn (ReLU RNN as in the paper) | gru | lstm
+    score: str = "mean-max"  # sum-max (paper eq. 8) | mean-max | sum-all (eq. 7) | global
+    global_weight: float = 1.0  # add this times a global score (whole image vs. sentence) to `score`
+    global_encoder: str = "mean"  # the global term's sentence vector: mean (of the word vectors) | gru (own GRU + image map)
+    hidden: int = 512  # h: size of the shared region/word space
+    embed: int = 300  # word vector size
+    norm: bool = True  # L2-normalise region and word vectors
+    standardize: bool = True  # centre/scale CNN features with the train set's mean and std
+    out_relu: bool = False  # ReLU on the word output layer (eq. 6; with L2-normalised vectors it can die: off)
+    max_regions: int = 20  # whole image + 19 detections
+    max_len: int = 40  # words per sentence (longer ones are cut)
+    dropout: float = 0.1  # on word embeddings / RNN outputs
+    dropout_regions: float = 0.0  # on CNN features
+
+
+def check_config(cfg: AlignModelConfig) -> None:
+    """A one-line :class:`VsaError` for a choice the model does not have."""
+    for name, allowed in (("model", MODELS), ("rnn", RNNS), ("score", SCORES), ("global_encoder", GLOBAL_ENCODERS)):
+        if getattr(cfg, name) not in allowed:
+            raise VsaError(f"unknown {name} {getattr(cfg, name)!r} (expected one of {', '.join(allowed)})")
+    if cfg.hidden < 1:
+        raise VsaError("hidden >= 1 is required")
 
 
 def _l2(x: torch.Tensor) -> torch.Tensor:
@@ -374,13 +405,15 @@ def pad_ids(seqs: list[list[int]], max_len: int = 0) -> tuple[torch.Tensor, torc
 class Aligner:
     """A trained alignment model ready for inference (CPU by default)."""
 
-    def __init__(self, model: nn.Module, cfg, vocab, extractor_meta: dict, path=None, meta: dict | None = None):
+    def __init__(self, model: nn.Module, cfg: AlignModelConfig, vocab, extractor_meta: dict, path=None,
+                 meta: dict | None = None, decoding: dict | None = None):
         self.model = model.eval()
         self.cfg = cfg
         self.vocab = vocab
         self.extractor_meta = dict(extractor_meta or {})
         self.path = path
         self.meta = meta or {}
+        self.decoding = dict(decoding or {})  # inference defaults chosen on val: {"beta": ...} for vsa align
 
     @property
     def device(self):
@@ -430,9 +463,8 @@ class Aligner:
 def aligner_from_checkpoint(ckpt: dict, path=None, device: str = "cpu") -> Aligner:
     from vsa.checkpoint import config_from
     from vsa.data import Vocab
-    from vsa.train_align import AlignConfig
 
-    cfg = config_from(AlignConfig, ckpt["config"])
+    cfg = config_from(AlignModelConfig, ckpt["model"])
     vocab = Vocab(ckpt["vocab"])
     sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     feat_dim = int(ckpt["extractor"].get("dim") or sd[_feat_key(cfg)].shape[1])
@@ -442,7 +474,7 @@ def aligner_from_checkpoint(ckpt: dict, path=None, device: str = "cpu") -> Align
     except RuntimeError as e:
         raise VsaError(f"checkpoint weights do not fit the model ({str(e).splitlines()[0][:160]})", path) from None
     model.to(device)
-    return Aligner(model, cfg, vocab, ckpt.get("extractor") or {}, path, ckpt.get("meta"))
+    return Aligner(model, cfg, vocab, ckpt.get("extractor") or {}, path, ckpt.get("meta"), ckpt.get("decoding"))
 
 
 def load_weights(model: nn.Module, sd: dict) -> None:
@@ -475,19 +507,20 @@ def export_aligner(src, dst, half: bool = True, beta: float | None = None) -> di
     """Write a compact inference copy of a trained aligner (float16 weights, no optimiser state).
 
     This is how ``vsa/assets/align-flickr8k.pt`` is made: ``python -m vsa.align SRC DST [BETA]``;
-    ``beta`` (the snippet MRF's val-chosen beta for this aligner) is saved in the meta for ``vsa align``.
+    ``beta`` (the snippet MRF's val-chosen beta for this aligner) is saved in its decoding defaults for ``vsa align``.
     """
     from vsa.checkpoint import load_checkpoint, save_checkpoint
 
     ck = load_checkpoint(src, kind="align")
     sd = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ck["state_dict"].items()}
-    keep = ("epoch", "best", "seconds", "features", "dataset", "train_images", "test", "beta")
+    keep = ("epoch", "best", "seconds", "dataset", "train_images", "test")  # no path to this machine's features
     meta = {k: v for k, v in ck.get("meta", {}).items() if k in keep}
-    meta["exported_from"] = str(src)
+    meta["exported_from"] = Path(src).name
+    decoding = dict(ck.get("decoding") or {})
     if beta is not None:
-        meta["beta"] = float(beta)
-    save_checkpoint(dst, "align", ck["config"], ck["vocab"], ck["extractor"], sd, meta)
-    return meta
+        decoding["beta"] = float(beta)
+    save_checkpoint(dst, "align", ck["model"], ck["train"], decoding, ck["vocab"], ck["extractor"], sd, meta)
+    return {**meta, "decoding": decoding}
 
 
 if __name__ == "__main__":  # python -m vsa.align SRC DST

@@ -1,16 +1,20 @@
 """Checkpoints: plain tensors and primitives only, loaded with ``weights_only=True``.
 
-Every trainable stage saves one file holding::
+Every trainable stage saves one file holding, under fixed keys::
 
     {
       "format": "vsa",            # marks a vsa checkpoint
-      "version": 1,               # bumped on incompatible changes
+      "version": 2,               # bumped on incompatible changes (version 1 files are converted on load)
       "kind": "align" | "mrnn",   # which stage wrote it
-      "config": {...},            # the stage's config dataclass, as a dict of primitives
+      "model": {...},             # the model config (AlignModelConfig / MRNNConfig): enough to rebuild it
+      "train": {...},             # the training config (AlignTrainConfig / MRNNTrainConfig)
+      "decoding": {...},          # inference defaults chosen on val (generator: beam, ...; aligner: beta)
       "vocab": ["a", "dog", ...], # vocabulary words (special tokens excluded)
       "extractor": {...},         # feature extractor name and settings (from the features NPZ)
       "state_dict": {...},        # model tensors
-      "meta": {...},              # epoch, best val metrics, optimiser state for --resume, ...
+      "meta": {...},              # epoch, best val metrics, history, features/dataset names, seconds
+      "optimizer": {...},         # only in <stem>.last.pt: the optimiser's own state_dict, unchanged
+      "rng": tensor,              # only in <stem>.last.pt: torch's RNG state
     }
 
 Nothing in it needs unpickling code: ``torch.load(path, weights_only=True)``
@@ -26,7 +30,8 @@ from typing import Any
 from vsa.errors import VsaError
 
 FORMAT = "vsa"
-VERSION = 1
+VERSION = 2
+KINDS = ("align", "mrnn")
 
 
 def _plain(obj: Any) -> Any:
@@ -41,8 +46,10 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def save_checkpoint(path, kind: str, config: Any, vocab: list[str], extractor: dict, state_dict: dict, meta: dict | None = None) -> None:
-    """Save atomically (temp file + rename)."""
+def save_checkpoint(path, kind: str, model: Any, train: Any, decoding: Any, vocab: list[str], extractor: dict,
+                    state_dict: dict, meta: dict | None = None, optimizer: dict | None = None, rng=None) -> None:
+    """Save atomically (temp file + rename). ``optimizer`` (an optimiser's ``state_dict()``) and ``rng``
+    are stored as they are, under their own keys (for ``--resume``)."""
     import torch
 
     from vsa.io import atomic_write, deferred_signals
@@ -51,14 +58,62 @@ def save_checkpoint(path, kind: str, config: Any, vocab: list[str], extractor: d
         "format": FORMAT,
         "version": VERSION,
         "kind": kind,
-        "config": _plain(config),
+        "model": _plain(model),
+        "train": _plain(train or {}),
+        "decoding": _plain(decoding or {}),
         "vocab": list(vocab),
         "extractor": _plain(extractor or {}),
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "meta": _plain(meta or {}),
     }
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer
+    if rng is not None:
+        ckpt["rng"] = rng
     with deferred_signals(), atomic_write(path) as fh:  # Ctrl-C / SIGTERM land after the rename
         torch.save(ckpt, fh)
+
+
+def _fields(kind: str) -> tuple[set, set]:
+    """Field names of the model config and of the decoding defaults of ``kind`` (for converting version 1)."""
+    import dataclasses as dc
+
+    if kind == "align":
+        from vsa.align import AlignModelConfig
+
+        return {f.name for f in dc.fields(AlignModelConfig)}, {"beta"}
+    from vsa.decoding import DecodingConfig
+    from vsa.mrnn import MRNNConfig
+
+    return {f.name for f in dc.fields(MRNNConfig)}, {f.name for f in dc.fields(DecodingConfig)}
+
+
+def _from_v1(ckpt: dict) -> dict:
+    """A version-1 checkpoint (one mixed ``config``; optimiser/RNG state inside ``meta`` with string keys)
+    in the version-2 layout. The three models shipped before version 2 load through this."""
+    kind = ckpt.get("kind")
+    config = dict(ckpt.get("config") or {})
+    meta = dict(ckpt.get("meta") or {})
+    model_keys, decoding_keys = _fields(kind)
+    out = {k: v for k, v in ckpt.items() if k not in ("config", "meta")}
+    out["version"] = VERSION
+    out["model"] = {k: v for k, v in config.items() if k in model_keys}
+    out["decoding"] = {k: v for k, v in config.items() if k in decoding_keys}
+    if kind == "align" and "beta" in meta:  # the aligner's snippet-MRF beta lived in meta
+        out["decoding"]["beta"] = meta.pop("beta")
+    out["train"] = {k: v for k, v in config.items() if k not in model_keys and k not in decoding_keys}
+    if kind == "mrnn" and "max_len" in config:  # one max_len served training and decoding
+        out["train"]["max_len"] = config["max_len"]
+    opt = meta.pop("optimizer", None)
+    if opt is not None:
+        out["optimizer"] = {"state": {int(k): v for k, v in opt["state"].items()},
+                            "param_groups": opt["param_groups"]}
+    if "rng" in meta:
+        out["rng"] = meta.pop("rng")
+    if "train_seconds" in meta and "seconds" not in meta:
+        meta["seconds"] = meta.pop("train_seconds")
+    out["meta"] = meta
+    return out
 
 
 def _unpickling_reason(e: Exception) -> str:
@@ -90,6 +145,8 @@ def load_checkpoint(path, kind: str | None = None) -> dict:
         raise VsaError(f"not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})", p) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise VsaError("not a vsa checkpoint (no 'format': 'vsa' marker)", p)
+    if ckpt.get("version") == 1 and ckpt.get("kind") in KINDS:
+        ckpt = _from_v1(ckpt)
     if ckpt.get("version") != VERSION:
         raise VsaError(
             f"checkpoint version {ckpt.get('version')} is not supported by this vsa (expects {VERSION}); "
@@ -105,15 +162,18 @@ def config_from(cls, d: dict):
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def apply_overrides(cfg: Any, items: list[str], flag: str = "--set") -> Any:
-    """Apply ``KEY=VALUE`` strings (``--set``) to the dataclass ``cfg`` in place, converting each value to
-    the field's current type; an unknown key or a bad value is a one-line :class:`VsaError`."""
-    names = [f.name for f in dataclasses.fields(cfg)]
+def apply_overrides(cfgs: Any, items: list[str], flag: str = "--set") -> Any:
+    """Apply ``KEY=VALUE`` strings (``--set``) in place to the dataclass ``cfgs`` (or to a tuple of
+    dataclasses with disjoint fields, e.g. a model config and its training config), converting each value to
+    the field's type; an unknown key or a bad value is a one-line :class:`VsaError`."""
+    group = cfgs if isinstance(cfgs, (tuple, list)) else (cfgs,)
+    owner = {f.name: c for c in group for f in dataclasses.fields(c)}
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in names:
-            raise VsaError(f"{flag} {item!r}: expected KEY=VALUE with KEY one of {', '.join(names)}")
+        if not sep or key not in owner:
+            raise VsaError(f"{flag} {item!r}: expected KEY=VALUE with KEY one of {', '.join(owner)}")
+        cfg = owner[key]
         cur = getattr(cfg, key)
         try:
             if isinstance(cur, bool):
@@ -125,4 +185,9 @@ def apply_overrides(cfg: Any, items: list[str], flag: str = "--set") -> Any:
         except ValueError:
             raise VsaError(f"{flag} {item!r}: {value!r} is not a valid {type(cur).__name__}") from None
         setattr(cfg, key, v)
-    return cfg
+    return cfgs
+
+
+def config_fields(*classes) -> list[str]:
+    """Every field name of the given config dataclasses (what ``--set`` accepts)."""
+    return [f.name for c in classes for f in dataclasses.fields(c)]

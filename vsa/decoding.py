@@ -21,6 +21,18 @@ NEG = -1e9
 
 
 @dataclass
+class DecodingConfig:
+    """Decoding defaults of a generator, stored in its checkpoint (``decoding``); beam and length penalty are
+    chosen on val at the end of ``vsa train-mrnn``, flags of ``vsa caption`` / ``vsa eval`` override."""
+
+    beam: int = 3
+    length_penalty: float = 0.0
+    max_len: int = 20  # words per generated sentence
+    bad_endings: bool = True  # never end a sentence on "a", "the", "on", ... (decoding constraint)
+    block_repeats: bool = True  # never repeat a word twice in a row or a trigram (decoding constraint)
+
+
+@dataclass
 class Hyp:
     tokens: list[int]
     logprob: float

@@ -32,40 +32,18 @@ from torch import nn
 
 @dataclass
 class MRNNConfig:
-    # model
+    """The generator's architecture: everything needed to rebuild it (training settings are
+    :class:`vsa.train_mrnn.MRNNTrainConfig`, decoding defaults :class:`vsa.decoding.DecodingConfig`)."""
+
     rnn: str = "updown"  # "updown" (top-down attention over regions/grid), "lstm", or "rnn" (the paper's multimodal RNN)
-    vocab_size: int = 0  # including the 4 special tokens
-    feat_dim: int = 1280
+    vocab_size: int = 0  # including the 4 special tokens (set from the vocabulary)
+    feat_dim: int = 1280  # set from the features
     embed: int = 512
     hidden: int = 512
     dropout: float = 0.5
-    attention: bool = False  # attend over the region features (needs a regions features file)
+    attention: bool = False  # lstm/rnn: attend over the region features (needs a regions features file)
     att_dim: int = 256
     max_regions: int = 64  # regions per image read from a regions/grid features file (whole image first)
-    # training
-    epochs: int = 6
-    batch_size: int = 100  # sentences (all sentences of an image in the same batch)
-    lr: float = 5e-4
-    lr_decay: float = 0.8  # per epoch, after warm epochs
-    lr_decay_start: int = 2
-    weight_decay: float = 0.0
-    grad_clip: float = 2.0
-    label_smoothing: float = 0.0
-    max_len: int = 20  # words per generated / trained sentence
-    min_count: int = 5
-    patience: int = 3  # epochs without val CIDEr gain before stopping
-    seed: int = 0
-    threads: int = 0  # torch threads (0: leave as is)
-    bf16: bool = True  # bfloat16 autocast in training where the hardware has it (CUDA; CPUs with AVX512-BF16/AMX)
-    # decoding defaults (chosen on val at the end of training)
-    beam: int = 3
-    length_penalty: float = 0.0
-    bad_endings: bool = True  # never end a sentence on "a", "the", "on", ... (decoding constraint)
-    block_repeats: bool = True  # never repeat a word twice in a row or a trigram (decoding constraint)
-    # SCST fine-tuning (self-critical, CIDEr-D reward) after cross-entropy training
-    scst_epochs: int = 6
-    scst_lr: float = 1e-4
-    scst_samples: int = 5
 
 
 RNNS = ("rnn", "lstm", "updown")
@@ -329,12 +307,15 @@ def build_model(cfg: MRNNConfig) -> nn.Module:
     return CaptionModel(cfg)
 
 
-def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> CaptionModel:
-    """Rebuild a model from a loaded ``mrnn`` checkpoint (weights cast to float32)."""
+def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> nn.Module:
+    """Rebuild a model from a loaded ``mrnn`` checkpoint (weights cast to float32); its decoding defaults
+    are ``model.decoding`` (:class:`vsa.decoding.DecodingConfig`)."""
     from vsa.checkpoint import config_from
+    from vsa.decoding import DecodingConfig
 
-    cfg = config_from(MRNNConfig, ckpt["config"])
+    cfg = config_from(MRNNConfig, ckpt["model"])
     model = build_model(cfg)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     model.load_state_dict(sd)
+    model.decoding = config_from(DecodingConfig, ckpt.get("decoding") or {})
     return model.to(device).eval()

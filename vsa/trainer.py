@@ -1,0 +1,146 @@
+"""The one training skeleton of every stage (``vsa train-align``, ``vsa train-mrnn``).
+
+A stage (:class:`Stage`) provides only its batches, its step and its validation: ``train_epoch``,
+``validate``, ``checkpoint`` (what to save) and ``restore`` (``--resume``). :func:`fit` owns the rest:
+
+* the epoch loop, early stopping (``patience`` epochs without a better ``select`` metric, counted over the
+  epochs the stage says may stop early), best/last checkpoints: ``out`` is the best-on-val model,
+  ``<out stem>.last.pt`` the latest epoch with the optimiser and RNG state;
+* one JSON line per epoch in ``<out stem>.log.jsonl`` (loss, learning rate, val metrics, seconds);
+* torch.distributed: every rank trains its share (the stage's business), rank 0 alone validates, logs and
+  writes, then tells the others whether to stop;
+* Ctrl-C and SIGTERM: training stops between atomic checkpoint writes and :class:`vsa.runtime.Interrupted`
+  (exit code 130 in the CLI) says which files are intact and how to continue.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+from vsa.errors import VsaError
+
+
+def last_path(out) -> Path:
+    """``<out stem>.last.pt``: the latest epoch with optimiser and RNG state (for ``--resume``)."""
+    out = Path(out)
+    return out.with_name(out.stem + ".last" + (out.suffix or ".pt"))
+
+
+def log_path(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".log.jsonl")
+
+
+def load_last(out, kind: str) -> dict:
+    """The ``.last.pt`` checkpoint to resume from (a one-line error when there is none)."""
+    from vsa.checkpoint import load_checkpoint
+
+    p = last_path(out)
+    if not p.exists():
+        raise VsaError(f"nothing to resume: {p} does not exist (train without --resume first)", p)
+    return load_checkpoint(p, kind)
+
+
+class Stage(Protocol):
+    """What a trainable stage gives :func:`fit`."""
+
+    kind: str  # checkpoint kind: "align" | "mrnn"
+    select: str  # the val metric that picks the best epoch (higher is better): "rsum", "CIDEr"
+
+    def train_epoch(self, epoch: int, progress) -> dict: ...  # one epoch (1-based); stats such as loss, lr
+
+    def validate(self, epoch: int) -> dict: ...  # val metrics (rank 0 only), ``select`` among them
+
+    def may_stop(self, epoch: int) -> bool: ...  # does early stopping apply to this epoch?
+
+    def checkpoint(self) -> dict: ...  # save_checkpoint's keyword arguments except path/meta/optimizer/rng
+
+    def optimizer_state(self) -> dict: ...
+
+    def restore(self, ckpt: dict) -> None: ...  # weights + optimiser state of a .last.pt checkpoint
+
+
+def fit(stage: Stage, out, epochs: int, env, info: Callable = print, progress=None, patience: int = 0,
+        resume: dict | None = None, meta: dict | None = None, describe: Callable | None = None, log=None) -> dict:
+    """Run epochs ``1..epochs`` of ``stage`` (after the ones done in ``resume``, a ``.last.pt`` checkpoint).
+
+    Returns ``{"best", "history", "epochs", "seconds", "out", "log", "world", "rank"}`` (``history``: every
+    epoch's log record, resumed ones included; ``epochs``: how many ran in this call); ``best`` holds the best epoch's
+    val metrics (``best[stage.select]``). ``describe(epoch, stats, val, improved)`` makes the log line;
+    ``log`` is the metrics JSONL (default ``<out stem>.log.jsonl``).
+    """
+    import torch
+
+    from vsa import distributed as D
+    from vsa.checkpoint import save_checkpoint
+    from vsa.io import append_jsonl
+    from vsa.runtime import Interrupted, sigterm_as_interrupt
+
+    out = Path(out)
+    last, log = last_path(out), Path(log) if log is not None else log_path(out)
+    if not env.is_main:  # only rank 0 talks
+        info, progress = (lambda *a, **k: None), None
+    start, best, history, seconds, stale = 0, None, [], 0.0, 0
+    if resume is not None:
+        stage.restore(resume)
+        m = resume["meta"]
+        start, best, history = int(m["epoch"]), m.get("best"), list(m.get("history", []))
+        seconds = float(m.get("seconds", 0.0))
+        stale = int(m.get("stale", 0))
+        if "rng" in resume:
+            torch.set_rng_state(resume["rng"])
+        info(f"resuming after epoch {start} (best val {stage.select} "
+             f"{best.get(stage.select) if best else '-'} at epoch {best.get('epoch') if best else '-'})")
+    base = dict(meta or {})
+    done_before = len(history)
+
+    def save(epoch: int, improved: bool) -> None:
+        m = {**base, "epoch": epoch, "best": best, "history": history, "seconds": round(seconds, 1), "stale": stale}
+        parts = stage.checkpoint()
+        if improved:
+            save_checkpoint(out, meta=m, **parts)
+        save_checkpoint(last, meta=m, optimizer=stage.optimizer_state(), rng=torch.get_rng_state(), **parts)
+
+    finished = False
+    try:
+        with sigterm_as_interrupt():
+            for epoch in range(start + 1, epochs + 1):
+                if patience and stage.may_stop(epoch) and stale >= patience:
+                    continue
+                t = time.time()
+                stats = stage.train_epoch(epoch, progress)
+                t_train = time.time() - t
+                if not env.is_main:  # rank 0 validates, saves and says whether to stop
+                    D.barrier(env)
+                    stale = D.broadcast_object(None, env)
+                    continue
+                val = stage.validate(epoch)
+                seconds += time.time() - t
+                improved = best is None or val[stage.select] > best[stage.select]
+                if improved:
+                    best = {"epoch": epoch, **{k: v for k, v in stats.items() if k == "phase"}, **val}
+                    stale = 0
+                elif stage.may_stop(epoch):
+                    stale += 1
+                rec = {"epoch": epoch, **stats, "val": val, "best": improved, "train_s": round(t_train, 1),
+                       "epoch_s": round(time.time() - t, 1), "seconds": round(seconds, 1)}
+                history.append(rec)
+                save(epoch, improved)
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "ab") as fh:
+                    append_jsonl(fh, rec)
+                info(describe(epoch, stats, val, improved) if describe else
+                     f"epoch {epoch}/{epochs} {stats} | val {stage.select} {val[stage.select]}{' *' if improved else ''}")
+                D.barrier(env)
+                D.broadcast_object(stale, env)
+        finished = True
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; the best checkpoint so far is {out}, the last completed epoch is in "
+                          f"{last} (continue with --resume)") from None
+    finally:
+        D.cleanup(env, sync=finished)
+    return {"best": best, "history": history, "epochs": len(history) - done_before, "seconds": round(seconds, 1),
+            "out": str(out), "log": str(log),
+            "world": env.world, "rank": env.rank}
