@@ -60,11 +60,6 @@ def uses_detector(meta: dict) -> bool:
     return bool(meta.get("detector")) and meta.get("crop") != "grid"
 
 
-def whole_image_region(w: float, h: float) -> dict:
-    """The whole-image region, first in every image (the record ``vsa regions`` writes)."""
-    return {"box": [0.0, 0.0, float(w), float(h)], "score": 1.0, "label": "image"}
-
-
 def grid_boxes(w: float, h: float, g: int) -> list[dict]:
     """The ``g`` x ``g`` cells of a ``w`` x ``h`` image, row-major, as region records (label ``grid``)."""
     return [{"box": [w * c / g, h * r / g, w * (c + 1) / g, h * (r + 1) / g], "score": 1.0, "label": "grid"}
@@ -75,6 +70,8 @@ def region_list(size: tuple[int, int], regions: list[dict] | None, spec: CropSpe
     """The regions an image of ``size`` (w, h) is featurised on: with ``crop`` grid the whole image then its grid
     cells; otherwise ``regions`` as given (whole image first, as ``vsa regions`` writes them), or the whole
     image alone when there are none."""
+    from vsa.regions import whole_image_region
+
     w, h = size
     if spec.crop == "grid":
         return [whole_image_region(w, h)] + grid_boxes(w, h, spec.grid)
@@ -141,7 +138,7 @@ class Featuriser:
     whatever ``meta`` says (a model that reads only the whole-image row, e.g. the whole-image aligner).
     """
 
-    def __init__(self, meta: dict, detector=None, extractor=None, top: int = 19, device: str = "cpu",
+    def __init__(self, meta: dict, detector=None, *, extractor=None, top: int = 19, device: str = "cpu",
                  cnn_weights=None, whole_only: bool = False, jit: bool = True, warn=None):
         self.meta = dict(meta or {})
         self.spec = CropSpec.from_meta(self.meta)
@@ -189,7 +186,7 @@ class Featuriser:
         """The regions of one photo (PIL, upright RGB), whole image first (see :func:`region_list`)."""
         dets = None
         if self.uses_detector:
-            from vsa.regions import DetectOptions
+            from vsa.regions import DetectOptions, whole_image_region
 
             dets = [whole_image_region(*im.size)] + self.detector.detect([im], DetectOptions(top=self.top))[0]
         return region_list(im.size, dets, self.spec)

@@ -1,17 +1,17 @@
 """Scoring and search with a trained aligner: ``vsa score`` and ``vsa search``.
 
-New photos go through the same pipeline as the training data: the detector (``vsa.regions``)
-gives the whole image + top boxes, the CNN the aligner was trained on (named in its checkpoint)
-embeds them the same way (warped crops or RoI pooling, as recorded in the features' ``meta``),
-and the aligner maps regions and words into one space.
+New photos go through the one featurisation path (:mod:`vsa.featurise`), as the aligner's training features
+were made: the whole image + the detector's top boxes (when those features came from boxes), embedded by the
+CNN the aligner was trained on with its crop mode (all named in the checkpoint's ``extractor`` meta); the
+aligner then maps regions and words into one space.
 
-An *index* (``vsa search index``) is a features NPZ (docs/formats.md) plus ``emb``, the region
-vectors ``[R, h]`` (float16) of the aligner, and ``paths``; it is built once per photo folder.
+An *index* (``vsa search index``) is a features NPZ (docs/formats.md) plus ``emb``, the region vectors
+``[R, h]`` (float16) of the aligner, and ``paths``; it is built once per photo folder, written and read by
+:mod:`vsa.featstore` (:func:`~vsa.featstore.save_features`, :func:`~vsa.featstore.load_features`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,30 +21,6 @@ from vsa.errors import VsaError
 
 
 # ----------------------------------------------------------------------------- regions + features of new photos
-
-
-def region_features(ex, meta: dict, im, regions: list[dict]) -> np.ndarray:
-    """CNN features ``[R, D]`` of ``regions`` (dicts with ``box``, pixel xyxy) of one PIL image, made the
-    way the training features were (``meta`` of the features / checkpoint: ``crop`` warp or roi, ``context``)."""
-    import torch
-
-    w, h = im.size
-    context = float(meta.get("context") or 0.0)
-    if meta.get("crop") == "roi":
-        S = ex.input_size
-        b = torch.tensor([[float(v) for v in r["box"]] for r in regions], dtype=torch.float32).reshape(-1, 4)
-        if context:
-            pad = (b[:, 2:] - b[:, :2]) * context
-            b = torch.cat([b[:, :2] - pad, b[:, 2:] + pad], 1)
-        b = (b * torch.tensor([S / w, S / h, S / w, S / h])).clamp(0, S)
-        return ex.roi(ex.preprocess(im)[None], [b]).cpu().numpy().astype(np.float32)
-    crops = []
-    for r in regions:
-        if r.get("label") == "image":
-            crops.append(ex.preprocess(im))
-        else:
-            crops.append(ex.crop(im, r["box"], context))
-    return ex(torch.stack(crops)).cpu().numpy().astype(np.float32)
 
 
 @dataclass
@@ -57,61 +33,40 @@ class Photo:
     scores: np.ndarray  # [R]
     feats: np.ndarray  # [R, D] float32
 
+    def record(self) -> dict:
+        """The image record :func:`vsa.featstore.save_features` takes."""
+        return {"key": self.key, "size": self.size, "feats": self.feats, "boxes": self.boxes, "scores": self.scores,
+                "labels": self.labels}
+
 
 class PhotoEncoder:
-    """Detector + CNN as the aligner's training features were made (lazy: loaded on first use).
+    """Photos -> :class:`Photo` (regions + features) as the aligner's training features were made: the one
+    featurisation path, :class:`vsa.featurise.Featuriser` (detector and CNN loaded on first use).
 
-    ``detector`` is a detector spec (:func:`vsa.regions.load_detector`) or an already loaded detector;
-    ``extractor`` an already loaded :class:`vsa.features.Extractor` of the CNN ``extractor_meta`` names."""
+    ``detector`` is a detector spec (:func:`vsa.regions.load_detector`) or an already loaded detector, used
+    only when the features ``extractor_meta`` describes came from detector boxes; ``extractor`` an already
+    loaded :class:`vsa.cnn.Extractor` of the CNN ``extractor_meta`` names."""
 
     def __init__(self, extractor_meta: dict, detector=None, top: int = 19, device: str = "cpu", cnn_weights=None,
-                 whole_only: bool = False, extractor=None):
-        self.meta = dict(extractor_meta or {})
-        loaded = hasattr(detector, "detect")
-        self.detector_spec = None if loaded else detector
-        self.top = top
-        self.device = device
-        self.cnn_weights = cnn_weights
-        self.whole_only = whole_only
-        self._det = detector if loaded else None
-        self._ex = extractor
+                 whole_only: bool = False, extractor=None, jit: bool = True):
+        from vsa.featurise import Featuriser
 
-    @property
-    def detector(self):
-        if self._det is None:
-            from vsa.regions import load_detector
-
-            self._det = load_detector(self.detector_spec, self.device)
-        return self._det
+        self.featuriser = Featuriser(extractor_meta, detector, extractor=extractor, top=top, device=device,
+                                     cnn_weights=cnn_weights, whole_only=whole_only, jit=jit)
+        self.meta = self.featuriser.meta
 
     @property
     def extractor(self):
-        if self._ex is None:
-            from vsa.features import load_extractor
+        return self.featuriser.extractor
 
-            name = self.meta.get("extractor") or "efficientnet-lite0"
-            self._ex = load_extractor(name, self.cnn_weights, self.device)
-        return self._ex
-
-    def detections(self, im) -> list[dict]:
-        from vsa.regions import DetectOptions, whole_image_region
-
-        w, h = im.size
-        dets = [] if self.whole_only else self.detector.detect([im], DetectOptions(top=self.top))[0]
-        return [whole_image_region(w, h)] + dets
-
-    def features(self, im, regions: list[dict]) -> np.ndarray:
-        return region_features(self.extractor, self.meta, im, regions)
-
-    def encode(self, path, key: str | None = None) -> Photo:
+    def encode(self, path, key: str | None = None, max_pixels: int | None = None) -> Photo:
         from vsa.images import open_image
 
-        return self.encode_image(open_image(path), path, key)
+        return self.encode_image(open_image(path, max_pixels), path, key)
 
     def encode_image(self, im, path, key: str | None = None) -> Photo:
         """An opened photo (PIL, upright RGB) -> its regions (whole image first) and their features."""
-        regs = self.detections(im)
-        feats = self.features(im, regs)
+        regs, feats = self.featuriser.encode(im)
         return Photo(key or Path(path).name, str(path), im.size,
                      np.asarray([r["box"] for r in regs], dtype=np.float32).reshape(-1, 4),
                      [str(r.get("label", "")) for r in regs],
@@ -187,48 +142,30 @@ def region_vectors(aligner, photos: list[Photo]) -> list[np.ndarray]:
 
 
 def save_index(path, aligner, photos: list[Photo], meta_extra: dict | None = None) -> None:
-    from vsa.io import save_npz
+    """Write the search index of ``photos`` (docs/formats.md, "Search index NPZ": a features NPZ plus the
+    aligner's region vectors) with :func:`vsa.featstore.save_features`."""
+    from vsa.featstore import save_features
 
     if not photos:
         raise VsaError("nothing to index: no photos")
-    embs = region_vectors(aligner, photos)
-    counts = [len(e) for e in embs]
-    offsets = np.zeros(len(photos) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(p.feats) for p in photos])
-    emb_offsets = np.zeros(len(photos) + 1, dtype=np.int64)
-    emb_offsets[1:] = np.cumsum(counts)
     meta = dict(aligner.extractor_meta)
     meta.update({"index": "vsa-search", "model": str(aligner.path), "model_sha": model_fingerprint(aligner)})
     meta.update(meta_extra or {})
-    save_npz(path, {
-        "feats": np.concatenate([p.feats for p in photos]).astype(np.float16),
-        "image_index": np.repeat(np.arange(len(photos), dtype=np.int32), [len(p.feats) for p in photos]),
-        "offsets": offsets,
-        "boxes": np.concatenate([p.boxes for p in photos]).astype(np.float32),
-        "scores": np.concatenate([p.scores for p in photos]).astype(np.float32),
-        "labels": np.asarray([lb for p in photos for lb in p.labels]),
-        "keys": np.asarray([p.key for p in photos]),
-        "paths": np.asarray([p.path for p in photos]),
-        "sizes": np.asarray([p.size for p in photos], dtype=np.int32).reshape(-1, 2),
-        "emb": np.concatenate(embs).astype(np.float16),
-        "emb_offsets": emb_offsets,
-        "meta": np.asarray(json.dumps(meta)),
-    })
+    save_features(path, [p.record() for p in photos], "float16", meta, emb=region_vectors(aligner, photos),
+                  paths=[p.path for p in photos])
 
 
 class Index:
     """A search index: photos, their regions and the aligner's region vectors."""
 
     def __init__(self, path):
-        from vsa.featstore import FeatureStore
-        from vsa.io import load_npz
+        from vsa.featstore import INDEX, load_features
 
         self.path = Path(path)
-        a = load_npz(path, required=("feats", "offsets", "keys", "emb", "emb_offsets"))
-        self.store = FeatureStore(path, arrays=a)
-        self.emb = a["emb"].astype(np.float32)
-        self.emb_offsets = a["emb_offsets"].astype(np.int64)
-        self.paths = [str(p) for p in a["paths"]] if "paths" in a else list(self.store.keys)
+        self.store = load_features(path, required=INDEX)
+        self.emb = self.store.emb
+        self.emb_offsets = self.store.emb_offsets
+        self.paths = self.store.paths or list(self.store.keys)
         self.meta = self.store.meta
 
     def __len__(self) -> int:
@@ -241,18 +178,11 @@ class Index:
                            "`vsa search index` or pass that --model", self.path)
 
     def padded(self):
-        import torch
+        """The region vectors of every photo, padded: ``(V [N, R, h], mask [N, R])`` (:func:`vsa.featstore.pad_regions`)."""
+        from vsa.featstore import pad_regions
 
-        n = len(self)
-        counts = np.diff(self.emb_offsets)
-        R = int(counts.max())
-        V = torch.zeros(n, R, self.emb.shape[1])
-        vm = torch.zeros(n, R, dtype=torch.bool)
-        for i in range(n):
-            a, b = self.emb_offsets[i], self.emb_offsets[i + 1]
-            V[i, : b - a] = torch.from_numpy(self.emb[a:b])
-            vm[i, : b - a] = True
-        return V, vm
+        off = self.emb_offsets
+        return pad_regions([self.emb[off[i] : off[i + 1]] for i in range(len(self))])
 
     def photo(self, i: int) -> Photo:
         p = photo_from_store(self.store, self.store.keys[i])
@@ -326,13 +256,13 @@ def search_sentences(aligner, photo: Photo, sentences: list[str], k: int = 10, b
     """The ``k`` sentences of a corpus that best describe ``photo``."""
     import torch
 
-    from vsa.align import pad_regions
     from vsa.data import tokenize
+    from vsa.featstore import pad_regions
 
     if not sentences:
         raise VsaError("the sentence corpus is empty")
     toks = [tokenize(s) for s in sentences]
-    feats, mask = pad_regions([photo.feats[: aligner.cfg.max_regions]])
+    feats, mask = pad_regions([photo.feats], max_regions=aligner.cfg.max_regions)
     scores = np.empty(len(sentences), dtype=np.float32)
     with torch.inference_mode():
         V, vm = aligner.model.embed_images(feats, mask)
