@@ -74,18 +74,14 @@ def save_checkpoint(path, kind: str, model: Any, train: Any, decoding: Any, voca
         torch.save(ckpt, fh)
 
 
-def _fields(kind: str) -> tuple[set, set]:
-    """Field names of the model config and of the decoding defaults of ``kind`` (for converting version 1)."""
-    import dataclasses as dc
-
-    if kind == "align":
-        from vsa.align import AlignModelConfig
-
-        return {f.name for f in dc.fields(AlignModelConfig)}, {"beta"}
-    from vsa.decoding import DecodingConfig
-    from vsa.mrnn import MRNNConfig
-
-    return {f.name for f in dc.fields(MRNNConfig)}, {f.name for f in dc.fields(DecodingConfig)}
+# Version 1 kept one mixed ``config``. Its model and decoding fields are a closed, historical set, so the
+# conversion needs no import of the model modules (which import this one).
+_V1_MODEL = {
+    "align": {"model", "rnn", "score", "global_weight", "global_encoder", "hidden", "embed", "norm", "standardize",
+              "out_relu", "max_regions", "max_len", "dropout", "dropout_regions"},
+    "mrnn": {"rnn", "vocab_size", "feat_dim", "embed", "hidden", "dropout", "attention", "att_dim", "max_regions"},
+}
+_V1_DECODING = {"align": {"beta"}, "mrnn": {"beam", "length_penalty", "max_len", "bad_endings", "block_repeats"}}
 
 
 def _from_v1(ckpt: dict) -> dict:
@@ -94,7 +90,7 @@ def _from_v1(ckpt: dict) -> dict:
     kind = ckpt.get("kind")
     config = dict(ckpt.get("config") or {})
     meta = dict(ckpt.get("meta") or {})
-    model_keys, decoding_keys = _fields(kind)
+    model_keys, decoding_keys = _V1_MODEL[kind], _V1_DECODING[kind]
     out = {k: v for k, v in ckpt.items() if k not in ("config", "meta")}
     out["version"] = VERSION
     out["model"] = {k: v for k, v in config.items() if k in model_keys}
@@ -112,8 +108,31 @@ def _from_v1(ckpt: dict) -> dict:
         out["rng"] = meta.pop("rng")
     if "train_seconds" in meta and "seconds" not in meta:
         meta["seconds"] = meta.pop("train_seconds")
+    if kind == "mrnn":  # val metrics were flat "val_CIDEr" keys; now best[...] and history[i]["val"][...]
+        meta = _mrnn_records_from_v1(meta)
     out["meta"] = meta
     return out
+
+
+def _mrnn_records_from_v1(meta: dict) -> dict:
+    def unflat(r: dict) -> tuple[dict, dict]:
+        val = {k[4:]: v for k, v in r.items() if k.startswith("val_")}
+        rest = {k: v for k, v in r.items() if not k.startswith("val_")}
+        return rest, val
+
+    meta = dict(meta)
+    if isinstance(meta.get("best"), dict):
+        rest, val = unflat(meta["best"])
+        meta["best"] = {**rest, **val}
+    hist = []
+    for r in meta.get("history") or []:
+        rest, val = unflat(r)
+        if "train_loss" in rest:
+            rest["loss"] = rest.pop("train_loss")
+        hist.append({**rest, "val": val})
+    if hist:
+        meta["history"] = hist
+    return meta
 
 
 def _unpickling_reason(e: Exception) -> str:
