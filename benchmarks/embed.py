@@ -37,7 +37,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from vsa.features import EmbedItem, embed, load_extractor
+    from vsa.cnn import load_extractor
+    from vsa.features import EmbedItem, embed
     from vsa.images import find_images, open_image
     from vsa.regions import load_detector
 

@@ -1,4 +1,5 @@
-"""vsa embed: NPZ contract, squash convention, resume, shard + merge, interruption, errors."""
+"""vsa embed: NPZ contract, squash convention, resume, shard + merge, interruption, errors; the one featurisation
+path (vsa.featurise) gives the features `vsa regions | vsa embed` write."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from vsa.errors import VsaError
-from vsa.features import EmbedItem, embed, load_extractor, merge_npz, shard_of
+from vsa.cnn import load_extractor
+from vsa.features import EmbedItem, embed, merge_npz, shard_of
 
 torch.set_num_threads(2)
 
@@ -266,7 +268,91 @@ def test_frozen_cpu_forward_matches_eager(ex, monkeypatch):
     x = torch.randn(3, 3, 224, 224)
     fast = ex(x)
     assert ex._frozen.get("forward") is not None  # the TorchScript path was taken
-    monkeypatch.setenv("VSA_NO_JIT", "1")
+    monkeypatch.setattr(ex, "jit", False)  # what the CLI does for VSA_NO_JIT=1
     eager = ex(x)
     assert torch.allclose(fast, eager, atol=1e-4)
     assert ex(x[:1]).shape == (1, 1280)  # other batch sizes work on the traced copy too
+
+
+# ----------------------------------------------------------------------------- the one featurisation path
+
+
+def _store_rows(npz, key):
+    from vsa.featstore import load_features
+
+    st = load_features(npz)
+    return st, st[key], st.boxes(key), st.labels(key)
+
+
+@pytest.mark.parametrize("crop", ["warp", "roi"])
+def test_featuriser_gives_the_region_features_embed_writes(ex, tmp_path, crop):
+    """Featuriser (score, search, caption) on the regions of a regions JSONL == `vsa embed` of that JSONL."""
+    from vsa.featurise import Featuriser
+
+    paths = _images(tmp_path / "imgs", 3)
+    jl = _regions_jsonl(paths, tmp_path / "r.jsonl")
+    r = run_cli("embed", jl, "-o", tmp_path / "f.npz", "--crop", crop, "--context", "0.1", "--dtype", "float32",
+                "--threads", "2")
+    assert r.returncode == 0, r.stderr.decode()
+    from vsa.io import read_jsonl
+
+    recs = read_jsonl(jl)
+    st, _, _, _ = _store_rows(tmp_path / "f.npz", paths[0].name)
+    f = Featuriser(st.meta, extractor=ex)  # the meta a checkpoint records: crop, context, detector "test"
+    for rec, p in zip(recs, paths):
+        got = f.features(Image.open(p).convert("RGB"), rec["regions"])
+        want = st[p.name]
+        assert got.dtype == np.float32 and got.shape == want.shape == (3, 1280)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)  # batch-composition noise only
+
+
+def test_featuriser_whole_image_and_grid_equal_embed(ex, tmp_path):
+    """Without a detector: whole-image features, and --crop grid (whole image then 7x7 cells), as `vsa embed`."""
+    from vsa.featurise import Featuriser
+
+    paths = _images(tmp_path / "imgs", 2)
+    for crop, n in (("warp", 1), ("roi", 1), ("grid", 50)):
+        out = tmp_path / f"{crop}.npz"
+        r = run_cli("embed", tmp_path / "imgs", "-o", out, "--crop", crop, "--threads", "2")  # float16, as shipped
+        assert r.returncode == 0, r.stderr.decode()
+        st, _, _, _ = _store_rows(out, paths[0].name)
+        f = Featuriser(st.meta, "no-such-detector", extractor=ex)  # the meta names no detector: it is never loaded
+        for p in paths:
+            regs, got = f.encode(Image.open(p).convert("RGB"))
+            assert len(regs) == n and regs[0]["label"] == "image"
+            assert np.array_equal(np.array([r["box"] for r in regs], np.float32), st.boxes(p.name))
+            assert [r["label"] for r in regs] == st.labels(p.name)
+            np.testing.assert_allclose(got, st[p.name], rtol=2e-3, atol=2e-3)  # float16 storage + batch noise
+    # a whole-image model of region features reads the whole image alone
+    f = Featuriser({**st.meta, "crop": "roi", "detector": "yolov5n-coco"}, "no-such-detector", extractor=ex,
+                   whole_only=True)
+    assert [r["label"] for r in f.regions(Image.open(paths[0]).convert("RGB"))] == ["image"]
+
+
+def test_featuriser_with_a_detector_equals_regions_then_embed(yolov5n, flickr8k, ex, tmp_path):
+    """Real photos: `vsa regions | vsa embed --crop roi` and the Featuriser with the detector give the same boxes
+    and (up to float16) the same features."""
+    from vsa.featurise import Featuriser
+    from vsa.regions import load_detector
+
+    names = ["1000268201_693b08cb0e.jpg", "3385593926_d3e9c21170.jpg"]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for n in names:
+        (folder / n).write_bytes((flickr8k / "images" / n).read_bytes())
+    reg = run_cli("regions", folder, "--detector", yolov5n, "--threads", "2")
+    assert reg.returncode == 0, reg.stderr.decode()
+    r = run_cli("embed", "-", "-o", tmp_path / "f.npz", "--crop", "roi", "--threads", "2", input=reg.stdout)
+    assert r.returncode == 0, r.stderr.decode()
+    from vsa.featstore import load_features
+
+    st = load_features(tmp_path / "f.npz")
+    assert st.meta["detector"] == "yolov5n-coco" and st.meta["crop"] == "roi"
+    f = Featuriser(st.meta, load_detector(str(yolov5n), "cpu"), extractor=ex)
+    from vsa.images import open_image
+
+    for n in names:
+        regs, got = f.encode(open_image(folder / n))
+        assert len(regs) == len(st[n]) > 1
+        np.testing.assert_allclose(np.array([r["box"] for r in regs], np.float32), st.boxes(n), atol=1e-4)
+        np.testing.assert_allclose(got, st[n], rtol=2e-3, atol=2e-3)

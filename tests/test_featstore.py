@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from vsa.data import load_dataset
+from vsa.errors import VsaError
 from vsa.featstore import FeatureStore, load_features, memmap_npz_member
 
 
@@ -55,14 +56,13 @@ def test_memmapped_and_loaded_stores_agree(npz, tmp_path):
 def test_region_bank_reads_the_same_padded_batches_as_dense_padding(npz):
     import torch
 
-    from vsa.align import pad_regions
-    from vsa.featstore import RegionBank
+    from vsa.featstore import RegionBank, pad_regions
 
     p, a = npz
     st = FeatureStore(p)
     keys = ["c.jpg", "a.jpg", "sub/b.jpg", "a.jpg"]
     bank = RegionBank(st, keys, max_regions=5)
-    dense, mask = pad_regions([st[k][:5] for k in keys], 5)
+    dense, mask = pad_regions([st[k] for k in keys], max_regions=5)
     assert bank.shape == (4, 5, 6) and len(bank) == 4
     assert torch.equal(bank.mask, mask)
     assert torch.equal(bank[:], dense)
@@ -72,6 +72,56 @@ def test_region_bank_reads_the_same_padded_batches_as_dense_padding(npz):
     mean, std = bank.moments(chunk=3)
     np.testing.assert_allclose(mean, real.mean(0), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(std, real.std(0, ddof=1), rtol=1e-6)
+
+
+def test_pad_regions_of_arrays_and_of_a_store():
+    """One padding: first min(R_i, max_regions) rows (whole image stays row 0), float32, zero-padded, R the largest
+    kept count unless a width is given."""
+    import torch
+
+    from vsa.featstore import pad_regions
+
+    st = FeatureStore(None, arrays(["a.jpg", "b.jpg", "c.jpg"], [3, 1, 20]))
+    feats, mask = pad_regions(st, ["b.jpg", "a.jpg"])
+    assert feats.dtype == torch.float32 and mask.dtype == torch.bool and feats.shape == (2, 3, 6)
+    assert mask.tolist() == [[True, False, False], [True, True, True]]
+    assert torch.equal(feats[1], torch.from_numpy(st["a.jpg"])) and not feats[0, 1:].any()
+    same, same_mask = pad_regions([st["b.jpg"], st["a.jpg"]])
+    assert torch.equal(same, feats) and torch.equal(same_mask, mask)
+    capped, cmask = pad_regions(st, max_regions=5)  # every image, capped
+    assert capped.shape == (3, 5, 6) and cmask.sum(1).tolist() == [3, 1, 5]
+    assert torch.equal(capped[2], torch.from_numpy(st["c.jpg"][:5]))
+    wide, wmask = pad_regions([st["b.jpg"]], width=4)
+    assert wide.shape == (1, 4, 6) and wmask.tolist() == [[True, False, False, False]]
+    with pytest.raises(ValueError):
+        pad_regions([st["a.jpg"]], width=2)
+    assert pad_regions([])[0].shape == (0, 1, 0)
+
+
+def test_writer_and_reader_round_trip_and_the_index_superset(npz, tmp_path):
+    """save_features writes what load_features reads (a file of the documented layout, here one np.savez made by
+    hand, goes through unchanged); with emb and paths it is a search index, which is also a features file."""
+    from vsa.featstore import INDEX, load_features, save_features
+
+    p, a = npz
+    st = load_features(p)
+    out = tmp_path / "again.npz"
+    save_features(out, [st.image(i) for i in range(len(st))], "float16", st.meta)
+    b = np.load(out, allow_pickle=False)
+    assert sorted(b.files) == sorted(a)
+    for k in a:
+        assert b[k].dtype == a[k].dtype, k
+        np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+    emb = [np.full((n, 2), i, np.float32) for i, n in enumerate([3, 1, 1])]
+    save_features(tmp_path / "idx.npz", [st.image(i) for i in range(3)], "float16", {**st.meta, "index": "vsa-search"},
+                  emb=emb, paths=["/p/a.jpg", "/p/sub/b.jpg", "/p/c.jpg"])
+    idx = load_features(tmp_path / "idx.npz", required=INDEX)
+    assert idx.emb_offsets.tolist() == [0, 3, 4, 5] and idx.emb.dtype == np.float32 and idx.emb[3].tolist() == [1, 1]
+    assert idx.paths[1] == "/p/sub/b.jpg" and idx.meta["index"] == "vsa-search"
+    np.testing.assert_array_equal(idx["c.jpg"], st["c.jpg"])
+    assert st.emb is None and st.paths is None  # a plain features file
+    with pytest.raises(VsaError, match="emb"):
+        load_features(p, required=INDEX)
 
 
 def test_compressed_npz_falls_back_to_loading(tmp_path):

@@ -115,8 +115,8 @@ def test_open_clip_local_weights_file(tmp_path):
     """--cnn-weights PATH: an image-tower state dict or a whole open_clip model, loaded with weights_only."""
     import torch
 
+    from vsa.cnn import load_extractor
     from vsa.errors import VsaError
-    from vsa.features import load_extractor
 
     torch.set_num_threads(1)
     rand = load_extractor(SPEC, device="cpu")

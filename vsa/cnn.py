@@ -10,7 +10,6 @@ feature map for ``--crop roi`` (RoIAlign) and ``--crop grid``. How region inputs
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -120,12 +119,12 @@ class Extractor:
 
     def _fast(self, what: str, x):
         """On CPU, a traced + frozen TorchScript copy of ``net.<what>`` (conv+BN folded, oneDNN fusions:
-        about 1.4x the eager speed here, same output to 1e-5); eager elsewhere or if tracing fails.
-        ``VSA_NO_JIT=1`` turns it off."""
+        about 1.4x the eager speed here, same output to 1e-5); eager elsewhere, if tracing fails or when
+        :attr:`jit` is False (the CLI sets it from ``VSA_NO_JIT``)."""
         import torch
 
         eager = self.net if what == "forward" else getattr(self.net, what)
-        if self.device != "cpu" or os.environ.get("VSA_NO_JIT") or not self.jit:
+        if self.device != "cpu" or not self.jit:
             return eager
         if what not in self._frozen:
             class _Call(torch.nn.Module):
