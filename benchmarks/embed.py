@@ -40,7 +40,7 @@ def main() -> None:
     from vsa.cnn import load_extractor
     from vsa.features import EmbedItem, embed
     from vsa.images import find_images, open_image
-    from vsa.regions import load_detector
+    from vsa.regions import load_detector, whole_image_region
 
     folder = SHARED / "data" / "flickr8k" / "images"
     if not folder.exists():
@@ -80,8 +80,7 @@ def main() -> None:
             for s in range(0, len(sub), B):
                 ims = [open_image(p) for p, _ in sub[s : s + B]]
                 for (p, k), im, d in zip(sub[s : s + B], ims, det.detect(ims, top=19, conf=0.0005, dedup=1.0)):
-                    w, h = im.size
-                    recs.append(EmbedItem(k, str(p), [{"box": [0, 0, w, h], "score": 1.0, "label": "image"}] + d))
+                    recs.append(EmbedItem(k, str(p), [whole_image_region(*im.size)] + d))
             t_det = time.perf_counter() - t0
             st = embed(recs, Path(tmp) / "r.npz", ex, batch_size=B, workers=args.workers, crop=crop)
             dt = time.perf_counter() - t0
