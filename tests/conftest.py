@@ -47,7 +47,7 @@ def _empty_home(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _fresh_workspace(monkeypatch):
     """Each test sees no vsa.toml unless it writes one."""
-    from vsa import config
+    from vsa.cli import config
 
     monkeypatch.delenv("VSA_CONFIG", raising=False)
     config.reset_workspace()

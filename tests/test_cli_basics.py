@@ -69,7 +69,7 @@ def test_short_help_option_and_version():
 
 def test_importing_the_cli_stays_light():
     """`vsa --help` must not pay for torch: no heavy import at module top of vsa.cli.* (or vsa, io, config, data)."""
-    code = ("import sys, vsa, vsa.cli, vsa.io, vsa.config, vsa.data, vsa.errors, vsa.completions\n"
+    code = ("import sys, vsa, vsa.cli, vsa.io, vsa.cli.config, vsa.data, vsa.errors, vsa.completions\n"
             "print(' '.join(sorted(m for m in ('torch', 'torchvision', 'ultralytics') "
             "if m in sys.modules)))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

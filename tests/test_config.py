@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from vsa import config
-from vsa.config import DEFAULT_OUTPUTS, PATH_KEYS, Workspace, load_workspace, resolve
+from vsa.cli import config
+from vsa.cli.config import DEFAULT_OUTPUTS, PATH_KEYS, Workspace, load_workspace, resolve
 from vsa.errors import VsaError
 
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_cli
+from vsa.errors import VsaError
 from vsa.images import ImageError, find_images, iter_images, open_image
 
 
@@ -120,11 +121,23 @@ def test_decompression_bomb_guard(tmp_path, monkeypatch):
         open_image(p, max_pixels=10_000)
     assert "20000" in str(e.value)
     assert open_image(p, max_pixels=20_000).size == (200, 100)
+    # the library reads no environment: $VSA_MAX_PIXELS is the CLI's (vsa.cli.workspace.max_pixels)
+    from vsa.cli.workspace import max_pixels
+
     monkeypatch.setenv("VSA_MAX_PIXELS", "5000")
-    with pytest.raises(ImageError, match="VSA_MAX_PIXELS"):
-        open_image(p)
-    monkeypatch.setenv("VSA_MAX_PIXELS", "1e6")
     assert open_image(p).size == (200, 100)
+    assert max_pixels(None) == 5000 and max_pixels(20_000) == 20_000
+    with pytest.raises(ImageError, match="VSA_MAX_PIXELS"):
+        open_image(p, max_pixels(None))
+    monkeypatch.setenv("VSA_MAX_PIXELS", "1e6")
+    assert open_image(p, max_pixels(None)).size == (200, 100)
+    monkeypatch.setenv("VSA_MAX_PIXELS", "lots")
+    with pytest.raises(VsaError, match="VSA_MAX_PIXELS must be a number of pixels, got 'lots'"):
+        max_pixels(None)
+    monkeypatch.delenv("VSA_MAX_PIXELS")
+    from vsa.images import DEFAULT_MAX_PIXELS
+
+    assert max_pixels(None) == DEFAULT_MAX_PIXELS
 
 
 def test_one_pixel_image(tmp_path):

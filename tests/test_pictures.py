@@ -199,14 +199,14 @@ def _tiny_aligner(tmp_path, dim=8):
     from vsa.align import build_model
     from vsa.checkpoint import save_checkpoint
     from vsa.data import SPECIALS
-    from vsa.train_align import AlignConfig
+    from vsa.align import AlignModelConfig
 
-    cfg = AlignConfig(hidden=16, embed=8)
+    cfg = AlignModelConfig(hidden=16, embed=8)
     words = list(SPECIALS) + ["a", "dog", "runs", "on", "grass", "the", "cat"]
     torch.manual_seed(0)
     model = build_model(cfg, len(words), dim)
     path = tmp_path / "align.pt"
-    save_checkpoint(path, "align", cfg, words, {"extractor": "fake", "dim": dim}, model.state_dict())
+    save_checkpoint(path, "align", cfg, {}, {}, words, {"extractor": "fake", "dim": dim}, model.state_dict())
     return path
 
 

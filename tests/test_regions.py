@@ -148,3 +148,68 @@ def test_ultralytics_detector_path(tmp_path, monkeypatch):
     im.save(tmp_path / "x.png")
     rec = regions_for_image(det, tmp_path / "x.png", top=2, conf=0.0)
     assert rec["regions"][0]["label"] == "image" and len(rec["regions"]) <= 3
+
+
+# ----------------------------------------------------------------------------- who picks the detector
+
+
+def _bogus_workspace(tmp_path, monkeypatch):
+    """A current folder whose vsa.toml, and an environment whose $VSA_DETECTOR, name detectors that do not exist."""
+    from vsa.cli import config
+
+    (tmp_path / "vsa.toml").write_text('[regions]\ndetector = "toml-bogus.pt"\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VSA_DETECTOR", str(tmp_path / "env-bogus.pt"))
+    config.reset_workspace()
+
+
+def test_the_library_loads_the_detector_it_is_given(tmp_path, monkeypatch, yolov5n, detector, flickr8k):
+    """load_detector / write_regions read neither $VSA_DETECTOR nor vsa.toml: the same detector, the same records."""
+    import vsa.regions as R
+
+    photo = flickr8k / "images" / DOG_IMAGES[0]
+    want = regions_for_image(detector, photo)
+    _bogus_workspace(tmp_path, monkeypatch)
+    det = load_detector(str(yolov5n), device="cpu")
+    assert det.name == detector.name and regions_for_image(det, photo) == want
+    st = R.write_regions([photo], tmp_path / "r.jsonl", str(yolov5n), device="cpu")
+    assert st["images"] == 1 and st["bad"] == 0
+    assert orjson.loads((tmp_path / "r.jsonl").read_bytes()) == want
+
+    seen = []
+
+    class Fake:  # what load_detector(None) asks ultralytics for, without a download
+        def __init__(self, spec, device):
+            seen.append(spec)
+
+    monkeypatch.setattr(R, "UltralyticsDetector", Fake)
+    load_detector(None, device="cpu")
+    assert seen == [R.DEFAULT_DETECTOR] == ["yolo11n.pt"]
+
+
+def test_the_cli_resolves_the_detector(tmp_path, monkeypatch):
+    """--detector, else $VSA_DETECTOR, else [regions] detector of vsa.toml, else yolo11n.pt."""
+    from vsa.cli import config
+    from vsa.cli.workspace import detector as resolve_detector
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VSA_DETECTOR", raising=False)
+    config.reset_workspace()
+    assert resolve_detector(None) == "yolo11n.pt"
+    _bogus_workspace(tmp_path, monkeypatch)
+    assert resolve_detector("flag.pt") == "flag.pt"
+    assert resolve_detector(None) == str(tmp_path / "env-bogus.pt")
+    monkeypatch.delenv("VSA_DETECTOR")
+    assert resolve_detector(None) == str(tmp_path / "toml-bogus.pt")  # a path key: relative to the file
+
+
+def test_cli_regions_honours_vsa_detector_and_vsa_toml(tmp_path, yolov5n, flickr8k):
+    photo = flickr8k / "images" / DOG_IMAGES[0]
+    (tmp_path / "vsa.toml").write_text(f'[regions]\ndetector = {json.dumps(str(yolov5n))}\ntop = 2\n')
+    r = run_cli("regions", photo, "-o", "-", cwd=tmp_path, env={"VSA_DETECTOR": ""})
+    assert r.returncode == 0, r.stderr.decode()
+    rec = orjson.loads(r.stdout)
+    assert rec["detector"] == "yolov5n-coco" and len(rec["regions"]) <= 3  # [regions] top = 2, + the whole image
+    r = run_cli("regions", photo, cwd=tmp_path, env={"VSA_DETECTOR": str(tmp_path / "env-bogus.pt")})
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1 and "env-bogus.pt" in err, err

@@ -106,6 +106,51 @@ def test_eval_retrieval_report_and_ranks(synth):
     assert "Med r" in text and "paper BRNN" in text and _fmt(rep['i2t']['r10']) in text and "of 8 figures" in text
 
 
+def test_eval_library_reads_no_vsa_toml_and_the_cli_does(synth, tmp_path, monkeypatch):
+    """The library evaluates the features it is given, whatever vsa.toml or $VSA_DETECTOR say; the CLI falls back to
+    [features] of vsa.toml when the model's training features are gone."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from vsa.checkpoint import load_checkpoint
+    from vsa.cli import config
+    from vsa.cli.workspace import eval_features
+    from vsa.data import load_dataset
+    from vsa.errors import VsaError
+    from vsa.eval_align import _features_for, evaluate_aligner
+    from vsa.eval_caption import _features_path
+
+    tmp, _, feats, _, _ = synth
+    ds = load_dataset(tmp / "synthetic.json")
+    want = evaluate_aligner(tmp / "a.pt", ds, "test", features=feats, device="cpu")
+    (tmp_path / "vsa.toml").write_text('[features]\nregions = "bogus.npz"\nwhole = "bogus.npz"\ngrid = "bogus.npz"\n'
+                                       '[regions]\ndetector = "bogus.pt"\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VSA_DETECTOR", str(tmp_path / "bogus.pt"))
+    config.reset_workspace()
+    assert evaluate_aligner(tmp / "a.pt", ds, "test", features=feats, device="cpu") == want
+    assert evaluate_aligner(tmp / "a.pt", ds, "test", device="cpu") == want  # the features it was trained on
+    with pytest.raises(VsaError, match="no features for the evaluation: pass --features NPZ$"):
+        _features_for({"meta": {}}, None)
+    with pytest.raises(VsaError, match="no features for the generator"):
+        _features_path({"meta": {}, "extractor": {}}, None)
+    # the CLI: a model whose training features are gone reads [features] regions of vsa.toml, when it exists
+    ck = load_checkpoint(tmp / "a.pt")
+    ck["meta"]["features"] = str(tmp_path / "gone.npz")
+    torch.save(ck, tmp_path / "moved.pt")
+    assert eval_features([tmp_path / "moved.pt"]) == [None]  # bogus.npz does not exist
+    (tmp_path / "vsa.toml").write_text(f"[features]\nregions = {json.dumps(str(feats))}\n")
+    config.reset_workspace()
+    assert eval_features([tmp_path / "moved.pt"]) == [Path(feats)]
+    assert eval_features([tmp_path / "moved.pt"], tmp_path / "flag.npz") == [tmp_path / "flag.npz"]
+    r = run_cli("eval", "--model", tmp_path / "moved.pt", "--dataset", tmp / "synthetic.json", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    rep = orjson.loads(r.stdout)["retrieval"]
+    assert rep["features"] == str(feats) and rep["i2t"] == want["i2t"] and rep["t2i"] == want["t2i"]
+
+
 def test_score_matching_beats_non_matching_and_points_at_objects(synth):
     from tests.synth_align import WORDS
 
@@ -164,10 +209,10 @@ def test_search_index_text_and_sentences(synth):
     r = run_cli("search", "sentences", ds.images[-1].key, "-i", idx, "-c", corpus, "--json")
     assert orjson.loads(r.stdout)["oov"] == ["zebra"] and b"(line 1): not in the vocabulary: zebra" in r.stderr
     # an index is tied to its model
-    from vsa.train_align import AlignConfig, train
+    from vsa.train_align import configs, train
 
     other = tmp / "b.pt"
-    train(AlignConfig(hidden=32, embed=16, epochs=1, min_count=1, seed=3), ds, feats, other, info=lambda *a: None)
+    train(*configs(hidden=32, embed=16, epochs=1, min_count=1, seed=3), ds, feats, other, info=lambda *a: None)
     r = run_cli("search", "text", q, "-i", idx, "-m", other)
     assert r.returncode == 2 and b"another model" in r.stderr
 

@@ -31,7 +31,7 @@ def default_model() -> Path:
 
 class Captioner:
     def __init__(self, ckpt: dict, model_path: Path, device: str = "cpu", cnn_weights=None, region_ckpt: dict | None = None,
-                 aligner=None):
+                 aligner=None, jit: bool = True):
         from vsa.data import Vocab
         from vsa.mrnn import model_from_checkpoint
 
@@ -40,7 +40,7 @@ class Captioner:
         self.device = device
         self.model = model_from_checkpoint(ckpt, device)
         self.vocab = Vocab(ckpt["vocab"])
-        self.cfg = ckpt["config"]
+        self.cfg = ckpt["model"]  # the generator's MRNNConfig as a dict (decoding defaults: self.model.decoding)
         self.extractor_meta = ckpt.get("extractor") or {}
         self.cnn_weights = cnn_weights
         self._ex = None
@@ -48,12 +48,15 @@ class Captioner:
         self.region_vocab = Vocab(region_ckpt["vocab"]) if region_ckpt else None
         self.region_meta = (region_ckpt.get("extractor") or {}) if region_ckpt else {}
         self.aligner = aligner  # vsa.align.Aligner for grounded captions
+        self.jit = jit  # False: never trace the CNN (vsa.features.Extractor.jit)
         self._encoder = None
+        self._featuriser = None
 
     @classmethod
     def load(cls, model=None, device: str = "auto", cnn_weights=None, threads: int = 0, region_model=None,
-             aligner=None) -> "Captioner":
-        """``aligner``: an aligner checkpoint for grounded captions (a region model, ``train-align --model brnn``)."""
+             aligner=None, jit: bool = True) -> "Captioner":
+        """``aligner``: an aligner checkpoint for grounded captions (a region model, ``train-align --model brnn``);
+        ``jit`` False: the CNN runs eager, never traced."""
         import torch
 
         from vsa.checkpoint import load_checkpoint
@@ -73,7 +76,7 @@ class Captioner:
             if al.cfg.model != "brnn":
                 raise VsaError(f"grounding needs a region aligner (train-align --model brnn), not a '{al.cfg.model}' one",
                                aligner)
-        return cls(ck, path, dev, cnn_weights, rck, al)
+        return cls(ck, path, dev, cnn_weights, rck, al, jit)
 
     @property
     def extractor(self):
@@ -98,51 +101,65 @@ class Captioner:
 
         model = model or self.model
         vocab = vocab or self.vocab
-        cfg = model.cfg
-        b = int(beam if beam is not None else cfg.beam)
-        L = int(max_len if max_len is not None else cfg.max_len)
-        lp = float(length_penalty if length_penalty is not None else cfg.length_penalty)
+        dec = model.decoding
+        b = int(beam if beam is not None else dec.beam)
+        L = int(max_len if max_len is not None else dec.max_len)
+        lp = float(length_penalty if length_penalty is not None else dec.length_penalty)
         feats = torch.as_tensor(feats, dtype=torch.float32, device=self.device)
-        bad = bad_ending_ids(vocab) if cfg.bad_endings else None
+        bad = bad_ending_ids(vocab) if dec.bad_endings else None
         with torch.inference_mode():
-            hyps = decode(model, feats, None, b, L, lp, bad, cfg.block_repeats)
+            hyps = decode(model, feats, None, b, L, lp, bad, dec.block_repeats)
         return [(" ".join(vocab.decode(h.tokens)), round(h.logprob, 3)) for h in hyps]
 
-    def featurise(self, batch):
-        """Preprocessed photos ``[B, 3, S, S]`` -> the generator's inputs, made as its training features
-        were: one pooled vector ``[B, D]``, or the whole image + grid cells ``[B, 1 + g*g, D]``
-        for a model trained on ``vsa embed --crop grid`` features."""
-        ex = self.extractor
-        crop = self.extractor_meta.get("crop")
+    @property
+    def featuriser(self):
+        """The generator's inputs made as its training features were (the one path, :mod:`vsa.featurise`): the
+        whole image, or the whole image + grid cells for a model trained on ``vsa embed --crop grid`` features."""
+        if self._featuriser is None:
+            from vsa.featurise import Featuriser
+            from vsa.mrnn import uses_regions
+
+            crop = self.extractor_meta.get("crop")
+            if uses_regions(self.cfg) and crop != "grid":
+                raise VsaError(f"this model attends over detector regions ({crop} features); caption photos with a "
+                               "grid-attention or whole-image model, or evaluate it on a features file", self.path)
+            self._featuriser = Featuriser(self.extractor_meta, extractor=self.extractor,
+                                          whole_only=not uses_regions(self.cfg))
+        return self._featuriser
+
+    def featurise(self, prepared: list[dict]):
+        """Prepared photos (:meth:`vsa.featurise.Featuriser.prepare`) -> the generator's inputs: one pooled
+        vector ``[B, D]``, or the whole image + grid cells ``[B, 1 + g*g, D]`` for a grid model."""
+        import numpy as np
+
         from vsa.mrnn import uses_regions
 
-        if not uses_regions(self.cfg):
-            return ex(batch)
-        if crop != "grid":
-            raise VsaError(f"this model attends over detector regions ({crop} features); caption photos with a "
-                           "grid-attention or whole-image model, or evaluate it on a features file", self.path)
-        g = int(self.extractor_meta.get("grid", 7))
-        return ex.grid(batch, g).view(batch.shape[0], 1 + g * g, -1)
+        feats = self.featuriser.forward(prepared)
+        return np.stack(feats) if uses_regions(self.cfg) else np.stack([f[0] for f in feats])
 
     # ------------------------------------------------------------------ files
 
-    def _load(self, item):
+    def _load(self, item, max_pixels: int | None = None):
         from vsa.images import ImageError, open_image
 
         path, key = item
         try:
-            im = open_image(path)
+            im = open_image(path, max_pixels)
         except ImageError as e:
             return path, key, None, str(e)
-        return path, key, im, self.extractor.preprocess(im)
+        return path, key, im, self.featuriser.prepare(im)
 
     def caption_files(self, items: Iterable[tuple[Path, str]], beam=None, max_len=None, length_penalty=None,
                       batch_size: int = 16, skip_bad: bool = False, warn=None, detector=None, top: int = 5,
-                      workers: int = 2, regions: bool | None = None, ground: bool = False) -> Iterator[dict]:
+                      workers: int = 2, regions: bool | None = None, ground: bool = False,
+                      max_pixels: int | None = None) -> Iterator[dict]:
         """Caption ``(path, key)`` pairs; yields caption JSONL records (docs/formats.md) in input order.
 
+        ``detector``: a detector spec (:func:`vsa.regions.load_detector`) or an already loaded detector;
         ``regions`` (default: when a ``detector`` is given): describe its top boxes with the region model;
         ``ground``: cut each caption into snippets grounded in the detector's boxes (needs the aligner)."""
+        import functools
+
         import torch
 
         items = list(items)
@@ -150,13 +167,18 @@ class Captioner:
             regions = detector is not None and not ground
         if (regions or ground) and detector is None:
             raise VsaError("region captions and grounded captions need a detector")
+        if detector is not None and not hasattr(detector, "detect"):
+            from vsa.regions import load_detector
+
+            detector = load_detector(detector, self.device)
         ex = self.extractor
         # one batch and no regions: tracing the CNN would cost more than it saves (cold start of one photo)
-        ex.jit = len(items) > batch_size or detector is not None
+        ex.jit = self.jit and (len(items) > batch_size or detector is not None)
+        load = functools.partial(self._load, max_pixels=max_pixels)
         pool = ThreadPoolExecutor(max(1, workers))
         try:
             for s in range(0, len(items), batch_size):
-                loaded = list(pool.map(self._load, items[s : s + batch_size]))
+                loaded = list(pool.map(load, items[s : s + batch_size]))
                 good = []
                 for path, key, im, x in loaded:
                     if im is None:
@@ -168,7 +190,7 @@ class Captioner:
                     good.append((path, key, im, x))
                 if not good:
                     continue
-                feats = self.featurise(torch.stack([g[3] for g in good]))
+                feats = self.featurise([g[3] for g in good])
                 caps = self.caption_features(feats, beam, max_len, length_penalty)
                 for (path, key, im, _), (c, lp) in zip(good, caps):
                     rec = {"path": str(path), "key": key, "caption": c, "logprob": lp}
@@ -190,10 +212,10 @@ class Captioner:
         dets = detector.detect([im], top=top)[0][:top]
         if not dets:
             return []
-        from vsa.search import region_features
+        from vsa.featurise import Featuriser
 
         # the region features exactly as the region model's training features were made (warp or roi crops)
-        feats = region_features(self.extractor, self.region_meta, im, dets)
+        feats = Featuriser(self.region_meta, extractor=self.extractor).features(im, dets)
         caps = self.caption_features(feats, beam, max_len, length_penalty, self.region_model, self.region_vocab)
         return [{"box": d["box"], "label": d["label"], "score": d.get("score"), "caption": c} for d, (c, _) in zip(dets, caps)]
 
@@ -216,3 +238,51 @@ class Captioner:
         photo = self._encoder.encode_image(im, path, key)
         beta = aligner_beta(self.aligner)
         return beta, ground_sentence(self.aligner, photo, caption.split(), beta)
+
+
+
+def caption_inputs(inputs, shard: str | None = None) -> list[tuple[Path, str]]:
+    """The ``(path, key)`` images ``vsa caption`` describes: image files and folders of ``inputs`` (found as
+    :func:`vsa.images.find_images` finds them), ``"-"`` for image paths on stdin, one per line; ``shard``
+    ``K/N`` keeps a deterministic 1/N of them. No image at all is an error."""
+    from vsa.images import find_images
+    from vsa.io import text_stream_lines
+
+    items = list(inputs)
+    paths: list[tuple[Path, str]] = []
+    for it in items:
+        if it == "-":
+            paths.extend((Path(p), Path(p).name) for p in text_stream_lines("-"))
+        else:
+            paths.extend(find_images([it]))
+    if shard:
+        from vsa.features import shard_of
+
+        paths = shard_of(paths, shard)
+    if not paths:
+        raise VsaError("no images found in " + ", ".join(map(str, items)))
+    return paths
+
+
+def caption_images(images: list[tuple[Path, str]], model=None, beam=None, max_len=None, length_penalty=None,
+                   regions: bool = False, region_model=None, ground: bool = False, aligner=None, detector=None,
+                   top: int = 5, batch_size: int = 16, device: str = "auto", cnn_weights=None, skip_bad: bool = False,
+                   threads: int = 0, max_pixels: int | None = None, jit: bool = True, warn=None) -> Iterator[dict]:
+    """``vsa caption``: caption records (docs/formats.md) of ``images`` (``(path, key)``, e.g. from
+    :func:`caption_inputs`), in order.
+
+    ``model``: the generator checkpoint (default: the shipped one); ``regions`` describes the detector's top
+    boxes with ``region_model`` (default: the shipped region model); ``ground`` cuts each caption into
+    snippets on the boxes with the aligner checkpoint ``aligner``; both need ``detector`` (a spec or a loaded
+    detector).
+    """
+    if regions and region_model is None:
+        if not DEFAULT_REGION_MODEL.exists():
+            raise VsaError("--regions needs --region-model CKPT (a generator trained with `vsa train-mrnn --alignments`)")
+        region_model = DEFAULT_REGION_MODEL
+    cap = Captioner.load(model, device=device, cnn_weights=cnn_weights, threads=threads,
+                         region_model=region_model if regions else None, aligner=aligner if ground else None, jit=jit)
+    yield from cap.caption_files(images, beam=beam, max_len=max_len, length_penalty=length_penalty,
+                                 batch_size=batch_size, skip_bad=skip_bad, warn=warn,
+                                 detector=detector if (regions or ground) else None, top=top, regions=regions,
+                                 ground=ground, max_pixels=max_pixels)

@@ -23,19 +23,14 @@ TOP = 10  # ranked items kept per query in --ranks-out
 
 
 def _features_for(ckpt: dict, features) -> Path:
-    from vsa.config import workspace
-
+    """``features`` if given, else the features file the aligner was trained on (its checkpoint names it)."""
     if features is not None:
         return Path(features)
     trained = ckpt.get("meta", {}).get("features")
     if trained and Path(trained).exists():
         return Path(trained)
-    key = "features.whole" if ckpt["config"].get("model") == "whole-image" else "features.regions"
-    p = workspace().get(key)
-    if p is None:
-        raise VsaError(f"no features for the evaluation: pass --features NPZ or set [{key.replace('.', '] ')} in vsa.toml"
-                       + (f" (the model was trained on {trained}, which is missing)" if trained else ""))
-    return Path(p)
+    raise VsaError("no features for the evaluation: pass --features NPZ"
+                   + (f" (the model was trained on {trained}, which is missing)" if trained else ""))
 
 
 def _model_scores(model_path, ds, split: str, features=None, device: str = "auto"):
@@ -45,7 +40,7 @@ def _model_scores(model_path, ds, split: str, features=None, device: str = "auto
     from vsa.runtime import pick_device
     from vsa.featstore import load_features
     from vsa.retrieval import score_matrix
-    from vsa.train_align import load_split
+    from vsa.splits import retrieval_split
 
     ckpt = load_checkpoint(model_path, kind="align")
     aligner = aligner_from_checkpoint(ckpt, model_path, pick_device(device))
@@ -55,7 +50,8 @@ def _model_scores(model_path, ds, split: str, features=None, device: str = "auto
     if want and store.meta.get("extractor") and store.meta["extractor"] != want:
         raise VsaError(f"features come from {store.meta['extractor']!r} but the model was trained on {want!r} features",
                        feats_path)
-    data = load_split(ds, split, store, aligner.vocab, aligner.cfg)
+    R = 1 if aligner.cfg.model == "whole-image" else aligner.cfg.max_regions
+    data = retrieval_split(ds, split, store, aligner.vocab, R, aligner.cfg.max_len)
     return score_matrix(aligner.model, data.feats, data.rmask, data.ids, data.lengths), data, feats_path, ckpt
 
 
@@ -96,7 +92,7 @@ def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, 
     scores = runs[0][0] if len(runs) == 1 else combine_scores([r[0] for r in runs], weights)
     m = retrieval_metrics(scores, data.sent_image.numpy())
     name = " + ".join(str(p) for p in paths)
-    cfgs = [{k: r[3]["config"].get(k) for k in ("model", "rnn", "score", "hidden", "loss")} for r in runs]
+    cfgs = [{k: {**r[3]["model"], **r[3]["train"]}.get(k) for k in ("model", "rnn", "score", "hidden", "loss")} for r in runs]
     report = {"model": name, "features": " + ".join(str(r[2]) for r in runs), "images": len(data.keys),
               "sentences": len(data.ids), "i2t": m["i2t"], "t2i": m["t2i"], "rsum": m["rsum"],
               "config": cfgs[0] if len(cfgs) == 1 else cfgs}

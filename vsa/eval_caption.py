@@ -22,18 +22,11 @@ PAPER = {
 
 
 def _features_path(ck: dict, features):
+    """``features`` if given, else the features file the generator was trained on (its checkpoint names it)."""
     if features is not None:
         return Path(features)
     p = ck.get("meta", {}).get("features")
     if p and Path(p).exists():
-        return Path(p)
-    from vsa.config import workspace
-
-    from vsa.mrnn import features_key
-
-    key = features_key(ck["config"])
-    p = workspace().get(key)
-    if p is not None and Path(p).exists():
         return Path(p)
     raise VsaError("no features for the generator: pass --features NPZ (made with `vsa embed` by the same CNN "
                    f"the model was trained on: {ck.get('extractor', {}).get('extractor', '?')})")
@@ -51,7 +44,7 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     from vsa.featstore import FeatureStore
     from vsa.mrnn import model_from_checkpoint
     from vsa.mrnn import uses_regions
-    from vsa.train_mrnn import _stack_regions
+    from vsa.splits import stack_regions
 
     ck = load_checkpoint(model_path, "mrnn")
     dev = pick_device(device)
@@ -66,24 +59,24 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     if store.dim != model.cfg.feat_dim:
         raise VsaError(f"features are {store.dim}-d but the model expects {model.cfg.feat_dim}-d", fpath)
     recs = store.check_dataset(ds.split(split))
-    b = int(beam if beam is not None else model.cfg.beam)
-    lp = float(length_penalty if length_penalty is not None else model.cfg.length_penalty)
+    b = int(beam if beam is not None else model.decoding.beam)
+    lp = float(length_penalty if length_penalty is not None else model.decoding.length_penalty)
     caps: list[str] = []
     import numpy as np
 
     from vsa.decoding import bad_ending_ids
 
-    bad = bad_ending_ids(vocab) if model.cfg.bad_endings else None
+    bad = bad_ending_ids(vocab) if model.decoding.bad_endings else None
 
     for s in range(0, len(recs), batch_size):
         keys = [r.key for r in recs[s : s + batch_size]]
         if uses_regions(model.cfg):
-            f, m = _stack_regions(store, keys, model.cfg.max_regions)
+            f, m = stack_regions(store, keys, model.cfg.max_regions)
         else:
             f, m = torch.from_numpy(np.stack([store.whole(k) for k in keys])), None
         f = f.to(dev)
         m = m.to(dev) if m is not None else None
-        for h in decode(model, f, m, b, model.cfg.max_len, lp, bad, model.cfg.block_repeats):
+        for h in decode(model, f, m, b, model.decoding.max_len, lp, bad, model.decoding.block_repeats):
             caps.append(" ".join(vocab.decode(h.tokens)))
     return recs, caps, b, lp
 

@@ -15,7 +15,6 @@ from vsa.errors import VsaError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own default (about 13400 x 13400)
-ENV_MAX_PIXELS = "VSA_MAX_PIXELS"
 
 
 class ImageError(VsaError):
@@ -23,16 +22,9 @@ class ImageError(VsaError):
 
 
 def pixel_limit(value: int | None = None) -> int:
-    """The decompression-bomb limit: ``value``, else $VSA_MAX_PIXELS, else PIL's default."""
-    if value is not None:
-        return int(value)
-    env = os.environ.get(ENV_MAX_PIXELS)
-    if not env:
-        return DEFAULT_MAX_PIXELS
-    try:
-        return int(float(env))
-    except ValueError:
-        raise VsaError(f"{ENV_MAX_PIXELS} must be a number of pixels, got {env!r}") from None
+    """The decompression-bomb limit: ``value``, else PIL's default (the CLI resolves ``--max-pixels`` and
+    $VSA_MAX_PIXELS: :func:`vsa.cli.workspace.max_pixels`)."""
+    return DEFAULT_MAX_PIXELS if value is None else int(value)
 
 
 def _to_rgb(im, path):
@@ -94,7 +86,7 @@ def open_image(path, max_pixels: int | None = None):
             if w * h > limit:
                 raise ImageError(
                     f"image is {w}x{h} = {w * h} pixels, over the limit of {limit} (possible decompression bomb; "
-                    f"raise it with --max-pixels or {ENV_MAX_PIXELS})", p)
+                    f"raise it with --max-pixels or VSA_MAX_PIXELS)", p)
             im.load()
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im, p)

@@ -482,7 +482,8 @@ def _field(d: dict, names, what: str, source, default=...):
     raise VsaError(f"a {what} entry has none of the fields {', '.join(names)} (has: {', '.join(sorted(d))})", source)
 
 
-def retrieval_data(ranks: dict, ds, out_dir: Path, top: int = 5, source=None, progress_factory=None) -> dict:
+def retrieval_data(ranks: dict, ds, out_dir: Path, top: int = 5, source=None, progress_factory=None,
+                   max_pixels: int | None = None) -> dict:
     """Page data for :func:`write_retrieval_page` from ``vsa eval --ranks-out`` JSON and the dataset.
 
     Reads the ``--ranks-out`` format of :mod:`vsa.eval_align` (docs/formats.md): ``{"split", "model",
@@ -556,7 +557,7 @@ def retrieval_data(ranks: dict, ds, out_dir: Path, top: int = 5, source=None, pr
         for im in images:
             dst = out_dir / im["thumb"]
             if not dst.exists():
-                write_thumb(ds.image_path(im["_rec"]), dst)
+                write_thumb(ds.image_path(im["_rec"]), dst, max_pixels=max_pixels)
             if prog:
                 prog.advance(task)
     finally:
@@ -574,3 +575,110 @@ def retrieval_data(ranks: dict, ds, out_dir: Path, top: int = 5, source=None, pr
                + f". Image annotation R@1 {r1_i:.1f}%, image search R@1 {r1_t:.1f}%. {summ}".rstrip())
     return {"split": ranks.get("split", ""), "summary": summary, "images": images, "sentences": sents,
             "i2t": out_i2t, "t2i": out_t2i}
+
+
+# ----------------------------------------------------------------------------- vsa show
+
+
+def file_kind(path: Path) -> str:
+    """``alignments`` | ``captions`` | ``retrieval``: what ``vsa show`` draws from the file, by its content."""
+    from vsa.errors import VsaError
+    from vsa.io import iter_jsonl, read_json
+
+    if str(path).endswith(".json") and not str(path).endswith(".jsonl"):
+        obj = read_json(path)
+        if isinstance(obj, dict):
+            return "retrieval"
+        raise VsaError("expected retrieval ranks (a JSON object from `vsa eval --ranks-out`)", path)
+    for lineno, rec in iter_jsonl(path, with_lineno=True):
+        if "caption" in rec:  # a caption record, grounded (`vsa caption --ground`: 'snippets') or not
+            return "captions"
+        if "snippets" in rec:
+            return "alignments"
+        raise VsaError("neither an alignment (no 'snippets') nor a caption record (no 'caption')", path, lineno)
+    raise VsaError("empty file", path)
+
+
+def image_path(rec: dict, root, source: Path, lineno: int) -> Path:
+    """The image file of an alignment or caption record: its ``path`` (as given, or next to ``source``), else
+    its ``key`` under the image root ``root``."""
+    from vsa.errors import VsaError
+
+    cands = []
+    if rec.get("path"):
+        p = Path(rec["path"])
+        cands += [p, source.parent / p]
+    if rec.get("key") and root is not None:
+        cands.append(Path(root) / rec["key"])
+    for c in cands:
+        if c.exists():
+            return c
+    if not cands:
+        raise VsaError("cannot find the image: the record has no 'path' and no image root is set "
+                       "(pass --images or set [dataset] images in vsa.toml)", source, lineno)
+    raise VsaError(f"image not found (tried {', '.join(map(str, cands))}; pass --images)", source, lineno)
+
+
+def show_pictures(path: Path, out_dir: Path, kind: str | None = None, root=None, keys=None, split: str | None = None,
+                  limit: int = 50, sentences: int = 5, side: int = 512, no_png: bool = False,
+                  max_pixels: int | None = None, progress=None) -> dict:
+    """``vsa show`` of an alignments or captions JSONL (``kind``, default: :func:`file_kind`): a PNG per chosen
+    record (at most ``sentences`` per image, ``limit`` images (0: all), only image ``keys`` and ``split`` when
+    given; no PNG with ``no_png``) and ``index.html`` in ``out_dir``. ``root``: the image root for records
+    without a usable ``path``. Returns ``{"page", "pictures", "images"}``."""
+    from vsa.errors import VsaError
+    from vsa.io import iter_jsonl
+
+    path, out_dir = Path(path), Path(out_dir)
+    kind = kind or file_kind(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_image: dict[str, int] = {}
+    chosen = []
+    for lineno, rec in iter_jsonl(path, with_lineno=True):
+        key = str(rec.get("key") or rec.get("path") or "")
+        if keys and key not in keys and Path(key).name not in keys:
+            continue
+        if split and rec.get("split") not in (None, split):
+            continue
+        if key not in per_image:
+            if limit and len(per_image) >= limit:
+                continue
+            per_image[key] = 0
+        if per_image[key] >= sentences:
+            continue
+        per_image[key] += 1
+        chosen.append((lineno, rec))
+    entries: list[tuple[Picture, str]] = []
+    found = [(rec, image_path(rec, root, path, lineno)) for lineno, rec in chosen]  # fail before any work
+    task = progress.add_task("show", total=len(chosen)) if progress is not None else None
+    for rec, img in found:
+        pic = from_alignment(rec, img) if kind == "alignments" else from_caption(rec, img)
+        stem = Path(str(rec.get("key") or rec.get("path"))).stem
+        name = f"{stem}-{rec['sentid']}.png" if kind == "alignments" else f"{stem}.png"
+        n = 1
+        while any(name == e[1] for e in entries):
+            n += 1
+            name = f"{Path(name).stem}-{n}.png"
+        if not no_png:
+            save_png(render(pic, side=side, max_pixels=max_pixels), out_dir / name)
+        entries.append((pic, name))
+        if task is not None:
+            progress.advance(task)
+    if not entries:
+        raise VsaError("nothing to show (check --key / --split)", path)
+    page = write_pictures_page(entries, out_dir, title=f"vsa {kind}: {path.name}")
+    return {"page": page, "pictures": len(entries), "images": len(per_image)}
+
+
+def show_retrieval(path: Path, ds, out_dir: Path, top: int = 5, max_pixels: int | None = None,
+                   progress_factory=None) -> dict:
+    """``vsa show`` of retrieval ranks JSON (``vsa eval --ranks-out``) of dataset ``ds``: ``retrieval.html`` and
+    thumbnails in ``out_dir``, ``top`` ranked items per query. Returns ``{"page", "images", "sentences"}``."""
+    from vsa.io import read_json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = retrieval_data(read_json(path), ds, out_dir, top=top, source=path, progress_factory=progress_factory,
+                          max_pixels=max_pixels)
+    page = write_retrieval_page(data, out_dir, title=f"vsa retrieval: {ds.name} {data.get('split', '')}")
+    return {"page": page, "images": len(data["i2t"]), "sentences": len(data["t2i"])}

@@ -21,8 +21,7 @@ from pathlib import Path
 
 from vsa.errors import VsaError
 
-ENV_DETECTOR = "VSA_DETECTOR"
-DEFAULT_DETECTOR = "yolo11n.pt"
+DEFAULT_DETECTOR = "yolo11n.pt"  # ultralytics downloads it on first use (needs internet once)
 
 
 @dataclass
@@ -264,14 +263,14 @@ def is_yolov5_state_dict(spec: str) -> bool:
     return p.is_file() and p.suffix == ".pt" and (p.parent / "meta.json").exists() and "state-dict" in p.name
 
 
-def load_detector(spec: str | None = None, device: str = "auto"):
-    """Detector from a flag value, else $VSA_DETECTOR, else [regions] detector in vsa.toml, else yolo11n.pt."""
-    from vsa.config import workspace
+def load_detector(spec: str | os.PathLike | None = None, device: str = "auto"):
+    """The detector ``spec`` names: a YOLOv5 state-dict folder (or its ``*state-dict*.pt``), else anything
+    ``ultralytics.YOLO`` loads (a weights path, or a name such as :data:`DEFAULT_DETECTOR`, used when ``spec``
+    is None). The spec is taken as given: the library reads no environment and no vsa.toml (the CLI resolves
+    ``--detector``, ``$VSA_DETECTOR`` and ``[regions] detector``: :func:`vsa.cli.workspace.detector`)."""
     from vsa.runtime import pick_device
 
-    if spec is None:
-        spec = os.environ.get(ENV_DETECTOR) or workspace().get("regions.detector") or DEFAULT_DETECTOR
-    spec = str(spec)
+    spec = str(spec) if spec is not None else DEFAULT_DETECTOR
     dev = pick_device(device)
     if is_yolov5_state_dict(spec):
         return YoloV5StateDict(Path(spec), dev)
@@ -332,3 +331,47 @@ def detect_files(detector, files, opt: DetectOptions | None = None, batch_size: 
             yield from flush()
     if batch:
         yield from flush()
+
+
+def write_regions(inputs, out, detector=None, opt: DetectOptions | None = None, batch_size: int = 16, workers: int = 1,
+                  max_pixels: int | None = None, skip_bad: bool = False, shard: str | None = None,
+                  device: str = "auto", threads: int = 0, warn=None, progress=None) -> dict:
+    """``vsa regions``: the regions record of every image of ``inputs`` (files and folders, found as
+    :func:`vsa.images.find_images` finds them; ``shard`` ``K/N`` keeps a deterministic 1/N of them) as JSONL
+    at ``out`` (``"-"``: stdout), in input order.
+
+    ``detector``: a detector spec (:func:`load_detector`) or an already loaded detector. An unreadable image is
+    an error, unless ``skip_bad`` (then ``warn("skipped: ...")`` and on). ``progress``: a rich Progress to
+    advance. Returns ``{"images", "bad", "regions", "seconds"}`` (regions of the images written; seconds
+    from the detector's loading on).
+    """
+    import time
+
+    from vsa.images import find_images
+    from vsa.io import JsonlWriter
+    from vsa.runtime import set_threads
+
+    files = find_images(inputs, missing_ok=skip_bad)
+    if shard:
+        from vsa.features import shard_of
+
+        files = shard_of(files, shard)
+    set_threads(threads)
+    det = detector if hasattr(detector, "detect") else load_detector(detector, device)
+    n_img, n_reg, n_bad, t0 = 0, 0, 0, time.time()
+    with JsonlWriter(out) as w:
+        task = progress.add_task("regions", total=len(files)) if progress is not None else None
+        for rec, err in detect_files(det, files, opt or DetectOptions(), batch_size, workers, max_pixels):
+            if err is not None:
+                if not skip_bad:
+                    raise VsaError(err)
+                if warn is not None:
+                    warn(f"skipped: {err}")
+                n_bad += 1
+            else:
+                w.write(rec)
+                n_reg += len(rec["regions"])
+                n_img += 1
+            if task is not None:
+                progress.advance(task)
+    return {"images": n_img, "bad": n_bad, "regions": n_reg, "seconds": time.time() - t0}

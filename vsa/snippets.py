@@ -58,7 +58,7 @@ def aligner_beta(aligner, beta: float | None = None) -> float:
 
     if beta is not None:
         return float(beta)
-    return float((getattr(aligner, "meta", None) or {}).get("beta", DEFAULT_BETA))
+    return float((getattr(aligner, "decoding", None) or {}).get("beta", DEFAULT_BETA))
 
 
 def ground_sentence(aligner, photo, tokens: list[str], beta: float | None = None) -> list[dict]:
@@ -193,6 +193,64 @@ def _align_to_file(aligner, store, pairs, out: Path, part: Path, beta, resume, w
             fh.write(dumps(r) + b"\n")
     part.unlink(missing_ok=True)
     return {"pairs": len(pairs), "resumed": len(done), "aligned": n_new, "written": len(unique), "records": unique}
+
+
+def align_split(model, features, ds, split: str = "train", out=None, beta: float | None = None, resume: bool = True,
+                skip_missing: bool = False, limit: int | None = None, shard: str | None = None, device: str = "auto",
+                threads: int = 0, warn=None, progress=None) -> dict:
+    """``vsa align``: snippet alignments of every image-sentence pair of ``split`` of ``ds`` (``all``: every
+    split), one JSONL record each, by the aligner checkpoint ``model`` (default: the shipped one) on the region
+    features file ``features``.
+
+    ``out`` None or ``"-"``: streamed to stdout; a file: written atomically in dataset order, resumable through
+    ``<out>.part`` (``resume`` False ignores an earlier part; an interrupt keeps the part and raises
+    :class:`vsa.runtime.Interrupted` saying so). ``beta``: the MRF's (default: the aligner's own,
+    :func:`aligner_beta`). ``skip_missing``: leave out dataset images without features (default: an error);
+    ``limit``: only the first N pairs; ``shard`` ``K/N``: a deterministic 1/N of them. ``progress``: a rich
+    Progress to advance. Returns ``{"pairs", "resumed" (None for stdout), "beta", "stats"}``
+    (:func:`vsa.mrf.snippet_stats` of the records written).
+    """
+    from vsa.align import load_aligner
+    from vsa.featstore import load_features
+    from vsa.io import JsonlWriter, is_stdio
+    from vsa.mrf import snippet_stats
+    from vsa.runtime import pick_device, set_threads
+
+    set_threads(threads)
+    aligner = load_aligner(model, device=pick_device(device))
+    beta = aligner_beta(aligner, beta)  # given, else the aligner's own (a val sweep, saved in it), else the default
+    store = load_features(features)
+    check_extractor(aligner.extractor_meta, store.meta, features)
+    if split not in ("all", "train+restval") and not ds.split(split):
+        raise VsaError(f"split {split!r} has no images in {ds.source}")
+    recs = ds.images if split == "all" else ds.split(split)
+    keep = {r.key for r in store.check_dataset(recs, skip_missing=skip_missing, warn=warn)}
+    pairs = [(r, s) for r, s in pairs_of(ds, split) if r.key in keep]
+    if limit is not None:
+        pairs = pairs[:limit]
+    if shard:
+        from vsa.features import shard_of
+
+        pairs = shard_of(pairs, shard)
+    if out is None or is_stdio(out):
+        task = progress.add_task("align", total=len(pairs)) if progress is not None else None
+        step = (lambda: progress.advance(task)) if progress is not None else None
+        written = []
+        with JsonlWriter("-") as w:
+            for r in iter_alignments(aligner, store, pairs, beta, on_pair=step):
+                w.write(r)
+                written.append({"snippets": r["snippets"]})
+        return {"pairs": len(pairs), "resumed": None, "beta": beta, "stats": snippet_stats(written)}
+    from vsa.runtime import Interrupted
+
+    try:
+        res = align_to_file(aligner, store, pairs, Path(out), beta, resume=resume, warn=warn, progress=progress)
+    except KeyboardInterrupt:
+        part = part_path(Path(out))
+        n = sum(1 for _ in open(part, "rb")) if part.exists() else 0
+        raise Interrupted(f"interrupted; {n} finished pair(s) kept in {part} ({out} untouched); "
+                          "rerun the same command to resume") from None
+    return {"pairs": len(pairs), "resumed": res["resumed"], "beta": beta, "stats": snippet_stats(res["records"])}
 
 
 # ----------------------------------------------------------------------------- choosing beta

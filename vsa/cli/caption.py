@@ -26,7 +26,7 @@ def caption(
     region_model: Optional[Path] = typer.Option(None, "--region-model", help="Region caption model for --regions (`vsa train-mrnn --alignments`; default: the shipped Flickr8k one)."),
     ground: bool = typer.Option(False, "--ground", help="Also cut the caption into snippets, each grounded in a box (whole image = region 0), with the aligner's chain MRF as `vsa align` does (needs a detector)."),
     aligner: Optional[Path] = typer.Option(None, "--aligner", help="Aligner for --ground (default: [align] model in vsa.toml if it exists, else the shipped Flickr8k aligner)."),
-    detector: Optional[str] = typer.Option(None, "--detector", help="Detector for --regions and --ground (default: [regions] detector in vsa.toml)."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="Detector for --regions and --ground (default: $VSA_DETECTOR, [regions] detector in vsa.toml, else yolo11n.pt)."),
     top: int = typer.Option(5, "--top", help="Regions described per image with --regions."),
     batch_size: int = typer.Option(16, "--batch-size"),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
@@ -36,11 +36,13 @@ def caption(
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0: all)."),
 ):
     """Describe images: one line per image, `PATH<TAB>caption` (or --bare, --json, --coco-results)."""
+    from vsa.captioner import caption_images, caption_inputs
+    from vsa.cli import workspace as W
+    from vsa.cli.common import note
+    from vsa.cli.config import default_model
     from vsa.errors import VsaError
-    from vsa.images import find_images
-    from vsa.io import data_stdout, dumps, text_stream_lines
+    from vsa.io import data_stdout, dumps
 
-    paths: list[tuple[Path, str]] = []
     items = list(inputs or [])
     if not items:
         from vsa.io import stdin_is_piped
@@ -48,42 +50,16 @@ def caption(
         if not stdin_is_piped():
             raise VsaError("no images given: pass IMAGE... or a folder, or pipe paths on stdin with '-'")
         items = ["-"]
-    for it in items:
-        if it == "-":
-            paths.extend((Path(p), Path(p).name) for p in text_stream_lines("-"))
-        else:
-            paths.extend(find_images([it]))
-    if shard:
-        from vsa.features import shard_of
-
-        paths = shard_of(paths, shard)
-    if not paths:
-        raise VsaError("no images found in " + ", ".join(items))
-    from vsa.captioner import Captioner
-
-    if regions and region_model is None:
-        from vsa.captioner import DEFAULT_REGION_MODEL
-
-        if not DEFAULT_REGION_MODEL.exists():
-            raise VsaError("--regions needs --region-model CKPT (a generator trained with `vsa train-mrnn --alignments`)")
-        region_model = DEFAULT_REGION_MODEL
-    from vsa.cli.common import note
-    from vsa.config import default_model
-
-    cap = Captioner.load(default_model("mrnn", model, note), device=device, cnn_weights=cnn_weights, threads=threads,
-                         region_model=region_model if regions else None,
-                         aligner=default_model("align", aligner, note) if ground else None)
-    det = None
-    if regions or ground:
-        from vsa.config import resolve
-        from vsa.regions import load_detector
-
-        det = load_detector(resolve(detector, "regions.detector", "--detector", required=False), device=device)
+    paths = caption_inputs(items, shard)
+    records = caption_images(paths, default_model("mrnn", model, note), beam=beam, max_len=max_len,
+                             length_penalty=length_penalty, regions=regions, region_model=region_model, ground=ground,
+                             aligner=default_model("align", aligner, note) if ground else None,
+                             detector=W.detector(detector) if regions or ground else None, top=top,
+                             batch_size=batch_size, device=device, cnn_weights=cnn_weights, skip_bad=skip_bad,
+                             threads=threads, max_pixels=W.max_pixels(None), jit=W.jit(), warn=warn)
     results = []
     out = data_stdout().buffer  # the real stdout: the command runs with sys.stdout on stderr (cli.common.guarded)
-    for rec in cap.caption_files(paths, beam=beam, max_len=max_len, length_penalty=length_penalty,
-                                 batch_size=batch_size, skip_bad=skip_bad, warn=warn, detector=det, top=top,
-                                 regions=regions, ground=ground):
+    for rec in records:
         if as_json:
             out.write(dumps(rec) + b"\n")
         else:

@@ -108,7 +108,23 @@ def progress(transient: bool = False):
         TimeRemainingColumn,
     )
 
-    return Progress(
+    class _Progress(Progress):
+        """Shown from its first task on: a command that stops before any work (a bad argument found by the
+        library it hands the progress to) prints no empty bar."""
+
+        def __enter__(self):
+            return self
+
+        def add_task(self, *args, **kwargs):
+            if not self.live.is_started:
+                self.start()
+            return super().add_task(*args, **kwargs)
+
+        def __exit__(self, *exc):
+            if self.live.is_started:
+                self.stop()
+
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -117,3 +133,34 @@ def progress(transient: bool = False):
         console=console(),
         transient=transient,
     )
+
+
+def config_command(*configs: str):
+    """A typer command class whose ``--help`` shows, for every option named like a field of the given config
+    dataclasses (``"module:Class"``), that field's default: the dataclass is the one source of defaults, the
+    options themselves default to None ("unset": the dataclass value is used). The dataclasses (and torch)
+    are imported only when this command's help is shown, so ``vsa --help`` stays fast."""
+    from typer.core import TyperCommand
+
+    class ConfigCommand(TyperCommand):
+        def format_help(self, ctx, formatter):
+            defaults = config_defaults(*configs)
+            for p in self.params:
+                if p.name in defaults and p.default is None:
+                    p.default, p.show_default = defaults[p.name], True
+            return super().format_help(ctx, formatter)
+
+    return ConfigCommand
+
+
+def config_defaults(*configs: str) -> dict:
+    """``{field: default}`` of config dataclasses named ``"module:Class"`` (later ones do not override)."""
+    import dataclasses
+    import importlib
+
+    out: dict = {}
+    for spec in configs:
+        mod, cls = spec.split(":")
+        for f in dataclasses.fields(getattr(importlib.import_module(mod), cls)):
+            out.setdefault(f.name, f.default)
+    return out

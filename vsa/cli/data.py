@@ -14,7 +14,7 @@ app.add_typer(data_app, name="data")
 
 
 def _min_count(value: Optional[int]) -> int:
-    from vsa.config import resolve
+    from vsa.cli.config import resolve
     from vsa.errors import VsaError
 
     mc = resolve(value, "dataset.min_count", "--min-count", default=5)

@@ -52,7 +52,8 @@ def embed(
     if inputs and inputs[0] == "merge":
         return merge(inputs[1:], out)
 
-    from vsa.config import resolve
+    from vsa.cli import workspace as W
+    from vsa.cli.config import resolve
     from vsa.errors import VsaError
     from vsa.features import EmbedItem, embed as run_embed, items_from_regions, load_extractor, shard_of
     from vsa.images import find_images, listed_images
@@ -95,14 +96,14 @@ def embed(
 
         torch.set_num_threads(threads)
     ex = load_extractor(resolve(cnn, "features.cnn", "--cnn", default="efficientnet-lite0"),
-                        str(cnn_weights) if cnn_weights else None, device)
+                        str(cnn_weights) if cnn_weights else None, device, W.jit())
     t0 = time.time()
     from vsa.runtime import Interrupted
 
     try:
         with progress() as prog:
             st = run_embed(items, out_path, ex, batch_size=batch_size, workers=workers, context=context, crop=crop, dtype=dtype,
-                           resume=not no_resume, part_every=part_every, skip_bad=skip_bad, max_pixels=max_pixels, warn=warn, progress=prog, grid=grid,
+                           resume=not no_resume, part_every=part_every, skip_bad=skip_bad, max_pixels=W.max_pixels(max_pixels), warn=warn, progress=prog, grid=grid,
                            extra_meta={"detector": ",".join(sorted(d for d in detectors if d)) or None,
                                        **({"shard": shard} if shard else {})})
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (vsa.cli.common.guarded): exit 130

@@ -34,69 +34,37 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
 ):
     """Retrieval (aligner) and caption metrics (generator) on a split, beside the paper's numbers."""
-    import tempfile
-
-    from vsa.checkpoint import load_checkpoint
+    from vsa.cli import workspace as W
     from vsa.cli.common import note, progress, warn
-    from vsa.cli.workspace import open_dataset
-    from vsa.config import default_model, resolve
+    from vsa.cli.config import default_model
     from vsa.errors import VsaError
-    from vsa.featurise import features_for_eval
+    from vsa.evaluate import evaluate as run_eval
     from vsa.io import write_json
 
     models = list(model or []) or [default_model(kind, None, note) for kind in ("align", "mrnn")]
-    ds = open_dataset(dataset, images)
-    if not ds.split(split):
-        raise VsaError(f"split {split!r} has no images in {ds.source}")
-    report: dict = {"split": split, "dataset": ds.name}
-    kinds = {m: load_checkpoint(m)["kind"] for m in models}
-    for m, kind in kinds.items():
-        if kind not in ("align", "mrnn"):
-            raise VsaError(f"cannot evaluate a '{kind}' checkpoint", m)
-    aligners = [m for m in models if kinds[m] == "align"]
-    if len(aligners) > 1 and not ensemble:
-        raise VsaError(f"{len(aligners)} aligners given: evaluate one at a time, or pass --ensemble to combine them")
+    ds = W.open_dataset(dataset, images)
+    feats = W.eval_features(models, features)
     if weights is not None and not ensemble:
         raise VsaError("--weights needs --ensemble")
     try:
         w = [float(x) for x in weights.split(",")] if weights else None
     except ValueError:
         raise VsaError(f"--weights must be comma-separated numbers, got {weights!r}") from None
-    det = resolve(detector, "regions.detector", "--detector", required=False)
-    with tempfile.TemporaryDirectory(prefix="vsa-eval-") as tmp, progress(transient=True) as prog:
-        computed: dict = {}
 
-        def feats(m, given=features):  # the given / trained-on features, else computed from the images (once each)
-            return features_for_eval(m, ds, split, tmp, given, det, device, computed, prog, warn, note)
+    def table(name: str, section: dict) -> None:  # each section's table as soon as it is done
+        if as_json:
+            return
+        if name == "retrieval":
+            from vsa.eval_align import render_retrieval as render
+        else:
+            from vsa.eval_caption import render_generation as render
+        render(section, _stdout())
 
-        if aligners:
-            from vsa.eval_align import evaluate_aligner, render_retrieval
-
-            # an ensemble's members each read the features they were trained on (--features is for one model)
-            fs = [feats(m, None if len(aligners) > 1 else features) for m in aligners]
-            report["retrieval"] = evaluate_aligner(aligners if ensemble else aligners[0], ds, split,
-                                                   features=fs if ensemble else fs[0], ranks_out=ranks_out,
-                                                   device=device, weights=w)
-            _name_computed(report["retrieval"], computed, ds)
-            if not as_json:
-                render_retrieval(report["retrieval"], _stdout())
-        for m in models:
-            if kinds[m] == "mrnn":
-                from vsa.eval_caption import evaluate_generator, render_generation
-
-                report["generation"] = evaluate_generator(m, ds, split, features=feats(m), beam=beam,
-                                                          captions_out=captions_out, device=device)
-                _name_computed(report["generation"], computed, ds)
-                if not as_json:
-                    render_generation(report["generation"], _stdout())
+    with progress(transient=True) as prog:
+        report = run_eval(models, ds, split, feats, W.detector(detector), beam=beam, captions_out=captions_out,
+                          ranks_out=ranks_out, ensemble=ensemble, weights=w, device=device, jit=W.jit(), progress=prog,
+                          warn=warn, note=note, on_section=table)
     if out is not None:
         write_json(out, report, indent=True)
     if as_json:
         write_json("-", report)
-
-
-def _name_computed(section: dict, computed: dict, ds) -> None:
-    """Features computed into a temporary file are reported as made from the images, not by the file's name."""
-    for path in computed.values():
-        if "features" in section:
-            section["features"] = str(section["features"]).replace(str(path), f"computed from {ds.image_root}")

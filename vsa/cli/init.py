@@ -32,7 +32,7 @@ def init(
     path: Optional[Path] = typer.Option(None, "--path", help="Where to write (default ./vsa.toml)."),
 ):
     """Write a vsa.toml workspace config in the current folder."""
-    from vsa.config import CONFIG_NAME, write_template
+    from vsa.cli.config import CONFIG_NAME, write_template
     from vsa.errors import VsaError
 
     target = path or Path(CONFIG_NAME)

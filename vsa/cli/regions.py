@@ -28,15 +28,10 @@ def regions(
     threads: int = typer.Option(0, "--threads", help="torch intra-op threads (0 = torch default)."),
 ):
     """Detect regions: the whole image + top detections per image, as JSONL (one line per image)."""
-    import time
-
-    from vsa.config import resolve
-    from vsa.errors import VsaError
-    from vsa.images import find_images
-    from vsa.io import JsonlWriter, resolve_input, text_stream_lines
-    from vsa.regions import DetectOptions, detect_files, load_detector
-
-    from vsa.io import stdin_is_piped, stdout_is_piped
+    from vsa.cli import workspace as W
+    from vsa.cli.config import resolve
+    from vsa.io import resolve_input, stdin_is_piped, stdout_is_piped, text_stream_lines
+    from vsa.regions import DetectOptions, write_regions
 
     if not inputs:
         if stdin_is_piped():
@@ -45,32 +40,11 @@ def regions(
             inputs = [str(resolve(None, "dataset.images", "IMAGES... (or paths on stdin)"))]
     if out is None:
         out = "-" if stdout_is_piped() else str(resolve(None, "regions.out", "--out", required=False, default="-"))
-    files = find_images(inputs, missing_ok=skip_bad)
-    if shard:
-        from vsa.features import shard_of
-
-        files = shard_of(files, shard)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    top_n = int(resolve(top, "regions.top", "--top", default=19))
-    given = dict(top=top_n, conf=conf, iou=iou, dedup=dedup, imgsz=imgsz)
+    given = dict(top=int(resolve(top, "regions.top", "--top", default=19)), conf=conf, iou=iou, dedup=dedup, imgsz=imgsz)
     opt = DetectOptions(**{k: v for k, v in given.items() if v is not None})
-    det = load_detector(detector, device)
-    n_img, n_reg, n_bad, t0 = 0, 0, 0, time.time()
-    with JsonlWriter(out) as w, progress() as prog:
-        task = prog.add_task("regions", total=len(files))
-        for rec, err in detect_files(det, files, opt, batch_size, workers, max_pixels):
-            if err is not None:
-                if not skip_bad:
-                    raise VsaError(err)
-                warn(f"skipped: {err}")
-                n_bad += 1
-            else:
-                w.write(rec)
-                n_reg += len(rec["regions"])
-                n_img += 1
-            prog.advance(task)
-    dt = time.time() - t0
-    info(f"regions: {n_img} images ({n_bad} bad), {n_reg / max(n_img, 1):.2f} regions/image, {n_img / max(dt, 1e-9):.1f} images/s")
+    with progress() as prog:
+        st = write_regions(inputs, out, W.detector(detector), opt, batch_size, workers, W.max_pixels(max_pixels),
+                           skip_bad, shard, device, threads, warn, prog)
+    n_img = st["images"]
+    info(f"regions: {n_img} images ({st['bad']} bad), {st['regions'] / max(n_img, 1):.2f} regions/image, "
+         f"{n_img / max(st['seconds'], 1e-9):.1f} images/s")

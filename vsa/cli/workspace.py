@@ -10,11 +10,91 @@ from typing import Optional
 
 from vsa.cli.common import warn
 
+ENV_DETECTOR = "VSA_DETECTOR"
+ENV_MAX_PIXELS = "VSA_MAX_PIXELS"
+ENV_NO_JIT = "VSA_NO_JIT"
+
+
+def detector(flag: Optional[str] = None) -> str:
+    """The detector spec a command uses: ``--detector``, else $VSA_DETECTOR, else ``[regions] detector`` of
+    vsa.toml, else :data:`vsa.regions.DEFAULT_DETECTOR` (yolo11n.pt)."""
+    import os
+
+    from vsa.cli.config import workspace
+
+    if flag is not None:
+        return str(flag)
+    spec = os.environ.get(ENV_DETECTOR) or workspace().get("regions.detector")
+    if spec:
+        return str(spec)
+    from vsa.regions import DEFAULT_DETECTOR  # light: vsa.regions imports torch inside its functions
+
+    return DEFAULT_DETECTOR
+
+
+def max_pixels(flag: Optional[int] = None) -> int:
+    """The decompression-bomb limit: ``--max-pixels``, else $VSA_MAX_PIXELS, else PIL's default."""
+    import os
+
+    from vsa.errors import VsaError
+    from vsa.images import DEFAULT_MAX_PIXELS
+
+    if flag is not None:
+        return int(flag)
+    env = os.environ.get(ENV_MAX_PIXELS)
+    if not env:
+        return DEFAULT_MAX_PIXELS
+    try:
+        return int(float(env))
+    except ValueError:
+        raise VsaError(f"{ENV_MAX_PIXELS} must be a number of pixels, got {env!r}") from None
+
+
+def jit() -> bool:
+    """Whether CPU forwards of the CNN may use a traced TorchScript copy (``VSA_NO_JIT=1`` turns it off)."""
+    import os
+
+    return not os.environ.get(ENV_NO_JIT)
+
+
+def eval_features(models: list, features: Optional[Path] = None) -> list:
+    """The features file ``vsa eval`` reads for each checkpoint of ``models``: ``--features`` (it is for one model:
+    the aligners of an ensemble each read their own), else the file the model was trained on when it exists, else
+    ``[features] regions`` / ``whole`` / ``grid`` of vsa.toml as the model needs, when that file exists; None where
+    there is none (the library then computes them from the images)."""
+    from vsa.checkpoint import load_checkpoint
+    from vsa.cli.config import workspace
+    from vsa.features import trained_features
+
+    cks = [load_checkpoint(m) for m in models]
+    n_aligners = sum(ck.get("kind") == "align" for ck in cks)
+    out: list = []
+    for ck in cks:
+        given = None if ck.get("kind") == "align" and n_aligners > 1 else features
+        found = Path(given) if given is not None else None
+        if found is None and ck.get("kind") in ("align", "mrnn"):
+            found = trained_features(ck)
+            if found is None:
+                p = workspace().get(_features_key(ck))
+                found = Path(p) if p is not None and Path(p).exists() else None
+        out.append(found)
+    return out
+
+
+def _features_key(ck: dict) -> str:
+    """The vsa.toml key naming the features a checkpoint reads by default."""
+    cfg = ck.get("model") if isinstance(ck.get("model"), dict) else ck.get("config") or {}  # version 2, version 1
+    if ck["kind"] == "align":
+        return "features.whole" if cfg.get("model") == "whole-image" else "features.regions"
+    from vsa.mrnn import features_key
+
+    return features_key(cfg)
+
 
 def open_dataset(dataset: Optional[Path], images: Optional[Path] = None, splits: Optional[Path] = None, seed: int = 0,
                  quiet: bool = False):
     """Load the dataset named by the flag or by [dataset] in vsa.toml; loader notes go to stderr."""
-    from vsa.config import resolve
+    from vsa.cli.config import resolve
     from vsa.data import load_dataset
 
     path = resolve(dataset, "dataset.path", "DATASET")
@@ -34,11 +114,13 @@ def aligner(model: Optional[Path], device: str):
     return load_aligner(model, pick_device(device))
 
 
-def encoder(aligner, detector, top, device, cnn_weights):
+def encoder(aligner, detector_flag, top, device, cnn_weights):
+    """The photo encoder of ``vsa score`` / ``vsa search``: the detector :func:`detector` names (loaded when
+    first needed) and the CNN the aligner was trained on."""
     from vsa.runtime import pick_device
     from vsa.search import PhotoEncoder
 
-    return PhotoEncoder(aligner.extractor_meta, detector, top, pick_device(device), cnn_weights,
+    return PhotoEncoder(aligner.extractor_meta, detector(detector_flag), top, pick_device(device), cnn_weights,
                         whole_only=aligner.cfg.model != "brnn")
 
 
@@ -57,6 +139,6 @@ CNN_HELP = "Local CNN weights file (default: the pip package's)."
 def default_aligner(model: Optional[Path]) -> Path:
     """--model, else [align] model of vsa.toml when trained, else the shipped aligner (said on stderr)."""
     from vsa.cli.common import note
-    from vsa.config import default_model
+    from vsa.cli.config import default_model
 
     return default_model("align", model, note)

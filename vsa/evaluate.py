@@ -1,0 +1,80 @@
+"""``vsa eval``: retrieval metrics of aligners (:mod:`vsa.eval_align`) and caption metrics of generators
+(:mod:`vsa.eval_caption`) on one split of a dataset, on given features or on features computed from the
+dataset's images as each model's training features were made (:func:`vsa.features.features_for_eval`).
+"""
+
+from __future__ import annotations
+
+from vsa.errors import VsaError
+
+
+def evaluate(models: list, ds, split: str, features: list | None = None, detector=None, beam: int | None = None,
+             captions_out=None, ranks_out=None, ensemble: bool = False, weights: list[float] | None = None,
+             device: str = "auto", jit: bool = True, progress=None, warn=None, note=None, on_section=None) -> dict:
+    """The eval report ``{"split", "dataset", "retrieval", "generation"}`` (docs/formats.md) of the checkpoints
+    ``models`` on ``split`` of ``ds``.
+
+    An aligner gives ``retrieval`` (several aligners only with ``ensemble``: their standardised scores averaged
+    with ``weights``, :func:`vsa.eval_align.evaluate_aligner`), a generator ``generation``
+    (:func:`vsa.eval_caption.evaluate_generator`; with several generators the report keeps the last).
+    ``features``: a features file or None per model; None: the file the model was trained on, else computed from
+    the dataset's images (``detector``, a spec, for region features) into a temporary folder, removed at the end,
+    and reported as ``computed from <image root>`` (``jit`` False: the CNN runs eager, never traced).
+    ``on_section(name, section)`` is called as each section is
+    done (``vsa eval`` prints its table then); ``progress``, ``warn``, ``note``: a rich Progress and message
+    callbacks.
+    """
+    import tempfile
+
+    from vsa.checkpoint import load_checkpoint
+    from vsa.features import features_for_eval
+
+    models = list(models)
+    given = list(features) if features is not None else [None] * len(models)
+    if len(given) != len(models):
+        raise VsaError(f"{len(given)} features files for {len(models)} models")
+    if not ds.split(split):
+        raise VsaError(f"split {split!r} has no images in {ds.source}")
+    report: dict = {"split": split, "dataset": ds.name}
+    kinds = [load_checkpoint(m)["kind"] for m in models]
+    for m, kind in zip(models, kinds):
+        if kind not in ("align", "mrnn"):
+            raise VsaError(f"cannot evaluate a '{kind}' checkpoint", m)
+    aligners = [i for i, k in enumerate(kinds) if k == "align"]
+    if len(aligners) > 1 and not ensemble:
+        raise VsaError(f"{len(aligners)} aligners given: evaluate one at a time, or pass --ensemble to combine them")
+    with tempfile.TemporaryDirectory(prefix="vsa-eval-") as tmp:
+        computed: dict = {}
+
+        def feats(i):  # the given / trained-on features, else computed from the images (once each)
+            return features_for_eval(models[i], ds, split, tmp, given[i], detector, device, computed, progress, warn,
+                                     note, jit=jit)
+
+        if aligners:
+            from vsa.eval_align import evaluate_aligner
+
+            fs = [feats(i) for i in aligners]
+            paths = [models[i] for i in aligners]
+            report["retrieval"] = evaluate_aligner(paths if ensemble else paths[0], ds, split,
+                                                   features=fs if ensemble else fs[0], ranks_out=ranks_out,
+                                                   device=device, weights=weights)
+            _name_computed(report["retrieval"], computed, ds)
+            if on_section is not None:
+                on_section("retrieval", report["retrieval"])
+        for i, kind in enumerate(kinds):
+            if kind == "mrnn":
+                from vsa.eval_caption import evaluate_generator
+
+                report["generation"] = evaluate_generator(models[i], ds, split, features=feats(i), beam=beam,
+                                                          captions_out=captions_out, device=device)
+                _name_computed(report["generation"], computed, ds)
+                if on_section is not None:
+                    on_section("generation", report["generation"])
+    return report
+
+
+def _name_computed(section: dict, computed: dict, ds) -> None:
+    """Features computed into a temporary file are reported as made from the images, not by the file's name."""
+    for path in computed.values():
+        if "features" in section:
+            section["features"] = str(section["features"]).replace(str(path), f"computed from {ds.image_root}")
