@@ -211,7 +211,7 @@ def test_grounding_embeds_the_photo_as_vsa_score_does(tmp_path, flickr8k, yolov5
     torch.set_num_threads(1)
     photo = flickr8k / "images" / "2677656448_6b7e7702af.jpg"
     cap = Captioner.load(SHIPPED_MODELS["mrnn"], device="cpu", aligner=SHIPPED_MODELS["align"])
-    cap.aligner.meta = {**cap.aligner.meta, "beta": 0.0}
+    cap.aligner.decoding = {**cap.aligner.decoding, "beta": 0.0}
     det = load_detector(str(yolov5n), "cpu")
     rec = next(cap.caption_files([(photo, photo.name)], detector=det, ground=True))
     assert rec["beta"] == 0.0 and "regions" not in rec

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from vsa.assets import SHIPPED_MODELS
 from vsa.errors import VsaError
+from vsa.featstore import pad_regions  # the one region padding
 
 ASSET = SHIPPED_MODELS["align"]  # the Flickr8k aligner shipped in the package
 SCORES = ("sum-max", "mean-max", "sum-all", "global")
@@ -370,21 +371,6 @@ def build_model(cfg, vocab_size: int, feat_dim: int) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- batching helpers
-
-
-def pad_regions(feat_list: list[np.ndarray], max_regions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[R_i, D]`` arrays -> padded float32 ``[N, R, D]`` and mask ``[N, R]``."""
-    R = max(len(f) for f in feat_list)
-    if max_regions:
-        R = min(R, max_regions)
-    D = feat_list[0].shape[1]
-    out = torch.zeros(len(feat_list), R, D, dtype=torch.float32)
-    mask = torch.zeros(len(feat_list), R, dtype=torch.bool)
-    for i, f in enumerate(feat_list):
-        n = min(len(f), R)
-        out[i, :n] = torch.from_numpy(np.asarray(f[:n], dtype=np.float32))
-        mask[i, :n] = True
-    return out, mask
 
 
 def pad_ids(seqs: list[list[int]], max_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,11 +69,10 @@ class CaptionSplit:
 
 def stack_regions(store, keys: list[str], max_regions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded float32 ``[N, R, D]`` regions (whole image first) and mask ``[N, R]`` of ``keys``, R = the most
-    regions any of them has, at most ``max_regions``."""
-    from vsa.featstore import RegionBank
+    regions any of them has, at most ``max_regions`` (:func:`vsa.featstore.pad_regions`)."""
+    from vsa.featstore import pad_regions
 
-    bank = RegionBank(store, keys, max_regions)
-    return bank[:], bank.mask
+    return pad_regions(store, keys, max_regions)
 
 
 def caption_split(ds, store, split: str, vocab, max_len: int, regions: bool = False, max_regions: int = 64,
