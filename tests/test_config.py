@@ -207,3 +207,15 @@ def test_init_warns_about_missing_inputs(tmp_path):
     assert r.returncode == 0
     err = r.stderr.decode()
     assert "warning: --dataset nope.json does not exist (yet)" in err and "warning: --images nowhere" in err
+
+
+def test_the_environment_is_read_by_the_cli_only(monkeypatch):
+    """$VSA_NO_JIT and $VSA_MAX_PIXELS become explicit arguments in vsa.cli.workspace."""
+    from vsa.cli import workspace as W
+
+    monkeypatch.delenv("VSA_NO_JIT", raising=False)
+    assert W.jit() is True
+    monkeypatch.setenv("VSA_NO_JIT", "1")
+    assert W.jit() is False
+    monkeypatch.setenv("VSA_MAX_PIXELS", "1e6")
+    assert W.max_pixels(None) == 1_000_000 and W.max_pixels(5) == 5

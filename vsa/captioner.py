@@ -234,7 +234,8 @@ class Captioner:
             # one CNN in memory when the generator and the aligner use the same one (the shipped models do)
             same = (meta.get("extractor") or "efficientnet-lite0") == (self.extractor_meta.get("extractor") or "efficientnet-lite0")
             self._encoder = PhotoEncoder(meta, detector, self.aligner.cfg.max_regions - 1, self.device,
-                                         self.cnn_weights if same else None, extractor=self.extractor if same else None)
+                                         self.cnn_weights if same else None, extractor=self.extractor if same else None,
+                                         jit=self.jit)
         photo = self._encoder.encode_image(im, path, key)
         beta = aligner_beta(self.aligner)
         return beta, ground_sentence(self.aligner, photo, caption.split(), beta)

@@ -10,7 +10,8 @@ from vsa.errors import VsaError
 
 def evaluate(models: list, ds, split: str, features: list | None = None, detector=None, beam: int | None = None,
              captions_out=None, ranks_out=None, ensemble: bool = False, weights: list[float] | None = None,
-             device: str = "auto", jit: bool = True, progress=None, warn=None, note=None, on_section=None) -> dict:
+             device: str = "auto", jit: bool = True, max_pixels: int | None = None, progress=None, warn=None, note=None,
+             on_section=None) -> dict:
     """The eval report ``{"split", "dataset", "retrieval", "generation"}`` (docs/formats.md) of the checkpoints
     ``models`` on ``split`` of ``ds``.
 
@@ -19,7 +20,7 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
     (:func:`vsa.eval_caption.evaluate_generator`; with several generators the report keeps the last).
     ``features``: a features file or None per model; None: the file the model was trained on, else computed from
     the dataset's images (``detector``, a spec, for region features) into a temporary folder, removed at the end,
-    and reported as ``computed from <image root>`` (``jit`` False: the CNN runs eager, never traced).
+    and reported as ``computed from <image root>`` (``jit`` False: the CNN runs eager, never traced; ``max_pixels``: :func:`vsa.images.open_image`'s limit).
     ``on_section(name, section)`` is called as each section is
     done (``vsa eval`` prints its table then); ``progress``, ``warn``, ``note``: a rich Progress and message
     callbacks.
@@ -48,7 +49,7 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
 
         def feats(i):  # the given / trained-on features, else computed from the images (once each)
             return features_for_eval(models[i], ds, split, tmp, given[i], detector, device, computed, progress, warn,
-                                     note, jit=jit)
+                                     note, jit=jit, max_pixels=max_pixels)
 
         if aligners:
             from vsa.eval_align import evaluate_aligner

@@ -289,7 +289,7 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
 
 def embed_like_training(files: list, out, extractor_meta: dict, detector=None, top: int = 19, device: str = "auto",
                         cnn_weights=None, workers: int = 1, batch_size: int = 8, progress=None, warn=None,
-                        jit: bool = True) -> Path:
+                        jit: bool = True, max_pixels: int | None = None) -> Path:
     """Write the features NPZ of image files ``[(path, key)]`` at ``out`` as ``vsa regions FILES | vsa embed``
     made the training features described by ``extractor_meta`` (a checkpoint's ``extractor``): the CNN it
     names with its crop, context, grid and dtype, on the boxes of ``detector`` (a detector spec or a loaded
@@ -305,7 +305,7 @@ def embed_like_training(files: list, out, extractor_meta: dict, detector=None, t
             warn(f"the model was trained on {want} regions; these come from {det.name}")
         task = progress.add_task("regions", total=len(files)) if progress is not None else None
         items = []
-        for rec, err in detect_files(det, files, DetectOptions(top=top), workers=workers):
+        for rec, err in detect_files(det, files, DetectOptions(top=top), workers=workers, max_pixels=max_pixels):
             if err is not None:
                 raise VsaError(err)
             items.append(EmbedItem(rec["key"], rec["path"], rec["regions"]))
@@ -321,7 +321,8 @@ def embed_like_training(files: list, out, extractor_meta: dict, detector=None, t
     if want and int(want) != int(ex.input_size):
         raise VsaError(f"the model was trained on {want}px inputs but {ex.name} uses {ex.input_size}px")
     embed(items, out, ex, batch_size=batch_size, workers=workers, context=spec.context, crop=spec.crop,
-          dtype=meta.get("dtype") or "float16", resume=False, progress=progress, warn=warn, extra_meta=extra,
+          dtype=meta.get("dtype") or "float16", resume=False, max_pixels=max_pixels, progress=progress, warn=warn,
+          extra_meta=extra,
           grid=spec.grid)
     return Path(out)
 
@@ -340,7 +341,8 @@ def trained_features(ckpt: dict, features=None) -> Path | None:
 
 
 def features_for_eval(model_path, ds, split: str, workdir, features=None, detector=None, device: str = "auto",
-                      cache: dict | None = None, progress=None, warn=None, note=None, jit: bool = True) -> Path:
+                      cache: dict | None = None, progress=None, warn=None, note=None, jit: bool = True,
+                      max_pixels: int | None = None) -> Path:
     """The features NPZ to evaluate the checkpoint at ``model_path`` on ``split`` of ``ds``: an existing one
     (:func:`trained_features`), else computed from the dataset's images into ``workdir``
     (:func:`embed_like_training`; ``cache`` shares one computation between models whose training features were
@@ -366,7 +368,7 @@ def features_for_eval(model_path, ds, split: str, workdir, features=None, detect
              "(pass --features NPZ to reuse a `vsa embed` output)")
     out = Path(workdir) / f"features-{len(cache or {})}.npz"
     embed_like_training([(ds.image_path(r), r.key) for r in recs], out, meta, detector=detector, device=device,
-                        progress=progress, warn=warn, jit=jit)
+                        progress=progress, warn=warn, jit=jit, max_pixels=max_pixels)
     if cache is not None:
         cache[key] = out
     return out

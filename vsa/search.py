@@ -191,9 +191,10 @@ class Index:
 
 
 def build_index(aligner, inputs, encoder: PhotoEncoder | None = None, store=None, keys=None, progress=None,
-                skip_bad: bool = False, warn=None) -> list[Photo]:
-    """Photos for an index: from image files (``inputs``: list of (path, key)) through ``encoder``,
-    or from a features NPZ ``store`` (optionally only ``keys``)."""
+                skip_bad: bool = False, warn=None, max_pixels: int | None = None) -> list[Photo]:
+    """Photos for an index: from image files (``inputs``: list of (path, key)) through ``encoder``
+    (``max_pixels``: :func:`vsa.images.open_image`'s limit), or from a features NPZ ``store`` (optionally only
+    ``keys``)."""
     photos = []
     if store is not None:
         for k in keys or store.keys:
@@ -202,7 +203,7 @@ def build_index(aligner, inputs, encoder: PhotoEncoder | None = None, store=None
     task = progress.add_task("index", total=len(inputs)) if progress is not None else None
     for path, key in inputs:
         try:
-            photos.append(encoder.encode(path, key))
+            photos.append(encoder.encode(path, key, max_pixels))
         except VsaError as e:
             if not skip_bad:
                 raise

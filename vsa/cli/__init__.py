@@ -1,9 +1,10 @@
 """The ``vsa`` command line: one typer app, one module per command (``vsa train-align`` in
 ``train_align.py``, ``vsa search ...`` in ``search.py``, ...).
 
-Each module in this package registers its command on :data:`app`.  Modules
-only parse arguments, call the library (``vsa.*``) and do I/O; heavy imports
-(torch, ultralytics) happen inside the command functions so ``vsa --help`` is fast.
+Each module in this package registers its command on :data:`app`.  A command body resolves its
+arguments (flags, then ``vsa.toml`` and the ``VSA_*`` environment, read only here: :mod:`vsa.cli.config`,
+:mod:`vsa.cli.workspace`), makes one library call (``vsa.*``) with explicit arguments, and prints; heavy
+imports (torch, ultralytics) happen inside the command functions so ``vsa --help`` is fast.
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ def evaluate(
 
     with progress(transient=True) as prog:
         report = run_eval(models, ds, split, feats, W.detector(detector), beam=beam, captions_out=captions_out,
-                          ranks_out=ranks_out, ensemble=ensemble, weights=w, device=device, jit=W.jit(), progress=prog,
+                          ranks_out=ranks_out, ensemble=ensemble, weights=w, device=device, jit=W.jit(),
+                          max_pixels=W.max_pixels(None), progress=prog,
                           warn=warn, note=note, on_section=table)
     if out is not None:
         write_json(out, report, indent=True)

@@ -9,7 +9,7 @@ import typer
 
 from vsa.cli import app
 from vsa.cli.common import data_console, guarded, warn
-from vsa.cli.workspace import CNN_HELP, DETECTOR_HELP, MODEL_HELP, aligner as _aligner, default_aligner as _default_model, encoder as _encoder, say_oov as _say_oov
+from vsa.cli.workspace import CNN_HELP, DETECTOR_HELP, MODEL_HELP, aligner as _aligner, default_aligner as _default_model, encoder as _encoder, max_pixels, say_oov as _say_oov
 
 
 def _score_table(rec: dict):
@@ -54,13 +54,14 @@ def score_cmd(
 
         store = load_features(features)
     encoder = _encoder(aligner, detector, top, device, cnn_weights)
+    limit = max_pixels(None)
 
     last: dict = {}
 
     def photo(img: str):  # consecutive pairs of one photo detect and embed it once
         if img not in last:
             last.clear()
-            last[img] = photo_from_store(store, img) if store is not None else encoder.encode(img)
+            last[img] = photo_from_store(store, img) if store is not None else encoder.encode(img, max_pixels=limit)
         return last[img]
 
     if image is not None:

@@ -9,7 +9,7 @@ import typer
 
 from vsa.cli import app
 from vsa.cli.common import data_console, guarded, info, warn
-from vsa.cli.workspace import CNN_HELP, DETECTOR_HELP, MODEL_HELP, aligner as _aligner, default_aligner as _default_model, encoder as _encoder, say_oov as _say_oov
+from vsa.cli.workspace import CNN_HELP, DETECTOR_HELP, MODEL_HELP, aligner as _aligner, default_aligner as _default_model, encoder as _encoder, max_pixels, say_oov as _say_oov
 
 search_app = typer.Typer(help="Index a folder of photos once; rank photos for a text query, or sentences for a photo.",
                          no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
@@ -61,7 +61,7 @@ def search_index(
         encoder = _encoder(aligner, detector, top, device, cnn_weights)
         with progress() as prog:
             items = build_index(aligner, [(str(p), k) for p, k in inputs], encoder, progress=prog, skip_bad=skip_bad,
-                                warn=warn)
+                                warn=warn, max_pixels=max_pixels(None))
     save_index(out, aligner, items)
     info(f"indexed {len(items)} photos -> {out}")
 
@@ -135,7 +135,7 @@ def search_sentences_cmd(
             photo = idx.photo(i)
     aligner = aligner or _aligner(_default_model(model), device)
     if photo is None:
-        photo = _encoder(aligner, detector, top, device, cnn_weights).encode(image)
+        photo = _encoder(aligner, detector, top, device, cnn_weights).encode(image, max_pixels=max_pixels(None))
     hits = search_sentences(aligner, photo, read_corpus(corpus), k)
     for h in hits:
         _say_oov(h["oov"], f"rank {h['rank']} (line {h['line']}): ")

@@ -121,7 +121,7 @@ def encoder(aligner, detector_flag, top, device, cnn_weights):
     from vsa.search import PhotoEncoder
 
     return PhotoEncoder(aligner.extractor_meta, detector(detector_flag), top, pick_device(device), cnn_weights,
-                        whole_only=aligner.cfg.model != "brnn")
+                        whole_only=aligner.cfg.model != "brnn", jit=jit())
 
 
 def say_oov(words: list[str], where: str = "") -> None:
