@@ -3,7 +3,7 @@
 
 _vsa_subcommands() {
     case "$1" in
-        "vsa") echo "init regions embed train-align score train-mrnn caption eval align show data search" ;;
+        "vsa") echo "init regions embed train-align score train-mrnn caption align eval show data search" ;;
         "vsa data") echo "stats convert" ;;
         "vsa search") echo "index text sentences" ;;
     esac
@@ -19,8 +19,8 @@ _vsa_options() {
         "vsa score") echo "-m --model -f --features --detector --top --cnn-weights --json --skip-bad --device -h --help" ;;
         "vsa train-mrnn") echo "--dataset -f --features -o --out --alignments --rnn --attention --no-attention --hidden --embed --dropout --epochs --scst-epochs --scst-lr --batch-size --lr --lr-decay --label-smoothing --set --max-len --min-count --patience --seed --threads --device --resume --no-beam-search --skip-missing --json -h --help" ;;
         "vsa caption") echo "-m --model --beam --max-len --length-penalty --json --coco-results --bare --regions --region-model --ground --aligner --detector --top --batch-size --device --cnn-weights --skip-bad --shard --threads -h --help" ;;
-        "vsa eval") echo "--split -m --model --dataset --images --features --detector --beam --captions-out --ranks-out -o --out --json --ensemble --weights --device -h --help" ;;
         "vsa align") echo "-m --model --dataset --images --features --split --beta -o --out --no-resume --skip-missing --limit --shard --device --threads -h --help" ;;
+        "vsa eval") echo "--split -m --model --dataset --images --features --detector --beam --captions-out --ranks-out -o --out --json --ensemble --weights --device -h --help" ;;
         "vsa show") echo "-o --out --images --dataset -k --key --split --limit --sentences --side --top --no-png -h --help" ;;
         "vsa data") echo "-h --help" ;;
         "vsa data stats") echo "--images --splits --min-count --seed --json -h --help" ;;
@@ -159,6 +159,20 @@ _vsa_value_kind() {
         "vsa caption --threads") echo "value" ;;
         "vsa caption -h"|"vsa caption --help") echo "flag" ;;
         "vsa caption ARGS") echo "files" ;;
+        "vsa align -m"|"vsa align --model") echo "files" ;;
+        "vsa align --dataset") echo "files" ;;
+        "vsa align --images") echo "files" ;;
+        "vsa align --features") echo "files" ;;
+        "vsa align --split") echo "value" ;;
+        "vsa align --beta") echo "value" ;;
+        "vsa align -o"|"vsa align --out") echo "files" ;;
+        "vsa align --no-resume") echo "flag" ;;
+        "vsa align --skip-missing") echo "flag" ;;
+        "vsa align --limit") echo "value" ;;
+        "vsa align --shard") echo "value" ;;
+        "vsa align --device") echo "value" ;;
+        "vsa align --threads") echo "value" ;;
+        "vsa align -h"|"vsa align --help") echo "flag" ;;
         "vsa eval --split") echo "value" ;;
         "vsa eval -m"|"vsa eval --model") echo "files" ;;
         "vsa eval --dataset") echo "files" ;;
@@ -174,20 +188,6 @@ _vsa_value_kind() {
         "vsa eval --weights") echo "files" ;;
         "vsa eval --device") echo "value" ;;
         "vsa eval -h"|"vsa eval --help") echo "flag" ;;
-        "vsa align -m"|"vsa align --model") echo "files" ;;
-        "vsa align --dataset") echo "files" ;;
-        "vsa align --images") echo "files" ;;
-        "vsa align --features") echo "files" ;;
-        "vsa align --split") echo "value" ;;
-        "vsa align --beta") echo "value" ;;
-        "vsa align -o"|"vsa align --out") echo "files" ;;
-        "vsa align --no-resume") echo "flag" ;;
-        "vsa align --skip-missing") echo "flag" ;;
-        "vsa align --limit") echo "value" ;;
-        "vsa align --shard") echo "value" ;;
-        "vsa align --device") echo "value" ;;
-        "vsa align --threads") echo "value" ;;
-        "vsa align -h"|"vsa align --help") echo "flag" ;;
         "vsa show -o"|"vsa show --out") echo "files" ;;
         "vsa show --images") echo "files" ;;
         "vsa show --dataset") echo "files" ;;
