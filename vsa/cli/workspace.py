@@ -83,7 +83,7 @@ def eval_features(models: list, features: Optional[Path] = None) -> list:
 
 def _features_key(ck: dict) -> str:
     """The vsa.toml key naming the features a checkpoint reads by default."""
-    cfg = ck.get("model") if isinstance(ck.get("model"), dict) else ck.get("config") or {}  # version 2, version 1
+    cfg = ck.get("model") or {}  # the model config (load_checkpoint converts version-1 files)
     if ck["kind"] == "align":
         return "features.whole" if cfg.get("model") == "whole-image" else "features.regions"
     from vsa.mrnn import features_key
