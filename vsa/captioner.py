@@ -81,7 +81,7 @@ class Captioner:
     @property
     def extractor(self):
         if self._ex is None:
-            from vsa.features import load_extractor
+            from vsa.cnn import load_extractor
 
             name = self.extractor_meta.get("extractor", "efficientnet-lite0")
             self._ex = load_extractor(name, str(self.cnn_weights) if self.cnn_weights else None, self.device)
@@ -257,7 +257,7 @@ def caption_inputs(inputs, shard: str | None = None) -> list[tuple[Path, str]]:
         else:
             paths.extend(find_images([it]))
     if shard:
-        from vsa.features import shard_of
+        from vsa.runtime import shard_of
 
         paths = shard_of(paths, shard)
     if not paths:

@@ -210,3 +210,12 @@ def apply_overrides(cfgs: Any, items: list[str], flag: str = "--set") -> Any:
 def config_fields(*classes) -> list[str]:
     """Every field name of the given config dataclasses (what ``--set`` accepts)."""
     return [f.name for c in classes for f in dataclasses.fields(c)]
+
+
+def trained_features(ckpt: dict, features=None) -> Path | None:
+    """The features file to evaluate ``ckpt`` on without computing any: ``features`` if given, else the file it
+    was trained on (its ``meta``) when that still exists; None when there is none."""
+    if features is not None:
+        return Path(features)
+    trained = (ckpt.get("meta") or {}).get("features")
+    return Path(trained) if trained and Path(trained).exists() else None

@@ -24,11 +24,12 @@ TOP = 10  # ranked items kept per query in --ranks-out
 
 def _features_for(ckpt: dict, features) -> Path:
     """``features`` if given, else the features file the aligner was trained on (its checkpoint names it)."""
-    if features is not None:
-        return Path(features)
-    trained = ckpt.get("meta", {}).get("features")
-    if trained and Path(trained).exists():
-        return Path(trained)
+    from vsa.checkpoint import trained_features
+
+    found = trained_features(ckpt, features)
+    if found is not None:
+        return found
+    trained = (ckpt.get("meta") or {}).get("features")
     raise VsaError("no features for the evaluation: pass --features NPZ"
                    + (f" (the model was trained on {trained}, which is missing)" if trained else ""))
 

@@ -23,11 +23,11 @@ PAPER = {
 
 def _features_path(ck: dict, features):
     """``features`` if given, else the features file the generator was trained on (its checkpoint names it)."""
-    if features is not None:
-        return Path(features)
-    p = ck.get("meta", {}).get("features")
-    if p and Path(p).exists():
-        return Path(p)
+    from vsa.checkpoint import trained_features
+
+    found = trained_features(ck, features)
+    if found is not None:
+        return found
     raise VsaError("no features for the generator: pass --features NPZ (made with `vsa embed` by the same CNN "
                    f"the model was trained on: {ck.get('extractor', {}).get('extractor', '?')})")
 

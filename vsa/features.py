@@ -20,6 +20,7 @@ import numpy as np
 
 from vsa.cnn import Extractor, load_extractor  # noqa: F401  (re-exported: `from vsa.features import load_extractor`)
 from vsa.errors import VsaError
+from vsa.runtime import parse_shard, shard_of  # noqa: F401  (shard_of re-exported)
 from vsa.featurise import CropSpec, check_fmap, forward, prepare, region_list, uses_detector
 
 # ----------------------------------------------------------------------------- embed pipeline
@@ -37,26 +38,6 @@ def items_from_regions(records: Iterable[dict], source: str = "<stdin>") -> Iter
         if "path" not in r or "regions" not in r:
             raise VsaError("regions record needs 'path' and 'regions'", source, i)
         yield EmbedItem(r.get("key") or Path(r["path"]).name, r["path"], r["regions"])
-
-
-def parse_shard(shard: str) -> tuple[int, int]:
-    try:
-        k, n = (int(x) for x in shard.split("/"))
-        assert 1 <= k <= n
-    except (ValueError, AssertionError):
-        raise VsaError(f"--shard must be K/N with 1 <= K <= N, got {shard!r}") from None
-    return k, n
-
-
-def shard_of(items: list, shard: str | None) -> list:
-    """Deterministic K/N share (1-based K): the K-th of N contiguous, near-equal blocks of ``items``.
-
-    Contiguous blocks make ``merge`` of shards 1..N reproduce a single run exactly.
-    """
-    if not shard:
-        return items
-    k, n = parse_shard(shard)
-    return items[(k - 1) * len(items) // n : k * len(items) // n]
 
 
 class _CropDataset:
@@ -327,27 +308,14 @@ def embed_like_training(files: list, out, extractor_meta: dict, detector=None, t
     return Path(out)
 
 
-def trained_features(ckpt: dict, features=None) -> Path | None:
-    """The features file an evaluation of ``ckpt`` reads without computing any: ``features`` (--features), else
-    the file it was trained on when it exists; None when there is none."""
-    if ckpt["kind"] == "align":
-        from vsa.eval_align import _features_for as lookup
-    else:
-        from vsa.eval_caption import _features_path as lookup
-    try:
-        return Path(lookup(ckpt, features))
-    except VsaError:
-        return None
-
-
 def features_for_eval(model_path, ds, split: str, workdir, features=None, detector=None, device: str = "auto",
                       cache: dict | None = None, progress=None, warn=None, note=None, jit: bool = True,
                       max_pixels: int | None = None) -> Path:
     """The features NPZ to evaluate the checkpoint at ``model_path`` on ``split`` of ``ds``: an existing one
-    (:func:`trained_features`), else computed from the dataset's images into ``workdir``
+    (:func:`vsa.checkpoint.trained_features`), else computed from the dataset's images into ``workdir``
     (:func:`embed_like_training`; ``cache`` shares one computation between models whose training features were
     made alike)."""
-    from vsa.checkpoint import load_checkpoint
+    from vsa.checkpoint import load_checkpoint, trained_features
 
     ck = load_checkpoint(model_path)
     found = trained_features(ck, features)

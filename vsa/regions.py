@@ -353,7 +353,7 @@ def write_regions(inputs, out, detector=None, opt: DetectOptions | None = None, 
 
     files = find_images(inputs, missing_ok=skip_bad)
     if shard:
-        from vsa.features import shard_of
+        from vsa.runtime import shard_of
 
         files = shard_of(files, shard)
     set_threads(threads)

@@ -69,3 +69,23 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with 1 <= K <= N (a one-line error otherwise)."""
+    try:
+        k, n = (int(x) for x in shard.split("/"))
+        assert 1 <= k <= n
+    except (ValueError, AssertionError):
+        raise VsaError(f"--shard must be K/N with 1 <= K <= N, got {shard!r}") from None
+    return k, n
+
+
+def shard_of(items: list, shard: str | None) -> list:
+    """Deterministic K/N share (1-based K) of a process's work: the K-th of N contiguous, near-equal blocks of
+    ``items`` (``--shard K/N`` of embed, regions, align, caption). Contiguous blocks make the shards' outputs,
+    concatenated or merged in order, one run's."""
+    if not shard:
+        return items
+    k, n = parse_shard(shard)
+    return items[(k - 1) * len(items) // n : k * len(items) // n]

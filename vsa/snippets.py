@@ -229,7 +229,7 @@ def align_split(model, features, ds, split: str = "train", out=None, beta: float
     if limit is not None:
         pairs = pairs[:limit]
     if shard:
-        from vsa.features import shard_of
+        from vsa.runtime import shard_of
 
         pairs = shard_of(pairs, shard)
     if out is None or is_stdio(out):

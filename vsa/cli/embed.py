@@ -55,7 +55,8 @@ def embed(
     from vsa.cli import workspace as W
     from vsa.cli.config import resolve
     from vsa.errors import VsaError
-    from vsa.features import EmbedItem, embed as run_embed, items_from_regions, load_extractor, shard_of
+    from vsa.features import EmbedItem, embed as run_embed, items_from_regions, load_extractor
+    from vsa.runtime import shard_of
     from vsa.images import find_images, listed_images
     from vsa.io import iter_jsonl, resolve_input
 

@@ -64,7 +64,7 @@ def eval_features(models: list, features: Optional[Path] = None) -> list:
     there is none (the library then computes them from the images)."""
     from vsa.checkpoint import load_checkpoint
     from vsa.cli.config import workspace
-    from vsa.features import trained_features
+    from vsa.checkpoint import trained_features
 
     cks = [load_checkpoint(m) for m in models]
     n_aligners = sum(ck.get("kind") == "align" for ck in cks)

@@ -1,0 +1,73 @@
+"""The package's one-way structure (docs/architecture.md): no import circles among the library modules,
+the library never imports the CLI nor reads the workspace (vsa.toml) or environment defaults."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "vsa"
+TOOLS = {"vsa.__main__", "vsa.completions"}  # entry points that read the CLI tree, not library modules
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in sorted(PKG.rglob("*.py")):
+        parts = p.relative_to(PKG.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = p
+    return out
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """Every vsa module ``path`` imports, at the top or inside a function."""
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "vsa":
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.split(".")[0] == "vsa"]
+        deps.update(n for n in names if n in known)
+    return deps
+
+
+def test_no_import_circles_in_the_library():
+    mods = _modules()
+    known = set(mods)
+    lib = {m: {d for d in _imports(p, known) if not d.startswith("vsa.cli") and d not in TOOLS and d not in ("vsa", m)}
+           for m, p in mods.items() if not m.startswith("vsa.cli") and m not in TOOLS}
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(u: str, path: list[str]) -> bool:
+        state[u] = 1
+        for v in sorted(lib.get(u, ())):
+            if state.get(v) == 1:
+                cycle.extend(path[path.index(v):] + [v])
+                return True
+            if v not in state and visit(v, path + [v]):
+                return True
+        state[u] = 2
+        return False
+
+    for m in sorted(lib):
+        if m not in state and visit(m, [m]):
+            break
+    assert not cycle, " -> ".join(cycle)
+
+
+def test_the_library_never_reads_the_workspace():
+    mods = _modules()
+    offenders = []
+    for m, p in mods.items():
+        if m.startswith("vsa.cli") or m in TOOLS:
+            continue
+        deps = _imports(p, set(mods))
+        if any(d.startswith("vsa.cli") for d in deps):
+            offenders.append(f"{m} imports the CLI")
+        src = p.read_text()
+        for needle in ("os.environ", "getenv(", "vsa.toml\")", "tomllib"):
+            if needle in src and not (m == "vsa.distributed" and needle == "os.environ"):  # torchrun's RANK/WORLD_SIZE
+                offenders.append(f"{m} uses {needle}")
+    assert not offenders, offenders
