@@ -144,51 +144,26 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
     return lines or [""]
 
 
-def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | None = None):
-    """Draw ``pic``; returns a PIL RGB image."""
-    from PIL import Image, ImageDraw
-
-    from vsa.images import open_image
-
-    im = open_image(pic.image, max_pixels)
-    if not pic.labels:
-        panel = 0  # a plain caption: no side panel
-    W0, H0 = im.size
-    scale = side / max(W0, H0)
-    W, H = max(1, round(W0 * scale)), max(1, round(H0 * scale))
-    im = im.resize((W, H), Image.BICUBIC)
-    pad = 16
-    f_label = _font(19, bold=True)
-    f_small = _font(14)
-    f_text = _font(20)
-    f_title = _font(14)
-
-    # sentence block under the image
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = W + panel - pad
-    sent_lines = []  # list of lines, each a list of (word, region)
+def _sentence_lines(pic: Picture, measure, font, width: float) -> list[list[tuple]]:
+    """The sentence block under the image: lines of ``(word, region)``, wrapped at ``width``."""
+    lines = []
     for seg in pic.sentences:
         words = [(w, r) for text, r in seg for w in text.split()]
         line, x = [], 0.0
         for w, r in words:
-            wl = measure.textlength(w + " ", font=f_text)
-            if x + wl > text_w and line:
-                sent_lines.append(line)
+            wl = measure.textlength(w + " ", font=font)
+            if x + wl > width and line:
+                lines.append(line)
                 line, x = [], 0.0
             line.append((w, r))
             x += wl
-        sent_lines.append(line)
-    line_h = 30
-    # label rows in the side panel: object regions sorted by box-centre height, whole-image ones last
-    def centre(r):
-        b = pic.boxes.get(r)
-        return ((b[0][0] + b[0][2]) / 2 * scale, (b[0][1] + b[0][3]) / 2 * scale) if b else None
+        lines.append(line)
+    return lines
 
-    def is_whole(r):
-        b = pic.boxes.get(r)
-        return r in pic.whole_regions or (b is not None and _is_whole(b[0], b[1], W0, H0))
 
-    # one row per region: its snippets in sentence order, joined by a dot (one line to each box)
+def _panel_rows(pic: Picture, is_whole, centre, measure, font, width: float) -> list[tuple]:
+    """Side-panel rows ``(Label, wrapped lines)``: one per region, its snippets in sentence order joined by a
+    dot (one line to each box); object regions sorted by box-centre height, whole-image ones last."""
     grouped: dict[int, Label] = {}
     for L in pic.labels:
         if L.region in grouped:
@@ -198,23 +173,12 @@ def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | No
             grouped[L.region] = Label(L.text, L.region, L.note)
     labels = sorted(grouped.values(), key=lambda L: (is_whole(L.region) or centre(L.region) is None,
                                                      (centre(L.region) or (0, 0))[1]))
-    rows = []
-    for L in labels:
-        wrapped = _wrap(measure, L.text, f_label, panel - 2 * pad - 28)
-        rows.append((L, wrapped))
-    rows_h = sum(len(w) * 24 + 14 for _, w in rows)
-    top = 28  # title bar
-    body_h = max(H, rows_h + 8)
-    total_h = top + body_h + pad + len(sent_lines) * line_h + pad
-    canvas = Image.new("RGB", (W + panel, total_h), "white")
-    canvas.paste(im, (0, top))
-    d = ImageDraw.Draw(canvas)
-    d.text((6, 6), pic.title, fill="#333333", font=f_title)
+    return [(L, _wrap(measure, L.text, font, width)) for L in labels]
 
-    def rgb(c):
-        return tuple(int(c[i:i + 2], 16) for i in (1, 3, 5))
 
-    # boxes: object regions as 3px coloured frames with a dark outline; whole image as an inset frame
+def _draw_boxes(d, pic: Picture, is_whole, scale: float, W: int, H: int, top: int, font) -> None:
+    """Object regions as 3px coloured frames with a dark outline and a class tag; the whole image as an inset
+    frame."""
     used = {L.region for L in pic.labels}
     tags: list[tuple] = []
     tag_draw: list[tuple] = []
@@ -234,7 +198,7 @@ def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | No
         d.rectangle([x1, y1, x2, y2], outline=col, width=3)
         d.rectangle([x1 + 3, y1 + 3, x2 - 3, y2 - 3], outline="black", width=1)
         if label:  # a tag with the class name, moved down the box's left edge until it overlaps no other tag
-            tw = d.textlength(label, font=f_small)
+            tw = d.textlength(label, font=font)
             ty = y1 + 3 if y1 + 22 < y2 else y1 - 20
             tag = None
             while ty + 18 <= max(y2, y1 + 18):
@@ -248,10 +212,17 @@ def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | No
                 tag_draw.append((tag, col, label))
     for tag, col, label in tag_draw:  # after every box, so no frame crosses a tag
         d.rectangle(list(tag), fill=col)
-        d.text((tag[0] + 4, tag[1] + 1), label, fill="white", font=f_small)
+        d.text((tag[0] + 4, tag[1] + 1), label, fill="white", font=font)
 
-    # panel rows and leader lines: each row as near its box centre's height as the rows above allow
-    heights = [len(w) * 24 + 14 for _, w in rows]
+
+def _row_heights(rows) -> list[int]:
+    return [len(w) * 24 + 14 for _, w in rows]
+
+
+def _place_rows(rows, is_whole, centre, top: int, body_h: int) -> list[float]:
+    """The y of each panel row: as near its box centre's height as the rows above allow, pushed back up from
+    the bottom where rows ran over the body."""
+    heights = _row_heights(rows)
     ys, y = [], top + 4
     for (L, _), h in zip(rows, heights):
         c = None if is_whole(L.region) else centre(L.region)
@@ -260,7 +231,7 @@ def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | No
         ys.append(y)
         y += h
     overflow = y - (top + body_h)
-    for i in range(len(ys) - 1, -1, -1):  # push back up from the bottom where rows ran over
+    for i in range(len(ys) - 1, -1, -1):
         if overflow <= 0:
             break
         limit = (ys[i - 1] + heights[i - 1]) if i else top + 4
@@ -268,7 +239,12 @@ def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | No
         for k in range(i, len(ys)):
             ys[k] -= shift
         overflow -= shift
-    px = W + pad
+    return ys
+
+
+def _draw_rows(d, pic: Picture, rows, ys, is_whole, centre, px: float, top: int, f_label, f_small) -> None:
+    """Panel rows (colour swatch, wrapped snippet text, the region's name and score) with leader lines to
+    their boxes."""
     for (L, wrapped), y in zip(rows, ys):
         whole = is_whole(L.region)
         col = pic.colour(L.region, whole)
@@ -289,22 +265,62 @@ def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | No
             d.line([(px - 2, cy), (cx, cyy)], fill=col, width=3)
             d.ellipse([cx - 6, cyy - 6, cx + 6, cyy + 6], fill=col, outline="white", width=2)
 
-    # the sentence(s), snippets underlined in their colour
-    y = top + body_h + pad
-    for line in sent_lines:
-        x = pad / 2
-        space = d.textlength(" ", font=f_text)
+
+def _draw_sentences(d, pic: Picture, lines, is_whole, y: float, x0: float, line_h: int, font) -> None:
+    """The sentence(s), each snippet's words in its region's colour and underlined."""
+    for line in lines:
+        x = x0
+        space = d.textlength(" ", font=font)
         for i, (w, r) in enumerate(line):
-            wl = d.textlength(w, font=f_text)
+            wl = d.textlength(w, font=font)
             if r is None:
-                d.text((x, y), w, fill="black", font=f_text)
+                d.text((x, y), w, fill="black", font=font)
             else:
                 col = pic.colour(r, is_whole(r))
-                d.text((x, y), w, fill=col, font=f_text)
+                d.text((x, y), w, fill=col, font=font)
                 same_next = i + 1 < len(line) and line[i + 1][1] == r
                 d.line([(x, y + 25), (x + wl + (space if same_next else 0), y + 25)], fill=col, width=3)
             x += wl + space
         y += line_h
+
+
+def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | None = None):
+    """Draw ``pic``; returns a PIL RGB image: the photo with its boxes, a side panel of snippets with leader
+    lines to their boxes, the sentence(s) underneath."""
+    from PIL import Image, ImageDraw
+
+    from vsa.images import open_image
+
+    im = open_image(pic.image, max_pixels)
+    if not pic.labels:
+        panel = 0  # a plain caption: no side panel
+    W0, H0 = im.size
+    scale = side / max(W0, H0)
+    W, H = max(1, round(W0 * scale)), max(1, round(H0 * scale))
+    im = im.resize((W, H), Image.BICUBIC)
+    pad, line_h, top = 16, 30, 28  # top: the title bar
+    f_label, f_small, f_text, f_title = _font(19, bold=True), _font(14), _font(20), _font(14)
+
+    def centre(r):
+        b = pic.boxes.get(r)
+        return ((b[0][0] + b[0][2]) / 2 * scale, (b[0][1] + b[0][3]) / 2 * scale) if b else None
+
+    def is_whole(r):
+        b = pic.boxes.get(r)
+        return r in pic.whole_regions or (b is not None and _is_whole(b[0], b[1], W0, H0))
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    sent_lines = _sentence_lines(pic, measure, f_text, W + panel - pad)
+    rows = _panel_rows(pic, is_whole, centre, measure, f_label, panel - 2 * pad - 28)
+    body_h = max(H, sum(_row_heights(rows)) + 8)
+    canvas = Image.new("RGB", (W + panel, top + body_h + pad + len(sent_lines) * line_h + pad), "white")
+    canvas.paste(im, (0, top))
+    d = ImageDraw.Draw(canvas)
+    d.text((6, 6), pic.title, fill="#333333", font=f_title)
+    _draw_boxes(d, pic, is_whole, scale, W, H, top, f_small)
+    _draw_rows(d, pic, rows, _place_rows(rows, is_whole, centre, top, body_h), is_whole, centre, W + pad, top,
+               f_label, f_small)
+    _draw_sentences(d, pic, sent_lines, is_whole, top + body_h + pad, pad / 2, line_h, f_text)
     return canvas
 
 
