@@ -208,6 +208,29 @@ def test_duplicate_keys_refused(tmp_path, ex):
         embed([EmbedItem(p.name, str(p), None) for p in paths], tmp_path / "f.npz", ex, workers=0)
 
 
+def test_collect_items_library(tmp_path):
+    """vsa.features.collect_items (the inputs of `vsa embed`): regions JSONL, path lists, image folders; the
+    shard block, the detectors named in the meta, and the default output key."""
+    from vsa.features import collect_items, output_key
+
+    paths = _images(tmp_path / "imgs", 3)
+    jl = tmp_path / "regions.jsonl"
+    jl.write_text("".join(json.dumps({"path": str(p), "detector": d, "regions": []}) + "\n"
+                          for p, d in zip(paths, ["yolo", "", "det2"])))
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{paths[0]}\n")
+    items, meta = collect_items([str(jl), str(lst), str(tmp_path / "imgs")])
+    assert [it.key for it in items] == ["im0.png", "im1.png", "im2.png", "im0.png", "im0.png", "im1.png", "im2.png"]
+    assert [it.regions for it in items[:4]] == [[], [], [], None] and meta == {"detector": "det2,yolo"}
+    assert output_key(items, "warp") == "features.regions" and output_key(items, "grid") == "features.grid"
+    items, meta = collect_items([str(tmp_path / "imgs")], shard="2/3")
+    assert [it.key for it in items] == ["im1.png"] and meta == {"detector": None, "shard": "2/3"}
+    assert output_key(items, "roi") == "features.whole"
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(VsaError, match="no images to embed in .*empty.jsonl"):
+        collect_items([str(tmp_path / "empty.jsonl")])
+
+
 def test_stdin_paths_and_broken_image_in_worker(tmp_path):
     paths = _images(tmp_path / "imgs", 2)
     bad = tmp_path / "imgs" / "bad.jpg"

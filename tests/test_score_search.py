@@ -180,6 +180,57 @@ def test_score_stdin_skip_bad_and_errors(synth):
     assert r.returncode == 2 and b"give a sentence" in r.stderr
 
 
+def test_score_pairs_library_caches_consecutive_photos_and_skips_bad_lines(synth):
+    """vsa.search.score_pairs (the loop behind `vsa score` on stdin) takes explicit arguments: each run of
+    pairs of one photo encodes it once; bad lines are errors naming the line, or warnings with skip_bad."""
+    from vsa.align import load_aligner
+    from vsa.errors import VsaError
+    from vsa.featstore import load_features
+    from vsa.search import photo_from_store, score_pairs, score_photo, score_record
+
+    tmp, ds, feats, _, _ = synth
+    aligner, store = load_aligner(tmp / "a.pt", "cpu"), load_features(feats)
+    encoded = []
+
+    class Encoder:  # photos from the features file, counting encodes
+        def encode(self, path, key=None, max_pixels=None):
+            encoded.append(path)
+            return photo_from_store(store, path)
+
+    a, b = ds.images[0].key, ds.images[1].key
+    pairs = [(1, {"image": a, "sentence": "a dog"}), (2, {"path": a, "sentence": "a cat"}), (3, {"image": 7}),
+             (5, {"key": b, "sentence": "a kite"}), (6, {"image": a, "sentence": "a dog"})]
+    warned = []
+    out = list(score_pairs(aligner, Encoder(), pairs, skip_bad=True, warn=warned.append))
+    assert [line for line, _ in out] == [1, 2, 5, 6] and encoded == [a, b, a]
+    assert warned == ["<stdin>:3: each line needs string fields 'image' and 'sentence'"]
+    want = score_record(aligner, photo_from_store(store, a), "a dog")
+    assert out[0][1] == want and out[3][1] == want
+    assert score_photo(aligner, None, a, "a dog", store=store) == want
+    assert [r for _, r in score_pairs(aligner, None, pairs[:2], store=store)] == [out[0][1], out[1][1]]
+    with pytest.raises(VsaError, match="<stdin>:3:"):
+        list(score_pairs(aligner, Encoder(), pairs))
+
+
+def test_index_keys_and_inputs_library(synth, tmp_path):
+    from vsa.errors import VsaError
+    from vsa.featstore import load_features
+    from vsa.search import index_inputs, index_keys
+
+    tmp, ds, feats, _, _ = synth
+    store = load_features(feats)
+    assert index_keys(store) is None
+    assert index_keys(store, ds, "test") == [r.key for r in ds.split("test")]
+    assert index_keys(store, ds) == [r.key for r in ds.images]
+    with pytest.raises(VsaError, match="no photos given"):
+        index_inputs([])
+    with pytest.raises(VsaError, match="no images found"):
+        index_inputs([tmp_path])
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.jpg").write_bytes(b"")
+    assert index_inputs([tmp_path]) == [(str(tmp_path / "sub" / "x.jpg"), "sub/x.jpg")]
+
+
 def test_search_index_text_and_sentences(synth):
     from tests.synth_align import WORDS
 

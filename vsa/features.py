@@ -1,12 +1,12 @@
 """The ``vsa embed`` pipeline: region features of many image files into one features NPZ, resumable and shardable.
 
 Inputs are :class:`EmbedItem` (an image file and its regions, or None for the whole image), from a regions
-JSONL (:func:`items_from_regions`) or image files. Images are decoded and prepared in DataLoader workers and
-batched through the CNN by the one featurisation path (:mod:`vsa.featurise`); finished work is saved in parts
-(resume), ``--shard K/N`` takes a deterministic block (:func:`shard_of`) and :func:`merge_npz` joins shards.
-Files are read and written by :mod:`vsa.featstore` only. :func:`embed_like_training` and
-:func:`features_for_eval` run the pipeline on dataset images as a checkpoint's training features were made
-(``vsa eval --images``). The CNNs themselves are :mod:`vsa.cnn`.
+JSONL (:func:`items_from_regions`) or image files (:func:`collect_items` reads ``vsa embed``'s inputs). Images
+are decoded and prepared in DataLoader workers and batched through the CNN by the one featurisation path
+(:mod:`vsa.featurise`); finished work is saved in parts (resume), ``--shard K/N`` takes a deterministic block
+(:func:`shard_of`) and :func:`merge_npz` joins shards. Files are read and written by :mod:`vsa.featstore` only.
+:func:`embed_like_training` and :func:`features_for_eval` run the pipeline on dataset images as a checkpoint's
+training features were made (``vsa eval --images``). The CNNs themselves are :mod:`vsa.cnn`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,61 @@ def items_from_regions(records: Iterable[dict], source: str = "<stdin>") -> Iter
         if "path" not in r or "regions" not in r:
             raise VsaError("regions record needs 'path' and 'regions'", source, i)
         yield EmbedItem(r.get("key") or Path(r["path"]).name, r["path"], r["regions"])
+
+
+def is_regions_jsonl(path: str) -> bool:
+    """Does ``vsa embed`` read this input as regions JSONL (by its name)?"""
+    return path.endswith(".jsonl") or path.endswith(".json")
+
+
+def stdin_is_jsonl() -> bool:
+    """Regions JSONL or a list of image paths on stdin? Look at the first non-blank byte."""
+    import sys
+
+    head = sys.stdin.buffer.peek(256)[:256].lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head[:1] in (b"{", b"")
+
+
+def collect_items(inputs: list[str], shard: str | None = None, skip_bad: bool = False,
+                  warn=None) -> tuple[list[EmbedItem], dict]:
+    """The images ``vsa embed`` embeds, and the extra features meta they give: each input is a regions JSONL
+    (``.jsonl``/``.json``, or ``"-"`` when stdin holds JSON: :func:`items_from_regions`), a list of image paths
+    (``.txt`` or other ``"-"``: :func:`vsa.images.listed_images`) or an image file or folder (whole image only:
+    :func:`vsa.images.find_images`). ``shard`` ``K/N`` keeps a deterministic block (:func:`shard_of`); with
+    ``skip_bad`` bad lines are reported through ``warn`` and missing images kept (opening them reports them).
+    The meta names the regions' detectors (``detector``, None when unnamed) and the ``shard``.
+    No images at all is an error."""
+    from vsa.images import find_images, listed_images
+    from vsa.io import iter_jsonl
+
+    items: list[EmbedItem] = []
+    detectors: set = set()
+
+    def note_detector(records):
+        for r in records:
+            detectors.add(str(r.get("detector", "")))
+            yield r
+
+    for inp in inputs:
+        if is_regions_jsonl(inp) or (inp == "-" and stdin_is_jsonl()):
+            items.extend(items_from_regions(note_detector(iter_jsonl(inp, skip_bad=skip_bad, warn=warn)), inp))
+        elif inp == "-" or inp.endswith(".txt"):  # a list of image paths, one per line
+            items.extend(EmbedItem(key, str(p), None)
+                         for p, key in listed_images(inp, skip_bad, "not a regions record and not an image path"))
+        else:
+            items.extend(EmbedItem(key, str(p), None) for p, key in find_images([inp], missing_ok=skip_bad))
+    if not items:
+        raise VsaError(f"no images to embed in {', '.join(inputs)}")
+    meta = {"detector": ",".join(sorted(d for d in detectors if d)) or None, **({"shard": shard} if shard else {})}
+    return shard_of(items, shard), meta
+
+
+def output_key(items: list[EmbedItem], crop: str) -> str:
+    """The vsa.toml key naming where ``vsa embed`` writes these items' features by default: the grid cells
+    with ``crop="grid"``, else the whole images when no item has regions, else the detector regions."""
+    if crop == "grid":
+        return "features.grid"
+    return "features.whole" if all(it.regions is None for it in items) else "features.regions"
 
 
 class _CropDataset:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -124,6 +125,53 @@ def score_record(aligner, photo: Photo, sentence: str, tokens: list[str] | None 
     return rec
 
 
+class PhotoCache:
+    """Photos by path (or, with a features NPZ ``store``, by image key) -> :class:`Photo`, remembering the
+    last one: consecutive pairs of one photo detect and embed it once. Photos not in a store go through
+    ``encoder`` (``max_pixels``: :func:`vsa.images.open_image`'s limit)."""
+
+    def __init__(self, encoder: PhotoEncoder | None = None, store=None, max_pixels: int | None = None):
+        self.encoder, self.store, self.max_pixels = encoder, store, max_pixels
+        self._last: dict = {}
+
+    def __call__(self, image: str) -> Photo:
+        if image not in self._last:
+            self._last.clear()
+            self._last[image] = (photo_from_store(self.store, image) if self.store is not None
+                                 else self.encoder.encode(image, max_pixels=self.max_pixels))
+        return self._last[image]
+
+
+def score_photo(aligner, encoder: PhotoEncoder | None, image: str, sentence: str, store=None,
+                max_pixels: int | None = None) -> dict:
+    """:func:`score_record` of one photo file (or, with a features NPZ ``store``, image key) and a sentence."""
+    return score_record(aligner, PhotoCache(encoder, store, max_pixels)(image), sentence)
+
+
+def score_pairs(aligner, encoder: PhotoEncoder | None, pairs, store=None, skip_bad: bool = False, warn=None,
+                max_pixels: int | None = None, source: str = "<stdin>") -> Iterator[tuple[int, dict]]:
+    """Score JSONL pairs: ``pairs`` are ``(line, {"image", "sentence"})`` as :func:`vsa.io.iter_jsonl` yields
+    them with ``with_lineno`` (the photo may also be named by ``path`` or ``key``); yields ``(line, record)``
+    with :func:`score_record`'s record. Photos come from ``store`` by key when given, else through ``encoder``;
+    consecutive pairs of one photo detect and embed it once (:class:`PhotoCache`). A line without string
+    fields or an unreadable photo is an error naming ``source`` and the line, unless ``skip_bad`` (then it is
+    reported through ``warn`` and skipped)."""
+    photo = PhotoCache(encoder, store, max_pixels)
+    for line, obj in pairs:
+        img, sent = obj.get("image") or obj.get("path") or obj.get("key"), obj.get("sentence")
+        try:
+            if not isinstance(img, str) or not isinstance(sent, str):
+                raise VsaError("each line needs string fields 'image' and 'sentence'", source, line)
+            rec = score_record(aligner, photo(img), sent)
+        except VsaError as e:
+            if not skip_bad:
+                raise
+            if warn:
+                warn(str(e))
+            continue
+        yield line, rec
+
+
 # ----------------------------------------------------------------------------- index
 
 
@@ -189,14 +237,50 @@ class Index:
         p.path = self.paths[i]
         return p
 
+    def find_photo(self, key: str, aligner) -> Photo | None:
+        """The indexed photo of this image key (or path), None when the index lacks it; the index must have
+        been built with ``aligner`` (:meth:`check_model`)."""
+        i = self.store.find(key)
+        if i is None:
+            return None
+        self.check_model(aligner)
+        return self.photo(i)
+
+
+def index_inputs(photos) -> list[tuple[str, str]]:
+    """The ``(path, key)`` of every image among ``photos`` (files and/or folders, searched recursively:
+    :func:`vsa.images.find_images`); none given or none found is an error."""
+    from vsa.images import find_images
+
+    if not photos:
+        raise VsaError("no photos given: pass files or folders (or --features NPZ)")
+    inputs = find_images(photos)
+    if not inputs:
+        raise VsaError("no images found in " + ", ".join(map(str, photos)))
+    return [(str(p), k) for p, k in inputs]
+
+
+def index_keys(store, dataset=None, split: str | None = None, skip_missing: bool = False, warn=None) -> list[str] | None:
+    """Which images of a features NPZ ``store`` an index holds: None (all of them) without ``dataset``, else
+    the images of ``dataset``'s ``split`` (all its images without ``split``) that have features; a dataset
+    image without features is an error unless ``skip_missing`` (then ``warn`` says so)."""
+    if dataset is None:
+        return None
+    recs = dataset.split(split) if split else dataset.images
+    return [r.key for r in store.check_dataset(recs, skip_missing=skip_missing, warn=warn)]
+
 
 def build_index(aligner, inputs, encoder: PhotoEncoder | None = None, store=None, keys=None, progress=None,
-                skip_bad: bool = False, warn=None, max_pixels: int | None = None) -> list[Photo]:
-    """Photos for an index: from image files (``inputs``: list of (path, key)) through ``encoder``
-    (``max_pixels``: :func:`vsa.images.open_image`'s limit), or from a features NPZ ``store`` (optionally only
-    ``keys``)."""
+                skip_bad: bool = False, warn=None, max_pixels: int | None = None, dataset=None,
+                split: str | None = None) -> list[Photo]:
+    """Photos for an index: from image files (``inputs``: list of (path, key), e.g. :func:`index_inputs`)
+    through ``encoder`` (``max_pixels``: :func:`vsa.images.open_image`'s limit), or from a features NPZ
+    ``store``: only ``keys`` when given, else those of ``dataset`` / ``split`` (:func:`index_keys`, a missing
+    image skipped with ``skip_bad``), else all."""
     photos = []
     if store is not None:
+        if keys is None:
+            keys = index_keys(store, dataset, split, skip_missing=skip_bad, warn=warn)
         for k in keys or store.keys:
             photos.append(photo_from_store(store, k))
         return photos

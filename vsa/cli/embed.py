@@ -10,18 +10,6 @@ from vsa.cli.common import guarded, info, progress, warn
 
 
 
-def _is_regions_jsonl(p: str) -> bool:
-    return p.endswith(".jsonl") or p.endswith(".json")
-
-
-def _stdin_is_jsonl() -> bool:
-    """Regions JSONL or a list of image paths on stdin? Look at the first non-blank byte."""
-    import sys
-
-    head = sys.stdin.buffer.peek(256)[:256].lstrip(b"\xef\xbb\xbf \t\r\n")
-    return head[:1] in (b"{", b"")
-
-
 @app.command("embed")
 @guarded
 def embed(
@@ -55,12 +43,8 @@ def embed(
     from vsa.cli import workspace as W
     from vsa.cli.config import resolve
     from vsa.errors import VsaError
-    from vsa.features import EmbedItem, embed as run_embed, items_from_regions, load_extractor
-    from vsa.runtime import shard_of
-    from vsa.images import find_images, listed_images
-    from vsa.io import iter_jsonl, resolve_input
-
-    from vsa.io import stdin_is_piped, text_stream_lines
+    from vsa.features import collect_items, embed as run_embed, load_extractor, output_key
+    from vsa.io import resolve_input, stdin_is_piped
 
     if not inputs:
         if stdin_is_piped():
@@ -68,27 +52,8 @@ def embed(
         else:
             inputs = [str(resolve(None, "regions.out", "INPUTS... (regions JSONL or images, or pipe them on stdin)"))]
 
-    items: list = []
-    detectors: set = set()
-
-    def note_detector(records):
-        for r in records:
-            detectors.add(str(r.get("detector", "")))
-            yield r
-
-    for inp in inputs:
-        if _is_regions_jsonl(inp) or (inp == "-" and _stdin_is_jsonl()):
-            items.extend(items_from_regions(note_detector(iter_jsonl(inp, skip_bad=skip_bad, warn=warn)), inp))
-        elif inp == "-" or inp.endswith(".txt"):  # a list of image paths, one per line
-            items.extend(EmbedItem(key, str(p), None) for p, key in listed_images(inp, skip_bad, "not a regions record and not an image path"))
-        else:
-            items.extend(EmbedItem(key, str(p), None) for p, key in find_images([inp], missing_ok=skip_bad))
-    if not items:
-        raise VsaError(f"no images to embed in {', '.join(inputs)}")
-    items = shard_of(items, shard)
-    whole_only = all(it.regions is None for it in items)
-    out_path = resolve(out, "features.grid" if crop == "grid" else "features.whole" if whole_only else "features.regions",
-                       "--out/-o")
+    items, meta = collect_items(inputs, shard, skip_bad=skip_bad, warn=warn)
+    out_path = resolve(out, output_key(items, crop), "--out/-o")
     cnn_weights = resolve(cnn_weights, "features.cnn_weights", "--cnn-weights", required=False)
     if dtype not in ("float16", "float32"):
         raise VsaError(f"--dtype must be float16 or float32, got {dtype!r}")
@@ -105,8 +70,7 @@ def embed(
         with progress() as prog:
             st = run_embed(items, out_path, ex, batch_size=batch_size, workers=workers, context=context, crop=crop, dtype=dtype,
                            resume=not no_resume, part_every=part_every, skip_bad=skip_bad, max_pixels=W.max_pixels(max_pixels), warn=warn, progress=prog, grid=grid,
-                           extra_meta={"detector": ",".join(sorted(d for d in detectors if d)) or None,
-                                       **({"shard": shard} if shard else {})})
+                           extra_meta=meta)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (vsa.cli.common.guarded): exit 130
         raise Interrupted(f"interrupted: finished work is kept in {out_path}.parts; rerun the same command to resume") from None
     dt = time.time() - t0

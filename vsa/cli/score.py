@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -45,7 +45,7 @@ def score_cmd(
     """Image-sentence score and, for each word, its best region (box, class)."""
     from vsa.errors import VsaError
     from vsa.io import JsonlWriter, iter_jsonl, stdin_is_piped
-    from vsa.search import photo_from_store, score_record
+    from vsa.search import score_pairs, score_photo
 
     aligner = _aligner(_default_model(model), device)
     store = None
@@ -56,18 +56,10 @@ def score_cmd(
     encoder = _encoder(aligner, detector, top, device, cnn_weights)
     limit = max_pixels(None)
 
-    last: dict = {}
-
-    def photo(img: str):  # consecutive pairs of one photo detect and embed it once
-        if img not in last:
-            last.clear()
-            last[img] = photo_from_store(store, img) if store is not None else encoder.encode(img, max_pixels=limit)
-        return last[img]
-
     if image is not None:
         if sentence is None:
             raise VsaError("give a sentence after the photo: vsa score IMAGE \"a dog runs\"")
-        rec = score_record(aligner, photo(image), sentence)
+        rec = score_photo(aligner, encoder, image, sentence, store=store, max_pixels=limit)
         _say_oov(rec["oov"])
         if as_json:
             with JsonlWriter("-") as w:
@@ -77,16 +69,8 @@ def score_cmd(
         return
     if not stdin_is_piped():
         raise VsaError("no photo given: pass IMAGE SENTENCE, or pipe JSONL {\"image\": ..., \"sentence\": ...} on stdin")
+    pairs = iter_jsonl("-", skip_bad=skip_bad, warn=warn, with_lineno=True)
     with JsonlWriter("-") as w:
-        for line, obj in iter_jsonl("-", skip_bad=skip_bad, warn=warn, with_lineno=True):
-            img, sent = obj.get("image") or obj.get("path") or obj.get("key"), obj.get("sentence")
-            try:
-                if not isinstance(img, str) or not isinstance(sent, str):
-                    raise VsaError("each line needs string fields 'image' and 'sentence'", "<stdin>", line)
-                rec = score_record(aligner, photo(img), sent)
-                _say_oov(rec["oov"], f"<stdin>:{line}: ")
-                w.write(rec)
-            except VsaError as e:
-                if not skip_bad:
-                    raise
-                warn(str(e))
+        for line, rec in score_pairs(aligner, encoder, pairs, store=store, skip_bad=skip_bad, warn=warn, max_pixels=limit):
+            _say_oov(rec["oov"], f"<stdin>:{line}: ")
+            w.write(rec)

@@ -34,34 +34,25 @@ def search_index(
 ):
     """Detect, embed and project every photo once into an index file."""
     from vsa.cli.common import progress
-    from vsa.errors import VsaError
-    from vsa.search import build_index, save_index
+    from vsa.search import build_index, index_inputs, save_index
 
     aligner = _aligner(_default_model(model), device)
     if features is not None:
         from vsa.featstore import load_features
 
         store = load_features(features)
-        keys = None
+        ds = None
         if dataset is not None or split is not None:
             from vsa.cli.workspace import open_dataset
 
             ds = open_dataset(dataset)
-            recs = ds.split(split) if split else ds.images
-            keys = [r.key for r in store.check_dataset(recs, skip_missing=skip_bad, warn=warn)]
-        items = build_index(aligner, None, store=store, keys=keys)
+        items = build_index(aligner, None, store=store, dataset=ds, split=split, skip_bad=skip_bad, warn=warn)
     else:
-        from vsa.images import find_images
-
-        if not photos:
-            raise VsaError("no photos given: pass files or folders (or --features NPZ)")
-        inputs = find_images(photos)
-        if not inputs:
-            raise VsaError("no images found in " + ", ".join(map(str, photos)))
+        inputs = index_inputs(photos)
         encoder = _encoder(aligner, detector, top, device, cnn_weights)
         with progress() as prog:
-            items = build_index(aligner, [(str(p), k) for p, k in inputs], encoder, progress=prog, skip_bad=skip_bad,
-                                warn=warn, max_pixels=max_pixels(None))
+            items = build_index(aligner, inputs, encoder, progress=prog, skip_bad=skip_bad, warn=warn,
+                                max_pixels=max_pixels(None))
     save_index(out, aligner, items)
     info(f"indexed {len(items)} photos -> {out}")
 
@@ -129,10 +120,7 @@ def search_sentences_cmd(
     if index is not None:
         idx = Index(index)
         aligner = _aligner(_index_model(model, idx), device)
-        i = idx.store.find(image)
-        if i is not None:
-            idx.check_model(aligner)
-            photo = idx.photo(i)
+        photo = idx.find_photo(image, aligner)
     aligner = aligner or _aligner(_default_model(model), device)
     if photo is None:
         photo = _encoder(aligner, detector, top, device, cnn_weights).encode(image, max_pixels=max_pixels(None))
