@@ -108,3 +108,22 @@ def test_label_agreement_counts_snippets_naming_their_box():
     # phrase-length (2..6 words) object snippets: "a black dog" (names its box) and "over the man" (does not)
     assert a["phrase_precision"] == 0.5 and a["good_phrases_per_sentence"] == 0.5
     assert a["person_dog_snippets"] == 3 and a["person_dog_on_matching_box"] == 2 / 3
+
+
+def test_noun_grounding_counts_class_words_on_boxes_of_their_class():
+    from vsa.snippets import noun_grounding
+
+    labels = {"a.jpg": ["image", "dog", "person"], "b.jpg": ["image", "car"]}
+    recs = [
+        # "dog" on the dog box (hit), "man" on the whole image (miss)
+        {"key": "a.jpg", "tokens": ["a", "dog", "and", "a", "man"],
+         "snippets": [{"start": 0, "end": 2, "region": 1, "label": "dog"},
+                      {"start": 2, "end": 5, "region": 0, "label": "image"}]},
+        # "dog" in an image without a dog box: not counted; "car" on the car box: hit
+        {"key": "b.jpg", "tokens": ["a", "dog", "near", "a", "car"],
+         "snippets": [{"start": 0, "end": 3, "region": 0, "label": "image"},
+                      {"start": 3, "end": 5, "region": 1, "label": "car"}]},
+    ]
+    g = noun_grounding(recs, labels.__getitem__)
+    assert (g["words"], g["grounded"]) == (3, 2) and abs(g["share"] - 2 / 3) < 1e-9
+    assert g["per_class"] == {"dog": [1, 1], "person": [0, 1], "car": [1, 1]}

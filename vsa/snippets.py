@@ -314,6 +314,37 @@ def label_agreement(records) -> dict:
             "person_dog_snippets": named, "person_dog_on_matching_box": named_hit / max(named, 1)}
 
 
+def noun_grounding(records, labels_of) -> dict:
+    """The grounding figure: of the words that name a COCO class the detector knows (:data:`LABEL_WORDS`:
+    "dog", "man", "bicycle", ...) in sentences of images where the detector found a box of that class, the
+    share whose snippet lies on a box of that class. ``labels_of(key)`` gives an image's region labels
+    (region 0 is the whole image). Returns ``{"words", "grounded", "share", "per_class": {class: [hits, n]}}``."""
+    word_class = {}
+    for cls, ws in LABEL_WORDS.items():
+        for w in ws:
+            word_class.setdefault(w, cls)
+    n = hits = 0
+    per: dict[str, list[int]] = {}
+    for r in records:
+        present = set(labels_of(r["key"])[1:])
+        region_of = {}
+        for sn in r["snippets"]:
+            for t in range(sn["start"], sn["end"]):
+                region_of[t] = sn
+        for t, w in enumerate(r["tokens"]):
+            cls = word_class.get(w)
+            if cls is None or cls not in present or t not in region_of:
+                continue
+            sn = region_of[t]
+            hit = sn["region"] != 0 and sn.get("label") == cls
+            n += 1
+            hits += hit
+            c = per.setdefault(cls, [0, 0])
+            c[0] += hit
+            c[1] += 1
+    return {"words": n, "grounded": hits, "share": hits / max(n, 1), "per_class": per}
+
+
 def beta_sweep(aligner, store, pairs: list[tuple], betas: Iterable[float], progress=None) -> dict:
     """Snippet statistics (:func:`vsa.mrf.snippet_stats`, :func:`label_agreement`) of ``pairs`` for several betas.
 
