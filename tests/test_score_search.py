@@ -294,7 +294,9 @@ def test_score_real_photo(flickr8k, yolov5n, shipped):
     good, bad = (orjson.loads(x) for x in r.stdout.splitlines())
     assert good["score"] > bad["score"]
     words = {w["word"]: w for w in good["words"]}
-    assert words["dogs"]["label"] in ("dog", "image", "cat", "sheep", "bear")  # a box of an animal (or the whole photo)
+    # a box of an animal (or the whole photo): YOLOv5n boxes these two dogs twice, "horse" 0.67 and "dog" 0.44,
+    # over the same pixels (IoU 0.84), and either is the right place for "dogs"
+    assert words["dogs"]["label"] in ("dog", "horse", "image", "cat", "sheep", "bear")
     assert all(len(w["box"]) == 4 for w in good["words"])
 
 
