@@ -207,11 +207,6 @@ def apply_overrides(cfgs: Any, items: list[str], flag: str = "--set") -> Any:
     return cfgs
 
 
-def config_fields(*classes) -> list[str]:
-    """Every field name of the given config dataclasses (what ``--set`` accepts)."""
-    return [f.name for c in classes for f in dataclasses.fields(c)]
-
-
 def trained_features(ckpt: dict, features=None) -> Path | None:
     """The features file to evaluate ``ckpt`` on without computing any: ``features`` if given, else the file it
     was trained on (its ``meta``) when that still exists; None when there is none."""
