@@ -160,11 +160,13 @@ def test_resume_without_last_checkpoint_is_a_clear_error(tmp_path):
 
 def test_scst_phase_runs_and_keeps_best(tmp_path):
     ds, store, vocab, tr, va = _splits(tmp_path)
-    cfg = T.configs(rnn="lstm", embed=16, hidden=16, epochs=2, scst_epochs=1, batch_size=10, seed=1, patience=99)
+    cfg = T.configs(rnn="lstm", embed=16, hidden=16, epochs=2, scst_epochs=2, batch_size=10, seed=1, patience=99,
+                    scst_lr=4e-4, scst_lr_decay=0.5)
     out = tmp_path / "s.pt"
     summary = T.train(*cfg, tr, va, vocab, out, store.meta, log=lambda *_: None, choose_decoding=False)
     phases = [h["phase"] for h in summary["history"]]
-    assert phases == ["xe", "xe", "scst"]
+    assert phases == ["xe", "xe", "scst", "scst"]
+    assert [h["lr"] for h in summary["history"][2:]] == [4e-4, 2e-4]  # scst_lr, then x scst_lr_decay per epoch
     best = load_checkpoint(out)["meta"]["best"]
     assert best["CIDEr"] == max(h["val"]["CIDEr"] for h in summary["history"])
     log = [json.loads(ln) for ln in (tmp_path / "s.log.jsonl").read_text().splitlines()]

@@ -53,6 +53,7 @@ class MRNNTrainConfig:
     # SCST fine-tuning (self-critical, CIDEr-D reward) after cross-entropy training
     scst_epochs: int = 6
     scst_lr: float = 1e-4
+    scst_lr_decay: float = 1.0  # SCST learning rate x this per SCST epoch after the first
     scst_samples: int = 5
 
 
@@ -164,6 +165,12 @@ def xe_lr(cfg: MRNNTrainConfig, epoch: int) -> float:
     return cfg.lr * (cfg.lr_decay ** (epoch - cfg.lr_decay_start)) if epoch > cfg.lr_decay_start else cfg.lr
 
 
+def scst_lr(cfg: MRNNTrainConfig, epoch: int) -> float:
+    """Self-critical learning rate of (1-based, counting the cross-entropy epochs) ``epoch``: ``scst_lr`` in the
+    first SCST epoch, x ``scst_lr_decay`` per SCST epoch after it."""
+    return cfg.scst_lr * cfg.scst_lr_decay ** max(0, epoch - cfg.epochs - 1)
+
+
 class MRNNStage:
     """The generator's part of :func:`vsa.trainer.fit`: cross-entropy epochs ``1..epochs``, then SCST epochs
     (from the best cross-entropy weights, a fresh Adam at ``scst_lr``); val perplexity + greedy BLEU/CIDEr."""
@@ -207,12 +214,13 @@ class MRNNStage:
             from vsa.caption_metrics import CiderD
 
             self.scorer = CiderD([ends(r) for r in sp.ref_tokens])
-        _set_lr(self.opt, cfg.scst_lr)
+        lr = scst_lr(cfg, epoch)
+        _set_lr(self.opt, lr)
         n_img = max(1, cfg.batch_size // cfg.scst_samples)
         tick = _ticker(progress, f"epoch {epoch} scst", -(-len(sp.feats) // n_img))
         reward = _scst_epoch(self.model, self.opt, sp, cfg, epoch, self.scorer, self.vocab, self.ddp, self.env, tick,
                              self.dcfg.max_len)
-        return {"phase": "scst", "lr": cfg.scst_lr, "loss": round(reward, 4)}  # SCST: the mean sample reward
+        return {"phase": "scst", "lr": lr, "loss": round(reward, 4)}  # SCST: the mean sample reward
 
     def validate(self, epoch: int) -> dict:
         ppl = perplexity(self.model, self.val_sp)
