@@ -379,3 +379,31 @@ def test_featuriser_with_a_detector_equals_regions_then_embed(yolov5n, flickr8k,
         assert len(regs) == len(st[n]) > 1
         np.testing.assert_allclose(np.array([r["box"] for r in regs], np.float32), st.boxes(n), atol=1e-4)
         np.testing.assert_allclose(got, st[n], rtol=2e-3, atol=2e-3)
+
+
+def test_thread_decoding_equals_worker_processes(ex, tmp_path):
+    """The CPU default decodes in threads of the process (``workers=0`` with 2 torch threads: chunks decoded
+    in parallel, then forwarded); the output is the worker-process pipeline's, in input order, bad images included."""
+    import torch
+
+    from vsa.errors import VsaError
+
+    paths = _images(tmp_path / "imgs", 7)
+    items = [EmbedItem(p.name, str(p), None) for p in paths]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        embed(items, tmp_path / "t.npz", ex, workers=0, batch_size=2)
+        embed(items, tmp_path / "p.npz", ex, workers=1, batch_size=2)
+        bad = tmp_path / "imgs" / "bad.jpg"
+        bad.write_bytes(b"")
+        with pytest.raises(VsaError, match="bad.jpg"):
+            embed(items[:3] + [EmbedItem(bad.name, str(bad), None)], tmp_path / "b.npz", ex, workers=0, resume=False)
+        st = embed(items[:3] + [EmbedItem(bad.name, str(bad), None)] + items[3:], tmp_path / "b.npz", ex, workers=0,
+                   skip_bad=True, resume=False, batch_size=2)
+    finally:
+        torch.set_num_threads(before)
+    t, p, b = (np.load(tmp_path / f"{n}.npz") for n in "tpb")
+    assert t["keys"].tolist() == [q.name for q in paths] == p["keys"].tolist() == b["keys"].tolist()
+    assert np.array_equal(t["feats"], p["feats"]) and np.array_equal(t["feats"], b["feats"])
+    assert st["bad"] == 1

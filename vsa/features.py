@@ -2,7 +2,8 @@
 
 Inputs are :class:`EmbedItem` (an image file and its regions, or None for the whole image), from a regions
 JSONL (:func:`items_from_regions`) or image files (:func:`collect_items` reads ``vsa embed``'s inputs). Images
-are decoded and prepared in DataLoader workers and batched through the CNN by the one featurisation path
+are decoded and prepared (on CPU in a pool of threads, between CNN forwards; with ``workers`` > 0 in DataLoader
+worker processes, which overlap the forward on an accelerator) and batched through the CNN by the one featurisation path
 (:mod:`vsa.featurise`); finished work is saved in parts (resume), ``--shard K/N`` takes a deterministic block
 (:func:`shard_of`) and :func:`merge_npz` joins shards. Files are read and written by :mod:`vsa.featstore` only.
 :func:`embed_like_training` and :func:`features_for_eval` run the pipeline on dataset images as a checkpoint's
@@ -121,6 +122,22 @@ class _CropDataset:
             return {"index": i, "error": str(ImageError(f"cannot process image ({type(e).__name__}: {e})", it.path))}
 
 
+def _decode_in_threads(ds: _CropDataset, chunk: int, threads: int):
+    """``ds``'s items in order, decoded ``chunk`` at a time by ``threads`` threads of this process (PIL and the
+    tensor conversion release the GIL). Each chunk is decoded while the caller waits, then consumed: decoding
+    and the CNN forward take turns on all cores instead of competing for them, which on a CPU-only machine
+    beats worker processes (no oversubscribed OpenMP barriers, no tensors through shared memory)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if threads <= 1:
+        for i in range(len(ds)):
+            yield ds[i]
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="vsa-decode") as pool:
+        for s in range(0, len(ds), chunk):
+            yield from pool.map(ds.__getitem__, range(s, min(len(ds), s + chunk)))
+
+
 def _worker_init(_):
     import torch
 
@@ -197,6 +214,9 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
           grid: int = 7) -> dict:
     """Compute features of every item and write one NPZ at ``out`` (atomically).
 
+    ``workers`` > 0 decodes in that many DataLoader worker processes (overlapping the forward: the choice for
+    an accelerator); ``workers`` = 0 decodes in this process, in ``torch.get_num_threads()`` threads taking
+    turns with the forward (the choice on a CPU, where the forward already uses every core).
     Work is saved every ``part_every`` images into ``<out>.parts/`` (each part atomic). Rerunning
     with the same ``out`` and settings skips images found in a part or in a finished ``out``
     (resume; also after Ctrl-C or SIGTERM); at the end everything is merged into ``out`` in input
@@ -241,9 +261,11 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
     stats = {"images": len(items), "skipped_done": len(items) - len(todo), "bad": 0, "regions": 0}
 
     ds = _CropDataset(todo, extractor.prep, spec, max_pixels)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers if todo else 0,
-                                         prefetch_factor=4 if workers > 0 and todo else None,
-                                         worker_init_fn=_worker_init)
+    if workers > 0 and len(todo) > 1:
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                                             prefetch_factor=4, worker_init_fn=_worker_init)
+    else:
+        loader = _decode_in_threads(ds, max(batch_size, 2 * torch.get_num_threads()), torch.get_num_threads())
     rows: list[dict] = []
     pending: list[dict] = []
     pending_n = 0

@@ -18,7 +18,7 @@ def embed(
     cnn: Optional[str] = typer.Option(None, "--cnn", help="efficientnet-lite0 (default), efficientnet-lite2, a torchvision model name, or open_clip:MODEL/TAG (an OpenCLIP image tower, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k; pip install 'vsa[clip]')."),
     cnn_weights: Optional[str] = typer.Option(None, "--cnn-weights", help="Local weights file for --cnn (torchvision and open_clip models need one offline)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Crops per CNN forward (small batches are fastest on CPU)."),
-    workers: int = typer.Option(1, "--workers", help="DataLoader worker processes for decoding/cropping."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding/cropping: 0 = threads of this process taking turns with the CNN (the default on CPU, where the CNN uses every core); N = N worker processes overlapping the CNN (default 2 on CUDA)."),
     crop: str = typer.Option("warp", "--crop", help="warp: each box cropped and warped to 224 (paper, R-CNN style, one CNN pass per region); roi: RoIAlign on the whole image's feature map (one pass per image, ~Nx faster, coarser); grid: the whole image then the cells of its last feature map (--grid; for attention captioning, no detector)."),
     grid: int = typer.Option(7, "--grid", help="Cells per side with --crop grid (7 = the native 7x7 map at 224 px)."),
     context: float = typer.Option(0.0, "--context", help="Pad each box by this fraction of its size per side before warping."),
@@ -63,6 +63,8 @@ def embed(
         torch.set_num_threads(threads)
     ex = load_extractor(resolve(cnn, "features.cnn", "--cnn", default="efficientnet-lite0"),
                         str(cnn_weights) if cnn_weights else None, device, W.jit())
+    if workers is None:
+        workers = 0 if str(ex.device) == "cpu" else 2
     t0 = time.time()
     from vsa.runtime import Interrupted
 
