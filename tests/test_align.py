@@ -234,3 +234,48 @@ def test_overrides_are_typed_and_checked():
     for bad in (["nope=1"], ["epochs=x"], ["score=best"], ["dropout"], ["loss=least"]):
         with pytest.raises(VsaError):
             parse_overrides(configs(), bad)
+
+
+@pytest.mark.parametrize("fields", [dict(score="mean-max"), dict(score="sum-max", global_weight=0.0),
+                                    dict(score="sum-all"), dict(score="global"), dict(global_encoder="gru"),
+                                    dict(model="whole-image")])
+def test_flat_score_of_a_search_index_equals_the_padded_score(fields):
+    """`vsa search` scores unpadded region vectors (`flat_score`); it must equal the padded `score` training uses."""
+    from vsa.align import AlignModelConfig, build_model
+    from vsa.featstore import pad_regions
+
+    torch.manual_seed(0)
+    model = build_model(AlignModelConfig(**fields, hidden=16, embed=8), vocab_size=20, feat_dim=12).eval()
+    rng = np.random.RandomState(0)
+    feats = [rng.randn(n, 12).astype(np.float32) for n in (3, 1, 5, 2)]
+    ids = torch.tensor([[4, 5, 6, 0], [7, 8, 9, 10]])
+    lengths = torch.tensor([3, 4])
+    with torch.inference_mode():
+        F, fm = pad_regions(feats)
+        V, vm = model.embed_images(F, fm)
+        S, sm = model.embed_sentences(ids, lengths)
+        padded = model.score(V, vm, S, sm)
+        flat = V[vm]
+        reg_img = vm.nonzero(as_tuple=True)[0]
+        got = model.flat_score(flat, reg_img, len(feats), S, sm)
+    assert torch.allclose(got, padded, atol=1e-6)
+    # and both are the formulas, pair by pair
+    cfg = model.cfg
+    h = getattr(model, "region_dim", V.shape[-1])
+    for i, f in enumerate(feats):
+        for j, t in enumerate(lengths.tolist()):
+            v, w = V[i, : len(f) if cfg.model == "brnn" else 1], S[j, :t]
+            if cfg.model == "whole-image":
+                ref = float(v[0] @ S[j, 0])
+            else:
+                d = v[:, :h] @ w[:, :h].T  # [R, T]
+                ref = {"sum-max": d.amax(0).sum(), "mean-max": d.amax(0).mean(), "sum-all": d.clamp(min=0).sum(),
+                       "global": torch.nn.functional.normalize(v[0, :h], dim=0)
+                       @ torch.nn.functional.normalize(w[:, :h].mean(0), dim=0)}[cfg.score]
+                if cfg.global_weight and cfg.global_encoder == "gru":
+                    ref = ref + cfg.global_weight * (v[0, h:] @ S[j, 0, h:])
+                elif cfg.global_weight and cfg.score != "global":
+                    ref = ref + cfg.global_weight * (torch.nn.functional.normalize(v[0, :h], dim=0)
+                                                     @ torch.nn.functional.normalize(w[:, :h].mean(0), dim=0))
+                ref = float(ref)
+            assert got[i, j].item() == pytest.approx(ref, abs=1e-5), (fields, i, j)

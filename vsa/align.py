@@ -203,19 +203,26 @@ def pair_scores(V: torch.Tensor, vmask: torch.Tensor, S: torch.Tensor, smask: to
 
     ``vmask [Bi, R]`` and ``smask [Bs, T]`` mark real regions / words (padding is ignored).
     """
-    Bi, R, h = V.shape
-    Bs, T, _ = S.shape
+    Bi = V.shape[0]
     if score == "global":
-        v = V[:, 0]
+        return flat_pair_scores(V[:, 0], torch.arange(Bi, device=V.device), Bi, S, smask, score)
+    return flat_pair_scores(V[vmask], vmask.nonzero(as_tuple=True)[0], Bi, S, smask, score)
+
+
+def flat_pair_scores(Vr: torch.Tensor, reg_img: torch.Tensor, Bi: int, S: torch.Tensor, smask: torch.Tensor,
+                     score: str = "sum-max") -> torch.Tensor:
+    """:func:`pair_scores` from the real regions only, unpadded: ``Vr [Nr, h]`` and the image of each region
+    ``reg_img [Nr]`` (sorted, each image's whole-image region first), ``Bi`` images. A search index keeps its
+    region vectors this way, so a query scores every photo without padding them. With ``score = "global"``,
+    ``Vr`` holds the whole-image vectors alone, ``[Bi, h]``."""
+    Bs = S.shape[0]
+    if score == "global":
         s = (S * smask[..., None]).sum(1) / smask.sum(1, keepdim=True).clamp(min=1)
-        return _l2(v) @ _l2(s).T
+        return _l2(Vr) @ _l2(s).T
     # only real words take part: [Nw, h] with the sentence of each word
     word_sent = smask.nonzero(as_tuple=True)[0]
     Sw = S[smask]
     Nw = Sw.shape[0]
-    # and only real regions: [Nr, h] with the image of each region
-    reg_img = vmask.nonzero(as_tuple=True)[0]
-    Vr = V[vmask]
     d = Vr @ Sw.T  # [Nr, Nw]
     if score == "sum-all":
         per_word = d.new_zeros(Bi, Nw).index_add_(0, reg_img, d.clamp(min=0))  # [Bi, Nw]
@@ -226,6 +233,12 @@ def pair_scores(V: torch.Tensor, vmask: torch.Tensor, S: torch.Tensor, smask: to
     if score == "mean-max":
         total = total / smask.sum(1).clamp(min=1).view(1, Bs).to(total.dtype)
     return total
+
+
+def _first_rows(reg_img: torch.Tensor, Bi: int) -> torch.Tensor:
+    """The row of each image's first (whole-image) region in a flat region list sorted by image."""
+    counts = torch.bincount(reg_img, minlength=Bi)
+    return torch.cumsum(counts, 0) - counts
 
 
 def ranking_loss(scores: torch.Tensor, img_of: torch.Tensor | None = None, margin: float = 0.2,
@@ -320,14 +333,23 @@ class BRNNAligner(nn.Module):
         return S, smask
 
     def score(self, V, vmask, S, smask) -> torch.Tensor:
+        return self.flat_score(V[vmask], vmask.nonzero(as_tuple=True)[0], V.shape[0], S, smask)
+
+    def flat_score(self, Vr, reg_img, Bi: int, S, smask) -> torch.Tensor:
+        """:meth:`score` from unpadded region vectors ``Vr [Nr, h]`` of images ``reg_img [Nr]`` (sorted, whole
+        image first; :func:`flat_pair_scores`)."""
         h = self.region_dim
-        Vr, Sr = V[..., :h], S[..., :h]
-        out = pair_scores(Vr, vmask, Sr, smask, self.cfg.score)
+        first = _first_rows(reg_img, Bi)
+        Sr = S[..., :h]
+        if self.cfg.score == "global":
+            out = flat_pair_scores(Vr[first, :h], reg_img, Bi, Sr, smask, "global")
+        else:
+            out = flat_pair_scores(Vr[:, :h], reg_img, Bi, Sr, smask, self.cfg.score)
         w = getattr(self.cfg, "global_weight", 0.0)
         if w and self.glob is not None:
-            out = out + w * (V[:, 0, h:] @ S[:, 0, h:].T)
+            out = out + w * (Vr[first, h:] @ S[:, 0, h:].T)
         elif w and self.cfg.score != "global":  # global term: whole image vs. mean word vector
-            out = out + w * pair_scores(Vr, vmask, Sr, smask, "global")
+            out = out + w * flat_pair_scores(Vr[first, :h], reg_img, Bi, Sr, smask, "global")
         return out
 
 
@@ -359,6 +381,9 @@ class WholeImageModel(nn.Module):
 
     def score(self, V, vmask, S, smask) -> torch.Tensor:
         return V[:, 0] @ S[:, 0].T
+
+    def flat_score(self, Vr, reg_img, Bi: int, S, smask) -> torch.Tensor:
+        return Vr[_first_rows(reg_img, Bi)] @ S[:, 0].T
 
 
 def build_model(cfg, vocab_size: int, feat_dim: int) -> nn.Module:

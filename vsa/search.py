@@ -225,12 +225,17 @@ class Index:
             raise VsaError(f"the index was built with another model ({self.meta.get('model')}); rebuild it with "
                            "`vsa search index` or pass that --model", self.path)
 
-    def padded(self):
-        """The region vectors of every photo, padded: ``(V [N, R, h], mask [N, R])`` (:func:`vsa.featstore.pad_regions`)."""
-        from vsa.featstore import pad_regions
+    def flat(self):
+        """The region vectors of every photo unpadded, as torch tensors, made once per index:
+        ``(V [Nr, h] float32, image of each row [Nr])`` (what the aligner's ``flat_score`` takes)."""
+        import torch
 
-        off = self.emb_offsets
-        return pad_regions([self.emb[off[i] : off[i + 1]] for i in range(len(self))])
+        if getattr(self, "_flat", None) is None:
+            off = np.asarray(self.emb_offsets, dtype=np.int64)
+            V = torch.from_numpy(np.asarray(self.emb, dtype=np.float32))
+            reg_img = torch.from_numpy(np.repeat(np.arange(len(self), dtype=np.int64), np.diff(off)))
+            self._flat = (V, reg_img)
+        return self._flat
 
     def photo(self, i: int) -> Photo:
         p = photo_from_store(self.store, self.store.keys[i])
@@ -307,11 +312,11 @@ def search_text(aligner, index: Index, query: str, k: int = 10) -> list[dict]:
     tokens = tokenize(query)
     if not tokens:
         raise VsaError("the query has no words")
-    V, vm = index.padded()
+    V, reg_img = index.flat()
     ids, lengths = aligner.encode_tokens([tokens])
     with torch.inference_mode():
         S, sm = aligner.model.embed_sentences(ids, lengths)
-        scores = aligner.model.score(V, vm, S, sm)[:, 0].float().numpy()
+        scores = aligner.model.flat_score(V, reg_img, len(index), S, sm)[:, 0].float().numpy()
     order = np.argsort(-scores, kind="stable")[:k]
     oov = oov_words(aligner, tokens)
     out = []
