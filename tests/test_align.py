@@ -279,3 +279,44 @@ def test_flat_score_of_a_search_index_equals_the_padded_score(fields):
                                                      @ torch.nn.functional.normalize(w[:, :h].mean(0), dim=0))
                 ref = float(ref)
             assert got[i, j].item() == pytest.approx(ref, abs=1e-5), (fields, i, j)
+
+
+def test_glove_initialises_words_and_aliases_unknown_ones(tmp_path):
+    """`--glove FILE.txt`: known words start from their GloVe vector (projected to `embed`); the checkpoint keeps,
+    for GloVe words outside the vocabulary, their nearest known word, which the aligner reads them as."""
+    from vsa.align import load_aligner
+    from vsa.checkpoint import load_checkpoint
+    from vsa.train_align import glove_aliases
+
+    rng = np.random.default_rng(0)
+    base = {w: rng.normal(size=8) for w in WORDS}
+    vecs = dict(base)
+    vecs["kitten"] = base["cat"] + 0.1 * rng.normal(size=8)  # close to "cat"
+    vecs["puppy"] = base["dog"] + 0.1 * rng.normal(size=8)
+    vecs["zzz"] = -sum(base.values())  # far from every word: no alias
+    vecs["Tabby"] = base["cat"]  # not lower-case: skipped
+    glove = tmp_path / "glove.txt"
+    glove.write_text("".join(f"{w} " + " ".join(f"{x:.5f}" for x in v) + "\n" for w, v in vecs.items()))
+    vocab = ["<pad>", "<unk>", "<start>", "<end>"] + WORDS
+    al = glove_aliases(vocab, str(glove), min_sim=0.8)
+    assert al.get("kitten") == "cat" and al.get("puppy") == "dog"
+    assert "zzz" not in al and "Tabby" not in al and not set(al) & set(WORDS)
+
+    ds, feats, _ = make_synthetic(tmp_path, n_train=40, n_val=10, n_test=10)
+    out = tmp_path / "g.pt"
+    train(*configs(**{**SMALL, "epochs": 1}, glove=str(glove)), ds, feats, out, info=lambda *a: None)
+    assert load_checkpoint(out)["meta"]["aliases"]["kitten"] == "cat"
+    a = load_aligner(out)
+    assert a.read_as(["a", "kitten", "dog"]) == {"kitten": "cat"}
+    assert torch.equal(a.encode_tokens([["kitten", "dog"]])[0], a.encode_tokens([["cat", "dog"]])[0])
+    assert not torch.equal(a.encode_tokens([["zzz"]])[0], a.encode_tokens([["cat"]])[0])  # still unknown
+    # the initial word vectors are GloVe's through a fixed projection (checked on a fresh table)
+    from vsa.data import Vocab
+    from vsa.train_align import init_glove
+
+    table = torch.nn.Embedding(len(vocab), 16)
+    assert init_glove(table, Vocab(vocab), str(glove)) == len(WORDS)
+    g = torch.Generator().manual_seed(0)
+    proj = torch.randn(8, 16, generator=g) / np.sqrt(8)
+    i = Vocab(vocab).stoi["cat"]
+    assert torch.allclose(table.weight[i], torch.tensor(vecs["cat"], dtype=torch.float32) @ proj, atol=1e-4)

@@ -153,7 +153,12 @@ def test_score_names_words_out_of_the_vocabulary(flickr8k, yolov5n):
     assert r.returncode == 0, r.stderr.decode()
     rec = json.loads(r.stdout)
     assert rec["oov"] == ["giraffe"] and [w["known"] for w in rec["words"]] == [True, True, False]
+    # the shipped aligner reads it as its nearest known word by GloVe, and says so
+    assert rec["read_as"] == {"giraffe": "elephant"}
     err = r.stderr.decode()
-    assert "warning: not in the vocabulary: giraffe\n" in err and "using the shipped Flickr8k aligner" in err
+    assert ("warning: not in the vocabulary: giraffe (read as 'elephant', its nearest word by GloVe)\n" in err
+            and "using the shipped Flickr8k aligner" in err)
+    r = run_cli("score", photo, "a tall elephant", "--detector", yolov5n, "--json")
+    assert json.loads(r.stdout)["score"] == rec["score"]
     r = run_cli("score", photo, "a dog runs", "--detector", yolov5n, "--json")
     assert json.loads(r.stdout)["oov"] == [] and "vocabulary" not in r.stderr.decode()

@@ -425,12 +425,23 @@ class Aligner:
         self.path = path
         self.meta = meta or {}
         self.decoding = dict(decoding or {})  # inference defaults chosen on val: {"beta": ...} for vsa align
+        self.aliases = dict(self.meta.get("aliases") or {})  # word outside the vocabulary -> nearest known word
+
+    def read_as(self, tokens: list[str]) -> dict[str, str]:
+        """The words of ``tokens`` outside the vocabulary that the aligner reads as another word (its GloVe
+        ``aliases``, saved by ``train-align --glove``): ``{"giraffe": "elephant"}``."""
+        stoi = self.vocab.stoi
+        return {t: self.aliases[t] for t in tokens if t not in stoi and t in self.aliases}
 
     @property
     def device(self):
         return next(self.model.parameters()).device
 
     def encode_tokens(self, token_lists: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids, a word outside the vocabulary read as its alias when it has one (:meth:`read_as`)."""
+        stoi, al = self.vocab.stoi, self.aliases
+        if al:
+            token_lists = [[t if t in stoi else al.get(t, t) for t in toks] for toks in token_lists]
         return pad_ids([self.vocab.encode(t) for t in token_lists], self.cfg.max_len)
 
     @torch.inference_mode()
@@ -514,19 +525,25 @@ def load_aligner(path=None, device: str = "cpu") -> Aligner:
     return aligner_from_checkpoint(ckpt, p, device)
 
 
-def export_aligner(src, dst, half: bool = True, beta: float | None = None) -> dict:
+def export_aligner(src, dst, half: bool = True, beta: float | None = None, aliases: str | None = None) -> dict:
     """Write a compact inference copy of a trained aligner (float16 weights, no optimiser state).
 
-    This is how ``vsa/assets/align-flickr8k.pt`` is made: ``python -m vsa.align SRC DST [BETA]``;
-    ``beta`` (the snippet MRF's val-chosen beta for this aligner) is saved in its decoding defaults for ``vsa align``.
+    This is how ``vsa/assets/align-flickr8k.pt`` is made: ``python -m vsa.align SRC DST [BETA] [--aliases kumo]``;
+    ``beta`` (the snippet MRF's val-chosen beta for this aligner) is saved in its decoding defaults for ``vsa align``;
+    ``aliases`` (a GloVe spec as ``--glove`` takes) makes the out-of-vocabulary aliases
+    (:func:`vsa.train_align.glove_aliases`) for a checkpoint trained without them.
     """
     from vsa.checkpoint import load_checkpoint, save_checkpoint
 
     ck = load_checkpoint(src, kind="align")
     sd = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ck["state_dict"].items()}
-    keep = ("epoch", "best", "seconds", "dataset", "train_images", "test")  # no path to this machine's features
-    meta = {k: v for k, v in ck.get("meta", {}).items() if k in keep}
-    meta["exported_from"] = Path(src).name
+    keep = ("epoch", "best", "seconds", "dataset", "train_images", "test", "aliases", "exported_from")
+    meta = {k: v for k, v in ck.get("meta", {}).items() if k in keep}  # no path to this machine's features
+    if aliases:
+        from vsa.train_align import glove_aliases
+
+        meta["aliases"] = glove_aliases(list(ck["vocab"]), aliases)
+    meta.setdefault("exported_from", Path(src).name)  # re-exporting an export keeps the trained file's name
     decoding = dict(ck.get("decoding") or {})
     if beta is not None:
         decoding["beta"] = float(beta)
@@ -534,9 +551,15 @@ def export_aligner(src, dst, half: bool = True, beta: float | None = None) -> di
     return {**meta, "decoding": decoding}
 
 
-if __name__ == "__main__":  # python -m vsa.align SRC DST
-    import sys
+if __name__ == "__main__":  # python -m vsa.align SRC DST [BETA] [--aliases GLOVE]
+    import argparse
 
-    if len(sys.argv) not in (3, 4):
-        sys.exit("usage: python -m vsa.align TRAINED.pt OUT.pt [BETA]")
-    print(export_aligner(sys.argv[1], sys.argv[2], beta=float(sys.argv[3]) if len(sys.argv) == 4 else None))
+    ap = argparse.ArgumentParser(prog="python -m vsa.align", description="Export a trained aligner for shipping.")
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("beta", nargs="?", type=float, default=None)
+    ap.add_argument("--aliases", default=None, help="GloVe (kumo or a path) for out-of-vocabulary aliases")
+    a = ap.parse_args()
+    info = export_aligner(a.src, a.dst, beta=a.beta, aliases=a.aliases)
+    info["aliases"] = len(info.get("aliases") or {})
+    print(info)

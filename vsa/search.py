@@ -93,18 +93,18 @@ def photo_from_store(store, key: str) -> Photo:
 
 
 def oov_words(aligner, tokens: list[str]) -> list[str]:
-    """The distinct words of ``tokens`` the aligner's vocabulary lacks, in order: they carry no meaning of
-    their own in a score (the model sees its unknown-word token)."""
+    """The distinct words of ``tokens`` the aligner's vocabulary lacks, in order: the model reads each as its
+    alias (``aligner.read_as``) where it has one, else as its unknown-word token."""
     stoi = aligner.vocab.stoi
     return list(dict.fromkeys(t for t in tokens if t not in stoi))
 
 
 def score_record(aligner, photo: Photo, sentence: str, tokens: list[str] | None = None) -> dict:
-    """``{"image", "sentence", "tokens", "oov", "score", "words": [{word, known, region, box, label, dot}]}``.
+    """``{"image", "sentence", "tokens", "oov", "read_as", "score", "words": [{word, known, region, box, label, dot}]}``.
 
     ``score`` is the image-sentence score ``S_kl`` of the aligner; each word's best region is the
     argmax of ``v_i . s_t`` over the photo's regions (brnn models only); ``oov`` lists the words that
-    are not in the aligner's vocabulary.
+    are not in the aligner's vocabulary, ``read_as`` those of them read as a known word (``{word: alias}``).
     """
     from vsa.data import tokenize
 
@@ -112,7 +112,7 @@ def score_record(aligner, photo: Photo, sentence: str, tokens: list[str] | None 
     R = aligner.cfg.max_regions if aligner.cfg.model == "brnn" else 1
     feats = photo.feats[:R]
     rec = {"image": photo.path, "key": photo.key, "sentence": sentence, "tokens": tokens,
-           "oov": oov_words(aligner, tokens), "score": round(aligner.score(feats, tokens), 4) if tokens else 0.0}
+           "oov": oov_words(aligner, tokens), "read_as": aligner.read_as(tokens), "score": round(aligner.score(feats, tokens), 4) if tokens else 0.0}
     if aligner.cfg.model == "brnn" and tokens:
         m = aligner.word_region_scores(feats, tokens)
         words = []
@@ -318,11 +318,11 @@ def search_text(aligner, index: Index, query: str, k: int = 10) -> list[dict]:
         S, sm = aligner.model.embed_sentences(ids, lengths)
         scores = aligner.model.flat_score(V, reg_img, len(index), S, sm)[:, 0].float().numpy()
     order = np.argsort(-scores, kind="stable")[:k]
-    oov = oov_words(aligner, tokens)
+    oov, read_as = oov_words(aligner, tokens), aligner.read_as(tokens)
     out = []
     for rank, i in enumerate(order, 1):
         rec = {"rank": rank, "key": index.store.keys[i], "path": index.paths[i], "score": round(float(scores[i]), 4),
-               "oov": oov}
+               "oov": oov, "read_as": read_as}
         if aligner.cfg.model == "brnn":
             a, b = index.emb_offsets[i], index.emb_offsets[i + 1]
             h = getattr(aligner.model, "region_dim", S.shape[-1])  # word-region dots use the region channels only
@@ -362,4 +362,4 @@ def search_sentences(aligner, photo: Photo, sentences: list[str], k: int = 10, b
             scores[a : a + len(ids)] = aligner.model.score(V, vm, S, sm)[0].float().numpy()
     order = np.argsort(-scores, kind="stable")[:k]
     return [{"rank": r, "sentence": sentences[j], "line": int(j) + 1, "score": round(float(scores[j]), 4),
-             "oov": oov_words(aligner, toks[j])} for r, j in enumerate(order, 1)]
+             "oov": oov_words(aligner, toks[j]), "read_as": aligner.read_as(toks[j])} for r, j in enumerate(order, 1)]

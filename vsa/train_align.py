@@ -126,6 +126,32 @@ def init_glove(emb: torch.nn.Embedding, vocab, spec: str) -> int:
     return found
 
 
+def glove_aliases(vocab_words: list[str], spec: str, top: int = 50000, min_sim: float = 0.6) -> dict[str, str]:
+    """For the ``top`` most frequent GloVe words (GloVe files list words by frequency) that are not in the
+    vocabulary, the vocabulary word nearest to each by GloVe cosine, when it is at least ``min_sim``: an aligner
+    then reads "giraffe" as "elephant" instead of its unknown-word token. Lower-case alphabetic words only."""
+    words, mat = glove_vectors(spec)
+    index = {w: i for i, w in enumerate(words)}
+    known = [w for w in vocab_words[4:] if w in index]
+    if not known:
+        return {}
+    K = np.asarray(mat[[index[w] for w in known]], dtype=np.float32)
+    K /= np.linalg.norm(K, axis=1, keepdims=True).clip(1e-8)
+    vocab = set(vocab_words)
+    cands = [i for i, w in enumerate(words[:top]) if w not in vocab and w.isalpha() and w.islower() and len(w) > 1]
+    out: dict[str, str] = {}
+    for s in range(0, len(cands), 4096):
+        rows = cands[s : s + 4096]
+        Q = np.asarray(mat[rows], dtype=np.float32)
+        Q /= np.linalg.norm(Q, axis=1, keepdims=True).clip(1e-8)
+        sim = Q @ K.T
+        best = sim.argmax(1)
+        for r, b, v in zip(rows, best, sim[np.arange(len(rows)), best]):
+            if v >= min_sim:
+                out[words[r]] = known[int(b)]
+    return out
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -359,6 +385,8 @@ def train(mcfg: AlignModelConfig, tcfg: AlignTrainConfig, ds, features, out, res
         info(f"distributed: {env.world} processes ({'nccl' if env.device.startswith('cuda') else 'gloo'}), "
              f"global batch {tcfg.batch_size} sentences split over them by image")
     meta = {"features": str(features), "dataset": str(ds.source), "train_images": len(train_data.keys)}
+    if tcfg.glove:
+        meta["aliases"] = state["meta"].get("aliases", {}) if state else glove_aliases(vocab.words, tcfg.glove)
     return fit(stage, out, tcfg.epochs, env, info, progress, resume=state, meta=meta, describe=_describe(tcfg.epochs),
                log=log)
 

@@ -60,7 +60,7 @@ def score_cmd(
         if sentence is None:
             raise VsaError("give a sentence after the photo: vsa score IMAGE \"a dog runs\"")
         rec = score_photo(aligner, encoder, image, sentence, store=store, max_pixels=limit)
-        _say_oov(rec["oov"])
+        _say_oov(rec["oov"], "", rec["read_as"])
         if as_json:
             with JsonlWriter("-") as w:
                 w.write(rec)
@@ -72,5 +72,5 @@ def score_cmd(
     pairs = iter_jsonl("-", skip_bad=skip_bad, warn=warn, with_lineno=True)
     with JsonlWriter("-") as w:
         for line, rec in score_pairs(aligner, encoder, pairs, store=store, skip_bad=skip_bad, warn=warn, max_pixels=limit):
-            _say_oov(rec["oov"], f"<stdin>:{line}: ")
+            _say_oov(rec["oov"], f"<stdin>:{line}: ", rec["read_as"])
             w.write(rec)

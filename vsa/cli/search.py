@@ -81,7 +81,7 @@ def search_text_cmd(
     aligner = _aligner(_index_model(model, idx), "cpu")
     idx.check_model(aligner)
     hits = search_text(aligner, idx, query, k)
-    _say_oov(hits[0]["oov"] if hits else [])
+    _say_oov(hits[0]["oov"] if hits else [], "", hits[0]["read_as"] if hits else None)
     if as_json:
         with JsonlWriter("-") as w:
             for h in hits:
@@ -126,7 +126,7 @@ def search_sentences_cmd(
         photo = _encoder(aligner, detector, top, device, cnn_weights).encode(image, max_pixels=max_pixels(None))
     hits = search_sentences(aligner, photo, read_corpus(corpus), k)
     for h in hits:
-        _say_oov(h["oov"], f"rank {h['rank']} (line {h['line']}): ")
+        _say_oov(h["oov"], f"rank {h['rank']} (line {h['line']}): ", h["read_as"])
     if as_json:
         with JsonlWriter("-") as w:
             for h in hits:

@@ -124,10 +124,13 @@ def encoder(aligner, detector_flag, top, device, cnn_weights):
                         whole_only=aligner.cfg.model != "brnn", jit=jit())
 
 
-def say_oov(words: list[str], where: str = "") -> None:
-    """Name the query words the aligner does not know (they are scored as its unknown-word token)."""
+def say_oov(words: list[str], where: str = "", read_as: dict | None = None) -> None:
+    """Name the query words the aligner does not know: read as their nearest known word by GloVe where the
+    aligner has one (``read_as``), else as its unknown-word token."""
     if words:
-        warn(f"{where}not in the vocabulary: {', '.join(words)}")
+        read_as = read_as or {}
+        shown = [f"{w} (read as '{read_as[w]}', its nearest word by GloVe)" if w in read_as else w for w in words]
+        warn(f"{where}not in the vocabulary: {', '.join(shown)}")
 
 
 MODEL_HELP = "Aligner checkpoint (default: [align] model in vsa.toml if it exists, else the shipped Flickr8k aligner)."
