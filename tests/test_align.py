@@ -286,7 +286,7 @@ def test_glove_initialises_words_and_aliases_unknown_ones(tmp_path):
     for GloVe words outside the vocabulary, their nearest known word, which the aligner reads them as."""
     from vsa.align import load_aligner
     from vsa.checkpoint import load_checkpoint
-    from vsa.train_align import glove_aliases
+    from vsa.glove import glove_aliases
 
     rng = np.random.default_rng(0)
     base = {w: rng.normal(size=8) for w in WORDS}
@@ -312,7 +312,7 @@ def test_glove_initialises_words_and_aliases_unknown_ones(tmp_path):
     assert not torch.equal(a.encode_tokens([["zzz"]])[0], a.encode_tokens([["cat"]])[0])  # still unknown
     # the initial word vectors are GloVe's through a fixed projection (checked on a fresh table)
     from vsa.data import Vocab
-    from vsa.train_align import init_glove
+    from vsa.glove import init_glove
 
     table = torch.nn.Embedding(len(vocab), 16)
     assert init_glove(table, Vocab(vocab), str(glove)) == len(WORDS)

@@ -255,3 +255,23 @@ def test_scst_on_a_small_task_raises_the_reward_and_the_greedy_score(tmp_path):
     rewards = [h["loss"] for h in sc]  # the SCST epoch's mean sampled reward
     assert np.mean(rewards[-3:]) > np.mean(rewards[:2]) + 0.05
     assert max(h["val"]["CIDEr"] for h in sc[-4:]) > xe[-1]["val"]["CIDEr"] + 10
+
+
+def test_export_generator_ships_float16_weights_that_caption_alike(tmp_path):
+    """`python -m vsa.mrnn SRC DST`: float16 weights, no optimiser state, no path of this machine; greedy
+    captions of the export equal the trained model's."""
+    from vsa.checkpoint import load_checkpoint as load
+    from vsa.mrnn import export_generator
+
+    _train(tmp_path, "g.pt", 3)
+    src = tmp_path / "g.pt"
+    info = export_generator(src, tmp_path / "ship.pt")
+    ck = load(tmp_path / "ship.pt")
+    assert "optimizer" not in ck and "features" not in ck["meta"] and info["exported_from"] == "g.pt"
+    assert all(v.dtype == torch.float16 for v in ck["state_dict"].values() if v.is_floating_point())
+    assert ck["vocab"] == load(src)["vocab"] and ck["decoding"] == load(src)["decoding"]
+    a, b = (model_from_checkpoint(load(p)) for p in (src, tmp_path / "ship.pt"))
+    feats = torch.from_numpy(np.asarray(np.load(tmp_path / "whole.npz")["feats"][:6], dtype=np.float32))
+    with torch.inference_mode():
+        ga, gb = greedy(a, feats, max_len=8), greedy(b.float(), feats, max_len=8)
+    assert [h.tokens for h in ga] == [h.tokens for h in gb] and any(h.tokens for h in ga)

@@ -533,22 +533,15 @@ def export_aligner(src, dst, half: bool = True, beta: float | None = None, alias
     ``aliases`` (a GloVe spec as ``--glove`` takes) makes the out-of-vocabulary aliases
     (:func:`vsa.train_align.glove_aliases`) for a checkpoint trained without them.
     """
-    from vsa.checkpoint import load_checkpoint, save_checkpoint
+    from vsa.checkpoint import export_checkpoint, load_checkpoint
 
-    ck = load_checkpoint(src, kind="align")
-    sd = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ck["state_dict"].items()}
-    keep = ("epoch", "best", "seconds", "dataset", "train_images", "test", "aliases", "exported_from")
-    meta = {k: v for k, v in ck.get("meta", {}).items() if k in keep}  # no path to this machine's features
+    extra = {}
     if aliases:
-        from vsa.train_align import glove_aliases
+        from vsa.glove import glove_aliases
 
-        meta["aliases"] = glove_aliases(list(ck["vocab"]), aliases)
-    meta.setdefault("exported_from", Path(src).name)  # re-exporting an export keeps the trained file's name
-    decoding = dict(ck.get("decoding") or {})
-    if beta is not None:
-        decoding["beta"] = float(beta)
-    save_checkpoint(dst, "align", ck["model"], ck["train"], decoding, ck["vocab"], ck["extractor"], sd, meta)
-    return {**meta, "decoding": decoding}
+        extra["aliases"] = glove_aliases(list(load_checkpoint(src, kind="align")["vocab"]), aliases)
+    keep = ("epoch", "best", "seconds", "dataset", "train_images", "test", "aliases")
+    return export_checkpoint(src, dst, "align", keep, half, {"beta": float(beta)} if beta is not None else None, extra)
 
 
 if __name__ == "__main__":  # python -m vsa.align SRC DST [BETA] [--aliases GLOVE]

@@ -214,3 +214,22 @@ def trained_features(ckpt: dict, features=None) -> Path | None:
         return Path(features)
     trained = (ckpt.get("meta") or {}).get("features")
     return Path(trained) if trained and Path(trained).exists() else None
+
+
+def export_checkpoint(src, dst, kind: str, keep: tuple, half: bool = True, decoding: dict | None = None,
+                      meta: dict | None = None) -> dict:
+    """A compact inference copy of a trained checkpoint for shipping: float16 weights, no optimiser or RNG
+    state, of its ``meta`` only the ``keep`` keys (no paths of this machine), ``exported_from`` the trained
+    file's name (kept when ``src`` is itself an export); ``decoding`` / ``meta`` update those parts.
+    Returns the written ``meta`` with the ``decoding`` defaults."""
+    from pathlib import Path
+
+    ck = load_checkpoint(src, kind=kind)
+    sd = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ck["state_dict"].items()}
+    out_meta = {k: v for k, v in ck.get("meta", {}).items() if k in (*keep, "exported_from")}
+    out_meta.setdefault("exported_from", Path(src).name)
+    out_meta.update(meta or {})
+    dec = {**dict(ck.get("decoding") or {}), **(decoding or {})}
+    save_checkpoint(dst, kind, ck["model"], ck["train"], dec, ck["vocab"], ck["extractor"], sd, out_meta)
+    return {**out_meta, "decoding": dec}
+

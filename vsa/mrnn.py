@@ -319,3 +319,22 @@ def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> nn.Module:
     model.load_state_dict(sd)
     model.decoding = config_from(DecodingConfig, ckpt.get("decoding") or {})
     return model.to(device).eval()
+
+
+def export_generator(src, dst, half: bool = True) -> dict:
+    """Write a compact inference copy of a trained generator (float16 weights, no optimiser state): how
+    ``vsa/assets/mrnn-flickr8k.pt`` and ``mrnn-regions-flickr8k.pt`` are made (``python -m vsa.mrnn SRC DST``)."""
+    from vsa.checkpoint import export_checkpoint
+
+    keep = ("dataset", "mode", "epoch", "phase", "history", "best", "decoding_search", "seconds")
+    return export_checkpoint(src, dst, "mrnn", keep, half)
+
+
+if __name__ == "__main__":  # python -m vsa.mrnn SRC DST
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m vsa.mrnn TRAINED.pt OUT.pt")
+    info = export_generator(sys.argv[1], sys.argv[2])
+    print({k: v for k, v in info.items() if k not in ("history", "decoding_search")})
+
