@@ -29,6 +29,17 @@ def test_pair_scores_paper_formula_by_hand():
     assert pair_scores(V, _vm(V), S, sm, "sum-all").item() == pytest.approx(2 + 1 + 3)
 
 
+def test_scan_score_tends_to_the_max_score_at_low_temperature():
+    g = torch.Generator().manual_seed(1)
+    V = torch.nn.functional.normalize(torch.randn(2, 3, 4, generator=g), dim=-1)
+    S = torch.nn.functional.normalize(torch.randn(2, 5, 4, generator=g), dim=-1)
+    vm, sm = _vm(V), _vm(S)
+    hard = pair_scores(V, vm, S, sm, "scan", scan_lambda=1e3)
+    assert torch.allclose(hard, pair_scores(V, vm, S, sm, "mean-max"), atol=1e-4)
+    soft = pair_scores(V, vm, S, sm, "scan", scan_lambda=1.0)
+    assert not torch.allclose(soft, hard, atol=1e-3)
+
+
 def test_pair_scores_ignore_padding():
     V = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [50.0, 50.0]]])
     vm = torch.tensor([[True, True, False]])  # the third region is padding
@@ -45,7 +56,7 @@ def test_pair_scores_matrix_matches_one_by_one():
     S = torch.randn(5, 6, 8, generator=g)
     lengths = torch.tensor([6, 1, 3, 4, 2])
     sm = torch.arange(6)[None] < lengths[:, None]
-    for score in ("sum-max", "mean-max", "sum-all", "global"):
+    for score in ("sum-max", "mean-max", "sum-all", "global", "scan"):
         M = pair_scores(V, vm, S, sm, score)
         for i in range(3):
             for j in range(5):
@@ -238,6 +249,7 @@ def test_overrides_are_typed_and_checked():
 
 @pytest.mark.parametrize("fields", [dict(score="mean-max"), dict(score="sum-max", global_weight=0.0),
                                     dict(score="sum-all"), dict(score="global"), dict(global_encoder="gru"),
+                                    dict(score="scan", scan_lambda=4.0),
                                     dict(model="whole-image")])
 def test_flat_score_of_a_search_index_equals_the_padded_score(fields):
     """`vsa search` scores unpadded region vectors (`flat_score`); it must equal the padded `score` training uses."""
@@ -269,7 +281,11 @@ def test_flat_score_of_a_search_index_equals_the_padded_score(fields):
                 ref = float(v[0] @ S[j, 0])
             else:
                 d = v[:, :h] @ w[:, :h].T  # [R, T]
+                alpha = torch.softmax(cfg.scan_lambda * d, 0)  # [R, T]: each word over the regions
+                att = alpha.T @ v[:, :h]  # [T, h]
+                scan = ((att * w[:, :h]).sum(1) / att.norm(dim=1)).mean()
                 ref = {"sum-max": d.amax(0).sum(), "mean-max": d.amax(0).mean(), "sum-all": d.clamp(min=0).sum(),
+                       "scan": scan,
                        "global": torch.nn.functional.normalize(v[0, :h], dim=0)
                        @ torch.nn.functional.normalize(w[:, :h].mean(0), dim=0)}[cfg.score]
                 if cfg.global_weight and cfg.global_encoder == "gru":

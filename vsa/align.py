@@ -11,6 +11,9 @@
   ``mean-max``  the same averaged over the words (long sentences do not win by length)
   ``sum-all``   ``sum_t sum_i max(0, v_i . s_t)``, the paper's first, simpler score (eq. 7)
   ``global``    one vector per side: the whole-image region against the mean word vector
+  ``scan``      beyond the paper, text-to-image attention as in SCAN (Lee et al. 2018, t2i, average pooling):
+                each word attends over the image's regions, ``a_t = sum_i softmax_i(lambda v_i . s_t) v_i``,
+                and the score averages ``cos(s_t, a_t)`` over the words (``scan_lambda``)
 
 * Loss: the bidirectional max-margin ranking loss (eq. 9) over the batch, summing the
   violations (``loss="sum"``) or taking the hardest negative (``loss="max"``, VSE++).
@@ -40,7 +43,7 @@ from vsa.errors import VsaError
 from vsa.featstore import pad_regions  # the one region padding
 
 ASSET = SHIPPED_MODELS["align"]  # the Flickr8k aligner shipped in the package
-SCORES = ("sum-max", "mean-max", "sum-all", "global")
+SCORES = ("sum-max", "mean-max", "sum-all", "global", "scan")
 RNNS = ("brnn", "gru", "lstm")
 MODELS = ("brnn", "whole-image")
 GLOBAL_ENCODERS = ("mean", "gru")
@@ -53,7 +56,8 @@ class AlignModelConfig:
 
     model: str = "brnn"  # brnn (the paper) | whole-image (ablation baseline)
     rnn: str = "brnn"  # brnn (ReLU RNN as in the paper) | gru | lstm
-    score: str = "mean-max"  # sum-max (paper eq. 8) | mean-max | sum-all (eq. 7) | global
+    score: str = "mean-max"  # sum-max (paper eq. 8) | mean-max | sum-all (eq. 7) | global | scan (SCAN t2i attention)
+    scan_lambda: float = 9.0  # score = "scan": inverse temperature of the word-to-region attention (SCAN's lambda_1)
     global_weight: float = 1.0  # add this times a global score (whole image vs. sentence) to `score`
     global_encoder: str = "mean"  # the global term's sentence vector: mean (of the word vectors) | gru (own GRU + image map)
     hidden: int = 512  # h: size of the shared region/word space
@@ -198,7 +202,7 @@ class SentenceBRNN(nn.Module):
 
 
 def pair_scores(V: torch.Tensor, vmask: torch.Tensor, S: torch.Tensor, smask: torch.Tensor,
-                score: str = "sum-max") -> torch.Tensor:
+                score: str = "sum-max", scan_lambda: float = 9.0) -> torch.Tensor:
     """Image-sentence scores ``[Bi, Bs]`` from region vectors ``V [Bi, R, h]`` and word vectors ``S [Bs, T, h]``.
 
     ``vmask [Bi, R]`` and ``smask [Bs, T]`` mark real regions / words (padding is ignored).
@@ -206,11 +210,11 @@ def pair_scores(V: torch.Tensor, vmask: torch.Tensor, S: torch.Tensor, smask: to
     Bi = V.shape[0]
     if score == "global":
         return flat_pair_scores(V[:, 0], torch.arange(Bi, device=V.device), Bi, S, smask, score)
-    return flat_pair_scores(V[vmask], vmask.nonzero(as_tuple=True)[0], Bi, S, smask, score)
+    return flat_pair_scores(V[vmask], vmask.nonzero(as_tuple=True)[0], Bi, S, smask, score, scan_lambda)
 
 
 def flat_pair_scores(Vr: torch.Tensor, reg_img: torch.Tensor, Bi: int, S: torch.Tensor, smask: torch.Tensor,
-                     score: str = "sum-max") -> torch.Tensor:
+                     score: str = "sum-max", scan_lambda: float = 9.0) -> torch.Tensor:
     """:func:`pair_scores` from the real regions only, unpadded: ``Vr [Nr, h]`` and the image of each region
     ``reg_img [Nr]`` (sorted, each image's whole-image region first), ``Bi`` images. A search index keeps its
     region vectors this way, so a query scores every photo without padding them. With ``score = "global"``,
@@ -229,10 +233,33 @@ def flat_pair_scores(Vr: torch.Tensor, reg_img: torch.Tensor, Bi: int, S: torch.
     else:
         per_word = d.new_full((Bi, Nw), float("-inf")).scatter_reduce(
             0, reg_img[:, None].expand(-1, Nw), d, "amax", include_self=True)  # [Bi, Nw]
+    if score == "scan":
+        per_word = _scan_t2i(Vr, reg_img, Bi, d, per_word, scan_lambda)
     total = per_word.new_zeros(Bi, Bs).index_add_(1, word_sent, per_word)
-    if score == "mean-max":
+    if score in ("mean-max", "scan"):
         total = total / smask.sum(1).clamp(min=1).view(1, Bs).to(total.dtype)
     return total
+
+
+def _scan_t2i(Vr, reg_img, Bi: int, d, dmax, lam: float) -> torch.Tensor:
+    """``cos(s_t, a_t)`` ``[Bi, Nw]`` for every image and word, ``a_t`` the softmax(``lam`` d)-weighted sum of the
+    image's region vectors: the numerator is ``sum_i alpha_i d_i``, ``|a_t|^2 = alpha^T G alpha`` with the
+    image's region Gram matrix ``G`` (no ``[Bi, Nw, h]`` tensor is made). ``d [Nr, Nw]`` are the region-word
+    dots, ``dmax [Bi, Nw]`` their per-image maxima (for a stable softmax)."""
+    Nw = d.shape[1]
+    e = torch.exp(lam * (d - dmax[reg_img]))  # [Nr, Nw]
+    Z = d.new_zeros(Bi, Nw).index_add_(0, reg_img, e)
+    alpha = e / Z[reg_img]
+    num = d.new_zeros(Bi, Nw).index_add_(0, reg_img, alpha * d)
+    counts = torch.bincount(reg_img, minlength=Bi)
+    pos = torch.arange(len(reg_img), device=d.device) - (torch.cumsum(counts, 0) - counts)[reg_img]
+    R = int(counts.max()) if len(counts) else 1
+    Vp = Vr.new_zeros(Bi, R, Vr.shape[1])
+    Vp[reg_img, pos] = Vr
+    Ap = d.new_zeros(Bi, R, Nw)
+    Ap[reg_img, pos] = alpha
+    sq = ((Vp @ Vp.transpose(1, 2)) @ Ap * Ap).sum(1)  # [Bi, Nw]
+    return num / sq.clamp_min(1e-12).sqrt()
 
 
 def _first_rows(reg_img: torch.Tensor, Bi: int) -> torch.Tensor:
@@ -344,7 +371,8 @@ class BRNNAligner(nn.Module):
         if self.cfg.score == "global":
             out = flat_pair_scores(Vr[first, :h], reg_img, Bi, Sr, smask, "global")
         else:
-            out = flat_pair_scores(Vr[:, :h], reg_img, Bi, Sr, smask, self.cfg.score)
+            out = flat_pair_scores(Vr[:, :h], reg_img, Bi, Sr, smask, self.cfg.score,
+                                   getattr(self.cfg, "scan_lambda", 9.0))
         w = getattr(self.cfg, "global_weight", 0.0)
         if w and self.glob is not None:
             out = out + w * (Vr[first, h:] @ S[:, 0, h:].T)
