@@ -51,7 +51,7 @@ complete -c vsa -n '__fish_seen_subcommand_from embed' -s o -l out -r -F -d 'Out
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l cnn -x -d 'efficientnet-lite0 (default), efficientnet-lite2, a torchvision model...'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l cnn-weights -r -F -d 'Local weights file for --cnn (torchvision and open_clip models need o...'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l batch-size -x -d 'Crops per CNN forward (small batches are fastest on CPU)'
-complete -c vsa -n '__fish_seen_subcommand_from embed' -l workers -x -d 'DataLoader worker processes for decoding/cropping'
+complete -c vsa -n '__fish_seen_subcommand_from embed' -l workers -x -d 'Decoding/cropping: 0 = threads of this process taking turns with the...'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l crop -x -d 'warp: each box cropped and warped to 224 (paper, R-CNN style, one CNN...'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l grid -x -d 'Cells per side with --crop grid (7 = the native 7x7 map at 224 px)'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l context -x -d 'Pad each box by this fraction of its size per side before warping'
