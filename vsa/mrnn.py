@@ -337,4 +337,3 @@ if __name__ == "__main__":  # python -m vsa.mrnn SRC DST
         sys.exit("usage: python -m vsa.mrnn TRAINED.pt OUT.pt")
     info = export_generator(sys.argv[1], sys.argv[2])
     print({k: v for k, v in info.items() if k not in ("history", "decoding_search")})
-
