@@ -257,6 +257,31 @@ def test_scst_on_a_small_task_raises_the_reward_and_the_greedy_score(tmp_path):
     assert max(h["val"]["CIDEr"] for h in sc[-4:]) > xe[-1]["val"]["CIDEr"] + 10
 
 
+def test_scst_dropout_switches_dropout_on_for_sampling_and_rescoring(tmp_path, monkeypatch):
+    """``scst_dropout`` (the reference's way) samples and re-scores in training mode; the default in eval mode."""
+    ds, store, vocab, tr, va = _splits(tmp_path)
+    seen = []
+    real_sample, real_lp = T.sample, T.sequence_logprob
+
+    def spy_sample(model, *a, **k):
+        seen.append(("sample", model.training))
+        return real_sample(model, *a, **k)
+
+    def spy_lp(model, *a, **k):
+        seen.append(("rescore", model.training))
+        return real_lp(model, *a, **k)
+
+    monkeypatch.setattr(T, "sample", spy_sample)
+    monkeypatch.setattr(T, "sequence_logprob", spy_lp)
+    for flag in (False, True):
+        seen.clear()
+        cfg = T.configs(rnn="lstm", embed=16, hidden=16, epochs=1, scst_epochs=1, batch_size=10, seed=1,
+                        scst_dropout=flag)
+        T.train(*cfg, tr, va, vocab, tmp_path / f"d{flag}.pt", store.meta, log=lambda *_: None,
+                choose_decoding=False)
+        assert seen and {s for s in seen} == {("sample", flag), ("rescore", flag)}
+
+
 def test_export_generator_ships_float16_weights_that_caption_alike(tmp_path):
     """`python -m vsa.mrnn SRC DST`: float16 weights, no optimiser state, no path of this machine; greedy
     captions of the export equal the trained model's."""

@@ -55,6 +55,7 @@ class MRNNTrainConfig:
     scst_lr: float = 1e-4
     scst_lr_decay: float = 1.0  # SCST learning rate x this per SCST epoch after the first
     scst_samples: int = 5
+    scst_dropout: bool = False  # sample and re-score with dropout on (as the reference does) instead of off
 
 
 def configs(**fields) -> tuple[MRNNConfig, MRNNTrainConfig, DecodingConfig]:
@@ -476,7 +477,9 @@ def _scst_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, 
     dev = _dev(model)
     from vsa.mrnn import autocast
 
-    model.eval()  # no dropout: the sampled and the re-scored policy are the same
+    # dropout off: the sampled and the re-scored policy are the same; on (scst_dropout): each pass draws its own
+    # masks (the reference samples with dropout on and scores in the same pass), a regulariser
+    model.train(cfg.scst_dropout)
     rng = np.random.RandomState(cfg.seed * 1000 + epoch)
     order = torch.from_numpy(rng.permutation(len(sp.feats)))
     n = cfg.scst_samples
