@@ -81,6 +81,20 @@ def test_extractor_contract(ex, tmp_path):
     assert not torch.allclose(f[0], f[1])
 
 
+def test_uint8_pixels_are_normalised_on_the_device_exactly_as_preprocess_does(ex, tmp_path):
+    """The embed pipeline moves uint8 pixels and normalises batch-wise: the same bits as float preprocessing,
+    so features are unchanged whichever way they are fed."""
+    ims = [Image.open(p).convert("RGB") for p in _images(tmp_path, 2)]
+    raw = torch.stack([ex.preprocess(im, raw=True) for im in ims] + [ex.crop(ims[0], [30, 20, 120, 80], raw=True)])
+    flt = torch.stack([ex.preprocess(im) for im in ims] + [ex.crop(ims[0], [30, 20, 120, 80])])
+    assert raw.dtype == torch.uint8 and flt.dtype == torch.float32
+    assert torch.equal(ex.normalise(raw).contiguous(), flt.contiguous())
+    assert torch.equal(ex(raw), ex(flt))
+    assert torch.equal(ex.grid(raw[:2]), ex.grid(flt[:2]))
+    boxes = [torch.tensor([[0.0, 0.0, 224.0, 224.0], [10.0, 20.0, 100.0, 150.0]])] * 2
+    assert torch.equal(ex.roi(raw[:2], boxes), ex.roi(flt[:2], boxes))
+
+
 def test_npz_layout_from_regions(ex, tmp_path):
     paths = _images(tmp_path / "imgs", 3)
     jl = _regions_jsonl(paths, tmp_path / "r.jsonl")

@@ -37,28 +37,33 @@ class Preprocess:
         self.mean = np.asarray(mean, dtype=np.float32)  # per channel, in [0, 1] pixel units
         self.std = np.asarray(std, dtype=np.float32)
 
-    def _to_tensor(self, im):
-        """(pixels / 255 - mean) / std in float32, computed with NumPy (which releases the GIL and starts no
-        OpenMP team, so decoding threads do not compete with the CNN's); equal bit for bit to the same
-        arithmetic in torch."""
+    def _to_tensor(self, im, raw: bool = False):
+        """``raw``: the S x S pixels as a uint8 ``[3, S, S]`` tensor (the extractor normalises whole batches,
+        :meth:`Extractor.normalise`: a quarter of the bytes to move and no per-image float arithmetic).
+        Otherwise (pixels / 255 - mean) / std in float32, computed with NumPy (which releases the GIL and starts
+        no OpenMP team); equal bit for bit to :meth:`Extractor.normalise` of the raw pixels."""
         import torch
         from PIL import Image
 
         s = self.input_size
         if im.size != (s, s):
             im = im.resize((s, s), Image.BILINEAR)
-        a = np.asarray(im, dtype=np.uint8).astype(np.float32)
+        a = np.asarray(im, dtype=np.uint8)
+        if raw:
+            return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+        a = a.astype(np.float32)
         a /= np.float32(255.0)
         a -= self.mean
         a /= self.std
         return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
-    def preprocess(self, im):
-        """Whole image -> ``[3, S, S]``: resized (squashed) to S x S, normalised."""
-        return self._to_tensor(im)
+    def preprocess(self, im, raw: bool = False):
+        """Whole image -> ``[3, S, S]``: resized (squashed) to S x S, normalised (``raw``: uint8 pixels)."""
+        return self._to_tensor(im, raw)
 
-    def crop(self, im, box, context: float = 0.0):
-        """Region ``box`` (pixel xyxy) of ``im`` -> ``[3, S, S]``; ``context`` pads the box by that fraction per side."""
+    def crop(self, im, box, context: float = 0.0, raw: bool = False):
+        """Region ``box`` (pixel xyxy) of ``im`` -> ``[3, S, S]``; ``context`` pads the box by that fraction per side
+        (``raw``: uint8 pixels, as :meth:`preprocess`)."""
         x1, y1, x2, y2 = box
         if context:
             cw, ch = (x2 - x1) * context, (y2 - y1) * context
@@ -68,11 +73,12 @@ class Preprocess:
         x2, y2 = min(w, int(np.ceil(x2))), min(h, int(np.ceil(y2)))
         if x2 - x1 < 1 or y2 - y1 < 1:
             x1, y1, x2, y2 = 0, 0, w, h
-        return self._to_tensor(im.crop((x1, y1, x2, y2)))
+        return self._to_tensor(im.crop((x1, y1, x2, y2)), raw)
 
 
 class Extractor:
-    """A CNN that maps ``[B, 3, S, S]`` normalised crops to ``[B, dim]`` pooled features.
+    """A CNN that maps ``[B, 3, S, S]`` crops (normalised float32, or uint8 pixels: :meth:`normalise`) to
+    ``[B, dim]`` pooled features.
 
     ``jit`` (default True): on CPU, run a traced + frozen TorchScript copy of the net (:meth:`_fast`);
     False for one-off small jobs, where tracing costs more than it saves."""
@@ -88,6 +94,7 @@ class Extractor:
         mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else [float(m) for m in mean]
         std = [float(std)] * 3 if isinstance(std, (int, float)) else [float(v) for v in std]
         self.prep = Preprocess(input_size, mean, std)
+        self._norm = None  # mean/std as tensors on the device, made on first use
         self.net = net.eval().to(device)
         self.channels_last = device == "cpu"
         if self.channels_last:
@@ -98,21 +105,36 @@ class Extractor:
         self.meta = {"extractor": name, "dim": dim, "input": input_size, "resize": "squash",
                      "mean": mean, "std": std}
 
-    def preprocess(self, im):
+    def preprocess(self, im, raw: bool = False):
         """Whole image -> ``[3, S, S]`` (:meth:`Preprocess.preprocess`)."""
-        return self.prep.preprocess(im)
+        return self.prep.preprocess(im, raw)
 
-    def crop(self, im, box, context: float = 0.0):
+    def crop(self, im, box, context: float = 0.0, raw: bool = False):
         """Region ``box`` of ``im`` -> ``[3, S, S]`` (:meth:`Preprocess.crop`)."""
-        return self.prep.crop(im, box, context)
+        return self.prep.crop(im, box, context, raw)
+
+    def normalise(self, batch):
+        """The batch on the device, ready for the net: uint8 pixels (``raw`` preprocessing) become
+        (pixels / 255 - mean) / std in float32 there, the same arithmetic as :class:`Preprocess` (bit for bit);
+        float batches pass as they are. Channels-last where the net runs faster so."""
+        import torch
+
+        x = batch.to(self.device)
+        if x.dtype == torch.uint8:
+            if self._norm is None or self._norm[0].device != x.device:
+                self._norm = tuple(torch.as_tensor(v, dtype=torch.float32, device=x.device)[:, None, None]
+                                   for v in (self.prep.mean, self.prep.std))
+            mean, std = self._norm
+            x = x.float().div_(torch.tensor(255.0, device=x.device)).sub_(mean).div_(std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def __call__(self, batch):
         import torch
 
         with torch.inference_mode(), self._amp():
-            x = batch.to(self.device)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.normalise(batch)
             return self._fast("forward", x)(x).float()
 
     def _amp(self):
@@ -171,9 +193,7 @@ class Extractor:
 
         if getattr(self.net, "fmap", None) is None:
             raise self.no_fmap(crop)
-        x = batch.to(self.device)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.normalise(batch)
         return x, self._fast("fmap", x)(x).float()
 
     def grid(self, batch, g: int = 7):

@@ -79,7 +79,8 @@ def region_list(size: tuple[int, int], regions: list[dict] | None, spec: CropSpe
 
 
 def prepare(prep, im, regions: list[dict], spec: CropSpec) -> dict:
-    """The network-free half: ``{"crops": [C, 3, S, S], "rois": [R, 4] or None, "n": R}`` for one PIL image.
+    """The network-free half: ``{"crops": [C, 3, S, S] uint8, "rois": [R, 4] or None, "n": R}`` for one PIL image
+    (the extractor normalises the pixels batch-wise on its device).
 
     ``prep``: a :class:`vsa.cnn.Preprocess` (or an Extractor). ``warp``: one crop per region (the whole-image
     region squashed, each box cropped with ``context`` and warped); ``roi``/``grid``: the squashed image once
@@ -88,7 +89,7 @@ def prepare(prep, im, regions: list[dict], spec: CropSpec) -> dict:
 
     w, h = im.size
     if spec.crop == "grid":
-        return {"crops": prep.preprocess(im)[None], "rois": None, "n": len(regions)}
+        return {"crops": prep.preprocess(im, raw=True)[None], "rois": None, "n": len(regions)}
     if spec.crop == "roi":
         S = prep.input_size
         b = torch.tensor([[float(v) for v in r["box"]] for r in regions], dtype=torch.float32).reshape(-1, 4)
@@ -97,13 +98,13 @@ def prepare(prep, im, regions: list[dict], spec: CropSpec) -> dict:
             b = torch.cat([b[:, :2] - pad, b[:, 2:] + pad], 1)
         b = b * torch.tensor([S / w, S / h, S / w, S / h])
         b = b.clamp(0, S)
-        return {"crops": prep.preprocess(im)[None], "rois": b, "n": len(regions)}
+        return {"crops": prep.preprocess(im, raw=True)[None], "rois": b, "n": len(regions)}
     crops = []
     for r in regions:
         if r.get("label") == "image" and list(map(float, r["box"])) == [0.0, 0.0, float(w), float(h)]:
-            crops.append(prep.preprocess(im))
+            crops.append(prep.preprocess(im, raw=True))
         else:
-            crops.append(prep.crop(im, r["box"], spec.context))
+            crops.append(prep.crop(im, r["box"], spec.context, raw=True))
     return {"crops": torch.stack(crops), "rois": None, "n": len(regions)}
 
 
