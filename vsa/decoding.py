@@ -198,10 +198,10 @@ def decode(model, feats: torch.Tensor, mask: torch.Tensor | None = None, beam: i
 @torch.no_grad()
 def sample(model, feats: torch.Tensor, mask: torch.Tensor | None = None, n: int = 5, max_len: int = 20,
            temperature: float = 1.0):
-    """``n`` sampled sentences per image, for self-critical training (with gradients).
+    """``n`` sampled sentences per image, for self-critical training (no gradients).
 
-    Returns ``(seqs [B*n, T], logprobs [B*n, T] summed later, lengths)``; the caller
-    re-scores the samples with gradients through :func:`sequence_logprob`.
+    Returns ``seqs [B*n, T]`` (``<end>``-terminated, pad after); the caller re-scores the samples with
+    gradients through :func:`vsa.train_mrnn.sequence_logprob`.
     """
     B = feats.shape[0]
     st = model.init_state(feats, mask)
