@@ -279,7 +279,7 @@ def test_scst_dropout_switches_dropout_on_for_sampling_and_rescoring(tmp_path, m
                         scst_dropout=flag)
         T.train(*cfg, tr, va, vocab, tmp_path / f"d{flag}.pt", store.meta, log=lambda *_: None,
                 choose_decoding=False)
-        assert seen and {s for s in seen} == {("sample", flag), ("rescore", flag)}
+        assert seen and set(seen) == {("sample", flag), ("rescore", flag)}
 
 
 def test_export_generator_ships_float16_weights_that_caption_alike(tmp_path):

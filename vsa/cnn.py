@@ -27,7 +27,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Preprocess:
-    """The network-free half of an extractor: a PIL image -> normalised ``[3, S, S]`` float32 tensors.
+    """The network-free half of an extractor: a PIL image -> normalised ``[3, S, S]`` float32 tensors (or its
+    uint8 pixels, normalised later batch-wise).
 
     Picklable (the embed pipeline runs it in DataLoader workers). Whole images and boxes are resized to
     S x S without keeping the aspect ratio ("squash"), never centre-cropped."""
@@ -38,24 +39,23 @@ class Preprocess:
         self.std = np.asarray(std, dtype=np.float32)
 
     def _to_tensor(self, im, raw: bool = False):
-        """``raw``: the S x S pixels as a uint8 ``[3, S, S]`` tensor (the extractor normalises whole batches,
-        :meth:`Extractor.normalise`: a quarter of the bytes to move and no per-image float arithmetic).
-        Otherwise (pixels / 255 - mean) / std in float32, computed with NumPy (which releases the GIL and starts
-        no OpenMP team); equal bit for bit to :meth:`Extractor.normalise` of the raw pixels."""
+        """The S x S pixels as a uint8 ``[3, S, S]`` tensor (``raw``: what the embed pipeline moves, a quarter of
+        the bytes; the extractor normalises whole batches on its device), else normalised (:meth:`normalise`)."""
         import torch
         from PIL import Image
 
         s = self.input_size
         if im.size != (s, s):
             im = im.resize((s, s), Image.BILINEAR)
-        a = np.asarray(im, dtype=np.uint8)
-        if raw:
-            return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
-        a = a.astype(np.float32)
-        a /= np.float32(255.0)
-        a -= self.mean
-        a /= self.std
-        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)))
+        return x if raw else self.normalise(x)
+
+    def normalise(self, x):
+        """uint8 pixels ``[..., 3, S, S]`` -> (pixels / 255 - mean) / std in float32, on ``x``'s device."""
+        import torch
+
+        mean, std = (torch.as_tensor(v, device=x.device)[:, None, None] for v in (self.mean, self.std))
+        return x.float().div_(torch.tensor(255.0, device=x.device)).sub_(mean).div_(std)
 
     def preprocess(self, im, raw: bool = False):
         """Whole image -> ``[3, S, S]``: resized (squashed) to S x S, normalised (``raw``: uint8 pixels)."""
@@ -94,7 +94,6 @@ class Extractor:
         mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else [float(m) for m in mean]
         std = [float(std)] * 3 if isinstance(std, (int, float)) else [float(v) for v in std]
         self.prep = Preprocess(input_size, mean, std)
-        self._norm = None  # mean/std as tensors on the device, made on first use
         self.net = net.eval().to(device)
         self.channels_last = device == "cpu"
         if self.channels_last:
@@ -114,18 +113,13 @@ class Extractor:
         return self.prep.crop(im, box, context, raw)
 
     def normalise(self, batch):
-        """The batch on the device, ready for the net: uint8 pixels (``raw`` preprocessing) become
-        (pixels / 255 - mean) / std in float32 there, the same arithmetic as :class:`Preprocess` (bit for bit);
-        float batches pass as they are. Channels-last where the net runs faster so."""
+        """The batch on the device, ready for the net: uint8 pixels (``raw`` preprocessing) are normalised there
+        (:meth:`Preprocess.normalise`); float batches pass as they are. Channels-last where the net runs faster so."""
         import torch
 
         x = batch.to(self.device)
         if x.dtype == torch.uint8:
-            if self._norm is None or self._norm[0].device != x.device:
-                self._norm = tuple(torch.as_tensor(v, dtype=torch.float32, device=x.device)[:, None, None]
-                                   for v in (self.prep.mean, self.prep.std))
-            mean, std = self._norm
-            x = x.float().div_(torch.tensor(255.0, device=x.device)).sub_(mean).div_(std)
+            x = self.prep.normalise(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -189,8 +183,6 @@ class Extractor:
     def _feature_map(self, batch, crop: str):
         """``(x, fm)``: the batch on the device and the CNN's last feature map (float32); call inside
         inference mode. ``crop`` names the mode for the error when the CNN has no feature map."""
-        import torch
-
         if getattr(self.net, "fmap", None) is None:
             raise self.no_fmap(crop)
         x = self.normalise(batch)
