@@ -197,6 +197,7 @@ def test_ultralytics_pil_patch_is_bypassed(tmp_path, capfd):
     pytest.importorskip("ultralytics")
     import ultralytics.utils.patches  # noqa: F401  (applies the patch)
 
+    capfd.readouterr()  # this import's own output (a fresh HOME: "Creating new Ultralytics Settings"), not open_image's
     p = tmp_path / "fake.jpg"
     p.write_bytes(b"plain text, not a JPEG")
     with pytest.raises(ImageError, match="not an image"):
