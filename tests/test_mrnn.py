@@ -222,6 +222,58 @@ def test_scst_rescores_samples_under_the_distribution_they_were_drawn_from():
         assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
+def test_draw_follows_the_probabilities_and_never_draws_a_forbidden_token():
+    """The inverse-CDF sampler behind SCST: frequencies match the distribution (200,000 draws, within
+    0.5 points per token), zero-probability tokens (the sampler's forbidden ones) never come out."""
+    from vsa.decoding import draw
+
+    torch.manual_seed(0)
+    p = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0]) * 7.0  # unnormalised, zeros inside and at both ends
+    got = draw(p.expand(200_000, -1).contiguous())
+    freq = torch.bincount(got, minlength=6).double() / len(got)
+    assert freq[[0, 2, 5]].sum() == 0
+    assert torch.allclose(freq, (p / p.sum()).double(), atol=5e-3), freq
+    # one-hot rows always give their token, whatever u is
+    eye = torch.eye(6)
+    assert draw(eye).tolist() == list(range(6))
+
+
+def test_sample_stops_each_sentence_at_its_end():
+    """Finished sentences leave the batch: every row is a prefix ending in ``<end>`` (or max_len words), pads
+    after, the width is the longest row, and the words are never <unk>/<pad>/<start>."""
+    from vsa.decoding import sample
+
+    torch.manual_seed(1)
+    cfg = MRNNConfig(rnn="updown", vocab_size=12, feat_dim=6, embed=8, hidden=10, att_dim=5, dropout=0.0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        model.out.bias[Vocab.end] += 1.5  # sentences of varied lengths
+    seqs = sample(model, torch.randn(6, 3, 6), None, 5, 9)
+    assert seqs.shape[0] == 30 and seqs.shape[1] <= 9
+    lengths = []
+    for row in seqs.tolist():
+        words = [w for w in row if w != Vocab.pad]
+        assert row[: len(words)] == words  # a prefix, pads after
+        assert Vocab.end not in words[:-1] and (words[-1] == Vocab.end or len(words) == 9)
+        assert not {Vocab.unk, Vocab.pad, Vocab.start} & set(words) and words[0] != Vocab.end
+        lengths.append(len(words))
+    assert max(lengths) == seqs.shape[1] and min(lengths) < max(lengths)
+
+
+def test_feature_moments_are_those_of_the_real_regions():
+    """Chunked float64 standardisation moments equal torch's mean/std over the masked rows (padding excluded)."""
+    from vsa.train_mrnn import feature_moments
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 4, 7) * 3 + 2
+    m = torch.rand(300, 4) > 0.4
+    x[~m] = 1e4  # padding must not count
+    mu, sd = feature_moments(x, m, chunk=32)
+    assert torch.allclose(mu, x[m].mean(0), atol=1e-5) and torch.allclose(sd, x[m].std(0), atol=1e-5)
+    mu, sd = feature_moments(x[:, 0], None, chunk=7)
+    assert torch.allclose(mu, x[:, 0].mean(0), atol=1e-4) and torch.allclose(sd, x[:, 0].std(0), atol=1e-4)
+
+
 def test_cider_reward_counts_the_sentence_end():
     """``... on the`` cut short must not earn the n-grams of ``... on the grass``: the reward sees ``</s>``."""
     from vsa.caption_metrics import CiderD

@@ -195,28 +195,43 @@ def decode(model, feats: torch.Tensor, mask: torch.Tensor | None = None, beam: i
     return [h[0] for h in beam_search(model, feats, mask, beam, max_len, length_penalty, bad_endings, block_repeats)]
 
 
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` ``[B, V]`` (non-negative, unnormalised), by inverse CDF: the same
+    distribution as ``torch.multinomial(probs, 1)`` at a fraction of its CPU cost (0.1 ms against 4.9 ms for
+    100 x 2539 on 2 cores). A zero-probability token is never drawn."""
+    c = probs.cumsum(-1)
+    u = torch.rand(c.shape[0], 1, device=c.device, dtype=c.dtype) * c[:, -1:]
+    idx = torch.searchsorted(c, u, right=True).squeeze(1)  # first token whose cumulative mass exceeds u
+    return torch.where(idx >= c.shape[1], probs.argmax(-1), idx)  # u rounded up to the total: the likeliest
+
+
 @torch.no_grad()
 def sample(model, feats: torch.Tensor, mask: torch.Tensor | None = None, n: int = 5, max_len: int = 20,
            temperature: float = 1.0):
     """``n`` sampled sentences per image, for self-critical training (no gradients).
 
     Returns ``seqs [B*n, T]`` (``<end>``-terminated, pad after); the caller re-scores the samples with
-    gradients through :func:`vsa.train_mrnn.sequence_logprob`.
+    gradients through :func:`vsa.train_mrnn.sequence_logprob`. Each step runs only for the sentences
+    that have not ended.
     """
     B = feats.shape[0]
     st = model.init_state(feats, mask)
     st = {k: v.repeat_interleave(n, 0) for k, v in st.items()}
-    tok = torch.full((B * n,), Vocab.start, dtype=torch.long, device=feats.device)
-    done = torch.zeros(B * n, dtype=torch.bool, device=feats.device)
-    seqs = []
+    dev = feats.device
+    seqs = torch.full((B * n, max_len), Vocab.pad, dtype=torch.long, device=dev)
+    alive = torch.arange(B * n, device=dev)  # the rows of ``seqs`` still going, in the state's order
+    tok = torch.full((B * n,), Vocab.start, dtype=torch.long, device=dev)
+    T = 0
     for t in range(max_len):
         logp, st = model.step(tok, st)
-        logp = _forbid(logp, t)
-        tok = torch.multinomial(torch.softmax(logp / temperature, -1), 1).squeeze(1)
-        tok = torch.where(done, torch.full_like(tok, Vocab.pad), tok)
-        seqs.append(tok)
-        done |= tok == Vocab.end
-        if bool(done.all()):
-            break
-        tok = torch.where(tok == Vocab.pad, torch.full_like(tok, Vocab.end), tok)
-    return torch.stack(seqs, 1)
+        tok = draw(torch.softmax(_forbid(logp, t) / temperature, -1))
+        seqs[alive, t] = tok
+        T = t + 1
+        going = tok != Vocab.end
+        if not bool(going.all()):
+            if not bool(going.any()):
+                break
+            keep = going.nonzero().squeeze(1)
+            alive, tok = alive[keep], tok[keep]
+            st = {k: v.index_select(0, keep) for k, v in st.items()}
+    return seqs[:, :T]

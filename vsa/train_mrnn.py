@@ -49,7 +49,7 @@ class MRNNTrainConfig:
     patience: int = 3  # cross-entropy epochs without val CIDEr gain before stopping
     seed: int = 0
     threads: int = 0  # torch threads (0: leave as is)
-    bf16: bool = True  # bfloat16 autocast in training where the hardware has it (CUDA; CPUs with AVX512-BF16/AMX)
+    bf16: bool = True  # bfloat16 autocast in training on CUDA (CPUs train in float32: faster there)
     # SCST fine-tuning (self-critical, CIDEr-D reward) after cross-entropy training
     scst_epochs: int = 6
     scst_lr: float = 1e-4
@@ -116,12 +116,14 @@ def perplexity(model, sp: CaptionSplit, batch_size: int = 256) -> float:
     total, n = 0.0, 0
     for s in range(0, len(sp.sents), batch_size):
         idx, inp, tgt = batch_tensors(sp.sents[s : s + batch_size])
-        f, m = _sub(sp, idx, dev)
+        items, rows = torch.unique(idx, return_inverse=True)  # each image featurised once
+        f, m = _sub(sp, items, dev)
         inp, tgt = inp.to(dev), tgt.to(dev)
-        logits = model(f, inp, m)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=0, reduction="sum")
+        sel = tgt != 0
+        logits = model(f, inp, m, select=sel, rows=rows.to(dev))  # the real positions only
+        loss = torch.nn.functional.cross_entropy(logits, tgt[sel], reduction="sum")
         total += float(loss)
-        n += int((tgt != 0).sum())
+        n += int(sel.sum())
     return math.exp(min(total / max(n, 1), 50.0))  # SCST models can have huge val perplexity: cap, no overflow
 
 
@@ -153,6 +155,25 @@ def val_scores(model, sp: CaptionSplit, vocab: Vocab, beam: int = 1, max_len: in
 
 
 # ----------------------------------------------------------------------------- training
+
+
+def feature_moments(feats: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 256):
+    """Per-dimension mean and (unbiased) std of ``feats`` ``[M, D]`` or ``[M, R, D]`` over the real rows
+    (``mask`` ``[M, R]``), ``chunk`` items at a time in float64: no copy of the whole split (it was three, 4.5 GB
+    for the Flickr8K grid)."""
+    D = feats.shape[-1]
+    s = torch.zeros(D, dtype=torch.float64)
+    s2 = torch.zeros(D, dtype=torch.float64)
+    n = 0
+    for a in range(0, len(feats), chunk):
+        x = feats[a : a + chunk]
+        x = (x[mask[a : a + chunk]] if mask is not None else x.reshape(-1, D)).double()
+        s += x.sum(0)
+        s2 += (x * x).sum(0)
+        n += len(x)
+    mean = s / max(n, 1)
+    var = (s2 - n * mean * mean) / max(n - 1, 1)
+    return mean.float(), var.clamp_min(0).sqrt().float()
 
 
 def _set_lr(opt, lr: float) -> None:
@@ -259,7 +280,7 @@ def train(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, train_s
     Under ``torchrun`` every rank takes a strided share of each global batch (DDP averages the
     gradients; the loss is normalised by the global batch, so the step is the one-process step);
     rank 0 alone evaluates on val, logs and writes checkpoints. On CUDA the forward passes run under
-    bfloat16 autocast.
+    bfloat16 autocast (CPUs stay float32).
     """
     from pathlib import Path
 
@@ -288,10 +309,9 @@ def train(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, train_s
     mcfg = dataclasses.replace(mcfg, vocab_size=len(vocab), feat_dim=int(train_sp.feats.shape[-1]))
     model = build_model(mcfg)
     # feature standardisation from the training features
-    flat = train_sp.feats if train_sp.mask is None else train_sp.feats[train_sp.mask]
-    flat = flat.reshape(-1, flat.shape[-1]).float()
-    model.feat_mean.copy_(flat.mean(0))
-    model.feat_std.copy_(flat.std(0).clamp_min(1e-3))
+    mean, std = feature_moments(train_sp.feats, train_sp.mask)
+    model.feat_mean.copy_(mean)
+    model.feat_std.copy_(std.clamp_min(1e-3))
     model = model.to(torch.device(env.device))
     stage = MRNNStage(model, mcfg, tcfg, dcfg, train_sp, val_sp, vocab, extractor, env, out)
     if env.enabled:
