@@ -97,7 +97,8 @@ def main() -> None:
     tmp = None
     work = args.workdir or Path(tmp := tempfile.mkdtemp(prefix="vsa-pipeline-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = dict(os.environ)  # the user's environment: no OpenMP tuning (OMP_WAIT_POLICY=PASSIVE, set here until
+    # 2026-12-03, made the training steps 25% slower at 2 threads: the threads sleep between the many small ops)
     vsa = [sys.executable, "-m", "vsa"]
     threads = ["--threads", str(args.threads)] if args.threads else []
     dataset = data / "dataset_flickr8k.json"
