@@ -32,6 +32,24 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
     assert [f.name for f in p.parent.iterdir()] == ["x.txt"]  # no temporary files left
 
 
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    """Outputs (features, checkpoints, JSONL) get the mode the umask gives any new file, not mkstemp's 0600:
+    a features file written on a shared machine is readable by the group like the user's other files."""
+    import os
+
+    old = os.umask(0o027)
+    try:
+        p = tmp_path / "feats.npz"
+        with vio.atomic_write(p) as fh:
+            fh.write(b"x")
+        assert p.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+    with vio.atomic_write(p) as fh:  # replacing keeps to the umask too
+        fh.write(b"y")
+    assert p.stat().st_mode & 0o777 == 0o666 & ~old
+
+
 def test_a_signal_during_a_deferred_write_lands_after_the_rename(tmp_path):
     import os
     import signal

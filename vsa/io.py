@@ -97,6 +97,12 @@ def _display(path) -> str:
 # ----------------------------------------------------------------------------- atomic writes
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary sibling of ``path``; on success rename it over ``path``.
@@ -113,6 +119,7 @@ def atomic_write(path, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # the usual mode (0644 under umask 022), not mkstemp's 0600
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -375,7 +375,6 @@ def write_pictures_page(entries: list[tuple[Picture, str]], out_dir: Path, title
     out = Path(out_dir) / "index.html"
     with atomic_write(out, "w") as fh:
         fh.write(doc)
-    _readable(out)
     return out
 
 
@@ -445,7 +444,6 @@ def write_retrieval_page(data: dict, out_dir: Path, title: str = "vsa retrieval"
     out = Path(out_dir) / "retrieval.html"
     with atomic_write(out, "w") as fh:
         fh.write(doc)
-    _readable(out)
     return out
 
 
@@ -458,17 +456,6 @@ def write_thumb(src: Path, dst: Path, side: int = 160, max_pixels: int | None = 
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(dst) as fh:
         im.save(fh, "JPEG", quality=85)
-    _readable(dst)
-
-
-def _readable(path: Path) -> None:
-    """Pages and pictures are for sharing: the usual file mode (0644 under umask 022), not mkstemp's 0600."""
-    mask = os.umask(0)
-    os.umask(mask)
-    try:
-        os.chmod(path, 0o666 & ~mask)
-    except OSError:
-        pass
 
 
 def save_png(img, dst: Path) -> None:
@@ -476,7 +463,6 @@ def save_png(img, dst: Path) -> None:
 
     with atomic_write(dst) as fh:
         img.save(fh, "PNG", optimize=True)
-    _readable(dst)
 
 
 # ----------------------------------------------------------------------------- retrieval ranks -> page data
