@@ -128,3 +128,40 @@ def test_block_repeats_never_emits_a_repeated_word_or_trigram(rnn):
     for hyps in beam_search(m, feats, beam=4, max_len=15, block_repeats=True):
         for h in hyps:
             assert not _repeats(h.tokens), h.tokens
+
+
+@pytest.mark.parametrize("rnn", ["lstm", "updown"])
+def test_block_content_repeats_uses_each_word_once_but_the_reusable_ones(rnn):
+    """With ``reusable`` ids (the function words of :func:`vsa.decoding.function_word_ids`) no other word
+    appears twice in a caption ("a man and a man" cannot happen), while the reusable ones still may."""
+    V = 12
+    m = _model(rnn, seed=3, V=V, attention=rnn == "updown")
+    with torch.no_grad():
+        m.out.bias[Vocab.end] -= 6.0
+        m.out.bias[5] += 2.0  # a reusable word
+        m.out.bias[7] += 2.0  # and a content word, both likely
+    feats = torch.randn(20, 3, 8)
+    reusable = frozenset({5, 6})
+
+    def content(t):
+        return [w for w in t if w not in reusable]
+
+    plain = [h.tokens for h in greedy(m, feats, max_len=15, block_repeats=True)]
+    assert any(len(set(content(t))) < len(content(t)) for t in plain)  # the constraint has something to fix
+    outs = [h.tokens for h in greedy(m, feats, max_len=15, block_repeats=True, reusable=reusable)]
+    outs += [h.tokens for hyps in beam_search(m, feats, beam=4, max_len=15, block_repeats=True, reusable=reusable)
+             for h in hyps]
+    for t in outs:
+        assert len(set(content(t))) == len(content(t)), t
+        assert not _repeats(t), t
+    assert any(t.count(5) + t.count(6) > 2 for t in outs)  # the reusable words do come back
+
+
+def test_function_words_come_from_the_vocabulary():
+    from vsa.data import Vocab as V
+    from vsa.decoding import DecodingConfig, constraints, function_word_ids
+
+    vocab = V(["a", "man", "on", "two", "dog"])
+    assert function_word_ids(vocab) == frozenset({vocab.stoi["a"], vocab.stoi["on"], vocab.stoi["two"]})
+    assert constraints(DecodingConfig(block_content_repeats=False), vocab)["reusable"] is None
+    assert constraints(DecodingConfig(), vocab)["reusable"] == function_word_ids(vocab)

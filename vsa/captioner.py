@@ -97,7 +97,7 @@ class Captioner:
         """``feats`` ``[B, D]`` CNN features -> ``(caption, logprob)`` per row."""
         import torch
 
-        from vsa.decoding import bad_ending_ids, decode
+        from vsa.decoding import constraints, decode
 
         model = model or self.model
         vocab = vocab or self.vocab
@@ -106,9 +106,8 @@ class Captioner:
         L = int(max_len if max_len is not None else dec.max_len)
         lp = float(length_penalty if length_penalty is not None else dec.length_penalty)
         feats = torch.as_tensor(feats, dtype=torch.float32, device=self.device)
-        bad = bad_ending_ids(vocab) if dec.bad_endings else None
         with torch.inference_mode():
-            hyps = decode(model, feats, None, b, L, lp, bad, dec.block_repeats)
+            hyps = decode(model, feats, None, b, L, lp, **constraints(dec, vocab))
         return [(" ".join(vocab.decode(h.tokens)), round(h.logprob, 3)) for h in hyps]
 
     @property

@@ -30,6 +30,7 @@ class DecodingConfig:
     max_len: int = 20  # words per generated sentence
     bad_endings: bool = True  # never end a sentence on "a", "the", "on", ... (decoding constraint)
     block_repeats: bool = True  # never repeat a word twice in a row or a trigram (decoding constraint)
+    block_content_repeats: bool = True  # never use a word twice but function words (a, on, two, ...) (constraint)
 
 
 @dataclass
@@ -53,6 +54,24 @@ BAD_ENDINGS = ("a", "an", "the", "of", "in", "on", "at", "with", "and", "to", "i
 def bad_ending_ids(vocab) -> torch.Tensor:
     """Ids of words a sentence must not end on (an SCST-trained model likes ``... sitting on a``)."""
     return torch.tensor([vocab.stoi[w] for w in BAD_ENDINGS if w in vocab.stoi], dtype=torch.long)
+
+
+# words a caption may use more than once ("a dog on a ..."); any other word at most once ("a man and a man" no)
+FUNCTION_WORDS = BAD_ENDINGS + (
+    "or", "for", "from", "by", "into", "onto", "over", "under", "up", "down", "out", "off", "through", "near",
+    "next", "front", "behind", "around", "while", "as", "it", "he", "she", "they", "them", "him", "who", "that",
+    "this", "there", "has", "have", "be", "being", "one", "two", "three", "some", "other", "another", "each", "very")
+
+
+def function_word_ids(vocab) -> frozenset[int]:
+    return frozenset(vocab.stoi[w] for w in FUNCTION_WORDS if w in vocab.stoi)
+
+
+def constraints(dec: "DecodingConfig", vocab) -> dict:
+    """The constraint arguments of :func:`decode` that the decoding config ``dec`` asks for, with ``vocab``."""
+    return {"bad_endings": bad_ending_ids(vocab) if dec.bad_endings else None,
+            "block_repeats": dec.block_repeats,
+            "reusable": function_word_ids(vocab) if dec.block_content_repeats else None}
 
 
 def _forbid(logp: torch.Tensor, t: int, prev: torch.Tensor | None = None, bad: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,12 +98,17 @@ def constrained_log_softmax(logits: torch.Tensor, first: torch.Tensor) -> torch.
     return torch.log_softmax(logits, -1)
 
 
-def _block_repeats(logp: torch.Tensor, seqs: list[list[int]]) -> torch.Tensor:
-    """Forbid, per row, the previous word again and any word that would repeat a trigram of the row."""
+def _block_repeats(logp: torch.Tensor, seqs: list[list[int]], reusable: frozenset[int] | None = None) -> torch.Tensor:
+    """Forbid, per row, the previous word again and any word that would repeat a trigram of the row; with
+    ``reusable`` (ids) also every word of the row already used that is not in it."""
     for i, s in enumerate(seqs):
         if not s:
             continue
         logp[i, s[-1]] = NEG
+        if reusable is not None:
+            used = [w for w in set(s) if w not in reusable]
+            if used:
+                logp[i, used] = NEG
         if len(s) >= 2:
             a, b = s[-2], s[-1]
             for j in range(len(s) - 2):
@@ -95,8 +119,10 @@ def _block_repeats(logp: torch.Tensor, seqs: list[list[int]]) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy(model, feats: torch.Tensor, mask: torch.Tensor | None = None, max_len: int = 20,
-           length_penalty: float = 0.0, bad_endings: torch.Tensor | None = None, block_repeats: bool = False) -> list[Hyp]:
-    """Most likely word at each step; one hypothesis per image (``block_repeats``: see :func:`_block_repeats`)."""
+           length_penalty: float = 0.0, bad_endings: torch.Tensor | None = None, block_repeats: bool = False,
+           reusable: frozenset[int] | None = None) -> list[Hyp]:
+    """Most likely word at each step; one hypothesis per image (``block_repeats``, ``reusable``: see
+    :func:`_block_repeats`)."""
     B = feats.shape[0]
     st = model.init_state(feats, mask)
     tok = torch.full((B,), Vocab.start, dtype=torch.long, device=feats.device)
@@ -108,7 +134,7 @@ def greedy(model, feats: torch.Tensor, mask: torch.Tensor | None = None, max_len
         logp, st = model.step(tok, st)
         logp = _forbid(logp, t, tok, bad_endings)
         if block_repeats:
-            logp = _block_repeats(logp, words)
+            logp = _block_repeats(logp, words, reusable)
         lp, tok = logp.max(-1)
         total += torch.where(done, torch.zeros_like(lp), lp).double()
         for i in (~done).nonzero().flatten().tolist():
@@ -126,7 +152,7 @@ def greedy(model, feats: torch.Tensor, mask: torch.Tensor | None = None, max_len
 @torch.no_grad()
 def beam_search(model, feats: torch.Tensor, mask: torch.Tensor | None = None, beam: int = 3, max_len: int = 20,
                 length_penalty: float = 0.0, bad_endings: torch.Tensor | None = None,
-                block_repeats: bool = False) -> list[list[Hyp]]:
+                block_repeats: bool = False, reusable: frozenset[int] | None = None) -> list[list[Hyp]]:
     """Beam search for every image of the batch at once.
 
     Returns ``beam`` hypotheses per image, best first (by score). A finished beam is
@@ -149,7 +175,7 @@ def beam_search(model, feats: torch.Tensor, mask: torch.Tensor | None = None, be
         logp, st = model.step(tok, st)
         logp = _forbid(logp, t, tok, bad_endings)
         if block_repeats and t:
-            logp = _block_repeats(logp, seqs.tolist())
+            logp = _block_repeats(logp, seqs.tolist(), reusable)
         logp = logp.double()
         V = logp.shape[1]
         # a finished beam can only be extended by <pad> at no cost
@@ -188,11 +214,13 @@ def beam_search(model, feats: torch.Tensor, mask: torch.Tensor | None = None, be
 
 
 def decode(model, feats: torch.Tensor, mask: torch.Tensor | None = None, beam: int = 1, max_len: int = 20,
-           length_penalty: float = 0.0, bad_endings: torch.Tensor | None = None, block_repeats: bool = False) -> list[Hyp]:
-    """Best hypothesis per image (greedy for ``beam=1``)."""
+           length_penalty: float = 0.0, bad_endings: torch.Tensor | None = None, block_repeats: bool = False,
+           reusable: frozenset[int] | None = None) -> list[Hyp]:
+    """Best hypothesis per image (greedy for ``beam=1``); the constraints as :func:`constraints` gives them."""
     if beam <= 1:
-        return greedy(model, feats, mask, max_len, length_penalty, bad_endings, block_repeats)
-    return [h[0] for h in beam_search(model, feats, mask, beam, max_len, length_penalty, bad_endings, block_repeats)]
+        return greedy(model, feats, mask, max_len, length_penalty, bad_endings, block_repeats, reusable)
+    return [h[0] for h in beam_search(model, feats, mask, beam, max_len, length_penalty, bad_endings, block_repeats,
+                                      reusable)]
 
 
 def draw(probs: torch.Tensor) -> torch.Tensor:

@@ -64,9 +64,9 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     caps: list[str] = []
     import numpy as np
 
-    from vsa.decoding import bad_ending_ids
+    from vsa.decoding import constraints
 
-    bad = bad_ending_ids(vocab) if model.decoding.bad_endings else None
+    cons = constraints(model.decoding, vocab)
 
     for s in range(0, len(recs), batch_size):
         keys = [r.key for r in recs[s : s + batch_size]]
@@ -76,7 +76,7 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
             f, m = torch.from_numpy(np.stack([store.whole(k) for k in keys])), None
         f = f.to(dev)
         m = m.to(dev) if m is not None else None
-        for h in decode(model, f, m, b, model.decoding.max_len, lp, bad, model.decoding.block_repeats):
+        for h in decode(model, f, m, b, model.decoding.max_len, lp, **cons):
             caps.append(" ".join(vocab.decode(h.tokens)))
     return recs, caps, b, lp
 

@@ -130,16 +130,16 @@ def perplexity(model, sp: CaptionSplit, batch_size: int = 256) -> float:
 @torch.no_grad()
 def generate(model, sp: CaptionSplit, vocab: Vocab, beam: int = 1, max_len: int = 20, length_penalty: float = 0.0,
              batch_size: int = 100) -> list[str]:
-    from vsa.decoding import bad_ending_ids
+    from vsa.decoding import constraints
 
     model.eval()
     dec = getattr(model, "decoding", None) or DecodingConfig()
-    bad = bad_ending_ids(vocab) if dec.bad_endings else None
+    cons = constraints(dec, vocab)
     out = []
     for s in range(0, len(sp.feats), batch_size):
         idx = torch.arange(s, min(s + batch_size, len(sp.feats)))
         f, m = _sub(sp, idx, _dev(model))
-        for h in decode(model, f, m, beam, max_len, length_penalty, bad, dec.block_repeats):
+        for h in decode(model, f, m, beam, max_len, length_penalty, **cons):
             out.append(" ".join(vocab.decode(h.tokens)))
     return out
 
