@@ -34,7 +34,7 @@ LITE0 = {"extractor": "efficientnet-lite0", "dim": 1280, "input": 224, "resize":
 @pytest.mark.parametrize("rnn,crop", [("rnn", None), ("lstm", None), ("updown", "grid")])
 def test_each_architecture_captions_a_photo_from_its_checkpoint(tmp_path, rnn, crop):
     from vsa.data import Vocab
-    from vsa.decoding import decode
+    from vsa.decoding import DecodingConfig, constraints, decode
 
     photo = _photo(tmp_path / "photo.jpg")
     # the features a training run would have used, made by `vsa embed` (whole image, or --crop grid)
@@ -50,7 +50,8 @@ def test_each_architecture_captions_a_photo_from_its_checkpoint(tmp_path, rnn, c
     feats = torch.from_numpy(f["feats"])
     feats = feats[None] if crop == "grid" else feats[:1]
     assert feats.shape == ((1, 50, 1280) if crop == "grid" else (1, 1280))
-    want = decode(model, feats, None, 2, 20, 0.0, None, True)[0]
+    # the checkpoint's decoding config: beam 2, the default constraints
+    want = decode(model, feats, None, 2, 20, 0.0, **constraints(DecodingConfig(beam=2), Vocab(WORDS)))[0]
     assert rec["caption"] == " ".join(Vocab(WORDS).decode(want.tokens))
     assert rec["caption"] and rec["logprob"] == pytest.approx(want.logprob, abs=1e-2)
 
