@@ -67,7 +67,7 @@ def function_word_ids(vocab) -> frozenset[int]:
     return frozenset(vocab.stoi[w] for w in FUNCTION_WORDS if w in vocab.stoi)
 
 
-def constraints(dec: "DecodingConfig", vocab) -> dict:
+def constraints(dec: DecodingConfig, vocab) -> dict:
     """The constraint arguments of :func:`decode` that the decoding config ``dec`` asks for, with ``vocab``."""
     return {"bad_endings": bad_ending_ids(vocab) if dec.bad_endings else None,
             "block_repeats": dec.block_repeats,

@@ -283,6 +283,23 @@ def load_features(path, mmap: bool = True, required=()) -> FeatureStore:
 # ----------------------------------------------------------------------------- padding
 
 
+def chunked_moments(chunks) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and unbiased std (as ``torch.std``) of the rows of the 2-D ``chunks`` (arrays or
+    CPU tensors, any float dtype) taken together, from float64 sums: one chunk in memory at a time."""
+    s = s2 = None
+    n = 0
+    for x in chunks:
+        x = np.asarray(x, dtype=np.float64)
+        if s is None:
+            s, s2 = np.zeros(x.shape[-1]), np.zeros(x.shape[-1])
+        s += x.sum(0)
+        s2 += np.einsum("ij,ij->j", x, x)
+        n += len(x)
+    mean = s / max(n, 1)
+    var = (s2 - n * mean * mean) / max(n - 1, 1)
+    return mean, np.sqrt(np.clip(var, 0, None))
+
+
 def _gather(feats, starts: np.ndarray, counts: np.ndarray, R: int):
     """Rows ``starts[n] : starts[n] + counts[n]`` of ``feats`` (an array or memmap, ``[rows, D]``) per image,
     zero-padded to ``[N, R, D]`` float32, and the ``[N, R]`` mask; the file is read in row order."""
@@ -390,15 +407,5 @@ class RegionBank:
     def moments(self, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """Per-dimension mean and std over all real regions, read ``chunk`` images at a time (float64
         sums; memory of one chunk, a few MB)."""
-        s = np.zeros(self.D)
-        s2 = np.zeros(self.D)
-        n = 0
-        for a in range(0, len(self), chunk):
-            rows, _ = self.rows(np.arange(a, min(a + chunk, len(self))))
-            x = np.asarray(self.store.feats[np.sort(rows)], dtype=np.float64)
-            s += x.sum(0)
-            s2 += np.einsum("ij,ij->j", x, x)
-            n += len(x)
-        mean = s / max(n, 1)
-        var = (s2 - n * mean * mean) / max(n - 1, 1)  # unbiased, as torch.std
-        return mean, np.sqrt(np.clip(var, 0, None))
+        return chunked_moments(self.store.feats[np.sort(self.rows(np.arange(a, min(a + chunk, len(self))))[0])]
+                               for a in range(0, len(self), chunk))

@@ -119,8 +119,9 @@ def atomic_write(path, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
-            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # the usual mode (0644 under umask 022), not mkstemp's 0600
             os.fsync(fh.fileno())
+        with contextlib.suppress(OSError):  # the usual mode (0644 under umask 022), not mkstemp's 0600
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if tmp is not None:

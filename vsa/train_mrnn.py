@@ -159,21 +159,14 @@ def val_scores(model, sp: CaptionSplit, vocab: Vocab, beam: int = 1, max_len: in
 
 def feature_moments(feats: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 256):
     """Per-dimension mean and (unbiased) std of ``feats`` ``[M, D]`` or ``[M, R, D]`` over the real rows
-    (``mask`` ``[M, R]``), ``chunk`` items at a time in float64: no copy of the whole split (it was three, 4.5 GB
-    for the Flickr8K grid)."""
+    (``mask`` ``[M, R]``), ``chunk`` items at a time (:func:`vsa.featstore.chunked_moments`): no copy of the
+    whole split (it was three, 4.5 GB for the Flickr8K grid)."""
+    from vsa.featstore import chunked_moments
+
     D = feats.shape[-1]
-    s = torch.zeros(D, dtype=torch.float64)
-    s2 = torch.zeros(D, dtype=torch.float64)
-    n = 0
-    for a in range(0, len(feats), chunk):
-        x = feats[a : a + chunk]
-        x = (x[mask[a : a + chunk]] if mask is not None else x.reshape(-1, D)).double()
-        s += x.sum(0)
-        s2 += (x * x).sum(0)
-        n += len(x)
-    mean = s / max(n, 1)
-    var = (s2 - n * mean * mean) / max(n - 1, 1)
-    return mean.float(), var.clamp_min(0).sqrt().float()
+    mean, std = chunked_moments(feats[a : a + chunk][mask[a : a + chunk]] if mask is not None
+                                else feats[a : a + chunk].reshape(-1, D) for a in range(0, len(feats), chunk))
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
 
 
 def _set_lr(opt, lr: float) -> None:
