@@ -129,7 +129,7 @@ def test_eval_without_model_or_toml_uses_the_shipped_models_on_features_it_compu
 
     # the same evaluation on features made by the documented pipeline
     p = subprocess.run(f"{sys.executable} -m vsa regions {' '.join(map(str, photos))} --detector {yolov5n} | "
-                       f"{sys.executable} -m vsa embed --crop roi -o {tmp_path / 'feats.npz'} && "
+                       f"{sys.executable} -m vsa embed -o {tmp_path / 'feats.npz'} && "
                        f"{sys.executable} -m vsa embed {' '.join(map(str, photos))} --crop grid -o {tmp_path / 'grid.npz'}",
                        shell=True, capture_output=True, cwd=work, timeout=600)
     assert p.returncode == 0, p.stderr.decode()
