@@ -336,3 +336,32 @@ def test_glove_initialises_words_and_aliases_unknown_ones(tmp_path):
     proj = torch.randn(8, 16, generator=g) / np.sqrt(8)
     i = Vocab(vocab).stoi["cat"]
     assert torch.allclose(table.weight[i], torch.tensor(vecs["cat"], dtype=torch.float32) @ proj, atol=1e-4)
+
+
+def test_image_cells_are_read_beyond_max_regions_and_recorded(tmp_path):
+    """Features with `cells` (vsa embed --cells): the model reads max_regions rows plus the cells (a cap of
+    max_regions alone would cut them off silently), records `cells` in its config; more boxes than it reads
+    (which would push the cells out) and resuming on features with other cells are refused."""
+    from vsa.align import region_rows
+    from vsa.errors import VsaError
+    from vsa.featstore import load_features, save_features
+
+    ds, feats, _ = make_synthetic(tmp_path, n_train=40, n_val=10, n_test=10)
+    st = load_features(feats, mmap=False)
+    rows = []
+    for i in range(len(st.keys)):
+        rec = st.image(i)
+        rec["feats"] = np.concatenate([np.asarray(rec["feats"], np.float32), np.zeros((4, st.dim), np.float32)])
+        rec["regions"] = rec["regions"] + [{"box": [0, 0, 1, 1], "score": 1.0, "label": "cell"}] * 4
+        rows.append(rec)
+    save_features(tmp_path / "cells.npz", rows, "float16", {**st.meta, "cells": 2})
+    msgs = []
+    kw = {**SMALL, "epochs": 1, "max_regions": 4}
+    with pytest.raises(VsaError, match="4 regions besides its 2 x 2 cells but the model reads 3"):
+        train(*configs(**{**kw, "max_regions": 3}), ds, tmp_path / "cells.npz", tmp_path / "c.pt", info=msgs.append)
+    train(*configs(**kw), ds, tmp_path / "cells.npz", tmp_path / "c.pt", info=msgs.append)
+    assert "up to 8 regions" in msgs[0]  # the whole image and 3 boxes, then the 2 x 2 cells
+    al = load_aligner(tmp_path / "c.pt")
+    assert al.cfg.cells == 2 and region_rows(al.cfg) == 8
+    with pytest.raises(VsaError, match="cells"):
+        train(*configs(**{**kw, "epochs": 2}), ds, feats, tmp_path / "c.pt", resume=True, epochs=2, info=msgs.append)

@@ -421,3 +421,37 @@ def test_thread_decoding_equals_worker_processes(ex, tmp_path):
     assert t["keys"].tolist() == [q.name for q in paths] == p["keys"].tolist() == b["keys"].tolist()
     assert np.array_equal(t["feats"], p["feats"]) and np.array_equal(t["feats"], b["feats"])
     assert st["bad"] == 1
+
+
+def test_cells_after_the_boxes_from_the_whole_image_map(ex, tmp_path):
+    """`vsa embed --cells 3`: the boxes' rows as without cells, then the 3x3 cells of the image (label `cell`),
+    in warp mode pooled from the whole image's feature map (= `--crop grid --grid 3`'s cells); the Featuriser
+    rebuilds them from the meta, also when handed a features file's regions (cells included, never doubled)."""
+    from vsa.featstore import load_features
+    from vsa.featurise import Featuriser
+
+    paths = _images(tmp_path / "imgs", 2)
+    jl = _regions_jsonl(paths, tmp_path / "r.jsonl")
+    args = ("--dtype", "float32", "--threads", "2")
+    for name, extra in (("w", ()), ("wc", ("--cells", "3")), ("rc", ("--crop", "roi", "--cells", "3"))):
+        r = run_cli("embed", jl, "-o", tmp_path / f"{name}.npz", *extra, *args)
+        assert r.returncode == 0, r.stderr.decode()
+    r = run_cli("embed", tmp_path / "imgs", "-o", tmp_path / "g.npz", "--crop", "grid", "--grid", "3", *args)
+    assert r.returncode == 0, r.stderr.decode()
+    w, wc, rc, g = (load_features(tmp_path / f"{n}.npz") for n in ("w", "wc", "rc", "g"))
+    assert wc.meta["cells"] == 3 and "cells" not in w.meta
+    for p in paths:
+        k = p.name
+        assert wc[k].shape == rc[k].shape == (12, 1280)
+        assert wc.labels(k)[:3] == ["image", "block", "thing"] and wc.labels(k)[3:] == ["cell"] * 9
+        np.testing.assert_allclose(wc[k][:3], w[k], atol=1e-3)
+        np.testing.assert_allclose(wc[k][3:], g[k][1:], atol=1e-3)  # the grid's 3x3 cells, row-major
+        assert wc.boxes(k)[4].tolist() == pytest.approx(g.boxes(k)[2].tolist())
+        assert not np.allclose(rc[k][3:], wc[k][3:], atol=1e-2)  # roi: RoIAlign of the cell boxes instead
+        im = Image.open(p).convert("RGB")
+        f = Featuriser(wc.meta, extractor=ex)
+        regs = [{"box": b.tolist(), "label": lab} for b, lab in zip(wc.boxes(k), wc.labels(k))]
+        for got in (f.features(im, regs), f.features(im, regs[:3])):
+            np.testing.assert_allclose(got, wc[k], rtol=1e-3, atol=1e-3)
+    bad = run_cli("embed", tmp_path / "imgs", "-o", tmp_path / "x.npz", "--crop", "grid", "--cells", "3")
+    assert bad.returncode == 2 and "--cells" in bad.stderr.decode()

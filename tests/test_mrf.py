@@ -127,3 +127,24 @@ def test_noun_grounding_counts_class_words_on_boxes_of_their_class():
     g = noun_grounding(recs, labels.__getitem__)
     assert (g["words"], g["grounded"]) == (3, 2) and abs(g["share"] - 2 / 3) < 1e-9
     assert g["per_class"] == {"dog": [1, 1], "person": [0, 1], "car": [1, 1]}
+
+
+def test_image_cells_score_but_are_never_grounded():
+    """Regions labelled `cell` (`vsa embed --cells`) are context for the score: the MRF skips them even where
+    a word's best score is on a cell; with nothing but cells they are used (never an empty choice)."""
+    from vsa.mrf import grounding_mask
+
+    tokens = ["a", "dog", "on", "grass"]
+    U = np.zeros((4, 4))
+    U[:, 3] = 5.0  # a cell beats every box for every word
+    U[:, 0] = 1.0  # the whole image next, but for
+    U[1, 1] = 2.0  # "dog": its box
+    boxes = np.array([[0, 0, 9, 9], [1, 1, 4, 4], [2, 2, 6, 6], [0, 0, 3, 3]], dtype=np.float32)
+    labels = ["image", "dog", "person", "cell"]
+    rec = alignment_record("k", 0, "val", tokens, U, 0.0, boxes, labels)
+    assert [s["label"] for s in rec["snippets"]] == ["image", "dog", "image"]
+    assert all(s["region"] != 3 for s in rec["snippets"])
+    # without labels (or with a different label) the cell wins: the mask is what keeps it out
+    assert alignment_record("k", 0, "val", tokens, U, 0.0, boxes, ["image", "dog", "person", "x"])["snippets"][0]["region"] == 3
+    assert grounding_mask(["image", "cell", "dog"]).tolist() == [False, True, False]
+    assert grounding_mask(["cell", "cell"]).tolist() == [False, False]

@@ -66,9 +66,28 @@ class AlignModelConfig:
     standardize: bool = True  # centre/scale CNN features with the train set's mean and std
     out_relu: bool = False  # ReLU on the word output layer (eq. 6; with L2-normalised vectors it can die: off)
     max_regions: int = 20  # whole image + 19 detections
+    cells: int = 0  # g: the features' g x g image cells after the boxes (`vsa embed --cells`; set from the features)
     max_len: int = 40  # words per sentence (longer ones are cut)
     dropout: float = 0.1  # on word embeddings / RNN outputs
     dropout_regions: float = 0.0  # on CNN features
+
+
+def region_rows(cfg: AlignModelConfig) -> int:
+    """Rows of an image's features the model reads: 1 for the whole-image model, else the whole image, up to
+    ``max_regions - 1`` boxes and the ``cells`` x ``cells`` cells."""
+    return 1 if cfg.model == "whole-image" else cfg.max_regions + cfg.cells * cfg.cells
+
+
+def check_rows(cfg: AlignModelConfig, store) -> None:
+    """Refuse features with image cells and more boxes per image than the model reads: the rows are read as one
+    slice from the top (:func:`region_rows`), so extra boxes would push the cells out."""
+    cells = int(store.meta.get("cells") or 0)
+    if cells and cfg.model != "whole-image" and len(store.offsets) > 1:
+        most = int(np.diff(store.offsets).max()) - cells * cells
+        if most > cfg.max_regions:
+            raise VsaError(f"an image has {most} regions besides its {cells} x {cells} cells but the model reads "
+                           f"{cfg.max_regions} (max_regions); embed fewer boxes or set max_regions={most}",
+                           store.path)
 
 
 def check_config(cfg: AlignModelConfig) -> None:

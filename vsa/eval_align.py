@@ -51,7 +51,10 @@ def _model_scores(model_path, ds, split: str, features=None, device: str = "auto
     if want and store.meta.get("extractor") and store.meta["extractor"] != want:
         raise VsaError(f"features come from {store.meta['extractor']!r} but the model was trained on {want!r} features",
                        feats_path)
-    R = 1 if aligner.cfg.model == "whole-image" else aligner.cfg.max_regions
+    from vsa.align import check_rows, region_rows
+
+    check_rows(aligner.cfg, store)
+    R = region_rows(aligner.cfg)
     data = retrieval_split(ds, split, store, aligner.vocab, R, aligner.cfg.max_len)
     return score_matrix(aligner.model, data.feats, data.rmask, data.ids, data.lengths), data, feats_path, ckpt
 

@@ -179,7 +179,7 @@ def merge_npz(inputs: list, out, meta: dict | None = None) -> int:
 
 def _settings(meta: dict) -> dict:
     """The part of a features ``meta`` that must agree for two files to be merged or resumed."""
-    return {k: meta.get(k) for k in ("extractor", "dim", "input", "resize", "mean", "std", "crop", "context", "dtype", "grid")}
+    return {k: meta.get(k) for k in ("extractor", "dim", "input", "resize", "mean", "std", "crop", "context", "dtype", "grid", "cells")}
 
 
 def _load_done(parts_dir: Path, out: Path, settings: dict, warn=None) -> tuple[list[Path], set[str]]:
@@ -211,7 +211,7 @@ def _load_done(parts_dir: Path, out: Path, settings: dict, warn=None) -> tuple[l
 def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 16, workers: int = 1,
           context: float = 0.0, crop: str = "warp", dtype: str = "float16", resume: bool = True, part_every: int = 500,
           skip_bad: bool = False, max_pixels: int | None = None, warn=None, progress=None, extra_meta: dict | None = None,
-          grid: int = 7) -> dict:
+          grid: int = 7, cells: int = 0) -> dict:
     """Compute features of every item and write one NPZ at ``out`` (atomically).
 
     ``workers`` > 0 decodes in that many DataLoader worker processes (overlapping the forward: the choice for
@@ -236,8 +236,10 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
     parts_dir = out.with_name(out.name + ".parts")
     np_dtype = np.dtype(dtype)
     meta = dict(extractor.meta)
-    spec = CropSpec(crop, float(context), int(grid))
+    spec = CropSpec(crop, float(context), int(grid), int(cells))
     meta.update({"crop": crop, "context": float(context), "dtype": np_dtype.name})
+    if spec.cells:
+        meta["cells"] = spec.cells
     check_fmap(extractor, spec)
     if crop == "grid":
         if any(it.regions for it in items):
@@ -380,8 +382,7 @@ def embed_like_training(files: list, out, extractor_meta: dict, detector=None, t
         raise VsaError(f"the model was trained on {want}px inputs but {ex.name} uses {ex.input_size}px")
     embed(items, out, ex, batch_size=batch_size, workers=workers, context=spec.context, crop=spec.crop,
           dtype=meta.get("dtype") or "float16", resume=False, max_pixels=max_pixels, progress=progress, warn=warn,
-          extra_meta=extra,
-          grid=spec.grid)
+          extra_meta=extra, grid=spec.grid, cells=spec.cells)
     return Path(out)
 
 
@@ -404,7 +405,7 @@ def features_for_eval(model_path, ds, split: str, workdir, features=None, detect
         raise VsaError(f"no {what} features to evaluate {model_path} on: pass --features NPZ (from `vsa embed`) "
                        "or --images DIR to compute them from the images")
     recs = ds.split(split)
-    settings = {k: meta.get(k) for k in ("extractor", "input", "resize", "mean", "std", "crop", "context", "dtype", "grid")}
+    settings = {k: meta.get(k) for k in ("extractor", "input", "resize", "mean", "std", "crop", "context", "dtype", "grid", "cells")}
     key = json.dumps([settings, uses_detector(meta), str(detector)], sort_keys=True)
     if cache is not None and key in cache:
         return cache[key]

@@ -13,7 +13,11 @@ NPZ"): the CNN (``extractor``, ``input`` size), the ``crop`` mode, its ``context
   take the squashed whole image once (``roi`` with the boxes in its S x S coordinates, ``context`` padded);
 * the features (:func:`forward`, batched over images): ``warp`` the pooled CNN output of every crop,
   ``roi`` RoIAlign on the last feature map (the whole-image box: the global average), ``grid`` the global
-  average then the cells.
+  average then the cells;
+* with ``cells`` g > 0 (``warp`` and ``roi``), the g x g cells of the image after the boxes, as extra regions
+  labelled ``cell``: context for retrieval that grounding never picks (:data:`CELL_LABEL`). ``warp`` pools them
+  from the CNN map of the whole-image crop (adaptive average pooling, no extra forward), ``roi`` RoIAligns them
+  like the boxes.
 
 ``vsa embed`` (:func:`vsa.features.embed`) runs :func:`region_list`, :func:`prepare` and :func:`forward`
 over files; ``vsa score``, ``vsa search``, ``vsa caption`` run them on one photo at a time through a
@@ -31,26 +35,33 @@ import numpy as np
 from vsa.errors import VsaError
 
 CROPS = ("warp", "roi", "grid")
+from vsa.mrf import CELL_LABEL  # the label of ``cells`` regions: scored by the aligner, never grounded
 
 
 @dataclass(frozen=True)
 class CropSpec:
     """How regions become CNN inputs: ``crop`` (warp, roi or grid), ``context`` (fraction of a box's size added
-    per side) and ``grid`` (cells per side with ``crop`` grid)."""
+    per side), ``grid`` (cells per side with ``crop`` grid) and ``cells`` (g x g image cells added after the
+    boxes with ``crop`` warp or roi; 0: none)."""
 
     crop: str = "warp"
     context: float = 0.0
     grid: int = 7
+    cells: int = 0
 
     def __post_init__(self):
         if self.crop not in CROPS:
             raise VsaError(f"--crop must be warp, roi or grid, got {self.crop!r}")
+        if self.cells < 0 or (self.cells and self.crop == "grid"):
+            raise VsaError(f"--cells must be >= 0 and goes with --crop warp or roi (grid features are all cells), "
+                           f"got {self.cells} with --crop {self.crop}")
 
     @classmethod
     def from_meta(cls, meta: dict) -> "CropSpec":
         """The spec a features ``meta`` (or a checkpoint's ``extractor``) records."""
         meta = meta or {}
-        return cls(meta.get("crop") or "warp", float(meta.get("context") or 0.0), int(meta.get("grid") or 7))
+        return cls(meta.get("crop") or "warp", float(meta.get("context") or 0.0), int(meta.get("grid") or 7),
+                   int(meta.get("cells") or 0))
 
 
 def uses_detector(meta: dict) -> bool:
@@ -60,22 +71,28 @@ def uses_detector(meta: dict) -> bool:
     return bool(meta.get("detector")) and meta.get("crop") != "grid"
 
 
-def grid_boxes(w: float, h: float, g: int) -> list[dict]:
-    """The ``g`` x ``g`` cells of a ``w`` x ``h`` image, row-major, as region records (label ``grid``)."""
-    return [{"box": [w * c / g, h * r / g, w * (c + 1) / g, h * (r + 1) / g], "score": 1.0, "label": "grid"}
+def grid_boxes(w: float, h: float, g: int, label: str = "grid") -> list[dict]:
+    """The ``g`` x ``g`` cells of a ``w`` x ``h`` image, row-major, as region records (label ``label``)."""
+    return [{"box": [w * c / g, h * r / g, w * (c + 1) / g, h * (r + 1) / g], "score": 1.0, "label": label}
             for r in range(g) for c in range(g)]
 
 
 def region_list(size: tuple[int, int], regions: list[dict] | None, spec: CropSpec) -> list[dict]:
     """The regions an image of ``size`` (w, h) is featurised on: with ``crop`` grid the whole image then its grid
     cells; otherwise ``regions`` as given (whole image first, as ``vsa regions`` writes them), or the whole
-    image alone when there are none."""
+    image alone when there are none, then the ``cells`` x ``cells`` cells of the image (label ``cell``).
+    Cells already among ``regions`` (a features file's own regions) are replaced, never doubled."""
     from vsa.regions import whole_image_region
 
     w, h = size
     if spec.crop == "grid":
         return [whole_image_region(w, h)] + grid_boxes(w, h, spec.grid)
-    return list(regions) if regions else [whole_image_region(w, h)]
+    regs = [r for r in regions or () if r.get("label") != CELL_LABEL] or [whole_image_region(w, h)]
+    if spec.cells:
+        if regs[0].get("label") != "image":
+            raise VsaError("--cells needs the whole image as the first region (as `vsa regions` writes it)")
+        regs += grid_boxes(w, h, spec.cells, CELL_LABEL)
+    return regs
 
 
 def prepare(prep, im, regions: list[dict], spec: CropSpec) -> dict:
@@ -101,6 +118,8 @@ def prepare(prep, im, regions: list[dict], spec: CropSpec) -> dict:
         return {"crops": prep.preprocess(im, raw=True)[None], "rois": b, "n": len(regions)}
     crops = []
     for r in regions:
+        if spec.cells and r.get("label") == CELL_LABEL:
+            continue  # pooled from the whole-image crop's feature map (forward)
         if r.get("label") == "image" and list(map(float, r["box"])) == [0.0, 0.0, float(w), float(h)]:
             crops.append(prep.preprocess(im, raw=True))
         else:
@@ -117,15 +136,29 @@ def forward(extractor, prepared: list[dict], spec: CropSpec) -> np.ndarray:
         feats = extractor.roi(batch, [p["rois"] for p in prepared])
     elif spec.crop == "grid":
         feats = extractor.grid(batch, spec.grid)
+    elif spec.cells:
+        # warp + cells: the whole-image crops (each image's first) give their pooled feature and their cells
+        # from one feature-map pass; the box crops go through the CNN as usual
+        firsts = np.cumsum([0] + [len(p["crops"]) for p in prepared])[:-1]
+        rest = np.setdiff1d(np.arange(len(batch)), firsts)
+        g2 = spec.cells * spec.cells
+        whole = extractor.grid(batch[torch.from_numpy(firsts)], spec.cells).reshape(len(prepared), 1 + g2, -1)
+        boxes = extractor(batch[torch.from_numpy(rest)]) if len(rest) else whole.new_zeros((0, whole.shape[-1]))
+        out, s = [], 0
+        for i, p in enumerate(prepared):
+            k = len(p["crops"]) - 1
+            out += [whole[i, :1], boxes[s : s + k], whole[i, 1:]]
+            s += k
+        feats = torch.cat(out)
     else:
         feats = extractor(batch)
     return feats.cpu().numpy()
 
 
 def check_fmap(extractor, spec: CropSpec) -> None:
-    """``roi`` and ``grid`` pool the CNN's last feature map: refuse a CNN without one before any work."""
-    if spec.crop in ("roi", "grid") and not extractor.has_fmap:
-        raise extractor.no_fmap(spec.crop)
+    """``roi``, ``grid`` and ``cells`` pool the CNN's last feature map: refuse a CNN without one before any work."""
+    if (spec.crop in ("roi", "grid") or spec.cells) and not extractor.has_fmap:
+        raise extractor.no_fmap(spec.crop if spec.crop != "warp" else "warp --cells")
 
 
 class Featuriser:

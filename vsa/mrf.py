@@ -18,6 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_BETA = 0.05  # for the cosine scores of vsa.align; chosen on val for the shipped aligner, see docs/alignment-snippets.md
+CELL_LABEL = "cell"  # image cells (`vsa embed --cells`): context for the score, never a grounded region
+
+
+def grounding_mask(labels) -> np.ndarray:
+    """``[R]`` bool, True for the regions words are never grounded to: the image cells (label ``cell``),
+    unless nothing else is left."""
+    m = np.array([str(lab) == CELL_LABEL for lab in labels], dtype=bool)
+    return m if not m.all() else np.zeros_like(m)
 
 
 def viterbi(unary: np.ndarray, beta: float) -> tuple[np.ndarray, float]:
@@ -97,6 +105,10 @@ def alignment_record(key: str, sentid: int, split: str, tokens: list[str], unary
     """One line of the alignments JSONL (docs/formats.md, "Alignments JSONL")."""
     rec = {"key": key, "sentid": int(sentid), "split": split, "tokens": list(tokens), "beta": float(beta),
            "snippets": []}
+    if labels is not None and len(unary):
+        cells = grounding_mask(list(labels)[: np.shape(unary)[1]])
+        if cells.any():
+            unary = np.where(cells[None, :], -np.inf, unary)
     for sn in align_sentence(unary, beta):
         d = {"start": sn.start, "end": sn.end, "text": " ".join(tokens[sn.start:sn.end]), "region": sn.region}
         if boxes is not None:

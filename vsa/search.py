@@ -103,21 +103,25 @@ def score_record(aligner, photo: Photo, sentence: str, tokens: list[str] | None 
     """``{"image", "sentence", "tokens", "oov", "read_as", "score", "words": [{word, known, region, box, label, dot}]}``.
 
     ``score`` is the image-sentence score ``S_kl`` of the aligner; each word's best region is the
-    argmax of ``v_i . s_t`` over the photo's regions (brnn models only); ``oov`` lists the words that
+    argmax of ``v_i . s_t`` over the photo's regions, image cells excepted (brnn models only); ``oov`` lists the words that
     are not in the aligner's vocabulary, ``read_as`` those of them read as a known word (``{word: alias}``).
     """
     from vsa.data import tokenize
 
+    from vsa.align import region_rows
+    from vsa.mrf import grounding_mask
+
     tokens = tokens if tokens is not None else tokenize(sentence)
-    R = aligner.cfg.max_regions if aligner.cfg.model == "brnn" else 1
+    R = region_rows(aligner.cfg) if aligner.cfg.model == "brnn" else 1
     feats = photo.feats[:R]
     rec = {"image": photo.path, "key": photo.key, "sentence": sentence, "tokens": tokens,
            "oov": oov_words(aligner, tokens), "read_as": aligner.read_as(tokens), "score": round(aligner.score(feats, tokens), 4) if tokens else 0.0}
     if aligner.cfg.model == "brnn" and tokens:
         m = aligner.word_region_scores(feats, tokens)
+        cells = grounding_mask(photo.labels[: m.shape[1]])
         words = []
         for t, w in enumerate(tokens):
-            i = int(m[t].argmax())
+            i = int(np.where(cells, -np.inf, m[t]).argmax())
             words.append({"word": w, "known": w in aligner.vocab.stoi, "region": i,
                           "box": [round(float(v), 1) for v in photo.boxes[i]], "label": photo.labels[i],
                           "dot": round(float(m[t, i]), 4)})
@@ -186,7 +190,9 @@ def model_fingerprint(aligner) -> str:
 
 
 def region_vectors(aligner, photos: list[Photo]) -> list[np.ndarray]:
-    return [aligner.image_vectors(p.feats[: aligner.cfg.max_regions], full=True) for p in photos]
+    from vsa.align import region_rows
+
+    return [aligner.image_vectors(p.feats[: region_rows(aligner.cfg)], full=True) for p in photos]
 
 
 def save_index(path, aligner, photos: list[Photo], meta_extra: dict | None = None) -> None:
@@ -352,7 +358,9 @@ def search_sentences(aligner, photo: Photo, sentences: list[str], k: int = 10, b
     if not sentences:
         raise VsaError("the sentence corpus is empty")
     toks = [tokenize(s) for s in sentences]
-    feats, mask = pad_regions([photo.feats], max_regions=aligner.cfg.max_regions)
+    from vsa.align import region_rows
+
+    feats, mask = pad_regions([photo.feats], max_regions=region_rows(aligner.cfg))
     scores = np.empty(len(sentences), dtype=np.float32)
     with torch.inference_mode():
         V, vm = aligner.model.embed_images(feats, mask)

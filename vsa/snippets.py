@@ -65,7 +65,9 @@ def ground_sentence(aligner, photo, tokens: list[str], beta: float | None = None
     """Snippets of any tokenised sentence (a generated caption, a query) on the regions of one photo
     (:class:`vsa.search.Photo`, whole image first): the snippet dicts of an alignment record, made by the
     same word-region scores and chain MRF as ``vsa align``, over the aligner's first ``max_regions`` regions."""
-    R = aligner.cfg.max_regions
+    from vsa.align import region_rows
+
+    R = region_rows(aligner.cfg)
     U = _scores(aligner, photo.feats[:R], list(tokens), {})
     rec = alignment_record(photo.key, 0, "", list(tokens), U, aligner_beta(aligner, beta), photo.boxes[:R],
                            list(photo.labels[:R]))

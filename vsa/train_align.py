@@ -257,7 +257,7 @@ def train(mcfg: AlignModelConfig, tcfg: AlignTrainConfig, ds, features, out, res
     and ``overrides`` (``KEY=VALUE``, as ``--set``) change other fields (e.g. the learning-rate schedule).
     """
     from vsa import distributed as D
-    from vsa.align import build_model
+    from vsa.align import build_model, check_rows, region_rows
     from vsa.checkpoint import config_from
     from vsa.data import Vocab, build_vocab
     from vsa.featstore import load_features
@@ -281,7 +281,13 @@ def train(mcfg: AlignModelConfig, tcfg: AlignTrainConfig, ds, features, out, res
     store = load_features(features)
     vocab = Vocab(state["vocab"]) if state else build_vocab(ds, tcfg.min_count)
     t0 = time.time()
-    R = 1 if mcfg.model == "whole-image" else mcfg.max_regions
+    if not state:
+        mcfg.cells = int(store.meta.get("cells") or 0)
+    elif int(store.meta.get("cells") or 0) != mcfg.cells:
+        raise VsaError(f"{features} has {store.meta.get('cells') or 0} x .. image cells per image but the run "
+                       f"being resumed was trained with {mcfg.cells}", features)
+    check_rows(mcfg, store)
+    R = region_rows(mcfg)
     train_data = retrieval_split(ds, "train", store, vocab, R, mcfg.max_len, tcfg.max_train_images, warn, skip_missing)
     val_data = retrieval_split(ds, "val", store, vocab, R, mcfg.max_len, tcfg.val_images, warn, skip_missing)
     info(f"train: {len(train_data.keys)} images, {len(train_data.ids)} sentences; val: {len(val_data.keys)} images, "
