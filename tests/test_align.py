@@ -363,5 +363,11 @@ def test_image_cells_are_read_beyond_max_regions_and_recorded(tmp_path):
     assert "up to 8 regions" in msgs[0]  # the whole image and 3 boxes, then the 2 x 2 cells
     al = load_aligner(tmp_path / "c.pt")
     assert al.cfg.cells == 2 and region_rows(al.cfg) == 8
+    from vsa.eval_align import _model_scores
+
+    S, *_ = _model_scores(tmp_path / "c.pt", ds, "test", tmp_path / "cells.npz", device="cpu")
+    assert S.shape == (10, 50)
+    with pytest.raises(VsaError, match="trained on features with 2 x 2 image cells"):
+        _model_scores(tmp_path / "c.pt", ds, "test", feats, device="cpu")
     with pytest.raises(VsaError, match="cells"):
         train(*configs(**{**kw, "epochs": 2}), ds, feats, tmp_path / "c.pt", resume=True, epochs=2, info=msgs.append)

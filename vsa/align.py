@@ -79,9 +79,13 @@ def region_rows(cfg: AlignModelConfig) -> int:
 
 
 def check_rows(cfg: AlignModelConfig, store) -> None:
-    """Refuse features with image cells and more boxes per image than the model reads: the rows are read as one
-    slice from the top (:func:`region_rows`), so extra boxes would push the cells out."""
+    """Refuse features whose image cells differ from the model's (``vsa embed --cells``), and features with cells
+    and more boxes per image than the model reads: the rows are read as one slice from the top
+    (:func:`region_rows`), so extra boxes would push the cells out."""
     cells = int(store.meta.get("cells") or 0)
+    if cfg.model != "whole-image" and cells != cfg.cells:
+        raise VsaError(f"the model was trained on features with {cfg.cells} x {cfg.cells} image cells per image "
+                       f"(`vsa embed --cells {cfg.cells}`) but these have {cells} x {cells}", store.path)
     if cells and cfg.model != "whole-image" and len(store.offsets) > 1:
         most = int(np.diff(store.offsets).max()) - cells * cells
         if most > cfg.max_regions:
