@@ -120,7 +120,7 @@ def main() -> None:
     stages = [
         ("regions", "regions (YOLOv5n, whole image + top 19)", ["regions", "-o", "work/regions.jsonl", *threads],
          "images.txt", n_img, "images"),
-        ("embed-regions", "embed regions (--crop warp)", ["embed", "work/regions.jsonl", *threads], None,
+        ("embed-regions", "embed regions (--crop warp --cells 3)", ["embed", "work/regions.jsonl", "--cells", "3", *threads], None,
          n_img, "images"),
         ("embed-whole", "embed whole images", ["embed", "-o", "work/whole.npz", *threads], "images.txt", n_img, "images"),
         ("embed-grid", "embed grid (7x7 + whole)", ["embed", "--crop", "grid", *threads], "images.txt", n_img, "images"),
