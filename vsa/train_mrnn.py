@@ -36,7 +36,7 @@ SEARCH_PENALTIES = (0.0, 0.7)
 class MRNNTrainConfig:
     """How the generator is trained (its architecture is :class:`vsa.mrnn.MRNNConfig`)."""
 
-    epochs: int = 6  # cross-entropy epochs (early stopping on val CIDEr)
+    epochs: int = 10  # cross-entropy epochs (early stopping on val CIDEr; 10: val CIDEr 43.13 vs 41.08 at 6, after SCST 46.00 vs 44.88)
     batch_size: int = 100  # sentences (all sentences of an image in the same batch)
     lr: float = 5e-4
     lr_decay: float = 0.8  # per epoch, after lr_decay_start epochs
