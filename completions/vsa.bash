@@ -18,7 +18,7 @@ _vsa_options() {
         "vsa train-align") echo "--dataset -f --features -o --out --log --model --rnn --score --loss --epochs --batch-size --lr --hidden --glove --set --seed --resume --min-count --threads --skip-missing --device --json -h --help" ;;
         "vsa score") echo "-m --model -f --features --detector --top --cnn-weights --json --skip-bad --device -h --help" ;;
         "vsa train-mrnn") echo "--dataset -f --features -o --out --alignments --rnn --attention --no-attention --hidden --embed --dropout --epochs --scst-epochs --scst-lr --batch-size --lr --lr-decay --label-smoothing --set --max-len --min-count --patience --seed --threads --device --resume --no-beam-search --skip-missing --json -h --help" ;;
-        "vsa caption") echo "-m --model --beam --max-len --length-penalty --json --coco-results --bare --regions --region-model --ground --aligner --detector --top --batch-size --device --cnn-weights --skip-bad --shard --threads -h --help" ;;
+        "vsa caption") echo "-m --model --weights --beam --max-len --length-penalty --json --coco-results --bare --regions --region-model --ground --aligner --detector --top --batch-size --device --cnn-weights --skip-bad --shard --threads -h --help" ;;
         "vsa align") echo "-m --model --dataset --images --features --split --beta -o --out --no-resume --skip-missing --limit --shard --device --threads -h --help" ;;
         "vsa eval") echo "--split -m --model --dataset --images --features --detector --beam --captions-out --ranks-out -o --out --json --ensemble --weights --device -h --help" ;;
         "vsa show") echo "-o --out --images --dataset -k --key --split --limit --sentences --side --top --no-png -h --help" ;;
@@ -140,6 +140,7 @@ _vsa_value_kind() {
         "vsa train-mrnn --json") echo "flag" ;;
         "vsa train-mrnn -h"|"vsa train-mrnn --help") echo "flag" ;;
         "vsa caption -m"|"vsa caption --model") echo "files" ;;
+        "vsa caption --weights") echo "files" ;;
         "vsa caption --beam") echo "value" ;;
         "vsa caption --max-len") echo "value" ;;
         "vsa caption --length-penalty") echo "value" ;;

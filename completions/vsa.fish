@@ -134,6 +134,7 @@ complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -s h -l help -d 'Sho
 
 # vsa caption
 complete -c vsa -n '__fish_seen_subcommand_from caption' -s m -l model -r -F -d 'Generator checkpoint (default: [mrnn] model in vsa.toml if it exists,...'
+complete -c vsa -n '__fish_seen_subcommand_from caption' -l weights -r -F -d 'With several --model: comma-separated weights, one per generator (def...'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l beam -x -d 'Beam size (default: the model\'s, chosen on val)'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l max-len -x -d 'Maximum words'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l length-penalty -x -d 'Rank beams by logprob/len^alpha (default: the model\'s)'
@@ -184,7 +185,7 @@ complete -c vsa -n '__fish_seen_subcommand_from eval' -l ranks-out -r -F -d 'Wri
 complete -c vsa -n '__fish_seen_subcommand_from eval' -s o -l out -r -F -d 'Write the eval report JSON here'
 complete -c vsa -n '__fish_seen_subcommand_from eval' -l json -d 'Print the report as JSON on stdout instead of tables'
 complete -c vsa -n '__fish_seen_subcommand_from eval' -l ensemble -d 'Several aligners: average their standardised scores (each on the feat...'
-complete -c vsa -n '__fish_seen_subcommand_from eval' -l weights -r -F -d 'With --ensemble: comma-separated weights, one per aligner (default: e...'
+complete -c vsa -n '__fish_seen_subcommand_from eval' -l weights -r -F -d 'With --ensemble: comma-separated weights, one per --model in order (d...'
 complete -c vsa -n '__fish_seen_subcommand_from eval' -l device -x -d 'auto (cuda when present), cpu, cuda'
 complete -c vsa -n '__fish_seen_subcommand_from eval' -s h -l help -d 'Show help and exit'
 

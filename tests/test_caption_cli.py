@@ -93,6 +93,15 @@ def test_train_mrnn_then_eval_generation(tmp_path):
     assert gen["beam"] == 2 and gen["images"] == 4
     caps = json.loads((tmp_path / "caps.json").read_text())
     assert sorted(c["image_id"] for c in caps) == [14, 15, 16, 17]
+    # two generators: refused without --ensemble; with it decoded as one (the same model twice: the same captions)
+    r = run_cli("eval", "--model", out, "--model", out, "--dataset", ds, "--split", "test", "--beam", "2", "--json")
+    assert r.returncode == 2 and "--ensemble" in r.stderr.decode()
+    r = run_cli("eval", "--model", out, "--model", out, "--ensemble", "--dataset", ds, "--split", "test", "--beam", "2",
+                "--json", "--captions-out", tmp_path / "caps2.json")
+    assert r.returncode == 0, r.stderr.decode()
+    ens = orjson.loads(r.stdout)["generation"]
+    assert ens["ensemble"]["models"] == [str(out), str(out)] and ens["CIDEr"] == pytest.approx(gen["CIDEr"])
+    assert json.loads((tmp_path / "caps2.json").read_text()) == caps
     # --resume with nothing newer to do is a no-op; a missing feature file is a one-line error
     r = run_cli("train-mrnn", "--dataset", ds, "--features", tmp_path / "nope.npz", "--out", out)
     assert r.returncode == 2 and "nope.npz" in r.stderr.decode()

@@ -72,3 +72,76 @@ def test_region_agreement_counts_captions_that_name_their_box():
     a = region_agreement(recs)
     assert a["regions"] == 4 and a["agree"] == 0.5  # traffic light has no caption words: not counted
     assert a["by_label"]["person"] == {"regions": 2, "agree": 0.5} and a["by_label"]["bicycle"]["agree"] == 0.0
+
+
+def test_an_ensemble_of_generators_mixes_their_word_probabilities(tmp_path):
+    from vsa.data import Vocab
+    from vsa.decoding import DecodingConfig, constraints, decode
+    from vsa.mrnn import GeneratorEnsemble
+
+    grid = dict(LITE0, crop="grid", grid=7)
+    a_path, a = _ckpt(tmp_path, "updown", grid)
+    torch.manual_seed(1)
+    b = build_model(a.cfg).eval()
+    feats = torch.randn(3, 50, 1280)
+    for m in (a, b):
+        m.decoding = DecodingConfig(beam=2)
+    cons = constraints(DecodingConfig(), Vocab(WORDS))
+    with torch.no_grad():
+        st = {"a": a.init_state(feats), "b": b.init_state(feats)}
+        tok = torch.full((3,), Vocab.start)
+        pa, _ = a.step(tok, st["a"])
+        pb, _ = b.step(tok, st["b"])
+        ens = GeneratorEnsemble([a, b], [3.0, 1.0])
+        pe, _ = ens.step(tok, ens.init_state(feats))
+    # a weighted mean of the two distributions, itself a distribution
+    assert torch.allclose(pe.exp(), 0.75 * pa.exp() + 0.25 * pb.exp(), atol=1e-6)
+    assert torch.allclose(pe.exp().sum(-1), torch.ones(3), atol=1e-5)
+    for beam in (1, 3):
+        one = decode(a, feats, None, beam, 20, 0.0, **cons)
+        # an ensemble of a model with itself, or with a zero-weight partner, decodes as the model alone
+        for e in (GeneratorEnsemble([a, a]), GeneratorEnsemble([a, b], [1.0, 0.0])):
+            got = decode(e, feats, None, beam, 20, 0.0, **cons)
+            assert [h.tokens for h in got] == [h.tokens for h in one]
+            assert [h.logprob for h in got] == pytest.approx([h.logprob for h in one], abs=1e-4)
+        mixed = decode(GeneratorEnsemble([a, b]), feats, None, beam, 20, 0.0, **cons)
+        alone_b = decode(b, feats, None, beam, 20, 0.0, **cons)
+        assert [h.tokens for h in mixed] != [h.tokens for h in one] or [h.tokens for h in mixed] != [h.tokens for h in alone_b]
+
+
+def test_caption_with_two_models_decodes_them_as_one_ensemble(tmp_path):
+    from vsa.data import Vocab
+    from vsa.decoding import DecodingConfig, constraints, decode
+    from vsa.mrnn import GeneratorEnsemble
+
+    photo = _photo(tmp_path / "photo.jpg")
+    r = run_cli("embed", photo, "-o", tmp_path / "f.npz", "--dtype", "float32", "--threads", "1", "--crop", "grid")
+    assert r.returncode == 0, r.stderr.decode()
+    f = np.load(tmp_path / "f.npz")
+    extractor = json.loads(str(f["meta"]))
+    a_path, a = _ckpt(tmp_path, "updown", extractor)
+    torch.manual_seed(1)
+    b = build_model(a.cfg).eval()
+    with torch.no_grad():
+        b.out.bias[1] += 2.0
+    b_path = tmp_path / "b.pt"
+    save_checkpoint(b_path, "mrnn", a.cfg, {}, {"beam": 2}, WORDS, extractor, b.state_dict(), {})
+    r = run_cli("caption", photo, "--model", a_path, "--model", b_path, "--weights", "2,1", "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    rec = orjson.loads(r.stdout.splitlines()[0])
+    feats = torch.from_numpy(f["feats"])[None]
+    want = decode(GeneratorEnsemble([a, b], [2.0, 1.0]), feats, None, 2, 20, 0.0,
+                  **constraints(DecodingConfig(beam=2), Vocab(WORDS)))[0]
+    assert rec["caption"] == " ".join(Vocab(WORDS).decode(want.tokens))
+    assert rec["logprob"] == pytest.approx(want.logprob, abs=1e-2)
+    # members must read the same words and the same features: a one-line error naming the odd one out
+    c_path = tmp_path / "c.pt"
+    save_checkpoint(c_path, "mrnn", a.cfg, {}, {"beam": 2}, WORDS[::-1], extractor, b.state_dict(), {})
+    r = run_cli("caption", photo, "--model", a_path, "--model", c_path, "--threads", "1")
+    assert r.returncode == 2 and "different vocabularies" in r.stderr.decode() and "c.pt" in r.stderr.decode()
+    d_path = tmp_path / "d.pt"
+    save_checkpoint(d_path, "mrnn", a.cfg, {}, {"beam": 2}, WORDS, dict(extractor, crop="roi"), b.state_dict(), {})
+    r = run_cli("caption", photo, "--model", a_path, "--model", d_path, "--threads", "1")
+    assert r.returncode == 2 and "different features" in r.stderr.decode()
+    r = run_cli("caption", photo, "--model", a_path, "--model", b_path, "--weights", "1", "--threads", "1")
+    assert r.returncode == 2 and "--weights" in r.stderr.decode()

@@ -31,14 +31,16 @@ def default_model() -> Path:
 
 class Captioner:
     def __init__(self, ckpt: dict, model_path: Path, device: str = "cpu", cnn_weights=None, region_ckpt: dict | None = None,
-                 aligner=None, jit: bool = True):
+                 aligner=None, jit: bool = True, model=None):
+        """``model``: the generator already built (e.g. a :class:`vsa.mrnn.GeneratorEnsemble` whose first
+        member is ``ckpt``), else built from ``ckpt``."""
         from vsa.data import Vocab
         from vsa.mrnn import model_from_checkpoint
 
         self.path = model_path
         self.ckpt = ckpt
         self.device = device
-        self.model = model_from_checkpoint(ckpt, device)
+        self.model = model if model is not None else model_from_checkpoint(ckpt, device)
         self.vocab = Vocab(ckpt["vocab"])
         self.cfg = ckpt["model"]  # the generator's MRNNConfig as a dict (decoding defaults: self.model.decoding)
         self.extractor_meta = ckpt.get("extractor") or {}
@@ -54,20 +56,24 @@ class Captioner:
 
     @classmethod
     def load(cls, model=None, device: str = "auto", cnn_weights=None, threads: int = 0, region_model=None,
-             aligner=None, jit: bool = True) -> "Captioner":
-        """``aligner``: an aligner checkpoint for grounded captions (a region model, ``train-align --model brnn``);
-        ``jit`` False: the CNN runs eager, never traced."""
+             aligner=None, jit: bool = True, weights: list[float] | None = None) -> "Captioner":
+        """``model``: a generator checkpoint, or a list of them decoded as an ensemble (``weights`` per member,
+        :func:`vsa.mrnn.load_generators`); ``aligner``: an aligner checkpoint for grounded captions (a region
+        model, ``train-align --model brnn``); ``jit`` False: the CNN runs eager, never traced."""
         import torch
 
         from vsa.checkpoint import load_checkpoint
+        from vsa.mrnn import load_generators
         from vsa.runtime import pick_device
 
         if threads:
             torch.set_num_threads(threads)
-        path = Path(model) if model is not None else default_model()
-        ck = load_checkpoint(path, "mrnn")
+        paths = [Path(m) for m in model] if isinstance(model, (list, tuple)) else [Path(model) if model is not None
+                                                                                  else default_model()]
+        path = paths[0]
         rck = load_checkpoint(region_model, "mrnn") if region_model is not None else None
         dev = pick_device(device)
+        gen, ck = load_generators(paths if len(paths) > 1 else paths[0], dev, weights)
         al = None
         if aligner is not None:
             from vsa.align import load_aligner
@@ -76,7 +82,7 @@ class Captioner:
             if al.cfg.model != "brnn":
                 raise VsaError(f"grounding needs a region aligner (train-align --model brnn), not a '{al.cfg.model}' one",
                                aligner)
-        return cls(ck, path, dev, cnn_weights, rck, al, jit)
+        return cls(ck, path, dev, cnn_weights, rck, al, jit, model=gen)
 
     @property
     def extractor(self):
@@ -267,11 +273,13 @@ def caption_inputs(inputs, shard: str | None = None) -> list[tuple[Path, str]]:
 def caption_images(images: list[tuple[Path, str]], model=None, beam=None, max_len=None, length_penalty=None,
                    regions: bool = False, region_model=None, ground: bool = False, aligner=None, detector=None,
                    top: int = 5, batch_size: int = 16, device: str = "auto", cnn_weights=None, skip_bad: bool = False,
-                   threads: int = 0, max_pixels: int | None = None, jit: bool = True, warn=None) -> Iterator[dict]:
+                   threads: int = 0, max_pixels: int | None = None, jit: bool = True, warn=None,
+                   weights: list[float] | None = None) -> Iterator[dict]:
     """``vsa caption``: caption records (docs/formats.md) of ``images`` (``(path, key)``, e.g. from
     :func:`caption_inputs`), in order.
 
-    ``model``: the generator checkpoint (default: the shipped one); ``regions`` describes the detector's top
+    ``model``: the generator checkpoint (default: the shipped one), or a list of them decoded as an ensemble
+    (``weights`` per member); ``regions`` describes the detector's top
     boxes with ``region_model`` (default: the shipped region model); ``ground`` cuts each caption into
     snippets on the boxes with the aligner checkpoint ``aligner``; both need ``detector`` (a spec or a loaded
     detector).
@@ -281,7 +289,8 @@ def caption_images(images: list[tuple[Path, str]], model=None, beam=None, max_le
             raise VsaError("--regions needs --region-model CKPT (a generator trained with `vsa train-mrnn --alignments`)")
         region_model = DEFAULT_REGION_MODEL
     cap = Captioner.load(model, device=device, cnn_weights=cnn_weights, threads=threads,
-                         region_model=region_model if regions else None, aligner=aligner if ground else None, jit=jit)
+                         region_model=region_model if regions else None, aligner=aligner if ground else None, jit=jit,
+                         weights=weights)
     yield from cap.caption_files(images, beam=beam, max_len=max_len, length_penalty=length_penalty,
                                  batch_size=batch_size, skip_bad=skip_bad, warn=warn,
                                  detector=detector if (regions or ground) else None, top=top, regions=regions,

@@ -33,22 +33,22 @@ def _features_path(ck: dict, features):
 
 
 def generate_split(model_path, ds, split: str, features=None, beam: int | None = None, length_penalty: float | None = None,
-                   device: str = "auto", batch_size: int = 100):
-    """Generated caption per image of ``split``: returns (records, captions, beam, length_penalty)."""
+                   device: str = "auto", batch_size: int = 100, weights: list[float] | None = None):
+    """Generated caption per image of ``split``: returns (records, captions, beam, length_penalty).
+    ``model_path``: a generator checkpoint, or a list of them decoded as an ensemble
+    (:class:`vsa.mrnn.GeneratorEnsemble`, ``weights`` per member; the decoding defaults are the first's)."""
     import torch
 
-    from vsa.checkpoint import load_checkpoint
     from vsa.data import Vocab
     from vsa.decoding import decode
     from vsa.runtime import pick_device
     from vsa.featstore import FeatureStore
-    from vsa.mrnn import model_from_checkpoint
+    from vsa.mrnn import load_generators
     from vsa.mrnn import uses_regions
     from vsa.splits import stack_regions
 
-    ck = load_checkpoint(model_path, "mrnn")
     dev = pick_device(device)
-    model = model_from_checkpoint(ck, dev)
+    model, ck = load_generators(model_path, dev, weights)
     vocab = Vocab(ck["vocab"])
     fpath = _features_path(ck, features)
     store = FeatureStore(fpath)
@@ -81,11 +81,13 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     return recs, caps, b, lp
 
 
-def evaluate_generator(model_path, ds, split, features=None, beam=None, captions_out=None, device="auto") -> dict:
+def evaluate_generator(model_path, ds, split, features=None, beam=None, captions_out=None, device="auto",
+                       weights: list[float] | None = None) -> dict:
+    """Caption metrics of a generator (or of a list of them as an ensemble, ``weights`` per member) on ``split``."""
     from vsa.caption_metrics import score_captions
 
     t0 = time.time()
-    recs, caps, b, lp = generate_split(model_path, ds, split, features, beam, None, device)
+    recs, caps, b, lp = generate_split(model_path, ds, split, features, beam, None, device, weights=weights)
     ids = [r.cocoid if r.cocoid is not None else r.imgid for r in recs]
     gts = {i: [s.raw for s in r.sentences] for i, r in zip(ids, recs)}
     res = dict(zip(ids, caps))
@@ -94,8 +96,11 @@ def evaluate_generator(model_path, ds, split, features=None, beam=None, captions
         from vsa.io import write_json
 
         write_json(captions_out, [{"image_id": i, "caption": c} for i, c in zip(ids, caps)])
-    out = {"model": str(model_path), "beam": b, "length_penalty": lp, "images": len(recs), **scores,
-           "paper": PAPER.get(ds.name, {}), "seconds": round(time.time() - t0, 1)}
+    many = isinstance(model_path, (list, tuple))
+    out = {"model": " + ".join(map(str, model_path)) if many else str(model_path), "beam": b, "length_penalty": lp,
+           "images": len(recs), **scores, "paper": PAPER.get(ds.name, {}), "seconds": round(time.time() - t0, 1)}
+    if many:
+        out["ensemble"] = {"models": [str(p) for p in model_path], "weights": list(weights or [1.0] * len(model_path))}
     return out
 
 

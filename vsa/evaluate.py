@@ -15,9 +15,11 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
     """The eval report ``{"split", "dataset", "retrieval", "generation"}`` (docs/formats.md) of the checkpoints
     ``models`` on ``split`` of ``ds``.
 
-    An aligner gives ``retrieval`` (several aligners only with ``ensemble``: their standardised scores averaged
-    with ``weights``, :func:`vsa.eval_align.evaluate_aligner`), a generator ``generation``
-    (:func:`vsa.eval_caption.evaluate_generator`; with several generators the report keeps the last).
+    An aligner gives ``retrieval`` (several aligners only with ``ensemble``: their standardised scores averaged,
+    :func:`vsa.eval_align.evaluate_aligner`), a generator ``generation``
+    (:func:`vsa.eval_caption.evaluate_generator`; several generators only with ``ensemble``: decoded as one,
+    their word probabilities averaged, on the first one's features). ``weights``: one per model, in the order
+    of ``models``, each kind's own weighting its members.
     ``features``: a features file or None per model; None: the file the model was trained on, else computed from
     the dataset's images (``detector``, a spec, for region features) into a temporary folder, removed at the end,
     and reported as ``computed from <image root>`` (``jit`` False: the CNN runs eager, never traced; ``max_pixels``: :func:`vsa.images.open_image`'s limit).
@@ -42,8 +44,15 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
         if kind not in ("align", "mrnn"):
             raise VsaError(f"cannot evaluate a '{kind}' checkpoint", m)
     aligners = [i for i, k in enumerate(kinds) if k == "align"]
-    if len(aligners) > 1 and not ensemble:
-        raise VsaError(f"{len(aligners)} aligners given: evaluate one at a time, or pass --ensemble to combine them")
+    generators = [i for i, k in enumerate(kinds) if k == "mrnn"]
+    for name, idx in (("aligners", aligners), ("generators", generators)):
+        if len(idx) > 1 and not ensemble:
+            raise VsaError(f"{len(idx)} {name} given: evaluate one at a time, or pass --ensemble to combine them")
+    if weights is not None and len(weights) != len(models):
+        raise VsaError(f"{len(weights)} weights for {len(models)} models (one per --model)")
+
+    def weights_of(idx):
+        return [weights[i] for i in idx] if weights is not None and len(idx) > 1 else None
     with tempfile.TemporaryDirectory(prefix="vsa-eval-") as tmp:
         computed: dict = {}
 
@@ -58,19 +67,21 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
             paths = [models[i] for i in aligners]
             report["retrieval"] = evaluate_aligner(paths if ensemble else paths[0], ds, split,
                                                    features=fs if ensemble else fs[0], ranks_out=ranks_out,
-                                                   device=device, weights=weights)
+                                                   device=device, weights=weights_of(aligners))
             _name_computed(report["retrieval"], computed, ds)
             if on_section is not None:
                 on_section("retrieval", report["retrieval"])
-        for i, kind in enumerate(kinds):
-            if kind == "mrnn":
-                from vsa.eval_caption import evaluate_generator
+        if generators:
+            from vsa.eval_caption import evaluate_generator
 
-                report["generation"] = evaluate_generator(models[i], ds, split, features=feats(i), beam=beam,
-                                                          captions_out=captions_out, device=device)
-                _name_computed(report["generation"], computed, ds)
-                if on_section is not None:
-                    on_section("generation", report["generation"])
+            g = [models[i] for i in generators]
+            report["generation"] = evaluate_generator(g if len(g) > 1 else g[0], ds, split,
+                                                      features=feats(generators[0]), beam=beam,
+                                                      captions_out=captions_out, device=device,
+                                                      weights=weights_of(generators))
+            _name_computed(report["generation"], computed, ds)
+            if on_section is not None:
+                on_section("generation", report["generation"])
     return report
 
 

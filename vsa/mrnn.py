@@ -319,6 +319,72 @@ def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> nn.Module:
     return model.to(device).eval()
 
 
+class GeneratorEnsemble(nn.Module):
+    """Several generators decoded as one (as ImageCaptioning.pytorch's ``eval_ensemble``): each step's
+    distribution is the ``weights``-weighted mean of the members' word probabilities. It has a model's
+    decoding interface (``init_state`` / ``step``, ``cfg``, ``decoding``: the first member's), so greedy and
+    beam search take it as they take one model. The members must share the vocabulary and read the same
+    features (one extractor record, all whole-image or all region/grid models): :func:`load_generators`
+    checks that."""
+
+    def __init__(self, members: list, weights: list[float] | None = None):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least two generators")
+        w = torch.tensor(weights if weights is not None else [1.0] * len(members), dtype=torch.float32)
+        if len(w) != len(members) or bool((w < 0).any()) or not bool((w > 0).any()):
+            raise ValueError(f"need {len(members)} non-negative weights, not all zero, got {list(w.tolist())}")
+        self.members = nn.ModuleList(members)
+        self.register_buffer("log_w", torch.log(w / w.sum()))
+        self.cfg = members[0].cfg
+        from vsa.decoding import DecodingConfig
+
+        self.decoding = getattr(members[0], "decoding", None) or DecodingConfig()
+
+    def init_state(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        return {f"{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.init_state(feats, mask).items()}
+
+    def step(self, tokens: torch.Tensor, st: dict) -> tuple[torch.Tensor, dict]:
+        logps, new = [], {}
+        for i, m in enumerate(self.members):
+            pre = f"{i}."
+            lp, s = m.step(tokens, {k[len(pre):]: v for k, v in st.items() if k.startswith(pre)})
+            logps.append(lp)
+            new.update({pre + k: v for k, v in s.items()})
+        mixed = torch.logsumexp(torch.stack(logps) + self.log_w.to(logps[0].dtype)[:, None, None], 0)
+        return mixed, new
+
+
+def load_generators(paths, device: str = "cpu", weights: list[float] | None = None):
+    """``(model, checkpoint)`` of one generator checkpoint, or of several as a :class:`GeneratorEnsemble` (the
+    checkpoint: the first member's, which gives the vocabulary and the features to make). Members that differ in
+    vocabulary, extractor or kind of input are refused with the member's path."""
+    from vsa.checkpoint import load_checkpoint
+    from vsa.errors import VsaError
+
+    paths = [paths] if not isinstance(paths, (list, tuple)) else list(paths)
+    cks = [load_checkpoint(p, "mrnn") for p in paths]
+    if weights is not None and len(weights) != len(paths):
+        raise VsaError(f"{len(weights)} weights for {len(paths)} generators")
+    models = [model_from_checkpoint(ck, device) for ck in cks]
+    if len(models) == 1:
+        return models[0], cks[0]
+    first = cks[0]
+    for p, ck, m in zip(paths[1:], cks[1:], models[1:]):
+        if list(ck["vocab"]) != list(first["vocab"]):
+            raise VsaError("the ensemble's generators have different vocabularies", p)
+        ex0, ex = first.get("extractor") or {}, ck.get("extractor") or {}
+        for key in ("extractor", "crop", "input", "grid"):
+            if ex0.get(key) != ex.get(key):
+                raise VsaError(f"the ensemble's generators read different features ({key}: {ex.get(key)!r} vs "
+                               f"{ex0.get(key)!r})", p)
+        c0 = models[0].cfg
+        if (uses_regions(m.cfg), m.cfg.feat_dim, m.cfg.max_regions) != (uses_regions(c0), c0.feat_dim, c0.max_regions):
+            raise VsaError("the ensemble's generators read different inputs (whole image vs regions, feature size or "
+                           "regions per image)", p)
+    return GeneratorEnsemble(models, weights).to(device).eval(), first
+
+
 def export_generator(src, dst, half: bool = True) -> dict:
     """Write a compact inference copy of a trained generator (float16 weights, no optimiser state): how
     ``vsa/assets/mrnn-flickr8k.pt`` and ``mrnn-regions-flickr8k.pt`` are made (``python -m vsa.mrnn SRC DST``)."""

@@ -15,7 +15,8 @@ from vsa.cli.common import console, guarded, info, progress, warn
 @guarded
 def caption(
     inputs: Optional[List[str]] = typer.Argument(None, help="Image files or folders; '-' reads image paths from stdin (one per line)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Generator checkpoint (default: [mrnn] model in vsa.toml if it exists, else the Flickr8k model shipped with vsa)."),
+    model: Optional[List[Path]] = typer.Option(None, "--model", "-m", help="Generator checkpoint (default: [mrnn] model in vsa.toml if it exists, else the Flickr8k model shipped with vsa); given twice or more, the generators are decoded as one ensemble (word probabilities averaged)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="With several --model: comma-separated weights, one per generator (default: equal)."),
     beam: Optional[int] = typer.Option(None, "--beam", help="Beam size (default: the model's, chosen on val)."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Maximum words."),
     length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="Rank beams by logprob/len^alpha (default: the model's)."),
@@ -39,6 +40,7 @@ def caption(
     from vsa.captioner import caption_images, caption_inputs
     from vsa.cli import workspace as W
     from vsa.cli.common import note
+    from vsa.cli.common import parse_weights
     from vsa.cli.config import default_model
     from vsa.errors import VsaError
     from vsa.io import data_stdout, dumps
@@ -51,7 +53,10 @@ def caption(
             raise VsaError("no images given: pass IMAGE... or a folder, or pipe paths on stdin with '-'")
         items = ["-"]
     paths = caption_inputs(items, shard)
-    records = caption_images(paths, default_model("mrnn", model, note), beam=beam, max_len=max_len,
+    models = list(model or [])
+    w = parse_weights(weights, len(models)) if weights is not None else None
+    records = caption_images(paths, models if len(models) > 1 else default_model("mrnn", models[0] if models else None, note),
+                             weights=w, beam=beam, max_len=max_len,
                              length_penalty=length_penalty, regions=regions, region_model=region_model, ground=ground,
                              aligner=default_model("align", aligner, note) if ground else None,
                              detector=W.detector(detector) if regions or ground else None, top=top,

@@ -97,6 +97,19 @@ def guarded(fn):
     return wrapper
 
 
+def parse_weights(text: str, n: int) -> list[float]:
+    """``--weights`` of an ensemble: ``n`` comma-separated non-negative numbers, not all zero."""
+    try:
+        w = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise VsaError(f"--weights must be comma-separated numbers, got {text!r}") from None
+    if len(w) != n:
+        raise VsaError(f"--weights gives {len(w)} weights for {n} models (one per --model)")
+    if any(x < 0 for x in w) or not any(w):
+        raise VsaError(f"--weights must be non-negative and not all zero, got {text!r}")
+    return w
+
+
 def progress(transient: bool = False):
     """A rich Progress on stderr with a bar, counts, rate and ETA."""
     from rich.progress import (

@@ -29,13 +29,14 @@ def evaluate(
     ranks_out: Optional[Path] = typer.Option(None, "--ranks-out", help="Write retrieval ranks (for `vsa show`) here as JSON."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the eval report JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of tables."),
-    ensemble: bool = typer.Option(False, "--ensemble", help="Several aligners: average their standardised scores (each on the features it was trained on) and evaluate that."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="With --ensemble: comma-separated weights, one per aligner (default: equal)."),
+    ensemble: bool = typer.Option(False, "--ensemble", help="Several aligners: average their standardised scores (each on the features it was trained on); several generators: decode them as one, averaging their word probabilities."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="With --ensemble: comma-separated weights, one per --model in order (default: equal)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
 ):
     """Retrieval (aligner) and caption metrics (generator) on a split, beside the paper's numbers."""
     from vsa.cli import workspace as W
     from vsa.cli.common import note, progress, warn
+    from vsa.cli.common import parse_weights
     from vsa.cli.config import default_model
     from vsa.errors import VsaError
     from vsa.evaluate import evaluate as run_eval
@@ -46,10 +47,7 @@ def evaluate(
     feats = W.eval_features(models, features)
     if weights is not None and not ensemble:
         raise VsaError("--weights needs --ensemble")
-    try:
-        w = [float(x) for x in weights.split(",")] if weights else None
-    except ValueError:
-        raise VsaError(f"--weights must be comma-separated numbers, got {weights!r}") from None
+    w = parse_weights(weights, len(models)) if weights else None
 
     def table(name: str, section: dict) -> None:  # each section's table as soon as it is done
         if as_json:
