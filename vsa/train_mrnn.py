@@ -51,9 +51,9 @@ class MRNNTrainConfig:
     threads: int = 0  # torch threads (0: leave as is)
     bf16: bool = True  # bfloat16 autocast in training on CUDA (CPUs train in float32: faster there)
     # SCST fine-tuning (self-critical, CIDEr-D reward) after cross-entropy training
-    scst_epochs: int = 6
+    scst_epochs: int = 10  # with scst_lr_decay 0.85 val CIDEr rose to SCST epoch 9 (47.42; constant lr peaked at 4)
     scst_lr: float = 1e-4
-    scst_lr_decay: float = 1.0  # SCST learning rate x this per SCST epoch after the first
+    scst_lr_decay: float = 0.85  # SCST learning rate x this per SCST epoch after the first (1e-4 -> 2.3e-5 at 10)
     scst_samples: int = 5
     scst_dropout: bool = False  # sample and re-score with dropout on (as the reference does) instead of off
 
