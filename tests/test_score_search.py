@@ -68,6 +68,23 @@ def test_eval_ensemble_of_two_aligners(synth):
     assert rep["images"] == 30 and rep["i2t"]["r1"] > 30
     r = run_cli(*base, "--model", tmp / "a.pt", "--model", tmp / "w.pt")
     assert r.returncode == 2 and b"--ensemble" in r.stderr
+    # one --features is read by every member: here by a copy of a.pt that no longer knows its training features
+    # (an exported file), which without it would compute features from the images with the default detector
+    import torch
+
+    from vsa.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(tmp / "a.pt")
+    ck["meta"].pop("features", None)
+    torch.save(ck, tmp / "a-exported.pt")
+    r = run_cli(*base, "--model", tmp / "a-exported.pt", "--model", tmp / "w.pt", "--ensemble", "--features", feats)
+    assert r.returncode == 0, r.stderr.decode()
+    assert orjson.loads(r.stdout)["retrieval"]["rsum"] == pytest.approx(rep["rsum"])
+    r = run_cli(*base, "--model", tmp / "a-exported.pt", "--model", tmp / "w.pt", "--ensemble",
+                "--features", feats, "--features", feats)  # one per --model
+    assert r.returncode == 0 and orjson.loads(r.stdout)["retrieval"]["rsum"] == pytest.approx(rep["rsum"])
+    r = run_cli(*base, "--model", tmp / "a.pt", "--model", tmp / "w.pt", "--ensemble", *["--features", feats] * 3)
+    assert r.returncode == 2 and b"3 --features for 2 --model" in r.stderr
 
 
 def test_train_align_cli_errors_are_one_line(tmp_path):

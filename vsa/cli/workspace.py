@@ -57,22 +57,31 @@ def jit() -> bool:
     return not os.environ.get(ENV_NO_JIT)
 
 
-def eval_features(models: list, features: Optional[Path] = None) -> list:
-    """The features file ``vsa eval`` reads for each checkpoint of ``models``: ``--features`` (it is for one model:
-    the aligners of an ensemble each read their own), else the file the model was trained on when it exists, else
-    ``[features] regions`` / ``whole`` / ``grid`` of vsa.toml as the model needs, when that file exists; None where
-    there is none (the library then computes them from the images)."""
+def eval_features(models: list, features=None) -> list:
+    """The features file ``vsa eval`` reads for each checkpoint of ``models``. ``features`` (``--features``, repeatable):
+    one file is read by every model (an ensemble's members included), several are one per model in order; without
+    it, the file the model was trained on when it exists, else ``[features] regions`` / ``whole`` / ``grid`` of
+    vsa.toml as the model needs, when that file exists; None where there is none (the library then computes them
+    from the images)."""
     from vsa.checkpoint import load_checkpoint
     from vsa.cli.config import workspace
     from vsa.checkpoint import trained_features
+    from vsa.errors import VsaError
 
-    cks = [load_checkpoint(m) for m in models]
-    n_aligners = sum(ck.get("kind") == "align" for ck in cks)
+    given = [] if features is None else [features] if isinstance(features, (str, Path)) else list(features)
+    if len(given) > 1 and len(given) != len(models):
+        raise VsaError(f"{len(given)} --features for {len(models)} --model: give one file (read by every model) "
+                       f"or one per --model, in order")
+    if len(given) == 1:
+        given = given * len(models)
     out: list = []
-    for ck in cks:
-        given = None if ck.get("kind") == "align" and n_aligners > 1 else features
-        found = Path(given) if given is not None else None
-        if found is None and ck.get("kind") in ("align", "mrnn"):
+    for i, m in enumerate(models):
+        if given:
+            out.append(Path(given[i]))
+            continue
+        ck = load_checkpoint(m)
+        found = None
+        if ck.get("kind") in ("align", "mrnn"):
             found = trained_features(ck)
             if found is None:
                 p = workspace().get(_features_key(ck))
