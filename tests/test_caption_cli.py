@@ -154,6 +154,19 @@ def test_region_captions_with_the_shipped_region_model(tmp_path, flickr8k, yolov
         assert len(g["box"]) == 4 and g["label"] and g["caption"] and "<unk>" not in g["caption"]
     dog = [g for g in regs if g["label"] == "dog"]
     assert dog and any(w in dog[0]["caption"].split() for w in ("dog", "dogs", "puppy"))
+    # a region model trained on `vsa embed --cells 3` features (the shipped aligner's) describes the same boxes
+    # the same way: the cells are no detection's feature
+    import torch
+
+    from vsa.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(DEFAULT_REGION_MODEL, "mrnn")
+    ck["extractor"] = dict(ck["extractor"], cells=3)
+    torch.save(ck, tmp_path / "cells.pt")
+    r = run_cli("caption", photo, "--regions", "--region-model", tmp_path / "cells.pt", "--detector", yolov5n,
+                "--top", "3", "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    assert orjson.loads(r.stdout.splitlines()[0])["regions"] == regs
 
 
 def test_grounded_caption_cuts_the_caption_into_snippets_on_boxes_and_draws_it(tmp_path, flickr8k, yolov5n):

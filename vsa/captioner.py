@@ -219,8 +219,10 @@ class Captioner:
             return []
         from vsa.featurise import Featuriser
 
-        # the region features exactly as the region model's training features were made (warp or roi crops)
-        feats = Featuriser(self.region_meta, extractor=self.extractor).features(im, dets)
+        # the region features exactly as the region model's training features were made (warp or roi crops); a box's
+        # row does not depend on the image cells of `--cells` features, which describe no detection: left out
+        meta = {k: v for k, v in self.region_meta.items() if k != "cells"}
+        feats = Featuriser(meta, extractor=self.extractor).features(im, dets)
         caps = self.caption_features(feats, beam, max_len, length_penalty, self.region_model, self.region_vocab)
         return [{"box": d["box"], "label": d["label"], "score": d.get("score"), "caption": c} for d, (c, _) in zip(dets, caps)]
 
