@@ -48,7 +48,10 @@ class Captioner:
         self._ex = None
         self.region_model = model_from_checkpoint(region_ckpt, device) if region_ckpt else None
         self.region_vocab = Vocab(region_ckpt["vocab"]) if region_ckpt else None
-        self.region_meta = (region_ckpt.get("extractor") or {}) if region_ckpt else {}
+        # how the region model's training features were made (warp or roi crops); a box's row does not depend on the
+        # image cells of `--cells` features, which describe no detection, so they are left out
+        self.region_meta = {k: v for k, v in ((region_ckpt.get("extractor") or {}) if region_ckpt else {}).items()
+                            if k != "cells"}
         self.aligner = aligner  # vsa.align.Aligner for grounded captions
         self.jit = jit  # False: never trace the CNN (vsa.features.Extractor.jit)
         self._encoder = None
@@ -219,10 +222,8 @@ class Captioner:
             return []
         from vsa.featurise import Featuriser
 
-        # the region features exactly as the region model's training features were made (warp or roi crops); a box's
-        # row does not depend on the image cells of `--cells` features, which describe no detection: left out
-        meta = {k: v for k, v in self.region_meta.items() if k != "cells"}
-        feats = Featuriser(meta, extractor=self.extractor).features(im, dets)
+        # the region features exactly as the region model's training features were made (``region_meta``)
+        feats = Featuriser(self.region_meta, extractor=self.extractor).features(im, dets)
         caps = self.caption_features(feats, beam, max_len, length_penalty, self.region_model, self.region_vocab)
         return [{"box": d["box"], "label": d["label"], "score": d.get("score"), "caption": c} for d, (c, _) in zip(dets, caps)]
 
