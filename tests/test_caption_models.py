@@ -17,12 +17,15 @@ from vsa.mrnn import MRNNConfig, build_model
 WORDS = "a dog runs on the grass man in red shirt water".split()
 
 
-def _ckpt(tmp_path, rnn: str, extractor: dict) -> tuple:
+def _ckpt(tmp_path, rnn: str, extractor: dict, cells: int = 0, sharp: float = 1.0) -> tuple:
     torch.manual_seed(0)
-    cfg = MRNNConfig(rnn=rnn, vocab_size=len(WORDS) + 4, feat_dim=1280, embed=16, hidden=24, att_dim=8)
+    cfg = MRNNConfig(rnn=rnn, vocab_size=len(WORDS) + 4, feat_dim=1280, embed=16, hidden=24, att_dim=8, cells=cells)
     model = build_model(cfg).eval()
     with torch.no_grad():
         model.out.bias[1] += 2.0  # <end> plausible: short captions
+        if sharp != 1.0:  # words that depend on what is attended to
+            model.att_embed.weight *= sharp
+            model.lang.weight_ih *= sharp
     path = tmp_path / f"{rnn}.pt"
     save_checkpoint(path, "mrnn", cfg, {}, {"beam": 2}, WORDS, extractor, model.state_dict(), {})
     return path, model
@@ -61,6 +64,50 @@ def test_a_region_attention_model_without_its_regions_is_a_clear_error(tmp_path)
     path, _ = _ckpt(tmp_path, "updown", dict(LITE0, crop="roi"))
     r = run_cli("caption", photo, "--model", path, "--threads", "1")
     assert r.returncode == 2 and "attends over detector regions" in r.stderr.decode()
+
+
+def test_a_box_model_with_cells_captions_without_a_detector_on_the_whole_image_and_its_cells(tmp_path):
+    from vsa.data import Vocab
+    from vsa.decoding import DecodingConfig, constraints, decode
+
+    photo = _photo(tmp_path / "photo.jpg")
+    r = run_cli("embed", photo, "--cells", "3", "-o", tmp_path / "f.npz", "--dtype", "float32", "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    f = np.load(tmp_path / "f.npz")
+    # a model trained on `vsa regions | vsa embed --cells 3` features (with box_dropout): its record names a detector
+    extractor = dict(json.loads(str(f["meta"])), detector="yolov5n-coco")
+    path, model = _ckpt(tmp_path, "updown", extractor, cells=3)
+    r = run_cli("caption", photo, "--model", path, "--json", "--threads", "1")  # no detector named: none is loaded
+    assert r.returncode == 0, r.stderr.decode()
+    feats = torch.from_numpy(f["feats"])[None]
+    assert feats.shape == (1, 10, 1280)  # the whole image and its 3 x 3 cells
+    want = decode(model, feats, None, 2, 20, 0.0, **constraints(DecodingConfig(beam=2), Vocab(WORDS)))[0]
+    assert orjson.loads(r.stdout.splitlines()[0])["caption"] == " ".join(Vocab(WORDS).decode(want.tokens))
+
+
+def test_a_box_model_reads_the_detectors_boxes(tmp_path, flickr8k, yolov5n):
+    from vsa.data import Vocab
+    from vsa.decoding import DecodingConfig, constraints, decode
+
+    photo = flickr8k / "images" / "2677656448_6b7e7702af.jpg"  # a dog and a person: boxes
+    r = run_cli("regions", photo, "--detector", yolov5n, "--threads", "1", "-o", tmp_path / "r.jsonl")
+    assert r.returncode == 0, r.stderr.decode()
+    r = run_cli("embed", tmp_path / "r.jsonl", "--cells", "3", "-o", tmp_path / "f.npz", "--dtype", "float32",
+                "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    f = np.load(tmp_path / "f.npz")
+    assert len(f["feats"]) > 10  # boxes between the whole image and the cells
+    path, model = _ckpt(tmp_path, "updown", json.loads(str(f["meta"])), cells=3, sharp=8.0)
+    r = run_cli("caption", photo, "--model", path, "--json", "--threads", "1", "--detector", yolov5n)
+    assert r.returncode == 0, r.stderr.decode()
+    cons = constraints(DecodingConfig(beam=2), Vocab(WORDS))
+    feats = torch.from_numpy(f["feats"])
+    want = decode(model, feats[None], None, 2, 20, 0.0, **cons)[0]
+    rec = orjson.loads(r.stdout.splitlines()[0])
+    assert rec["caption"] == " ".join(Vocab(WORDS).decode(want.tokens))
+    assert rec["logprob"] == pytest.approx(want.logprob, abs=5e-3)
+    no_boxes = torch.cat([feats[:1], feats[-9:]])[None]  # what it would read without the detector
+    assert abs(decode(model, no_boxes, None, 2, 20, 0.0, **cons)[0].logprob - want.logprob) > 0.1
 
 
 def test_region_agreement_counts_captions_that_name_their_box():

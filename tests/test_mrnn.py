@@ -352,3 +352,50 @@ def test_export_generator_ships_float16_weights_that_caption_alike(tmp_path):
     with torch.inference_mode():
         ga, gb = greedy(a, feats, max_len=8), greedy(b.float(), feats, max_len=8)
     assert [h.tokens for h in ga] == [h.tokens for h in gb] and any(h.tokens for h in ga)
+
+
+def test_box_dropout_drops_an_images_boxes_and_keeps_the_whole_image_and_its_cells():
+    # rows as `vsa embed --cells 2` writes them: whole image, boxes, 2 x 2 cells; then padding
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    mask[0, :7] = True  # 2 boxes
+    mask[1, :5] = True  # no box
+    mask[2, :9] = True  # 4 boxes
+    rng = np.random.RandomState(0)
+    assert T.drop_boxes(mask, 2, 0.0, rng) is mask and T.drop_boxes(mask, 0, 1.0, rng) is mask
+    m = T.drop_boxes(mask, 2, 1.0, rng)
+    assert m[0].tolist() == [True, False, False, True, True, True, True, False, False]
+    assert m[1].tolist() == mask[1].tolist()
+    assert m[2].tolist() == [True] + [False] * 4 + [True] * 4
+    big = torch.zeros(2000, 9, dtype=torch.bool)
+    big[:, :7] = True
+    kept = T.drop_boxes(big, 2, 0.3, rng)[:, 1].float().mean().item()
+    assert 0.65 < kept < 0.75
+
+
+def test_a_box_generator_reads_its_cells_beyond_max_regions_and_trains_with_box_dropout(tmp_path):
+    from vsa.featstore import save_features
+    from vsa.featurise import grid_boxes
+    from vsa.mrnn import region_rows
+
+    ds_path, feat_path = tiny_dataset(tmp_path, dim=16)
+    whole = FeatureStore(feat_path)
+    rng = np.random.RandomState(0)
+    recs = []
+    for i, k in enumerate(whole.keys):
+        nb = i % 4  # 0..3 boxes
+        f = np.concatenate([whole[k], rng.randn(nb + 4, 16).astype(np.float32)])
+        regs = ([{"box": [0, 0, 64, 64], "score": 1.0, "label": "image"}]
+                + [{"box": [1, 1, 20, 20], "score": 0.9, "label": "dog"}] * nb + grid_boxes(64, 64, 2, "cell"))
+        recs.append({"key": k, "size": (64, 64), "feats": f, "regions": regs})
+    path = tmp_path / "boxes.npz"
+    save_features(path, recs, meta={"extractor": "efficientnet-lite0", "dim": 16, "input": 224, "crop": "warp",
+                                    "cells": 2, "detector": "yolov5n"})
+    cfg = T.configs(rnn="updown", embed=8, hidden=8, att_dim=4, max_regions=2, epochs=1, scst_epochs=1,
+                    batch_size=10, box_dropout=0.5, seed=0)
+    out = tmp_path / "b.pt"
+    T.train_on(*cfg, load_dataset(ds_path), path, out, log=lambda *_: None, choose_decoding=False)
+    ck = load_checkpoint(out)
+    assert ck["model"]["cells"] == 2 and ck["train"]["box_dropout"] == 0.5
+    assert region_rows(ck["model"]) == 2 + 4  # the whole image and one box, then the four cells
+    with pytest.raises(Exception, match="box_dropout"):
+        T.check(*T.configs(box_dropout=1.5))

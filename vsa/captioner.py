@@ -56,6 +56,7 @@ class Captioner:
         self.jit = jit  # False: never trace the CNN (vsa.features.Extractor.jit)
         self._encoder = None
         self._featuriser = None
+        self.detector = None  # a loaded detector: the boxes of a generator that reads them (caption_files sets it)
 
     @classmethod
     def load(cls, model=None, device: str = "auto", cnn_weights=None, threads: int = 0, region_model=None,
@@ -120,19 +121,30 @@ class Captioner:
         return [(" ".join(vocab.decode(h.tokens)), round(h.logprob, 3)) for h in hyps]
 
     @property
+    def reads_boxes(self) -> bool:
+        """Does the generator attend over detector boxes (a model trained on ``vsa regions | vsa embed`` features)?"""
+        from vsa.mrnn import uses_regions
+
+        return uses_regions(self.cfg) and self.extractor_meta.get("crop") != "grid"
+
+    @property
     def featuriser(self):
         """The generator's inputs made as its training features were (the one path, :mod:`vsa.featurise`): the
-        whole image, or the whole image + grid cells for a model trained on ``vsa embed --crop grid`` features."""
+        whole image, or the whole image + grid cells for a model trained on ``vsa embed --crop grid`` features, or
+        for a model trained on detector boxes (+ ``--cells`` image cells) the whole image, the boxes of
+        :attr:`detector` and the cells; without a detector the whole image and the cells alone (a model trained
+        with ``box_dropout`` has seen such inputs)."""
         if self._featuriser is None:
             from vsa.featurise import Featuriser
             from vsa.mrnn import uses_regions
 
             crop = self.extractor_meta.get("crop")
-            if uses_regions(self.cfg) and crop != "grid":
-                raise VsaError(f"this model attends over detector regions ({crop} features); caption photos with a "
-                               "grid-attention or whole-image model, or evaluate it on a features file", self.path)
-            self._featuriser = Featuriser(self.extractor_meta, extractor=self.extractor,
-                                          whole_only=not uses_regions(self.cfg))
+            if self.reads_boxes and self.detector is None and not int(self.cfg.get("cells") or 0):
+                raise VsaError(f"this model attends over detector regions ({crop} features): pass --detector, or "
+                               "caption photos with a grid-attention or whole-image model", self.path)
+            self._featuriser = Featuriser(self.extractor_meta, self.detector if self.reads_boxes else None,
+                                          extractor=self.extractor, whole_only=not uses_regions(self.cfg),
+                                          boxes=self.reads_boxes and self.detector is not None)
         return self._featuriser
 
     def featurise(self, prepared: list[dict]):
@@ -175,10 +187,14 @@ class Captioner:
             regions = detector is not None and not ground
         if (regions or ground) and detector is None:
             raise VsaError("region captions and grounded captions need a detector")
+        if not (regions or ground or self.reads_boxes):
+            detector = None  # nothing here reads boxes: never load it
         if detector is not None and not hasattr(detector, "detect"):
             from vsa.regions import load_detector
 
             detector = load_detector(detector, self.device)
+        if self.reads_boxes and detector is not self.detector:
+            self.detector, self._featuriser = detector, None  # the generator's own inputs use its boxes
         ex = self.extractor
         # one batch and no regions: tracing the CNN would cost more than it saves (cold start of one photo)
         ex.jit = self.jit and (len(items) > batch_size or detector is not None)
@@ -285,7 +301,9 @@ def caption_images(images: list[tuple[Path, str]], model=None, beam=None, max_le
     (``weights`` per member); ``regions`` describes the detector's top
     boxes with ``region_model`` (default: the shipped region model); ``ground`` cuts each caption into
     snippets on the boxes with the aligner checkpoint ``aligner``; both need ``detector`` (a spec or a loaded
-    detector).
+    detector), which also gives its boxes to a generator trained on detector boxes (else such a model, trained
+    with ``box_dropout`` on ``--cells`` features, reads the whole image and its cells). The detector is loaded
+    only when something reads its boxes.
     """
     if regions and region_model is None:
         if not DEFAULT_REGION_MODEL.exists():
@@ -296,5 +314,5 @@ def caption_images(images: list[tuple[Path, str]], model=None, beam=None, max_le
                          weights=weights)
     yield from cap.caption_files(images, beam=beam, max_len=max_len, length_penalty=length_penalty,
                                  batch_size=batch_size, skip_bad=skip_bad, warn=warn,
-                                 detector=detector if (regions or ground) else None, top=top, regions=regions,
+                                 detector=detector, top=top, regions=regions,
                                  ground=ground, max_pixels=max_pixels)

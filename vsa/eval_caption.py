@@ -44,7 +44,7 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     from vsa.runtime import pick_device
     from vsa.featstore import FeatureStore
     from vsa.mrnn import load_generators
-    from vsa.mrnn import uses_regions
+    from vsa.mrnn import region_rows, uses_regions
     from vsa.splits import stack_regions
 
     dev = pick_device(device)
@@ -71,7 +71,7 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     for s in range(0, len(recs), batch_size):
         keys = [r.key for r in recs[s : s + batch_size]]
         if uses_regions(model.cfg):
-            f, m = stack_regions(store, keys, model.cfg.max_regions)
+            f, m = stack_regions(store, keys, region_rows(model.cfg))
         else:
             f, m = torch.from_numpy(np.stack([store.whole(k) for k in keys])), None
         f = f.to(dev)

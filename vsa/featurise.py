@@ -170,10 +170,12 @@ class Featuriser:
     :class:`vsa.cnn.Extractor` of the CNN ``meta`` names (else loaded on first use from ``cnn_weights``).
     ``top``: detections kept per photo (the whole image comes on top). ``whole_only``: the whole image alone
     whatever ``meta`` says (a model that reads only the whole-image row, e.g. the whole-image aligner).
+    ``boxes`` False: no detector is run even if ``meta`` names one: the whole image and, with ``cells``, its
+    cells (a generator trained with ``box_dropout`` captions a photo so without a detector).
     """
 
     def __init__(self, meta: dict, detector=None, *, extractor=None, top: int = 19, device: str = "cpu",
-                 cnn_weights=None, whole_only: bool = False, jit: bool = True, warn=None):
+                 cnn_weights=None, whole_only: bool = False, jit: bool = True, warn=None, boxes: bool = True):
         self.meta = dict(meta or {})
         self.spec = CropSpec.from_meta(self.meta)
         loaded = hasattr(detector, "detect")
@@ -184,12 +186,13 @@ class Featuriser:
         self.device = device
         self.cnn_weights = cnn_weights
         self.whole_only = whole_only
+        self.boxes = boxes
         self.jit = jit
         self.warn = warn
 
     @property
     def uses_detector(self) -> bool:
-        return not self.whole_only and uses_detector(self.meta)
+        return self.boxes and not self.whole_only and uses_detector(self.meta)
 
     @property
     def detector(self):

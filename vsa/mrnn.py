@@ -44,6 +44,14 @@ class MRNNConfig:
     attention: bool = False  # lstm/rnn: attend over the region features (needs a regions features file)
     att_dim: int = 256
     max_regions: int = 64  # regions per image read from a regions/grid features file (whole image first)
+    cells: int = 0  # g: the features' g x g image cells after the boxes (`vsa embed --cells`; set from the features)
+
+
+def region_rows(cfg) -> int:
+    """Rows of an image's features a region/grid generator reads: the whole image and up to ``max_regions - 1``
+    boxes (or grid cells), then the ``cells`` x ``cells`` image cells of ``vsa embed --cells`` features."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    return int(get("max_regions", 64)) + int(get("cells", 0) or 0) ** 2
 
 
 RNNS = ("rnn", "lstm", "updown")
@@ -379,7 +387,7 @@ def load_generators(paths, device: str = "cpu", weights: list[float] | None = No
                 raise VsaError(f"the ensemble's generators read different features ({key}: {ex.get(key)!r} vs "
                                f"{ex0.get(key)!r})", p)
         c0 = models[0].cfg
-        if (uses_regions(m.cfg), m.cfg.feat_dim, m.cfg.max_regions) != (uses_regions(c0), c0.feat_dim, c0.max_regions):
+        if (uses_regions(m.cfg), m.cfg.feat_dim, region_rows(m.cfg)) != (uses_regions(c0), c0.feat_dim, region_rows(c0)):
             raise VsaError("the ensemble's generators read different inputs (whole image vs regions, feature size or "
                            "regions per image)", p)
     return GeneratorEnsemble(models, weights).to(device).eval(), first

@@ -56,6 +56,10 @@ class MRNNTrainConfig:
     scst_lr_decay: float = 0.85  # SCST learning rate x this per SCST epoch after the first (1e-4 -> 2.3e-5 at 10)
     scst_samples: int = 5
     scst_dropout: bool = False  # sample and re-score with dropout on (as the reference does) instead of off
+    # features with detector boxes and image cells (`vsa embed REGIONS --cells G`): each training image's boxes are
+    # dropped with this probability (the whole image and its cells kept), so the model also captions photos
+    # without a detector, on the whole image and its cells alone
+    box_dropout: float = 0.0
 
 
 def configs(**fields) -> tuple[MRNNConfig, MRNNTrainConfig, DecodingConfig]:
@@ -75,6 +79,8 @@ def check(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig) -> None
         raise VsaError(f"--rnn must be one of {', '.join(RNNS)}, got {mcfg.rnn!r}")
     if tcfg.batch_size < 1 or tcfg.scst_samples < 1 or dcfg.beam < 1 or dcfg.max_len < 1:
         raise VsaError("batch_size, scst_samples, beam and max_len must be >= 1")
+    if not 0.0 <= tcfg.box_dropout <= 1.0:
+        raise VsaError(f"box_dropout must be in [0, 1], got {tcfg.box_dropout}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -100,6 +106,21 @@ def _sub(sp: CaptionSplit, idx: torch.Tensor, dev=None):
     if dev is not None:
         f, m = f.to(dev), (m.to(dev) if m is not None else None)
     return f, m
+
+
+def drop_boxes(mask: torch.Tensor | None, cells: int, p: float, rng) -> torch.Tensor | None:
+    """``mask`` ``[B, R]`` of features laid out as ``vsa embed --cells`` writes them (the whole image, its boxes,
+    then ``cells`` x ``cells`` image cells; real rows first) with the boxes of each image dropped (False) with
+    probability ``p`` (``rng``: a numpy RandomState): the whole image and the cells stay."""
+    if mask is None or p <= 0 or not cells:
+        return mask
+    hit = torch.from_numpy(rng.random_sample(mask.shape[0]) < p).to(mask.device)
+    if not bool(hit.any()):
+        return mask
+    n = mask.sum(1, keepdim=True)  # real rows: 1 + boxes + cells^2
+    col = torch.arange(mask.shape[1], device=mask.device)[None]
+    box = (col >= 1) & (col < n - cells * cells)
+    return mask & ~(box & hit[:, None])
 
 
 def _dev(model) -> torch.device:
@@ -327,12 +348,14 @@ def train_on(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, ds, 
 
     from vsa.data import build_vocab
     from vsa.featstore import FeatureStore
-    from vsa.mrnn import uses_regions
+    from vsa.mrnn import region_rows, uses_regions
     from vsa.runtime import set_threads
     from vsa.splits import caption_split, snippet_split
 
     set_threads(tcfg.threads)
     store = FeatureStore(features)
+    if uses_regions(mcfg) and alignments is None and store.meta.get("crop") != "grid":
+        mcfg = dataclasses.replace(mcfg, cells=int(store.meta.get("cells") or 0))  # read beyond max_regions
     vocab = build_vocab(ds, tcfg.min_count)
     if alignments is not None:
         from vsa.io import read_jsonl
@@ -341,7 +364,7 @@ def train_on(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, ds, 
         tr, va = (snippet_split(recs, store, s, vocab, tcfg.max_len, alignments) for s in ("train", "val"))
     else:
         regions = uses_regions(mcfg)
-        tr, va = (caption_split(ds, store, s, vocab, tcfg.max_len, regions=regions, max_regions=mcfg.max_regions,
+        tr, va = (caption_split(ds, store, s, vocab, tcfg.max_len, regions=regions, max_regions=region_rows(mcfg),
                                 skip_missing=skip_missing, warn=warn) for s in ("train", "val"))
     log = kw.get("log", print)
     log(f"train-mrnn: {len(tr.sents)} train sentences ({len(tr.feats)} items), {len(va.feats)} val items, "
@@ -420,6 +443,7 @@ def _xe_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, dd
         idx, inp, tgt = batch_tensors(mine)
         items, rows = torch.unique(idx, return_inverse=True)  # each image featurised once
         f, m = _sub(sp, items, dev)
+        m = drop_boxes(m, getattr(model.cfg, "cells", 0), cfg.box_dropout, rng)
         tgt = tgt.to(dev)
         sel = tgt != 0
         with autocast(dev, cfg.bf16):
@@ -506,6 +530,7 @@ def _scst_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, 
             continue
         idx = glob[share(len(glob), env)]
         f, m = _sub(sp, idx, dev)
+        m = drop_boxes(m, getattr(model.cfg, "cells", 0), cfg.box_dropout, rng)
         with autocast(dev, cfg.bf16):
             seqs = sample(model, f, m, n, max_len)
         words = [sample_words(row, itos) for row in seqs.tolist()]

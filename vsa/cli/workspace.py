@@ -18,6 +18,17 @@ ENV_NO_JIT = "VSA_NO_JIT"
 def detector(flag: Optional[str] = None) -> str:
     """The detector spec a command uses: ``--detector``, else $VSA_DETECTOR, else ``[regions] detector`` of
     vsa.toml, else :data:`vsa.regions.DEFAULT_DETECTOR` (yolo11n.pt)."""
+    spec = named_detector(flag)
+    if spec:
+        return spec
+    from vsa.regions import DEFAULT_DETECTOR  # light: vsa.regions imports torch inside its functions
+
+    return DEFAULT_DETECTOR
+
+
+def named_detector(flag: Optional[str] = None) -> Optional[str]:
+    """The detector a user named (``--detector``, $VSA_DETECTOR or ``[regions] detector`` of vsa.toml), or None
+    where :func:`detector` would fall back to the default: what gives boxes to a generator that can do without."""
     import os
 
     from vsa.cli.config import workspace
@@ -25,11 +36,7 @@ def detector(flag: Optional[str] = None) -> str:
     if flag is not None:
         return str(flag)
     spec = os.environ.get(ENV_DETECTOR) or workspace().get("regions.detector")
-    if spec:
-        return str(spec)
-    from vsa.regions import DEFAULT_DETECTOR  # light: vsa.regions imports torch inside its functions
-
-    return DEFAULT_DETECTOR
+    return str(spec) if spec else None
 
 
 def max_pixels(flag: Optional[int] = None) -> int:
