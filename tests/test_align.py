@@ -103,6 +103,30 @@ def test_relu_brnn_respects_lengths():
     assert not torch.allclose(rnn(e2, lengths)[0, 0], out[0, 0])
 
 
+def test_relu_brnn_gradients_are_the_papers_recurrence_run_one_sentence_at_a_time():
+    torch.manual_seed(0)
+    rnn = ReluBRNN(6)
+    e = torch.randn(3, 5, 6, requires_grad=True)
+    lengths = torch.tensor([5, 2, 4])
+    w = torch.randn(3, 5, 6)
+    (rnn(e, lengths) * w).sum().backward()
+    got_e, got_W = e.grad.clone(), rnn.W.grad.clone()
+    e.grad, rnn.W.grad = None, None
+    total = 0
+    for i, n in enumerate(lengths.tolist()):  # eq. 4-5 written out, one sentence, one direction at a time
+        x = e[i, :n]
+        hf, hb, fwd, bwd = torch.zeros(6), torch.zeros(6), [], [None] * n
+        for t in range(n):
+            hf = torch.relu(x[t] + hf @ rnn.W[0] + rnn.b[0, 0])
+            fwd.append(hf)
+        for t in reversed(range(n)):
+            hb = torch.relu(x[t] + hb @ rnn.W[1] + rnn.b[1, 0])
+            bwd[t] = hb
+        total = total + ((torch.stack(fwd) + torch.stack(bwd)) * w[i, :n]).sum()
+    total.backward()
+    assert torch.allclose(got_e, e.grad, atol=1e-5) and torch.allclose(got_W, rnn.W.grad, atol=1e-5)
+
+
 def test_epoch_order_is_a_permutation_with_groups():
     owner = torch.arange(10).repeat_interleave(5)
     o = epoch_order(owner, 2, 3)
