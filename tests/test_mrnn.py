@@ -399,3 +399,5 @@ def test_a_box_generator_reads_its_cells_beyond_max_regions_and_trains_with_box_
     assert region_rows(ck["model"]) == 2 + 4  # the whole image and one box, then the four cells
     with pytest.raises(Exception, match="box_dropout"):
         T.check(*T.configs(box_dropout=1.5))
+    with pytest.raises(Exception, match="box_dropout .* needs a region generator"):  # no cells: nothing to do
+        T.train_on(*cfg, load_dataset(ds_path), feat_path, tmp_path / "w.pt", log=lambda *_: None)

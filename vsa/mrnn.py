@@ -47,10 +47,15 @@ class MRNNConfig:
     cells: int = 0  # g: the features' g x g image cells after the boxes (`vsa embed --cells`; set from the features)
 
 
+def _getter(cfg):
+    """``get(key, default)`` over a config dataclass or its dict form (as a checkpoint stores it)."""
+    return cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+
+
 def region_rows(cfg) -> int:
     """Rows of an image's features a region/grid generator reads: the whole image and up to ``max_regions - 1``
     boxes (or grid cells), then the ``cells`` x ``cells`` image cells of ``vsa embed --cells`` features."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    get = _getter(cfg)
     return int(get("max_regions", 64)) + int(get("cells", 0) or 0) ** 2
 
 
@@ -60,7 +65,7 @@ RNNS = ("rnn", "lstm", "updown")
 def features_key(cfg) -> str:
     """The vsa.toml key naming the features a generator of this config reads by default: the grid cells
     for Up-Down, the detector regions for an attention LSTM/RNN, the whole image otherwise."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    get = _getter(cfg)
     if get("rnn") == "updown":
         return "features.grid"
     return "features.regions" if get("attention", False) else "features.whole"
@@ -68,7 +73,7 @@ def features_key(cfg) -> str:
 
 def uses_regions(cfg) -> bool:
     """Does the model read region features ``[B, R, D]`` (attention or Up-Down) rather than one vector?"""
-    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    get = _getter(cfg)
     return bool(get("attention", False)) or get("rnn") == "updown"
 
 

@@ -356,6 +356,9 @@ def train_on(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, ds, 
     store = FeatureStore(features)
     if uses_regions(mcfg) and alignments is None and store.meta.get("crop") != "grid":
         mcfg = dataclasses.replace(mcfg, cells=int(store.meta.get("cells") or 0))  # read beyond max_regions
+    if tcfg.box_dropout and alignments is None and not mcfg.cells:
+        raise VsaError("box_dropout drops detector boxes and keeps the image cells: it needs a region generator on "
+                       "features with both (`vsa embed REGIONS --cells G`)", features)
     vocab = build_vocab(ds, tcfg.min_count)
     if alignments is not None:
         from vsa.io import read_jsonl
