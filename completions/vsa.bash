@@ -14,10 +14,10 @@ _vsa_options() {
         "vsa") echo "--version -h --help" ;;
         "vsa init") echo "--dataset --images --detector --out --force --path -h --help" ;;
         "vsa regions") echo "-d --detector --top --conf --iou --dedup --imgsz --batch-size --workers -o --out --skip-bad --max-pixels --shard --device --threads -h --help" ;;
-        "vsa embed") echo "-o --out --cnn --cnn-weights --batch-size --workers --crop --grid --cells --context --dtype --shard --part-every --no-resume --skip-bad --max-pixels --device --threads -h --help" ;;
+        "vsa embed") echo "-o --out --cnn --cnn-weights --batch-size --workers --crop --grid --cells --flip --context --dtype --shard --part-every --no-resume --skip-bad --max-pixels --device --threads -h --help" ;;
         "vsa train-align") echo "--dataset -f --features -o --out --log --model --rnn --score --loss --epochs --batch-size --lr --hidden --glove --set --seed --resume --min-count --threads --skip-missing --device --json -h --help" ;;
         "vsa score") echo "-m --model -f --features --detector --top --cnn-weights --json --skip-bad --device -h --help" ;;
-        "vsa train-mrnn") echo "--dataset -f --features -o --out --alignments --rnn --attention --no-attention --hidden --embed --dropout --epochs --scst-epochs --scst-lr --batch-size --lr --lr-decay --label-smoothing --set --max-len --min-count --patience --seed --threads --device --resume --no-beam-search --skip-missing --json -h --help" ;;
+        "vsa train-mrnn") echo "--dataset -f --features --flip-features -o --out --alignments --rnn --attention --no-attention --hidden --embed --dropout --epochs --scst-epochs --scst-lr --batch-size --lr --lr-decay --label-smoothing --set --max-len --min-count --patience --seed --threads --device --resume --no-beam-search --skip-missing --json -h --help" ;;
         "vsa caption") echo "-m --model --weights --beam --max-len --length-penalty --json --coco-results --bare --regions --region-model --ground --aligner --detector --top --batch-size --device --cnn-weights --skip-bad --shard --threads -h --help" ;;
         "vsa align") echo "-m --model --dataset --images --features --split --beta -o --out --no-resume --skip-missing --limit --shard --device --threads -h --help" ;;
         "vsa eval") echo "--split -m --model --dataset --images --features --detector --beam --captions-out --ranks-out -o --out --json --ensemble --weights --device -h --help" ;;
@@ -68,6 +68,7 @@ _vsa_value_kind() {
         "vsa embed --crop") echo "value" ;;
         "vsa embed --grid") echo "value" ;;
         "vsa embed --cells") echo "value" ;;
+        "vsa embed --flip") echo "flag" ;;
         "vsa embed --context") echo "value" ;;
         "vsa embed --dtype") echo "value" ;;
         "vsa embed --shard") echo "value" ;;
@@ -113,6 +114,7 @@ _vsa_value_kind() {
         "vsa score ARGS") echo "value" ;;
         "vsa train-mrnn --dataset") echo "files" ;;
         "vsa train-mrnn -f"|"vsa train-mrnn --features") echo "files" ;;
+        "vsa train-mrnn --flip-features") echo "files" ;;
         "vsa train-mrnn -o"|"vsa train-mrnn --out") echo "files" ;;
         "vsa train-mrnn --alignments") echo "files" ;;
         "vsa train-mrnn --rnn") echo "value" ;;

@@ -55,6 +55,7 @@ complete -c vsa -n '__fish_seen_subcommand_from embed' -l workers -x -d 'Decodin
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l crop -x -d 'warp: each box cropped and warped to 224 (paper, R-CNN style, one CNN...'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l grid -x -d 'Cells per side with --crop grid (7 = the native 7x7 map at 224 px)'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l cells -x -d 'With --crop warp/roi: add the G x G cells of the image after the boxe...'
+complete -c vsa -n '__fish_seen_subcommand_from embed' -l flip -d 'Features of the images mirrored left to right (boxes mirrored with th...'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l context -x -d 'Pad each box by this fraction of its size per side before warping'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l dtype -x -d 'float16 or float32 features'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l shard -x -d 'K/N: process a deterministic 1/N of the inputs (1-based K)'
@@ -105,6 +106,7 @@ complete -c vsa -n '__fish_seen_subcommand_from score' -s h -l help -d 'Show hel
 # vsa train-mrnn
 complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -l dataset -r -F -d 'Caption dataset (default: [dataset] path in vsa.toml)'
 complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -s f -l features -r -F -d 'Features NPZ (default: [features] whole, or [features] regions with -...'
+complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -l flip-features -r -F -d 'The same features of the mirrored images (`vsa embed ...'
 complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -s o -l out -r -F -d 'Best-on-val checkpoint (default: [mrnn] model)'
 complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -l alignments -r -F -d 'Snippet alignments JSONL (`vsa align`): train on (region feature, sni...'
 complete -c vsa -n '__fish_seen_subcommand_from train-mrnn' -l rnn -x -d 'updown (top-down attention over regions/grid, the default), lstm, or...'

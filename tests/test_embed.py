@@ -455,3 +455,37 @@ def test_cells_after_the_boxes_from_the_whole_image_map(ex, tmp_path):
             np.testing.assert_allclose(got, wc[k], rtol=1e-3, atol=1e-3)
     bad = run_cli("embed", tmp_path / "imgs", "-o", tmp_path / "x.npz", "--crop", "grid", "--cells", "3")
     assert bad.returncode == 2 and "--cells" in bad.stderr.decode()
+
+
+def test_flip_embeds_the_mirrored_image_and_mirrors_its_boxes(ex, tmp_path):
+    paths = _images(tmp_path / "imgs", 2)
+    jl = _regions_jsonl(paths, tmp_path / "r.jsonl")
+    r = run_cli("embed", jl, "--flip", "--dtype", "float32", "-o", tmp_path / "f.npz", "--threads", "2")
+    assert r.returncode == 0, r.stderr.decode()
+    # the same regions, on copies of the images mirrored by hand
+    (tmp_path / "m").mkdir()
+    mirrored = []
+    for p in paths:
+        q = tmp_path / "m" / p.name
+        Image.open(p).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(q)
+        mirrored.append(q)
+    ref_jl = tmp_path / "rm.jsonl"
+    with open(ref_jl, "wb") as fh:
+        for line, q in zip(open(jl, "rb"), mirrored):
+            rec = orjson.loads(line)
+            w = rec["width"]
+            for reg in rec["regions"]:
+                x1, y1, x2, y2 = reg["box"]
+                reg["box"] = [w - x2, y1, w - x1, y2]
+            rec["path"] = str(q)
+            fh.write(orjson.dumps(rec) + b"\n")
+    r = run_cli("embed", ref_jl, "--dtype", "float32", "-o", tmp_path / "ref.npz", "--threads", "2")
+    assert r.returncode == 0, r.stderr.decode()
+    a, b = np.load(tmp_path / "f.npz"), np.load(tmp_path / "ref.npz")
+    assert json.loads(str(a["meta"]))["flip"] is True and "flip" not in json.loads(str(b["meta"]))
+    assert a["keys"].tolist() == b["keys"].tolist() == ["im0.png", "im1.png"]
+    assert a["boxes"].tolist() == b["boxes"].tolist() and a["boxes"][1].tolist() == [200 - 120, 20, 200 - 30, 80]
+    assert np.allclose(a["feats"], b["feats"], atol=1e-3)
+    plain = run_cli("embed", jl, "--dtype", "float32", "-o", tmp_path / "p.npz", "--threads", "2")
+    assert plain.returncode == 0
+    assert not np.allclose(np.load(tmp_path / "p.npz")["feats"][2], a["feats"][2], atol=1e-2)  # another crop

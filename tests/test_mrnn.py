@@ -401,3 +401,68 @@ def test_a_box_generator_reads_its_cells_beyond_max_regions_and_trains_with_box_
         T.check(*T.configs(box_dropout=1.5))
     with pytest.raises(Exception, match="box_dropout .* needs a region generator"):  # no cells: nothing to do
         T.train_on(*cfg, load_dataset(ds_path), feat_path, tmp_path / "w.pt", log=lambda *_: None)
+
+
+def _mirrored_copy(feat_path, out, meta=None, drop=0):
+    """A copy of a tiny features file that calls itself mirrored (``vsa embed --flip``), its vectors negated."""
+    a = dict(np.load(feat_path))
+    m = json.loads(str(a["meta"]))
+    m.update(meta if meta is not None else {"flip": True})
+    a["meta"] = np.array(json.dumps(m))
+    a["feats"] = -a["feats"]
+    if drop:
+        a["keys"], a["offsets"], a["feats"] = a["keys"][drop:], a["offsets"][drop:] - drop, a["feats"][drop:]
+    np.savez(out, **a)
+    return out
+
+
+def test_flip_features_are_read_by_training_images_with_probability_flip(tmp_path):
+    ds, store, vocab, tr, va = _splits(tmp_path)
+    tr.flipped = -tr.feats
+    rng = np.random.RandomState(0)
+    idx = torch.arange(len(tr.feats))
+    assert T.flips(va, 5, 0.5, rng) is None and T.flips(tr, 5, 0.0, rng) is None  # no draw: old runs unchanged
+    flip = T.flips(tr, len(idx), 1.0, rng)
+    assert bool(flip.all()) and torch.equal(T._sub(tr, idx, flip=flip)[0], -tr.feats)
+    flip = torch.tensor([i % 2 == 0 for i in range(len(idx))])
+    f = T._sub(tr, idx, flip=flip)[0]
+    assert torch.equal(f[0], -tr.feats[0]) and torch.equal(f[1], tr.feats[1])
+    share = T.flips(tr, 4000, 0.3, rng).float().mean().item()
+    assert 0.27 < share < 0.33
+    # train_on reads --flip-features into the training split only, and records it
+    ds_path, feat_path = tmp_path / "dataset_tiny.json", tmp_path / "whole.npz"
+    flipped = _mirrored_copy(feat_path, tmp_path / "flip.npz")
+    cfg = T.configs(rnn="lstm", embed=8, hidden=8, epochs=1, scst_epochs=1, batch_size=10, seed=0, flip=0.5)
+    seen = {}
+    real = T.train
+
+    def spy(mcfg, tcfg, dcfg, train_sp, val_sp, *a, **k):
+        seen.update(train=train_sp, val=val_sp)
+        return real(mcfg, tcfg, dcfg, train_sp, val_sp, *a, **k)
+
+    read = []
+    real_sub = T._sub
+
+    def sub(sp, idx, dev=None, flip=None):  # which mirrored rows the epochs read
+        read.append(0 if flip is None else int(flip.sum()))
+        return real_sub(sp, idx, dev, flip)
+
+    T.train, T._sub, out = spy, sub, tmp_path / "g.pt"
+    try:
+        T.train_on(*cfg, load_dataset(ds_path), feat_path, out, log=lambda *_: None, choose_decoding=False,
+                   flip_features=flipped)
+    finally:
+        T.train, T._sub = real, real_sub
+    assert torch.equal(seen["train"].flipped, -seen["train"].feats) and seen["val"].flipped is None
+    assert 0 < sum(read) < len(tr.feats) * 2  # the XE and the SCST epoch each read about half of 12 mirrored
+    ck = load_checkpoint(out)
+    assert ck["train"]["flip"] == 0.5 and ck["meta"]["flip_features"].endswith("flip.npz")
+    # refused: not mirrored, made differently, or missing images
+    for bad, msg in ((_mirrored_copy(feat_path, tmp_path / "b1.npz", meta={}), "not mirrored"),
+                     (_mirrored_copy(feat_path, tmp_path / "b2.npz", meta={"flip": True, "input": 260}),
+                      "made differently .*input"),
+                     (_mirrored_copy(feat_path, tmp_path / "b3.npz", drop=1), "have no mirrored features")):
+        with pytest.raises(Exception, match=msg):
+            T.train_on(*cfg, load_dataset(ds_path), feat_path, tmp_path / "x.pt", log=lambda *_: None, flip_features=bad)
+    with pytest.raises(Exception, match="flip must be"):
+        T.check(*T.configs(flip=2.0))

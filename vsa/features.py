@@ -22,7 +22,7 @@ import numpy as np
 from vsa.cnn import Extractor, load_extractor  # noqa: F401  (re-exported: `from vsa.features import load_extractor`)
 from vsa.errors import VsaError
 from vsa.runtime import parse_shard, shard_of  # noqa: F401  (shard_of re-exported)
-from vsa.featurise import CropSpec, check_fmap, forward, prepare, region_list, uses_detector
+from vsa.featurise import CropSpec, check_fmap, forward, mirror, prepare, region_list, uses_detector
 
 # ----------------------------------------------------------------------------- embed pipeline
 
@@ -99,11 +99,12 @@ def output_key(items: list[EmbedItem], crop: str) -> str:
 class _CropDataset:
     """Decodes an image and prepares its CNN inputs (:func:`vsa.featurise.prepare`; runs in DataLoader workers)."""
 
-    def __init__(self, items, prep, spec: CropSpec, max_pixels: int | None):
+    def __init__(self, items, prep, spec: CropSpec, max_pixels: int | None, flip: bool = False):
         self.items = items
         self.prep = prep
         self.spec = spec
         self.max_pixels = max_pixels
+        self.flip = flip
 
     def __len__(self):
         return len(self.items)
@@ -114,7 +115,10 @@ class _CropDataset:
         it = self.items[i]
         try:
             im = open_image(it.path, self.max_pixels)
-            regs = region_list(im.size, it.regions, self.spec)
+            given = it.regions
+            if self.flip:
+                im, given = mirror(im, given)
+            regs = region_list(im.size, given, self.spec)
             return {"index": i, **prepare(self.prep, im, regs, self.spec), "regions": regs, "size": im.size}
         except ImageError as e:
             return {"index": i, "error": str(e)}
@@ -211,8 +215,11 @@ def _load_done(parts_dir: Path, out: Path, settings: dict, warn=None) -> tuple[l
 def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 16, workers: int = 1,
           context: float = 0.0, crop: str = "warp", dtype: str = "float16", resume: bool = True, part_every: int = 500,
           skip_bad: bool = False, max_pixels: int | None = None, warn=None, progress=None, extra_meta: dict | None = None,
-          grid: int = 7, cells: int = 0) -> dict:
+          grid: int = 7, cells: int = 0, flip: bool = False) -> dict:
     """Compute features of every item and write one NPZ at ``out`` (atomically).
+
+    ``flip``: the features of each image mirrored left to right (its boxes mirrored with it; the keys stay the
+    image's): the training-time augmentation of a generator (``vsa train-mrnn --flip-features``).
 
     ``workers`` > 0 decodes in that many DataLoader worker processes (overlapping the forward: the choice for
     an accelerator); ``workers`` = 0 decodes in this process, in ``torch.get_num_threads()`` threads taking
@@ -240,6 +247,8 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
     meta.update({"crop": crop, "context": float(context), "dtype": np_dtype.name})
     if spec.cells:
         meta["cells"] = spec.cells
+    if flip:
+        meta["flip"] = True
     check_fmap(extractor, spec)
     if crop == "grid":
         if any(it.regions for it in items):
@@ -262,7 +271,7 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
     todo = [it for it in items if it.key not in done]
     stats = {"images": len(items), "skipped_done": len(items) - len(todo), "bad": 0, "regions": 0}
 
-    ds = _CropDataset(todo, extractor.prep, spec, max_pixels)
+    ds = _CropDataset(todo, extractor.prep, spec, max_pixels, flip)
     if workers > 0 and len(todo) > 1:
         loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                              prefetch_factor=4, worker_init_fn=_worker_init)

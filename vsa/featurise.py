@@ -77,6 +77,18 @@ def grid_boxes(w: float, h: float, g: int, label: str = "grid") -> list[dict]:
             for r in range(g) for c in range(g)]
 
 
+def mirror(im, regions: list[dict] | None = None):
+    """``im`` (PIL) mirrored left to right, and ``regions`` with it (each box's x1, x2 -> w - x2, w - x1; the
+    other fields kept): the inputs of ``vsa embed --flip``."""
+    from PIL import Image
+
+    w = im.size[0]
+    if regions is not None:
+        regions = [{**r, "box": [w - r["box"][2], r["box"][1], w - r["box"][0], r["box"][3]]} if "box" in r else r
+                   for r in regions]
+    return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), regions
+
+
 def region_list(size: tuple[int, int], regions: list[dict] | None, spec: CropSpec) -> list[dict]:
     """The regions an image of ``size`` (w, h) is featurised on: with ``crop`` grid the whole image then its grid
     cells; otherwise ``regions`` as given (whole image first, as ``vsa regions`` writes them), or the whole

@@ -65,6 +65,7 @@ class CaptionSplit:
     refs: list[list[str]]  # reference sentences (raw text) per item
     ref_tokens: list[list[list[str]]]  # tokenised references per item
     items: list  # ImageRecord per item (or (key, region) pairs for region training)
+    flipped: torch.Tensor | None = None  # the items' mirrored features (`vsa embed --flip`), feats' shape; training only
 
 
 def stack_regions(store, keys: list[str], max_regions: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,6 +60,9 @@ class MRNNTrainConfig:
     # dropped with this probability (the whole image and its cells kept), so the model also captions photos
     # without a detector, on the whole image and its cells alone
     box_dropout: float = 0.0
+    # with mirrored training features (`vsa train-mrnn --flip-features`, made by `vsa embed --flip`): the chance that
+    # a training image reads its mirrored features in a batch (cross-entropy and SCST; val never)
+    flip: float = 0.5
 
 
 def configs(**fields) -> tuple[MRNNConfig, MRNNTrainConfig, DecodingConfig]:
@@ -79,6 +82,8 @@ def check(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig) -> None
         raise VsaError(f"--rnn must be one of {', '.join(RNNS)}, got {mcfg.rnn!r}")
     if tcfg.batch_size < 1 or tcfg.scst_samples < 1 or dcfg.beam < 1 or dcfg.max_len < 1:
         raise VsaError("batch_size, scst_samples, beam and max_len must be >= 1")
+    if not 0.0 <= tcfg.flip <= 1.0:
+        raise VsaError(f"flip must be in [0, 1], got {tcfg.flip}")
     if not 0.0 <= tcfg.box_dropout <= 1.0:
         raise VsaError(f"box_dropout must be in [0, 1], got {tcfg.box_dropout}")
 
@@ -100,12 +105,23 @@ def batch_tensors(sents: list[tuple[int, list[int]]]):
     return idx, inp, tgt
 
 
-def _sub(sp: CaptionSplit, idx: torch.Tensor, dev=None):
+def _sub(sp: CaptionSplit, idx: torch.Tensor, dev=None, flip: torch.Tensor | None = None):
+    """Features and mask of the items ``idx``; ``flip`` (bool per item) reads those items' mirrored features."""
     f = sp.feats.index_select(0, idx)
+    if flip is not None and bool(flip.any()):
+        f = torch.where(flip.view(-1, *([1] * (f.dim() - 1))), sp.flipped.index_select(0, idx), f)
     m = sp.mask.index_select(0, idx) if sp.mask is not None else None
     if dev is not None:
         f, m = f.to(dev), (m.to(dev) if m is not None else None)
     return f, m
+
+
+def flips(sp: CaptionSplit, n: int, p: float, rng) -> torch.Tensor | None:
+    """Which of ``n`` training items read their mirrored features (each with probability ``p``; ``rng`` a numpy
+    RandomState, drawn from only when ``sp`` has mirrored features, so runs without them are unchanged)."""
+    if sp.flipped is None or p <= 0:
+        return None
+    return torch.from_numpy(rng.random_sample(n) < p)
 
 
 def drop_boxes(mask: torch.Tensor | None, cells: int, p: float, rng) -> torch.Tensor | None:
@@ -340,10 +356,12 @@ def train(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, train_s
 
 
 def train_on(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, ds, features, out, alignments=None,
-             warn=None, skip_missing: bool = False, **kw) -> dict:
+             warn=None, skip_missing: bool = False, flip_features=None, **kw) -> dict:
     """:func:`train` on the train/val images of ``ds`` with the features file ``features`` (whole image, or
     regions/grid cells for an attention model); with ``alignments`` (a ``vsa align`` JSONL) on (region,
-    snippet) pairs instead, for region captions. ``kw`` goes to :func:`train`."""
+    snippet) pairs instead, for region captions. ``flip_features``: the same features of the mirrored images
+    (``vsa embed --flip`` with the same settings), read by a training image with probability ``tcfg.flip``.
+    ``kw`` goes to :func:`train`."""
     from pathlib import Path
 
     from vsa.data import build_vocab
@@ -359,6 +377,8 @@ def train_on(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, ds, 
     if tcfg.box_dropout and alignments is None and not mcfg.cells:
         raise VsaError("box_dropout drops detector boxes and keeps the image cells: it needs a region generator on "
                        "features with both (`vsa embed REGIONS --cells G`)", features)
+    if flip_features is not None and alignments is not None:
+        raise VsaError("--flip-features is for image captioning, not for region (snippet) training", flip_features)
     vocab = build_vocab(ds, tcfg.min_count)
     if alignments is not None:
         from vsa.io import read_jsonl
@@ -369,12 +389,41 @@ def train_on(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, ds, 
         regions = uses_regions(mcfg)
         tr, va = (caption_split(ds, store, s, vocab, tcfg.max_len, regions=regions, max_regions=region_rows(mcfg),
                                 skip_missing=skip_missing, warn=warn) for s in ("train", "val"))
+        if flip_features is not None:
+            tr.flipped = mirrored_features(store, FeatureStore(flip_features), tr, regions, region_rows(mcfg),
+                                           flip_features)
     log = kw.get("log", print)
     log(f"train-mrnn: {len(tr.sents)} train sentences ({len(tr.feats)} items), {len(va.feats)} val items, "
         f"vocabulary {len(vocab)}, {mcfg.rnn}{' + attention' if mcfg.attention else ''} -> {out}")
     meta = {"features": str(Path(features).resolve()), "dataset": ds.name,
             "mode": "regions" if alignments is not None else "image"}
+    if flip_features is not None:
+        meta["flip_features"] = str(Path(flip_features).resolve())
     return train(mcfg, tcfg, dcfg, tr, va, vocab, out, dict(store.meta), extra_meta=meta, **kw)
+
+
+def mirrored_features(store, flipped, sp: CaptionSplit, regions: bool, max_regions: int, path) -> torch.Tensor:
+    """The mirrored features (``flipped``, a FeatureStore made by ``vsa embed --flip``) of ``sp``'s images, laid out
+    as ``sp.feats``; a one-line error unless they are the same features of the same images, mirrored."""
+    from vsa.featstore import pad_regions
+
+    if not flipped.meta.get("flip"):
+        raise VsaError("not mirrored features: make them with `vsa embed ... --flip` (same settings as --features)",
+                       path)
+    same = ("extractor", "input", "crop", "context", "grid", "cells", "detector")
+    diff = [k for k in same if store.meta.get(k) != flipped.meta.get(k)]
+    if diff:
+        raise VsaError(f"mirrored features made differently from --features ({', '.join(diff)} differ)", path)
+    keys = [r.key for r in sp.items]
+    missing = [k for k in keys if k not in flipped]
+    if missing:
+        raise VsaError(f"{len(missing)} training images have no mirrored features (first: {missing[0]})", path)
+    if regions:
+        feats, mask = pad_regions(flipped, keys, max_regions)
+        if feats.shape != sp.feats.shape or not torch.equal(mask, sp.mask):
+            raise VsaError("mirrored features have other regions than --features (same regions JSONL?)", path)
+        return feats
+    return torch.from_numpy(np.stack([flipped.whole(k) for k in keys]))
 
 
 def parse_overrides(cfgs, items: list[str]):
@@ -445,7 +494,7 @@ def _xe_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, dd
         mine = batch[share(len(batch), env)]
         idx, inp, tgt = batch_tensors(mine)
         items, rows = torch.unique(idx, return_inverse=True)  # each image featurised once
-        f, m = _sub(sp, items, dev)
+        f, m = _sub(sp, items, dev, flips(sp, len(items), cfg.flip, rng))
         m = drop_boxes(m, getattr(model.cfg, "cells", 0), cfg.box_dropout, rng)
         tgt = tgt.to(dev)
         sel = tgt != 0
@@ -532,7 +581,7 @@ def _scst_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, 
         if len(glob) < env.world:
             continue
         idx = glob[share(len(glob), env)]
-        f, m = _sub(sp, idx, dev)
+        f, m = _sub(sp, idx, dev, flips(sp, len(idx), cfg.flip, rng))
         m = drop_boxes(m, getattr(model.cfg, "cells", 0), cfg.box_dropout, rng)
         with autocast(dev, cfg.bf16):
             seqs = sample(model, f, m, n, max_len)

@@ -22,6 +22,7 @@ def embed(
     crop: str = typer.Option("warp", "--crop", help="warp: each box cropped and warped to 224 (paper, R-CNN style, one CNN pass per region); roi: RoIAlign on the whole image's feature map (one pass per image, ~Nx faster, coarser); grid: the whole image then the cells of its last feature map (--grid; for attention captioning, no detector)."),
     grid: int = typer.Option(7, "--grid", help="Cells per side with --crop grid (7 = the native 7x7 map at 224 px)."),
     cells: int = typer.Option(0, "--cells", help="With --crop warp/roi: add the G x G cells of the image after the boxes (label 'cell': context the aligner scores, never a grounded box; warp pools them from the whole image's feature map). 0 = none."),
+    flip: bool = typer.Option(False, "--flip", help="Features of the images mirrored left to right (boxes mirrored with them; keys unchanged): training-time augmentation for `vsa train-mrnn --flip-features`."),
     context: float = typer.Option(0.0, "--context", help="Pad each box by this fraction of its size per side before warping."),
     dtype: str = typer.Option("float16", "--dtype", help="float16 or float32 features."),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: process a deterministic 1/N of the inputs (1-based K)."),
@@ -72,7 +73,7 @@ def embed(
     try:
         with progress() as prog:
             st = run_embed(items, out_path, ex, batch_size=batch_size, workers=workers, context=context, crop=crop, dtype=dtype,
-                           resume=not no_resume, part_every=part_every, skip_bad=skip_bad, max_pixels=W.max_pixels(max_pixels), warn=warn, progress=prog, grid=grid, cells=cells,
+                           resume=not no_resume, part_every=part_every, skip_bad=skip_bad, max_pixels=W.max_pixels(max_pixels), warn=warn, progress=prog, grid=grid, cells=cells, flip=flip,
                            extra_meta=meta)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (vsa.cli.common.guarded): exit 130
         raise Interrupted(f"interrupted: finished work is kept in {out_path}.parts; rerun the same command to resume") from None

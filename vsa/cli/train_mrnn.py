@@ -19,6 +19,7 @@ MRNN_CONFIGS = ("vsa.mrnn:MRNNConfig", "vsa.train_mrnn:MRNNTrainConfig", "vsa.de
 def train_mrnn(
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Caption dataset (default: [dataset] path in vsa.toml)."),
     features: Optional[Path] = typer.Option(None, "--features", "-f", help="Features NPZ (default: [features] whole, or [features] regions with --attention/--alignments)."),
+    flip_features: Optional[Path] = typer.Option(None, "--flip-features", help="The same features of the mirrored images (`vsa embed ... --flip`): each training image reads them with probability flip (--set flip=P, default 0.5)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Best-on-val checkpoint (default: [mrnn] model). The latest epoch goes to <stem>.last.pt."),
     alignments: Optional[Path] = typer.Option(None, "--alignments", help="Snippet alignments JSONL (`vsa align`): train on (region feature, snippet) pairs for region descriptions."),
     rnn: Optional[str] = typer.Option(None, "--rnn", help="updown (top-down attention over regions/grid, the default), lstm, or rnn (the paper's multimodal RNN)."),
@@ -68,7 +69,7 @@ def train_mrnn(
         summary = train_on(mcfg, tcfg, dcfg, ds, feats_path, out, alignments=alignments, resume=resume,
                            overrides=[f"{k}={v}" for k, v in given.items()] + list(set_ or []) if resume else None,
                            log=info, warn=warn, choose_decoding=not no_beam_search, device=device,
-                           skip_missing=skip_missing, progress=prog)
+                           skip_missing=skip_missing, progress=prog, flip_features=flip_features)
     if summary.get("rank", 0) != 0:  # torchrun: rank 0 reports
         return
     info(f"best val CIDEr {summary['best'].get('CIDEr')} at epoch {summary['best'].get('epoch')}, "
