@@ -214,6 +214,9 @@ def test_merge_refuses_other_settings(tmp_path, ex):
     embed([EmbedItem(paths[1].name, str(paths[1]), None)], tmp_path / "b.npz", ex, workers=0, dtype="float32")
     with pytest.raises(VsaError, match="b.npz"):
         merge_npz([tmp_path / "a.npz", tmp_path / "b.npz"], tmp_path / "m.npz")
+    embed([EmbedItem(paths[1].name, str(paths[1]), None)], tmp_path / "c.npz", ex, workers=0, flip=True)
+    with pytest.raises(VsaError, match="c.npz"):  # mirrored images are other features
+        merge_npz([tmp_path / "a.npz", tmp_path / "c.npz"], tmp_path / "m.npz")
 
 
 def test_duplicate_keys_refused(tmp_path, ex):

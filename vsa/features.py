@@ -183,7 +183,7 @@ def merge_npz(inputs: list, out, meta: dict | None = None) -> int:
 
 def _settings(meta: dict) -> dict:
     """The part of a features ``meta`` that must agree for two files to be merged or resumed."""
-    return {k: meta.get(k) for k in ("extractor", "dim", "input", "resize", "mean", "std", "crop", "context", "dtype", "grid", "cells")}
+    return {k: meta.get(k) for k in ("extractor", "dim", "input", "resize", "mean", "std", "crop", "context", "dtype", "grid", "cells", "flip")}
 
 
 def _load_done(parts_dir: Path, out: Path, settings: dict, warn=None) -> tuple[list[Path], set[str]]:
@@ -414,7 +414,7 @@ def features_for_eval(model_path, ds, split: str, workdir, features=None, detect
         raise VsaError(f"no {what} features to evaluate {model_path} on: pass --features NPZ (from `vsa embed`) "
                        "or --images DIR to compute them from the images")
     recs = ds.split(split)
-    settings = {k: meta.get(k) for k in ("extractor", "input", "resize", "mean", "std", "crop", "context", "dtype", "grid", "cells")}
+    settings = {k: meta.get(k) for k in ("extractor", "input", "resize", "mean", "std", "crop", "context", "dtype", "grid", "cells", "flip")}
     key = json.dumps([settings, uses_detector(meta), str(detector)], sort_keys=True)
     if cache is not None and key in cache:
         return cache[key]
