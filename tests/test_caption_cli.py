@@ -107,6 +107,28 @@ def test_train_mrnn_then_eval_generation(tmp_path):
     assert r.returncode == 2 and "nope.npz" in r.stderr.decode()
 
 
+def test_train_mrnn_reads_the_workspaces_mirrored_grid_when_it_exists(tmp_path):
+    from tests.test_mrnn import _mirrored_copy
+    from vsa.checkpoint import load_checkpoint
+
+    ds, feats = tiny_dataset(tmp_path, n_train=10, n_val=4, n_test=4)
+    (tmp_path / "vsa.toml").write_text(f'[dataset]\npath = "{ds.name}"\nmin_count = 1\n[features]\ngrid = "{feats.name}"\n'
+                                       'grid_flip = "flip.npz"\n[mrnn]\nmodel = "m.pt"\n')
+    args = ("train-mrnn", "--epochs", "1", "--scst-epochs", "0", "--hidden", "16", "--embed", "16", "--threads", "1",
+            "--no-beam-search")
+    r = run_cli(*args, cwd=tmp_path)  # not made yet: trains without, says nothing of it
+    assert r.returncode == 0, r.stderr.decode()
+    assert "mirrored" not in r.stderr.decode() and "flip_features" not in load_checkpoint(tmp_path / "m.pt")["meta"]
+    _mirrored_copy(feats, tmp_path / "flip.npz")
+    r = run_cli(*args, "--set", "flip=0.25", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    assert "mirrored features" in r.stderr.decode() and "flip=0.25" in r.stderr.decode()
+    ck = load_checkpoint(tmp_path / "m.pt")
+    assert ck["meta"]["flip_features"] == str((tmp_path / "flip.npz").resolve()) and ck["train"]["flip"] == 0.25
+    r = run_cli(*args, "--features", feats, cwd=tmp_path)  # features named on the command line: mirrored ones too
+    assert r.returncode == 0 and "flip_features" not in load_checkpoint(tmp_path / "m.pt")["meta"]
+
+
 def test_sigterm_keeps_the_last_good_checkpoints(tmp_path):
     import os
     import signal

@@ -492,3 +492,14 @@ def test_flip_embeds_the_mirrored_image_and_mirrors_its_boxes(ex, tmp_path):
     plain = run_cli("embed", jl, "--dtype", "float32", "-o", tmp_path / "p.npz", "--threads", "2")
     assert plain.returncode == 0
     assert not np.allclose(np.load(tmp_path / "p.npz")["feats"][2], a["feats"][2], atol=1e-2)  # another crop
+
+
+def test_flip_output_defaults_to_the_workspaces_mirrored_grid(tmp_path):
+    _images(tmp_path / "imgs", 2)
+    (tmp_path / "vsa.toml").write_text('[features]\ngrid = "g.npz"\ngrid_flip = "gf.npz"\n')
+    r = run_cli("embed", "imgs", "--crop", "grid", "--flip", "--threads", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    assert (tmp_path / "gf.npz").exists() and not (tmp_path / "g.npz").exists()
+    assert json.loads(str(np.load(tmp_path / "gf.npz")["meta"]))["flip"] is True
+    r = run_cli("embed", "imgs", "--flip", cwd=tmp_path)  # whole images mirrored: no default place
+    assert r.returncode == 2 and "--flip without --crop grid has no default output" in r.stderr.decode()

@@ -88,11 +88,14 @@ def collect_items(inputs: list[str], shard: str | None = None, skip_bad: bool = 
     return shard_of(items, shard), meta
 
 
-def output_key(items: list[EmbedItem], crop: str) -> str:
+def output_key(items: list[EmbedItem], crop: str, flip: bool = False) -> str | None:
     """The vsa.toml key naming where ``vsa embed`` writes these items' features by default: the grid cells
-    with ``crop="grid"``, else the whole images when no item has regions, else the detector regions."""
+    with ``crop="grid"`` (mirrored: ``features.grid_flip``), else the whole images when no item has regions, else
+    the detector regions; None for other mirrored features (no default place: ``--out`` names it)."""
     if crop == "grid":
-        return "features.grid"
+        return "features.grid_flip" if flip else "features.grid"
+    if flip:
+        return None
     return "features.whole" if all(it.regions is None for it in items) else "features.regions"
 
 

@@ -22,6 +22,7 @@ Layout (every key optional; see ``vsa init``)::
     regions = "work/feats.npz"       # whole image + top-19 boxes per image
     whole = "work/whole.npz"         # whole image only
     grid = "work/grid.npz"           # whole image + 7x7 feature-map cells (vsa embed --crop grid; captioning)
+    grid_flip = "work/grid-flip.npz" # the same of the mirrored images (vsa embed --crop grid --flip; training)
 
     [align]
     model = "work/align.pt"
@@ -61,6 +62,7 @@ PATH_KEYS = {
     "features.regions",
     "features.whole",
     "features.grid",
+    "features.grid_flip",
     "features.cnn_weights",
     "align.model",
     "align.alignments",
@@ -74,6 +76,7 @@ DEFAULT_OUTPUTS = {
     "features.regions": "feats.npz",
     "features.whole": "whole.npz",
     "features.grid": "grid.npz",
+    "features.grid_flip": "grid-flip.npz",
     "align.model": "align.pt",
     "align.alignments": "alignments.jsonl",
     "mrnn.model": "mrnn.pt",
@@ -103,6 +106,7 @@ cnn = "efficientnet-lite0"
 regions = {feats}
 whole = {whole}
 grid = {grid}               # vsa embed IMAGES --crop grid: what the caption generator attends over
+grid_flip = {grid_flip}     # vsa embed IMAGES --crop grid --flip: mirrored copies train-mrnn also learns from
 
 [align]
 model = {align}
@@ -230,7 +234,8 @@ def write_template(path: Path, dataset: str, images: str, detector: str, out: st
     q = toml_string
     text = TEMPLATE.format(dataset=q(dataset), images=q(images), detector=q(detector), out=q(out),
                            regions_out=q(f"{out}/regions.jsonl"), feats=q(f"{out}/feats.npz"),
-                           whole=q(f"{out}/whole.npz"), grid=q(f"{out}/grid.npz"), align=q(f"{out}/align.pt"),
+                           whole=q(f"{out}/whole.npz"), grid=q(f"{out}/grid.npz"),
+                           grid_flip=q(f"{out}/grid-flip.npz"), align=q(f"{out}/align.pt"),
                            alignments=q(f"{out}/alignments.jsonl"), mrnn=q(f"{out}/mrnn.pt"))
     with atomic_write(path, "w") as fh:
         fh.write(text)

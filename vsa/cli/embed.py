@@ -55,7 +55,10 @@ def embed(
             inputs = [str(resolve(None, "regions.out", "INPUTS... (regions JSONL or images, or pipe them on stdin)"))]
 
     items, meta = collect_items(inputs, shard, skip_bad=skip_bad, warn=warn)
-    out_path = resolve(out, output_key(items, crop), "--out/-o")
+    key = output_key(items, crop, flip)
+    if key is None and out is None:
+        raise VsaError("--flip without --crop grid has no default output: pass --out/-o")
+    out_path = resolve(out, key, "--out/-o")
     cnn_weights = resolve(cnn_weights, "features.cnn_weights", "--cnn-weights", required=False)
     if dtype not in ("float16", "float32"):
         raise VsaError(f"--dtype must be float16 or float32, got {dtype!r}")

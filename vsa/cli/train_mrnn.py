@@ -19,7 +19,7 @@ MRNN_CONFIGS = ("vsa.mrnn:MRNNConfig", "vsa.train_mrnn:MRNNTrainConfig", "vsa.de
 def train_mrnn(
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Caption dataset (default: [dataset] path in vsa.toml)."),
     features: Optional[Path] = typer.Option(None, "--features", "-f", help="Features NPZ (default: [features] whole, or [features] regions with --attention/--alignments)."),
-    flip_features: Optional[Path] = typer.Option(None, "--flip-features", help="The same features of the mirrored images (`vsa embed ... --flip`): each training image reads them with probability flip (--set flip=P, default 0.5)."),
+    flip_features: Optional[Path] = typer.Option(None, "--flip-features", help="The same features of the mirrored images (`vsa embed ... --flip`): each training image reads them with probability flip (--set flip=P). Default (when --features is not given either): [features] grid_flip of vsa.toml for a grid generator, when that file exists."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Best-on-val checkpoint (default: [mrnn] model). The latest epoch goes to <stem>.last.pt."),
     alignments: Optional[Path] = typer.Option(None, "--alignments", help="Snippet alignments JSONL (`vsa align`): train on (region feature, snippet) pairs for region descriptions."),
     rnn: Optional[str] = typer.Option(None, "--rnn", help="updown (top-down attention over regions/grid, the default), lstm, or rnn (the paper's multimodal RNN)."),
@@ -63,6 +63,12 @@ def train_mrnn(
     parse_overrides((mcfg, tcfg, dcfg), set_ or [])  # type-checked; an unknown key is a one-line error
     key = "features.regions" if alignments is not None else features_key(mcfg)
     feats_path = resolve(features, key, "--features")
+    if flip_features is None and features is None and key == "features.grid" and alignments is None:
+        # the mirrored grid the workspace names ([features] grid_flip), when it has been made: the shipped recipe
+        found = resolve(None, "features.grid_flip", "--flip-features", required=False)
+        if found is not None and Path(found).exists():
+            flip_features = Path(found)
+            info(f"train-mrnn: mirrored features {found} ([features] grid_flip; flip={tcfg.flip})")
     out = Path(resolve(out, "mrnn.model", "--out"))
     ds = open_dataset(dataset, None)
     with progress(transient=True) as prog:
