@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/pipeline.py --quick    # a 500-image subset (375 train / 62 val / 63 test)
 
 Runs the README's commands with a `vsa.toml` made by `vsa init` in a temporary folder (`--workdir` keeps
-it): regions, embed (regions (warp crops, the paper's), whole images, grid), train-align (the shipped aligner's recipe), align
+it): regions, embed (regions (warp crops, the paper's), whole images, grid, the grid of the mirrored images), train-align (the shipped aligner's recipe), align
 (the train split's snippets), train-mrnn (the shipped generator's recipe), eval of both on test. Each stage
 is a real `vsa` process; the table gives its wall time, items per second, peak memory (resident set of the
 process and its children, sampled every 0.2 s) and, at the end, the test figures. A benchmark prints, it
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="keep the workspace here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
     ap.add_argument("--only", default="", help="comma-separated stage ids to run (in a kept --workdir whose earlier "
-                    "stages ran): regions, embed-regions, embed-whole, embed-grid, train-align, align, train-mrnn, "
+                    "stages ran): regions, embed-regions, embed-whole, embed-grid, embed-grid-flip, train-align, align, train-mrnn, "
                     "eval-align, eval-mrnn")
     args = ap.parse_args()
 
@@ -124,6 +124,8 @@ def main() -> None:
          n_img, "images"),
         ("embed-whole", "embed whole images", ["embed", "-o", "work/whole.npz", *threads], "images.txt", n_img, "images"),
         ("embed-grid", "embed grid (7x7 + whole)", ["embed", "--crop", "grid", *threads], "images.txt", n_img, "images"),
+        ("embed-grid-flip", "embed grid, mirrored images", ["embed", "--crop", "grid", "--flip", *threads], "images.txt", n_img,
+         "images"),
         ("train-align", "train-align (shipped recipe, GloVe)", ["train-align", "--epochs", "10", "--set", "lr_decay_epoch=8",
                                                                 "--glove", "kumo", *threads], None, n_train_sent, "sentences"),
         ("align", "align (train snippets)", ["align", "--split", "train", "-o", "work/alignments.jsonl", *threads], None,
