@@ -22,6 +22,17 @@ REQUIRED = ("feats", "offsets", "keys")
 INDEX = ("emb", "emb_offsets")  # the search index's extra arrays (with ``paths``)
 
 
+SETTINGS = ("extractor", "dim", "input", "resize", "mean", "std", "crop", "context", "dtype", "grid", "cells", "flip")
+
+
+def feature_settings(meta: dict, **override) -> dict:
+    """The part of a features ``meta`` that must agree for two files to be merged or resumed
+    (``override`` replaces entries: ``flip=True`` is what the mirrored twin of a file must have)."""
+    out = {k: meta.get(k) for k in SETTINGS}
+    out.update(override)
+    return out
+
+
 # ----------------------------------------------------------------------------- writing
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from vsa.cnn import Extractor, load_extractor  # noqa: F401  (re-exported: `from vsa.features import load_extractor`)
 from vsa.errors import VsaError
 from vsa.runtime import parse_shard, shard_of  # noqa: F401  (shard_of re-exported)
+from vsa.featstore import feature_settings
 from vsa.featurise import CropSpec, check_fmap, forward, mirror, prepare, region_list, uses_detector
 
 # ----------------------------------------------------------------------------- embed pipeline
@@ -173,20 +174,15 @@ def merge_npz(inputs: list, out, meta: dict | None = None) -> int:
     if meta is None:
         meta = dict(metas[0]) if metas else {}
         for m, p in zip(metas[1:], inputs[1:]):
-            if _settings(m) != _settings(meta):
+            if feature_settings(m) != feature_settings(meta):
                 raise VsaError(f"made with other extractor settings than {inputs[0]} "
-                               f"({_settings(m)} vs {_settings(meta)}); cannot merge", p)
+                               f"({feature_settings(m)} vs {feature_settings(meta)}); cannot merge", p)
         meta.pop("shard", None)
         dets = sorted({str(m.get("detector")) for m in metas if m.get("detector")})
         if dets:
             meta["detector"] = ",".join(dets)
     save_features(out, rows, dtype or np.float16, meta)
     return len(rows)
-
-
-def _settings(meta: dict) -> dict:
-    """The part of a features ``meta`` that must agree for two files to be merged or resumed."""
-    return {k: meta.get(k) for k in ("extractor", "dim", "input", "resize", "mean", "std", "crop", "context", "dtype", "grid", "cells", "flip")}
 
 
 def _load_done(parts_dir: Path, out: Path, settings: dict, warn=None) -> tuple[list[Path], set[str]]:
@@ -205,10 +201,10 @@ def _load_done(parts_dir: Path, out: Path, settings: dict, warn=None) -> tuple[l
                 warn(f"ignoring unreadable earlier output {p}")
             continue
         m = st.meta
-        if _settings(m) != settings:
+        if feature_settings(m) != settings:
             if p == out:
                 continue  # a different extractor/crop: recompute everything
-            raise VsaError(f"parts of an earlier run were made with other settings ({_settings(m)}); "
+            raise VsaError(f"parts of an earlier run were made with other settings ({feature_settings(m)}); "
                            "rerun with --no-resume or delete the folder", parts_dir)
         sources.append(p)
         done.update(st.keys)
@@ -262,7 +258,7 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
     from vsa import __version__
 
     meta["vsa"] = __version__
-    settings = _settings(meta)
+    settings = feature_settings(meta)
     if resume:
         sources, done = _load_done(parts_dir, out, settings, warn)
     else:
@@ -417,8 +413,7 @@ def features_for_eval(model_path, ds, split: str, workdir, features=None, detect
         raise VsaError(f"no {what} features to evaluate {model_path} on: pass --features NPZ (from `vsa embed`) "
                        "or --images DIR to compute them from the images")
     recs = ds.split(split)
-    settings = {k: meta.get(k) for k in ("extractor", "input", "resize", "mean", "std", "crop", "context", "dtype", "grid", "cells", "flip")}
-    key = json.dumps([settings, uses_detector(meta), str(detector)], sort_keys=True)
+    key = json.dumps([feature_settings(meta), uses_detector(meta), str(detector)], sort_keys=True)
     if cache is not None and key in cache:
         return cache[key]
     if note is not None:

@@ -76,6 +76,14 @@ def stack_regions(store, keys: list[str], max_regions: int) -> tuple[torch.Tenso
     return pad_regions(store, keys, max_regions)
 
 
+def split_features(store, keys: list[str], regions: bool, max_regions: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The generator's inputs of ``keys``: padded regions and mask with ``regions``, else whole-image ``[N, D]``
+    features and no mask."""
+    if regions:
+        return stack_regions(store, keys, max_regions)
+    return torch.from_numpy(np.stack([store.whole(k) for k in keys])), None
+
+
 def caption_split(ds, store, split: str, vocab, max_len: int, regions: bool = False, max_regions: int = 64,
                   skip_missing: bool = False, warn=None) -> CaptionSplit:
     """The images of ``split``: whole-image features (or padded regions with ``regions``), sentences cut at
@@ -84,12 +92,7 @@ def caption_split(ds, store, split: str, vocab, max_len: int, regions: bool = Fa
     if not recs:
         raise VsaError(f"split {split!r} has no images", ds.source)
     recs = store.check_dataset(recs, skip_missing=skip_missing, warn=warn)
-    keys = [r.key for r in recs]
-    if regions:
-        feats, mask = stack_regions(store, keys, max_regions)
-    else:
-        feats = torch.from_numpy(np.stack([store.whole(k) for k in keys]))
-        mask = None
+    feats, mask = split_features(store, [r.key for r in recs], regions, max_regions)
     sents = []
     for i, r in enumerate(recs):
         for s in r.sentences:
