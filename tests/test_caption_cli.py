@@ -102,6 +102,25 @@ def test_train_mrnn_then_eval_generation(tmp_path):
     ens = orjson.loads(r.stdout)["generation"]
     assert ens["ensemble"]["models"] == [str(out), str(out)] and ens["CIDEr"] == pytest.approx(gen["CIDEr"])
     assert json.loads((tmp_path / "caps2.json").read_text()) == caps
+    # generators on different CNNs: each reads its own --features file (the first's weight alone: the first's captions)
+    f2 = np.load(feats)
+    other = tmp_path / "other.npz"
+    np.savez(other, feats=f2["feats"][:, :24], offsets=f2["offsets"], keys=f2["keys"],
+             meta=np.array(json.dumps({"extractor": "efficientnet-lite2", "dim": 24, "input": 260})))
+    out2 = tmp_path / "m2.pt"
+    r = run_cli("train-mrnn", "--dataset", ds, "--features", other, "--out", out2, "--epochs", "1", "--scst-epochs", "0",
+                "--hidden", "16", "--embed", "16", "--min-count", "1", "--threads", "1", "--no-beam-search", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    r = run_cli("eval", "--model", out2, "--dataset", ds, "--split", "test", "--beam", "2", "--json", "--features", other,
+                "--captions-out", tmp_path / "caps-b.json")
+    assert r.returncode == 0, r.stderr.decode()
+    both = ["eval", "--model", out, "--model", out2, "--ensemble", "--dataset", ds, "--split", "test", "--beam", "2", "--json"]
+    for w, want in (("1,0", "caps.json"), ("0,1", "caps-b.json")):
+        r = run_cli(*both, "--features", feats, "--features", other, "--weights", w, "--captions-out", tmp_path / "mix.json")
+        assert r.returncode == 0, r.stderr.decode()
+        assert json.loads((tmp_path / "mix.json").read_text()) == json.loads((tmp_path / want).read_text()), w
+    r = run_cli(*both, "--features", feats)  # one file for both: the second's CNN made none of it
+    assert r.returncode == 2 and "efficientnet-lite2" in r.stderr.decode() and len(r.stderr.decode().splitlines()) == 1
     # --resume with nothing newer to do is a no-op; a missing feature file is a one-line error
     r = run_cli("train-mrnn", "--dataset", ds, "--features", tmp_path / "nope.npz", "--out", out)
     assert r.returncode == 2 and "nope.npz" in r.stderr.decode()

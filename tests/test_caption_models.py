@@ -154,6 +154,17 @@ def test_an_ensemble_of_generators_mixes_their_word_probabilities(tmp_path):
         mixed = decode(GeneratorEnsemble([a, b]), feats, None, beam, 20, 0.0, **cons)
         alone_b = decode(b, feats, None, beam, 20, 0.0, **cons)
         assert [h.tokens for h in mixed] != [h.tokens for h in one] or [h.tokens for h in mixed] != [h.tokens for h in alone_b]
+    # members on different backbones read their own block of the features side by side (vsa eval only)
+    import dataclasses
+
+    torch.manual_seed(2)
+    c = build_model(dataclasses.replace(a.cfg, feat_dim=64)).eval()
+    fc = torch.randn(3, 50, 64)
+    with torch.no_grad():
+        pc, _ = c.step(tok, c.init_state(fc))
+        ens = GeneratorEnsemble([a, c], [1.0, 1.0], slices=[(0, 1280), (1280, 1344)])
+        pe, _ = ens.step(tok, ens.init_state(torch.cat([feats, fc], -1)))
+    assert torch.allclose(pe.exp(), 0.5 * pa.exp() + 0.5 * pc.exp(), atol=1e-6)
 
 
 def test_caption_with_two_models_decodes_them_as_one_ensemble(tmp_path):

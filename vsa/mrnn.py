@@ -338,9 +338,10 @@ class GeneratorEnsemble(nn.Module):
     decoding interface (``init_state`` / ``step``, ``cfg``, ``decoding``: the first member's), so greedy and
     beam search take it as they take one model. The members must share the vocabulary and read the same
     features (one extractor record, all whole-image or all region/grid models): :func:`load_generators`
-    checks that."""
+    checks that. ``slices``: members on different backbones (``vsa eval`` only): the input is their features side by
+    side along the last axis and member i reads ``feats[..., a:b]`` of its ``(a, b)``."""
 
-    def __init__(self, members: list, weights: list[float] | None = None):
+    def __init__(self, members: list, weights: list[float] | None = None, slices: list[tuple[int, int]] | None = None):
         super().__init__()
         if len(members) < 2:
             raise ValueError("an ensemble needs at least two generators")
@@ -348,6 +349,9 @@ class GeneratorEnsemble(nn.Module):
         if len(w) != len(members) or bool((w < 0).any()) or not bool((w > 0).any()):
             raise ValueError(f"need {len(members)} non-negative weights, not all zero, got {list(w.tolist())}")
         self.members = nn.ModuleList(members)
+        if slices is not None and len(slices) != len(members):
+            raise ValueError(f"{len(slices)} feature slices for {len(members)} generators")
+        self.slices = slices
         self.register_buffer("log_w", torch.log(w / w.sum()))
         self.cfg = members[0].cfg
         from vsa.decoding import DecodingConfig
@@ -355,7 +359,10 @@ class GeneratorEnsemble(nn.Module):
         self.decoding = getattr(members[0], "decoding", None) or DecodingConfig()
 
     def init_state(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-        return {f"{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.init_state(feats, mask).items()}
+        def own(i):
+            return feats if self.slices is None else feats[..., self.slices[i][0] : self.slices[i][1]]
+
+        return {f"{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.init_state(own(i), mask).items()}
 
     def step(self, tokens: torch.Tensor, st: dict) -> tuple[torch.Tensor, dict]:
         logps, new = [], {}
@@ -368,10 +375,19 @@ class GeneratorEnsemble(nn.Module):
         return mixed, new
 
 
-def load_generators(paths, device: str = "cpu", weights: list[float] | None = None):
+def backbone(ck: dict) -> tuple:
+    """What makes two generators' features the same file: the extractor record's CNN, input and normalisation."""
+    ex = ck.get("extractor") or {}
+    return tuple(str(ex.get(k)) for k in ("extractor", "input", "resize", "mean", "std"))
+
+
+def load_generators(paths, device: str = "cpu", weights: list[float] | None = None, mixed_backbones: bool = False):
     """``(model, checkpoint)`` of one generator checkpoint, or of several as a :class:`GeneratorEnsemble` (the
     checkpoint: the first member's, which gives the vocabulary and the features to make). Members that differ in
-    vocabulary, extractor or kind of input are refused with the member's path."""
+    vocabulary, extractor or kind of input are refused with the member's path. ``mixed_backbones``: members may
+    come from different CNNs (same crop and layout); the ensemble then reads their features side by side, one
+    block per backbone in order of first appearance (``model.backbones``: the member indices of each block), as
+    :func:`vsa.eval_caption.generate_split` builds them."""
     from vsa.checkpoint import load_checkpoint
     from vsa.errors import VsaError
 
@@ -383,19 +399,34 @@ def load_generators(paths, device: str = "cpu", weights: list[float] | None = No
     if len(models) == 1:
         return models[0], cks[0]
     first = cks[0]
+    keys = ("crop", "grid") if mixed_backbones else ("extractor", "crop", "input", "grid")
     for p, ck, m in zip(paths[1:], cks[1:], models[1:]):
         if list(ck["vocab"]) != list(first["vocab"]):
             raise VsaError("the ensemble's generators have different vocabularies", p)
         ex0, ex = first.get("extractor") or {}, ck.get("extractor") or {}
-        for key in ("extractor", "crop", "input", "grid"):
+        for key in keys:
             if ex0.get(key) != ex.get(key):
                 raise VsaError(f"the ensemble's generators read different features ({key}: {ex.get(key)!r} vs "
                                f"{ex0.get(key)!r})", p)
         c0 = models[0].cfg
-        if (uses_regions(m.cfg), m.cfg.feat_dim, region_rows(m.cfg)) != (uses_regions(c0), c0.feat_dim, region_rows(c0)):
+        same_dim = m.cfg.feat_dim == c0.feat_dim or (mixed_backbones and backbone(ck) != backbone(first))
+        if (uses_regions(m.cfg), region_rows(m.cfg)) != (uses_regions(c0), region_rows(c0)) or not same_dim:
             raise VsaError("the ensemble's generators read different inputs (whole image vs regions, feature size or "
                            "regions per image)", p)
-    return GeneratorEnsemble(models, weights).to(device).eval(), first
+    groups: dict = {}
+    for i, ck in enumerate(cks):
+        groups.setdefault(backbone(ck), []).append(i)
+    slices, at = [None] * len(models), 0
+    for members in groups.values():
+        d = models[members[0]].cfg.feat_dim
+        if any(models[i].cfg.feat_dim != d for i in members):
+            raise VsaError("the ensemble's generators on one backbone expect different feature sizes", paths[members[-1]])
+        for i in members:
+            slices[i] = (at, at + d)
+        at += d
+    ens = GeneratorEnsemble(models, weights, slices if len(groups) > 1 else None).to(device).eval()
+    ens.backbones = list(groups.values())
+    return ens, first
 
 
 def export_generator(src, dst, half: bool = True) -> dict:
