@@ -48,7 +48,7 @@ complete -c vsa -n '__fish_seen_subcommand_from regions' -F
 
 # vsa embed
 complete -c vsa -n '__fish_seen_subcommand_from embed' -s o -l out -r -F -d 'Output NPZ (default: [features] regions in vsa.toml)'
-complete -c vsa -n '__fish_seen_subcommand_from embed' -l cnn -x -d 'efficientnet-lite0 (default), efficientnet-lite2, a torchvision model...'
+complete -c vsa -n '__fish_seen_subcommand_from embed' -l cnn -x -d 'efficientnet-lite0 (default; with --crop grid: [features] grid_cnn, e...'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l cnn-weights -r -F -d 'Local weights file for --cnn (torchvision and open_clip models need o...'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l batch-size -x -d 'Crops per CNN forward (small batches are fastest on CPU)'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l workers -x -d 'Decoding/cropping: 0 = threads of this process taking turns with the...'
@@ -151,7 +151,7 @@ complete -c vsa -n '__fish_seen_subcommand_from caption' -l detector -r -F -d 'D
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l top -x -d 'Regions described per image with --regions'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l batch-size -x -d ''
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l device -x -d 'auto (cuda when present), cpu, cuda'
-complete -c vsa -n '__fish_seen_subcommand_from caption' -l cnn-weights -r -F -d 'Local CNN weights (default: the packaged EfficientNet-Lite0 weights)'
+complete -c vsa -n '__fish_seen_subcommand_from caption' -l cnn-weights -r -F -d 'Local CNN weights for the generator\'s CNN (default: the packaged Effi...'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l skip-bad -d 'Warn and go on when an image cannot be read'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l shard -x -d 'K/N: caption a deterministic 1/N of the images (1-based K), for clust...'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l threads -x -d 'Torch CPU threads (0: all)'

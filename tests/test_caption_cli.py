@@ -121,6 +121,13 @@ def test_train_mrnn_then_eval_generation(tmp_path):
         assert json.loads((tmp_path / "mix.json").read_text()) == json.loads((tmp_path / want).read_text()), w
     r = run_cli(*both, "--features", feats)  # one file for both: the second's CNN made none of it
     assert r.returncode == 2 and "efficientnet-lite2" in r.stderr.decode() and len(r.stderr.decode().splitlines()) == 1
+    # a workspace's features file from another CNN is not read in its place (nothing to compute from here: an error)
+    (tmp_path / "vsa.toml").write_text(f'[features]\ngrid = "{feats.name}"\n')  # the key the default generator reads
+    other.rename(tmp_path / "elsewhere.npz")
+    r = run_cli("eval", "--model", out2, "--dataset", ds, "--split", "test", "--json", cwd=tmp_path)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and f"{feats.name} holds efficientnet-lite0 features but m2.pt reads efficientnet-lite2" in err
+    assert "--features" in err.splitlines()[-1]
     # --resume with nothing newer to do is a no-op; a missing feature file is a one-line error
     r = run_cli("train-mrnn", "--dataset", ds, "--features", tmp_path / "nope.npz", "--out", out)
     assert r.returncode == 2 and "nope.npz" in r.stderr.decode()

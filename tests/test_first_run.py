@@ -106,7 +106,7 @@ def _tiny_test_split(flickr8k, path, n=4):
 
 def test_eval_without_model_or_toml_uses_the_shipped_models_on_features_it_computes(tmp_path, flickr8k, yolov5n):
     """In an empty folder, `vsa eval --images --detector` evaluates the shipped aligner and generator, says so on
-    stderr, and computes the features exactly as `vsa regions | vsa embed --cells 3` (and `vsa embed IMAGES --crop grid`) make them."""
+    stderr, and computes the features exactly as `vsa regions | vsa embed --cells 3` (and `vsa embed IMAGES --crop grid --cnn efficientnet-lite2`) make them."""
     from tests.conftest import run_cli
     from vsa.assets import SHIPPED_MODELS
 
@@ -130,7 +130,8 @@ def test_eval_without_model_or_toml_uses_the_shipped_models_on_features_it_compu
     # the same evaluation on features made by the documented pipeline
     p = subprocess.run(f"{sys.executable} -m vsa regions {' '.join(map(str, photos))} --detector {yolov5n} | "
                        f"{sys.executable} -m vsa embed --cells 3 -o {tmp_path / 'feats.npz'} && "
-                       f"{sys.executable} -m vsa embed {' '.join(map(str, photos))} --crop grid -o {tmp_path / 'grid.npz'}",
+                       f"{sys.executable} -m vsa embed {' '.join(map(str, photos))} --crop grid --cnn efficientnet-lite2 "
+                       f"-o {tmp_path / 'grid.npz'}",
                        shell=True, capture_output=True, cwd=work, timeout=600)
     assert p.returncode == 0, p.stderr.decode()
     for model, feats, out in ((SHIPPED_MODELS["align"], "feats.npz", "--ranks-out"),

@@ -1,7 +1,7 @@
 """Photo -> caption: the pipeline behind ``vsa caption``.
 
 A photo is featurised exactly as the training features were made (the checkpoint names
-the extractor and its settings: EfficientNet-Lite0, whole image squashed to 224x224),
+the extractor and its settings: for the shipped model EfficientNet-Lite2, whole image squashed to 260x260),
 then decoded with the generator.  Without ``model`` the Flickr8k model shipped in
 ``vsa/assets`` is used, so captioning works offline right after install.  No detector
 code is imported unless region captions or grounded captions are asked for.  A grounded caption
@@ -255,7 +255,8 @@ class Captioner:
             from vsa.search import PhotoEncoder
 
             meta = self.aligner.extractor_meta
-            # one CNN in memory when the generator and the aligner use the same one (the shipped models do)
+            # one CNN in memory when the generator and the aligner use the same one (the shipped ones do not:
+            # Lite2 for the generator's grid, Lite0 for the aligner's boxes)
             same = (meta.get("extractor") or "efficientnet-lite0") == (self.extractor_meta.get("extractor") or "efficientnet-lite0")
             self._encoder = PhotoEncoder(meta, detector, self.aligner.cfg.max_regions - 1, self.device,
                                          self.cnn_weights if same else None, extractor=self.extractor if same else None,

@@ -31,7 +31,7 @@ def caption(
     top: int = typer.Option(5, "--top", help="Regions described per image with --regions."),
     batch_size: int = typer.Option(16, "--batch-size"),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
-    cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help="Local CNN weights (default: the packaged EfficientNet-Lite0 weights)."),
+    cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help="Local CNN weights for the generator's CNN (default: the packaged EfficientNet-Lite0/Lite2 weights)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn and go on when an image cannot be read."),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: caption a deterministic 1/N of the images (1-based K), for cluster arrays."),
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0: all)."),

@@ -19,6 +19,7 @@ Layout (every key optional; see ``vsa init``)::
 
     [features]
     cnn = "efficientnet-lite0"
+    grid_cnn = "efficientnet-lite2"  # the CNN of --crop grid (the caption generator's; default: cnn)
     regions = "work/feats.npz"       # whole image + top-19 boxes per image
     whole = "work/whole.npz"         # whole image only
     grid = "work/grid.npz"           # whole image + 7x7 feature-map cells (vsa embed --crop grid; captioning)
@@ -103,6 +104,7 @@ out = {regions_out}
 
 [features]
 cnn = "efficientnet-lite0"
+grid_cnn = "efficientnet-lite2"   # vsa embed --crop grid: the shipped caption generator's CNN (default: cnn)
 regions = {feats}
 whole = {whole}
 grid = {grid}               # vsa embed IMAGES --crop grid: what the caption generator attends over

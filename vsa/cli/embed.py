@@ -15,7 +15,7 @@ from vsa.cli.common import guarded, info, progress, warn
 def embed(
     inputs: Optional[List[str]] = typer.Argument(None, help="Regions JSONL (file or '-'), or image files/folders (whole image only). Default: stdin."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output NPZ (default: [features] regions in vsa.toml)."),
-    cnn: Optional[str] = typer.Option(None, "--cnn", help="efficientnet-lite0 (default), efficientnet-lite2, a torchvision model name, or open_clip:MODEL/TAG (an OpenCLIP image tower, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k; pip install 'vsa[clip]')."),
+    cnn: Optional[str] = typer.Option(None, "--cnn", help="efficientnet-lite0 (default; with --crop grid: [features] grid_cnn, efficientnet-lite2 in a `vsa init` workspace), efficientnet-lite2, a torchvision model name, or open_clip:MODEL/TAG (an OpenCLIP image tower, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k; pip install 'vsa[clip]')."),
     cnn_weights: Optional[str] = typer.Option(None, "--cnn-weights", help="Local weights file for --cnn (torchvision and open_clip models need one offline)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Crops per CNN forward (small batches are fastest on CPU)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding/cropping: 0 = threads of this process taking turns with the CNN (the default on CPU, where the CNN uses every core); N = N worker processes overlapping the CNN (default 2 on CUDA)."),
@@ -66,6 +66,8 @@ def embed(
         import torch
 
         torch.set_num_threads(threads)
+    if cnn is None and crop == "grid":  # the caption generator's CNN may differ from the aligner's
+        cnn = resolve(None, "features.grid_cnn", "--cnn", required=False)
     ex = load_extractor(resolve(cnn, "features.cnn", "--cnn", default="efficientnet-lite0"),
                         str(cnn_weights) if cnn_weights else None, device, W.jit())
     if workers is None:

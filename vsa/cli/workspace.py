@@ -92,9 +92,24 @@ def eval_features(models: list, features=None) -> list:
             found = trained_features(ck)
             if found is None:
                 p = workspace().get(_features_key(ck))
-                found = Path(p) if p is not None and Path(p).exists() else None
+                found = Path(p) if p is not None and Path(p).exists() and _same_cnn(ck, Path(p), m) else None
         out.append(found)
     return out
+
+
+def _same_cnn(ck: dict, path: Path, model) -> bool:
+    """Whether the workspace's features file ``path`` was made by the CNN ``ck`` was trained on; says so when not."""
+    from vsa.featstore import load_features
+
+    want = (ck.get("extractor") or {}).get("extractor")
+    try:
+        got = load_features(path, mmap=False, required=("meta",)).meta.get("extractor")
+    except Exception:  # noqa: BLE001  (an unreadable file is reported where it is read)
+        return True
+    if want and got and want != got:
+        warn(f"{path} holds {got} features but {Path(str(model)).name} reads {want} features: not using it")
+        return False
+    return True
 
 
 def _features_key(ck: dict) -> str:
