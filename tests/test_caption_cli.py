@@ -126,7 +126,8 @@ def test_train_mrnn_then_eval_generation(tmp_path):
     other.rename(tmp_path / "elsewhere.npz")
     r = run_cli("eval", "--model", out2, "--dataset", ds, "--split", "test", "--json", cwd=tmp_path)
     err = r.stderr.decode()
-    assert r.returncode == 2 and f"{feats.name} holds efficientnet-lite0 features but m2.pt reads efficientnet-lite2" in err
+    assert r.returncode == 2 and (f"{feats.name} for m2.pt: features come from 'efficientnet-lite0' but the "
+                                  "model was trained on 'efficientnet-lite2' features") in err
     assert "--features" in err.splitlines()[-1]
     # --resume with nothing newer to do is a no-op; a missing feature file is a one-line error
     r = run_cli("train-mrnn", "--dataset", ds, "--features", tmp_path / "nope.npz", "--out", out)

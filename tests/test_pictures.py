@@ -183,11 +183,11 @@ def test_align_to_file_resumes_and_is_atomic(tmp_path):
 
 def test_extractor_mismatch_is_an_error():
     from vsa.errors import VsaError
-    from vsa.snippets import check_extractor
+    from vsa.featstore import check_extractor
 
-    check_extractor({"extractor": "a", "dim": 4}, {"extractor": "a", "dim": 4}, "f.npz")
+    check_extractor({"extractor": "a", "dim": 4}, {"extractor": "a", "dim": 4}, "f.npz", "aligner")
     with pytest.raises(VsaError, match="aligner was trained on 'a'"):
-        check_extractor({"extractor": "a"}, {"extractor": "b"}, "f.npz")
+        check_extractor({"extractor": "a"}, {"extractor": "b"}, "f.npz", "aligner")
 
 
 # ----------------------------------------------------------------------------- vsa align (CLI, real aligner class)

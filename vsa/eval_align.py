@@ -41,16 +41,14 @@ def _model_scores(model_path, ds, split: str, features=None, device: str = "auto
     from vsa.runtime import pick_device
     from vsa.featstore import load_features
     from vsa.retrieval import score_matrix
+    from vsa.featstore import check_extractor
     from vsa.splits import retrieval_split
 
     ckpt = load_checkpoint(model_path, kind="align")
     aligner = aligner_from_checkpoint(ckpt, model_path, pick_device(device))
     feats_path = _features_for(ckpt, features)
     store = load_features(feats_path)
-    want = aligner.extractor_meta.get("extractor")
-    if want and store.meta.get("extractor") and store.meta["extractor"] != want:
-        raise VsaError(f"features come from {store.meta['extractor']!r} but the model was trained on {want!r} features",
-                       feats_path)
+    check_extractor(aligner.extractor_meta, store.meta, feats_path)
     from vsa.align import check_rows, region_rows
 
     check_rows(aligner.cfg, store)

@@ -39,13 +39,12 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     (:class:`vsa.mrnn.GeneratorEnsemble`, ``weights`` per member; the decoding defaults are the first's).
     ``features``: a file (or None: the one the model was trained on), or for an ensemble one per member; members
     on different CNNs each read their own file (the first given for their CNN)."""
-    import numpy as np
     import torch
 
     from vsa.checkpoint import load_checkpoint
     from vsa.data import Vocab
     from vsa.decoding import constraints, decode
-    from vsa.featstore import FeatureStore
+    from vsa.featstore import FeatureStore, check_extractor
     from vsa.mrnn import load_generators, region_rows, uses_regions
     from vsa.runtime import pick_device
     from vsa.splits import split_features
@@ -57,17 +56,13 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
         raise VsaError(f"{len(given)} features files for {len(paths)} generators")
     model, ck = load_generators(paths if len(paths) > 1 else paths[0], dev, weights, mixed_backbones=True)
     vocab = Vocab(ck["vocab"])
-    blocks = getattr(model, "backbones", None) or [list(range(len(paths)))]
     stores = []
-    for members in blocks:  # one features file per backbone, checked against its first member
+    for members in model.blocks if len(paths) > 1 else [[0]]:  # one features file per backbone, checked against its first member
         i = members[0]
         mck = ck if i == 0 else load_checkpoint(paths[i], "mrnn")
         fpath = _features_path(mck, given[i])
         store = FeatureStore(fpath)
-        want = mck.get("extractor", {}).get("extractor")
-        got = store.meta.get("extractor")
-        if want and got and want != got:
-            raise VsaError(f"features come from {got!r} but the model was trained on {want!r} features", fpath)
+        check_extractor(mck.get("extractor"), store.meta, fpath)
         dim = (model.members[i] if len(paths) > 1 else model).cfg.feat_dim
         if store.dim != dim:
             raise VsaError(f"features are {store.dim}-d but the model expects {dim}-d", fpath)

@@ -33,6 +33,18 @@ def feature_settings(meta: dict, **override) -> dict:
     return out
 
 
+def check_extractor(trained: dict, features_meta: dict, features_path, who: str = "model") -> None:
+    """A one-line error unless the features file was made by the CNN the ``who`` (its checkpoint's extractor
+    record ``trained``) was trained on, with the same feature size."""
+    a, f = (trained or {}).get("extractor"), (features_meta or {}).get("extractor")
+    if a and f and a != f:
+        raise VsaError(f"features come from {f!r} but the {who} was trained on {a!r} features "
+                       f"(run `vsa embed --cnn {a}`)", features_path)
+    ad, fd = (trained or {}).get("dim"), (features_meta or {}).get("dim")
+    if ad and fd and int(ad) != int(fd):
+        raise VsaError(f"features are {fd}-d but the {who} expects {ad}-d", features_path)
+
+
 # ----------------------------------------------------------------------------- writing
 
 

@@ -352,6 +352,9 @@ class GeneratorEnsemble(nn.Module):
         if slices is not None and len(slices) != len(members):
             raise ValueError(f"{len(slices)} feature slices for {len(members)} generators")
         self.slices = slices
+        # the members reading each block of the input, in order (one block: all read the same features)
+        keys = slices or [None] * len(members)
+        self.blocks = [[i for i, k in enumerate(keys) if k == b] for b in dict.fromkeys(keys)]
         self.register_buffer("log_w", torch.log(w / w.sum()))
         self.cfg = members[0].cfg
         from vsa.decoding import DecodingConfig
@@ -386,8 +389,10 @@ def load_generators(paths, device: str = "cpu", weights: list[float] | None = No
     checkpoint: the first member's, which gives the vocabulary and the features to make). Members that differ in
     vocabulary, extractor or kind of input are refused with the member's path. ``mixed_backbones``: members may
     come from different CNNs (same crop and layout); the ensemble then reads their features side by side, one
-    block per backbone in order of first appearance (``model.backbones``: the member indices of each block), as
+    block per backbone in order of first appearance (``model.blocks``: the member indices of each block), as
     :func:`vsa.eval_caption.generate_split` builds them."""
+    from itertools import accumulate
+
     from vsa.checkpoint import load_checkpoint
     from vsa.errors import VsaError
 
@@ -399,34 +404,26 @@ def load_generators(paths, device: str = "cpu", weights: list[float] | None = No
     if len(models) == 1:
         return models[0], cks[0]
     first = cks[0]
-    keys = ("crop", "grid") if mixed_backbones else ("extractor", "crop", "input", "grid")
-    for p, ck, m in zip(paths[1:], cks[1:], models[1:]):
+    dims: dict = {}  # backbone -> its feature size: members on one backbone read the same features
+    for p, ck, m in zip(paths, cks, models):
         if list(ck["vocab"]) != list(first["vocab"]):
             raise VsaError("the ensemble's generators have different vocabularies", p)
         ex0, ex = first.get("extractor") or {}, ck.get("extractor") or {}
-        for key in keys:
+        for key in ("crop", "grid"):
             if ex0.get(key) != ex.get(key):
                 raise VsaError(f"the ensemble's generators read different features ({key}: {ex.get(key)!r} vs "
                                f"{ex0.get(key)!r})", p)
+        if not mixed_backbones and backbone(ck) != backbone(first):
+            raise VsaError(f"the ensemble's generators read different features (CNN: {backbone(ck)} vs "
+                           f"{backbone(first)})", p)
         c0 = models[0].cfg
-        same_dim = m.cfg.feat_dim == c0.feat_dim or (mixed_backbones and backbone(ck) != backbone(first))
-        if (uses_regions(m.cfg), region_rows(m.cfg)) != (uses_regions(c0), region_rows(c0)) or not same_dim:
+        d = dims.setdefault(backbone(ck), m.cfg.feat_dim)
+        if (uses_regions(m.cfg), region_rows(m.cfg), m.cfg.feat_dim) != (uses_regions(c0), region_rows(c0), d):
             raise VsaError("the ensemble's generators read different inputs (whole image vs regions, feature size or "
                            "regions per image)", p)
-    groups: dict = {}
-    for i, ck in enumerate(cks):
-        groups.setdefault(backbone(ck), []).append(i)
-    slices, at = [None] * len(models), 0
-    for members in groups.values():
-        d = models[members[0]].cfg.feat_dim
-        if any(models[i].cfg.feat_dim != d for i in members):
-            raise VsaError("the ensemble's generators on one backbone expect different feature sizes", paths[members[-1]])
-        for i in members:
-            slices[i] = (at, at + d)
-        at += d
-    ens = GeneratorEnsemble(models, weights, slices if len(groups) > 1 else None).to(device).eval()
-    ens.backbones = list(groups.values())
-    return ens, first
+    starts = dict(zip(dims, accumulate([0, *dims.values()])))
+    slices = [(starts[backbone(ck)], starts[backbone(ck)] + dims[backbone(ck)]) for ck in cks]
+    return GeneratorEnsemble(models, weights, slices if len(dims) > 1 else None).to(device).eval(), first
 
 
 def export_generator(src, dst, half: bool = True) -> dict:

@@ -19,18 +19,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from vsa.errors import VsaError
+from vsa.featstore import check_extractor
 from vsa.mrf import alignment_record
-
-
-def check_extractor(aligner_meta: dict, features_meta: dict, features_path) -> None:
-    """The aligner must have been trained on features from the same CNN as the features file."""
-    a, f = (aligner_meta or {}).get("extractor"), (features_meta or {}).get("extractor")
-    if a and f and a != f:
-        raise VsaError(f"features come from {f!r} but the aligner was trained on {a!r} features "
-                       f"(run `vsa embed --cnn {a}`)", features_path)
-    ad, fd = (aligner_meta or {}).get("dim"), (features_meta or {}).get("dim")
-    if ad and fd and int(ad) != int(fd):
-        raise VsaError(f"features are {fd}-d but the aligner expects {ad}-d", features_path)
 
 
 def pairs_of(ds, split: str) -> list[tuple]:
@@ -222,7 +212,7 @@ def align_split(model, features, ds, split: str = "train", out=None, beta: float
     aligner = load_aligner(model, device=pick_device(device))
     beta = aligner_beta(aligner, beta)  # given, else the aligner's own (a val sweep, saved in it), else the default
     store = load_features(features)
-    check_extractor(aligner.extractor_meta, store.meta, features)
+    check_extractor(aligner.extractor_meta, store.meta, features, "aligner")
     if split not in ("all", "train+restval") and not ds.split(split):
         raise VsaError(f"split {split!r} has no images in {ds.source}")
     recs = ds.images if split == "all" else ds.split(split)

@@ -99,15 +99,17 @@ def eval_features(models: list, features=None) -> list:
 
 def _same_cnn(ck: dict, path: Path, model) -> bool:
     """Whether the workspace's features file ``path`` was made by the CNN ``ck`` was trained on; says so when not."""
-    from vsa.featstore import load_features
+    from vsa.errors import VsaError
+    from vsa.featstore import check_extractor, load_features
 
-    want = (ck.get("extractor") or {}).get("extractor")
     try:
-        got = load_features(path, mmap=False, required=("meta",)).meta.get("extractor")
-    except Exception:  # noqa: BLE001  (an unreadable file is reported where it is read)
-        return True
-    if want and got and want != got:
-        warn(f"{path} holds {got} features but {Path(str(model)).name} reads {want} features: not using it")
+        meta = load_features(path).meta  # memory-mapped: only the small arrays are read
+    except (VsaError, OSError, ValueError):
+        return True  # an unreadable file is reported where it is read
+    try:
+        check_extractor(ck.get("extractor"), meta, path)
+    except VsaError as e:
+        warn(f"not using {path} for {Path(str(model)).name}: {e.reason}")
         return False
     return True
 
