@@ -39,7 +39,8 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
     if not ds.split(split):
         raise VsaError(f"split {split!r} has no images in {ds.source}")
     report: dict = {"split": split, "dataset": ds.name}
-    kinds = [load_checkpoint(m)["kind"] for m in models]
+    heads = [(ck["kind"], ck.get("extractor")) for ck in map(load_checkpoint, models)]  # no weights kept
+    kinds = [k for k, _ in heads]
     for m, kind in zip(models, kinds):
         if kind not in ("align", "mrnn"):
             raise VsaError(f"cannot evaluate a '{kind}' checkpoint", m)
@@ -74,10 +75,17 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
         if generators:
             from vsa.eval_caption import evaluate_generator
 
+            from vsa.mrnn import backbone
+
             g = [models[i] for i in generators]
+            per_cnn: dict = {}  # members on one CNN read the features of its first member (found or made once)
+            cnns = {i: backbone(heads[i][1]) for i in generators}
+            for i in generators:
+                if cnns[i] not in per_cnn:
+                    per_cnn[cnns[i]] = feats(i)
+            fs = [per_cnn[cnns[i]] for i in generators]
             report["generation"] = evaluate_generator(g if len(g) > 1 else g[0], ds, split,
-                                                      features=[feats(i) for i in generators] if len(g) > 1
-                                                      else feats(generators[0]), beam=beam,
+                                                      features=fs if len(g) > 1 else fs[0], beam=beam,
                                                       captions_out=captions_out, device=device,
                                                       weights=weights_of(generators))
             _name_computed(report["generation"], computed, ds)

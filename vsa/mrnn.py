@@ -378,10 +378,9 @@ class GeneratorEnsemble(nn.Module):
         return mixed, new
 
 
-def backbone(ck: dict) -> tuple:
+def backbone(extractor: dict | None) -> tuple:
     """What makes two generators' features the same file: the extractor record's CNN, input and normalisation."""
-    ex = ck.get("extractor") or {}
-    return tuple(str(ex.get(k)) for k in ("extractor", "input", "resize", "mean", "std"))
+    return tuple(str((extractor or {}).get(k)) for k in ("extractor", "input", "resize", "mean", "std"))
 
 
 def load_generators(paths, device: str = "cpu", weights: list[float] | None = None, mixed_backbones: bool = False):
@@ -405,24 +404,25 @@ def load_generators(paths, device: str = "cpu", weights: list[float] | None = No
         return models[0], cks[0]
     first = cks[0]
     dims: dict = {}  # backbone -> its feature size: members on one backbone read the same features
+    ex0 = first.get("extractor") or {}
     for p, ck, m in zip(paths, cks, models):
         if list(ck["vocab"]) != list(first["vocab"]):
             raise VsaError("the ensemble's generators have different vocabularies", p)
-        ex0, ex = first.get("extractor") or {}, ck.get("extractor") or {}
+        ex = ck.get("extractor") or {}
         for key in ("crop", "grid"):
             if ex0.get(key) != ex.get(key):
                 raise VsaError(f"the ensemble's generators read different features ({key}: {ex.get(key)!r} vs "
                                f"{ex0.get(key)!r})", p)
-        if not mixed_backbones and backbone(ck) != backbone(first):
-            raise VsaError(f"the ensemble's generators read different features (CNN: {backbone(ck)} vs "
-                           f"{backbone(first)})", p)
+        if not mixed_backbones and backbone(ex) != backbone(ex0):
+            raise VsaError(f"the ensemble's generators read different features (CNN: {backbone(ex)} vs "
+                           f"{backbone(ex0)})", p)
         c0 = models[0].cfg
-        d = dims.setdefault(backbone(ck), m.cfg.feat_dim)
+        d = dims.setdefault(backbone(ex), m.cfg.feat_dim)
         if (uses_regions(m.cfg), region_rows(m.cfg), m.cfg.feat_dim) != (uses_regions(c0), region_rows(c0), d):
             raise VsaError("the ensemble's generators read different inputs (whole image vs regions, feature size or "
                            "regions per image)", p)
     starts = dict(zip(dims, accumulate([0, *dims.values()])))
-    slices = [(starts[backbone(ck)], starts[backbone(ck)] + dims[backbone(ck)]) for ck in cks]
+    slices = [(starts[b], starts[b] + dims[b]) for b in (backbone(ck.get("extractor")) for ck in cks)]
     return GeneratorEnsemble(models, weights, slices if len(dims) > 1 else None).to(device).eval(), first
 
 
