@@ -55,3 +55,26 @@ def make_synthetic(tmp_path, n_train=120, n_val=40, n_test=40, dim=32, seed=0, n
     path = tmp_path / "feats.npz"
     save_npz(path, arrays)
     return ds, path, objs
+
+
+def mirrored_copy(feat_path, out, meta=None, drop=0):
+    """A copy of a features file that calls itself mirrored (``vsa embed --flip``; ``meta`` replaces that), its vectors
+    negated; ``drop``: without its first ``drop`` images."""
+    import json
+
+    a = dict(np.load(feat_path))
+    m = json.loads(str(a["meta"]))
+    m.update(meta if meta is not None else {"flip": True})
+    a["meta"] = np.array(json.dumps(m))
+    a["feats"] = -a["feats"]
+    if drop:
+        n_img, n_rows, first = len(a["keys"]), len(a["feats"]), int(a["offsets"][drop])
+        for k, v in a.items():
+            if k == "offsets":
+                a[k] = v[drop:] - first
+            elif v.ndim and len(v) == n_rows:
+                a[k] = v[first:]
+            elif v.ndim and len(v) == n_img:
+                a[k] = v[drop:]
+    np.savez(out, **a)
+    return out

@@ -395,3 +395,46 @@ def test_image_cells_are_read_beyond_max_regions_and_recorded(tmp_path):
         _model_scores(tmp_path / "c.pt", ds, "test", feats, device="cpu")
     with pytest.raises(VsaError, match="cells"):
         train(*configs(**{**kw, "epochs": 2}), ds, feats, tmp_path / "c.pt", resume=True, epochs=2, info=msgs.append)
+
+
+def test_mirrored_features_are_read_by_training_images_with_probability_flip(tmp_path):
+    from tests.synth_align import mirrored_copy
+    from vsa.checkpoint import load_checkpoint
+    from vsa.featstore import RegionBank, load_features
+    from vsa.splits import retrieval_split
+    from vsa.train_align import epoch_flips, image_feats
+    from vsa.data import build_vocab
+
+    ds, feats, _ = make_synthetic(tmp_path, n_train=80, n_val=30, n_test=10)
+    flipped = mirrored_copy(feats, tmp_path / "flip.npz")  # the "mirrored" vectors are the originals negated
+    store = load_features(feats)
+    data = retrieval_split(ds, "train", store, build_vocab(ds, 1), 4, 40)
+    assert epoch_flips(data, 0.5, 0) is None  # no mirrored features: nothing drawn, old runs unchanged
+    data.flipped = RegionBank(load_features(flipped), data.keys, 4)
+    img = torch.tensor([0, 3, 5])
+    assert torch.equal(image_feats(data, img, torch.ones(len(data.keys), dtype=torch.bool)), -data.feats[img])
+    half = torch.arange(len(data.keys)) % 2 == 0
+    f = image_feats(data, img, half)
+    assert torch.equal(f[0], -data.feats[img[:1]][0]) and torch.equal(f[1], data.feats[img[1:2]][0])
+    assert epoch_flips(data, 0.0, 0) is None
+    share = float(epoch_flips(data, 0.3, 1).float().mean())
+    assert 0.15 < share < 0.45 and not torch.equal(epoch_flips(data, 0.3, 1), epoch_flips(data, 0.3, 2))
+    # training: the checkpoint records the file and the chance; with flip=1 every training image reads the negated
+    # vectors, so the model never sees the val images' kind of features and retrieval falls to about chance
+    kw = {**SMALL, "epochs": 3}
+    plain = train(*configs(**kw), ds, feats, tmp_path / "a.pt", info=lambda *a: None)
+    always = train(*configs(**kw, flip=1.0), ds, feats, tmp_path / "b.pt", info=lambda *a: None, flip_features=flipped)
+    assert plain["best"]["i2t"]["r1"] >= 50 and always["best"]["i2t"]["r1"] < 25
+    ck = load_checkpoint(tmp_path / "b.pt")
+    assert ck["train"]["flip"] == 1.0 and ck["meta"]["flip_features"] == str(flipped.resolve())
+    half = train(*configs(**kw, flip=0.5), ds, feats, tmp_path / "c.pt", info=lambda *a: None, flip_features=flipped)
+    assert half["best"]["rsum"] != plain["best"]["rsum"]
+    # refused: not mirrored, made differently, images missing
+    for bad, msg in ((mirrored_copy(feats, tmp_path / "b1.npz", meta={}), "not mirrored"),
+                     (mirrored_copy(feats, tmp_path / "b2.npz", meta={"flip": True, "input": 260}),
+                      "made differently .*input"),
+                     (mirrored_copy(feats, tmp_path / "b3.npz", drop=1), "have no mirrored features")):
+        with pytest.raises(Exception, match=msg):
+            train(*configs(**kw), ds, feats, tmp_path / "x.pt", info=lambda *a: None, flip_features=bad)
+    with pytest.raises(Exception, match="flip must be"):
+        parse_overrides(configs(), ["flip=2"])

@@ -135,7 +135,7 @@ def test_train_mrnn_then_eval_generation(tmp_path):
 
 
 def test_train_mrnn_reads_the_workspaces_mirrored_grid_when_it_exists(tmp_path):
-    from tests.test_mrnn import _mirrored_copy
+    from tests.synth_align import mirrored_copy
     from vsa.checkpoint import load_checkpoint
 
     ds, feats = tiny_dataset(tmp_path, n_train=10, n_val=4, n_test=4)
@@ -146,7 +146,7 @@ def test_train_mrnn_reads_the_workspaces_mirrored_grid_when_it_exists(tmp_path):
     r = run_cli(*args, cwd=tmp_path)  # not made yet: trains without, says nothing of it
     assert r.returncode == 0, r.stderr.decode()
     assert "mirrored" not in r.stderr.decode() and "flip_features" not in load_checkpoint(tmp_path / "m.pt")["meta"]
-    _mirrored_copy(feats, tmp_path / "flip.npz")
+    mirrored_copy(feats, tmp_path / "flip.npz")
     r = run_cli(*args, "--set", "flip=0.25", cwd=tmp_path)
     assert r.returncode == 0, r.stderr.decode()
     assert "mirrored features" in r.stderr.decode() and "flip=0.25" in r.stderr.decode()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.synth_align import mirrored_copy
 from vsa.checkpoint import load_checkpoint
 from vsa.data import Vocab, load_dataset
 from vsa.decoding import greedy
@@ -403,19 +404,6 @@ def test_a_box_generator_reads_its_cells_beyond_max_regions_and_trains_with_box_
         T.train_on(*cfg, load_dataset(ds_path), feat_path, tmp_path / "w.pt", log=lambda *_: None)
 
 
-def _mirrored_copy(feat_path, out, meta=None, drop=0):
-    """A copy of a tiny features file that calls itself mirrored (``vsa embed --flip``), its vectors negated."""
-    a = dict(np.load(feat_path))
-    m = json.loads(str(a["meta"]))
-    m.update(meta if meta is not None else {"flip": True})
-    a["meta"] = np.array(json.dumps(m))
-    a["feats"] = -a["feats"]
-    if drop:
-        a["keys"], a["offsets"], a["feats"] = a["keys"][drop:], a["offsets"][drop:] - drop, a["feats"][drop:]
-    np.savez(out, **a)
-    return out
-
-
 def test_flip_features_are_read_by_training_images_with_probability_flip(tmp_path):
     ds, store, vocab, tr, va = _splits(tmp_path)
     tr.flipped = -tr.feats
@@ -431,7 +419,7 @@ def test_flip_features_are_read_by_training_images_with_probability_flip(tmp_pat
     assert 0.27 < share < 0.33
     # train_on reads --flip-features into the training split only, and records it
     ds_path, feat_path = tmp_path / "dataset_tiny.json", tmp_path / "whole.npz"
-    flipped = _mirrored_copy(feat_path, tmp_path / "flip.npz")
+    flipped = mirrored_copy(feat_path, tmp_path / "flip.npz")
     cfg = T.configs(rnn="lstm", embed=8, hidden=8, epochs=1, scst_epochs=1, batch_size=10, seed=0, flip=0.5)
     seen = {}
     real = T.train
@@ -458,10 +446,10 @@ def test_flip_features_are_read_by_training_images_with_probability_flip(tmp_pat
     ck = load_checkpoint(out)
     assert ck["train"]["flip"] == 0.5 and ck["meta"]["flip_features"].endswith("flip.npz")
     # refused: not mirrored, made differently, or missing images
-    for bad, msg in ((_mirrored_copy(feat_path, tmp_path / "b1.npz", meta={}), "not mirrored"),
-                     (_mirrored_copy(feat_path, tmp_path / "b2.npz", meta={"flip": True, "input": 260}),
+    for bad, msg in ((mirrored_copy(feat_path, tmp_path / "b1.npz", meta={}), "not mirrored"),
+                     (mirrored_copy(feat_path, tmp_path / "b2.npz", meta={"flip": True, "input": 260}),
                       "made differently .*input"),
-                     (_mirrored_copy(feat_path, tmp_path / "b3.npz", drop=1), "have no mirrored features")):
+                     (mirrored_copy(feat_path, tmp_path / "b3.npz", drop=1), "have no mirrored features")):
         with pytest.raises(Exception, match=msg):
             T.train_on(*cfg, load_dataset(ds_path), feat_path, tmp_path / "x.pt", log=lambda *_: None, flip_features=bad)
     with pytest.raises(Exception, match="flip must be"):

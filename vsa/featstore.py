@@ -45,6 +45,26 @@ def check_extractor(trained: dict, features_meta: dict, features_path, who: str 
         raise VsaError(f"features are {fd}-d but the {who} expects {ad}-d", features_path)
 
 
+def check_mirrored(store, flipped, keys: list[str], path) -> None:
+    """A one-line error unless ``flipped`` (a FeatureStore made by ``vsa embed --flip``) holds the same features as
+    ``store``, mirrored, for every image of ``keys`` (training reads one or the other per image)."""
+    if not flipped.meta.get("flip"):
+        raise VsaError("not mirrored features: make them with `vsa embed ... --flip` (same settings as --features)",
+                       path)
+    ours = feature_settings(store.meta, flip=True, detector=store.meta.get("detector"))
+    theirs = feature_settings(flipped.meta, detector=flipped.meta.get("detector"))
+    diff = [k for k in ours if ours[k] != theirs[k]]
+    if diff:
+        raise VsaError(f"mirrored features made differently from --features ({', '.join(diff)} differ)", path)
+    missing = [k for k in keys if k not in flipped]
+    if missing:
+        raise VsaError(f"{len(missing)} training images have no mirrored features (first: {missing[0]})", path)
+    a = np.array([store._i(k) for k in keys], dtype=np.int64)
+    b = np.array([flipped._i(k) for k in keys], dtype=np.int64)
+    if not np.array_equal(np.diff(store.offsets)[a], np.diff(flipped.offsets)[b]):
+        raise VsaError("mirrored features have other regions than --features (same regions JSONL?)", path)
+
+
 # ----------------------------------------------------------------------------- writing
 
 

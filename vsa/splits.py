@@ -28,6 +28,7 @@ class RetrievalSplit:
     lengths: torch.Tensor  # [M]
     sent_image: torch.Tensor  # [M] index of each sentence's image
     sentids: list[int]
+    flipped: "RegionBank | None" = None  # the images' mirrored features (`vsa embed --flip`), feats' layout; training only
 
 
 def retrieval_split(ds, split: str, store, vocab, max_regions: int, max_len: int, limit: int = 0, warn=None,

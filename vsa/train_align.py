@@ -53,6 +53,9 @@ class AlignTrainConfig:
     seed: int = 0
     threads: int = 0  # torch threads (0: leave torch's default)
     amp: bool = True  # bfloat16 autocast on CUDA (CPU always runs float32)
+    # with mirrored training features (`vsa train-align --flip-features`, made by `vsa embed --flip`): the chance that
+    # a training image reads its mirrored features in an epoch (val never)
+    flip: float = 0.5
 
 
 def configs(**fields) -> tuple[AlignModelConfig, AlignTrainConfig]:
@@ -134,9 +137,30 @@ def rank_share(img_of: torch.Tensor, n_img: int, world: int) -> tuple[list[torch
     return imgs, sents
 
 
-def batch_loss(emb, model, cfg: AlignTrainConfig, data: RetrievalSplit, idx: torch.Tensor, hardest: bool, env=None, dev="cpu"):
+def image_feats(data: RetrievalSplit, img: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Padded regions ``[b, R, D]`` of the images ``img``; those marked in ``flip`` (bool per image of ``data``) read
+    their mirrored features (``data.flipped``)."""
+    f = data.feats[img]
+    if flip is not None:
+        sel = flip[img]
+        if bool(sel.any()):
+            f[sel] = data.flipped[img[sel]]
+    return f
+
+
+def epoch_flips(data: RetrievalSplit, p: float, seed: int) -> torch.Tensor | None:
+    """Which images read their mirrored features this epoch (each with probability ``p``); None without them, so
+    runs without mirrored features draw nothing and stay as they were."""
+    if data.flipped is None or p <= 0:
+        return None
+    return torch.rand(len(data.keys), generator=torch.Generator().manual_seed(seed)) < p
+
+
+def batch_loss(emb, model, cfg: AlignTrainConfig, data: RetrievalSplit, idx: torch.Tensor, hardest: bool, env=None, dev="cpu",
+               flip: torch.Tensor | None = None):
     """The ranking loss of the global batch ``idx`` (sentence positions); under torch.distributed this
-    rank embeds only its share and the scores use every rank's vectors (see :func:`rank_share`)."""
+    rank embeds only its share and the scores use every rank's vectors (see :func:`rank_share`). ``flip``: the
+    images that read their mirrored features (:func:`epoch_flips`)."""
     from vsa.align import ranking_loss
     from vsa.distributed import gather_with_grad
 
@@ -145,11 +169,12 @@ def batch_loss(emb, model, cfg: AlignTrainConfig, data: RetrievalSplit, idx: tor
     T = int(lengths.max())
     ids = data.ids[idx, :T]
     if env is None or not env.enabled:
-        V, vm, S, sm = emb(data.feats[img].to(dev), data.rmask[img].to(dev), ids.to(dev), lengths.to(dev))
+        V, vm, S, sm = emb(image_feats(data, img, flip).to(dev), data.rmask[img].to(dev), ids.to(dev), lengths.to(dev))
         return ranking_loss(model.score(V, vm, S, sm), img_of.to(dev), cfg.margin, hardest), 1.0
     imgs, sents = rank_share(img_of, len(img), env.world)
     mi, ms = imgs[env.rank], sents[env.rank]
-    V, vm, S, sm = emb(data.feats[img[mi]].to(dev), data.rmask[img[mi]].to(dev), ids[ms].to(dev), lengths[ms].to(dev))
+    V, vm, S, sm = emb(image_feats(data, img[mi], flip).to(dev), data.rmask[img[mi]].to(dev), ids[ms].to(dev),
+                       lengths[ms].to(dev))
     isz, ssz = [len(x) for x in imgs], [len(x) for x in sents]
     V, vm = gather_with_grad(V, env, isz), gather_with_grad(vm, env, isz)
     S, sm = gather_with_grad(S, env, ssz), gather_with_grad(sm, env, ssz)
@@ -169,6 +194,7 @@ def train_epoch(model, opt, cfg: AlignTrainConfig, data: RetrievalSplit, epoch: 
         g["lr"] = lr_at(cfg, epoch)
     hardest = cfg.loss == "max" and epoch >= cfg.warmup_epochs
     order = epoch_order(data.sent_image, cfg.group, cfg.seed * 1000 + epoch)
+    flip = epoch_flips(data, cfg.flip, cfg.seed * 1000 + epoch + 500)  # the same draw on every rank
     dev = next(model.parameters()).device
     n_batches = math.ceil(len(order) / cfg.batch_size)
     if cfg.steps_per_epoch:
@@ -182,7 +208,7 @@ def train_epoch(model, opt, cfg: AlignTrainConfig, data: RetrievalSplit, epoch: 
         if world > 1 and len(torch.unique(data.sent_image[idx])) < world:
             continue  # too few images to give every rank one (only a tiny last batch): skipped everywhere
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            loss, scale = batch_loss(emb, model, cfg, data, idx, hardest, env, dev)
+            loss, scale = batch_loss(emb, model, cfg, data, idx, hardest, env, dev, flip)
         opt.zero_grad(set_to_none=True)
         (loss * scale).backward()  # DDP averages gradients over ranks: x world gives the global-batch gradient
         if cfg.clip_value:
@@ -249,18 +275,20 @@ def _describe(epochs: int):
 
 def train(mcfg: AlignModelConfig, tcfg: AlignTrainConfig, ds, features, out, resume: bool = False,
           device: str = "cpu", info=print, warn=None, progress=None, skip_missing: bool = False,
-          epochs: int | None = None, overrides: list[str] | None = None, log=None) -> dict:
+          epochs: int | None = None, overrides: list[str] | None = None, log=None, flip_features=None) -> dict:
     """Train, keep the best-on-val model at ``out`` (metrics JSONL at ``log``); returns :func:`vsa.trainer.fit`'s summary
     (``best`` holds the best epoch's val retrieval metrics).
 
     With ``resume`` the configs come from ``<out stem>.last.pt``; ``epochs`` (if given) changes its total
     and ``overrides`` (``KEY=VALUE``, as ``--set``) change other fields (e.g. the learning-rate schedule).
+    ``flip_features``: the same features of the mirrored images (``vsa embed --flip``, same regions and settings),
+    read by a training image with probability ``tcfg.flip`` in each epoch.
     """
     from vsa import distributed as D
     from vsa.align import build_model, check_rows, region_rows
     from vsa.checkpoint import config_from
     from vsa.data import Vocab, build_vocab
-    from vsa.featstore import load_features
+    from vsa.featstore import RegionBank, check_mirrored, load_features
     from vsa.runtime import seed_all, set_threads
     from vsa.splits import retrieval_split
     from vsa.trainer import fit, load_last
@@ -290,6 +318,10 @@ def train(mcfg: AlignModelConfig, tcfg: AlignTrainConfig, ds, features, out, res
     R = region_rows(mcfg)
     train_data = retrieval_split(ds, "train", store, vocab, R, mcfg.max_len, tcfg.max_train_images, warn, skip_missing)
     val_data = retrieval_split(ds, "val", store, vocab, R, mcfg.max_len, tcfg.val_images, warn, skip_missing)
+    if flip_features is not None:
+        mirrored = load_features(flip_features)
+        check_mirrored(store, mirrored, train_data.keys, flip_features)
+        train_data.flipped = RegionBank(mirrored, train_data.keys, R)
     info(f"train: {len(train_data.keys)} images, {len(train_data.ids)} sentences; val: {len(val_data.keys)} images, "
          f"{len(val_data.ids)} sentences; vocabulary {len(vocab)}; features {store.dim}-d, "
          f"up to {train_data.feats.shape[1]} regions ({time.time() - t0:.1f}s to load)")
@@ -306,6 +338,8 @@ def train(mcfg: AlignModelConfig, tcfg: AlignTrainConfig, ds, features, out, res
         info(f"distributed: {env.world} processes ({'nccl' if env.device.startswith('cuda') else 'gloo'}), "
              f"global batch {tcfg.batch_size} sentences split over them by image")
     meta = {"features": str(features), "dataset": str(ds.source), "train_images": len(train_data.keys)}
+    if flip_features is not None:
+        meta["flip_features"] = str(Path(flip_features).resolve())
     if tcfg.glove:
         meta["aliases"] = state["meta"].get("aliases", {}) if state else glove_aliases(vocab.words, tcfg.glove)
     return fit(stage, out, tcfg.epochs, env, info, progress, resume=state, meta=meta, describe=_describe(tcfg.epochs),
@@ -332,3 +366,5 @@ def check(mcfg: AlignModelConfig, tcfg: AlignTrainConfig) -> None:
             raise VsaError(f"unknown {name} {getattr(tcfg, name)!r} (expected one of {', '.join(allowed)})")
     if tcfg.epochs < 1 or tcfg.batch_size < 2:
         raise VsaError("epochs >= 1 and batch_size >= 2 are required")
+    if not 0.0 <= tcfg.flip <= 1.0:
+        raise VsaError(f"flip must be in [0, 1], got {tcfg.flip}")

@@ -405,25 +405,12 @@ def train_on(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, ds, 
 def mirrored_features(store, flipped, sp: CaptionSplit, regions: bool, max_regions: int, path) -> torch.Tensor:
     """The mirrored features (``flipped``, a FeatureStore made by ``vsa embed --flip``) of ``sp``'s images, laid out
     as ``sp.feats``; a one-line error unless they are the same features of the same images, mirrored."""
-    from vsa.featstore import feature_settings
+    from vsa.featstore import check_mirrored
     from vsa.splits import split_features
 
-    if not flipped.meta.get("flip"):
-        raise VsaError("not mirrored features: make them with `vsa embed ... --flip` (same settings as --features)",
-                       path)
-    ours = feature_settings(store.meta, flip=True, detector=store.meta.get("detector"))
-    theirs = feature_settings(flipped.meta, detector=flipped.meta.get("detector"))
-    diff = [k for k in ours if ours[k] != theirs[k]]
-    if diff:
-        raise VsaError(f"mirrored features made differently from --features ({', '.join(diff)} differ)", path)
     keys = [r.key for r in sp.items]
-    missing = [k for k in keys if k not in flipped]
-    if missing:
-        raise VsaError(f"{len(missing)} training images have no mirrored features (first: {missing[0]})", path)
-    feats, mask = split_features(flipped, keys, regions, max_regions)
-    if feats.shape != sp.feats.shape or (mask is not None and not torch.equal(mask, sp.mask)):
-        raise VsaError("mirrored features have other regions than --features (same regions JSONL?)", path)
-    return feats
+    check_mirrored(store, flipped, keys, path)
+    return split_features(flipped, keys, regions, max_regions)[0]
 
 
 def parse_overrides(cfgs, items: list[str]):

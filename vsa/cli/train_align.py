@@ -19,6 +19,7 @@ ALIGN_CONFIGS = ("vsa.align:AlignModelConfig", "vsa.train_align:AlignTrainConfig
 def train_align(
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Caption dataset (default: [dataset] path in vsa.toml)."),
     features: Optional[Path] = typer.Option(None, "--features", "-f", help="Features NPZ from `vsa embed` (default: [features] regions, or [features] whole for --model whole-image)."),
+    flip_features: Optional[Path] = typer.Option(None, "--flip-features", help="The same features of the mirrored images (`vsa embed ... --flip`, same regions): each training image reads them with probability flip (--set flip=P) in an epoch."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Best-on-val checkpoint (default: [align] model in vsa.toml). The latest state goes to <stem>.last.pt."),
     log: Optional[Path] = typer.Option(None, "--log", help="Metrics log, one JSON line per epoch (default: <out stem>.log.jsonl)."),
     model: Optional[str] = typer.Option(None, "--model", help="brnn (regions + words, the paper) or whole-image (the ablation baseline)."),
@@ -59,7 +60,7 @@ def train_align(
     with progress(transient=True) as prog:
         result = train(mcfg, tcfg, ds, feats, out, log=log, resume=resume, device=pick_device(device), info=info, warn=warn,
                        progress=prog, skip_missing=skip_missing,
-                       epochs=epochs if resume else None, overrides=set_ if resume else None)
+                       epochs=epochs if resume else None, overrides=set_ if resume else None, flip_features=flip_features)
     if result.get("rank", 0) != 0:  # torchrun: rank 0 reports
         return
     b = result["best"]
