@@ -15,7 +15,7 @@ _vsa_options() {
         "vsa init") echo "--dataset --images --detector --out --force --path -h --help" ;;
         "vsa regions") echo "-d --detector --top --conf --iou --dedup --imgsz --batch-size --workers -o --out --skip-bad --max-pixels --shard --device --threads -h --help" ;;
         "vsa embed") echo "-o --out --cnn --cnn-weights --batch-size --workers --crop --grid --cells --flip --context --dtype --shard --part-every --no-resume --skip-bad --max-pixels --device --threads -h --help" ;;
-        "vsa train-align") echo "--dataset -f --features -o --out --log --model --rnn --score --loss --epochs --batch-size --lr --hidden --glove --set --seed --resume --min-count --threads --skip-missing --device --json -h --help" ;;
+        "vsa train-align") echo "--dataset -f --features --flip-features -o --out --log --model --rnn --score --loss --epochs --batch-size --lr --hidden --glove --set --seed --resume --min-count --threads --skip-missing --device --json -h --help" ;;
         "vsa score") echo "-m --model -f --features --detector --top --cnn-weights --json --skip-bad --device -h --help" ;;
         "vsa train-mrnn") echo "--dataset -f --features --flip-features -o --out --alignments --rnn --attention --no-attention --hidden --embed --dropout --epochs --scst-epochs --scst-lr --batch-size --lr --lr-decay --label-smoothing --set --max-len --min-count --patience --seed --threads --device --resume --no-beam-search --skip-missing --json -h --help" ;;
         "vsa caption") echo "-m --model --weights --beam --max-len --length-penalty --json --coco-results --bare --regions --region-model --ground --aligner --detector --top --batch-size --device --cnn-weights --skip-bad --shard --threads -h --help" ;;
@@ -82,6 +82,7 @@ _vsa_value_kind() {
         "vsa embed ARGS") echo "files" ;;
         "vsa train-align --dataset") echo "files" ;;
         "vsa train-align -f"|"vsa train-align --features") echo "files" ;;
+        "vsa train-align --flip-features") echo "files" ;;
         "vsa train-align -o"|"vsa train-align --out") echo "files" ;;
         "vsa train-align --log") echo "files" ;;
         "vsa train-align --model") echo "files" ;;

@@ -71,6 +71,7 @@ complete -c vsa -n '__fish_seen_subcommand_from embed' -F
 # vsa train-align
 complete -c vsa -n '__fish_seen_subcommand_from train-align' -l dataset -r -F -d 'Caption dataset (default: [dataset] path in vsa.toml)'
 complete -c vsa -n '__fish_seen_subcommand_from train-align' -s f -l features -r -F -d 'Features NPZ from `vsa embed` (default: [features] regions, or [featu...'
+complete -c vsa -n '__fish_seen_subcommand_from train-align' -l flip-features -r -F -d 'The same features of the mirrored images (`vsa embed ...'
 complete -c vsa -n '__fish_seen_subcommand_from train-align' -s o -l out -r -F -d 'Best-on-val checkpoint (default: [align] model in vsa.toml)'
 complete -c vsa -n '__fish_seen_subcommand_from train-align' -l log -r -F -d 'Metrics log, one JSON line per epoch (default: <out stem>.log.jsonl)'
 complete -c vsa -n '__fish_seen_subcommand_from train-align' -l model -r -F -d 'brnn (regions + words, the paper) or whole-image (the ablation baseline)'
