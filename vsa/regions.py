@@ -128,6 +128,7 @@ class YoloV5StateDict:
         self.names = list(meta["names"].values()) if isinstance(meta["names"], dict) else list(meta["names"])
         self.strides = [int(s) for s in meta["strides"]]
         self.anchors = torch.tensor(meta["anchors_pixels"], dtype=torch.float32)  # [3 levels, 3, 2]
+        self._geo: dict = {}
         self.name = folder.name
         self.device = device
         try:
@@ -177,6 +178,21 @@ class YoloV5StateDict:
             y.append(x)
         return [y[17], y[20], y[23]]
 
+    def _geometry(self, lvl: int, ny: int, nx: int, device):
+        """``[3 * ny * nx, 5]`` per anchor of level ``lvl`` in the head's order (anchor, row, column): its cell's x, y,
+        the anchor's width, height (pixels) and the level's stride (cached per map size)."""
+        import torch
+
+        key = (lvl, ny, nx, str(device))
+        if key not in self._geo:
+            gy, gx = torch.meshgrid(torch.arange(ny, dtype=torch.float32), torch.arange(nx, dtype=torch.float32),
+                                    indexing="ij")
+            cell = torch.stack((gx, gy), -1).view(1, ny * nx, 2).expand(3, -1, -1)
+            anchor = self.anchors[lvl].view(3, 1, 2).expand(-1, ny * nx, -1)
+            stride = torch.full((3, ny * nx, 1), float(self.strides[lvl]))
+            self._geo[key] = torch.cat((cell, anchor, stride), -1).reshape(-1, 5).to(device)
+        return self._geo[key]
+
     def detect(self, images, opt: DetectOptions | None = None, **kw):
         import torch
 
@@ -185,28 +201,27 @@ class YoloV5StateDict:
         x = x.to(self.device)
         with torch.inference_mode():
             feats = self._forward(x)
-            all_boxes, all_scores = [], []
+            raw, geo = [], []
             for lvl, (f, head) in enumerate(zip(feats, self.heads)):
                 p = head(f)
                 b, _, ny, nx = p.shape
-                p = p.view(b, 3, self.no, ny, nx).permute(0, 1, 3, 4, 2).sigmoid()
-                gy, gx = torch.meshgrid(torch.arange(ny, device=p.device), torch.arange(nx, device=p.device), indexing="ij")
-                grid = torch.stack((gx, gy), -1).view(1, 1, ny, nx, 2).float()
-                anchor = self.anchors[lvl].to(p.device).view(1, 3, 1, 1, 2)
-                xy = (p[..., :2] * 2 - 0.5 + grid) * self.strides[lvl]
-                wh = (p[..., 2:4] * 2) ** 2 * anchor
-                box = torch.cat((xy - wh / 2, xy + wh / 2), -1).reshape(b, -1, 4)
-                score = (p[..., 4:5] * p[..., 5:]).reshape(b, -1, self.no - 5)
-                all_boxes.append(box)
-                all_scores.append(score)
-            boxes = torch.cat(all_boxes, 1)
-            scores = torch.cat(all_scores, 1)
+                raw.append(p.view(b, 3, self.no, ny, nx).permute(0, 1, 3, 4, 2).reshape(b, -1, self.no))
+                geo.append(self._geometry(lvl, ny, nx, p.device))
+            raw, geo = torch.cat(raw, 1), torch.cat(geo)  # logits [B, anchors, 5 + classes]; anchors' geometry
             out = []
             for i in range(len(images)):
-                idx, cls = (scores[i] > opt.conf).nonzero(as_tuple=True)
-                s = scores[i][idx, cls]
+                # a class score is objectness x class probability <= objectness: only anchors whose objectness
+                # passes the threshold can give a candidate, so the rest (~90% at conf 0.0005) are never decoded
+                a = (raw[i, :, 4].sigmoid() > opt.conf).nonzero().squeeze(1)
+                p, g = raw[i, a].sigmoid(), geo[a]
+                xy = (p[:, :2] * 2 - 0.5 + g[:, :2]) * g[:, 4:]
+                wh = (p[:, 2:4] * 2) ** 2 * g[:, 2:4]
+                box = torch.cat((xy - wh / 2, xy + wh / 2), -1)
+                score = p[:, 4:5] * p[:, 5:]
+                idx, cls = (score > opt.conf).nonzero(as_tuple=True)
+                s = score[idx, cls]
                 order = s.argsort(descending=True)[: 30 * max(opt.top, 1)]
-                out.append(_postprocess(boxes[i][idx[order]].cpu(), s[order].cpu(), cls[order].cpu(), self.names, metas[i], opt))
+                out.append(_postprocess(box[idx[order]].cpu(), s[order].cpu(), cls[order].cpu(), self.names, metas[i], opt))
         return out
 
 
