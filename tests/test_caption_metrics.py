@@ -53,3 +53,23 @@ def test_cider_d_matches_pycocoevalcap_when_idf_is_the_same_corpus():
     ours = CiderD(refs).score([res[k].split() for k in GTS], refs)
     _, theirs = Cider().compute_score(GTS, {k: [v] for k, v in res.items()})
     assert ours == pytest.approx(list(theirs), abs=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
+def test_meteor_reward_is_cider_d_plus_weighted_per_sentence_meteor():
+    from vsa.caption_metrics import MeteorSegments, MixedReward
+
+    end = "</s>"
+    corpus = [[r.split() + [end] for r in GTS[k]] for k in GTS]
+    refs = corpus[0]
+    cands = [["a", "dog", "runs", end], "a brown dog is running on the grass".split() + [end], []]
+    cider = CiderD(corpus)
+    mixed = MixedReward(cider, 2.0, end)
+    got = mixed.score(cands, [refs] * 3)
+    c = cider.score(cands, [refs] * 3)
+    m = MeteorSegments().score([x[:-1] for x in cands[:2]] + [[]], [[r[:-1] for r in refs]] * 3)
+    assert got == pytest.approx([a + 2.0 * b for a, b in zip(c, m)], abs=1e-9)
+    assert m[1] > m[0] > 0 and m[2] == 0.0  # recall: the longer matching sentence earns more; empty earns 0
+    # per sentence it is the evaluation's METEOR (one segment's corpus score), the end token unseen
+    one = score_captions({0: GTS[1]}, {0: "a dog runs"}, metrics=("METEOR",), tokenizer="simple")
+    assert one["METEOR"] == pytest.approx(100 * m[0], abs=0.01)

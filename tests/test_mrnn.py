@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -454,3 +455,14 @@ def test_flip_features_are_read_by_training_images_with_probability_flip(tmp_pat
             T.train_on(*cfg, load_dataset(ds_path), feat_path, tmp_path / "x.pt", log=lambda *_: None, flip_features=bad)
     with pytest.raises(Exception, match="flip must be"):
         T.check(*T.configs(flip=2.0))
+
+
+def test_scst_reward_mixes_meteor_only_when_asked(tmp_path):
+    from vsa.caption_metrics import CiderD, MixedReward
+
+    ds, store, vocab, tr, va = _splits(tmp_path)
+    assert isinstance(T.scst_reward(tr, T.configs()[1]), CiderD)
+    if shutil.which("java") is None:
+        pytest.skip("METEOR needs Java")
+    mixed = T.scst_reward(tr, T.configs(scst_meteor=0.5)[1])
+    assert isinstance(mixed, MixedReward) and mixed.weight == 0.5 and mixed.end == T.END_WORD

@@ -158,3 +158,50 @@ class CiderD:
 
     def score(self, cands: list[list[str]], refs: list[list[list[str]]]) -> list[float]:
         return [self.score_one(c, r) for c, r in zip(cands, refs)]
+
+
+# ----------------------------------------------------------------------------- METEOR reward
+
+
+class MeteorSegments:
+    """Per-sentence METEOR 1.5 (pycocoevalcap's jar, ``-norm``: the scorer of :func:`score_captions`) of token
+    lists against token-list references, one Java process for the scorer's life (~1000 sentences/s).
+    An empty candidate scores 0 without asking Java."""
+
+    def __init__(self):
+        try:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            self._m = Meteor()
+        except (OSError, ImportError) as e:  # no java on PATH, no pycocoevalcap
+            from vsa.errors import VsaError
+
+            raise VsaError(f"a METEOR reward needs Java and pycocoevalcap ({e}): install a Java runtime "
+                           "or set scst_meteor=0") from None
+
+    def score(self, cands: list[list[str]], refs: list[list[list[str]]]) -> list[float]:
+        keep = [i for i, c in enumerate(cands) if c]
+        out = [0.0] * len(cands)
+        if keep:
+            gts = {j: [" ".join(r) for r in refs[i]] for j, i in enumerate(keep)}
+            res = {j: [" ".join(cands[i])] for j, i in enumerate(keep)}
+            _, per = self._m.compute_score(gts, res)
+            for j, i in enumerate(keep):
+                out[i] = float(per[j])
+        return out
+
+
+class MixedReward:
+    """``CIDEr-D + meteor_weight x METEOR`` per sentence: the reward of self-critical training with
+    ``scst_meteor`` > 0 (METEOR weighs recall 9:1, so it asks for the content CIDEr-D's precision leaves out).
+    ``end`` (CIDEr-D's sentence-end token) is dropped from what METEOR reads."""
+
+    def __init__(self, cider: CiderD, meteor_weight: float, end: str, meteor: MeteorSegments | None = None):
+        self.cider, self.weight, self.end = cider, float(meteor_weight), end
+        self.meteor = meteor if meteor is not None else MeteorSegments()
+
+    def score(self, cands: list[list[str]], refs: list[list[list[str]]]) -> list[float]:
+        c = self.cider.score(cands, refs)
+        strip = lambda ws: [w for w in ws if w != self.end]  # noqa: E731
+        m = self.meteor.score([strip(x) for x in cands], [[strip(r) for r in rs] for rs in refs])
+        return [a + self.weight * b for a, b in zip(c, m)]

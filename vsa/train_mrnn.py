@@ -56,6 +56,7 @@ class MRNNTrainConfig:
     scst_lr_decay: float = 0.85  # SCST learning rate x this per SCST epoch after the first (1e-4 -> 2.3e-5 at 10)
     scst_samples: int = 5
     scst_dropout: bool = False  # sample and re-score with dropout on (as the reference does) instead of off
+    scst_meteor: float = 0.0  # reward CIDEr-D + this x METEOR (per sentence; needs Java): longer, recall-richer captions
     # features with detector boxes and image cells (`vsa embed REGIONS --cells G`): each training image's boxes are
     # dropped with this probability (the whole image and its cells kept), so the model also captions photos
     # without a detector, on the whole image and its cells alone
@@ -263,9 +264,7 @@ class MRNNStage:
 
                 self.model.load_state_dict(load_checkpoint(self.out, "mrnn")["state_dict"])
                 self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.scst_lr)
-            from vsa.caption_metrics import CiderD
-
-            self.scorer = CiderD([ends(r) for r in sp.ref_tokens])
+            self.scorer = scst_reward(sp, cfg)
         lr = scst_lr(cfg, epoch)
         _set_lr(self.opt, lr)
         n_img = max(1, cfg.batch_size // cfg.scst_samples)
@@ -541,9 +540,19 @@ def ends(refs: list[list[str]]) -> list[list[str]]:
     return [list(r) + [END_WORD] for r in refs]
 
 
+def scst_reward(sp: CaptionSplit, cfg: MRNNTrainConfig):
+    """The SCST reward's scorer: CIDEr-D with document frequencies from ``sp``'s references (``</s>`` kept), plus
+    ``scst_meteor`` x METEOR when that is > 0."""
+    from vsa.caption_metrics import CiderD, MixedReward
+
+    cider = CiderD([ends(r) for r in sp.ref_tokens])
+    return MixedReward(cider, cfg.scst_meteor, END_WORD) if cfg.scst_meteor > 0 else cider
+
+
 def _scst_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, scorer, vocab: Vocab, ddp=None, env=None,
                 tick=lambda: None, max_len: int = 20) -> float:
-    """Self-critical sequence training: reward CIDEr-D, baseline the mean reward of the other samples.
+    """Self-critical sequence training: reward ``scorer`` (CIDEr-D, :func:`scst_reward`), baseline the mean reward
+    of the other samples.
 
     Under torchrun every rank samples for its share of each global batch of images."""
     from vsa.distributed import DistEnv, share
@@ -593,7 +602,7 @@ def _scst_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, 
         from vsa.distributed import all_reduce_mean
 
         total, count = all_reduce_mean(total, env), all_reduce_mean(count, env)
-    return total / max(count, 1)  # mean sample reward (CIDEr-D)
+    return total / max(count, 1)  # mean sample reward
 
 
 # ----------------------------------------------------------------------------- decoding defaults
