@@ -189,6 +189,10 @@ complete -c vsa -n '__fish_seen_subcommand_from eval' -s o -l out -r -F -d 'Writ
 complete -c vsa -n '__fish_seen_subcommand_from eval' -l json -d 'Print the report as JSON on stdout instead of tables'
 complete -c vsa -n '__fish_seen_subcommand_from eval' -l ensemble -d 'Several aligners: average their standardised scores (each on its --fe...'
 complete -c vsa -n '__fish_seen_subcommand_from eval' -l weights -r -F -d 'With --ensemble: comma-separated weights, one per --model in order (d...'
+complete -c vsa -n '__fish_seen_subcommand_from eval' -l rerank -r -F -d 'Generator checkpoint that re-ranks the aligner\'s best candidates of e...'
+complete -c vsa -n '__fish_seen_subcommand_from eval' -l rerank-features -r -F -d 'Features NPZ of the --rerank generator (default: the one it was train...'
+complete -c vsa -n '__fish_seen_subcommand_from eval' -l rerank-k -x -d 'Candidates re-ranked per query (default: RerankConfig.k, 20)'
+complete -c vsa -n '__fish_seen_subcommand_from eval' -l rerank-weight -x -d 'The generator\'s weight against the aligner\'s, both standardised per l...'
 complete -c vsa -n '__fish_seen_subcommand_from eval' -l device -x -d 'auto (cuda when present), cpu, cuda'
 complete -c vsa -n '__fish_seen_subcommand_from eval' -s h -l help -d 'Show help and exit'
 

@@ -70,12 +70,16 @@ def combine_scores(mats: list[np.ndarray], weights: list[float] | None = None) -
 
 
 def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, device: str = "auto",
-                     weights: list[float] | None = None) -> dict:
+                     weights: list[float] | None = None, rerank=None, rerank_features=None, rerank_cfg=None,
+                     progress=None) -> dict:
     """Retrieval metrics of the aligner at ``model_path`` on ``split`` of ``ds`` (see docs/formats.md).
 
     ``model_path`` may be a list of aligners: their standardised scores are averaged (an ensemble;
     each model reads the features it was trained on unless ``features`` is given: then a list, one
-    features file (or None) per model)."""
+    features file (or None) per model).
+    ``rerank``: a generator checkpoint that re-ranks the aligners' best candidates of every query
+    (:func:`vsa.rerank.pmi_rerank`, ``rerank_cfg`` a :class:`vsa.rerank.RerankConfig`) on the features file
+    ``rerank_features``; the report's figures are then the re-ranked ones, ``rerank`` holds the aligners' own."""
     from vsa.retrieval import retrieval_metrics
 
     paths = list(model_path) if isinstance(model_path, (list, tuple)) else [model_path]
@@ -92,7 +96,14 @@ def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, 
             raise VsaError("the ensemble's models see different images or sentences of the split "
                            "(features files with different images?)", p)
     scores = runs[0][0] if len(runs) == 1 else combine_scores([r[0] for r in runs], weights)
-    m = retrieval_metrics(scores, data.sent_image.numpy())
+    owner = data.sent_image.numpy()
+    m = retrieval_metrics(scores, owner)
+    search = None
+    if rerank is not None:
+        first = m
+        (scores, search), rr = _rerank(scores, data, ds, split, rerank, rerank_features, rerank_cfg, device, progress)
+        m = retrieval_metrics(scores, owner, search)
+        rr["aligner"] = {k: first[k] for k in ("i2t", "t2i", "rsum")}
     name = " + ".join(str(p) for p in paths)
     cfgs = [{k: {**r[3]["model"], **r[3]["train"]}.get(k) for k in ("model", "rnn", "score", "hidden", "loss")} for r in runs]
     report = {"model": name, "features": " + ".join(str(r[2]) for r in runs), "images": len(data.keys),
@@ -101,12 +112,33 @@ def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, 
     if len(runs) > 1:
         report["ensemble"] = {"models": [str(p) for p in paths], "weights": list(weights or [1.0] * len(paths)),
                               "members": [retrieval_metrics(r[0], data.sent_image.numpy())["rsum"] for r in runs]}
+    if rerank is not None:
+        report["rerank"] = rr
     paper = PAPER.get(_paper_key(ds.name))
     if paper:
         report["paper"] = paper
     if ranks_out is not None:
-        write_ranks(ranks_out, ds, split, data, scores, name)
+        write_ranks(ranks_out, ds, split, data, scores, name, search)
     return report
+
+
+def _rerank(scores, data, ds, split: str, gen_path, features, cfg, device, progress):
+    """``((annotation scores, search scores), report section)`` of the generator ``gen_path`` re-ranking ``scores``."""
+    import time
+
+    from vsa.featstore import load_features
+    from vsa.rerank import RerankConfig, generator_logp, pmi_rerank
+
+    cfg = cfg or RerankConfig()
+    if features is None:
+        raise VsaError("re-ranking needs the generator's features (--rerank-features NPZ)")
+    t0 = time.time()
+    store = load_features(features)
+    tokens = {s.sentid: s.tokens for r in ds.split(split) for s in r.sentences}
+    logp, _ = generator_logp(gen_path, store, data.keys, [tokens[j] for j in data.sentids], device, progress)
+    mats = pmi_rerank(scores, logp, cfg.k, cfg.weight)
+    return mats, {"model": str(gen_path), "features": str(features), "k": cfg.k, "weight": cfg.weight,
+                  "seconds": round(time.time() - t0, 1)}
 
 
 def _paper_key(name: str) -> str:
@@ -114,13 +146,16 @@ def _paper_key(name: str) -> str:
     return "coco" if n.startswith("coco") else n
 
 
-def ranks_record(ds, split: str, data, scores: np.ndarray, model: str, k: int = TOP) -> dict:
-    """The ``--ranks-out`` JSON (docs/formats.md "Retrieval ranks JSON")."""
+def ranks_record(ds, split: str, data, scores: np.ndarray, model: str, k: int = TOP,
+                 search: np.ndarray | None = None) -> dict:
+    """The ``--ranks-out`` JSON (docs/formats.md "Retrieval ranks JSON"); ``search``: the sentences' own score
+    matrix when it is not ``scores`` (re-ranking)."""
     from vsa.retrieval import i2t_ranks, t2i_ranks, top_k
 
     owner = data.sent_image.numpy()
-    ri, rt = i2t_ranks(scores, owner), t2i_ranks(scores, owner)
-    top_s, top_i = top_k(scores, k, axis=1), top_k(scores, k, axis=0)
+    tscores = scores if search is None else search
+    ri, rt = i2t_ranks(scores, owner), t2i_ranks(tscores, owner)
+    top_s, top_i = top_k(scores, k, axis=1), top_k(tscores, k, axis=0)
     text = {s.sentid: s.raw for r in ds.split(split) for s in r.sentences}
     images = []
     for i, key in enumerate(data.keys):
@@ -131,14 +166,14 @@ def ranks_record(ds, split: str, data, scores: np.ndarray, model: str, k: int = 
     for j, sid in enumerate(data.sentids):
         sentences.append({"sentid": sid, "text": text.get(sid, ""), "gt": data.keys[owner[j]], "rank": int(rt[j]),
                           "top": [data.keys[i] for i in top_i[j]],
-                          "top_scores": [round(float(scores[i, j]), 4) for i in top_i[j]]})
+                          "top_scores": [round(float(tscores[i, j]), 4) for i in top_i[j]]})
     return {"split": split, "dataset": ds.name, "model": model, "k": k, "images": images, "sentences": sentences}
 
 
-def write_ranks(path, ds, split: str, data, scores: np.ndarray, model: str) -> None:
+def write_ranks(path, ds, split: str, data, scores: np.ndarray, model: str, search: np.ndarray | None = None) -> None:
     from vsa.io import write_json
 
-    write_json(path, ranks_record(ds, split, data, scores, model))
+    write_json(path, ranks_record(ds, split, data, scores, model, search=search))
 
 
 def _fmt(x) -> str:
@@ -160,6 +195,10 @@ def render_retrieval(report: dict, console) -> None:
     paper = report.get("paper")
     if paper:
         t.add_column("paper BRNN", justify="right", style="dim")
+    rr = report.get("rerank")
+    if rr:
+        t.add_column(name, justify="right")
+        name = f"+ re-ranked (top {rr['k']})"
     t.add_column(name, justify="right", style="bold")
     better = 0
     for d, label in (("i2t", "annotation (image->text)"), ("t2i", "search (text->image)")):
@@ -168,10 +207,12 @@ def render_retrieval(report: dict, console) -> None:
             if paper:
                 row.append(_fmt(paper[d][m]))
                 better += (report[d][m] < paper[d][m]) if m == "medr" else (report[d][m] > paper[d][m])
+            if rr:
+                row.append(_fmt(rr["aligner"][d][m]))
             row.append(_fmt(report[d][m]))
             t.add_row(*row, end_section=m == "medr")
     console.print(t)
-    tail = f"rsum {report['rsum']:.1f}"
+    tail = f"rsum {report['rsum']:.1f}" + (f" (the aligner alone {rr['aligner']['rsum']:.1f})" if rr else "")
     if paper:
         tail = f"better than the paper on {better} of 8 figures; " + tail
     console.print(tail)

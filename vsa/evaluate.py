@@ -11,7 +11,7 @@ from vsa.errors import VsaError
 def evaluate(models: list, ds, split: str, features: list | None = None, detector=None, beam: int | None = None,
              captions_out=None, ranks_out=None, ensemble: bool = False, weights: list[float] | None = None,
              device: str = "auto", jit: bool = True, max_pixels: int | None = None, progress=None, warn=None, note=None,
-             on_section=None) -> dict:
+             on_section=None, rerank=None, rerank_features=None, rerank_cfg=None) -> dict:
     """The eval report ``{"split", "dataset", "retrieval", "generation"}`` (docs/formats.md) of the checkpoints
     ``models`` on ``split`` of ``ds``.
 
@@ -23,6 +23,8 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
     ``features``: a features file or None per model; None: the file the model was trained on, else computed from
     the dataset's images (``detector``, a spec, for region features) into a temporary folder, removed at the end,
     and reported as ``computed from <image root>`` (``jit`` False: the CNN runs eager, never traced; ``max_pixels``: :func:`vsa.images.open_image`'s limit).
+    ``rerank``: a generator checkpoint re-ranking the aligners' best candidates (:mod:`vsa.rerank`, ``rerank_cfg``),
+    on ``rerank_features`` (None: found or computed like a model's).
     ``on_section(name, section)`` is called as each section is
     done (``vsa eval`` prints its table then); ``progress``, ``warn``, ``note``: a rich Progress and message
     callbacks.
@@ -49,6 +51,11 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
     for name, idx in (("aligners", aligners), ("generators", generators)):
         if len(idx) > 1 and not ensemble:
             raise VsaError(f"{len(idx)} {name} given: evaluate one at a time, or pass --ensemble to combine them")
+    if rerank is not None:
+        if not aligners:
+            raise VsaError("--rerank re-ranks an aligner's retrieval: give an aligner --model too")
+        if load_checkpoint(rerank)["kind"] != "mrnn":
+            raise VsaError("--rerank takes a generator checkpoint (vsa train-mrnn)", rerank)
     if weights is not None and len(weights) != len(models):
         raise VsaError(f"{len(weights)} weights for {len(models)} models (one per --model)")
 
@@ -66,9 +73,14 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
 
             fs = [feats(i) for i in aligners]
             paths = [models[i] for i in aligners]
+            rf = None
+            if rerank is not None:
+                rf = features_for_eval(rerank, ds, split, tmp, rerank_features, detector, device, computed, progress,
+                                       warn, note, jit=jit, max_pixels=max_pixels)
             report["retrieval"] = evaluate_aligner(paths if ensemble else paths[0], ds, split,
                                                    features=fs if ensemble else fs[0], ranks_out=ranks_out,
-                                                   device=device, weights=weights_of(aligners))
+                                                   device=device, weights=weights_of(aligners), rerank=rerank,
+                                                   rerank_features=rf, rerank_cfg=rerank_cfg, progress=progress)
             _name_computed(report["retrieval"], computed, ds)
             if on_section is not None:
                 on_section("retrieval", report["retrieval"])

@@ -51,10 +51,11 @@ def summarize(ranks: np.ndarray, ks=KS) -> dict:
     return out
 
 
-def retrieval_metrics(scores: np.ndarray, sent_image: np.ndarray) -> dict:
-    """Both directions plus ``rsum`` (sum of the six recalls, the model-selection figure)."""
+def retrieval_metrics(scores: np.ndarray, sent_image: np.ndarray, t2i_scores: np.ndarray | None = None) -> dict:
+    """Both directions plus ``rsum`` (sum of the six recalls, the model-selection figure); ``t2i_scores``: search
+    ranked by another matrix than annotation (re-ranking, :mod:`vsa.rerank`)."""
     i2t = summarize(i2t_ranks(scores, sent_image))
-    t2i = summarize(t2i_ranks(scores, sent_image))
+    t2i = summarize(t2i_ranks(scores if t2i_scores is None else t2i_scores, sent_image))
     rsum = round(sum(i2t[f"r{k}"] + t2i[f"r{k}"] for k in KS), 2)
     return {"i2t": i2t, "t2i": t2i, "rsum": rsum}
 

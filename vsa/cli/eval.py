@@ -31,6 +31,10 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of tables."),
     ensemble: bool = typer.Option(False, "--ensemble", help="Several aligners: average their standardised scores (each on its --features, else the features it was trained on); several generators: decode them as one, averaging their word probabilities."),
     weights: Optional[str] = typer.Option(None, "--weights", help="With --ensemble: comma-separated weights, one per --model in order (default: equal)."),
+    rerank: Optional[Path] = typer.Option(None, "--rerank", help="Generator checkpoint that re-ranks the aligner's best candidates of each query by log p(sentence | image) - log p(sentence) (docs/alignment.md)."),
+    rerank_features: Optional[Path] = typer.Option(None, "--rerank-features", help="Features NPZ of the --rerank generator (default: the one it was trained on, else computed from the images)."),
+    rerank_k: Optional[int] = typer.Option(None, "--rerank-k", help="Candidates re-ranked per query (default: RerankConfig.k, 20)."),
+    rerank_weight: Optional[float] = typer.Option(None, "--rerank-weight", help="The generator's weight against the aligner's, both standardised per list (default: RerankConfig.weight, 4)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
 ):
     """Retrieval (aligner) and caption metrics (generator) on a split, beside the paper's numbers."""
@@ -48,6 +52,18 @@ def evaluate(
     if weights is not None and not ensemble:
         raise VsaError("--weights needs --ensemble")
     w = parse_weights(weights, len(models)) if weights else None
+    rcfg = None
+    if rerank is not None:
+        import dataclasses
+
+        from vsa.rerank import RerankConfig
+
+        given = {k: v for k, v in (("k", rerank_k), ("weight", rerank_weight)) if v is not None}
+        rcfg = dataclasses.replace(RerankConfig(), **given)
+        if rcfg.k < 1 or rcfg.weight < 0:
+            raise VsaError("--rerank-k must be >= 1 and --rerank-weight >= 0")
+    elif rerank_k is not None or rerank_weight is not None or rerank_features is not None:
+        raise VsaError("--rerank-k, --rerank-weight and --rerank-features need --rerank GENERATOR")
 
     def table(name: str, section: dict) -> None:  # each section's table as soon as it is done
         if as_json:
@@ -62,7 +78,8 @@ def evaluate(
         report = run_eval(models, ds, split, feats, W.detector(detector), beam=beam, captions_out=captions_out,
                           ranks_out=ranks_out, ensemble=ensemble, weights=w, device=device, jit=W.jit(),
                           max_pixels=W.max_pixels(None), progress=prog,
-                          warn=warn, note=note, on_section=table)
+                          warn=warn, note=note, on_section=table, rerank=rerank, rerank_features=rerank_features,
+                          rerank_cfg=rcfg)
     if out is not None:
         write_json(out, report, indent=True)
     if as_json:
