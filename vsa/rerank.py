@@ -85,6 +85,7 @@ def caption_logprobs(model, feats_of, sentences: list[list[int]], pairs: np.ndar
     import torch
 
     from vsa.data import Vocab
+    from vsa.train_mrnn import sequence_logprob
 
     order = np.lexsort((pairs[:, 1], pairs[:, 0]))
     out = np.zeros(len(pairs), dtype=np.float64)
@@ -92,25 +93,16 @@ def caption_logprobs(model, feats_of, sentences: list[list[int]], pairs: np.ndar
     with torch.no_grad():
         for s in range(0, len(order), batch):
             idx = order[s : s + batch]
-            img, sen = pairs[idx, 0], pairs[idx, 1]
-            uniq, rows = np.unique(img, return_inverse=True)
+            uniq, rows = np.unique(pairs[idx, 0], return_inverse=True)
             f, msk = feats_of(uniq.tolist())
-            B = len(idx)
-            seqs = [sentences[int(j)] + [Vocab.end] for j in sen]
-            T = max(len(x) for x in seqs)
-            tgt = torch.full((B, T), Vocab.pad, dtype=torch.long)
+            seqs = [sentences[int(j)] + [Vocab.end] for j in pairs[idx, 1]]
+            tgt = torch.full((len(idx), max(map(len, seqs))), Vocab.pad, dtype=torch.long)
             for r, x in enumerate(seqs):
                 tgt[r, : len(x)] = torch.tensor(x)
-            tgt = tgt.to(dev)
-            inp = torch.cat([torch.full((B, 1), Vocab.start, dtype=torch.long, device=dev), tgt[:, :-1]], 1)
-            inp = torch.where(inp == Vocab.pad, torch.full_like(inp, Vocab.end), inp)
-            valid = tgt != Vocab.pad
-            logits = model(f.to(dev), inp, None if msk is None else msk.to(dev), select=valid,
-                           rows=torch.from_numpy(rows).to(dev))
-            lp = torch.log_softmax(logits.float(), -1).gather(1, tgt[valid][:, None]).squeeze(1)
-            row = torch.arange(B, device=dev)[:, None].expand(B, T)[valid]
-            out[idx] = torch.zeros(B, dtype=torch.float64, device=dev).index_add(0, row, lp.double()).cpu().numpy()
-            tick(B)
+            lp = sequence_logprob(model, f.to(dev), None if msk is None else msk.to(dev), tgt.to(dev),
+                                  torch.from_numpy(rows).to(dev), constrained=False)
+            out[idx] = lp.double().cpu().numpy()
+            tick(len(idx))
     return out
 
 

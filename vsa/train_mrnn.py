@@ -503,10 +503,12 @@ def _xe_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, dd
     return total / max(n, 1)
 
 
-def sequence_logprob(model, feats, mask, seqs: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+def sequence_logprob(model, feats, mask, seqs: torch.Tensor, rows: torch.Tensor | None = None,
+                     constrained: bool = True) -> torch.Tensor:
     """Summed log-probability of each sampled sequence (``<end>``-terminated, pad after), with gradients,
-    under exactly the distribution :func:`vsa.decoding.sample` draws from (same constraints). Only the
-    real positions are computed (the pads after ``<end>`` are not)."""
+    under exactly the distribution :func:`vsa.decoding.sample` draws from (same constraints; ``constrained``
+    False: the plain softmax, for sentences the model did not draw). Only the real positions are computed
+    (the pads after ``<end>`` are not)."""
     from vsa.decoding import constrained_log_softmax
 
     B, T = seqs.shape
@@ -516,7 +518,8 @@ def sequence_logprob(model, feats, mask, seqs: torch.Tensor, rows: torch.Tensor 
     logits = model(feats, inp, mask, select=valid, rows=rows)  # [N, V], row-major over the valid positions
     first = torch.zeros_like(valid)
     first[:, 0] = True
-    lp = constrained_log_softmax(logits, first[valid]).gather(1, seqs[valid][:, None]).squeeze(1)
+    logp = constrained_log_softmax(logits, first[valid]) if constrained else torch.log_softmax(logits.float(), -1)
+    lp = logp.gather(1, seqs[valid][:, None]).squeeze(1)
     row = torch.arange(B, device=seqs.device)[:, None].expand(B, T)[valid]
     return torch.zeros(B, device=lp.device, dtype=lp.dtype).index_add(0, row, lp)
 
