@@ -121,3 +121,26 @@ def test_eval_rerank_reports_both_and_the_generator_lifts_a_weak_aligner(trained
     assert r.returncode == 2 and b"need --rerank" in r.stderr
     r = run_cli(*base, "--rerank", tmp / "a.pt", "--rerank-features", feats)
     assert r.returncode == 2 and b"generator checkpoint" in r.stderr
+
+
+def test_retrieval_table_of_an_ensemble_with_and_without_rerank():
+    """`vsa eval` without --json prints this table; an ensemble's config is a list (this used to raise)."""
+    from rich.console import Console
+
+    from vsa.eval_align import render_retrieval
+
+    fig = {"r1": 30.0, "r5": 60.0, "r10": 70.0, "medr": 3}
+    report = {"model": "a.pt + w.pt", "images": 10, "sentences": 50, "i2t": fig, "t2i": fig, "rsum": 320.0,
+              "config": [{"model": "brnn"}, {"model": "whole-image"}]}
+    con = Console(record=True, width=150)
+    render_retrieval(report, con)
+    text = con.export_text()
+    assert "vsa ensemble" in text and "rsum 320.0" in text and "re-ranked" not in text
+    low = {"r1": 20.0, "r5": 50.0, "r10": 60.0, "medr": 5}
+    report["rerank"] = {"model": "g.pt", "k": 30, "aligner": {"i2t": low, "t2i": low, "rsum": 260.0}}
+    con = Console(record=True, width=150)
+    render_retrieval(report, con)
+    text = con.export_text()
+    assert "+ re-ranked (top 30)" in text and "re-ranked by g.pt" in text and "the aligner alone 260.0" in text
+    row = next(x for x in text.splitlines() if "R@1" in x and "annotation" in x)
+    assert [c.strip() for c in row.split("│") if c.strip()][-2:] == ["20", "30"]  # the aligner's, then the re-ranked

@@ -187,15 +187,15 @@ def render_retrieval(report: dict, console) -> None:
     from rich.table import Table
 
     cfg = report.get("config", {})
-    name = f"vsa {cfg.get('model', '')}".strip()
+    name = "vsa ensemble" if isinstance(cfg, list) else f"vsa {cfg.get('model', '')}".strip()
+    rr = report.get("rerank")
     t = Table(title=f"Retrieval, {report['images']} images x {report['sentences']} sentences", title_justify="left",
-              caption=f"{report['model']}", caption_justify="left")
+              caption=f"{report['model']}" + (f", re-ranked by {rr['model']}" if rr else ""), caption_justify="left")
     t.add_column("direction")
     t.add_column("metric")
     paper = report.get("paper")
     if paper:
         t.add_column("paper BRNN", justify="right", style="dim")
-    rr = report.get("rerank")
     if rr:
         t.add_column(name, justify="right")
         name = f"+ re-ranked (top {rr['k']})"
