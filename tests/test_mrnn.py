@@ -466,3 +466,15 @@ def test_scst_reward_mixes_meteor_only_when_asked(tmp_path):
         pytest.skip("METEOR needs Java")
     mixed = T.scst_reward(tr, T.configs(scst_meteor=0.5)[1])
     assert isinstance(mixed, MixedReward) and mixed.weight == 0.5 and mixed.end == T.END_WORD
+
+
+def test_scst_meteor_is_checked_before_training(monkeypatch):
+    from vsa.errors import VsaError
+
+    with pytest.raises(VsaError, match="scst_meteor must be >= 0"):
+        T.check(*T.configs(scst_meteor=-1.0))
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no java on PATH
+    with pytest.raises(VsaError, match="needs Java"):
+        T.check(*T.configs(scst_meteor=1.0))
+    T.check(*T.configs(scst_meteor=1.0, scst_epochs=0))  # no SCST epoch: METEOR never runs
+    T.check(*T.configs())

@@ -111,7 +111,7 @@ def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, 
               "config": cfgs[0] if len(cfgs) == 1 else cfgs}
     if len(runs) > 1:
         report["ensemble"] = {"models": [str(p) for p in paths], "weights": list(weights or [1.0] * len(paths)),
-                              "members": [retrieval_metrics(r[0], data.sent_image.numpy())["rsum"] for r in runs]}
+                              "members": [retrieval_metrics(r[0], owner)["rsum"] for r in runs]}
     if rerank is not None:
         report["rerank"] = rr
     paper = PAPER.get(_paper_key(ds.name))
@@ -135,7 +135,7 @@ def _rerank(scores, data, ds, split: str, gen_path, features, cfg, device, progr
     t0 = time.time()
     store = load_features(features)
     tokens = {s.sentid: s.tokens for r in ds.split(split) for s in r.sentences}
-    logp, _ = generator_logp(gen_path, store, data.keys, [tokens[j] for j in data.sentids], device, progress)
+    logp = generator_logp(gen_path, store, data.keys, [tokens[j] for j in data.sentids], device, progress)
     mats = pmi_rerank(scores, logp, cfg.k, cfg.weight)
     return mats, {"model": str(gen_path), "features": str(features), "k": cfg.k, "weight": cfg.weight,
                   "seconds": round(time.time() - t0, 1)}

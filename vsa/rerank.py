@@ -108,7 +108,7 @@ def caption_logprobs(model, feats_of, sentences: list[list[int]], pairs: np.ndar
 
 def generator_logp(gen_path, store, keys: list[str], sentences: list[list[str]], device: str = "cpu", progress=None):
     """``logp(pairs)`` for :func:`pmi_rerank` from the generator checkpoint ``gen_path`` on the features ``store``
-    (its ``keys[i]`` is image i; ``sentences[j]`` the tokens of sentence j), and the generator's checkpoint."""
+    (its ``keys[i]`` is image i; ``sentences[j]`` the tokens of sentence j)."""
     from vsa.data import Vocab
     from vsa.errors import VsaError
     from vsa.featstore import check_extractor
@@ -135,4 +135,4 @@ def generator_logp(gen_path, store, keys: list[str], sentences: list[list[str]],
             tick = lambda n: progress.advance(task, n)  # noqa: E731
         return caption_logprobs(model, feats_of, ids, pairs, tick=tick)
 
-    return logp, ck
+    return logp

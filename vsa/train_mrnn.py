@@ -87,6 +87,13 @@ def check(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig) -> None
         raise VsaError(f"flip must be in [0, 1], got {tcfg.flip}")
     if not 0.0 <= tcfg.box_dropout <= 1.0:
         raise VsaError(f"box_dropout must be in [0, 1], got {tcfg.box_dropout}")
+    if tcfg.scst_meteor < 0:
+        raise VsaError(f"scst_meteor must be >= 0, got {tcfg.scst_meteor}")
+    if tcfg.scst_meteor > 0 and tcfg.scst_epochs > 0:
+        import shutil
+
+        if shutil.which("java") is None:  # before the cross-entropy epochs, not hours later at the first SCST one
+            raise VsaError("scst_meteor > 0 needs Java (METEOR 1.5 runs in it): install a Java runtime or set scst_meteor=0")
 
 
 # ----------------------------------------------------------------------------- data
