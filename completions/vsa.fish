@@ -257,6 +257,11 @@ complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcomma
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -s k -l top-k -x -d 'How many photos to list'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -s m -l model -r -F -d 'Aligner checkpoint (default: the index\'s)'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -l json -d 'JSON lines on stdout instead of a table'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -l rerank -r -F -d 'Generator checkpoint that re-ranks the aligner\'s best photos by log p...'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -l rerank-features -r -F -d 'Features NPZ of the --rerank generator holding the indexed photos (de...'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -l rerank-k -x -d 'Photos re-ranked (default: RerankConfig.k, 20, or -k if larger)'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -l rerank-weight -x -d 'The generator\'s weight against the aligner\'s, both standardised over...'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -l cnn-weights -r -F -d 'With --rerank: Local CNN weights file (default: the pip package\'s)'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -s h -l help -d 'Show help and exit'
 
 # vsa search sentences

@@ -144,3 +144,55 @@ def test_retrieval_table_of_an_ensemble_with_and_without_rerank():
     assert "+ re-ranked (top 30)" in text and "re-ranked by g.pt" in text and "the aligner alone 260.0" in text
     row = next(x for x in text.splitlines() if "R@1" in x and "annotation" in x)
     assert [c.strip() for c in row.split("│") if c.strip()][-2:] == ["20", "30"]  # the aligner's, then the re-ranked
+
+
+def test_search_text_rerank_orders_as_eval_search_and_lifts_a_weak_aligner(trained):
+    """`vsa search text --rerank`: per query, the aligner's top k re-ordered by log p(query | photo) (the search
+    direction of `vsa eval --rerank`, where the prior is a constant), photos read from --rerank-features."""
+    from vsa.align import load_aligner
+    from vsa.captioner import Captioner
+    from vsa.data import load_dataset
+    from vsa.featstore import load_features
+    from vsa.search import Index, rerank_hits, rerank_text, search_text
+
+    tmp, feats = trained
+    ds = load_dataset(tmp / "synthetic.json")
+    idx_path = tmp / "idx.npz"
+    r = run_cli("search", "index", "--features", feats, "--dataset", tmp / "synthetic.json", "--split", "test",
+                "--model", tmp / "a.pt", "-o", idx_path)
+    assert r.returncode == 0, r.stderr.decode()
+    idx, al = Index(idx_path), load_aligner(tmp / "a.pt")
+    gen, store = Captioner.load(tmp / "g.pt", "cpu"), load_features(feats)
+    before = after = 0
+    for rec in ds.split("test"):
+        for s in rec.sentences:
+            hits = search_text(al, idx, s.raw, 10)
+            new = rerank_text(hits, s.raw, gen, store, k=10)
+            assert sorted(h["key"] for h in new) == sorted(h["key"] for h in hits)  # only the candidates move
+            assert [h["rank"] for h in new] == list(range(1, 11))
+            assert all(a["rerank"] >= b["rerank"] for a, b in zip(new, new[1:]))
+            before += hits[0]["key"] == rec.key
+            after += new[0]["key"] == rec.key
+    ev = orjson.loads(run_cli("eval", "--dataset", tmp / "synthetic.json", "--model", tmp / "a.pt", "--features", feats,
+                              "--json", "--rerank", tmp / "g.pt", "--rerank-features", feats, "--rerank-k", "10").stdout)
+    n = sum(len(rec.sentences) for rec in ds.split("test"))
+    assert 100 * before / n == pytest.approx(ev["retrieval"]["rerank"]["aligner"]["t2i"]["r1"], abs=0.01)
+    assert 100 * after / n == pytest.approx(ev["retrieval"]["t2i"]["r1"], abs=1.01)  # scores rounded in the hits
+    assert after > before + 5, (before, after)
+    # weight 0 keeps the aligner's order; a large weight follows log p alone
+    hits = search_text(al, idx, ds.split("test")[0].sentences[0].raw, 10)
+    lp = np.linspace(-1.0, -10.0, 10)[::-1]  # the aligner's last is the generator's first
+    assert [h["aligner_rank"] for h in rerank_hits(hits, lp, 10, 0.0)] == list(range(1, 11))
+    assert [h["aligner_rank"] for h in rerank_hits(hits, lp, 3, 1e6)] == [10, 9, 8]
+    # the CLI: the same through --json; a photo the index names but that is no file needs --rerank-features
+    q = ds.split("test")[0].sentences[0].raw
+    r = run_cli("search", "text", q, "-i", idx_path, "--json", "-k", "3", "--rerank", tmp / "g.pt",
+                "--rerank-features", feats, "--rerank-k", "10")
+    assert r.returncode == 0, r.stderr.decode()
+    got = [orjson.loads(x) for x in r.stdout.splitlines()]
+    assert [h["key"] for h in got] == [h["key"] for h in rerank_text(search_text(al, idx, q, 10), q, gen, store, 3)]
+    assert {"logp", "rerank", "aligner_rank", "score"} <= set(got[0])
+    r = run_cli("search", "text", q, "-i", idx_path, "--rerank", tmp / "g.pt")
+    assert r.returncode == 2 and b"--rerank-features" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = run_cli("search", "text", q, "-i", idx_path, "--rerank-k", "5")
+    assert r.returncode == 2 and b"need --rerank" in r.stderr

@@ -335,3 +335,14 @@ def test_search_real_photos(flickr8k, yolov5n, shipped, tmp_path):
         assert len(hits) == 4
         hits_all.append(hits[0]["key"] == im["filename"])
     assert sum(hits_all) >= 3  # 4 photos: its own photo comes first for (nearly) every caption
+    # re-ranked by the shipped generator, which reads each candidate photo file (its own CNN, no detector)
+    from vsa.captioner import DEFAULT_MODEL
+
+    own = 0
+    for im in test:
+        r = run_cli("search", "text", im["sentences"][0]["raw"], "-i", idx, "--json", "--rerank", DEFAULT_MODEL)
+        assert r.returncode == 0, r.stderr.decode()
+        hits = [orjson.loads(x) for x in r.stdout.splitlines()]
+        assert sorted(h["aligner_rank"] for h in hits) == [1, 2, 3, 4] and all(h["logp"] < 0 for h in hits)
+        own += hits[0]["key"] == im["filename"]
+    assert own >= 3

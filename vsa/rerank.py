@@ -41,6 +41,12 @@ def _standardise(x: np.ndarray) -> np.ndarray:
     return (x - x.mean(axis=-1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
 
 
+def combine(aligner_scores, logp, weight: float = RerankConfig.weight) -> np.ndarray:
+    """One query's candidates re-scored: the aligner's scores and the generator's log-probabilities (or PMI),
+    each standardised over the list (mean 0, std 1), summed with the generator's ``weight``."""
+    return _standardise(np.asarray(aligner_scores, np.float64)) + weight * _standardise(np.asarray(logp, np.float64))
+
+
 def pmi_rerank(scores: np.ndarray, logp, k: int = RerankConfig.k, weight: float = RerankConfig.weight):
     """Re-ranked ``(annotation scores, search scores)``, two ``[N, M]`` matrices (one per direction).
 
@@ -65,13 +71,13 @@ def pmi_rerank(scores: np.ndarray, logp, k: int = RerankConfig.k, weight: float 
     offset = float(np.abs(s).max()) * 2 + 1e3
     t2i = s.copy()
     a_t = np.take_along_axis(s.T, per_sentence, 1)
-    new_t = offset + _standardise(a_t) + weight * _standardise(g_t - prior[:, None])
+    new_t = offset + combine(a_t, g_t - prior[:, None], weight)
     t2i[per_sentence, np.arange(m)[:, None]] = new_t
     # annotation: image i against its candidate sentences, PMI = log p(S | I) - log p(S)
     g_i = table(np.repeat(np.arange(n)[:, None], per_image.shape[1], 1), per_image) - prior[per_image]
     i2t = s.copy()
     a_i = np.take_along_axis(s, per_image, 1)
-    i2t[np.arange(n)[:, None], per_image] = offset + _standardise(a_i) + weight * _standardise(g_i)
+    i2t[np.arange(n)[:, None], per_image] = offset + combine(a_i, g_i, weight)
     return i2t, t2i  # float64: the candidates sit above an offset, float32 would tie close ones
 
 
@@ -136,3 +142,11 @@ def generator_logp(gen_path, store, keys: list[str], sentences: list[list[str]],
         return caption_logprobs(model, feats_of, ids, pairs, tick=tick)
 
     return logp
+
+
+def query_logprobs(model, vocab, tokens: list[str], feats_of, n: int) -> np.ndarray:
+    """``log p(tokens | image i)`` for images ``0 .. n-1`` under the generator ``model`` (its ``vocab``; words it
+    lacks read as its unknown-word token): one sentence against a few photos, as ``vsa search text --rerank``
+    re-scores its candidates. ``feats_of(image indices)``: the generator's ``(feats, mask)`` of those images."""
+    pairs = np.stack([np.arange(n), np.zeros(n, dtype=np.int64)], 1)
+    return caption_logprobs(model, feats_of, [vocab.encode(tokens)], pairs)

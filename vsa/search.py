@@ -341,6 +341,69 @@ def search_text(aligner, index: Index, query: str, k: int = 10) -> list[dict]:
     return out
 
 
+def rerank_hits(hits: list[dict], logp, k: int = 10, weight: float | None = None) -> list[dict]:
+    """:func:`search_text`'s candidates ``hits`` (best first) re-ordered by the aligner's score and the generator's
+    ``logp`` of the query under each photo, both standardised over the list (:func:`vsa.rerank.combine`; in search
+    the query is fixed, so its PMI orders the photos as ``log p(query | photo)`` does); the ``k`` best, ranks
+    renumbered, each with ``logp``, ``rerank`` (the combined score) and ``aligner_rank``."""
+    from vsa.rerank import RerankConfig, combine
+
+    c = combine([h["score"] for h in hits], logp, RerankConfig.weight if weight is None else weight)
+    out = []
+    for r, i in enumerate(np.argsort(-c, kind="stable")[:k], 1):
+        out.append({**hits[i], "rank": r, "aligner_rank": hits[i]["rank"], "logp": round(float(logp[i]), 3),
+                    "rerank": round(float(c[i]), 4)})
+    return out
+
+
+def rerank_text(hits: list[dict], query: str, generator, store=None, k: int = 10, weight: float | None = None,
+                max_pixels: int | None = None) -> list[dict]:
+    """Re-rank :func:`search_text`'s candidates ``hits`` for ``query`` with a caption generator
+    (:class:`vsa.captioner.Captioner`): ``log p(query | photo)`` by teacher forcing on the generator's inputs of
+    each photo, from ``store`` (a features NPZ made with the generator's CNN, looked up by the photo's key) or
+    else made from the photo file (``max_pixels``: :func:`vsa.images.open_image`'s limit); then
+    :func:`rerank_hits`."""
+    import torch
+
+    from vsa.data import tokenize
+    from vsa.mrnn import region_rows, uses_regions
+    from vsa.rerank import query_logprobs
+
+    if not hits:
+        return []
+    cfg = generator.model.cfg
+    if store is not None:
+        from vsa.featstore import check_extractor
+        from vsa.splits import split_features
+
+        check_extractor(generator.extractor_meta, store.meta, store.path, "generator")
+        if store.dim != cfg.feat_dim:
+            raise VsaError(f"features are {store.dim}-d but the generator expects {cfg.feat_dim}-d", store.path)
+        keys = []
+        for h in hits:
+            i = store.find(h["key"])
+            if i is None:
+                raise VsaError(f"photo {h['key']!r} is not in the features file", store.path)
+            keys.append(store.keys[i])
+        feats, mask = split_features(store, keys, uses_regions(cfg), region_rows(cfg))
+    else:
+        from vsa.images import open_image
+
+        prepared = []
+        for h in hits:
+            if not Path(h["path"]).is_file():
+                raise VsaError(f"photo {h['path']!r} is not a file: re-ranking reads each candidate photo; pass "
+                               "--rerank-features with the generator's features of the indexed images")
+            prepared.append(generator.featuriser.prepare(open_image(h["path"], max_pixels)))
+        feats, mask = torch.as_tensor(generator.featurise(prepared), dtype=torch.float32), None
+
+    def feats_of(images):
+        return feats[images], None if mask is None else mask[images]
+
+    logp = query_logprobs(generator.model, generator.vocab, tokenize(query), feats_of, len(hits))
+    return rerank_hits(hits, logp, k, weight)
+
+
 def read_corpus(path) -> list[str]:
     """Sentences, one per line, from a text file (or stdin with "-")."""
     from vsa.io import text_stream_lines

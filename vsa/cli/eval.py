@@ -52,18 +52,7 @@ def evaluate(
     if weights is not None and not ensemble:
         raise VsaError("--weights needs --ensemble")
     w = parse_weights(weights, len(models)) if weights else None
-    rcfg = None
-    if rerank is not None:
-        import dataclasses
-
-        from vsa.rerank import RerankConfig
-
-        given = {k: v for k, v in (("k", rerank_k), ("weight", rerank_weight)) if v is not None}
-        rcfg = dataclasses.replace(RerankConfig(), **given)
-        if rcfg.k < 1 or rcfg.weight < 0:
-            raise VsaError("--rerank-k must be >= 1 and --rerank-weight >= 0")
-    elif rerank_k is not None or rerank_weight is not None or rerank_features is not None:
-        raise VsaError("--rerank-k, --rerank-weight and --rerank-features need --rerank GENERATOR")
+    rcfg = W.rerank_config(rerank, rerank_k, rerank_weight, rerank_features)
 
     def table(name: str, section: dict) -> None:  # each section's table as soon as it is done
         if as_json:

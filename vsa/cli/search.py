@@ -72,15 +72,33 @@ def search_text_cmd(
     k: int = typer.Option(10, "-k", "--top-k", help="How many photos to list."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Aligner checkpoint (default: the index's)."),
     as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout instead of a table."),
+    rerank: Optional[Path] = typer.Option(None, "--rerank", help="Generator checkpoint that re-ranks the aligner's best photos by log p(query | photo) (docs/alignment.md)."),
+    rerank_features: Optional[Path] = typer.Option(None, "--rerank-features", help="Features NPZ of the --rerank generator holding the indexed photos (default: made from the photo files)."),
+    rerank_k: Optional[int] = typer.Option(None, "--rerank-k", help="Photos re-ranked (default: RerankConfig.k, 20, or -k if larger)."),
+    rerank_weight: Optional[float] = typer.Option(None, "--rerank-weight", help="The generator's weight against the aligner's, both standardised over the list (default: RerankConfig.weight, 4)."),
+    cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help="With --rerank: " + CNN_HELP),
 ):
     """Rank the indexed photos for a text query."""
+    from vsa.cli.workspace import rerank_config
     from vsa.io import JsonlWriter
     from vsa.search import Index, search_text
 
+    rcfg = rerank_config(rerank, rerank_k, rerank_weight, rerank_features)
     idx = Index(index)
     aligner = _aligner(_index_model(model, idx), "cpu")
     idx.check_model(aligner)
-    hits = search_text(aligner, idx, query, k)
+    hits = search_text(aligner, idx, query, k if rcfg is None else max(k, rcfg.k))
+    if rcfg is not None:
+        from vsa.captioner import Captioner
+        from vsa.search import rerank_text
+
+        store = None
+        if rerank_features is not None:
+            from vsa.featstore import load_features
+
+            store = load_features(rerank_features)
+        gen = Captioner.load(rerank, "cpu", cnn_weights)
+        hits = rerank_text(hits, query, gen, store, k, rcfg.weight, max_pixels(None))
     _say_oov(hits[0]["oov"] if hits else [], "", hits[0]["read_as"] if hits else None)
     if as_json:
         with JsonlWriter("-") as w:
@@ -89,12 +107,14 @@ def search_text_cmd(
         return
     from rich.table import Table
 
-    t = Table(title=f"{query!r}: {len(idx)} photos")
-    for c in ("rank", "score", "photo", "words -> regions"):
-        t.add_column(c, justify="right" if c in ("rank", "score") else "left")
+    t = Table(title=f"{query!r}: {len(idx)} photos" + (f", re-ranked by {rerank}" if rcfg else ""))
+    cols = ("rank", "score") + (("aligner rank", "log p") if rcfg else ()) + ("photo", "words -> regions")
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("photo", "words -> regions") else "right")
     for h in hits:
         words = ", ".join(f"{w['word']}->{w['label']}" for w in h.get("words", []) if w["label"] != "image")
-        t.add_row(str(h["rank"]), f"{h['score']:.3f}", h["path"], words)
+        extra = (str(h["aligner_rank"]), f"{h['logp']:.2f}") if rcfg else ()
+        t.add_row(str(h["rank"]), f"{h['score']:.3f}", *extra, h["path"], words)
     data_console().print(t)
 
 

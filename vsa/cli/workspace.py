@@ -166,6 +166,24 @@ def say_oov(words: list[str], where: str = "", read_as: dict | None = None) -> N
         warn(f"{where}not in the vocabulary: {', '.join(shown)}")
 
 
+def rerank_config(rerank, k: Optional[int], weight: Optional[float], features) -> Optional["RerankConfig"]:
+    """``--rerank GEN`` and its flags as a :class:`vsa.rerank.RerankConfig` (None without ``--rerank``)."""
+    from vsa.errors import VsaError
+
+    if rerank is None:
+        if k is not None or weight is not None or features is not None:
+            raise VsaError("--rerank-k, --rerank-weight and --rerank-features need --rerank GENERATOR")
+        return None
+    import dataclasses
+
+    from vsa.rerank import RerankConfig
+
+    cfg = dataclasses.replace(RerankConfig(), **{n: v for n, v in (("k", k), ("weight", weight)) if v is not None})
+    if cfg.k < 1 or cfg.weight < 0:
+        raise VsaError("--rerank-k must be >= 1 and --rerank-weight >= 0")
+    return cfg
+
+
 MODEL_HELP = "Aligner checkpoint (default: [align] model in vsa.toml if it exists, else the shipped Flickr8k aligner)."
 DETECTOR_HELP = ("Detector for new photos: ultralytics weights (path or name) or a YOLOv5 state-dict folder "
                  "(default: $VSA_DETECTOR, [regions] detector in vsa.toml, else yolo11n.pt, which needs internet once).")
