@@ -20,7 +20,7 @@ _vsa_options() {
         "vsa train-mrnn") echo "--dataset -f --features --flip-features -o --out --alignments --rnn --attention --no-attention --hidden --embed --dropout --epochs --scst-epochs --scst-lr --batch-size --lr --lr-decay --label-smoothing --set --max-len --min-count --patience --seed --threads --device --resume --no-beam-search --skip-missing --json -h --help" ;;
         "vsa caption") echo "-m --model --weights --beam --max-len --length-penalty --json --coco-results --bare --regions --region-model --ground --aligner --detector --top --batch-size --device --cnn-weights --skip-bad --shard --threads -h --help" ;;
         "vsa align") echo "-m --model --dataset --images --features --split --beta -o --out --no-resume --skip-missing --limit --shard --device --threads -h --help" ;;
-        "vsa eval") echo "--split -m --model --dataset --images --features --detector --beam --captions-out --ranks-out -o --out --json --ensemble --weights --rerank --rerank-features --rerank-k --rerank-weight --device -h --help" ;;
+        "vsa eval") echo "--split -m --model --dataset --images --features --detector --beam --captions-out --ranks-out -o --out --json --ensemble --weights --rerank --rerank-features --rerank-k --rerank-weight --hubness --hubness-k --hubness-weight --hubness-bank --device -h --help" ;;
         "vsa show") echo "-o --out --images --dataset -k --key --split --limit --sentences --side --top --no-png -h --help" ;;
         "vsa data") echo "-h --help" ;;
         "vsa data stats") echo "--images --splits --min-count --seed --json -h --help" ;;
@@ -195,6 +195,10 @@ _vsa_value_kind() {
         "vsa eval --rerank-features") echo "files" ;;
         "vsa eval --rerank-k") echo "value" ;;
         "vsa eval --rerank-weight") echo "value" ;;
+        "vsa eval --hubness") echo "flag" ;;
+        "vsa eval --hubness-k") echo "value" ;;
+        "vsa eval --hubness-weight") echo "value" ;;
+        "vsa eval --hubness-bank") echo "value" ;;
         "vsa eval --device") echo "value" ;;
         "vsa eval -h"|"vsa eval --help") echo "flag" ;;
         "vsa show -o"|"vsa show --out") echo "files" ;;

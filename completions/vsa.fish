@@ -193,6 +193,10 @@ complete -c vsa -n '__fish_seen_subcommand_from eval' -l rerank -r -F -d 'Genera
 complete -c vsa -n '__fish_seen_subcommand_from eval' -l rerank-features -r -F -d 'Features NPZ of the --rerank generator (default: the one it was train...'
 complete -c vsa -n '__fish_seen_subcommand_from eval' -l rerank-k -x -d 'Candidates re-ranked per query (default: RerankConfig.k, 20)'
 complete -c vsa -n '__fish_seen_subcommand_from eval' -l rerank-weight -x -d 'The generator\'s weight against the aligner\'s, both standardised per l...'
+complete -c vsa -n '__fish_seen_subcommand_from eval' -l hubness -d 'Correct the aligners\' scores for hubness with a bank of the dataset\'s...'
+complete -c vsa -n '__fish_seen_subcommand_from eval' -l hubness-k -x -d 'Bank neighbours averaged per item (default: HubnessConfig.k, 50)'
+complete -c vsa -n '__fish_seen_subcommand_from eval' -l hubness-weight -x -d 'Share of that mean subtracted (default: HubnessConfig.weight, 0.75)'
+complete -c vsa -n '__fish_seen_subcommand_from eval' -l hubness-bank -x -d 'Training images in the bank, with their sentences (default: HubnessCo...'
 complete -c vsa -n '__fish_seen_subcommand_from eval' -l device -x -d 'auto (cuda when present), cpu, cuda'
 complete -c vsa -n '__fish_seen_subcommand_from eval' -s h -l help -d 'Show help and exit'
 

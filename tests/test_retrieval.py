@@ -70,3 +70,24 @@ def test_top_k_best_first_both_axes():
     assert top_k(s, 2).tolist() == [[1, 2], [2, 0]]
     assert top_k(s, 1, axis=0).tolist() == [[1], [0], [1]]
     assert top_k(s, 10).shape == (2, 3)
+
+
+def test_hubness_correction_demotes_an_image_that_scores_high_with_everything():
+    from vsa.retrieval import bank_means, debias
+
+    owner = np.repeat(np.arange(4), 2)
+    S = np.where(owner[None, :] == np.arange(4)[:, None], 1.0, 0.0)
+    S[3] = np.where(owner == 3, 1.5, 1.2)  # image 3: a hub, above every other image for every sentence
+    assert t2i_ranks(S, owner).tolist() == [2, 2, 2, 2, 2, 2, 1, 1]
+    rng = np.random.default_rng(0)
+    B1 = rng.uniform(0.0, 0.4, size=(4, 10))  # the eval images against 10 bank sentences
+    B1[3] = 1.2  # the hub scores high with the bank's sentences too
+    B2 = rng.uniform(0.0, 0.4, size=(5, 8))  # 5 bank images against the eval sentences
+    img_hub, sent_hub = bank_means(B1, 3, 1), bank_means(B2, 3, 0)
+    assert img_hub[3] == pytest.approx(1.2) and (img_hub[:3] < 0.4).all() and sent_hub.shape == (8,)
+    fixed = debias(S, img_hub, sent_hub, 1.0)
+    assert (t2i_ranks(fixed, owner) == 1).all() and (i2t_ranks(fixed, owner) == 1).all()
+    # one matrix serves both directions: within a row the image's term is a constant, within a column the sentence's
+    assert (i2t_ranks(fixed, owner) == i2t_ranks(S - sent_hub[None, :], owner)).all()
+    assert (t2i_ranks(fixed, owner) == t2i_ranks(S - img_hub[:, None], owner)).all()
+    assert (debias(S, img_hub, sent_hub, 0.0) == S.astype(np.float32)).all()

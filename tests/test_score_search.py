@@ -346,3 +346,47 @@ def test_search_real_photos(flickr8k, yolov5n, shipped, tmp_path):
         assert sorted(h["aligner_rank"] for h in hits) == [1, 2, 3, 4] and all(h["logp"] < 0 for h in hits)
         own += hits[0]["key"] == im["filename"]
     assert own >= 3
+
+
+def test_eval_hubness_bank_from_train_and_its_errors(synth, tmp_path):
+    """`vsa eval --hubness`: the report's figures are the scores corrected with a bank of the first training images
+    and their sentences (recomputed here from the model), `hubness.aligner` holds the plain figures."""
+    from vsa.align import load_aligner, region_rows
+    from vsa.featstore import load_features
+    from vsa.retrieval import bank_means, debias, retrieval_metrics, score_matrix
+    from vsa.splits import retrieval_split
+
+    tmp, ds, feats, _, _ = synth
+    base = ["eval", "--split", "test", "--dataset", tmp / "synthetic.json", "--model", tmp / "a.pt", "--features", feats]
+    plain = orjson.loads(run_cli(*base, "--json").stdout)["retrieval"]
+    r = run_cli(*base, "--json", "--hubness", "--hubness-k", "3", "--hubness-weight", "1", "--hubness-bank", "20")
+    assert r.returncode == 0, r.stderr.decode()
+    rep = orjson.loads(r.stdout)["retrieval"]
+    assert rep["hubness"]["aligner"]["rsum"] == plain["rsum"]
+    assert [rep["hubness"][k] for k in ("k", "weight", "bank", "bank_sentences")] == [3, 1.0, 20, 100]
+    al, store = load_aligner(tmp / "a.pt"), load_features(feats)
+    R = region_rows(al.cfg)
+    ev = retrieval_split(ds, "test", store, al.vocab, R, al.cfg.max_len)
+    bank = retrieval_split(ds, "train", store, al.vocab, R, al.cfg.max_len, limit=20)
+    assert bank.keys == [r.key for r in ds.split("train")[:20]] and len(bank.ids) == 100
+    m = al.model
+    S = score_matrix(m, ev.feats, ev.rmask, ev.ids, ev.lengths)
+    fixed = debias(S, bank_means(score_matrix(m, ev.feats, ev.rmask, bank.ids, bank.lengths), 3, 1),
+                   bank_means(score_matrix(m, bank.feats, bank.rmask, ev.ids, ev.lengths), 3, 0), 1.0)
+    want = retrieval_metrics(fixed, ev.sent_image.numpy())
+    assert rep["rsum"] == want["rsum"] and rep["i2t"] == want["i2t"] and rep["t2i"] == want["t2i"]
+    assert rep["rsum"] != plain["rsum"]
+    table = run_cli(*base, "--hubness")
+    text = " ".join(table.stdout.decode().split())
+    assert table.returncode == 0 and "+ hubness" in text and "hubness-corrected (bank 80, k 50)" in text
+    # one-line errors: a knob without --hubness; the train split as the evaluated one; features without the bank
+    r = run_cli(*base, "--hubness-k", "5")
+    assert r.returncode == 2 and b"need --hubness" in r.stderr
+    r = run_cli(*base[:2], "train", *base[3:], "--hubness")
+    assert r.returncode == 2 and b"evaluate val or test" in r.stderr
+    from tests.synth_align import mirrored_copy
+
+    f2 = mirrored_copy(feats, tmp_path / "no-train.npz", meta={}, drop=110)  # the test images only (no train, no val)
+    assert run_cli(*base[:-1], f2, "--json").returncode == 0
+    r = run_cli(*base[:-1], f2, "--hubness")
+    assert r.returncode == 2 and b"training images in the features file" in r.stderr and len(r.stderr.splitlines()) == 1

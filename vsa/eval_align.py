@@ -34,8 +34,10 @@ def _features_for(ckpt: dict, features) -> Path:
                    + (f" (the model was trained on {trained}, which is missing)" if trained else ""))
 
 
-def _model_scores(model_path, ds, split: str, features=None, device: str = "auto"):
-    """``(scores [images, sentences], split data, features path, checkpoint)`` of one aligner."""
+def _model_scores(model_path, ds, split: str, features=None, device: str = "auto", hubness=None):
+    """``(scores [images, sentences], split data, features path, checkpoint, raw scores)`` of one aligner; with
+    ``hubness`` (a :class:`vsa.retrieval.HubnessConfig`) the scores are corrected with a bank of the dataset's
+    training images and sentences (:func:`hub_correct`) and ``raw`` holds the uncorrected ones, else it is None."""
     from vsa.align import aligner_from_checkpoint
     from vsa.checkpoint import load_checkpoint
     from vsa.runtime import pick_device
@@ -54,7 +56,31 @@ def _model_scores(model_path, ds, split: str, features=None, device: str = "auto
     check_rows(aligner.cfg, store)
     R = region_rows(aligner.cfg)
     data = retrieval_split(ds, split, store, aligner.vocab, R, aligner.cfg.max_len)
-    return score_matrix(aligner.model, data.feats, data.rmask, data.ids, data.lengths), data, feats_path, ckpt
+    S = score_matrix(aligner.model, data.feats, data.rmask, data.ids, data.lengths)
+    if hubness is None:
+        return S, data, feats_path, ckpt, None
+    return hub_correct(aligner, S, data, ds, split, store, hubness), data, feats_path, ckpt, S
+
+
+def hub_correct(aligner, scores, data, ds, split: str, store, cfg) -> np.ndarray:
+    """``scores`` of ``data`` corrected for hubness (:class:`vsa.retrieval.HubnessConfig` ``cfg``) with a bank of the
+    first ``cfg.bank`` training images of ``ds`` and their sentences, read from the same features ``store``."""
+    from vsa.align import region_rows
+    from vsa.retrieval import bank_means, debias, score_matrix
+    from vsa.splits import retrieval_split
+
+    if split == "train":
+        raise VsaError("hubness correction takes its bank from the train split: evaluate val or test")
+    missing = [r.key for r in ds.split("train")[: cfg.bank] if store.find(r.key) is None]
+    if missing or not ds.split("train"):
+        raise VsaError("hubness correction needs the dataset's training images in the features file (its bank: the "
+                       f"first {cfg.bank} train images){'; missing: ' + missing[0] if missing else ''}", store.path)
+    bank = retrieval_split(ds, "train", store, aligner.vocab, region_rows(aligner.cfg), aligner.cfg.max_len,
+                           limit=cfg.bank)
+    m = aligner.model
+    img_hub = bank_means(score_matrix(m, data.feats, data.rmask, bank.ids, bank.lengths), cfg.k, 1)
+    sent_hub = bank_means(score_matrix(m, bank.feats, bank.rmask, data.ids, data.lengths), cfg.k, 0)
+    return debias(scores, img_hub, sent_hub, cfg.weight)
 
 
 def combine_scores(mats: list[np.ndarray], weights: list[float] | None = None) -> np.ndarray:
@@ -71,7 +97,7 @@ def combine_scores(mats: list[np.ndarray], weights: list[float] | None = None) -
 
 def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, device: str = "auto",
                      weights: list[float] | None = None, rerank=None, rerank_features=None, rerank_cfg=None,
-                     progress=None) -> dict:
+                     progress=None, hubness=None) -> dict:
     """Retrieval metrics of the aligner at ``model_path`` on ``split`` of ``ds`` (see docs/formats.md).
 
     ``model_path`` may be a list of aligners: their standardised scores are averaged (an ensemble;
@@ -79,7 +105,10 @@ def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, 
     features file (or None) per model).
     ``rerank``: a generator checkpoint that re-ranks the aligners' best candidates of every query
     (:func:`vsa.rerank.pmi_rerank`, ``rerank_cfg`` a :class:`vsa.rerank.RerankConfig`) on the features file
-    ``rerank_features``; the report's figures are then the re-ranked ones, ``rerank`` holds the aligners' own."""
+    ``rerank_features``; the report's figures are then the re-ranked ones, ``rerank`` holds the aligners' own.
+    ``hubness``: a :class:`vsa.retrieval.HubnessConfig`: each aligner's scores are corrected for hubness with a bank
+    of the dataset's training items (before the ensemble and the re-ranking); ``hubness`` in the report holds its
+    settings and the uncorrected figures."""
     from vsa.retrieval import retrieval_metrics
 
     paths = list(model_path) if isinstance(model_path, (list, tuple)) else [model_path]
@@ -89,15 +118,21 @@ def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, 
         per_model = list(features)
     else:
         per_model = [features if len(paths) == 1 else None] * len(paths)
-    runs = [_model_scores(p, ds, split, f, device) for p, f in zip(paths, per_model)]
+    runs = [_model_scores(p, ds, split, f, device, hubness) for p, f in zip(paths, per_model)]
     data = runs[0][1]
-    for p, (_, d, _, _) in zip(paths[1:], runs[1:]):
+    for p, (_, d, _, _, _) in zip(paths[1:], runs[1:]):
         if d.keys != data.keys or d.sentids != data.sentids:
             raise VsaError("the ensemble's models see different images or sentences of the split "
                            "(features files with different images?)", p)
     scores = runs[0][0] if len(runs) == 1 else combine_scores([r[0] for r in runs], weights)
     owner = data.sent_image.numpy()
     m = retrieval_metrics(scores, owner)
+    hub = None
+    if hubness is not None:
+        raw = runs[0][4] if len(runs) == 1 else combine_scores([r[4] for r in runs], weights)
+        bank = [r for r in ds.split("train") if r.sentences][: hubness.bank]
+        hub = {"k": hubness.k, "weight": hubness.weight, "bank": len(bank), "bank_sentences": sum(len(r.sentences) for r in bank),
+               "aligner": {k: v for k, v in retrieval_metrics(raw, owner).items()}}
     search = None
     if rerank is not None:
         first = m
@@ -114,6 +149,8 @@ def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, 
                               "members": [retrieval_metrics(r[0], owner)["rsum"] for r in runs]}
     if rerank is not None:
         report["rerank"] = rr
+    if hub is not None:
+        report["hubness"] = hub
     paper = PAPER.get(_paper_key(ds.name))
     if paper:
         report["paper"] = paper
@@ -188,17 +225,25 @@ def render_retrieval(report: dict, console) -> None:
 
     cfg = report.get("config", {})
     name = "vsa ensemble" if isinstance(cfg, list) else f"vsa {cfg.get('model', '')}".strip()
-    rr = report.get("rerank")
+    rr, hub = report.get("rerank"), report.get("hubness")
+    caption = f"{report['model']}" + (f", hubness-corrected (bank {hub['bank']}, k {hub['k']})" if hub else "") + (
+        f", re-ranked by {rr['model']}" if rr else "")
     t = Table(title=f"Retrieval, {report['images']} images x {report['sentences']} sentences", title_justify="left",
-              caption=f"{report['model']}" + (f", re-ranked by {rr['model']}" if rr else ""), caption_justify="left")
+              caption=caption, caption_justify="left")
     t.add_column("direction")
     t.add_column("metric")
     paper = report.get("paper")
     if paper:
         t.add_column("paper BRNN", justify="right", style="dim")
+    stages = []  # (column, figures) before each correction, in order
+    if hub:
+        stages.append((name, hub["aligner"]))
+        name = "+ hubness"
     if rr:
-        t.add_column(name, justify="right")
+        stages.append((name, rr["aligner"]))
         name = f"+ re-ranked (top {rr['k']})"
+    for col, _ in stages:
+        t.add_column(col, justify="right")
     t.add_column(name, justify="right", style="bold")
     better = 0
     for d, label in (("i2t", "annotation (image->text)"), ("t2i", "search (text->image)")):
@@ -207,12 +252,11 @@ def render_retrieval(report: dict, console) -> None:
             if paper:
                 row.append(_fmt(paper[d][m]))
                 better += (report[d][m] < paper[d][m]) if m == "medr" else (report[d][m] > paper[d][m])
-            if rr:
-                row.append(_fmt(rr["aligner"][d][m]))
+            row += [_fmt(fig[d][m]) for _, fig in stages]
             row.append(_fmt(report[d][m]))
             t.add_row(*row, end_section=m == "medr")
     console.print(t)
-    tail = f"rsum {report['rsum']:.1f}" + (f" (the aligner alone {rr['aligner']['rsum']:.1f})" if rr else "")
+    tail = f"rsum {report['rsum']:.1f}" + (f" (the aligner alone {stages[0][1]['rsum']:.1f})" if stages else "")
     if paper:
         tail = f"better than the paper on {better} of 8 figures; " + tail
     console.print(tail)

@@ -11,7 +11,7 @@ from vsa.errors import VsaError
 def evaluate(models: list, ds, split: str, features: list | None = None, detector=None, beam: int | None = None,
              captions_out=None, ranks_out=None, ensemble: bool = False, weights: list[float] | None = None,
              device: str = "auto", jit: bool = True, max_pixels: int | None = None, progress=None, warn=None, note=None,
-             on_section=None, rerank=None, rerank_features=None, rerank_cfg=None) -> dict:
+             on_section=None, rerank=None, rerank_features=None, rerank_cfg=None, hubness=None) -> dict:
     """The eval report ``{"split", "dataset", "retrieval", "generation"}`` (docs/formats.md) of the checkpoints
     ``models`` on ``split`` of ``ds``.
 
@@ -24,7 +24,8 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
     the dataset's images (``detector``, a spec, for region features) into a temporary folder, removed at the end,
     and reported as ``computed from <image root>`` (``jit`` False: the CNN runs eager, never traced; ``max_pixels``: :func:`vsa.images.open_image`'s limit).
     ``rerank``: a generator checkpoint re-ranking the aligners' best candidates (:mod:`vsa.rerank`, ``rerank_cfg``),
-    on ``rerank_features`` (None: found or computed like a model's).
+    on ``rerank_features`` (None: found or computed like a model's). ``hubness``: a
+    :class:`vsa.retrieval.HubnessConfig` correcting the aligners' scores with a bank of training items.
     ``on_section(name, section)`` is called as each section is
     done (``vsa eval`` prints its table then); ``progress``, ``warn``, ``note``: a rich Progress and message
     callbacks.
@@ -80,7 +81,8 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
             report["retrieval"] = evaluate_aligner(paths if ensemble else paths[0], ds, split,
                                                    features=fs if ensemble else fs[0], ranks_out=ranks_out,
                                                    device=device, weights=weights_of(aligners), rerank=rerank,
-                                                   rerank_features=rf, rerank_cfg=rerank_cfg, progress=progress)
+                                                   rerank_features=rf, rerank_cfg=rerank_cfg, progress=progress,
+                                                   hubness=hubness)
             _name_computed(report["retrieval"], computed, ds)
             if on_section is not None:
                 on_section("retrieval", report["retrieval"])

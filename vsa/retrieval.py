@@ -12,9 +12,40 @@ The paper evaluates on the test split (Flickr8k: 1000 images x 5000 sentences):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 KS = (1, 5, 10)
+
+
+@dataclass
+class HubnessConfig:
+    """Hubness correction with a bank of training items (``vsa eval --hubness``; flags override): every score
+    ``S(i, j)`` loses ``weight`` x (the mean of image i's ``k`` best scores against the bank's sentences + the mean of
+    sentence j's ``k`` best scores against the bank's images), so an image (or sentence) that scores high with
+    everything stops crowding the top of every list (CSLS, Lample et al. 2018; QB-Norm, Bogolin et al. 2022, with
+    a bank of training queries). Within one row or column one of the two terms is a constant, so annotation is
+    corrected by the sentences' term and search by the images'. Defaults chosen on Flickr8k val
+    (docs/alignment.md, "Hubness correction")."""
+
+    k: int = 50  # bank neighbours averaged per item
+    weight: float = 0.75  # how much of that mean is subtracted
+    bank: int = 1000  # the first this many training images, and their sentences, make the bank
+
+
+def bank_means(bank_scores: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """The mean of the ``k`` highest scores along ``axis`` of a score matrix against a bank (``axis`` 1: per image
+    against bank sentences; 0: per sentence against bank images)."""
+    s = np.asarray(bank_scores, dtype=np.float64)
+    k = min(k, s.shape[axis])
+    return -np.partition(-s, k - 1, axis=axis).take(range(k), axis=axis).mean(axis=axis)
+
+
+def debias(scores: np.ndarray, image_hub: np.ndarray, sentence_hub: np.ndarray, weight: float) -> np.ndarray:
+    """``scores [N, M] - weight * (image_hub [N] + sentence_hub [M])`` (:class:`HubnessConfig`)."""
+    return (np.asarray(scores, np.float64) - weight * (np.asarray(image_hub)[:, None] + np.asarray(sentence_hub)[None, :])
+            ).astype(np.float32)
 
 
 def i2t_ranks(scores: np.ndarray, sent_image: np.ndarray) -> np.ndarray:

@@ -35,6 +35,10 @@ def evaluate(
     rerank_features: Optional[Path] = typer.Option(None, "--rerank-features", help="Features NPZ of the --rerank generator (default: the one it was trained on, else computed from the images)."),
     rerank_k: Optional[int] = typer.Option(None, "--rerank-k", help="Candidates re-ranked per query (default: RerankConfig.k, 20)."),
     rerank_weight: Optional[float] = typer.Option(None, "--rerank-weight", help="The generator's weight against the aligner's, both standardised per list (default: RerankConfig.weight, 4)."),
+    hubness: bool = typer.Option(False, "--hubness", help="Correct the aligners' scores for hubness with a bank of the dataset's training images and sentences (docs/alignment.md)."),
+    hubness_k: Optional[int] = typer.Option(None, "--hubness-k", help="Bank neighbours averaged per item (default: HubnessConfig.k, 50)."),
+    hubness_weight: Optional[float] = typer.Option(None, "--hubness-weight", help="Share of that mean subtracted (default: HubnessConfig.weight, 0.75)."),
+    hubness_bank: Optional[int] = typer.Option(None, "--hubness-bank", help="Training images in the bank, with their sentences (default: HubnessConfig.bank, 1000)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
 ):
     """Retrieval (aligner) and caption metrics (generator) on a split, beside the paper's numbers."""
@@ -53,6 +57,7 @@ def evaluate(
         raise VsaError("--weights needs --ensemble")
     w = parse_weights(weights, len(models)) if weights else None
     rcfg = W.rerank_config(rerank, rerank_k, rerank_weight, rerank_features)
+    hcfg = W.hubness_config(hubness, hubness_k, hubness_weight, hubness_bank)
 
     def table(name: str, section: dict) -> None:  # each section's table as soon as it is done
         if as_json:
@@ -68,7 +73,7 @@ def evaluate(
                           ranks_out=ranks_out, ensemble=ensemble, weights=w, device=device, jit=W.jit(),
                           max_pixels=W.max_pixels(None), progress=prog,
                           warn=warn, note=note, on_section=table, rerank=rerank, rerank_features=rerank_features,
-                          rerank_cfg=rcfg)
+                          rerank_cfg=rcfg, hubness=hcfg)
     if out is not None:
         write_json(out, report, indent=True)
     if as_json:

@@ -184,6 +184,25 @@ def rerank_config(rerank, k: Optional[int], weight: Optional[float], features) -
     return cfg
 
 
+def hubness_config(on: bool, k: Optional[int], weight: Optional[float], bank: Optional[int]):
+    """``--hubness`` and its flags as a :class:`vsa.retrieval.HubnessConfig` (None without ``--hubness``)."""
+    from vsa.errors import VsaError
+
+    given = {n: v for n, v in (("k", k), ("weight", weight), ("bank", bank)) if v is not None}
+    if not on:
+        if given:
+            raise VsaError("--hubness-k, --hubness-weight and --hubness-bank need --hubness")
+        return None
+    import dataclasses
+
+    from vsa.retrieval import HubnessConfig
+
+    cfg = dataclasses.replace(HubnessConfig(), **given)
+    if cfg.k < 1 or cfg.bank < 1 or cfg.weight < 0:
+        raise VsaError("--hubness-k and --hubness-bank must be >= 1 and --hubness-weight >= 0")
+    return cfg
+
+
 MODEL_HELP = "Aligner checkpoint (default: [align] model in vsa.toml if it exists, else the shipped Flickr8k aligner)."
 DETECTOR_HELP = ("Detector for new photos: ultralytics weights (path or name) or a YOLOv5 state-dict folder "
                  "(default: $VSA_DETECTOR, [regions] detector in vsa.toml, else yolo11n.pt, which needs internet once).")
