@@ -27,7 +27,7 @@ _vsa_options() {
         "vsa data convert") echo "-o --out --images --splits --seed -h --help" ;;
         "vsa search") echo "-h --help" ;;
         "vsa search index") echo "-o --out -m --model -f --features --dataset --split --detector --top --cnn-weights --skip-bad --device -h --help" ;;
-        "vsa search text") echo "-i --index -k --top-k -m --model --json --rerank --rerank-features --rerank-k --rerank-weight --cnn-weights -h --help" ;;
+        "vsa search text") echo "-i --index -k --top-k -m --model --json --rerank --rerank-features --rerank-k --rerank-weight --cnn-weights --no-hubness -h --help" ;;
         "vsa search sentences") echo "-c --corpus -i --index -k --top-k -m --model --detector --top --cnn-weights --json --device -h --help" ;;
     esac
 }
@@ -249,6 +249,7 @@ _vsa_value_kind() {
         "vsa search text --rerank-k") echo "value" ;;
         "vsa search text --rerank-weight") echo "value" ;;
         "vsa search text --cnn-weights") echo "files" ;;
+        "vsa search text --no-hubness") echo "flag" ;;
         "vsa search text -h"|"vsa search text --help") echo "flag" ;;
         "vsa search text ARGS") echo "value" ;;
         "vsa search sentences -c"|"vsa search sentences --corpus") echo "files" ;;

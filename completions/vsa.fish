@@ -266,6 +266,7 @@ complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcomma
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -l rerank-k -x -d 'Photos re-ranked (default: RerankConfig.k, 20, or -k if larger)'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -l rerank-weight -x -d 'The generator\'s weight against the aligner\'s, both standardised over...'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -l cnn-weights -r -F -d 'With --rerank: Local CNN weights file (default: the pip package\'s)'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -l no-hubness -d 'Rank by the aligner\'s score alone, though the index holds hubness ter...'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from text' -s h -l help -d 'Show help and exit'
 
 # vsa search sentences

@@ -390,3 +390,57 @@ def test_eval_hubness_bank_from_train_and_its_errors(synth, tmp_path):
     assert run_cli(*base[:-1], f2, "--json").returncode == 0
     r = run_cli(*base[:-1], f2, "--hubness")
     assert r.returncode == 2 and b"training images in the features file" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_search_index_hubness_terms_rank_as_eval_search_does(synth, tmp_path):
+    """`vsa train-align` keeps its first training images' sentences as a bank; `vsa search index` stores each photo's
+    mean of its k best scores against them and `vsa search text` ranks by score - weight x that (the search direction
+    of `vsa eval --hubness` with the same bank, k and weight); --no-hubness ranks by the aligner's score."""
+    import torch
+
+    from vsa.align import load_aligner
+    from vsa.retrieval import IndexHubnessConfig
+    from vsa.search import Index, search_text
+
+    tmp, ds, feats, _, _ = synth
+    al = load_aligner(tmp / "a.pt")
+    train = ds.split("train")[: IndexHubnessConfig.images]
+    assert al.bank == [s.tokens for r in train for s in r.sentences] and len(al.bank) == 400
+    idx_path = tmp_path / "idx.npz"
+    r = run_cli("search", "index", "--features", feats, "--dataset", tmp / "synthetic.json", "--split", "test",
+                "--model", tmp / "a.pt", "-o", idx_path)
+    assert r.returncode == 0, r.stderr.decode()
+    idx = Index(idx_path)
+    cfg = IndexHubnessConfig()
+    assert idx.store.hub.shape == (30,) and idx.meta["hubness"] == {"k": cfg.k, "weight": cfg.weight, "bank": 400}
+    test = ds.split("test")
+    top = {True: 0, False: 0}
+    for rec in test:
+        for s in rec.sentences:
+            for hub in (True, False):
+                top[hub] += search_text(al, idx, s.raw, 1, hubness=hub)[0]["key"] == rec.key
+    base = ["eval", "--split", "test", "--dataset", tmp / "synthetic.json", "--model", tmp / "a.pt", "--features", feats,
+            "--json"]
+    ev = orjson.loads(run_cli(*base, "--hubness", "--hubness-bank", "200", "--hubness-k", str(cfg.k),
+                              "--hubness-weight", str(cfg.weight)).stdout)["retrieval"]
+    n = 5 * len(test)
+    assert 100 * top[True] / n == pytest.approx(ev["t2i"]["r1"], abs=1.5)  # the index keeps float16 vectors
+    assert 100 * top[False] / n == pytest.approx(ev["hubness"]["aligner"]["t2i"]["r1"], abs=1.5)
+    q = test[0].sentences[0].raw
+    hits = [orjson.loads(x) for x in run_cli("search", "text", q, "-i", idx_path, "--json", "-k", "30").stdout.splitlines()]
+    assert all(h["score"] == pytest.approx(h["aligner_score"] - cfg.weight * h["hub"], abs=2e-4) for h in hits)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    plain = [orjson.loads(x) for x in run_cli("search", "text", q, "-i", idx_path, "--json", "-k", "30",
+                                              "--no-hubness").stdout.splitlines()]
+    assert "hub" not in plain[0] and [h["score"] for h in plain] == sorted((h["score"] for h in plain), reverse=True)
+    assert sorted(h["score"] for h in plain) == sorted(h["aligner_score"] for h in hits)
+    # an aligner without a bank (trained before banks, not re-exported): an index without terms, plain ranking
+    ck = torch.load(tmp / "a.pt", weights_only=True)
+    del ck["meta"]["bank"]
+    torch.save(ck, tmp_path / "nobank.pt")
+    r = run_cli("search", "index", "--features", feats, "--dataset", tmp / "synthetic.json", "--split", "test",
+                "--model", tmp_path / "nobank.pt", "-o", tmp_path / "idx0.npz")
+    assert r.returncode == 0, r.stderr.decode()
+    assert Index(tmp_path / "idx0.npz").store.hub is None
+    r = run_cli("search", "text", q, "-i", tmp_path / "idx0.npz", "--json", "-k", "30")
+    assert [orjson.loads(x)["key"] for x in r.stdout.splitlines()] == [h["key"] for h in plain]

@@ -478,6 +478,8 @@ class Aligner:
         self.meta = meta or {}
         self.decoding = dict(decoding or {})  # inference defaults chosen on val: {"beta": ...} for vsa align
         self.aliases = dict(self.meta.get("aliases") or {})  # word outside the vocabulary -> nearest known word
+        # training sentences for vsa search's hubness correction (vsa.retrieval.IndexHubnessConfig); [] if none
+        self.bank = [str(x).split() for x in self.meta.get("bank") or []]
 
     def read_as(self, tokens: list[str]) -> dict[str, str]:
         """The words of ``tokens`` outside the vocabulary that the aligner reads as another word (its GloVe
@@ -577,13 +579,16 @@ def load_aligner(path=None, device: str = "cpu") -> Aligner:
     return aligner_from_checkpoint(ckpt, p, device)
 
 
-def export_aligner(src, dst, half: bool = True, beta: float | None = None, aliases: str | None = None) -> dict:
+def export_aligner(src, dst, half: bool = True, beta: float | None = None, aliases: str | None = None,
+                   bank=None) -> dict:
     """Write a compact inference copy of a trained aligner (float16 weights, no optimiser state).
 
     This is how ``vsa/assets/align-flickr8k.pt`` is made: ``python -m vsa.align SRC DST [BETA] [--aliases kumo]``;
     ``beta`` (the snippet MRF's val-chosen beta for this aligner) is saved in its decoding defaults for ``vsa align``;
     ``aliases`` (a GloVe spec as ``--glove`` takes) makes the out-of-vocabulary aliases
-    (:func:`vsa.glove.glove_aliases`) for a checkpoint trained without them.
+    (:func:`vsa.glove.glove_aliases`) for a checkpoint trained without them; ``bank`` (a caption dataset) adds the
+    sentences ``vsa search`` corrects hubness with (:func:`vsa.retrieval.bank_sentences` of its train split), as
+    ``vsa train-align`` saves them.
     """
     from vsa.checkpoint import export_checkpoint, load_checkpoint
 
@@ -592,11 +597,16 @@ def export_aligner(src, dst, half: bool = True, beta: float | None = None, alias
         from vsa.glove import glove_aliases
 
         extra["aliases"] = glove_aliases(list(load_checkpoint(src, kind="align")["vocab"]), aliases)
-    keep = ("epoch", "best", "seconds", "dataset", "train_images", "test", "aliases")
+    if bank:
+        from vsa.data import load_dataset
+        from vsa.retrieval import bank_sentences
+
+        extra["bank"] = bank_sentences(load_dataset(bank).split("train"))
+    keep = ("epoch", "best", "seconds", "dataset", "train_images", "test", "aliases", "bank")
     return export_checkpoint(src, dst, "align", keep, half, {"beta": float(beta)} if beta is not None else None, extra)
 
 
-if __name__ == "__main__":  # python -m vsa.align SRC DST [BETA] [--aliases GLOVE]
+if __name__ == "__main__":  # python -m vsa.align SRC DST [BETA] [--aliases GLOVE] [--bank DATASET]
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m vsa.align", description="Export a trained aligner for shipping.")
@@ -604,7 +614,9 @@ if __name__ == "__main__":  # python -m vsa.align SRC DST [BETA] [--aliases GLOV
     ap.add_argument("dst")
     ap.add_argument("beta", nargs="?", type=float, default=None)
     ap.add_argument("--aliases", default=None, help="GloVe (kumo or a path) for out-of-vocabulary aliases")
+    ap.add_argument("--bank", default=None, help="caption dataset whose train sentences make the search hubness bank")
     a = ap.parse_args()
-    info = export_aligner(a.src, a.dst, beta=a.beta, aliases=a.aliases)
+    info = export_aligner(a.src, a.dst, beta=a.beta, aliases=a.aliases, bank=a.bank)
     info["aliases"] = len(info.get("aliases") or {})
+    info["bank"] = len(info.get("bank") or [])
     print(info)

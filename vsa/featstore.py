@@ -83,11 +83,12 @@ def _strings(xs: list[str]) -> np.ndarray:
 
 
 def pack_features(images: list[dict], dtype="float16", meta: dict | None = None, emb: list | None = None,
-                  paths: list[str] | None = None) -> dict[str, np.ndarray]:
+                  paths: list[str] | None = None, hub=None) -> dict[str, np.ndarray]:
     """The arrays of a features NPZ (docs/formats.md) of image records (module docstring), in order.
 
     ``emb`` (one ``[E_n, h]`` array per image) and ``paths`` (one per image) make it a search index: they add
-    ``emb`` (float16), ``emb_offsets`` and ``paths``. ``meta`` is stored as JSON (no ``meta`` when None)."""
+    ``emb`` (float16), ``emb_offsets`` and ``paths``, and ``hub`` (one float per image: the index's hubness term)
+    adds ``hub``. ``meta`` is stored as JSON (no ``meta`` when None)."""
     dtype = np.dtype(dtype)
     feats = np.concatenate([r["feats"] for r in images]).astype(dtype) if images else np.zeros((0, 0), dtype)
     counts = [len(r["feats"]) for r in images]
@@ -115,18 +116,22 @@ def pack_features(images: list[dict], dtype="float16", meta: dict | None = None,
         out["emb"] = np.concatenate(emb).astype(np.float16)
         out["emb_offsets"] = emb_offsets
         out["paths"] = _strings([str(p) for p in paths])
+    if hub is not None:
+        if len(hub) != len(images):
+            raise ValueError("a search index needs one hubness value per image")
+        out["hub"] = np.asarray(hub, dtype=np.float32)
     if meta is not None:
         out["meta"] = np.array(json.dumps(meta))
     return out
 
 
 def save_features(path, images: list[dict], dtype="float16", meta: dict | None = None, emb: list | None = None,
-                  paths: list[str] | None = None) -> None:
+                  paths: list[str] | None = None, hub=None) -> None:
     """Write the features NPZ (or, with ``emb`` and ``paths``, the search index) of image records at ``path``:
     :func:`pack_features`, saved uncompressed (so ``feats`` can be memory-mapped) and atomically."""
     from vsa.io import save_npz
 
-    save_npz(path, pack_features(images, dtype, meta, emb, paths))
+    save_npz(path, pack_features(images, dtype, meta, emb, paths, hub))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -245,6 +250,9 @@ class FeatureStore:
                                      or int(self.emb_offsets[-1]) != len(self.emb)):
             raise VsaError("'emb_offsets' does not match 'emb' and 'keys'", where)
         self.paths = [str(p) for p in a["paths"]] if "paths" in a else None
+        self.hub = np.asarray(a["hub"], dtype=np.float32) if "hub" in a else None
+        if self.hub is not None and self.hub.shape != (n,):
+            raise VsaError("'hub' does not match 'keys'", where)
         self.index = {k: i for i, k in enumerate(self.keys)}
         # fall back to the file name when keys are paths
         self._by_name: dict[str, int] = {}

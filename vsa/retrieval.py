@@ -34,6 +34,25 @@ class HubnessConfig:
     bank: int = 1000  # the first this many training images, and their sentences, make the bank
 
 
+@dataclass
+class IndexHubnessConfig:
+    """Hubness correction in ``vsa search text``: an aligner carries the sentences of its first ``images`` training
+    images (its bank, saved by ``vsa train-align``; 1000 sentences on Flickr8k); ``vsa search index`` stores each
+    photo's mean of its ``k`` best scores against them, and a query ranks the photos by ``score - weight x`` that
+    mean (the search direction of :class:`HubnessConfig`, with a bank small enough to index 10,000 photos
+    quickly; chosen on Flickr8k val, docs/alignment.md)."""
+
+    images: int = 200
+    k: int = 10
+    weight: float = 0.5
+
+
+def bank_sentences(train_records, images: int = IndexHubnessConfig.images) -> list[str]:
+    """The bank an aligner keeps for ``vsa search``: the sentences (tokens joined by spaces) of the first ``images``
+    training records."""
+    return [" ".join(s.tokens) for r in list(train_records)[:images] for s in r.sentences if s.tokens]
+
+
 def bank_means(bank_scores: np.ndarray, k: int, axis: int) -> np.ndarray:
     """The mean of the ``k`` highest scores along ``axis`` of a score matrix against a bank (``axis`` 1: per image
     against bank sentences; 0: per sentence against bank images)."""

@@ -195,18 +195,50 @@ def region_vectors(aligner, photos: list[Photo]) -> list[np.ndarray]:
     return [aligner.image_vectors(p.feats[: region_rows(aligner.cfg)], full=True) for p in photos]
 
 
+def photo_hubs(aligner, emb: list[np.ndarray], k: int, photos_per_chunk: int = 2000, batch: int = 250) -> np.ndarray:
+    """Each photo's hubness term for ``vsa search``: the mean of its ``k`` best scores against the aligner's bank of
+    training sentences (``aligner.bank``, :class:`vsa.retrieval.IndexHubnessConfig`), from its region vectors
+    ``emb`` (one ``[E_n, h]`` array per photo, rounded to float16 as the index stores them)."""
+    import torch
+
+    from vsa.retrieval import bank_means
+
+    if not aligner.bank:
+        raise VsaError("the aligner has no bank of training sentences (re-export it with --bank DATASET)", aligner.path)
+    sents = []
+    with torch.inference_mode():
+        for a in range(0, len(aligner.bank), batch):
+            sents.append(aligner.model.embed_sentences(*aligner.encode_tokens(aligner.bank[a : a + batch])))
+        out = []
+        for c in range(0, len(emb), photos_per_chunk):
+            part = emb[c : c + photos_per_chunk]
+            V = torch.from_numpy(np.concatenate(part).astype(np.float16).astype(np.float32))
+            reg_img = torch.from_numpy(np.repeat(np.arange(len(part), dtype=np.int64), [len(e) for e in part]))
+            scores = np.concatenate([aligner.model.flat_score(V, reg_img, len(part), S, sm).float().numpy()
+                                     for S, sm in sents], axis=1)
+            out.append(bank_means(scores, k, 1))
+    return np.concatenate(out).astype(np.float32)
+
+
 def save_index(path, aligner, photos: list[Photo], meta_extra: dict | None = None) -> None:
     """Write the search index of ``photos`` (docs/formats.md, "Search index NPZ": a features NPZ plus the
-    aligner's region vectors) with :func:`vsa.featstore.save_features`."""
+    aligner's region vectors, and each photo's hubness term when the aligner has a bank of training sentences)
+    with :func:`vsa.featstore.save_features`."""
     from vsa.featstore import save_features
+    from vsa.retrieval import IndexHubnessConfig
 
     if not photos:
         raise VsaError("nothing to index: no photos")
     meta = dict(aligner.extractor_meta)
     meta.update({"index": "vsa-search", "model": str(aligner.path), "model_sha": model_fingerprint(aligner)})
+    emb, hub = region_vectors(aligner, photos), None
+    if aligner.bank:
+        cfg = IndexHubnessConfig()
+        hub = photo_hubs(aligner, emb, cfg.k)
+        meta["hubness"] = {"k": cfg.k, "weight": cfg.weight, "bank": len(aligner.bank)}
     meta.update(meta_extra or {})
-    save_features(path, [p.record() for p in photos], "float16", meta, emb=region_vectors(aligner, photos),
-                  paths=[p.path for p in photos])
+    save_features(path, [p.record() for p in photos], "float16", meta, emb=emb, paths=[p.path for p in photos],
+                  hub=hub)
 
 
 class Index:
@@ -309,8 +341,10 @@ def build_index(aligner, inputs, encoder: PhotoEncoder | None = None, store=None
     return photos
 
 
-def search_text(aligner, index: Index, query: str, k: int = 10) -> list[dict]:
-    """The ``k`` best photos of ``index`` for a text query, each with its score and per-word best region."""
+def search_text(aligner, index: Index, query: str, k: int = 10, hubness: bool = True) -> list[dict]:
+    """The ``k`` best photos of ``index`` for a text query, each with its score and per-word best region. An index
+    with hubness terms (:func:`photo_hubs`) ranks by ``aligner score - weight x hub`` (``score``; the aligner's own
+    in ``aligner_score``) unless ``hubness`` is False."""
     import torch
 
     from vsa.data import tokenize
@@ -322,13 +356,17 @@ def search_text(aligner, index: Index, query: str, k: int = 10) -> list[dict]:
     ids, lengths = aligner.encode_tokens([tokens])
     with torch.inference_mode():
         S, sm = aligner.model.embed_sentences(ids, lengths)
-        scores = aligner.model.flat_score(V, reg_img, len(index), S, sm)[:, 0].float().numpy()
+        raw = aligner.model.flat_score(V, reg_img, len(index), S, sm)[:, 0].float().numpy()
+    hub = index.store.hub if hubness else None
+    scores = raw if hub is None else raw - float(index.meta["hubness"]["weight"]) * hub
     order = np.argsort(-scores, kind="stable")[:k]
     oov, read_as = oov_words(aligner, tokens), aligner.read_as(tokens)
     out = []
     for rank, i in enumerate(order, 1):
         rec = {"rank": rank, "key": index.store.keys[i], "path": index.paths[i], "score": round(float(scores[i]), 4),
                "oov": oov, "read_as": read_as}
+        if hub is not None:
+            rec.update(aligner_score=round(float(raw[i]), 4), hub=round(float(hub[i]), 4))
         if aligner.cfg.model == "brnn":
             a, b = index.emb_offsets[i], index.emb_offsets[i + 1]
             h = getattr(aligner.model, "region_dim", S.shape[-1])  # word-region dots use the region channels only

@@ -20,6 +20,7 @@ import torch
 from vsa.align import AlignModelConfig
 from vsa.errors import VsaError
 from vsa.glove import glove_aliases, init_glove
+from vsa.retrieval import bank_sentences
 from vsa.splits import RetrievalSplit
 
 
@@ -337,7 +338,8 @@ def train(mcfg: AlignModelConfig, tcfg: AlignTrainConfig, ds, features, out, res
         torch.manual_seed(tcfg.seed + 1000 * env.rank)  # different dropout masks on different ranks
         info(f"distributed: {env.world} processes ({'nccl' if env.device.startswith('cuda') else 'gloo'}), "
              f"global batch {tcfg.batch_size} sentences split over them by image")
-    meta = {"features": str(features), "dataset": str(ds.source), "train_images": len(train_data.keys)}
+    meta = {"features": str(features), "dataset": str(ds.source), "train_images": len(train_data.keys),
+            "bank": bank_sentences(ds.split("train"))}  # vsa search's hubness correction (IndexHubnessConfig)
     if flip_features is not None:
         meta["flip_features"] = str(Path(flip_features).resolve())
     if tcfg.glove:

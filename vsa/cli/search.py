@@ -77,6 +77,7 @@ def search_text_cmd(
     rerank_k: Optional[int] = typer.Option(None, "--rerank-k", help="Photos re-ranked (default: RerankConfig.k, 20, or -k if larger)."),
     rerank_weight: Optional[float] = typer.Option(None, "--rerank-weight", help="The generator's weight against the aligner's, both standardised over the list (default: RerankConfig.weight, 4)."),
     cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help="With --rerank: " + CNN_HELP),
+    no_hubness: bool = typer.Option(False, "--no-hubness", help="Rank by the aligner's score alone, though the index holds hubness terms (docs/alignment.md)."),
 ):
     """Rank the indexed photos for a text query."""
     from vsa.cli.workspace import rerank_config
@@ -87,7 +88,7 @@ def search_text_cmd(
     idx = Index(index)
     aligner = _aligner(_index_model(model, idx), "cpu")
     idx.check_model(aligner)
-    hits = search_text(aligner, idx, query, k if rcfg is None else max(k, rcfg.k))
+    hits = search_text(aligner, idx, query, k if rcfg is None else max(k, rcfg.k), hubness=not no_hubness)
     if rcfg is not None:
         from vsa.captioner import Captioner
         from vsa.search import rerank_text
