@@ -226,7 +226,8 @@ def test_grounded_caption_cuts_the_caption_into_snippets_on_boxes_and_draws_it(t
     W, H = Image.open(photo).size
     r = run_cli("caption", photo, "--ground", "--detector", yolov5n, "--json", "--threads", "1")
     assert r.returncode == 0, r.stderr.decode()
-    assert "using the shipped Flickr8k aligner" in r.stderr.decode()
+    assert "using the shipped Flickr8k grounding aligner" in r.stderr.decode()  # the one that grounds best
+    assert "align-ground-flickr8k.pt" in r.stderr.decode()
     rec = orjson.loads(r.stdout.splitlines()[0])
     words = rec["caption"].split()
     sn = rec["snippets"]
@@ -281,7 +282,7 @@ def test_grounding_embeds_the_photo_as_vsa_score_does(tmp_path, flickr8k, yolov5
 
     torch.set_num_threads(1)
     photo = flickr8k / "images" / "2677656448_6b7e7702af.jpg"
-    cap = Captioner.load(SHIPPED_MODELS["mrnn"], device="cpu", aligner=SHIPPED_MODELS["align"])
+    cap = Captioner.load(SHIPPED_MODELS["mrnn"], device="cpu", aligner=SHIPPED_MODELS["align-ground"])
     cap.aligner.decoding = {**cap.aligner.decoding, "beta": 0.0}
     det = load_detector(str(yolov5n), "cpu")
     rec = next(cap.caption_files([(photo, photo.name)], detector=det, ground=True))

@@ -207,7 +207,7 @@ def test_version_1_checkpoints_convert_on_load(tmp_path):
     assert al.cfg.hidden == 16 and al.decoding == {"beta": 0.3}
 
 
-@pytest.mark.parametrize("name", ["align-flickr8k", "mrnn-flickr8k", "mrnn-regions-flickr8k"])
+@pytest.mark.parametrize("name", ["align-flickr8k", "align-ground-flickr8k", "mrnn-flickr8k", "mrnn-regions-flickr8k"])
 def test_the_shipped_models_load_in_the_current_layout(name):
     from vsa.assets import ASSETS
 

@@ -14,7 +14,7 @@ from vsa.cli.common import guarded, info, progress, warn
 @app.command("align")
 @guarded
 def align(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Aligner checkpoint (default: [align] model in vsa.toml, else the shipped one)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Aligner checkpoint (default: [align] model in vsa.toml, else the shipped Flickr8k grounding aligner, vsa/assets/align-ground-flickr8k.pt)."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Caption dataset (default: [dataset] path in vsa.toml)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image root folder (only for the dataset loader)."),
     features: Optional[Path] = typer.Option(None, "--features", help="Region features NPZ (default: [features] regions in vsa.toml)."),
@@ -43,7 +43,7 @@ def align(
         raise VsaError(f"--beta must be >= 0, got {beta}")
     if out is None:
         out = workspace().get("align.alignments")
-    ckpt = default_model("align", model, note)
+    ckpt = default_model("align", model, note, "align-ground")
     feats_path = resolve(features, "features.regions", "--features")
     ds = open_dataset(dataset, images)
     with progress() as prog:

@@ -243,17 +243,18 @@ def write_template(path: Path, dataset: str, images: str, detector: str, out: st
         fh.write(text)
 
 
-def default_model(kind: str, model=None, note=None) -> Path:
+def default_model(kind: str, model=None, note=None, shipped_kind: str | None = None) -> Path:
     """The ``kind`` (``align`` or ``mrnn``) model a command uses, one policy for every command: ``model``
     (the --model flag) if given; else ``[align] model`` / ``[mrnn] model`` of vsa.toml when that file
-    exists; else the Flickr8k model shipped in ``vsa/assets``, announced through ``note(message)``."""
+    exists; else the Flickr8k model shipped in ``vsa/assets`` (``SHIPPED_MODELS[shipped_kind or kind]``: grounding
+    falls back on ``align-ground``), announced through ``note(message)``."""
     if model is not None:
         return Path(model)
     configured = workspace().get(f"{kind}.model")
     if configured is not None and Path(configured).exists():
         return Path(configured)
-    shipped = SHIPPED_MODELS[kind]
-    name = MODEL_NAMES[kind]
+    shipped = SHIPPED_MODELS[shipped_kind or kind]
+    name = MODEL_NAMES[shipped_kind or kind]
     if not shipped.exists():
         raise VsaError(f"the shipped {name} is missing from this install; pass --model CKPT", shipped)
     if note is not None:
