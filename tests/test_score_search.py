@@ -444,3 +444,18 @@ def test_search_index_hubness_terms_rank_as_eval_search_does(synth, tmp_path):
     assert Index(tmp_path / "idx0.npz").store.hub is None
     r = run_cli("search", "text", q, "-i", tmp_path / "idx0.npz", "--json", "-k", "30")
     assert [orjson.loads(x)["key"] for x in r.stdout.splitlines()] == [h["key"] for h in plain]
+
+
+def test_align_falls_back_on_the_shipped_grounding_aligner(synth, tmp_path, monkeypatch):
+    """Without --model and vsa.toml, `vsa align` uses the aligner shipped for grounding (align-ground-flickr8k.pt),
+    `vsa score` the retrieval default (align-flickr8k.pt)."""
+    from vsa.assets import SHIPPED_MODELS
+
+    tmp, _, feats, _, _ = synth
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("align", "--dataset", tmp / "synthetic.json", "--features", feats, "-o", tmp_path / "a.jsonl")
+    err = r.stderr.decode()
+    assert f"using the shipped Flickr8k grounding aligner {SHIPPED_MODELS['align-ground']}" in err
+    assert r.returncode == 2  # the synthetic features are not the aligner's (32-d): a one-line error
+    r = run_cli("score", "img0110.jpg", "a dog", "--features", feats)
+    assert f"using the shipped Flickr8k aligner {SHIPPED_MODELS['align']}" in r.stderr.decode()
