@@ -166,7 +166,7 @@ def test_search_text_rerank_orders_as_eval_search_and_lifts_a_weak_aligner(train
     before = after = 0
     for rec in ds.split("test"):
         for s in rec.sentences:
-            hits = search_text(al, idx, s.raw, 10)
+            hits = search_text(al, idx, s.raw, 10, hubness=False)  # as `vsa eval` without --hubness
             new = rerank_text(hits, s.raw, gen, store, k=10)
             assert sorted(h["key"] for h in new) == sorted(h["key"] for h in hits)  # only the candidates move
             assert [h["rank"] for h in new] == list(range(1, 11))

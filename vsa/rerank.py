@@ -112,21 +112,28 @@ def caption_logprobs(model, feats_of, sentences: list[list[int]], pairs: np.ndar
     return out
 
 
+def check_generator_features(extractor: dict | None, feat_dim: int, store) -> None:
+    """A one-line error unless the features ``store`` were made by the generator's CNN (its checkpoint's
+    ``extractor`` record) with its feature size ``feat_dim``."""
+    from vsa.errors import VsaError
+    from vsa.featstore import check_extractor
+
+    check_extractor(extractor, store.meta, store.path, "generator")
+    if store.dim != feat_dim:
+        raise VsaError(f"features are {store.dim}-d but the generator expects {feat_dim}-d", store.path)
+
+
 def generator_logp(gen_path, store, keys: list[str], sentences: list[list[str]], device: str = "cpu", progress=None):
     """``logp(pairs)`` for :func:`pmi_rerank` from the generator checkpoint ``gen_path`` on the features ``store``
     (its ``keys[i]`` is image i; ``sentences[j]`` the tokens of sentence j)."""
     from vsa.data import Vocab
-    from vsa.errors import VsaError
-    from vsa.featstore import check_extractor
     from vsa.mrnn import load_generators, region_rows, uses_regions
     from vsa.runtime import pick_device
     from vsa.splits import split_features
 
     model, ck = load_generators(gen_path, pick_device(device))
     model.eval()
-    check_extractor(ck.get("extractor"), store.meta, store.path)
-    if store.dim != model.cfg.feat_dim:
-        raise VsaError(f"features are {store.dim}-d but the generator expects {model.cfg.feat_dim}-d", store.path)
+    check_generator_features(ck.get("extractor"), model.cfg.feat_dim, store)
     vocab = Vocab(ck["vocab"])
     ids = [vocab.encode(t) for t in sentences]
     regions, rows = uses_regions(model.cfg), region_rows(model.cfg)

@@ -411,12 +411,10 @@ def rerank_text(hits: list[dict], query: str, generator, store=None, k: int = 10
         return []
     cfg = generator.model.cfg
     if store is not None:
-        from vsa.featstore import check_extractor
+        from vsa.rerank import check_generator_features
         from vsa.splits import split_features
 
-        check_extractor(generator.extractor_meta, store.meta, store.path, "generator")
-        if store.dim != cfg.feat_dim:
-            raise VsaError(f"features are {store.dim}-d but the generator expects {cfg.feat_dim}-d", store.path)
+        check_generator_features(generator.extractor_meta, cfg.feat_dim, store)
         keys = []
         for h in hits:
             i = store.find(h["key"])
