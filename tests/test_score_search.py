@@ -336,13 +336,18 @@ def test_search_real_photos(flickr8k, yolov5n, shipped, tmp_path):
         hits_all.append(hits[0]["key"] == im["filename"])
     assert sum(hits_all) >= 3  # 4 photos: its own photo comes first for (nearly) every caption
     # re-ranked by the shipped generator, which reads each candidate photo file (its own CNN, no detector)
-    from vsa.captioner import DEFAULT_MODEL
+    from vsa.align import load_aligner
+    from vsa.captioner import DEFAULT_MODEL, Captioner
+    from vsa.search import Index, rerank_text, search_text
 
+    r = run_cli("search", "text", test[0]["sentences"][0]["raw"], "-i", idx, "--json", "--rerank", DEFAULT_MODEL)
+    assert r.returncode == 0, r.stderr.decode()
+    assert sorted(orjson.loads(x)["aligner_rank"] for x in r.stdout.splitlines()) == [1, 2, 3, 4]
+    index, al, gen = Index(idx), load_aligner(None), Captioner.load(DEFAULT_MODEL, "cpu")
     own = 0
     for im in test:
-        r = run_cli("search", "text", im["sentences"][0]["raw"], "-i", idx, "--json", "--rerank", DEFAULT_MODEL)
-        assert r.returncode == 0, r.stderr.decode()
-        hits = [orjson.loads(x) for x in r.stdout.splitlines()]
+        q = im["sentences"][0]["raw"]
+        hits = rerank_text(search_text(al, index, q, 4), q, gen, None, k=4)
         assert sorted(h["aligner_rank"] for h in hits) == [1, 2, 3, 4] and all(h["logp"] < 0 for h in hits)
         own += hits[0]["key"] == im["filename"]
     assert own >= 3
@@ -396,8 +401,6 @@ def test_search_index_hubness_terms_rank_as_eval_search_does(synth, tmp_path):
     """`vsa train-align` keeps its first training images' sentences as a bank; `vsa search index` stores each photo's
     mean of its k best scores against them and `vsa search text` ranks by score - weight x that (the search direction
     of `vsa eval --hubness` with the same bank, k and weight); --no-hubness ranks by the aligner's score."""
-    import torch
-
     from vsa.align import load_aligner
     from vsa.retrieval import IndexHubnessConfig
     from vsa.search import Index, search_text
@@ -435,15 +438,14 @@ def test_search_index_hubness_terms_rank_as_eval_search_does(synth, tmp_path):
     assert "hub" not in plain[0] and [h["score"] for h in plain] == sorted((h["score"] for h in plain), reverse=True)
     assert sorted(h["score"] for h in plain) == sorted(h["aligner_score"] for h in hits)
     # an aligner without a bank (trained before banks, not re-exported): an index without terms, plain ranking
-    ck = torch.load(tmp / "a.pt", weights_only=True)
-    del ck["meta"]["bank"]
-    torch.save(ck, tmp_path / "nobank.pt")
-    r = run_cli("search", "index", "--features", feats, "--dataset", tmp / "synthetic.json", "--split", "test",
-                "--model", tmp_path / "nobank.pt", "-o", tmp_path / "idx0.npz")
-    assert r.returncode == 0, r.stderr.decode()
-    assert Index(tmp_path / "idx0.npz").store.hub is None
-    r = run_cli("search", "text", q, "-i", tmp_path / "idx0.npz", "--json", "-k", "30")
-    assert [orjson.loads(x)["key"] for x in r.stdout.splitlines()] == [h["key"] for h in plain]
+    from vsa.featstore import load_features
+    from vsa.search import build_index, save_index
+
+    al.bank = []
+    save_index(tmp_path / "idx0.npz", al, build_index(al, None, store=load_features(feats), dataset=ds, split="test"))
+    idx0 = Index(tmp_path / "idx0.npz")
+    assert idx0.store.hub is None and "hubness" not in idx0.meta
+    assert [h["key"] for h in search_text(al, idx0, q, 30)] == [h["key"] for h in plain]
 
 
 def test_align_falls_back_on_the_shipped_grounding_aligner(synth, tmp_path, monkeypatch):
