@@ -71,8 +71,9 @@ def hub_correct(aligner, scores, data, ds, split: str, store, cfg) -> np.ndarray
 
     if split == "train":
         raise VsaError("hubness correction takes its bank from the train split: evaluate val or test")
-    missing = [r.key for r in ds.split("train")[: cfg.bank] if store.find(r.key) is None]
-    if missing or not ds.split("train"):
+    train = [r for r in ds.split("train") if r.sentences][: cfg.bank]  # the bank's images, as retrieval_split takes them
+    missing = [r.key for r in train if store.find(r.key) is None]
+    if missing or not train:
         raise VsaError("hubness correction needs the dataset's training images in the features file (its bank: the "
                        f"first {cfg.bank} train images){'; missing: ' + missing[0] if missing else ''}", store.path)
     bank = retrieval_split(ds, "train", store, aligner.vocab, region_rows(aligner.cfg), aligner.cfg.max_len,
@@ -132,7 +133,7 @@ def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, 
         raw = runs[0][4] if len(runs) == 1 else combine_scores([r[4] for r in runs], weights)
         bank = [r for r in ds.split("train") if r.sentences][: hubness.bank]
         hub = {"k": hubness.k, "weight": hubness.weight, "bank": len(bank), "bank_sentences": sum(len(r.sentences) for r in bank),
-               "aligner": {k: v for k, v in retrieval_metrics(raw, owner).items()}}
+               "aligner": retrieval_metrics(raw, owner)}
     search = None
     if rerank is not None:
         first = m
