@@ -18,9 +18,9 @@ _vsa_options() {
         "vsa train-align") echo "--dataset -f --features --flip-features -o --out --log --model --rnn --score --loss --epochs --batch-size --lr --hidden --glove --set --seed --resume --min-count --threads --skip-missing --device --json -h --help" ;;
         "vsa score") echo "-m --model -f --features --detector --top --cnn-weights --json --skip-bad --device -h --help" ;;
         "vsa train-mrnn") echo "--dataset -f --features --flip-features -o --out --alignments --rnn --attention --no-attention --hidden --embed --dropout --epochs --scst-epochs --scst-lr --batch-size --lr --lr-decay --label-smoothing --set --max-len --min-count --patience --seed --threads --device --resume --no-beam-search --skip-missing --json -h --help" ;;
-        "vsa caption") echo "-m --model --weights --beam --max-len --length-penalty --json --coco-results --bare --regions --region-model --ground --aligner --detector --top --batch-size --device --cnn-weights --skip-bad --shard --threads -h --help" ;;
+        "vsa caption") echo "-m --model --weights --beam --max-len --length-penalty --mirror --json --coco-results --bare --regions --region-model --ground --aligner --detector --top --batch-size --device --cnn-weights --skip-bad --shard --threads -h --help" ;;
         "vsa align") echo "-m --model --dataset --images --features --split --beta -o --out --no-resume --skip-missing --limit --shard --device --threads -h --help" ;;
-        "vsa eval") echo "--split -m --model --dataset --images --features --detector --beam --captions-out --ranks-out -o --out --json --ensemble --weights --rerank --rerank-features --rerank-k --rerank-weight --hubness --hubness-k --hubness-weight --hubness-bank --device -h --help" ;;
+        "vsa eval") echo "--split -m --model --dataset --images --features --detector --beam --mirror --mirror-features --captions-out --ranks-out -o --out --json --ensemble --weights --rerank --rerank-features --rerank-k --rerank-weight --hubness --hubness-k --hubness-weight --hubness-bank --device -h --help" ;;
         "vsa show") echo "-o --out --images --dataset -k --key --split --limit --sentences --side --top --no-png -h --help" ;;
         "vsa data") echo "-h --help" ;;
         "vsa data stats") echo "--images --splits --min-count --seed --json -h --help" ;;
@@ -147,6 +147,7 @@ _vsa_value_kind() {
         "vsa caption --beam") echo "value" ;;
         "vsa caption --max-len") echo "value" ;;
         "vsa caption --length-penalty") echo "value" ;;
+        "vsa caption --mirror") echo "value" ;;
         "vsa caption --json") echo "flag" ;;
         "vsa caption --coco-results") echo "files" ;;
         "vsa caption --bare") echo "flag" ;;
@@ -185,6 +186,8 @@ _vsa_value_kind() {
         "vsa eval --features") echo "files" ;;
         "vsa eval --detector") echo "files" ;;
         "vsa eval --beam") echo "value" ;;
+        "vsa eval --mirror") echo "value" ;;
+        "vsa eval --mirror-features") echo "files" ;;
         "vsa eval --captions-out") echo "files" ;;
         "vsa eval --ranks-out") echo "files" ;;
         "vsa eval -o"|"vsa eval --out") echo "files" ;;

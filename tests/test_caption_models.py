@@ -203,3 +203,65 @@ def test_caption_with_two_models_decodes_them_as_one_ensemble(tmp_path):
     assert r.returncode == 2 and "different features" in r.stderr.decode()
     r = run_cli("caption", photo, "--model", a_path, "--model", b_path, "--weights", "1", "--threads", "1")
     assert r.returncode == 2 and "--weights" in r.stderr.decode()
+
+
+def _lopsided(path):
+    """A photo that is not its own mirror image: a dark block on the left, a bright disc on the right."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (320, 240), (90, 160, 60))
+    d = ImageDraw.Draw(im)
+    d.rectangle((10, 20, 120, 220), fill=(20, 20, 30))
+    d.ellipse((220, 40, 300, 120), fill=(250, 240, 200))
+    im.save(path)
+    return path
+
+
+def test_mirror_decoding_mixes_the_photo_and_its_mirror_image(tmp_path):
+    """`decoding.mirror`: each step's word distribution is (1 - w) x the photo's + w x its mirror image's; `vsa caption`
+    makes the mirror image's features as `vsa embed --flip` does, `--mirror 0` decodes the photo alone."""
+    from PIL import Image
+
+    from vsa.captioner import Captioner
+    from vsa.data import Vocab
+    from vsa.decoding import DecodingConfig, constraints, decode
+    from vsa.errors import VsaError
+    from vsa.featurise import Featuriser
+    from vsa.mrnn import GeneratorEnsemble, with_mirror
+
+    torch.set_num_threads(1)
+    grid = dict(LITE0, crop="grid", grid=7)
+    path, model = _ckpt(tmp_path, "updown", grid, sharp=8.0)
+    model.decoding = DecodingConfig(beam=2, mirror=0.25)
+    feats, flipped = torch.randn(3, 50, 1280), torch.randn(3, 50, 1280)
+    tok = torch.full((3,), Vocab.start)
+    with torch.no_grad():
+        m = with_mirror(model, 0.25)
+        pm, _ = m.step(tok, m.init_state(torch.cat([feats, flipped], -1)))
+        pa, _ = model.step(tok, model.init_state(feats))
+        pb, _ = model.step(tok, model.init_state(flipped))
+    assert torch.allclose(pm.exp(), 0.75 * pa.exp() + 0.25 * pb.exp(), atol=1e-6)
+    assert m.decoding.mirror == 0.25 and with_mirror(model, 0.0) is model
+    for bad in (1.0, -0.5):
+        with pytest.raises(VsaError, match="mirror weight"):
+            with_mirror(model, bad)
+    with pytest.raises(VsaError, match="across backbones"):
+        with_mirror(GeneratorEnsemble([model, model], slices=[(0, 1280), (1280, 2560)]), 0.5)
+
+    # vsa caption: the checkpoint's mirror weight, the mirror image featurised in the same CNN batch
+    save_checkpoint(path, "mrnn", model.cfg, {}, {"beam": 2, "mirror": 0.5}, WORDS, grid, model.state_dict(), {})
+    photo = _lopsided(tmp_path / "photo.jpg")
+    im = Image.open(photo).convert("RGB")
+    fz = Featuriser(grid, jit=False)
+    f = torch.from_numpy(fz.features(im))[None]
+    g = torch.from_numpy(fz.features(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))[None]
+    cons = constraints(DecodingConfig(), Vocab(WORDS))
+    with torch.no_grad():
+        want = decode(with_mirror(model, 0.5), torch.cat([f, g], -1), None, 2, 20, 0.0, **cons)[0]
+        alone = decode(model, f, None, 2, 20, 0.0, **cons)[0]
+    assert want.logprob != pytest.approx(alone.logprob, abs=1e-3)  # the mirror image changes the decoding
+    for w, hyp in ((None, want), (0.0, alone)):
+        cap = Captioner.load(path, device="cpu", jit=False, mirror=w)
+        rec = next(cap.caption_files([(photo, "photo.jpg")]))
+        assert rec["caption"] == " ".join(Vocab(WORDS).decode(hyp.tokens))
+        assert rec["logprob"] == pytest.approx(hyp.logprob, abs=1e-3), w

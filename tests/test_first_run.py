@@ -122,6 +122,8 @@ def test_eval_without_model_or_toml_uses_the_shipped_models_on_features_it_compu
     assert f"using the shipped Flickr8k aligner {SHIPPED_MODELS['align']}" in err
     assert f"using the shipped Flickr8k generator {SHIPPED_MODELS['mrnn']}" in err
     assert "computing region features of the 4 test images" in err and "computing grid features" in err
+    assert "computing mirrored grid features" in err  # the shipped generator decodes each photo with its mirror image
+    assert rep["generation"]["mirror"] == 0.5 and rep["generation"]["mirror_features"] == f"computed from {flickr8k / 'images'}"
     assert rep["retrieval"]["images"] == 4 and rep["retrieval"]["sentences"] == 20
     assert rep["retrieval"]["features"] == f"computed from {flickr8k / 'images'}"
     assert rep["generation"]["images"] == 4 and rep["generation"]["model"] == str(SHIPPED_MODELS["mrnn"])
@@ -131,13 +133,15 @@ def test_eval_without_model_or_toml_uses_the_shipped_models_on_features_it_compu
     p = subprocess.run(f"{sys.executable} -m vsa regions {' '.join(map(str, photos))} --detector {yolov5n} | "
                        f"{sys.executable} -m vsa embed --cells 3 -o {tmp_path / 'feats.npz'} && "
                        f"{sys.executable} -m vsa embed {' '.join(map(str, photos))} --crop grid --cnn efficientnet-lite2 "
-                       f"-o {tmp_path / 'grid.npz'}",
+                       f"-o {tmp_path / 'grid.npz'} && {sys.executable} -m vsa embed {' '.join(map(str, photos))} --crop grid "
+                       f"--cnn efficientnet-lite2 --flip -o {tmp_path / 'grid-flip.npz'}",
                        shell=True, capture_output=True, cwd=work, timeout=600)
     assert p.returncode == 0, p.stderr.decode()
-    for model, feats, out in ((SHIPPED_MODELS["align"], "feats.npz", "--ranks-out"),
-                              (SHIPPED_MODELS["mrnn"], "grid.npz", "--captions-out")):
+    for model, feats, out, more in ((SHIPPED_MODELS["align"], "feats.npz", "--ranks-out", ()),
+                                    (SHIPPED_MODELS["mrnn"], "grid.npz", "--captions-out",
+                                     ("--mirror-features", tmp_path / "grid-flip.npz"))):
         r = run_cli("eval", "--split", "test", "--dataset", ds, "--model", model, "--features", tmp_path / feats,
-                    "--json", out, tmp_path / f"{feats}.out.json", cwd=work)
+                    "--json", out, tmp_path / f"{feats}.out.json", *more, cwd=work)
         assert r.returncode == 0, r.stderr.decode()
         assert "computing" not in r.stderr.decode() and "shipped" not in r.stderr.decode()
     mine, theirs = (json.loads((tmp_path / f).read_text()) for f in ("ranks.json", "feats.npz.out.json"))

@@ -478,3 +478,56 @@ def test_scst_meteor_is_checked_before_training(monkeypatch):
         T.check(*T.configs(scst_meteor=1.0))
     T.check(*T.configs(scst_meteor=1.0, scst_epochs=0))  # no SCST epoch: METEOR never runs
     T.check(*T.configs())
+
+
+def test_eval_decodes_each_image_with_its_mirror_image_when_the_generator_asks(tmp_path):
+    """`decoding.mirror` in `vsa eval`: the mirrored images' features (`vsa embed --flip`) side by side with the images'
+    (the same captions as :func:`vsa.mrnn.with_mirror` on them); errors name the fix."""
+    from tests.conftest import run_cli
+    from vsa.checkpoint import save_checkpoint
+    from vsa.decoding import DecodingConfig, constraints, decode
+    from vsa.errors import VsaError
+    from vsa.eval_caption import generate_split
+    from vsa.mrnn import with_mirror
+
+    torch.set_num_threads(1)
+    ds_path, feat_path = tiny_dataset(tmp_path)
+    ds = load_dataset(ds_path)
+    z = dict(np.load(feat_path))
+    flip_path, plain_path = tmp_path / "flip.npz", tmp_path / "plain.npz"
+    rng = np.random.RandomState(1)
+    np.savez(flip_path, **dict(z, feats=(z["feats"] + rng.randn(*z["feats"].shape) * 3).astype(np.float16),
+                                meta=np.array(json.dumps({**json.loads(str(z["meta"])), "flip": True}))))
+    np.savez(plain_path, **z)
+    torch.manual_seed(0)
+    cfg = MRNNConfig(rnn="lstm", vocab_size=len(WORDS) + 4, feat_dim=32, embed=16, hidden=24)
+    model = build_model(cfg).eval()
+    path = tmp_path / "g.pt"
+    meta = {"features": str(feat_path), "flip_features": str(flip_path)}
+    save_checkpoint(path, "mrnn", cfg, {}, {"beam": 2, "mirror": 0.5}, WORDS, json.loads(str(z["meta"])),
+                    model.state_dict(), meta)
+    test = [r.key for r in ds.split("test")]
+    f = torch.from_numpy(z["feats"][[int(k[3:6]) for k in test]].astype(np.float32))
+    g = torch.from_numpy(np.load(flip_path)["feats"][[int(k[3:6]) for k in test]].astype(np.float32))
+    cons = constraints(DecodingConfig(), Vocab(WORDS))
+    with torch.no_grad():
+        want = [" ".join(Vocab(WORDS).decode(h.tokens)) for h in decode(with_mirror(model, 0.5), torch.cat([f, g], -1), None, 2, 20, 0.0, **cons)]
+        alone = [" ".join(Vocab(WORDS).decode(h.tokens)) for h in decode(model, f, None, 2, 20, 0.0, **cons)]
+    assert want != alone
+    _, caps, _, _, w = generate_split(path, ds, "test", feat_path, device="cpu", mirror_features=flip_path)
+    assert caps == want and w == 0.5
+    _, caps, _, _, w = generate_split(path, ds, "test", feat_path, device="cpu", mirror=0.0)
+    assert caps == alone and w == 0.0
+    with pytest.raises(VsaError, match="--mirror-features"):
+        generate_split(path, ds, "test", feat_path, device="cpu")
+    with pytest.raises(VsaError, match="not of mirrored images"):
+        generate_split(path, ds, "test", feat_path, device="cpu", mirror_features=plain_path)
+    with pytest.raises(VsaError, match="mirror weight"):
+        generate_split(path, ds, "test", feat_path, device="cpu", mirror=1.0, mirror_features=flip_path)
+    # the CLI finds the file the generator was trained with as --flip-features, and reports the weight
+    r = run_cli("eval", "--model", path, "--dataset", ds_path, "--split", "test", "--json", "--captions-out",
+                tmp_path / "caps.json")
+    assert r.returncode == 0, r.stderr.decode()
+    gen = json.loads(r.stdout)["generation"]
+    assert gen["mirror"] == 0.5 and gen["mirror_features"] == str(flip_path)
+    assert [c["caption"] for c in json.loads((tmp_path / "caps.json").read_text())] == want

@@ -57,13 +57,17 @@ class Captioner:
         self._encoder = None
         self._featuriser = None
         self.detector = None  # a loaded detector: the boxes of a generator that reads them (caption_files sets it)
+        self.mirror = float(self.model.decoding.mirror)  # weight of the mirror image (decoding.mirror; 0: off)
+        self._mirrored = None
 
     @classmethod
     def load(cls, model=None, device: str = "auto", cnn_weights=None, threads: int = 0, region_model=None,
-             aligner=None, jit: bool = True, weights: list[float] | None = None) -> "Captioner":
+             aligner=None, jit: bool = True, weights: list[float] | None = None,
+             mirror: float | None = None) -> "Captioner":
         """``model``: a generator checkpoint, or a list of them decoded as an ensemble (``weights`` per member,
         :func:`vsa.mrnn.load_generators`); ``aligner``: an aligner checkpoint for grounded captions (a region
-        model, ``train-align --model brnn``); ``jit`` False: the CNN runs eager, never traced."""
+        model, ``train-align --model brnn``); ``jit`` False: the CNN runs eager, never traced; ``mirror``: the
+        weight of each photo's mirror image in decoding (default: the generator's ``decoding.mirror``; 0: off)."""
         import torch
 
         from vsa.checkpoint import load_checkpoint
@@ -86,7 +90,13 @@ class Captioner:
             if al.cfg.model != "brnn":
                 raise VsaError(f"grounding needs a region aligner (train-align --model brnn), not a '{al.cfg.model}' one",
                                aligner)
-        return cls(ck, path, dev, cnn_weights, rck, al, jit, model=gen)
+        cap = cls(ck, path, dev, cnn_weights, rck, al, jit, model=gen)
+        if mirror is not None:
+            from vsa.mrnn import with_mirror
+
+            with_mirror(gen, mirror)  # refuses a weight out of range, or an ensemble across backbones
+            cap.mirror = float(mirror)
+        return cap
 
     @property
     def extractor(self):
@@ -109,6 +119,12 @@ class Captioner:
 
         from vsa.decoding import constraints, decode
 
+        if model is None and self.mirror:  # the photo and its mirror image side by side (featurise), decoded as one
+            from vsa.mrnn import with_mirror
+
+            if self._mirrored is None:
+                self._mirrored = with_mirror(self.model, self.mirror)
+            model = self._mirrored
         model = model or self.model
         vocab = vocab or self.vocab
         dec = model.decoding
@@ -149,13 +165,19 @@ class Captioner:
 
     def featurise(self, prepared: list[dict]):
         """Prepared photos (:meth:`vsa.featurise.Featuriser.prepare`) -> the generator's inputs: one pooled
-        vector ``[B, D]``, or the whole image + grid cells ``[B, 1 + g*g, D]`` for a grid model."""
+        vector ``[B, D]``, or the whole image + grid cells ``[B, 1 + g*g, D]`` for a grid model; with
+        :attr:`mirror` the mirror image's (each prepared photo's ``"mirror"``, one CNN batch) beside them on the last
+        axis."""
         import numpy as np
 
         from vsa.mrnn import uses_regions
 
+        n = len(prepared)
+        if self.mirror:
+            prepared = prepared + [p["mirror"] for p in prepared]
         feats = self.featuriser.forward(prepared)
-        return np.stack(feats) if uses_regions(self.cfg) else np.stack([f[0] for f in feats])
+        x = np.stack(feats) if uses_regions(self.cfg) else np.stack([f[0] for f in feats])
+        return np.concatenate([x[:n], x[n:]], -1) if self.mirror else x
 
     # ------------------------------------------------------------------ files
 
@@ -167,7 +189,14 @@ class Captioner:
             im = open_image(path, max_pixels)
         except ImageError as e:
             return path, key, None, str(e)
-        return path, key, im, self.featuriser.prepare(im)
+        p = self.featuriser.prepare(im)
+        if self.mirror:  # the mirror image on the mirrored boxes (as `vsa embed --flip` makes them)
+            from vsa.featurise import mirror
+
+            grid = self.featuriser.spec.crop == "grid"
+            mim, regs = mirror(im, None if grid else p["regions"])
+            p["mirror"] = self.featuriser.prepare(mim, regs)
+        return path, key, im, p
 
     def caption_files(self, items: Iterable[tuple[Path, str]], beam=None, max_len=None, length_penalty=None,
                       batch_size: int = 16, skip_bad: bool = False, warn=None, detector=None, top: int = 5,
@@ -294,7 +323,7 @@ def caption_images(images: list[tuple[Path, str]], model=None, beam=None, max_le
                    regions: bool = False, region_model=None, ground: bool = False, aligner=None, detector=None,
                    top: int = 5, batch_size: int = 16, device: str = "auto", cnn_weights=None, skip_bad: bool = False,
                    threads: int = 0, max_pixels: int | None = None, jit: bool = True, warn=None,
-                   weights: list[float] | None = None) -> Iterator[dict]:
+                   weights: list[float] | None = None, mirror: float | None = None) -> Iterator[dict]:
     """``vsa caption``: caption records (docs/formats.md) of ``images`` (``(path, key)``, e.g. from
     :func:`caption_inputs`), in order.
 
@@ -304,7 +333,7 @@ def caption_images(images: list[tuple[Path, str]], model=None, beam=None, max_le
     snippets on the boxes with the aligner checkpoint ``aligner``; both need ``detector`` (a spec or a loaded
     detector), which also gives its boxes to a generator trained on detector boxes (else such a model, trained
     with ``box_dropout`` on ``--cells`` features, reads the whole image and its cells). The detector is loaded
-    only when something reads its boxes.
+    only when something reads its boxes. ``mirror``: :meth:`Captioner.load`.
     """
     if regions and region_model is None:
         if not DEFAULT_REGION_MODEL.exists():
@@ -312,7 +341,7 @@ def caption_images(images: list[tuple[Path, str]], model=None, beam=None, max_le
         region_model = DEFAULT_REGION_MODEL
     cap = Captioner.load(model, device=device, cnn_weights=cnn_weights, threads=threads,
                          region_model=region_model if regions else None, aligner=aligner if ground else None, jit=jit,
-                         weights=weights)
+                         weights=weights, mirror=mirror)
     yield from cap.caption_files(images, beam=beam, max_len=max_len, length_penalty=length_penalty,
                                  batch_size=batch_size, skip_bad=skip_bad, warn=warn,
                                  detector=detector, top=top, regions=regions,

@@ -207,12 +207,13 @@ def apply_overrides(cfgs: Any, items: list[str], flag: str = "--set") -> Any:
     return cfgs
 
 
-def trained_features(ckpt: dict, features=None) -> Path | None:
+def trained_features(ckpt: dict, features=None, key: str = "features") -> Path | None:
     """The features file to evaluate ``ckpt`` on without computing any: ``features`` if given, else the file it
-    was trained on (its ``meta``) when that still exists; None when there is none."""
+    was trained on (its ``meta``; ``key`` "flip_features": the mirrored images' file) when that still exists;
+    None when there is none."""
     if features is not None:
         return Path(features)
-    trained = (ckpt.get("meta") or {}).get("features")
+    trained = (ckpt.get("meta") or {}).get(key)
     return Path(trained) if trained and Path(trained).exists() else None
 
 

@@ -31,6 +31,9 @@ class DecodingConfig:
     bad_endings: bool = True  # never end a sentence on "a", "the", "on", ... (decoding constraint)
     block_repeats: bool = True  # never repeat a word twice in a row or a trigram (decoding constraint)
     block_content_repeats: bool = True  # never use a word twice but function words (a, on, two, ...) (constraint)
+    # test-time augmentation: the photo and its left-right mirror decoded as one, each step's word probabilities
+    # mixed (1 - mirror) : mirror (:func:`vsa.mrnn.with_mirror`); 0: the photo alone (half the decoding work)
+    mirror: float = 0.0
 
 
 @dataclass

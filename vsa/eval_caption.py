@@ -32,20 +32,36 @@ def _features_path(ck: dict, features):
                    f"the model was trained on: {ck.get('extractor', {}).get('extractor', '?')})")
 
 
+def mirror_weight(model_path, mirror: float | None = None) -> float:
+    """The mirror weight a generator (an ensemble: its first member) decodes with: ``mirror`` if given, else its
+    checkpoint's ``decoding.mirror`` (:class:`vsa.decoding.DecodingConfig`)."""
+    from vsa.checkpoint import load_checkpoint
+
+    if mirror is None:
+        first = model_path[0] if isinstance(model_path, (list, tuple)) else model_path
+        mirror = (load_checkpoint(first, "mrnn").get("decoding") or {}).get("mirror") or 0.0
+    if not 0 <= float(mirror) < 1:
+        raise VsaError(f"the mirror weight must be at least 0 and below 1, not {float(mirror):g}")
+    return float(mirror)
+
+
 def generate_split(model_path, ds, split: str, features=None, beam: int | None = None, length_penalty: float | None = None,
-                   device: str = "auto", batch_size: int = 100, weights: list[float] | None = None):
-    """Generated caption per image of ``split``: returns (records, captions, beam, length_penalty).
+                   device: str = "auto", batch_size: int = 100, weights: list[float] | None = None,
+                   mirror: float | None = None, mirror_features=None):
+    """Generated caption per image of ``split``: returns (records, captions, beam, length_penalty, mirror).
     ``model_path``: a generator checkpoint, or a list of them decoded as an ensemble
     (:class:`vsa.mrnn.GeneratorEnsemble`, ``weights`` per member; the decoding defaults are the first's).
     ``features``: a file (or None: the one the model was trained on), or for an ensemble one per member; members
-    on different CNNs each read their own file (the first given for their CNN)."""
+    on different CNNs each read their own file (the first given for their CNN). ``mirror``: the weight of each
+    image's mirror image (default: the model's ``decoding.mirror``); when above 0, ``mirror_features`` is the
+    file of the mirrored images (`vsa embed ... --flip`, same settings; one backbone only)."""
     import torch
 
     from vsa.checkpoint import load_checkpoint
     from vsa.data import Vocab
     from vsa.decoding import constraints, decode
     from vsa.featstore import FeatureStore, check_extractor
-    from vsa.mrnn import load_generators, region_rows, uses_regions
+    from vsa.mrnn import load_generators, region_rows, uses_regions, with_mirror
     from vsa.runtime import pick_device
     from vsa.splits import split_features
 
@@ -70,6 +86,23 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     recs = stores[0].check_dataset(ds.split(split))
     for store in stores[1:]:
         store.check_dataset(recs)
+    w = mirror_weight(paths, mirror)
+    if w:
+        if len(stores) > 1:
+            raise VsaError("mirror decoding of an ensemble across backbones is not supported: pass --mirror 0")
+        if mirror_features is None:
+            raise VsaError(f"this generator decodes each image with its mirror image (decoding.mirror {w:g}): pass "
+                           "--mirror-features NPZ (`vsa embed IMAGES ... --flip`, the settings of --features) or --mirror 0")
+        flipped = FeatureStore(mirror_features)
+        check_extractor(ck.get("extractor"), flipped.meta, mirror_features)
+        if not flipped.meta.get("flip"):
+            raise VsaError("the mirror features are not of mirrored images (made without `vsa embed --flip`)",
+                           mirror_features)
+        if flipped.dim != stores[0].dim:
+            raise VsaError(f"mirror features are {flipped.dim}-d but the model expects {stores[0].dim}-d", mirror_features)
+        flipped.check_dataset(recs)
+        stores.append(flipped)
+        model = with_mirror(model, w)
     b = int(beam if beam is not None else model.decoding.beam)
     lp = float(length_penalty if length_penalty is not None else model.decoding.length_penalty)
     caps: list[str] = []
@@ -87,16 +120,18 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
         m = m.to(dev) if m is not None else None
         for h in decode(model, f, m, b, model.decoding.max_len, lp, **cons):
             caps.append(" ".join(vocab.decode(h.tokens)))
-    return recs, caps, b, lp
+    return recs, caps, b, lp, w
 
 
 def evaluate_generator(model_path, ds, split, features=None, beam=None, captions_out=None, device="auto",
-                       weights: list[float] | None = None) -> dict:
-    """Caption metrics of a generator (or of a list of them as an ensemble, ``weights`` per member) on ``split``."""
+                       weights: list[float] | None = None, mirror: float | None = None, mirror_features=None) -> dict:
+    """Caption metrics of a generator (or of a list of them as an ensemble, ``weights`` per member) on ``split``
+    (``mirror``, ``mirror_features``: :func:`generate_split`)."""
     from vsa.caption_metrics import score_captions
 
     t0 = time.time()
-    recs, caps, b, lp = generate_split(model_path, ds, split, features, beam, None, device, weights=weights)
+    recs, caps, b, lp, w = generate_split(model_path, ds, split, features, beam, None, device, weights=weights,
+                                          mirror=mirror, mirror_features=mirror_features)
     ids = [r.cocoid if r.cocoid is not None else r.imgid for r in recs]
     gts = {i: [s.raw for s in r.sentences] for i, r in zip(ids, recs)}
     res = dict(zip(ids, caps))
@@ -107,7 +142,7 @@ def evaluate_generator(model_path, ds, split, features=None, beam=None, captions
         write_json(captions_out, [{"image_id": i, "caption": c} for i, c in zip(ids, caps)])
     many = isinstance(model_path, (list, tuple))
     out = {"model": " + ".join(map(str, model_path)) if many else str(model_path), "beam": b, "length_penalty": lp,
-           "images": len(recs), **scores, "paper": PAPER.get(ds.name, {}), "seconds": round(time.time() - t0, 1)}
+           "mirror": w, **({"mirror_features": str(mirror_features)} if w else {}), "images": len(recs), **scores, "paper": PAPER.get(ds.name, {}), "seconds": round(time.time() - t0, 1)}
     if many:
         out["ensemble"] = {"models": [str(p) for p in model_path], "weights": list(weights or [1.0] * len(model_path))}
     return out

@@ -11,7 +11,8 @@ from vsa.errors import VsaError
 def evaluate(models: list, ds, split: str, features: list | None = None, detector=None, beam: int | None = None,
              captions_out=None, ranks_out=None, ensemble: bool = False, weights: list[float] | None = None,
              device: str = "auto", jit: bool = True, max_pixels: int | None = None, progress=None, warn=None, note=None,
-             on_section=None, rerank=None, rerank_features=None, rerank_cfg=None, hubness=None) -> dict:
+             on_section=None, rerank=None, rerank_features=None, rerank_cfg=None, hubness=None, mirror: float | None = None,
+             mirror_features=None) -> dict:
     """The eval report ``{"split", "dataset", "retrieval", "generation"}`` (docs/formats.md) of the checkpoints
     ``models`` on ``split`` of ``ds``.
 
@@ -26,6 +27,8 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
     ``rerank``: a generator checkpoint re-ranking the aligners' best candidates (:mod:`vsa.rerank`, ``rerank_cfg``),
     on ``rerank_features`` (None: found or computed like a model's). ``hubness``: a
     :class:`vsa.retrieval.HubnessConfig` correcting the aligners' scores with a bank of training items.
+    ``mirror``: the generator's mirror weight (None: its ``decoding.mirror``); when above 0 each image is decoded with
+    its mirror image, read from ``mirror_features`` (None: found or computed like the features, mirrored).
     ``on_section(name, section)`` is called as each section is
     done (``vsa eval`` prints its table then); ``progress``, ``warn``, ``note``: a rich Progress and message
     callbacks.
@@ -87,7 +90,7 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
             if on_section is not None:
                 on_section("retrieval", report["retrieval"])
         if generators:
-            from vsa.eval_caption import evaluate_generator
+            from vsa.eval_caption import evaluate_generator, mirror_weight
 
             from vsa.mrnn import backbone
 
@@ -98,10 +101,15 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
                 if cnns[i] not in per_cnn:
                     per_cnn[cnns[i]] = feats(i)
             fs = [per_cnn[cnns[i]] for i in generators]
+            mf = None
+            if mirror_weight(g, mirror) and len(per_cnn) == 1:  # (across backbones: generate_split refuses)
+                mf = features_for_eval(g[0], ds, split, tmp, mirror_features, detector, device, computed, progress,
+                                       warn, note, jit=jit, max_pixels=max_pixels, flip=True)
             report["generation"] = evaluate_generator(g if len(g) > 1 else g[0], ds, split,
                                                       features=fs if len(g) > 1 else fs[0], beam=beam,
                                                       captions_out=captions_out, device=device,
-                                                      weights=weights_of(generators))
+                                                      weights=weights_of(generators), mirror=mirror,
+                                                      mirror_features=mf)
             _name_computed(report["generation"], computed, ds)
             if on_section is not None:
                 on_section("generation", report["generation"])
@@ -111,5 +119,6 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
 def _name_computed(section: dict, computed: dict, ds) -> None:
     """Features computed into a temporary file are reported as made from the images, not by the file's name."""
     for path in computed.values():
-        if "features" in section:
-            section["features"] = str(section["features"]).replace(str(path), f"computed from {ds.image_root}")
+        for key in ("features", "mirror_features"):
+            if key in section:
+                section[key] = str(section[key]).replace(str(path), f"computed from {ds.image_root}")

@@ -357,11 +357,12 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
 
 def embed_like_training(files: list, out, extractor_meta: dict, detector=None, top: int = 19, device: str = "auto",
                         cnn_weights=None, workers: int = 1, batch_size: int = 8, progress=None, warn=None,
-                        jit: bool = True, max_pixels: int | None = None) -> Path:
+                        jit: bool = True, max_pixels: int | None = None, flip: bool = False) -> Path:
     """Write the features NPZ of image files ``[(path, key)]`` at ``out`` as ``vsa regions FILES | vsa embed``
     made the training features described by ``extractor_meta`` (a checkpoint's ``extractor``): the CNN it
     names with its crop, context, grid and dtype, on the boxes of ``detector`` (a detector spec or a loaded
-    detector; region features only, :func:`vsa.featurise.uses_detector`)."""
+    detector; region features only, :func:`vsa.featurise.uses_detector`); ``flip``: of the mirrored images, as
+    ``vsa embed --flip`` makes them."""
     meta = dict(extractor_meta or {})
     extra = {}
     if uses_detector(meta):
@@ -390,38 +391,42 @@ def embed_like_training(files: list, out, extractor_meta: dict, detector=None, t
         raise VsaError(f"the model was trained on {want}px inputs but {ex.name} uses {ex.input_size}px")
     embed(items, out, ex, batch_size=batch_size, workers=workers, context=spec.context, crop=spec.crop,
           dtype=meta.get("dtype") or "float16", resume=False, max_pixels=max_pixels, progress=progress, warn=warn,
-          extra_meta=extra, grid=spec.grid, cells=spec.cells)
+          extra_meta=extra, grid=spec.grid, cells=spec.cells, flip=flip)
     return Path(out)
 
 
 def features_for_eval(model_path, ds, split: str, workdir, features=None, detector=None, device: str = "auto",
                       cache: dict | None = None, progress=None, warn=None, note=None, jit: bool = True,
-                      max_pixels: int | None = None) -> Path:
+                      max_pixels: int | None = None, flip: bool = False) -> Path:
     """The features NPZ to evaluate the checkpoint at ``model_path`` on ``split`` of ``ds``: an existing one
     (:func:`vsa.checkpoint.trained_features`), else computed from the dataset's images into ``workdir``
     (:func:`embed_like_training`; ``cache`` shares one computation between models whose training features were
-    made alike)."""
+    made alike). ``flip``: the features of the mirrored images (the model's ``flip_features``, else computed)."""
     from vsa.checkpoint import load_checkpoint, trained_features
 
     ck = load_checkpoint(model_path)
-    found = trained_features(ck, features)
+    found = trained_features(ck, features, "flip_features" if flip else "features")
     if found is not None:
         return found
     meta = ck.get("extractor") or {}
     what = "region" if uses_detector(meta) else "grid" if meta.get("crop") == "grid" else "whole-image"
     if ds.image_root is None:
+        if flip:
+            raise VsaError(f"no features of the mirrored images to evaluate {model_path} on (its decoding.mirror): pass "
+                           "--mirror-features NPZ (from `vsa embed ... --flip`), --images DIR to compute them, or --mirror 0")
         raise VsaError(f"no {what} features to evaluate {model_path} on: pass --features NPZ (from `vsa embed`) "
                        "or --images DIR to compute them from the images")
     recs = ds.split(split)
-    key = json.dumps([feature_settings(meta), uses_detector(meta), str(detector)], sort_keys=True)
+    key = json.dumps([feature_settings(meta), uses_detector(meta), str(detector), flip], sort_keys=True)
     if cache is not None and key in cache:
         return cache[key]
     if note is not None:
+        what, flag = ("mirrored " + what, "--mirror-features") if flip else (what, "--features")
         note(f"computing {what} features of the {len(recs)} {split} images in {ds.image_root} for {Path(model_path).name} "
-             "(pass --features NPZ to reuse a `vsa embed` output)")
+             f"(pass {flag} NPZ to reuse a `vsa embed` output)")
     out = Path(workdir) / f"features-{len(cache or {})}.npz"
     embed_like_training([(ds.image_path(r), r.key) for r in recs], out, meta, detector=detector, device=device,
-                        progress=progress, warn=warn, jit=jit, max_pixels=max_pixels)
+                        progress=progress, warn=warn, jit=jit, max_pixels=max_pixels, flip=flip)
     if cache is not None:
         cache[key] = out
     return out

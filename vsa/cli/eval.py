@@ -25,6 +25,8 @@ def evaluate(
     features: Optional[List[Path]] = typer.Option(None, "--features", help="Features NPZ: one file for every model, or one per --model in order (default: the one each model was trained on, else [features] in vsa.toml, else computed from the images)."),
     detector: Optional[str] = typer.Option(None, "--detector", help="Detector for region features computed from the images (default: $VSA_DETECTOR, [regions] detector in vsa.toml, else yolo11n.pt); use the one the model was trained with."),
     beam: Optional[int] = typer.Option(None, "--beam", help="Beam size for generators (default: the checkpoint's val-chosen beam)."),
+    mirror: Optional[float] = typer.Option(None, "--mirror", help="Generators: weight of each image's mirror image, decoded with it as one (test-time augmentation; default: the checkpoint's decoding.mirror; 0: off)."),
+    mirror_features: Optional[Path] = typer.Option(None, "--mirror-features", help="Features NPZ of the mirrored images for --mirror (`vsa embed ... --flip`; default: the generator's --flip-features, else [features] grid_flip in vsa.toml, else computed from the images)."),
     captions_out: Optional[Path] = typer.Option(None, "--captions-out", help="Write generated captions here as COCO results JSON."),
     ranks_out: Optional[Path] = typer.Option(None, "--ranks-out", help="Write retrieval ranks (for `vsa show`) here as JSON."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the eval report JSON here."),
@@ -73,7 +75,8 @@ def evaluate(
                           ranks_out=ranks_out, ensemble=ensemble, weights=w, device=device, jit=W.jit(),
                           max_pixels=W.max_pixels(None), progress=prog,
                           warn=warn, note=note, on_section=table, rerank=rerank, rerank_features=rerank_features,
-                          rerank_cfg=rcfg, hubness=hcfg)
+                          rerank_cfg=rcfg, hubness=hcfg, mirror=mirror,
+                          mirror_features=W.eval_mirror_features(models, mirror_features, features))
     if out is not None:
         write_json(out, report, indent=True)
     if as_json:

@@ -97,6 +97,27 @@ def eval_features(models: list, features=None) -> list:
     return out
 
 
+def eval_mirror_features(models: list, mirror_features=None, features=None) -> Optional[Path]:
+    """The mirrored images' features ``vsa eval`` reads for a generator that decodes with them (``decoding.mirror``):
+    ``--mirror-features``, else (``--features`` not given) the file the generator was trained with as
+    ``--flip-features`` when it exists, else ``[features] grid_flip`` of vsa.toml for a grid generator when that
+    file exists and comes from its CNN; None: the library computes them from the images."""
+    from vsa.checkpoint import load_checkpoint, trained_features
+    from vsa.cli.config import workspace
+
+    if mirror_features is not None:
+        return Path(mirror_features)
+    gens = [ck for ck in map(load_checkpoint, models) if ck.get("kind") == "mrnn"]
+    if not gens or features:
+        return None
+    ck = gens[0]
+    found = trained_features(ck, None, "flip_features")
+    if found is None and _features_key(ck) == "features.grid":
+        p = workspace().get("features.grid_flip")
+        found = Path(p) if p is not None and Path(p).exists() and _same_cnn(ck, Path(p), "the generator") else None
+    return found
+
+
 def _same_cnn(ck: dict, path: Path, model) -> bool:
     """Whether the workspace's features file ``path`` was made by the CNN ``ck`` was trained on; says so when not."""
     from vsa.errors import VsaError
