@@ -68,8 +68,8 @@ class AlignModelConfig:
     max_regions: int = 20  # whole image + 19 detections
     cells: int = 0  # g: the features' g x g image cells after the boxes (`vsa embed --cells`; set from the features)
     max_len: int = 40  # words per sentence (longer ones are cut)
-    dropout: float = 0.1  # on word embeddings / RNN outputs
-    dropout_regions: float = 0.0  # on CNN features
+    dropout: float = 0.2  # on word embeddings / RNN outputs (0.1 before the shipped RWC-13r recipe)
+    dropout_regions: float = 0.2  # on CNN features (0 before the shipped RWC-13r recipe)
 
 
 def region_rows(cfg: AlignModelConfig) -> int:

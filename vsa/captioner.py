@@ -113,13 +113,16 @@ class Captioner:
     # ------------------------------------------------------------------ decoding
 
     def caption_features(self, feats, beam: int | None = None, max_len: int | None = None,
-                         length_penalty: float | None = None, model=None, vocab=None) -> list[tuple[str, float]]:
-        """``feats`` ``[B, D]`` CNN features -> ``(caption, logprob)`` per row."""
+                         length_penalty: float | None = None, model=None, vocab=None,
+                         mirrored: bool = False) -> list[tuple[str, float]]:
+        """``feats`` ``[B, D]`` CNN features -> ``(caption, logprob)`` per row; ``mirrored``: ``feats`` hold each
+        photo's and its mirror image's side by side (:meth:`featurise` with ``mirror``), decoded as one with weight
+        :attr:`mirror`."""
         import torch
 
         from vsa.decoding import constraints, decode
 
-        if model is None and self.mirror:  # the photo and its mirror image side by side (featurise), decoded as one
+        if mirrored:  # the photo and its mirror image side by side, decoded as one
             from vsa.mrnn import with_mirror
 
             if self._mirrored is None:
@@ -163,21 +166,21 @@ class Captioner:
                                           boxes=self.reads_boxes and self.detector is not None)
         return self._featuriser
 
-    def featurise(self, prepared: list[dict]):
+    def featurise(self, prepared: list[dict], mirror: bool = False):
         """Prepared photos (:meth:`vsa.featurise.Featuriser.prepare`) -> the generator's inputs: one pooled
-        vector ``[B, D]``, or the whole image + grid cells ``[B, 1 + g*g, D]`` for a grid model; with
-        :attr:`mirror` the mirror image's (each prepared photo's ``"mirror"``, one CNN batch) beside them on the last
-        axis."""
+        vector ``[B, D]``, or the whole image + grid cells ``[B, 1 + g*g, D]`` for a grid model; ``mirror``: the
+        mirror images' (each prepared photo's ``"mirror"``, made by :meth:`_load`; one CNN batch) beside them on the
+        last axis, the input of :func:`vsa.mrnn.with_mirror` (:meth:`caption_features` decodes it)."""
         import numpy as np
 
         from vsa.mrnn import uses_regions
 
         n = len(prepared)
-        if self.mirror:
+        if mirror:
             prepared = prepared + [p["mirror"] for p in prepared]
         feats = self.featuriser.forward(prepared)
         x = np.stack(feats) if uses_regions(self.cfg) else np.stack([f[0] for f in feats])
-        return np.concatenate([x[:n], x[n:]], -1) if self.mirror else x
+        return np.concatenate([x[:n], x[n:]], -1) if mirror else x
 
     # ------------------------------------------------------------------ files
 
@@ -243,8 +246,8 @@ class Captioner:
                     good.append((path, key, im, x))
                 if not good:
                     continue
-                feats = self.featurise([g[3] for g in good])
-                caps = self.caption_features(feats, beam, max_len, length_penalty)
+                feats = self.featurise([g[3] for g in good], mirror=bool(self.mirror))
+                caps = self.caption_features(feats, beam, max_len, length_penalty, mirrored=bool(self.mirror))
                 for (path, key, im, _), (c, lp) in zip(good, caps):
                     rec = {"path": str(path), "key": key, "caption": c, "logprob": lp}
                     if ground:

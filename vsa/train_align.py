@@ -42,8 +42,8 @@ class AlignTrainConfig:
     lr: float = 5e-4
     momentum: float = 0.9
     weight_decay: float = 0.0
-    epochs: int = 8
-    lr_decay_epoch: int = 6  # multiply the learning rate by lr_decay from this epoch on (0: never)
+    epochs: int = 13
+    lr_decay_epoch: int = 11  # multiply the learning rate by lr_decay after this many epochs (0: never)
     lr_decay: float = 0.1
     batch_size: int = 128
     group: int = 2  # sentences of one image side by side in a batch (1: plain random pairs)
