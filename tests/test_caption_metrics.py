@@ -73,3 +73,43 @@ def test_meteor_reward_is_cider_d_plus_weighted_per_sentence_meteor():
     # per sentence it is the evaluation's METEOR (one segment's corpus score), the end token unseen
     one = score_captions({0: GTS[1]}, {0: "a dog runs"}, metrics=("METEOR",), tokenizer="simple")
     assert one["METEOR"] == pytest.approx(100 * m[0], abs=0.01)
+
+
+def test_a_meteor_java_process_that_dies_is_a_one_line_error_not_a_hang(monkeypatch):
+    """pycocoevalcap's Meteor keeps its lock when a read from a dead Java process fails, and its __del__ then waits on
+    that lock forever: `vsa eval` hung after its Java child was killed. Now the failure is a VsaError."""
+    import threading
+
+    import pycocoevalcap.meteor.meteor as M
+
+    from vsa.caption_metrics import MeteorSegments
+    from vsa.errors import VsaError
+
+    if shutil.which("java") is None:
+        pytest.skip("no java")
+    real = M.Meteor.__init__
+
+    def dying(self):  # the Java process dies (killed, out of memory) right after it started
+        real(self)
+        self.meteor_p.kill()
+        self.meteor_p.wait()
+
+    monkeypatch.setattr(M.Meteor, "__init__", dying)
+    outcome = {}
+
+    def run():
+        try:
+            score_captions({1: GTS[1]}, {1: "a dog runs"}, metrics=("METEOR",))
+        except VsaError as e:
+            outcome["caption"] = str(e)
+        try:
+            MeteorSegments().score([["a", "dog"]], [[["a", "dog", "runs"]]])
+        except VsaError as e:
+            outcome["reward"] = str(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "METEOR hung on a dead Java process"
+    for k in ("caption", "reward"):
+        assert "Java process stopped" in outcome[k] and "\n" not in outcome[k], outcome

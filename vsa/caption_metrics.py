@@ -64,7 +64,7 @@ def score_captions(gts: dict, res: dict, metrics=ALL, tokenizer: str = "ptb") ->
 
             m = Meteor()
             try:
-                out["METEOR"] = 100.0 * m.compute_score(g, r)[0]
+                out["METEOR"] = 100.0 * meteor_score(m, g, r)[0]
             finally:
                 del m
         if "ROUGE-L" in metrics:
@@ -163,6 +163,28 @@ class CiderD:
 # ----------------------------------------------------------------------------- METEOR reward
 
 
+def meteor_score(m, gts: dict, res: dict):
+    """``m.compute_score(gts, res)`` of a pycocoevalcap ``Meteor``, with a one-line error when its Java process has
+    stopped (killed, out of memory): the wrapper would keep its lock on the failed read, and its ``__del__`` would
+    then wait for that lock forever."""
+    from vsa.errors import VsaError
+
+    try:
+        return m.compute_score(gts, res)
+    except (ValueError, OSError) as e:  # an empty line from a dead process; a broken pipe
+        m.meteor_p.kill()
+        code = m.meteor_p.wait()
+        try:  # closed here, so that the wrapper's __del__ has no broken pipe left to report
+            m.meteor_p.stdin.close()
+        except OSError:
+            pass
+        if m.lock.locked():
+            m.lock.release()
+        raise VsaError(f"the METEOR scorer's Java process stopped (exit code {code}; {type(e).__name__}): "
+                       "check that Java runs and has memory (`java -Xmx2G -version`)") from None
+
+
+
 class MeteorSegments:
     """Per-sentence METEOR 1.5 (pycocoevalcap's jar, ``-norm``: the scorer of :func:`score_captions`) of token
     lists against token-list references, one Java process for the scorer's life (~1000 sentences/s).
@@ -185,7 +207,7 @@ class MeteorSegments:
         if keep:
             gts = {j: [" ".join(r) for r in refs[i]] for j, i in enumerate(keep)}
             res = {j: [" ".join(cands[i])] for j, i in enumerate(keep)}
-            _, per = self._m.compute_score(gts, res)
+            _, per = meteor_score(self._m, gts, res)
             for j, i in enumerate(keep):
                 out[i] = float(per[j])
         return out
