@@ -354,6 +354,14 @@ def test_export_generator_ships_float16_weights_that_caption_alike(tmp_path):
     with torch.inference_mode():
         ga, gb = greedy(a, feats, max_len=8), greedy(b.float(), feats, max_len=8)
     assert [h.tokens for h in ga] == [h.tokens for h in gb] and any(h.tokens for h in ga)
+    # decoding defaults chosen on val go into the export (`python -m vsa.mrnn SRC DST beam=5 mirror=0.5`)
+    from vsa.errors import VsaError
+
+    export_generator(src, tmp_path / "ship2.pt", decoding=["beam=5", "mirror=0.5"])
+    assert load(tmp_path / "ship2.pt")["decoding"] == {**load(src)["decoding"], "beam": 5, "mirror": 0.5}
+    for bad in ("beams=5", "mirror=wide"):
+        with pytest.raises(VsaError):
+            export_generator(src, tmp_path / "ship3.pt", decoding=[bad])
 
 
 def test_box_dropout_drops_an_images_boxes_and_keeps_the_whole_image_and_its_cells():

@@ -90,12 +90,10 @@ class Captioner:
             if al.cfg.model != "brnn":
                 raise VsaError(f"grounding needs a region aligner (train-align --model brnn), not a '{al.cfg.model}' one",
                                aligner)
-        cap = cls(ck, path, dev, cnn_weights, rck, al, jit, model=gen)
-        if mirror is not None:
-            from vsa.mrnn import with_mirror
+        from vsa.decoding import mirror_weight
 
-            with_mirror(gen, mirror)  # refuses a weight out of range, or an ensemble across backbones
-            cap.mirror = float(mirror)
+        cap = cls(ck, path, dev, cnn_weights, rck, al, jit, model=gen)
+        cap.mirror = mirror_weight(cap.mirror, mirror)
         return cap
 
     @property

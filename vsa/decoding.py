@@ -36,6 +36,17 @@ class DecodingConfig:
     mirror: float = 0.0
 
 
+def mirror_weight(default: float, given: float | None = None) -> float:
+    """The mirror weight a decoding uses: ``given`` (``--mirror``) if not None, else ``default`` (the checkpoint's
+    ``DecodingConfig.mirror``); a weight outside [0, 1) is a one-line error."""
+    from vsa.errors import VsaError
+
+    w = float(default if given is None else given)
+    if not 0 <= w < 1:
+        raise VsaError(f"the mirror weight must be at least 0 and below 1, not {w:g}")
+    return w
+
+
 @dataclass
 class Hyp:
     tokens: list[int]

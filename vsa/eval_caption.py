@@ -32,19 +32,6 @@ def _features_path(ck: dict, features):
                    f"the model was trained on: {ck.get('extractor', {}).get('extractor', '?')})")
 
 
-def mirror_weight(model_path, mirror: float | None = None) -> float:
-    """The mirror weight a generator (an ensemble: its first member) decodes with: ``mirror`` if given, else its
-    checkpoint's ``decoding.mirror`` (:class:`vsa.decoding.DecodingConfig`)."""
-    from vsa.checkpoint import load_checkpoint
-
-    if mirror is None:
-        first = model_path[0] if isinstance(model_path, (list, tuple)) else model_path
-        mirror = (load_checkpoint(first, "mrnn").get("decoding") or {}).get("mirror") or 0.0
-    if not 0 <= float(mirror) < 1:
-        raise VsaError(f"the mirror weight must be at least 0 and below 1, not {float(mirror):g}")
-    return float(mirror)
-
-
 def generate_split(model_path, ds, split: str, features=None, beam: int | None = None, length_penalty: float | None = None,
                    device: str = "auto", batch_size: int = 100, weights: list[float] | None = None,
                    mirror: float | None = None, mirror_features=None):
@@ -59,7 +46,7 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
 
     from vsa.checkpoint import load_checkpoint
     from vsa.data import Vocab
-    from vsa.decoding import constraints, decode
+    from vsa.decoding import constraints, decode, mirror_weight
     from vsa.featstore import FeatureStore, check_extractor
     from vsa.mrnn import load_generators, region_rows, uses_regions, with_mirror
     from vsa.runtime import pick_device
@@ -86,7 +73,7 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     recs = stores[0].check_dataset(ds.split(split))
     for store in stores[1:]:
         store.check_dataset(recs)
-    w = mirror_weight(paths, mirror)
+    w = mirror_weight(model.decoding.mirror, mirror)
     if w:
         if len(stores) > 1:
             raise VsaError("mirror decoding of an ensemble across backbones is not supported: pass --mirror 0")

@@ -45,8 +45,8 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
     if not ds.split(split):
         raise VsaError(f"split {split!r} has no images in {ds.source}")
     report: dict = {"split": split, "dataset": ds.name}
-    heads = [(ck["kind"], ck.get("extractor")) for ck in map(load_checkpoint, models)]  # no weights kept
-    kinds = [k for k, _ in heads]
+    heads = [(ck["kind"], ck.get("extractor"), ck.get("decoding") or {}) for ck in map(load_checkpoint, models)]  # no weights kept
+    kinds = [h[0] for h in heads]
     for m, kind in zip(models, kinds):
         if kind not in ("align", "mrnn"):
             raise VsaError(f"cannot evaluate a '{kind}' checkpoint", m)
@@ -90,7 +90,8 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
             if on_section is not None:
                 on_section("retrieval", report["retrieval"])
         if generators:
-            from vsa.eval_caption import evaluate_generator, mirror_weight
+            from vsa.decoding import mirror_weight
+            from vsa.eval_caption import evaluate_generator
 
             from vsa.mrnn import backbone
 
@@ -102,7 +103,7 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
                     per_cnn[cnns[i]] = feats(i)
             fs = [per_cnn[cnns[i]] for i in generators]
             mf = None
-            if mirror_weight(g, mirror) and len(per_cnn) == 1:  # (across backbones: generate_split refuses)
+            if mirror_weight(heads[generators[0]][2].get("mirror", 0.0), mirror) and len(per_cnn) == 1:  # (across backbones: generate_split refuses)
                 mf = features_for_eval(g[0], ds, split, tmp, mirror_features, detector, device, computed, progress,
                                        warn, note, jit=jit, max_pixels=max_pixels, flip=True)
             report["generation"] = evaluate_generator(g if len(g) > 1 else g[0], ds, split,

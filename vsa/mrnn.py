@@ -385,12 +385,12 @@ def with_mirror(model, weight: float):
     a :class:`GeneratorEnsemble` of the model with itself, weights ``1 - weight`` : ``weight``, whose input is the
     photo's features and the mirror image's side by side along the last axis (``torch.cat([f, f_mirror], -1)``);
     ``model`` itself when ``weight`` is 0. ``model`` may be an ensemble (members on one backbone)."""
+    from vsa.decoding import mirror_weight
     from vsa.errors import VsaError
 
+    weight = mirror_weight(weight)
     if not weight:
         return model
-    if not 0 < weight < 1:
-        raise VsaError(f"the mirror weight must be at least 0 and below 1, not {weight:g}")
     if getattr(model, "slices", None) is not None:
         raise VsaError("mirror decoding of an ensemble across backbones is not supported: pass --mirror 0")
     d = model.cfg.feat_dim
@@ -445,32 +445,25 @@ def load_generators(paths, device: str = "cpu", weights: list[float] | None = No
     return GeneratorEnsemble(models, weights, slices if len(dims) > 1 else None).to(device).eval(), first
 
 
-def export_generator(src, dst, half: bool = True, decoding: dict | None = None) -> dict:
+def export_generator(src, dst, half: bool = True, decoding: list[str] | None = None) -> dict:
     """Write a compact inference copy of a trained generator (float16 weights, no optimiser state): how
     ``vsa/assets/mrnn-flickr8k.pt`` and ``mrnn-regions-flickr8k.pt`` are made (``python -m vsa.mrnn SRC DST
-    [FIELD=VALUE ...]``; ``decoding``: :class:`vsa.decoding.DecodingConfig` fields chosen on val, replacing the
-    trained file's)."""
-    import dataclasses
-
-    from vsa.checkpoint import export_checkpoint
+    [FIELD=VALUE ...]``; ``decoding``: ``FIELD=VALUE`` strings of :class:`vsa.decoding.DecodingConfig` chosen on
+    val, replacing the trained file's)."""
+    from vsa.checkpoint import apply_overrides, export_checkpoint
     from vsa.decoding import DecodingConfig
-    from vsa.errors import VsaError
 
-    fields = {f.name: f.type for f in dataclasses.fields(DecodingConfig)}
-    dec = {}
-    for k, v in (decoding or {}).items():
-        if k not in fields:
-            raise VsaError(f"unknown decoding field {k!r} (one of {', '.join(fields)})")
-        kind = type(getattr(DecodingConfig(), k))
-        dec[k] = (str(v).lower() in ("1", "true", "yes")) if kind is bool else kind(v)
+    items = list(decoding or [])
+    dec = apply_overrides(DecodingConfig(), items, "decoding")
+    given = {item.partition("=")[0].strip().replace("-", "_") for item in items}
     keep = ("dataset", "mode", "epoch", "phase", "history", "best", "decoding_search", "seconds")
-    return export_checkpoint(src, dst, "mrnn", keep, half, decoding=dec)
+    return export_checkpoint(src, dst, "mrnn", keep, half, decoding={k: getattr(dec, k) for k in given})
 
 
 if __name__ == "__main__":  # python -m vsa.mrnn SRC DST [FIELD=VALUE ...]
     import sys
 
-    if len(sys.argv) < 3 or not all("=" in a for a in sys.argv[3:]):
+    if len(sys.argv) < 3:
         sys.exit("usage: python -m vsa.mrnn TRAINED.pt OUT.pt [DECODING_FIELD=VALUE ...]  (e.g. beam=5 mirror=0.5)")
-    info = export_generator(sys.argv[1], sys.argv[2], decoding=dict(a.split("=", 1) for a in sys.argv[3:]))
+    info = export_generator(sys.argv[1], sys.argv[2], decoding=sys.argv[3:])
     print({k: v for k, v in info.items() if k not in ("history", "decoding_search")})

@@ -107,8 +107,10 @@ def eval_mirror_features(models: list, mirror_features=None, features=None) -> O
 
     if mirror_features is not None:
         return Path(mirror_features)
+    if features:
+        return None
     gens = [ck for ck in map(load_checkpoint, models) if ck.get("kind") == "mrnn"]
-    if not gens or features:
+    if not gens:
         return None
     ck = gens[0]
     found = trained_features(ck, None, "flip_features")
