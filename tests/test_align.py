@@ -228,6 +228,42 @@ def test_resume_continues_to_the_same_result(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_validating_every_second_epoch_trains_the_same_weights_and_selects_among_validated_epochs(tmp_path):
+    import json
+
+    ds, feats, _ = make_synthetic(tmp_path, n_train=40, n_val=10, n_test=10)
+    kw = {**SMALL, "epochs": 3}
+    train(*configs(**kw), ds, feats, tmp_path / "all.pt", info=lambda *a: None)
+    lines = []
+    res = train(*configs(**kw, val_every=2), ds, feats, tmp_path / "some.pt", info=lines.append)
+    log = [json.loads(x) for x in (tmp_path / "some.log.jsonl").read_text().splitlines()]
+    assert ["val" in r for r in log] == [False, True, True]  # epoch 2, and the last
+    assert not log[0]["best"] and any("epoch 1/3" in x and "not validated" in x for x in lines)
+    assert res["best"]["epoch"] in (2, 3)
+    a, b = _tensors(tmp_path / "all.last.pt"), _tensors(tmp_path / "some.last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # validation draws no random numbers
+    full = [json.loads(x) for x in (tmp_path / "all.log.jsonl").read_text().splitlines()]
+    assert [r["val"]["rsum"] for r in full[1:]] == [r["val"]["rsum"] for r in log[1:]]
+
+
+def test_dropout_keeps_each_value_with_probability_1_minus_p_and_rescales():
+    from vsa.align import Dropout
+
+    torch.manual_seed(0)
+    d = Dropout(0.2)
+    x = torch.ones(200_000)
+    y = d(x)
+    assert set(torch.unique(y).tolist()) == {0.0, 1.25}
+    assert abs(float((y == 0).float().mean()) - 0.2) < 0.005
+    assert abs(float(y.mean()) - 1.0) < 0.01
+    x.requires_grad_()
+    d(x).sum().backward()
+    assert set(torch.unique(x.grad).tolist()) == {0.0, 1.25}
+    d.eval()
+    assert torch.equal(d(x), x)
+    assert torch.equal(Dropout(1.0)(torch.ones(5)), torch.zeros(5))
+
+
 def test_whole_image_model_and_variants_train(tmp_path):
     ds, feats, _ = make_synthetic(tmp_path, n_train=40, n_val=10, n_test=10)
     for extra in ({"model": "whole-image"}, {"rnn": "gru", "score": "sum-max", "loss": "sum"},

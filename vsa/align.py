@@ -128,6 +128,21 @@ class FeatureStats(nn.Module):
         return (x - self.mean) / self.std
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with the mask drawn by ``torch.rand`` on the CPU: PyTorch's CPU dropout draws it with
+    ``bernoulli_``, about twice as slow, and the region features' dropout alone took a tenth of a training step
+    on two cores. The same distribution (keep with probability ``1 - p``, scaled by ``1 / (1 - p)``), another
+    random stream; on other devices the fused kernel as before. No parameters: checkpoints are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        if self.p == 1:
+            return x * 0
+        keep = (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+
 class RegionEncoder(nn.Module):
     """``v_i = W_m cnn_i + b_m`` for every region (eq. 1), optionally L2-normalised."""
 
@@ -135,7 +150,7 @@ class RegionEncoder(nn.Module):
         super().__init__()
         self.stats = FeatureStats(feat_dim)
         self.proj = nn.Linear(feat_dim, hidden)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.norm = norm
 
     def forward(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # [B, R, D] -> [B, R, h]
@@ -203,7 +218,7 @@ class SentenceBRNN(nn.Module):
         else:
             self.rnn = nn.LSTM(hidden, hidden, batch_first=True, bidirectional=True)
         self.out = nn.Linear(hidden, hidden)  # s_t = f(W_d (h^f_t + h^b_t) + b_d)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.hidden = hidden
         self.norm = norm
         self.out_relu = out_relu
@@ -329,7 +344,7 @@ class GlobalBranch(nn.Module):
         super().__init__()
         self.img = nn.Linear(feat_dim, hidden)
         self.gru = nn.GRU(embed, hidden, batch_first=True)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def image(self, std_feats: torch.Tensor) -> torch.Tensor:  # standardised whole-image features [B, D]
         return _l2(self.img(std_feats))
@@ -417,8 +432,8 @@ class WholeImageModel(nn.Module):
         self.img = nn.Linear(feat_dim, cfg.hidden)
         self.embed = nn.Embedding(vocab_size, cfg.embed, padding_idx=0)
         self.gru = nn.GRU(cfg.embed, cfg.hidden, batch_first=True)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.drop_img = nn.Dropout(cfg.dropout_regions)
+        self.drop = Dropout(cfg.dropout)
+        self.drop_img = Dropout(cfg.dropout_regions)
 
     def embed_images(self, feats: torch.Tensor, rmask: torch.Tensor):
         v = _l2(self.img(self.drop_img(self.stats(feats[:, :1]))))  # the whole image is region 0

