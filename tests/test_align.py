@@ -246,6 +246,24 @@ def test_validating_every_second_epoch_trains_the_same_weights_and_selects_among
     assert [r["val"]["rsum"] for r in full[1:]] == [r["val"]["rsum"] for r in log[1:]]
 
 
+def test_region_drop_leaves_out_whole_regions_but_never_the_whole_image_and_only_in_training():
+    from vsa.align import AlignModelConfig, BRNNAligner, check_config
+    from vsa.errors import VsaError
+
+    torch.manual_seed(0)
+    m = BRNNAligner(AlignModelConfig(hidden=8, embed=4, region_drop=0.3), 10, 6)
+    feats, rmask = torch.randn(400, 5, 6), torch.ones(400, 5, dtype=torch.bool)
+    rmask[:, 4] = False  # a padded row stays padded
+    V, vm = m.embed_images(feats, rmask)
+    assert bool(vm[:, 0].all()) and not bool(vm[:, 4].any())
+    assert abs(float(vm[:, 1:4].float().mean()) - 0.7) < 0.05
+    assert bool((V[~vm] == 0).all()) and bool((V[vm].norm(dim=-1) > 0.99).all())
+    m.eval()
+    assert torch.equal(m.embed_images(feats, rmask)[1], rmask)
+    with pytest.raises(VsaError, match="region_drop"):
+        check_config(AlignModelConfig(region_drop=1.0))
+
+
 def test_dropout_keeps_each_value_with_probability_1_minus_p_and_rescales():
     from vsa.align import Dropout
 

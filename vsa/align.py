@@ -70,6 +70,7 @@ class AlignModelConfig:
     max_len: int = 40  # words per sentence (longer ones are cut)
     dropout: float = 0.2  # on word embeddings / RNN outputs (0.1 before the shipped RWC-13r recipe)
     dropout_regions: float = 0.2  # on CNN features (0 before the shipped RWC-13r recipe)
+    region_drop: float = 0.0  # training only: each region row but the whole image is left out with this probability
 
 
 def region_rows(cfg: AlignModelConfig) -> int:
@@ -101,6 +102,8 @@ def check_config(cfg: AlignModelConfig) -> None:
             raise VsaError(f"unknown {name} {getattr(cfg, name)!r} (expected one of {', '.join(allowed)})")
     if cfg.hidden < 1:
         raise VsaError("hidden >= 1 is required")
+    if not 0.0 <= getattr(cfg, "region_drop", 0.0) < 1.0:
+        raise VsaError(f"region_drop must be in [0, 1), got {cfg.region_drop}")
 
 
 def _l2(x: torch.Tensor) -> torch.Tensor:
@@ -382,6 +385,11 @@ class BRNNAligner(nn.Module):
         return self.regions.stats
 
     def embed_images(self, feats: torch.Tensor, rmask: torch.Tensor):
+        p = getattr(self.cfg, "region_drop", 0.0)
+        if self.training and p > 0:  # whole boxes (and cells) left out: every word must do without its usual one
+            keep = torch.rand(rmask.shape, device=rmask.device) >= p
+            keep[:, 0] = True
+            rmask = rmask & keep
         V = self.regions(feats, rmask)
         if self.glob is not None:
             g = torch.zeros_like(V)
