@@ -28,7 +28,7 @@ _vsa_options() {
         "vsa search") echo "-h --help" ;;
         "vsa search index") echo "-o --out -m --model -f --features --dataset --split --detector --top --cnn-weights --skip-bad --device -h --help" ;;
         "vsa search text") echo "-i --index -k --top-k -m --model --json --rerank --rerank-features --rerank-k --rerank-weight --cnn-weights --no-hubness -h --help" ;;
-        "vsa search sentences") echo "-c --corpus -i --index -k --top-k -m --model --detector --top --cnn-weights --json --device -h --help" ;;
+        "vsa search sentences") echo "-c --corpus -i --index -k --top-k -m --model --detector --top --cnn-weights --no-hubness --json --device -h --help" ;;
     esac
 }
 
@@ -262,6 +262,7 @@ _vsa_value_kind() {
         "vsa search sentences --detector") echo "files" ;;
         "vsa search sentences --top") echo "value" ;;
         "vsa search sentences --cnn-weights") echo "files" ;;
+        "vsa search sentences --no-hubness") echo "flag" ;;
         "vsa search sentences --json") echo "flag" ;;
         "vsa search sentences --device") echo "value" ;;
         "vsa search sentences -h"|"vsa search sentences --help") echo "flag" ;;

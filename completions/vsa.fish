@@ -280,6 +280,7 @@ complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcomma
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l detector -r -F -d 'Detector for new photos: ultralytics weights (path or name) or a YOLO...'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l top -x -d 'Detections per photo (plus the whole image)'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l cnn-weights -r -F -d 'Local CNN weights file (default: the pip package\'s)'
+complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l no-hubness -d 'Rank by the aligner\'s score alone, though it has an image bank (docs/...'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l json -d 'JSON lines on stdout instead of a table'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -l device -x -d 'auto (cuda when present), cpu, cuda'
 complete -c vsa -n '__fish_seen_subcommand_from search; and __fish_seen_subcommand_from sentences' -s h -l help -d 'Show help and exit'

@@ -461,3 +461,51 @@ def test_align_falls_back_on_the_shipped_grounding_aligner(synth, tmp_path, monk
     assert r.returncode == 2  # the synthetic features are not the aligner's (32-d): a one-line error
     r = run_cli("score", "img0110.jpg", "a dog", "--features", feats)
     assert f"using the shipped Flickr8k aligner {SHIPPED_MODELS['align']}" in r.stderr.decode()
+
+
+def test_search_sentences_hubness_with_the_aligners_image_bank_ranks_as_eval_annotation_does(synth, tmp_path):
+    """`vsa train-align` keeps the region vectors of its first training images (its image bank); `vsa search
+    sentences` ranks a corpus by score - weight x each sentence's mean of its k best scores against them: the
+    annotation direction of `vsa eval --hubness` with the same images, k and weight (each image's row of that matrix
+    differs from it by the image's own term, a constant); --no-hubness: the score alone."""
+    import numpy as np
+    import torch
+
+    from vsa.align import export_aligner, load_aligner, region_rows
+    from vsa.eval_align import hub_correct
+    from vsa.featstore import load_features
+    from vsa.retrieval import HubnessConfig, SentenceHubnessConfig, score_matrix
+    from vsa.search import photo_from_store, search_sentences
+    from vsa.splits import retrieval_split
+
+    tmp, ds, feats, _, _ = synth
+    al = load_aligner(tmp / "a.pt")
+    store = load_features(feats)
+    train = ds.split("train")
+    V, reg_img = al.image_bank
+    assert len(train) < SentenceHubnessConfig.images and int(reg_img[-1]) + 1 == len(train)
+    first = al.image_vectors(photo_from_store(store, train[0].key).feats, full=True)
+    assert np.allclose(V[reg_img == 0].numpy(), first, atol=2e-3)  # float16 in the checkpoint
+    cfg = SentenceHubnessConfig()
+    data = retrieval_split(ds, "test", store, al.vocab, region_rows(al.cfg), al.cfg.max_len)
+    raw = score_matrix(al.model, data.feats, data.rmask, data.ids, data.lengths)
+    fixed = hub_correct(al, raw, data, ds, "test", store, HubnessConfig(k=cfg.k, weight=cfg.weight, bank=cfg.images))
+    corpus = [s.raw for r in ds.split("test") for s in r.sentences]
+    for i, key in enumerate(data.keys[:5]):
+        photo = photo_from_store(store, key)
+        hits = sorted(search_sentences(al, photo, corpus, len(corpus)), key=lambda h: h["line"])
+        ours = np.array([h["score"] for h in hits])
+        assert np.ptp(ours - fixed[i]) < 2e-3 and np.ptp(fixed[i]) > 0.1
+        assert all(h["score"] == pytest.approx(h["aligner_score"] - cfg.weight * h["hub"], abs=2e-4) for h in hits)
+        plain = sorted(search_sentences(al, photo, corpus, len(corpus), hubness=False), key=lambda h: h["line"])
+        assert "hub" not in plain[0] and np.allclose([h["score"] for h in plain], raw[i], atol=2e-4)
+    ranked = search_sentences(al, photo, corpus, 10)
+    assert [h["score"] for h in ranked] == sorted((h["score"] for h in ranked), reverse=True)
+    # the export keeps the bank; one trained before banks gets it from --bank DATASET --image-bank FEATURES
+    ckpt = torch.load(tmp / "a.pt", weights_only=True)
+    del ckpt["meta"]["image_bank"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert load_aligner(tmp_path / "old.pt").image_bank is None
+    export_aligner(tmp_path / "old.pt", tmp_path / "new.pt", bank=tmp / "synthetic.json", image_bank_features=feats)
+    Vn, regn = load_aligner(tmp_path / "new.pt").image_bank
+    assert torch.equal(regn, reg_img) and torch.allclose(Vn, V, atol=2e-3)

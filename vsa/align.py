@@ -503,6 +503,10 @@ class Aligner:
         self.aliases = dict(self.meta.get("aliases") or {})  # word outside the vocabulary -> nearest known word
         # training sentences for vsa search's hubness correction (vsa.retrieval.IndexHubnessConfig); [] if none
         self.bank = [str(x).split() for x in self.meta.get("bank") or []]
+        # region vectors of training images for vsa search sentences' hubness correction (SentenceHubnessConfig)
+        ib = self.meta.get("image_bank")
+        self.image_bank = None if not ib else (
+            ib["vectors"].float(), torch.repeat_interleave(torch.arange(len(ib["counts"])), ib["counts"].long()))
 
     def read_as(self, tokens: list[str]) -> dict[str, str]:
         """The words of ``tokens`` outside the vocabulary that the aligner reads as another word (its GloVe
@@ -602,8 +606,21 @@ def load_aligner(path=None, device: str = "cpu") -> Aligner:
     return aligner_from_checkpoint(ckpt, p, device)
 
 
+@torch.inference_mode()
+def image_bank(model, feats: torch.Tensor, rmask: torch.Tensor) -> dict:
+    """The image bank an aligner keeps for ``vsa search sentences`` (:class:`vsa.retrieval.SentenceHubnessConfig`):
+    the region vectors (all channels, float16) of the images ``feats [B, R, D]`` / ``rmask`` as one ``[N, h]`` tensor
+    and each image's row count."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    V, vm = model.embed_images(feats.to(dev), rmask.to(dev))
+    model.train(was)
+    return {"vectors": V[vm].half().cpu(), "counts": vm.sum(1).int().cpu()}
+
+
 def export_aligner(src, dst, half: bool = True, beta: float | None = None, aliases: str | None = None,
-                   bank=None) -> dict:
+                   bank=None, image_bank_features=None) -> dict:
     """Write a compact inference copy of a trained aligner (float16 weights, no optimiser state).
 
     This is how ``vsa/assets/align-flickr8k.pt`` is made: ``python -m vsa.align SRC DST [BETA] [--aliases kumo]``;
@@ -611,7 +628,8 @@ def export_aligner(src, dst, half: bool = True, beta: float | None = None, alias
     ``aliases`` (a GloVe spec as ``--glove`` takes) makes the out-of-vocabulary aliases
     (:func:`vsa.glove.glove_aliases`) for a checkpoint trained without them; ``bank`` (a caption dataset) adds the
     sentences ``vsa search`` corrects hubness with (:func:`vsa.retrieval.bank_sentences` of its train split), as
-    ``vsa train-align`` saves them.
+    ``vsa train-align`` saves them; with ``image_bank_features`` (the features file it was trained on) also the region
+    vectors of the first :attr:`SentenceHubnessConfig.images` train images of that dataset (:func:`image_bank`).
     """
     from vsa.checkpoint import export_checkpoint, load_checkpoint
 
@@ -625,11 +643,24 @@ def export_aligner(src, dst, half: bool = True, beta: float | None = None, alias
         from vsa.retrieval import bank_sentences
 
         extra["bank"] = bank_sentences(load_dataset(bank).split("train"))
-    keep = ("epoch", "best", "seconds", "dataset", "train_images", "test", "aliases", "bank")
+    if image_bank_features:
+        if not bank:
+            raise VsaError("an image bank needs the dataset (--bank DATASET) to take its training images from")
+        from vsa.data import load_dataset
+        from vsa.featstore import load_features
+        from vsa.retrieval import SentenceHubnessConfig
+        from vsa.splits import retrieval_split
+
+        al = load_aligner(src)
+        part = retrieval_split(load_dataset(bank), "train", load_features(image_bank_features), al.vocab,
+                               region_rows(al.cfg), al.cfg.max_len, limit=SentenceHubnessConfig.images)
+        idx = torch.arange(len(part.keys))
+        extra["image_bank"] = image_bank(al.model, part.feats[idx], part.rmask[idx])
+    keep = ("epoch", "best", "seconds", "dataset", "train_images", "test", "aliases", "bank", "image_bank")
     return export_checkpoint(src, dst, "align", keep, half, {"beta": float(beta)} if beta is not None else None, extra)
 
 
-if __name__ == "__main__":  # python -m vsa.align SRC DST [BETA] [--aliases GLOVE] [--bank DATASET]
+if __name__ == "__main__":  # python -m vsa.align SRC DST [BETA] [--aliases GLOVE] [--bank DATASET [--image-bank F]]
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m vsa.align", description="Export a trained aligner for shipping.")
@@ -638,8 +669,11 @@ if __name__ == "__main__":  # python -m vsa.align SRC DST [BETA] [--aliases GLOV
     ap.add_argument("beta", nargs="?", type=float, default=None)
     ap.add_argument("--aliases", default=None, help="GloVe (kumo or a path) for out-of-vocabulary aliases")
     ap.add_argument("--bank", default=None, help="caption dataset whose train sentences make the search hubness bank")
+    ap.add_argument("--image-bank", default=None, help="features file of --bank's images: adds the image bank of vsa "
+                    "search sentences")
     a = ap.parse_args()
-    info = export_aligner(a.src, a.dst, beta=a.beta, aliases=a.aliases, bank=a.bank)
+    info = export_aligner(a.src, a.dst, beta=a.beta, aliases=a.aliases, bank=a.bank, image_bank_features=a.image_bank)
     info["aliases"] = len(info.get("aliases") or {})
     info["bank"] = len(info.get("bank") or [])
+    info["image_bank"] = len((info.get("image_bank") or {}).get("counts", []))
     print(info)

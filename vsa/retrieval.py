@@ -47,6 +47,18 @@ class IndexHubnessConfig:
     weight: float = 0.5
 
 
+@dataclass
+class SentenceHubnessConfig:
+    """Hubness correction in ``vsa search sentences`` (image annotation): an aligner carries the region vectors of its
+    first ``images`` training images (its image bank, ``image_bank`` in its meta); each sentence of the corpus is
+    ranked by ``score - weight x`` the mean of its ``k`` best scores against them (the annotation direction of
+    :class:`HubnessConfig`; chosen on Flickr8k val, docs/alignment.md)."""
+
+    images: int = 200
+    k: int = 20
+    weight: float = 0.5
+
+
 def bank_sentences(train_records, images: int = IndexHubnessConfig.images) -> list[str]:
     """The bank an aligner keeps for ``vsa search``: the sentences (tokens joined by spaces) of the first ``images``
     training records."""

@@ -447,12 +447,20 @@ def read_corpus(path) -> list[str]:
     return [ln.strip() for ln in text_stream_lines(path) if ln.strip()]
 
 
-def search_sentences(aligner, photo: Photo, sentences: list[str], k: int = 10, batch: int = 1000) -> list[dict]:
-    """The ``k`` sentences of a corpus that best describe ``photo``."""
+def search_sentences(aligner, photo: Photo, sentences: list[str], k: int = 10, batch: int = 1000,
+                     hubness: bool = True) -> list[dict]:
+    """The ``k`` sentences of a corpus that best describe ``photo``. An aligner with an image bank
+    (:class:`vsa.retrieval.SentenceHubnessConfig`) ranks by ``score - weight x hub`` (the aligner's own score in
+    ``aligner_score``, each sentence's mean of its ``k`` best scores against the bank in ``hub``) unless ``hubness``
+    is False."""
     import torch
 
     from vsa.data import tokenize
     from vsa.featstore import pad_regions
+    from vsa.retrieval import SentenceHubnessConfig, bank_means
+
+    hcfg = SentenceHubnessConfig()
+    bank = aligner.image_bank if hubness else None
 
     if not sentences:
         raise VsaError("the sentence corpus is empty")
@@ -460,13 +468,25 @@ def search_sentences(aligner, photo: Photo, sentences: list[str], k: int = 10, b
     from vsa.align import region_rows
 
     feats, mask = pad_regions([photo.feats], max_regions=region_rows(aligner.cfg))
-    scores = np.empty(len(sentences), dtype=np.float32)
+    raw = np.empty(len(sentences), dtype=np.float32)
+    hub = np.zeros(len(sentences), dtype=np.float32) if bank is not None else None
+    dev = aligner.device
     with torch.inference_mode():
-        V, vm = aligner.model.embed_images(feats, mask)
+        V, vm = aligner.model.embed_images(feats.to(dev), mask.to(dev))
         for a in range(0, len(toks), batch):
             ids, lengths = aligner.encode_tokens(toks[a : a + batch])
-            S, sm = aligner.model.embed_sentences(ids, lengths)
-            scores[a : a + len(ids)] = aligner.model.score(V, vm, S, sm)[0].float().numpy()
+            S, sm = aligner.model.embed_sentences(ids.to(dev), lengths.to(dev))
+            raw[a : a + len(ids)] = aligner.model.score(V, vm, S, sm)[0].float().cpu().numpy()
+            if bank is not None:
+                Vb, reg_img = bank[0].to(dev), bank[1].to(dev)
+                hub[a : a + len(ids)] = bank_means(aligner.model.flat_score(Vb, reg_img, int(reg_img[-1]) + 1, S, sm)
+                                                   .float().cpu().numpy(), hcfg.k, 0)
+    scores = raw if hub is None else raw - hcfg.weight * hub
     order = np.argsort(-scores, kind="stable")[:k]
-    return [{"rank": r, "sentence": sentences[j], "line": int(j) + 1, "score": round(float(scores[j]), 4),
-             "oov": oov_words(aligner, toks[j]), "read_as": aligner.read_as(toks[j])} for r, j in enumerate(order, 1)]
+    out = []
+    for r, j in enumerate(order, 1):
+        rec = {"rank": r, "sentence": sentences[j], "line": int(j) + 1, "score": round(float(scores[j]), 4)}
+        if hub is not None:
+            rec.update(aligner_score=round(float(raw[j]), 4), hub=round(float(hub[j]), 4))
+        out.append({**rec, "oov": oov_words(aligner, toks[j]), "read_as": aligner.read_as(toks[j])})
+    return out

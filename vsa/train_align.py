@@ -253,8 +253,13 @@ class AlignStage:
         return True
 
     def checkpoint(self) -> dict:
+        from vsa.align import image_bank
+        from vsa.retrieval import SentenceHubnessConfig
+
+        idx = torch.arange(min(SentenceHubnessConfig.images, len(self.train_data.keys)))
+        bank = image_bank(self.model, self.train_data.feats[idx], self.train_data.rmask[idx])  # vsa search sentences
         return {"kind": "align", "model": self.mcfg, "train": self.tcfg, "decoding": {}, "vocab": self.vocab.words,
-                "extractor": self.extractor, "state_dict": self.model.state_dict()}
+                "extractor": self.extractor, "state_dict": self.model.state_dict(), "meta": {"image_bank": bank}}
 
     def optimizer_state(self) -> dict:
         return self.opt.state_dict()

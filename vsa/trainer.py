@@ -55,7 +55,7 @@ class Stage(Protocol):
 
     def may_stop(self, epoch: int) -> bool: ...  # does early stopping apply to this epoch?
 
-    def checkpoint(self) -> dict: ...  # save_checkpoint's keyword arguments except path/meta/optimizer/rng
+    def checkpoint(self) -> dict: ...  # save_checkpoint's keyword arguments except path/optimizer/rng ("meta": added keys)
 
     def optimizer_state(self) -> dict: ...
 
@@ -107,8 +107,9 @@ def fit(stage: Stage, out, epochs: int, env, info: Callable = print, progress=No
     done_before = len(history)
 
     def save(epoch: int, improved: bool) -> None:
-        m = {**base, "epoch": epoch, "best": best, "history": history, "seconds": round(seconds, 1), "stale": stale}
         parts = stage.checkpoint()
+        m = {**base, **parts.pop("meta", {}), "epoch": epoch, "best": best, "history": history,
+             "seconds": round(seconds, 1), "stale": stale}
         if improved:
             save_checkpoint(out, meta=m, **parts)
         save_checkpoint(last, meta=m, optimizer=stage.optimizer_state(), rng=torch.get_rng_state(), **parts)

@@ -130,6 +130,7 @@ def search_sentences_cmd(
     detector: Optional[str] = typer.Option(None, "--detector", help=DETECTOR_HELP),
     top: int = typer.Option(19, "--top", help="Detections per photo (plus the whole image)."),
     cnn_weights: Optional[Path] = typer.Option(None, "--cnn-weights", help=CNN_HELP),
+    no_hubness: bool = typer.Option(False, "--no-hubness", help="Rank by the aligner's score alone, though it has an image bank (docs/alignment.md)."),
     as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout instead of a table."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
 ):
@@ -145,7 +146,7 @@ def search_sentences_cmd(
     aligner = aligner or _aligner(_default_model(model), device)
     if photo is None:
         photo = _encoder(aligner, detector, top, device, cnn_weights).encode(image, max_pixels=max_pixels(None))
-    hits = search_sentences(aligner, photo, read_corpus(corpus), k)
+    hits = search_sentences(aligner, photo, read_corpus(corpus), k, hubness=not no_hubness)
     for h in hits:
         _say_oov(h["oov"], f"rank {h['rank']} (line {h['line']}): ", h["read_as"])
     if as_json:
