@@ -647,15 +647,15 @@ def export_aligner(src, dst, half: bool = True, beta: float | None = None, alias
         if not bank:
             raise VsaError("an image bank needs the dataset (--bank DATASET) to take its training images from")
         from vsa.data import load_dataset
-        from vsa.featstore import load_features
+        from vsa.featstore import RegionBank, load_features
         from vsa.retrieval import SentenceHubnessConfig
-        from vsa.splits import retrieval_split
 
         al = load_aligner(src)
-        part = retrieval_split(load_dataset(bank), "train", load_features(image_bank_features), al.vocab,
-                               region_rows(al.cfg), al.cfg.max_len, limit=SentenceHubnessConfig.images)
-        idx = torch.arange(len(part.keys))
-        extra["image_bank"] = image_bank(al.model, part.feats[idx], part.rmask[idx])
+        store = load_features(image_bank_features)
+        recs = store.check_dataset([r for r in load_dataset(bank).split("train") if r.sentences])
+        rows = RegionBank(store, [r.key for r in recs[: SentenceHubnessConfig.images]], region_rows(al.cfg))
+        idx = torch.arange(len(rows))
+        extra["image_bank"] = image_bank(al.model, rows[idx], rows.mask[idx])  # the train split's first images
     keep = ("epoch", "best", "seconds", "dataset", "train_images", "test", "aliases", "bank", "image_bank")
     return export_checkpoint(src, dst, "align", keep, half, {"beta": float(beta)} if beta is not None else None, extra)
 
