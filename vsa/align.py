@@ -672,6 +672,8 @@ if __name__ == "__main__":  # python -m vsa.align SRC DST [BETA] [--aliases GLOV
     ap.add_argument("--image-bank", default=None, help="features file of --bank's images: adds the image bank of vsa "
                     "search sentences")
     a = ap.parse_args()
+    if a.image_bank and not a.bank:
+        ap.error("--image-bank needs --bank DATASET (the image bank is that dataset's first training images)")
     info = export_aligner(a.src, a.dst, beta=a.beta, aliases=a.aliases, bank=a.bank, image_bank_features=a.image_bank)
     info["aliases"] = len(info.get("aliases") or {})
     info["bank"] = len(info.get("bank") or [])

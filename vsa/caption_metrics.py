@@ -184,7 +184,6 @@ def meteor_score(m, gts: dict, res: dict):
                        "check that Java runs and has memory (`java -Xmx2G -version`)") from None
 
 
-
 class MeteorSegments:
     """Per-sentence METEOR 1.5 (pycocoevalcap's jar, ``-norm``: the scorer of :func:`score_captions`) of token
     lists against token-list references, one Java process for the scorer's life (~1000 sentences/s).

@@ -471,15 +471,17 @@ def search_sentences(aligner, photo: Photo, sentences: list[str], k: int = 10, b
     raw = np.empty(len(sentences), dtype=np.float32)
     hub = np.zeros(len(sentences), dtype=np.float32) if bank is not None else None
     dev = aligner.device
+    if bank is not None:
+        Vb, reg_img = bank[0].to(dev), bank[1].to(dev)
+        n_bank = int(reg_img[-1]) + 1
     with torch.inference_mode():
         V, vm = aligner.model.embed_images(feats.to(dev), mask.to(dev))
         for a in range(0, len(toks), batch):
             ids, lengths = aligner.encode_tokens(toks[a : a + batch])
             S, sm = aligner.model.embed_sentences(ids.to(dev), lengths.to(dev))
             raw[a : a + len(ids)] = aligner.model.score(V, vm, S, sm)[0].float().cpu().numpy()
-            if bank is not None:
-                Vb, reg_img = bank[0].to(dev), bank[1].to(dev)
-                hub[a : a + len(ids)] = bank_means(aligner.model.flat_score(Vb, reg_img, int(reg_img[-1]) + 1, S, sm)
+            if hub is not None:
+                hub[a : a + len(ids)] = bank_means(aligner.model.flat_score(Vb, reg_img, n_bank, S, sm)
                                                    .float().cpu().numpy(), hcfg.k, 0)
     scores = raw if hub is None else raw - hcfg.weight * hub
     order = np.argsort(-scores, kind="stable")[:k]
