@@ -315,6 +315,34 @@ def test_gru_global_branch_trains_and_keeps_word_region_scores(tmp_path):
     assert retrieval_metrics(with_g, data.sent_image.numpy())["rsum"] > 0
 
 
+@pytest.mark.parametrize("enc", ["mean", "gru"])
+def test_branch_loss_adds_the_ranking_loss_of_each_score_term_alone(enc):
+    from vsa.align import AlignModelConfig, BRNNAligner
+    from vsa.train_align import AlignTrainConfig, _loss
+
+    torch.manual_seed(0)
+    m = BRNNAligner(AlignModelConfig(hidden=8, embed=4, global_weight=0.5, global_encoder=enc), 12, 6).eval()
+    feats, rmask = torch.randn(3, 4, 6), torch.ones(3, 4, dtype=torch.bool)
+    rmask[2, 3] = False
+    ids, lengths = torch.randint(1, 12, (6, 5)), torch.tensor([5, 3, 4, 2, 5, 1])
+    img_of = torch.tensor([0, 0, 1, 1, 2, 2])
+    V, vm = m.embed_images(feats, rmask)
+    S, sm = m.embed_sentences(ids, lengths)
+    local, glob = m.score_parts(V, vm, S, sm)
+    assert torch.allclose(m.score(V, vm, S, sm), local + 0.5 * glob)
+    assert not torch.allclose(local, glob)
+    for hardest in (False, True):
+        one = ranking_loss(local + 0.5 * glob, img_of, 0.2, hardest)
+        assert torch.equal(_loss(m, AlignTrainConfig(), V, vm, S, sm, img_of, hardest), one)
+        both = _loss(m, AlignTrainConfig(branch_loss=0.5), V, vm, S, sm, img_of, hardest)
+        parts = ranking_loss(local, img_of, 0.2, hardest) + ranking_loss(glob, img_of, 0.2, hardest)
+        assert float(parts) > 0 and torch.allclose(both, one + 0.5 * parts)
+    m.cfg.global_weight = 0.0  # no global term: nothing to add
+    assert m.score_parts(V, vm, S, sm)[1] is None
+    assert torch.equal(_loss(m, AlignTrainConfig(branch_loss=1.0), V, vm, S, sm, img_of, True),
+                       ranking_loss(m.score(V, vm, S, sm), img_of, 0.2, True))
+
+
 def test_overrides_are_typed_and_checked():
     from vsa.errors import VsaError
 

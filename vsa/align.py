@@ -412,20 +412,27 @@ class BRNNAligner(nn.Module):
     def flat_score(self, Vr, reg_img, Bi: int, S, smask) -> torch.Tensor:
         """:meth:`score` from unpadded region vectors ``Vr [Nr, h]`` of images ``reg_img [Nr]`` (sorted, whole
         image first; :func:`flat_pair_scores`)."""
+        local, glob = self.flat_score_parts(Vr, reg_img, Bi, S, smask)
+        return local if glob is None else local + getattr(self.cfg, "global_weight", 0.0) * glob
+
+    def score_parts(self, V, vmask, S, smask):
+        """The score's two terms, ``(region score, global score or None)``: :meth:`score` is
+        ``region + global_weight * global``."""
+        return self.flat_score_parts(V[vmask], vmask.nonzero(as_tuple=True)[0], V.shape[0], S, smask)
+
+    def flat_score_parts(self, Vr, reg_img, Bi: int, S, smask):
         h = self.region_dim
         first = _first_rows(reg_img, Bi)
         Sr = S[..., :h]
         if self.cfg.score == "global":
-            out = flat_pair_scores(Vr[first, :h], reg_img, Bi, Sr, smask, "global")
-        else:
-            out = flat_pair_scores(Vr[:, :h], reg_img, Bi, Sr, smask, self.cfg.score,
-                                   getattr(self.cfg, "scan_lambda", 9.0))
-        w = getattr(self.cfg, "global_weight", 0.0)
-        if w and self.glob is not None:
-            out = out + w * (Vr[first, h:] @ S[:, 0, h:].T)
-        elif w and self.cfg.score != "global":  # global term: whole image vs. mean word vector
-            out = out + w * flat_pair_scores(Vr[first, :h], reg_img, Bi, Sr, smask, "global")
-        return out
+            return flat_pair_scores(Vr[first, :h], reg_img, Bi, Sr, smask, "global"), None
+        local = flat_pair_scores(Vr[:, :h], reg_img, Bi, Sr, smask, self.cfg.score,
+                                 getattr(self.cfg, "scan_lambda", 9.0))
+        if not getattr(self.cfg, "global_weight", 0.0):
+            return local, None
+        if self.glob is not None:
+            return local, Vr[first, h:] @ S[:, 0, h:].T
+        return local, flat_pair_scores(Vr[first, :h], reg_img, Bi, Sr, smask, "global")  # whole image vs. mean word
 
 
 class WholeImageModel(nn.Module):

@@ -38,6 +38,8 @@ class AlignTrainConfig:
     loss: str = "max"  # sum (sum of violations, the paper) | max (hardest negative, VSE++)
     warmup_epochs: int = 1  # with loss=max: first epochs use the sum of violations
     margin: float = 0.2
+    branch_loss: float = 0.0  # region models with a global term: + this x (the loss of the region score alone + the
+    # loss of the global score alone), so each term ranks well by itself (0: only the sum's loss, the paper's)
     # optimisation
     optimizer: str = "adam"  # adam | sgd (momentum, the paper)
     lr: float = 5e-4
@@ -163,7 +165,6 @@ def batch_loss(emb, model, cfg: AlignTrainConfig, data: RetrievalSplit, idx: tor
     """The ranking loss of the global batch ``idx`` (sentence positions); under torch.distributed this
     rank embeds only its share and the scores use every rank's vectors (see :func:`rank_share`). ``flip``: the
     images that read their mirrored features (:func:`epoch_flips`)."""
-    from vsa.align import ranking_loss
     from vsa.distributed import gather_with_grad
 
     img, img_of = torch.unique(data.sent_image[idx], return_inverse=True)
@@ -172,7 +173,7 @@ def batch_loss(emb, model, cfg: AlignTrainConfig, data: RetrievalSplit, idx: tor
     ids = data.ids[idx, :T]
     if env is None or not env.enabled:
         V, vm, S, sm = emb(image_feats(data, img, flip).to(dev), data.rmask[img].to(dev), ids.to(dev), lengths.to(dev))
-        return ranking_loss(model.score(V, vm, S, sm), img_of.to(dev), cfg.margin, hardest), 1.0
+        return _loss(model, cfg, V, vm, S, sm, img_of.to(dev), hardest), 1.0
     imgs, sents = rank_share(img_of, len(img), env.world)
     mi, ms = imgs[env.rank], sents[env.rank]
     V, vm, S, sm = emb(image_feats(data, img[mi], flip).to(dev), data.rmask[img[mi]].to(dev), ids[ms].to(dev),
@@ -184,7 +185,21 @@ def batch_loss(emb, model, cfg: AlignTrainConfig, data: RetrievalSplit, idx: tor
     where = torch.empty_like(order)
     where[order] = torch.arange(len(order))
     owner = where[img_of[torch.cat(sents)]]
-    return ranking_loss(model.score(V, vm, S, sm), owner.to(dev), cfg.margin, hardest), float(env.world)
+    return _loss(model, cfg, V, vm, S, sm, owner.to(dev), hardest), float(env.world)
+
+
+def _loss(model, cfg: AlignTrainConfig, V, vm, S, sm, img_of, hardest: bool):
+    """The ranking loss of the batch's scores; with ``branch_loss`` also of each of the score's terms alone."""
+    from vsa.align import ranking_loss
+
+    if not cfg.branch_loss or not hasattr(model, "score_parts"):
+        return ranking_loss(model.score(V, vm, S, sm), img_of, cfg.margin, hardest)
+    local, glob = model.score_parts(V, vm, S, sm)
+    if glob is None:
+        return ranking_loss(local, img_of, cfg.margin, hardest)
+    total = local + model.cfg.global_weight * glob
+    return ranking_loss(total, img_of, cfg.margin, hardest) + cfg.branch_loss * (
+        ranking_loss(local, img_of, cfg.margin, hardest) + ranking_loss(glob, img_of, cfg.margin, hardest))
 
 
 def train_epoch(model, opt, cfg: AlignTrainConfig, data: RetrievalSplit, epoch: int, progress=None, env=None, emb=None) -> dict:
@@ -374,5 +389,7 @@ def check(mcfg: AlignModelConfig, tcfg: AlignTrainConfig) -> None:
             raise VsaError(f"unknown {name} {getattr(tcfg, name)!r} (expected one of {', '.join(allowed)})")
     if tcfg.epochs < 1 or tcfg.batch_size < 2:
         raise VsaError("epochs >= 1 and batch_size >= 2 are required")
+    if tcfg.branch_loss < 0:
+        raise VsaError(f"branch_loss must be >= 0, got {tcfg.branch_loss}")
     if not 0.0 <= tcfg.flip <= 1.0:
         raise VsaError(f"flip must be in [0, 1], got {tcfg.flip}")
