@@ -313,6 +313,19 @@ def test_gru_global_branch_trains_and_keeps_word_region_scores(tmp_path):
     without = score_matrix(al.model, data.feats, data.rmask, data.ids, data.lengths)
     assert not np.allclose(with_g, without)
     assert retrieval_metrics(with_g, data.sent_image.numpy())["rsum"] > 0
+    # `vsa search text` reads the index's region channels apart from the branch's: the same scores as `vsa eval`
+    from vsa.search import Index, build_index, save_index, search_text
+
+    al.cfg.global_weight = 1.0
+    save_index(tmp_path / "idx.npz", al, build_index(al, None, store=st, dataset=ds, split="val"))
+    idx = Index(tmp_path / "idx.npz")
+    V, _, G = idx.flat(al.model.region_dim)
+    assert V.shape[1] == 32 and G.shape == (len(idx), 32)
+    q = ds.split("val")[0].sentences[0]
+    hits = search_text(al, idx, q.raw, 5, hubness=False)
+    col = with_g[:, 0]  # the first val sentence against every val photo, in the same order
+    assert [h["key"] for h in hits] == [idx.store.keys[i] for i in np.argsort(-col, kind="stable")[:5]]
+    assert np.allclose([h["score"] for h in hits], np.sort(col)[::-1][:5], atol=1e-3)
 
 
 @pytest.mark.parametrize("enc", ["mean", "gru"])
@@ -376,6 +389,11 @@ def test_flat_score_of_a_search_index_equals_the_padded_score(fields):
         flat = V[vm]
         reg_img = vm.nonzero(as_tuple=True)[0]
         got = model.flat_score(flat, reg_img, len(feats), S, sm)
+        if fields.get("global_encoder") == "gru":  # a search index's split: region channels apart from the branch's
+            h = model.region_dim
+            first = torch.tensor([0, 3, 4, 9])
+            split = model.flat_score(flat[:, :h].contiguous(), reg_img, len(feats), S, sm, flat[first, h:])
+            assert flat.shape[1] == 2 * h and torch.allclose(split, padded, atol=1e-6)
     assert torch.allclose(got, padded, atol=1e-6)
     # and both are the formulas, pair by pair
     cfg = model.cfg

@@ -409,10 +409,11 @@ class BRNNAligner(nn.Module):
     def score(self, V, vmask, S, smask) -> torch.Tensor:
         return self.flat_score(V[vmask], vmask.nonzero(as_tuple=True)[0], V.shape[0], S, smask)
 
-    def flat_score(self, Vr, reg_img, Bi: int, S, smask) -> torch.Tensor:
+    def flat_score(self, Vr, reg_img, Bi: int, S, smask, glob_images=None) -> torch.Tensor:
         """:meth:`score` from unpadded region vectors ``Vr [Nr, h]`` of images ``reg_img [Nr]`` (sorted, whole
-        image first; :func:`flat_pair_scores`)."""
-        local, glob = self.flat_score_parts(Vr, reg_img, Bi, S, smask)
+        image first; :func:`flat_pair_scores`). With a global branch, ``Vr`` may hold the region channels only and
+        ``glob_images [Bi, h]`` the branch's image vectors (a search index keeps them apart: half the memory read)."""
+        local, glob = self.flat_score_parts(Vr, reg_img, Bi, S, smask, glob_images)
         return local if glob is None else local + getattr(self.cfg, "global_weight", 0.0) * glob
 
     def score_parts(self, V, vmask, S, smask):
@@ -420,7 +421,7 @@ class BRNNAligner(nn.Module):
         ``region + global_weight * global``."""
         return self.flat_score_parts(V[vmask], vmask.nonzero(as_tuple=True)[0], V.shape[0], S, smask)
 
-    def flat_score_parts(self, Vr, reg_img, Bi: int, S, smask):
+    def flat_score_parts(self, Vr, reg_img, Bi: int, S, smask, glob_images=None):
         h = self.region_dim
         first = _first_rows(reg_img, Bi)
         Sr = S[..., :h]
@@ -431,7 +432,8 @@ class BRNNAligner(nn.Module):
         if not getattr(self.cfg, "global_weight", 0.0):
             return local, None
         if self.glob is not None:
-            return local, Vr[first, h:] @ S[:, 0, h:].T
+            G = Vr[first, h:] if glob_images is None else glob_images
+            return local, G @ S[:, 0, h:].T
         return local, flat_pair_scores(Vr[first, :h], reg_img, Bi, Sr, smask, "global")  # whole image vs. mean word
 
 
@@ -464,7 +466,7 @@ class WholeImageModel(nn.Module):
     def score(self, V, vmask, S, smask) -> torch.Tensor:
         return V[:, 0] @ S[:, 0].T
 
-    def flat_score(self, Vr, reg_img, Bi: int, S, smask) -> torch.Tensor:
+    def flat_score(self, Vr, reg_img, Bi: int, S, smask, glob_images=None) -> torch.Tensor:
         return Vr[_first_rows(reg_img, Bi)] @ S[:, 0].T
 
 

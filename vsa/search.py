@@ -263,17 +263,23 @@ class Index:
             raise VsaError(f"the index was built with another model ({self.meta.get('model')}); rebuild it with "
                            "`vsa search index` or pass that --model", self.path)
 
-    def flat(self):
+    def flat(self, h: int | None = None):
         """The region vectors of every photo unpadded, as torch tensors, made once per index:
-        ``(V [Nr, h] float32, image of each row [Nr])`` (what the aligner's ``flat_score`` takes)."""
+        ``(V [Nr, h] float32, image of each row [Nr], G)`` (what the aligner's ``flat_score`` takes). ``h``: the
+        aligner's region channels (``region_dim``) when its vectors have more (a global branch's, kept in row 0):
+        V then holds only those, and G ``[photos, rest]`` the global branch's image vectors (else G is None)."""
         import torch
 
-        if getattr(self, "_flat", None) is None:
+        if getattr(self, "_flat", None) is None or self._flat[3] != h:
             off = np.asarray(self.emb_offsets, dtype=np.int64)
-            V = torch.from_numpy(np.asarray(self.emb, dtype=np.float32))
+            emb, G = np.asarray(self.emb), None
+            if h is not None and h < emb.shape[1]:
+                G = torch.from_numpy(emb[off[:-1], h:].astype(np.float32))
+                emb = emb[:, :h]
+            V = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
             reg_img = torch.from_numpy(np.repeat(np.arange(len(self), dtype=np.int64), np.diff(off)))
-            self._flat = (V, reg_img)
-        return self._flat
+            self._flat = (V, reg_img, G, h)
+        return self._flat[:3]
 
     def photo(self, i: int) -> Photo:
         p = photo_from_store(self.store, self.store.keys[i])
@@ -352,11 +358,11 @@ def search_text(aligner, index: Index, query: str, k: int = 10, hubness: bool = 
     tokens = tokenize(query)
     if not tokens:
         raise VsaError("the query has no words")
-    V, reg_img = index.flat()
+    V, reg_img, G = index.flat(getattr(aligner.model, "region_dim", None))
     ids, lengths = aligner.encode_tokens([tokens])
     with torch.inference_mode():
         S, sm = aligner.model.embed_sentences(ids, lengths)
-        raw = aligner.model.flat_score(V, reg_img, len(index), S, sm)[:, 0].float().numpy()
+        raw = aligner.model.flat_score(V, reg_img, len(index), S, sm, G)[:, 0].float().numpy()
     hub = index.store.hub if hubness else None
     scores = raw if hub is None else raw - float(index.meta["hubness"]["weight"]) * hub
     order = np.argsort(-scores, kind="stable")[:k]
