@@ -1,12 +1,17 @@
 """Where the aligner's training time goes: one training step of the shipped recipe with torch's CPU dropout against
-vsa's (`vsa.align.Dropout`), and the per-epoch val retrieval (prints figures; no pass/fail).
+vsa's (`vsa.align.Dropout`), with the recurrences run over the padding against packed, and the per-epoch val
+retrieval (prints figures; no pass/fail).
 
-    .venv/bin/python benchmarks/align_step.py [--threads 2] [--steps 20]
+    .venv/bin/python benchmarks/align_step.py [--threads 2] [--steps 20] [--dataset DATASET_JSON]
 
-1. the shipped aligner's architecture (`AlignModelConfig` defaults, 3 x 3 cells: the whole image, up to 19 boxes and 9
-   cells, Lite0's 1280-d features, random values; boxes per image drawn as Flickr8K's YOLOv5n detections: 1-19,
-   9.7 on average) trained on batches of 128 sentences (2 per image, Flickr8K's lengths): milliseconds per step with
-   `torch.nn.Dropout` and with `vsa.align.Dropout`, interleaved in one process, and their ratio;
+1. the shipped aligner's architecture (`AlignModelConfig` defaults + `global_encoder = "gru"`, 3 x 3 cells: the whole
+   image, up to 19 boxes and 9 cells, Lite0's 1280-d features, random values; boxes per image drawn as Flickr8K's
+   YOLOv5n detections: 1-19, 9.7 on average) trained with its loss (`branch_loss` 1) on batches of 128 sentences (2
+   per image; lengths drawn from the dataset's train sentences, by default Flickr8K's in ../shared, else uniform
+   6-17), milliseconds per step, interleaved in one process, for: `torch.nn.Dropout` with the recurrences over the
+   padding (the code before either change), `vsa.align.Dropout` with them over the padding, the code as it is
+   (each recurrence step computes only the sentences still running: `ReluBRNN`, `last_state`), and the recipe
+   shipped before the GRU branch (`global_encoder = "mean"`, `branch_loss` 0), with their ratios;
 2. the val retrieval every epoch runs (1000 images x 5000 sentences, `vsa.retrieval.score_matrix`): seconds;
 3. what this gives for the shipped recipe (13 epochs of 235 steps): minutes of training, of validation every epoch,
    and with ``--set val_every=13`` (validated once, at the end).
@@ -30,19 +35,26 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per dropout kind and round (3 rounds)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per kind and round (3 rounds)")
+    ap.add_argument("--dataset", default=str(ROOT.parent / "shared/data/flickr8k/dataset_flickr8k.json"),
+                    help="Karpathy-style dataset JSON whose train sentence lengths are drawn")
     args = ap.parse_args()
     import torch
 
     import vsa.align as A
-    from vsa.align import ranking_loss
     from vsa.retrieval import score_matrix
-    from vsa.train_align import AlignTrainConfig
+    from vsa.train_align import AlignTrainConfig, _loss
 
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    cfg = A.AlignModelConfig(cells=3)
-    tcfg = AlignTrainConfig()
+    cfg = A.AlignModelConfig(cells=3, global_encoder="gru")
+    tcfg = AlignTrainConfig(branch_loss=1.0)
+    pool = None
+    if Path(args.dataset).is_file():
+        from vsa.data import load_dataset
+
+        pool = torch.tensor([min(len(s.tokens), cfg.max_len) for im in load_dataset(args.dataset).split("train")
+                             for s in im.sentences])
     rows = cfg.max_regions + 9
 
     def images(n):
@@ -54,7 +66,10 @@ def main() -> None:
         return torch.randn(n, rows, 1280, generator=g), mask
 
     def sentences(n):
-        lengths = torch.randint(6, 18, (n,), generator=g)
+        if pool is None:
+            lengths = torch.randint(6, 18, (n,), generator=g)
+        else:
+            lengths = pool[torch.randint(len(pool), (n,), generator=g)]
         T = int(lengths.max())
         ids = torch.randint(1, 2540, (n, T), generator=g) * (torch.arange(T)[None] < lengths[:, None])
         return ids, lengths
@@ -63,50 +78,75 @@ def main() -> None:
     ids, lengths = sentences(tcfg.batch_size)
     img_of = torch.arange(tcfg.batch_size) // tcfg.group
 
-    def model_with(dropout_cls):
+    def model_with(dropout_cls, mcfg=cfg):
         A.Dropout, keep = dropout_cls, A.Dropout
         try:
             torch.manual_seed(0)
-            m = A.BRNNAligner(cfg, 2540, 1280)
+            m = A.BRNNAligner(mcfg, 2540, 1280)
         finally:
             A.Dropout = keep
         return m, torch.optim.Adam(m.parameters(), tcfg.lr)
 
-    def step(m, opt):
-        V, vm = m.embed_images(feats, rmask)
-        S, sm = m.embed_sentences(ids, lengths)
-        loss = ranking_loss(m.score(V, vm, S, sm), img_of, tcfg.margin, True)
+    def padded_last_state(gru, x, lengths):  # every sentence run to the batch's longest, the state at its last word
+        return gru(x)[0][torch.arange(len(x)), lengths.clamp(min=1) - 1]
+
+    packed_brnn = A.ReluBRNN.forward
+
+    def padded_brnn(self, e, lengths):  # the same cost as running every sentence to the batch's longest
+        ones = torch.full_like(lengths, e.shape[1])
+        return packed_brnn(self, e, ones) * (torch.arange(e.shape[1])[None] < lengths[:, None])[..., None]
+
+    def step(m, opt, padded=False, branch=True):
+        keep = A.last_state, A.ReluBRNN.forward
+        if padded:
+            A.last_state, A.ReluBRNN.forward = padded_last_state, padded_brnn
+        try:
+            V, vm = m.embed_images(feats, rmask)
+            S, sm = m.embed_sentences(ids, lengths)
+        finally:
+            A.last_state, A.ReluBRNN.forward = keep
+        t = tcfg if branch else AlignTrainConfig()
+        loss = _loss(m, t, V, vm, S, sm, img_of, True)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), tcfg.clip)
         opt.step()
 
-    kinds = {"torch.nn.Dropout": model_with(torch.nn.Dropout), "vsa.align.Dropout": model_with(A.Dropout)}
+    old = A.AlignModelConfig(cells=3)
+    kinds = {"torch dropout, padded": (*model_with(torch.nn.Dropout), True, True),
+             "vsa dropout, padded": (*model_with(A.Dropout), True, True),
+             "vsa dropout, packed (now)": (*model_with(A.Dropout), False, True),
+             "no GRU branch (RWC-13rf)": (*model_with(A.Dropout, old), False, False)}
     times = {k: [] for k in kinds}
-    for m, opt in kinds.values():
+    for kind in kinds.values():
         for _ in range(3):
-            step(m, opt)
+            step(*kind)
     for _ in range(3):
-        for k, (m, opt) in kinds.items():
+        for k, kind in kinds.items():
             t = time.perf_counter()
             for _ in range(args.steps):
-                step(m, opt)
+                step(*kind)
             times[k].append((time.perf_counter() - t) / args.steps * 1000)
-    print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}")
+    print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}; sentence "
+          f"lengths {'of ' + args.dataset if pool is not None else 'uniform 6-17'}: batch mean "
+          f"{lengths.float().mean():.1f}, longest {int(lengths.max())}")
     ms = {k: statistics.median(v) for k, v in times.items()}
     for k, v in ms.items():
-        print(f"training step, {k:18s}: {v:6.1f} ms (rounds {', '.join(f'{x:.1f}' for x in times[k])})")
-    print(f"ratio vsa / torch dropout: {ms['vsa.align.Dropout'] / ms['torch.nn.Dropout']:.3f}")
+        print(f"training step, {k:26s}: {v:6.1f} ms (rounds {', '.join(f'{x:.1f}' for x in times[k])})")
+    now = ms["vsa dropout, packed (now)"]
+    print(f"ratios: vsa / torch dropout (padded) {ms['vsa dropout, padded'] / ms['torch dropout, padded']:.3f}; "
+          f"packed / padded {now / ms['vsa dropout, padded']:.3f}; "
+          f"shipped recipe / no GRU branch {now / ms['no GRU branch (RWC-13rf)']:.3f}")
 
     vfeats, vmask = images(1000)
     vids, vlen = sentences(5000)
-    m = kinds["vsa.align.Dropout"][0]
+    m = kinds["vsa dropout, packed (now)"][0]
     t = time.perf_counter()
     score_matrix(m, vfeats, vmask, vids, vlen)
     val_s = time.perf_counter() - t
     print(f"val retrieval, 1000 x 5000: {val_s:.1f} s")
     steps = -(-30000 // tcfg.batch_size)
-    train_min = tcfg.epochs * steps * ms["vsa.align.Dropout"] / 1000 / 60
+    train_min = tcfg.epochs * steps * now / 1000 / 60
     print(f"shipped recipe, {tcfg.epochs} epochs of {steps} steps: {train_min:.1f} min of steps + "
           f"{tcfg.epochs * val_s / 60:.1f} min of val every epoch = {train_min + tcfg.epochs * val_s / 60:.1f} min; "
           f"with val_every={tcfg.epochs} {train_min + val_s / 60:.1f} min (goal: 20; batches are read from the features "

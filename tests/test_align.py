@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vsa.align import ReluBRNN, load_aligner, pair_scores, ranking_loss
+from vsa.align import ReluBRNN, last_state, load_aligner, pair_scores, ranking_loss
 from vsa.train_align import configs, epoch_order, parse_overrides, train
 
 from tests.synth_align import WORDS, make_synthetic
@@ -125,6 +125,20 @@ def test_relu_brnn_gradients_are_the_papers_recurrence_run_one_sentence_at_a_tim
         total = total + ((torch.stack(fwd) + torch.stack(bwd)) * w[i, :n]).sum()
     total.backward()
     assert torch.allclose(got_e, e.grad, atol=1e-5) and torch.allclose(got_W, rnn.W.grad, atol=1e-5)
+
+
+def test_last_state_is_the_padded_grus_state_at_each_sentences_last_word():
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(4, 5, batch_first=True)
+    x = torch.randn(3, 6, 4)
+    lengths = torch.tensor([2, 6, 4])  # unsorted, one without padding
+    padded = gru(x)[0][torch.arange(3), lengths - 1]
+    got = last_state(gru, x, lengths)
+    assert torch.allclose(got, padded, atol=1e-6)
+    x2 = x.clone()
+    x2[0, 2:] += 5.0  # padding after the first sentence's last word changes nothing
+    assert torch.allclose(last_state(gru, x2, lengths)[0], got[0], atol=1e-6)
+    assert not torch.allclose(last_state(gru, x2, torch.tensor([3, 6, 4]))[0], got[0])
 
 
 def test_epoch_order_is_a_permutation_with_groups():

@@ -180,6 +180,11 @@ class ReluBRNN(nn.Module):
 
     def forward(self, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         B, T, h = e.shape
+        # sentences longest first, so that the ones still running at step t are a prefix of the batch: each step
+        # computes only those rows (Flickr8k batches are padded to about twice their mean length)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        lengths = lengths[order]
+        e = e[order]
         ar = torch.arange(T, device=e.device)
         mask = (ar[None, :] < lengths[:, None]).to(e.dtype)  # [B, T]
         # backward direction: reverse every sequence inside its own length
@@ -188,15 +193,30 @@ class ReluBRNN(nn.Module):
         # the steps' inputs as views taken once: indexing x[:, :, t] in the loop would make each step's backward
         # zero-fill a gradient of x's full size (15% of a training step on CPUs)
         xs = torch.stack((e, e_rev)).unbind(2)  # T x [2, B, h]
+        running = (lengths[None, :] > ar[:, None]).sum(1).tolist()  # sentences still running at each step
         state = e.new_zeros(2, B, h)
         outs = []
         for t in range(T):
-            state = F.relu(xs[t] + torch.bmm(state, self.W) + self.b)
-            outs.append(state)
+            n = running[t]
+            if n == 0:
+                outs.append(e.new_zeros(2, B, h))
+                continue
+            state = F.relu(xs[t][:, :n] + torch.bmm(state[:, :n], self.W) + self.b)
+            outs.append(F.pad(state, (0, 0, 0, B - n)) if n < B else state)
         H = torch.stack(outs, 2)  # [2, B, T, h]
         fwd = H[0]
         bwd = H[1].gather(1, rev[..., None].expand(B, T, h))
-        return (fwd + bwd) * mask[..., None]
+        out = (fwd + bwd) * mask[..., None]
+        return out[torch.argsort(order)]
+
+
+def last_state(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The state of a forward GRU after each sentence's last word, ``[B, T, e] -> [B, h]``; the packed input skips
+    the padding (about half of a Flickr8k batch), so the result is that of the padded run, at half its cost."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    packed = pack_padded_sequence(x, lengths.cpu().clamp(min=1), batch_first=True, enforce_sorted=False)
+    return gru(packed)[1][-1]
 
 
 class SentenceBRNN(nn.Module):
@@ -353,9 +373,7 @@ class GlobalBranch(nn.Module):
         return _l2(self.img(std_feats))
 
     def sentence(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # word embeddings [B, T, e]
-        h, _ = self.gru(self.drop(x))
-        last = (lengths.clamp(min=1) - 1).to(h.device)
-        return _l2(h[torch.arange(len(x), device=h.device), last])
+        return _l2(last_state(self.gru, self.drop(x), lengths))
 
 
 class BRNNAligner(nn.Module):
@@ -458,9 +476,7 @@ class WholeImageModel(nn.Module):
 
     def embed_sentences(self, ids: torch.Tensor, lengths: torch.Tensor):
         x = self.drop(self.embed(ids))
-        h, _ = self.gru(x)  # forward only: the state at a sentence's last word ignores the padding after it
-        last = (lengths.clamp(min=1) - 1).to(h.device)
-        s = _l2(h[torch.arange(len(ids), device=h.device), last])[:, None, :]
+        s = _l2(last_state(self.gru, x, lengths))[:, None, :]  # forward only: the state at the last word
         return s, torch.ones(ids.shape[0], 1, dtype=torch.bool, device=ids.device)
 
     def score(self, V, vmask, S, smask) -> torch.Tensor:
