@@ -340,6 +340,20 @@ def test_gru_global_branch_trains_and_keeps_word_region_scores(tmp_path):
     col = with_g[:, 0]  # the first val sentence against every val photo, in the same order
     assert [h["key"] for h in hits] == [idx.store.keys[i] for i in np.argsort(-col, kind="stable")[:5]]
     assert np.allclose([h["score"] for h in hits], np.sort(col)[::-1][:5], atol=1e-3)
+    # the file keeps the branch's image vector once per photo, not in extra channels of every region row
+    assert idx.store.emb.shape[1] == 32 and idx.store.emb_global.shape == (len(idx), 32)
+    # an index written before `emb_global` (the branch's channels on every row, zeros below row 0) ranks the same
+    from vsa.featstore import save_features
+
+    off = idx.emb_offsets
+    old = [np.concatenate([idx.store.emb[a:b], np.zeros((b - a, 32), np.float32)], 1) for a, b in zip(off[:-1], off[1:])]
+    for i, e in enumerate(old):
+        e[0, 32:] = idx.store.emb_global[i]
+    save_features(tmp_path / "old.npz", [idx.store.image(i) for i in range(len(idx))], "float16", idx.meta, emb=old,
+                  paths=idx.paths, hub=idx.store.hub)
+    old_idx = Index(tmp_path / "old.npz")
+    assert old_idx.store.emb_global is None and old_idx.store.emb.shape[1] == 64
+    assert search_text(al, old_idx, q.raw, 5, hubness=False) == hits
 
 
 @pytest.mark.parametrize("enc", ["mean", "gru"])

@@ -83,12 +83,13 @@ def _strings(xs: list[str]) -> np.ndarray:
 
 
 def pack_features(images: list[dict], dtype="float16", meta: dict | None = None, emb: list | None = None,
-                  paths: list[str] | None = None, hub=None) -> dict[str, np.ndarray]:
+                  paths: list[str] | None = None, hub=None, emb_global=None) -> dict[str, np.ndarray]:
     """The arrays of a features NPZ (docs/formats.md) of image records (module docstring), in order.
 
     ``emb`` (one ``[E_n, h]`` array per image) and ``paths`` (one per image) make it a search index: they add
     ``emb`` (float16), ``emb_offsets`` and ``paths``, and ``hub`` (one float per image: the index's hubness term)
-    adds ``hub``. ``meta`` is stored as JSON (no ``meta`` when None)."""
+    adds ``hub``; ``emb_global`` (``[N, g]``: an aligner's global-branch image vector of each image) adds
+    ``emb_global`` (float16). ``meta`` is stored as JSON (no ``meta`` when None)."""
     dtype = np.dtype(dtype)
     feats = np.concatenate([r["feats"] for r in images]).astype(dtype) if images else np.zeros((0, 0), dtype)
     counts = [len(r["feats"]) for r in images]
@@ -120,18 +121,22 @@ def pack_features(images: list[dict], dtype="float16", meta: dict | None = None,
         if len(hub) != len(images):
             raise ValueError("a search index needs one hubness value per image")
         out["hub"] = np.asarray(hub, dtype=np.float32)
+    if emb_global is not None:
+        if emb is None or len(emb_global) != len(images):
+            raise ValueError("a search index needs one global vector per image")
+        out["emb_global"] = np.asarray(emb_global).astype(np.float16)
     if meta is not None:
         out["meta"] = np.array(json.dumps(meta))
     return out
 
 
 def save_features(path, images: list[dict], dtype="float16", meta: dict | None = None, emb: list | None = None,
-                  paths: list[str] | None = None, hub=None) -> None:
+                  paths: list[str] | None = None, hub=None, emb_global=None) -> None:
     """Write the features NPZ (or, with ``emb`` and ``paths``, the search index) of image records at ``path``:
     :func:`pack_features`, saved uncompressed (so ``feats`` can be memory-mapped) and atomically."""
     from vsa.io import save_npz
 
-    save_npz(path, pack_features(images, dtype, meta, emb, paths, hub))
+    save_npz(path, pack_features(images, dtype, meta, emb, paths, hub, emb_global))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -209,7 +214,8 @@ class FeatureStore:
     ``store[key]`` gives ``[R_i, D]`` float32 features of one image (whole image first);
     ``store.boxes(key)``, ``store.labels(key)`` the matching boxes and class names; ``store.image(i)`` the
     image record (module docstring). A search index also has :attr:`emb` (float32 ``[E, h]``),
-    :attr:`emb_offsets` and :attr:`paths`; they are None in a plain features file.
+    :attr:`emb_offsets` and :attr:`paths`, and may have :attr:`hub` and :attr:`emb_global`; they are None in a plain
+    features file.
     """
 
     def __init__(self, path, arrays: dict | None = None, mmap: bool = True, required=()):
@@ -253,6 +259,9 @@ class FeatureStore:
         self.hub = np.asarray(a["hub"], dtype=np.float32) if "hub" in a else None
         if self.hub is not None and self.hub.shape != (n,):
             raise VsaError("'hub' does not match 'keys'", where)
+        self.emb_global = np.asarray(a["emb_global"], dtype=np.float32) if "emb_global" in a else None
+        if self.emb_global is not None and (self.emb is None or self.emb_global.ndim != 2 or len(self.emb_global) != n):
+            raise VsaError("'emb_global' does not match 'emb' and 'keys'", where)
         self.index = {k: i for i, k in enumerate(self.keys)}
         # fall back to the file name when keys are paths
         self._by_name: dict[str, int] = {}

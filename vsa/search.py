@@ -237,8 +237,12 @@ def save_index(path, aligner, photos: list[Photo], meta_extra: dict | None = Non
         hub = photo_hubs(aligner, emb, cfg.k)
         meta["hubness"] = {"k": cfg.k, "weight": cfg.weight, "bank": len(aligner.bank)}
     meta.update(meta_extra or {})
+    h, glob = getattr(aligner.model, "region_dim", None), None
+    if h is not None and emb[0].shape[1] > h:  # a global branch's image vector sits in row 0's extra channels only
+        glob = np.stack([e[0, h:] for e in emb])
+        emb = [e[:, :h] for e in emb]
     save_features(path, [p.record() for p in photos], "float16", meta, emb=emb, paths=[p.path for p in photos],
-                  hub=hub)
+                  hub=hub, emb_global=glob)
 
 
 class Index:
@@ -266,14 +270,17 @@ class Index:
     def flat(self, h: int | None = None):
         """The region vectors of every photo unpadded, as torch tensors, made once per index:
         ``(V [Nr, h] float32, image of each row [Nr], G)`` (what the aligner's ``flat_score`` takes). ``h``: the
-        aligner's region channels (``region_dim``) when its vectors have more (a global branch's, kept in row 0):
-        V then holds only those, and G ``[photos, rest]`` the global branch's image vectors (else G is None)."""
+        aligner's region channels (``region_dim``) when its vectors have more (a global branch's): V then holds only
+        those, and G ``[photos, g]`` the global branch's image vectors (the index's ``emb_global``; in an index written
+        before it existed, row 0's extra channels), else G is None."""
         import torch
 
         if getattr(self, "_flat", None) is None or self._flat[3] != h:
             off = np.asarray(self.emb_offsets, dtype=np.int64)
             emb, G = np.asarray(self.emb), None
-            if h is not None and h < emb.shape[1]:
+            if self.store.emb_global is not None:  # written apart (since 2026-12-07)
+                G = torch.from_numpy(self.store.emb_global)
+            elif h is not None and h < emb.shape[1]:  # an older index: the branch's channels on every row
                 G = torch.from_numpy(emb[off[:-1], h:].astype(np.float32))
                 emb = emb[:, :h]
             V = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
