@@ -122,6 +122,17 @@ def test_writer_and_reader_round_trip_and_the_index_superset(npz, tmp_path):
     assert st.emb is None and st.paths is None  # a plain features file
     with pytest.raises(VsaError, match="emb"):
         load_features(p, required=INDEX)
+    # an aligner's global-branch vectors, one per photo; a file whose count does not match is refused in one line
+    glob = np.arange(6, dtype=np.float32).reshape(3, 2)
+    save_features(tmp_path / "g.npz", [st.image(i) for i in range(3)], "float16", st.meta, emb=emb,
+                  paths=["a", "b", "c"], emb_global=glob)
+    np.testing.assert_array_equal(load_features(tmp_path / "g.npz", required=INDEX).emb_global, glob)
+    assert idx.emb_global is None
+    bad = dict(np.load(tmp_path / "g.npz", allow_pickle=False))
+    bad["emb_global"] = bad["emb_global"][:2]
+    np.savez(tmp_path / "bad.npz", **bad)
+    with pytest.raises(VsaError, match="emb_global"):
+        load_features(tmp_path / "bad.npz", required=INDEX)
 
 
 def test_compressed_npz_falls_back_to_loading(tmp_path):
