@@ -97,6 +97,8 @@ def test_relu_brnn_respects_lengths():
     alone = rnn(e[1:, :3], torch.tensor([3]))
     assert torch.allclose(out[1, :3], alone[0], atol=1e-6)  # padding does not leak into the backward pass
     assert out[1, 3:].abs().sum() == 0
+    wider = rnn(torch.cat((e, torch.randn(2, 2, 6)), 1), lengths)  # padding past the longest sentence: steps with none
+    assert torch.allclose(wider[:, :5], out, atol=1e-6) and wider[:, 5:].abs().sum() == 0
     # the backward pass really runs backwards: the first output depends on the last word
     e2 = e.clone()
     e2[0, 4] += 1.0

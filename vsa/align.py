@@ -198,9 +198,6 @@ class ReluBRNN(nn.Module):
         outs = []
         for t in range(T):
             n = running[t]
-            if n == 0:
-                outs.append(e.new_zeros(2, B, h))
-                continue
             state = F.relu(xs[t][:, :n] + torch.bmm(state[:, :n], self.W) + self.b)
             outs.append(F.pad(state, (0, 0, 0, B - n)) if n < B else state)
         H = torch.stack(outs, 2)  # [2, B, T, h]
