@@ -2,19 +2,23 @@
 vsa's (`vsa.align.Dropout`), with the recurrences run over the padding against packed, and the per-epoch val
 retrieval (prints figures; no pass/fail).
 
-    .venv/bin/python benchmarks/align_step.py [--threads 2] [--steps 20] [--dataset DATASET_JSON]
+    .venv/bin/python benchmarks/align_step.py [--threads 2] [--steps 20] [--epochs N] [--dataset DATASET_JSON]
 
 1. the shipped aligner's architecture (`AlignModelConfig` defaults + `global_encoder = "gru"`, 3 x 3 cells: the whole
    image, up to 19 boxes and 9 cells, Lite0's 1280-d features, random values; boxes per image drawn as Flickr8K's
    YOLOv5n detections: 1-19, 9.7 on average) trained with its loss (`branch_loss` 1) on batches of 128 sentences (2
    per image; lengths drawn from the dataset's train sentences, by default Flickr8K's in ../shared, else uniform
    6-17), milliseconds per step, interleaved in one process, for: `torch.nn.Dropout` with the recurrences over the
-   padding (the code before either change), `vsa.align.Dropout` with them over the padding, the code as it is
-   (each recurrence step computes only the sentences still running: `ReluBRNN`, `last_state`), and the recipe
+   padding (the code before either change), `vsa.align.Dropout` with them over the padding, packed recurrences
+   (each recurrence step computes only the sentences still running: `ReluBRNN`, `last_state`) with the layers
+   around the BRNN over the padding, torch's packed GRU module and the region vectors placed by `masked_scatter` (the
+   code of 2026-12-07's fourth session; all kinds share the BRNN's cheaper output stacking that came with the next
+   change, about 2% of a step), the code as it is (those layers on the real words only, the GRU's recurrence written
+   out on the CPU, rows placed by `index_copy`), and the recipe
    shipped before the GRU branch (`global_encoder = "mean"`, `branch_loss` 0), with their ratios;
 2. the val retrieval every epoch runs (1000 images x 5000 sentences, `vsa.retrieval.score_matrix`): seconds;
-3. what this gives for the shipped recipe (13 epochs of 235 steps): minutes of training, of validation every epoch,
-   and with ``--set val_every=13`` (validated once, at the end).
+3. what this gives for the shipped recipe (its epochs of 235 steps): minutes of training, of validation every epoch,
+   and with ``--set val_every`` equal to the epochs (validated once, at the end); ``--epochs`` for another count.
 
 Run on an idle machine.
 """
@@ -35,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=0, help="epochs of the prediction (0: AlignTrainConfig's)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per kind and round (3 rounds)")
     ap.add_argument("--dataset", default=str(ROOT.parent / "shared/data/flickr8k/dataset_flickr8k.json"),
                     help="Karpathy-style dataset JSON whose train sentence lengths are drawn")
@@ -87,8 +92,23 @@ def main() -> None:
             A.Dropout = keep
         return m, torch.optim.Adam(m.parameters(), tcfg.lr)
 
-    def padded_last_state(gru, x, lengths):  # every sentence run to the batch's longest, the state at its last word
-        return gru(x)[0][torch.arange(len(x)), lengths.clamp(min=1) - 1]
+    def padded_last_state(gru, x, lengths, drop=None):  # every sentence run to the batch's longest, its last word's
+        return gru(x if drop is None else drop(x))[0][torch.arange(len(x)), lengths.clamp(min=1) - 1]
+
+    def module_last_state(gru, x, lengths, drop=None):  # torch's packed GRU module (dropout over the padding too)
+        from torch.nn.utils.rnn import pack_padded_sequence
+
+        x = x if drop is None else drop(x)
+        return gru(pack_padded_sequence(x, lengths.clamp(min=1), batch_first=True, enforce_sorted=False))[1][-1]
+
+    def masked_regions(self, feats, mask):  # RegionEncoder before: masked_scatter (its gradient a masked_select)
+        v = A._l2(self.proj(self.drop(self.stats(feats[mask]))))
+        return v.new_zeros(*feats.shape[:2], v.shape[-1]).masked_scatter(mask[..., None], v)
+
+    def padded_words(self, ids, lengths):  # SentenceBRNN's layers around the recurrence over every position
+        e = torch.relu(self.inp(self.drop(self.embed(ids))))
+        s = torch.relu(self.out(self.drop(self.rnn(e, lengths))))
+        return A._l2(s)
 
     packed_brnn = A.ReluBRNN.forward
 
@@ -96,15 +116,19 @@ def main() -> None:
         ones = torch.full_like(lengths, e.shape[1])
         return packed_brnn(self, e, ones) * (torch.arange(e.shape[1])[None] < lengths[:, None])[..., None]
 
-    def step(m, opt, padded=False, branch=True):
-        keep = A.last_state, A.ReluBRNN.forward
-        if padded:
-            A.last_state, A.ReluBRNN.forward = padded_last_state, padded_brnn
+    def step(m, opt, code="now", branch=True):
+        keep = A.last_state, A.ReluBRNN.forward, A.SentenceBRNN.forward, A.RegionEncoder.forward
+        if code == "padded":
+            A.last_state, A.ReluBRNN.forward, A.SentenceBRNN.forward = padded_last_state, padded_brnn, padded_words
+        elif code == "packed":
+            A.last_state, A.SentenceBRNN.forward = module_last_state, padded_words
+        if code != "now":
+            A.RegionEncoder.forward = masked_regions
         try:
             V, vm = m.embed_images(feats, rmask)
             S, sm = m.embed_sentences(ids, lengths)
         finally:
-            A.last_state, A.ReluBRNN.forward = keep
+            A.last_state, A.ReluBRNN.forward, A.SentenceBRNN.forward, A.RegionEncoder.forward = keep
         t = tcfg if branch else AlignTrainConfig()
         loss = _loss(m, t, V, vm, S, sm, img_of, True)
         opt.zero_grad()
@@ -113,10 +137,11 @@ def main() -> None:
         opt.step()
 
     old = A.AlignModelConfig(cells=3)
-    kinds = {"torch dropout, padded": (*model_with(torch.nn.Dropout), True, True),
-             "vsa dropout, padded": (*model_with(A.Dropout), True, True),
-             "vsa dropout, packed (now)": (*model_with(A.Dropout), False, True),
-             "no GRU branch (RWC-13rf)": (*model_with(A.Dropout, old), False, False)}
+    kinds = {"torch dropout, padded": (*model_with(torch.nn.Dropout), "padded", True),
+             "vsa dropout, padded": (*model_with(A.Dropout), "padded", True),
+             "packed recurrences (before)": (*model_with(A.Dropout), "packed", True),
+             "now": (*model_with(A.Dropout), "now", True),
+             "no GRU branch (RWC-13rf)": (*model_with(A.Dropout, old), "now", False)}
     times = {k: [] for k in kinds}
     for kind in kinds.values():
         for _ in range(3):
@@ -133,23 +158,26 @@ def main() -> None:
     ms = {k: statistics.median(v) for k, v in times.items()}
     for k, v in ms.items():
         print(f"training step, {k:26s}: {v:6.1f} ms (rounds {', '.join(f'{x:.1f}' for x in times[k])})")
-    now = ms["vsa dropout, packed (now)"]
+    now, packed = ms["now"], ms["packed recurrences (before)"]
     print(f"ratios: vsa / torch dropout (padded) {ms['vsa dropout, padded'] / ms['torch dropout, padded']:.3f}; "
-          f"packed / padded {now / ms['vsa dropout, padded']:.3f}; "
-          f"shipped recipe / no GRU branch {now / ms['no GRU branch (RWC-13rf)']:.3f}")
+          f"packed recurrences / padded {packed / ms['vsa dropout, padded']:.3f}; "
+          f"now / packed recurrences {now / packed:.3f}; now / torch dropout, padded "
+          f"{now / ms['torch dropout, padded']:.3f}; shipped recipe / no GRU branch "
+          f"{now / ms['no GRU branch (RWC-13rf)']:.3f}")
 
     vfeats, vmask = images(1000)
     vids, vlen = sentences(5000)
-    m = kinds["vsa dropout, packed (now)"][0]
+    m = kinds["now"][0]
     t = time.perf_counter()
     score_matrix(m, vfeats, vmask, vids, vlen)
     val_s = time.perf_counter() - t
     print(f"val retrieval, 1000 x 5000: {val_s:.1f} s")
     steps = -(-30000 // tcfg.batch_size)
-    train_min = tcfg.epochs * steps * now / 1000 / 60
-    print(f"shipped recipe, {tcfg.epochs} epochs of {steps} steps: {train_min:.1f} min of steps + "
-          f"{tcfg.epochs * val_s / 60:.1f} min of val every epoch = {train_min + tcfg.epochs * val_s / 60:.1f} min; "
-          f"with val_every={tcfg.epochs} {train_min + val_s / 60:.1f} min (goal: 20; batches are read from the features "
+    epochs = args.epochs or tcfg.epochs
+    train_min = epochs * steps * now / 1000 / 60
+    print(f"shipped recipe, {epochs} epochs of {steps} steps: {train_min:.1f} min of steps + "
+          f"{epochs * val_s / 60:.1f} min of val every epoch = {train_min + epochs * val_s / 60:.1f} min; "
+          f"with val_every={epochs} {train_min + val_s / 60:.1f} min (goal: 20; batches are read from the features "
           f"file besides)")
 
 

@@ -143,6 +143,54 @@ def test_last_state_is_the_padded_grus_state_at_each_sentences_last_word():
     assert not torch.allclose(last_state(gru, x2, torch.tensor([3, 6, 4]))[0], got[0])
 
 
+def test_last_state_written_out_has_the_gru_modules_values_and_gradients():
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(4, 5, batch_first=True)
+    x = torch.randn(5, 7, 4, requires_grad=True)
+    lengths = torch.tensor([3, 7, 1, 5, 0])  # unsorted, an empty sentence (read as one word, as torch packs it)
+    w = torch.randn(5, 5)
+    got = last_state(gru, x, lengths)  # the CPU path: the recurrence written out
+    grads = torch.autograd.grad((got * w).sum(), [x, *gru.parameters()])
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths.clamp(min=1), batch_first=True, enforce_sorted=False)
+    ref = gru(packed)[1][-1]  # the module itself (its packed CPU kernel)
+    ref_grads = torch.autograd.grad((ref * w).sum(), [x, *gru.parameters()])
+    assert torch.allclose(got, ref, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert grads[0][0, 3:].abs().sum() == 0  # nothing flows into the padding
+    # dropout given to it touches the real words only: zeroing them all is the run on zero inputs
+    assert torch.allclose(last_state(gru, x, lengths, lambda d: d * 0), last_state(gru, x * 0, lengths), atol=1e-7)
+
+
+@pytest.mark.parametrize("rnn", ["brnn", "gru", "lstm"])
+def test_sentence_rnn_values_and_gradients_are_those_of_the_padded_computation(rnn):
+    from vsa.align import SentenceBRNN, _l2
+
+    torch.manual_seed(0)
+    m = SentenceBRNN(50, 8, 6, rnn, dropout=0.0)
+    ids = torch.randint(1, 50, (4, 7))
+    lengths = torch.tensor([3, 7, 1, 5])
+    ids = ids * (torch.arange(7)[None] < lengths[:, None])
+    words = torch.arange(7)[None] < lengths[:, None]
+    w = torch.randn(4, 7, 6)
+    out = m(ids, lengths)
+    got = torch.autograd.grad((out * w)[words].sum(), list(m.parameters()), allow_unused=True)
+    # the layers around the recurrence over every position, padding included (the code before)
+    e = torch.relu(m.inp(m.embed(ids)))
+    if rnn == "brnn":
+        h = m.rnn(e, lengths)
+    else:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(e, lengths, batch_first=True, enforce_sorted=False)
+        h = torch.nn.utils.rnn.pad_packed_sequence(m.rnn(packed)[0], batch_first=True, total_length=7)[0]
+        h = h[..., :6] + h[..., 6:]
+    ref = _l2(torch.relu(m.out(h)))
+    want = torch.autograd.grad((ref * w)[words].sum(), list(m.parameters()), allow_unused=True)
+    assert torch.allclose(out[words], ref[words], atol=1e-6)
+    assert out[~words].abs().sum() == 0 and ref[~words].abs().sum() > 0  # zero at padding (the bias's value before)
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6)
+
+
 def test_epoch_order_is_a_permutation_with_groups():
     owner = torch.arange(10).repeat_interleave(5)
     o = epoch_order(owner, 2, 3)
