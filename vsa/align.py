@@ -505,7 +505,8 @@ class WholeImageModel(nn.Module):
         return v, rmask[:, :1]
 
     def embed_sentences(self, ids: torch.Tensor, lengths: torch.Tensor):
-        s = _l2(last_state(self.gru, self.embed(ids), lengths, self.drop))[:, None, :]  # forward only: the state at the last word
+        # forward only: the state at the last word
+        s = _l2(last_state(self.gru, self.embed(ids), lengths, self.drop))[:, None, :]
         return s, torch.ones(ids.shape[0], 1, dtype=torch.bool, device=ids.device)
 
     def score(self, V, vmask, S, smask) -> torch.Tensor:
