@@ -112,7 +112,8 @@ def _l2(x: torch.Tensor) -> torch.Tensor:
 
 def _rows_to_padded(x: torch.Tensor, rows: torch.Tensor, B: int, T: int) -> torch.Tensor:
     """``x [N, h]`` placed at the flat positions ``rows [N]`` of a zero ``[B, T, h]`` tensor (``index_copy``: its
-    gradient is an ``index_select``, where ``masked_scatter``'s is a ``masked_select`` about ten times slower)."""
+    gradient is an ``index_select``; ``masked_scatter``'s is a ``masked_select`` with a broadcast mask: 6.0 ms against
+    0.11 ms for a Flickr8k batch's word vectors, 2.8 against 0.06 ms for its region vectors, at 1 thread)."""
     return x.new_zeros(B * T, x.shape[-1]).index_copy(0, rows, x).view(B, T, -1)
 
 
@@ -224,7 +225,7 @@ def last_state(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor, drop: nn.Mod
     packed = pack_padded_sequence(x, lengths.cpu().clamp(min=1), batch_first=True, enforce_sorted=False)
     if drop is not None:
         packed = packed._replace(data=drop(packed.data))
-    if x.device.type != "cpu" or gru.num_layers != 1 or gru.bidirectional or not gru.bias or not gru.batch_first:
+    if x.device.type != "cpu" or gru.num_layers != 1 or gru.bidirectional or not gru.bias:
         return gru(packed)[1][-1]
     # the packed data is time-major, longest sentence first: at each step the sentences still running are a prefix
     gates_x = F.linear(packed.data, gru.weight_ih_l0, gru.bias_ih_l0).split(packed.batch_sizes.tolist())
