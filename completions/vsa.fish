@@ -20,16 +20,16 @@ complete -c vsa -n '__fish_use_subcommand' -l version -d 'Print the version and 
 complete -c vsa -n '__fish_use_subcommand' -s h -l help -d 'Show help and exit'
 
 # vsa init
-complete -c vsa -n '__fish_seen_subcommand_from init' -l dataset -r -F -d 'Caption dataset (any supported layout)'
+complete -c vsa -n '__fish_seen_subcommand_from init' -l dataset -r -F -d 'Caption dataset (any supported layout: Karpathy JSON, Flickr8k token...'
 complete -c vsa -n '__fish_seen_subcommand_from init' -l images -r -F -d 'Image root folder'
-complete -c vsa -n '__fish_seen_subcommand_from init' -l detector -r -F -d 'Detector weights (ultralytics path/name or YOLOv5 state-dict folder)'
+complete -c vsa -n '__fish_seen_subcommand_from init' -l detector -r -F -d 'Detector weights: an ultralytics .pt (path, or a release name such as...'
 complete -c vsa -n '__fish_seen_subcommand_from init' -l out -r -F -d 'Folder where stages write their outputs'
 complete -c vsa -n '__fish_seen_subcommand_from init' -l force -d 'Overwrite an existing vsa.toml'
 complete -c vsa -n '__fish_seen_subcommand_from init' -l path -r -F -d 'Where to write (default ./vsa.toml)'
 complete -c vsa -n '__fish_seen_subcommand_from init' -s h -l help -d 'Show help and exit'
 
 # vsa regions
-complete -c vsa -n '__fish_seen_subcommand_from regions' -s d -l detector -r -F -d 'Ultralytics weights (path or name, e.g'
+complete -c vsa -n '__fish_seen_subcommand_from regions' -s d -l detector -r -F -d 'An ultralytics .pt (a path, or a release name such as yolo11n.pt, dow...'
 complete -c vsa -n '__fish_seen_subcommand_from regions' -l top -x -d 'Detections kept per image (plus the whole image)'
 complete -c vsa -n '__fish_seen_subcommand_from regions' -l conf -x -d 'Minimum detection score'
 complete -c vsa -n '__fish_seen_subcommand_from regions' -l iou -x -d 'Class-aware NMS IoU threshold'

@@ -197,7 +197,11 @@ def test_init_elsewhere_rewrites_paths_relative_to_the_file(tmp_path):
     assert ws.get("dataset.path").resolve() == ds
     assert ws.get("dataset.images").resolve() == tmp_path / "imgs"
     assert ws.get("align.model").resolve() == tmp_path / "work" / "align.pt"
-    assert ws.raw("regions.detector") == "yolo11n.pt"  # a model name, not a path: unchanged
+    assert ws.raw("regions.detector") is None  # none named: the packaged detector, not a name in the working folder
+    text = (tmp_path / "proj" / "vsa.toml").read_text()
+    assert '# detector = "yolo11n.pt"' in text and "../shared" not in text
+    r = run_cli("init", "--path", "p2/vsa.toml", "--detector", "yolo11n.pt", cwd=tmp_path)
+    assert load_workspace(tmp_path / "p2" / "vsa.toml").raw("regions.detector") == "yolo11n.pt"  # a name: unchanged
     r = run_cli("data", "stats", "--json", cwd=tmp_path / "proj")
     assert r.returncode == 0 and json.loads(r.stdout)["splits"]["train"]["images"] == 8
 

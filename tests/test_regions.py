@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import orjson
 import pytest
@@ -176,26 +177,23 @@ def test_the_library_loads_the_detector_it_is_given(tmp_path, monkeypatch, yolov
     assert st["images"] == 1 and st["bad"] == 0
     assert orjson.loads((tmp_path / "r.jsonl").read_bytes()) == want
 
-    seen = []
-
-    class Fake:  # what load_detector(None) asks ultralytics for, without a download
-        def __init__(self, spec, device):
-            seen.append(spec)
-
-    monkeypatch.setattr(R, "UltralyticsDetector", Fake)
-    load_detector(None, device="cpu")
-    assert seen == [R.DEFAULT_DETECTOR] == ["yolo11n.pt"]
+    # no spec: the detector inside the package, which is the YOLOv5n COCO detector of ../shared, box for box
+    packaged = load_detector(None, device="cpu")
+    assert Path(R.DEFAULT_DETECTOR).parent == Path(R.__file__).parent / "assets"
+    assert packaged.name == "yolov5n-coco" and regions_for_image(packaged, photo) == want
 
 
 def test_the_cli_resolves_the_detector(tmp_path, monkeypatch):
-    """--detector, else $VSA_DETECTOR, else [regions] detector of vsa.toml, else yolo11n.pt."""
+    """--detector, else $VSA_DETECTOR, else [regions] detector of vsa.toml, else the packaged detector."""
     from vsa.cli import config
     from vsa.cli.workspace import detector as resolve_detector
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("VSA_DETECTOR", raising=False)
     config.reset_workspace()
-    assert resolve_detector(None) == "yolo11n.pt"
+    from vsa.regions import DEFAULT_DETECTOR
+
+    assert resolve_detector(None) == DEFAULT_DETECTOR and Path(DEFAULT_DETECTOR, "meta.json").is_file()
     _bogus_workspace(tmp_path, monkeypatch)
     assert resolve_detector("flag.pt") == "flag.pt"
     assert resolve_detector(None) == str(tmp_path / "env-bogus.pt")

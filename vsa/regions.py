@@ -2,12 +2,14 @@
 
 Two detector families, chosen by :func:`load_detector`:
 
-* ``YoloV5StateDict`` - the YOLOv5 COCO checkpoint stored as a plain state dict plus
-  ``meta.json`` (``../shared/weights/yolov5n-coco``). Layers 0-23 are built by
-  ultralytics from its own ``yolov5n.yaml``; the anchor head (``model.24``) is three
+* ``YoloV5StateDict`` - a YOLOv5 checkpoint stored as a plain state dict plus ``meta.json``; the
+  YOLOv5n COCO detector that ships inside the package (:data:`DEFAULT_DETECTOR`) is one. Layers 0-23
+  are built by ultralytics from its own ``yolov5n.yaml``; the anchor head (``model.24``) is three
   1x1 convolutions decoded here as YOLOv5 does, followed by torchvision NMS.
-* ``UltralyticsDetector`` - anything ``ultralytics.YOLO`` loads: a weights path, or
-  a name such as ``yolo11n.pt`` that ultralytics downloads when online.
+* ``UltralyticsDetector`` - an ultralytics ``.pt`` checkpoint (YOLOv8, YOLO11, ...): a path, or a
+  release name such as ``yolo11n.pt`` that ultralytics downloads when online. Such files are pickles;
+  they are read with torch's ``weights_only`` unpickler and an allow-list of network layers
+  (:func:`load_ultralytics_checkpoint`), so a file that would run code is refused, not loaded.
 
 Images are letterboxed (aspect ratio kept, grey padding) to ``imgsz`` and boxes are
 mapped back to pixel ``xyxy`` in the original image (after EXIF orientation).
@@ -21,7 +23,10 @@ from pathlib import Path
 
 from vsa.errors import VsaError
 
-DEFAULT_DETECTOR = "yolo11n.pt"  # ultralytics downloads it on first use (needs internet once)
+from vsa.assets import SHIPPED_DETECTOR
+
+# the packaged YOLOv5n COCO state dict: works offline, and never a name looked up in the working folder
+DEFAULT_DETECTOR = str(SHIPPED_DETECTOR)
 
 
 @dataclass
@@ -105,12 +110,79 @@ def _postprocess(boxes, scores, labels, names, meta, opt: DetectOptions):
     return out
 
 
+def _read_meta(meta_path: Path) -> dict:
+    """``meta.json`` of a state-dict detector, checked: class names, three strides, anchors [3, 3, 2] in pixels."""
+    import json
+
+    try:
+        meta = json.loads(meta_path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise VsaError(f"cannot read the detector's meta.json ({type(e).__name__}: {e})", meta_path) from None
+    if not isinstance(meta, dict):
+        raise VsaError("the detector's meta.json is not a JSON object", meta_path)
+    names = meta.get("names")
+    if isinstance(names, dict):
+        try:
+            names = [names[k] for k in sorted(names, key=int)]
+        except (TypeError, ValueError):
+            raise VsaError("'names' of the detector's meta.json has keys that are not class numbers", meta_path) from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise VsaError("the detector's meta.json needs 'names': a non-empty list of class names", meta_path)
+    strides, anchors = meta.get("strides"), meta.get("anchors_pixels")
+    ok = (isinstance(strides, list) and len(strides) == 3 and all(isinstance(v, int) and v > 0 for v in strides)
+          and isinstance(anchors, list) and len(anchors) == 3
+          and all(isinstance(lvl, list) and len(lvl) == 3 and all(
+              isinstance(a, list) and len(a) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in a)
+              for a in lvl) for lvl in anchors))
+    if not ok:
+        raise VsaError("the detector's meta.json needs 'strides' (three positive integers) and 'anchors_pixels' "
+                       "(3 levels x 3 anchors x [width, height] in pixels)", meta_path)
+    cfg = meta.get("ultralytics_cfg", "yolov5n.yaml")
+    if not _packaged_cfg(cfg):
+        # a model yaml can carry an activation that ultralytics evaluates as Python: only its own configs are built
+        raise VsaError(f"'ultralytics_cfg' must name a model config that ships with ultralytics "
+                       f"(such as yolov5n.yaml), not {cfg!r}", meta_path)
+    return {"names": names, "strides": strides, "anchors": anchors, "cfg": cfg}
+
+
+def _packaged_cfg(cfg) -> bool:
+    """Whether ``cfg`` is the bare file name of a model config inside the installed ultralytics package."""
+    import importlib.util
+
+    if not isinstance(cfg, str) or not cfg.endswith((".yaml", ".yml")) or Path(cfg).name != cfg:
+        return False
+    spec = importlib.util.find_spec("ultralytics")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    import re
+
+    unified = re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", cfg)  # yolov5n.yaml -> yolov5.yaml, as ultralytics reads it
+    root = Path(next(iter(spec.submodule_search_locations))) / "cfg" / "models"
+    return any(root.rglob(cfg)) or any(root.rglob(unified))
+
+
+def _load_error(e: Exception) -> str:
+    """One line for a failed ``torch.load(weights_only=True)``: a refused pickle says so, with torch's reason."""
+    import pickle
+
+    from vsa.checkpoint import _unpickling_reason
+
+    if isinstance(e, pickle.UnpicklingError):
+        return f"refused, it would need to unpickle code ({_unpickling_reason(e)})"
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _head_inputs(model) -> list[int]:
+    """Channels of the three feature maps (layers 17, 20, 23) that YOLOv5's anchor head reads."""
+    head = model.model[-1]  # ultralytics' own (anchor-free) head over the same three maps: its input sizes
+    return [int(branch[0].conv.in_channels) for branch in head.cv2]
+
+
 class YoloV5StateDict:
     """YOLOv5 (anchor head) from a plain state dict + meta.json, backbone/neck built by ultralytics."""
 
     def __init__(self, folder: Path, device: str = "cpu"):
-        import json
-
         import torch
 
         folder = Path(folder)
@@ -124,39 +196,47 @@ class YoloV5StateDict:
         meta_path = folder / "meta.json"
         if not meta_path.exists():
             raise VsaError("YOLOv5 state-dict detector needs meta.json beside the weights", folder)
-        meta = json.loads(meta_path.read_text())
-        self.names = list(meta["names"].values()) if isinstance(meta["names"], dict) else list(meta["names"])
-        self.strides = [int(s) for s in meta["strides"]]
-        self.anchors = torch.tensor(meta["anchors_pixels"], dtype=torch.float32)  # [3 levels, 3, 2]
+        meta = _read_meta(meta_path)
+        self.names = meta["names"]
+        self.strides = meta["strides"]
+        self.anchors = torch.tensor(meta["anchors"], dtype=torch.float32)  # [3 levels, 3, 2]
         self._geo: dict = {}
         self.name = folder.name
         self.device = device
         try:
             sd = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise VsaError(f"cannot load state dict ({type(e).__name__}: {e})", weights) from None
+            raise VsaError(f"cannot load the detector's state dict: {_load_error(e)}", weights) from None
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+            raise VsaError("the detector's weights are not a plain {name: tensor} state dict", weights)
         import contextlib
         import io
 
         from ultralytics.nn.tasks import DetectionModel
 
-        cfg = meta.get("ultralytics_cfg", "yolov5n.yaml")
+        cfg = meta["cfg"]
         with contextlib.redirect_stdout(io.StringIO()):
             model = DetectionModel(cfg, nc=len(self.names), verbose=False)
         body = {k: v.float() for k, v in sd.items() if not k.startswith("model.24.")}
-        missing, unexpected = model.load_state_dict(body, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(body, strict=False)
+        except RuntimeError as e:  # a tensor of the wrong shape
+            first = str(e).strip().splitlines()[-1].strip()[:200]
+            raise VsaError(f"state dict does not match {cfg} ({first})", weights) from None
         missing = [k for k in missing if not k.startswith("model.24.")]
         if missing or unexpected:
             raise VsaError(f"state dict does not match {cfg}: missing {missing[:3]}, unexpected {unexpected[:3]}", weights)
         self.layers = model.model[:24].eval().to(device)
         no = 5 + len(self.names)
         heads = []
-        for i in range(3):
-            w = sd[f"model.24.m.{i}.weight"].float()
-            conv = torch.nn.Conv2d(w.shape[1], w.shape[0], 1)
-            conv.weight.data.copy_(w)
-            conv.bias.data.copy_(sd[f"model.24.m.{i}.bias"].float())
-            assert w.shape[0] == 3 * no, "head output size does not match the class count"
+        for i, c_in in enumerate(_head_inputs(model)):
+            w, bias = sd.get(f"model.24.m.{i}.weight"), sd.get(f"model.24.m.{i}.bias")
+            if w is None or bias is None or tuple(w.shape) != (3 * no, c_in, 1, 1) or tuple(bias.shape) != (3 * no,):
+                raise VsaError(f"head model.24.m.{i} must be a 1x1 convolution from {c_in} channels to 3 x (5 + "
+                               f"{len(self.names)} classes) = {3 * no} outputs, as meta.json's names ask", weights)
+            conv = torch.nn.Conv2d(c_in, 3 * no, 1)
+            conv.weight.data.copy_(w.float())
+            conv.bias.data.copy_(bias.float())
             heads.append(conv)
         self.heads = torch.nn.ModuleList(heads).eval().to(device)
         self.no = no
@@ -225,49 +305,183 @@ class YoloV5StateDict:
         return out
 
 
+# globals a weights file may name beyond tensors and containers: plain data that ultralytics and numpy put in
+# checkpoints (training arguments, metric scalars). Network layers are allowed by kind (_allowed_global).
+_PLAIN_DATA = {
+    "builtins.set", "builtins.frozenset", "builtins.slice", "types.SimpleNamespace",
+    "ultralytics.utils.IterableSimpleNamespace", "pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath",
+    "numpy.dtype", "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar",
+}
+_LAYER_PACKAGES = ("torch.nn.modules.", "ultralytics.nn.")
+
+
+def _allowed_global(name: str):
+    """The object a checkpoint's GLOBAL ``name`` may resolve to, or None: a network layer class (a subclass of
+    ``torch.nn.Module`` defined in torch.nn or ultralytics.nn, whose unpickling only sets attributes), a numpy
+    dtype class, or an entry of :data:`_PLAIN_DATA`. Never a function: a function is what runs code."""
+    import importlib
+
+    import torch
+
+    module, _, attr = name.rpartition(".")
+    if not module or not attr.isidentifier():
+        return None
+    if name in _PLAIN_DATA or module == "numpy.dtypes" or module.startswith(_LAYER_PACKAGES):
+        try:
+            obj = getattr(importlib.import_module(module), attr, None)
+        except Exception:  # no such module in this install: not a layer it knows
+            return None
+        if name in _PLAIN_DATA:
+            return obj
+        if module == "numpy.dtypes":
+            import numpy as np
+
+            return obj if isinstance(obj, type) and issubclass(obj, np.dtype) else None
+        if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
+            return obj
+    return None
+
+
+def load_ultralytics_checkpoint(path) -> dict:
+    """An ultralytics ``.pt`` checkpoint read without running code from it: torch's ``weights_only`` unpickler
+    with an allow-list of the network layers and plain data it names (:func:`_allowed_global`). A file that
+    names anything else (``os.system``, ``builtins.eval``, a class of another package) is refused, in one line."""
+    import pickle
+    import warnings
+
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise VsaError("no such detector weights file", p)
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(p)
+    except Exception as e:
+        raise VsaError(f"not a PyTorch checkpoint ({_load_error(e)})", p) from None
+    allowed, refused = [], []
+    for name in needed:
+        obj = _allowed_global(name)
+        if obj is None:
+            refused.append(name)
+        else:
+            allowed.append((obj, name))
+    if "numpy.dtype" in needed:  # numpy.dtype(...) returns an instance of its concrete class, which is then built
+        import numpy as np
+
+        allowed += [(c, f"numpy.dtypes.{c.__name__}") for c in vars(np.dtypes).values()
+                    if isinstance(c, type) and issubclass(c, np.dtype)]
+    if refused:
+        raise VsaError(f"refused: loading it would call {', '.join(sorted(refused)[:3])}, and vsa loads only network "
+                       "layers, tensors and plain data from a weights file (nothing that can run code); if you trust "
+                       "the file, re-save the model alone with ultralytics (YOLO(path).save('clean.pt'))", p)
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(allowed):
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise VsaError(f"cannot load the detector: {_load_error(e)}", p) from None
+    except Exception as e:
+        raise VsaError(f"cannot load the detector ({_load_error(e)})", p) from None
+    model = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "names"):
+        raise VsaError("not an ultralytics detector checkpoint (no 'model' with class names)", p)
+    return {"model": model, "names": model.names}
+
+
+_WHERE = ("leave --detector out to use the detector inside vsa, or point --detector (or VSA_DETECTOR, or "
+          "[regions] detector in vsa.toml) at a local weights file or a YOLOv5 state-dict folder")
+
+
+def _fetch(name: str) -> Path:
+    """A release name (``yolo11n.pt``) as a local file: where ultralytics keeps or downloads it."""
+    hint = _WHERE
+    try:
+        from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
+    except ImportError:
+        GITHUB_ASSETS_NAMES = ()
+    if name not in GITHUB_ASSETS_NAMES:
+        raise VsaError(f"no such detector file, and not a model name ultralytics can download; {hint}", name)
+    try:
+        import contextlib
+        import sys
+
+        from ultralytics.utils.downloads import attempt_download_asset
+
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries our JSONL
+            got = Path(attempt_download_asset(name))
+    except Exception as e:
+        got = None
+        why = _load_error(e)
+    else:
+        why = "nothing was downloaded"
+    if got is None or not got.is_file():
+        raise VsaError(f"cannot load detector {name!r}: it is not a local file and could not be downloaded "
+                       f"(offline? {why}); {hint}")
+    return got
+
+
 class UltralyticsDetector:
-    """Any model ``ultralytics.YOLO`` can load (path or downloadable name)."""
+    """An ultralytics detector: a ``.pt`` checkpoint read without unpickling code (:func:`load_ultralytics_checkpoint`),
+    a release name that ultralytics downloads when online, or a model config ``*.yaml`` of ultralytics' own
+    (untrained: for tests). Decoded with ultralytics' NMS, so its one-to-one (end-to-end) heads work too."""
 
     def __init__(self, spec: str, device: str = "cpu"):
         import contextlib
-        import sys
+        import io
 
-        from ultralytics import YOLO
+        p = Path(spec)
+        if p.suffix in (".yaml", ".yml") and not p.exists():
+            if not _packaged_cfg(spec):
+                raise VsaError(f"unknown detector config {spec!r}: a .yaml detector must name a model config that "
+                               "ships with ultralytics (such as yolov8n.yaml)")
+            from ultralytics.nn.tasks import DetectionModel
 
-        try:
-            with contextlib.redirect_stdout(sys.stderr):  # stdout carries our JSONL
-                self.model = YOLO(spec)
-        except Exception as e:
-            offline_hint = ""
-            if not Path(spec).exists():
-                offline_hint = (f"; '{spec}' is not a local file and could not be downloaded (offline?): "
-                                "point --detector (or VSA_DETECTOR, or [regions] detector in vsa.toml) at a local "
-                                "weights file, or at a YOLOv5 state-dict folder such as ../shared/weights/yolov5n-coco")
-            raise VsaError(f"cannot load detector {spec!r} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}){offline_hint}") from None
-        self.name = Path(spec).stem
-        self.device = device
-        names = self.model.names
+            with contextlib.redirect_stdout(io.StringIO()):
+                model = DetectionModel(spec, verbose=False)
+            # the class names its trained weights would have: ultralytics' configs are COCO's 80 classes
+            model.names = {i: f"class{i}" for i in range(int(model.model[-1].nc))}
+        elif p.suffix in (".yaml", ".yml"):
+            raise VsaError("a detector .yaml must be one of ultralytics' own model configs, given by name "
+                           "(a model file can make ultralytics evaluate Python)", p)
+        elif p.suffix != ".pt":
+            raise VsaError("unsupported detector: give an ultralytics .pt checkpoint, a release name such as "
+                           "yolo11n.pt, or a YOLOv5 state-dict folder (with meta.json)", p)
+        elif not p.exists() and len(p.parts) > 1:
+            raise VsaError(f"no such detector weights file; {_WHERE}", p)
+        else:
+            model = load_ultralytics_checkpoint(p if p.exists() else _fetch(spec))["model"]
+        model = model.float().eval()
+        with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
+            model = model.fuse(verbose=False)
+        names = model.names
         self.names = [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
+        self.model = model.to(device)
+        self.name = p.stem
+        self.device = device
+        self.end2end = bool(getattr(model, "end2end", False))
 
     def detect(self, images, opt: DetectOptions | None = None, **kw):
-        import contextlib
-        import sys
+        import torch
+
+        try:
+            from ultralytics.utils.nms import non_max_suppression
+        except ImportError:  # ultralytics before 8.3.1x kept it in ops
+            from ultralytics.utils.ops import non_max_suppression
 
         opt = _sized(_options(opt, kw), images)
-        with contextlib.redirect_stdout(sys.stderr):
-            res = self.model.predict(images, imgsz=opt.imgsz, conf=opt.conf, iou=opt.iou, max_det=max(opt.top * 5, 50),
-                                     device=self.device, verbose=False)
+        x, metas = _letterbox(images, opt.imgsz)
+        extra = {"end2end": True} if self.end2end else {}
+        with torch.inference_mode():
+            preds = self.model(x.to(self.device))
+            kept = non_max_suppression(preds, opt.conf, opt.iou, max_det=max(opt.top * 5, 50), nc=len(self.names),
+                                       **extra)
         out = []
-        for im, r in zip(images, res):
-            b = r.boxes
-            boxes = b.xyxy.float().cpu()
-            scores = b.conf.float().cpu()
-            cls = b.cls.long().cpu()
-            order = scores.argsort(descending=True)
-            w, h = im.size
-            dets = _postprocess(boxes[order], scores[order], cls[order], self.names, (1.0, 0, 0, w, h),
-                                DetectOptions(opt.top, opt.conf, 1.0, opt.dedup, opt.imgsz))
-            out.append(dets)
+        for det, meta in zip(kept, metas):
+            det = det.float().cpu()
+            order = det[:, 4].argsort(descending=True)
+            det = det[order]
+            out.append(_postprocess(det[:, :4], det[:, 4], det[:, 5].long(), self.names, meta,
+                                    DetectOptions(opt.top, opt.conf, 1.0, opt.dedup, opt.imgsz)))
         return out
 
 
@@ -279,9 +493,9 @@ def is_yolov5_state_dict(spec: str) -> bool:
 
 
 def load_detector(spec: str | os.PathLike | None = None, device: str = "auto"):
-    """The detector ``spec`` names: a YOLOv5 state-dict folder (or its ``*state-dict*.pt``), else anything
-    ``ultralytics.YOLO`` loads (a weights path, or a name such as :data:`DEFAULT_DETECTOR`, used when ``spec``
-    is None). The spec is taken as given: the library reads no environment and no vsa.toml (the CLI resolves
+    """The detector ``spec`` names: a YOLOv5 state-dict folder (or its ``*state-dict*.pt``) such as the packaged
+    :data:`DEFAULT_DETECTOR` (used when ``spec`` is None), else an ultralytics detector (:class:`UltralyticsDetector`:
+    a ``.pt`` path, or a release name such as ``yolo11n.pt`` downloaded when online). The spec is taken as given: the library reads no environment and no vsa.toml (the CLI resolves
     ``--detector``, ``$VSA_DETECTOR`` and ``[regions] detector``: :func:`vsa.cli.workspace.detector`)."""
     from vsa.runtime import pick_device
 
@@ -321,31 +535,36 @@ def regions_record(key: str, path, image, detections: list[dict], detector_name:
 
 
 def detect_files(detector, files, opt: DetectOptions | None = None, batch_size: int = 16, workers: int = 1,
-                 max_pixels: int | None = None):
-    """Regions records of image files ``[(path, key)]`` (``vsa regions``), detecting ``batch_size`` images at a time.
+                 max_pixels: int | None = None, budget: int | None = None):
+    """Regions records of image files ``[(path, key)]`` (``vsa regions``), detecting up to ``batch_size`` images at
+    a time, with at most ``budget`` decoded pixels held at once (:func:`vsa.images.image_batches`: the batch being
+    detected and the images decoded ahead; default :func:`vsa.images.pixel_budget`).
 
-    Yields, as the images are read, ``(None, message)`` for an unreadable one (the one-line error naming
-    it) and, batch by batch, ``(record, None)`` for the others, in input order.
+    Yields, batch by batch, ``(None, message)`` for an unreadable image (the one-line error naming it), then
+    ``(record, None)`` for the others, in input order.
     """
-    from vsa.images import iter_images
+    from vsa.images import image_batches
 
     opt = opt or DetectOptions()
-    batch: list = []
-
-    def flush():
-        for (path, key, im), dets in zip(batch, detector.detect([im for _, _, im in batch], opt)):
-            yield regions_record(key, os.fsdecode(path), im, dets, detector.name), None
+    for batch in image_batches(files, batch_size, workers, max_pixels, budget):
+        errors = [err for _, _, _, err in batch if err is not None]
+        good = [(path, key, im) for path, key, im, err in batch if err is None]
         batch.clear()
-
-    for path, key, im, err in iter_images(files, workers, max_pixels):
-        if err is not None:
+        records = _detect_batch(detector, good, opt)  # no image stays referenced here while the next batch decodes
+        for err in errors:
             yield None, err
-            continue
-        batch.append((path, key, im))
-        if len(batch) >= batch_size:
-            yield from flush()
-    if batch:
-        yield from flush()
+        for rec in records:
+            yield rec, None
+
+
+def _detect_batch(detector, good: list, opt: DetectOptions) -> list[dict]:
+    """The regions records of ``good`` (``(path, key, image)``, emptied)."""
+    if not good:
+        return []
+    dets = detector.detect([im for _, _, im in good], opt)
+    recs = [regions_record(key, os.fsdecode(path), im, d, detector.name) for (path, key, im), d in zip(good, dets)]
+    good.clear()
+    return recs
 
 
 def write_regions(inputs, out, detector=None, opt: DetectOptions | None = None, batch_size: int = 16, workers: int = 1,

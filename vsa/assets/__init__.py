@@ -15,3 +15,6 @@ SHIPPED_MODELS = {
     "mrnn-regions": ASSETS / "mrnn-regions-flickr8k.pt",  # region captions, trained on (region, snippet) pairs
 }
 MODEL_NAMES = {"align": "aligner", "align-ground": "grounding aligner", "mrnn": "generator"}
+# the default object detector: YOLOv5n trained on COCO (Ultralytics, AGPL-3.0; NOTICE.md beside it), a plain state
+# dict + meta.json, so boxes work offline and loading it runs no pickled code
+SHIPPED_DETECTOR = ASSETS / "yolov5n-coco"

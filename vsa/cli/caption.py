@@ -28,7 +28,7 @@ def caption(
     region_model: Optional[Path] = typer.Option(None, "--region-model", help="Region caption model for --regions (`vsa train-mrnn --alignments`; default: the shipped Flickr8k one)."),
     ground: bool = typer.Option(False, "--ground", help="Also cut the caption into snippets, each grounded in a box (whole image = region 0), with the aligner's chain MRF as `vsa align` does (needs a detector)."),
     aligner: Optional[Path] = typer.Option(None, "--aligner", help="Aligner for --ground (default: [align] model in vsa.toml if it exists, else the shipped Flickr8k grounding aligner)."),
-    detector: Optional[str] = typer.Option(None, "--detector", help="Detector for --regions and --ground, and for a generator trained on detector boxes (default: $VSA_DETECTOR, [regions] detector in vsa.toml, else yolo11n.pt; a box generator without one reads the whole image and its cells)."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="Detector for --regions and --ground, and for a generator trained on detector boxes (default: $VSA_DETECTOR, [regions] detector in vsa.toml, else the YOLOv5n COCO detector inside vsa; loaded only where something reads boxes)."),
     top: int = typer.Option(5, "--top", help="Regions described per image with --regions."),
     batch_size: int = typer.Option(16, "--batch-size"),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
@@ -60,7 +60,7 @@ def caption(
                              weights=w, beam=beam, max_len=max_len,
                              length_penalty=length_penalty, regions=regions, region_model=region_model, ground=ground,
                              aligner=default_model("align", aligner, note, "align-ground") if ground else None,
-                             detector=W.detector(detector) if regions or ground else W.named_detector(detector), top=top,
+                             detector=W.detector(detector), top=top,
                              batch_size=batch_size, device=device, cnn_weights=cnn_weights, skip_bad=skip_bad,
                              threads=threads, max_pixels=W.max_pixels(None), jit=W.jit(), warn=warn, mirror=mirror)
     results = []

@@ -8,12 +8,12 @@ to the folder holding ``vsa.toml``.
 Layout (every key optional; see ``vsa init``)::
 
     [dataset]
-    path = "../shared/data/flickr8k/dataset_flickr8k.json"   # any supported layout
-    images = "../shared/data/flickr8k/images"
+    path = "data/captions.txt"     # any supported layout (here: Kaggle's captions.txt)
+    images = "data/Images"
     min_count = 5
 
     [regions]
-    detector = "../shared/weights/yolov5n-coco"
+    detector = "yolo11n.pt"        # default: the YOLOv5n COCO detector inside vsa
     top = 19
     out = "work/regions.jsonl"
 
@@ -98,7 +98,7 @@ images = {images}
 min_count = 5               # vocabulary: words seen at least this often in train
 
 [regions]
-detector = {detector}     # ultralytics weights (path or name) or a YOLOv5 state-dict folder
+{detector_line}
 top = 19
 out = {regions_out}
 
@@ -229,12 +229,15 @@ def toml_string(value: str) -> str:
     return json.dumps(str(value), ensure_ascii=False)
 
 
-def write_template(path: Path, dataset: str, images: str, detector: str, out: str) -> None:
+def write_template(path: Path, dataset: str, images: str, detector: str | None, out: str) -> None:
     from vsa.io import atomic_write
 
     out = str(out).rstrip("/") or "."
     q = toml_string
-    text = TEMPLATE.format(dataset=q(dataset), images=q(images), detector=q(detector), out=q(out),
+    what = "# ultralytics weights (a .pt path, or a release name such as yolo11n.pt) or a YOLOv5 state-dict folder"
+    detector_line = (f"detector = {q(detector)}     {what}" if detector else
+                     f'# detector = "yolo11n.pt"   {what}; default: the YOLOv5n COCO detector inside vsa')
+    text = TEMPLATE.format(dataset=q(dataset), images=q(images), detector_line=detector_line, out=q(out),
                            regions_out=q(f"{out}/regions.jsonl"), feats=q(f"{out}/feats.npz"),
                            whole=q(f"{out}/whole.npz"), grid=q(f"{out}/grid.npz"),
                            grid_flip=q(f"{out}/grid-flip.npz"), align=q(f"{out}/align.pt"),

@@ -23,7 +23,7 @@ def evaluate(
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Caption dataset (default: [dataset] path in vsa.toml)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image root folder (default: [dataset] images in vsa.toml, else found beside the dataset); features missing for a model are computed from these images."),
     features: Optional[List[Path]] = typer.Option(None, "--features", help="Features NPZ: one file for every model, or one per --model in order (default: the one each model was trained on, else [features] in vsa.toml, else computed from the images)."),
-    detector: Optional[str] = typer.Option(None, "--detector", help="Detector for region features computed from the images (default: $VSA_DETECTOR, [regions] detector in vsa.toml, else yolo11n.pt); use the one the model was trained with."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="Detector for region features computed from the images (default: $VSA_DETECTOR, [regions] detector in vsa.toml, else the YOLOv5n COCO detector inside vsa); use the one the model was trained with."),
     beam: Optional[int] = typer.Option(None, "--beam", help="Beam size for generators (default: the checkpoint's val-chosen beam)."),
     mirror: Optional[float] = typer.Option(None, "--mirror", help="Generators: weight of each image's mirror image, decoded with it as one (test-time augmentation; default: the checkpoint's decoding.mirror; 0: off)."),
     mirror_features: Optional[Path] = typer.Option(None, "--mirror-features", help="Features NPZ of the mirrored images for --mirror (`vsa embed ... --flip`; default: the generator's --flip-features, else [features] grid_flip in vsa.toml, else computed from the images)."),

@@ -24,9 +24,9 @@ def _relative_to(value: str, folder: Path, must_exist: bool = False) -> str:
 @app.command("init")
 @guarded
 def init(
-    dataset: str = typer.Option("../shared/data/flickr8k/dataset_flickr8k.json", "--dataset", help="Caption dataset (any supported layout)."),
-    images: str = typer.Option("../shared/data/flickr8k/images", "--images", help="Image root folder."),
-    detector: str = typer.Option("yolo11n.pt", "--detector", help="Detector weights (ultralytics path/name or YOLOv5 state-dict folder)."),
+    dataset: str = typer.Option("captions.txt", "--dataset", help="Caption dataset (any supported layout: Karpathy JSON, Flickr8k token file, Kaggle captions.txt, COCO annotations)."),
+    images: str = typer.Option("Images", "--images", help="Image root folder."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="Detector weights: an ultralytics .pt (path, or a release name such as yolo11n.pt, downloaded when online) or a YOLOv5 state-dict folder (default: the YOLOv5n COCO detector inside vsa)."),
     out: str = typer.Option("work", "--out", help="Folder where stages write their outputs."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing vsa.toml."),
     path: Optional[Path] = typer.Option(None, "--path", help="Where to write (default ./vsa.toml)."),
@@ -45,6 +45,6 @@ def init(
         if not Path(value).expanduser().exists():
             warn(f"{name} {value} does not exist (yet); edit {target} or pass {name} when it does")
     dataset, images, out = (_relative_to(v, folder) for v in (dataset, images, out))
-    detector = _relative_to(detector, folder, must_exist=True)
+    detector = _relative_to(detector, folder, must_exist=True) if detector else None
     write_template(target, dataset, images, detector, out)
     info(f"wrote {target}")

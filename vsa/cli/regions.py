@@ -12,7 +12,7 @@ from vsa.cli.common import guarded, info, progress, warn
 @guarded
 def regions(
     inputs: Optional[List[str]] = typer.Argument(None, help="Image files and folders (recursive). Paths on stdin when omitted."),
-    detector: Optional[str] = typer.Option(None, "--detector", "-d", help="Ultralytics weights (path or name, e.g. yolo11n.pt) or a YOLOv5 state-dict folder. Default: $VSA_DETECTOR, [regions] detector in vsa.toml, else yolo11n.pt."),
+    detector: Optional[str] = typer.Option(None, "--detector", "-d", help="An ultralytics .pt (a path, or a release name such as yolo11n.pt, downloaded when online) or a YOLOv5 state-dict folder. Default: $VSA_DETECTOR, [regions] detector in vsa.toml, else the YOLOv5n COCO detector inside vsa (offline)."),
     top: Optional[int] = typer.Option(None, "--top", help="Detections kept per image (plus the whole image). Default 19."),
     conf: Optional[float] = typer.Option(None, "--conf", help="Minimum detection score. Default 0.03: low on purpose, the paper keeps weak detections."),
     iou: Optional[float] = typer.Option(None, "--iou", help="Class-aware NMS IoU threshold. Default 0.5."),

@@ -17,18 +17,7 @@ ENV_NO_JIT = "VSA_NO_JIT"
 
 def detector(flag: Optional[str] = None) -> str:
     """The detector spec a command uses: ``--detector``, else $VSA_DETECTOR, else ``[regions] detector`` of
-    vsa.toml, else :data:`vsa.regions.DEFAULT_DETECTOR` (yolo11n.pt)."""
-    spec = named_detector(flag)
-    if spec:
-        return spec
-    from vsa.regions import DEFAULT_DETECTOR  # light: vsa.regions imports torch inside its functions
-
-    return DEFAULT_DETECTOR
-
-
-def named_detector(flag: Optional[str] = None) -> Optional[str]:
-    """The detector a user named (``--detector``, $VSA_DETECTOR or ``[regions] detector`` of vsa.toml), or None
-    where :func:`detector` would fall back to the default: what gives boxes to a generator that can do without."""
+    vsa.toml, else :data:`vsa.regions.DEFAULT_DETECTOR` (the YOLOv5n COCO detector inside the package)."""
     import os
 
     from vsa.cli.config import workspace
@@ -36,7 +25,11 @@ def named_detector(flag: Optional[str] = None) -> Optional[str]:
     if flag is not None:
         return str(flag)
     spec = os.environ.get(ENV_DETECTOR) or workspace().get("regions.detector")
-    return str(spec) if spec else None
+    if spec:
+        return str(spec)
+    from vsa.regions import DEFAULT_DETECTOR  # light: vsa.regions imports torch inside its functions
+
+    return DEFAULT_DETECTOR
 
 
 def max_pixels(flag: Optional[int] = None) -> int:
@@ -228,7 +221,7 @@ def hubness_config(on: bool, k: Optional[int], weight: Optional[float], bank: Op
 
 MODEL_HELP = "Aligner checkpoint (default: [align] model in vsa.toml if it exists, else the shipped Flickr8k aligner)."
 DETECTOR_HELP = ("Detector for new photos: ultralytics weights (path or name) or a YOLOv5 state-dict folder "
-                 "(default: $VSA_DETECTOR, [regions] detector in vsa.toml, else yolo11n.pt, which needs internet once).")
+                 "(default: $VSA_DETECTOR, [regions] detector in vsa.toml, else the YOLOv5n COCO detector inside vsa).")
 CNN_HELP = "Local CNN weights file (default: the pip package's)."
 
 
