@@ -165,3 +165,62 @@ def test_function_words_come_from_the_vocabulary():
     assert function_word_ids(vocab) == frozenset({vocab.stoi["a"], vocab.stoi["on"], vocab.stoi["two"]})
     assert constraints(DecodingConfig(block_content_repeats=False), vocab)["reusable"] is None
     assert constraints(DecodingConfig(), vocab)["reusable"] == function_word_ids(vocab)
+
+
+# ----------------------------------------------------------------------------- constrained beam search
+
+
+def test_constrained_search_without_constraints_is_beam_search():
+    from vsa.decoding import constrained_beam_search
+
+    m = _model("lstm", seed=4)
+    feats = torch.randn(5, 8)
+    plain = [hs[0] for hs in beam_search(m, feats, beam=3, max_len=10, length_penalty=0.5)]
+    cons = constrained_beam_search(m, feats, None, [[] for _ in range(5)], beam=3, max_len=10, length_penalty=0.5)
+    assert [h.tokens for h in cons] == [h.tokens for h in plain]
+    assert [round(h.logprob, 6) for h in cons] == [round(h.logprob, 6) for h in plain]
+
+
+@pytest.mark.parametrize("rnn", ["lstm", "updown"])
+def test_constrained_search_contains_a_word_of_every_set_and_never_repeats_a_trigram(rnn):
+    """Each image gets 0-3 disjunctive sets of words that plain search rarely writes; every caption holds one
+    word of each of its sets (the state machine answers from the all-met state), with the repeat rules on, and
+    is as likely as the model makes it (its log-probability re-scored step by step)."""
+    from vsa.decoding import constrained_beam_search
+
+    V = 24
+    m = _model(rnn, seed=5, V=V, attention=rnn == "updown")
+    with torch.no_grad():
+        m.out.bias[Vocab.end] -= 1.0
+        m.out.bias[5] += 2.0  # a favourite word, so repeats would be likely
+    feats = torch.randn(12, 3, 8)
+    plain = [hs[0].tokens for hs in beam_search(m, feats, beam=3, max_len=14)]
+    g = torch.Generator().manual_seed(0)
+    sets = []
+    for i in range(12):
+        n = i % 4
+        words = (torch.randperm(V - 4, generator=g)[: 2 * n] + 4).tolist()
+        sets.append([frozenset(words[2 * j : 2 * j + 2]) for j in range(n)])
+    missing = sum(not (s & set(p)) for ss, p in zip(sets, plain) for s in ss)
+    assert missing >= 3  # plain search leaves many out: the constraint has something to do
+    out = constrained_beam_search(m, feats, None, sets, beam=3, max_len=14, block_repeats=True)
+    for h, ss, f in zip(out, sets, feats):
+        assert all(s & set(h.tokens) for s in ss), (h.tokens, ss)
+        assert not _repeats(h.tokens), h.tokens
+        assert Vocab.unk not in h.tokens and Vocab.pad not in h.tokens and Vocab.end not in h.tokens
+        ended = abs(_seq_logprob(m, f, h.tokens, True) - h.logprob) < 1e-3
+        assert abs(_seq_logprob(m, f, h.tokens, ended) - h.logprob) < 1e-3
+
+
+def test_constraint_sets_from_detections():
+    from vsa.labels import constraint_sets
+
+    stoi = {w: i for i, w in enumerate(["<pad>", "<start>", "<end>", "<unk>", "a", "horse", "horses", "dog", "man",
+                                        "people", "cup"])}
+    dets = [{"label": "horse", "score": 0.9}, {"label": "horse", "score": 0.8}, {"label": "person", "score": 0.7},
+            {"label": "dog", "score": 0.3}, {"label": "giraffe", "score": 0.95}, {"label": "cup", "score": 0.6}]
+    sets, labels = constraint_sets(dets, stoi, min_score=0.5, max_sets=2)
+    # giraffe has no word in this vocabulary; the dog is not confident enough; one set per class, best first
+    assert labels == ["horse", "person"] and sets == [frozenset({5, 6}), frozenset({8, 9})]
+    sets, labels = constraint_sets(dets, stoi, min_score=0.5, max_sets=3, skip=("person",))
+    assert labels == ["horse", "cup"]

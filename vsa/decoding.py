@@ -34,6 +34,23 @@ class DecodingConfig:
     # test-time augmentation: the photo and its left-right mirror decoded as one, each step's word probabilities
     # mixed (1 - mirror) : mirror (:func:`vsa.mrnn.with_mirror`); 0: the photo alone (half the decoding work)
     mirror: float = 0.0
+    # constrained decoding (vsa.labels, constrained_beam_search): the caption must name the detector's classes
+    # found with at least this score, the most confident first, at most constrain_sets of them, none of the
+    # comma-separated constrain_skip; on by default where the val rule of docs/generator.md chose it
+    constrain: bool = False
+    constrain_score: float = 0.5
+    constrain_sets: int = 2
+    constrain_skip: str = ""
+
+
+def constrain_settings(dec: DecodingConfig, on: bool | None = None) -> dict | None:
+    """The ``constrain`` argument of decoding (the keyword arguments of :func:`vsa.labels.constraint_sets`) that
+    ``dec`` asks for, or None when constrained decoding is off; ``on`` (``--constrain`` / ``--no-constrain``)
+    overrides ``dec.constrain``."""
+    if not (dec.constrain if on is None else on):
+        return None
+    return {"min_score": float(dec.constrain_score), "max_sets": int(dec.constrain_sets),
+            "skip": tuple(x.strip() for x in dec.constrain_skip.split(",") if x.strip())}
 
 
 def mirror_weight(default: float, given: float | None = None) -> float:
@@ -277,3 +294,96 @@ def sample(model, feats: torch.Tensor, mask: torch.Tensor | None = None, n: int 
             alive, tok = alive[keep], tok[keep]
             st = {k: v.index_select(0, keep) for k, v in st.items()}
     return seqs[:, :T]
+
+
+@torch.no_grad()
+def constrained_beam_search(model, feats: torch.Tensor, mask: torch.Tensor | None, sets: list[list[frozenset[int]]],
+                            beam: int = 3, max_len: int = 20, length_penalty: float = 0.0,
+                            bad_endings: torch.Tensor | None = None, block_repeats: bool = False,
+                            reusable: frozenset[int] | None = None) -> list[Hyp]:
+    """Constrained beam search (Anderson et al. 2017, "Guided open vocabulary image captioning with constrained
+    beam search"): the best sentence per image that contains one word of each of its constraint sets.
+
+    ``sets[b]`` lists image ``b``'s constraints, each a set of word ids of which one must appear (a disjunction:
+    ``{horse, horses}``). The search keeps ``beam`` hypotheses for every subset of constraints met so far (a finite
+    state machine of 2^m states; an image with fewer than m constraints starts with the missing ones met), moves a
+    hypothesis to the state its new word reaches, and answers from the state where all are met. Where no
+    hypothesis reaches it within ``max_len`` words (a constraint that the other rules, such as no repeated
+    trigram, keep out), the answer comes from the state that meets the most. The other arguments are those of
+    :func:`beam_search`; with no constraints it searches as :func:`beam_search` does.
+    """
+    if beam < 1:
+        raise ValueError("beam must be >= 1")
+    B, K = feats.shape[0], beam
+    m = max((len(s) for s in sets), default=0)
+    S, dev = 1 << m, feats.device
+    full = S - 1
+    st = model.init_state(feats, mask)
+    st = {k: v.repeat_interleave(S * K, 0) for k, v in st.items()}
+    V = None
+    start_state = [full & ~((1 << len(s)) - 1) for s in sets]  # constraints an image does not have count as met
+    scores = torch.full((B, S, K), NEG, dtype=torch.float64, device=dev)
+    scores[torch.arange(B, device=dev), torch.tensor(start_state, device=dev), 0] = 0.0
+    state_of_row = torch.arange(S, device=dev).view(1, S, 1).expand(B, S, K).reshape(B, S * K)
+    tok = torch.full((B * S * K,), Vocab.start, dtype=torch.long, device=dev)
+    finished = torch.zeros(B * S * K, dtype=torch.bool, device=dev)
+    seqs = torch.zeros(B * S * K, 0, dtype=torch.long, device=dev)
+    base = (torch.arange(B, device=dev) * S * K)[:, None]
+    wbits = None
+    for t in range(max_len):
+        logp, st = model.step(tok, st)
+        if wbits is None:
+            V = logp.shape[1]
+            wbits = torch.zeros(B, V, dtype=torch.long, device=dev)  # which constraints each word meets, per image
+            for b, cs in enumerate(sets):
+                for j, words in enumerate(cs):
+                    ids = [w for w in words if 0 <= w < V]
+                    if ids:
+                        wbits[b, ids] |= 1 << j
+        logp = _forbid(logp, t, tok, bad_endings)
+        if block_repeats and t:
+            logp = _block_repeats(logp, seqs.tolist(), reusable)
+        logp = logp.double()
+        fin = finished.nonzero().flatten()
+        if len(fin):  # a finished hypothesis is only extended by <pad>, at no cost, and stays in its state
+            logp[fin] = NEG
+            logp[fin, Vocab.pad] = 0.0
+        cand = (scores.view(B * S * K, 1) + logp).view(B, S * K, V)
+        reach = state_of_row.unsqueeze(-1) | wbits.unsqueeze(1)  # [B, S*K, V]: the state each extension lands in
+        new_scores = torch.empty(B, S, K, dtype=torch.float64, device=dev)
+        src = torch.empty(B, S, K, dtype=torch.long, device=dev)
+        words = torch.empty(B, S, K, dtype=torch.long, device=dev)
+        for s in range(S):
+            top, idx = torch.where(reach == s, cand, torch.full_like(cand, 2 * NEG)).view(B, -1).topk(K, dim=1)
+            new_scores[:, s], src[:, s], words[:, s] = top, idx // V, idx % V
+        scores = new_scores
+        rows = (src + base.view(B, 1, 1)).flatten()
+        words = words.flatten()
+        st = {k: v.index_select(0, rows) for k, v in st.items()}
+        seqs = torch.cat([seqs.index_select(0, rows), words[:, None]], 1)
+        finished = finished.index_select(0, rows) | (words == Vocab.end)
+        tok = words.clone()
+        tok[tok == Vocab.pad] = Vocab.end  # fed but never read: keeps the embedding lookup valid
+        if bool((finished | (scores.flatten() <= NEG / 2)).all()):
+            break
+    out: list[Hyp] = []
+    seqs_l = seqs.tolist()
+    sc = scores.view(B, S * K).tolist()
+    met = [bin(s).count("1") for s in range(S)]
+    for b in range(B):
+        best = None
+        for s in sorted(range(S), key=lambda s: -met[s]):
+            for k in range(K):
+                lp = sc[b][s * K + k]
+                if lp <= NEG / 2:
+                    continue
+                seq = seqs_l[(b * S + s) * K + k]
+                ended = Vocab.end in seq
+                w = [x for x in (seq[: seq.index(Vocab.end)] if ended else seq) if x != Vocab.pad]
+                h = Hyp(w, lp, _score(lp, _length(w, ended), length_penalty))
+                if best is None or h.score > best.score:
+                    best = h
+            if best is not None:
+                break
+        out.append(best if best is not None else Hyp([], NEG, NEG))
+    return out
