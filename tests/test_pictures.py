@@ -317,12 +317,218 @@ def test_plain_caption_has_no_side_panel(grey_image):
 
 def test_second_writer_on_the_same_output_is_refused(tmp_path):
     from vsa.errors import VsaError
-    from vsa.snippets import _lock, align_to_file
+    from vsa.io import output_lock
+    from vsa.snippets import align_to_file
 
     store, pairs = fake_store_and_pairs(1, 1)
     out = tmp_path / "al.jsonl"
-    with _lock(out):  # as if another `vsa align -o al.jsonl` were running
-        with pytest.raises(VsaError, match="another `vsa align` is writing"):
+    import threading
+
+    held, done = threading.Event(), threading.Event()
+
+    def other_run():  # as if another `vsa align -o al.jsonl` were running
+        with output_lock(out, "vsa align"):
+            held.set()
+            done.wait()
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    held.wait()
+    try:
+        with pytest.raises(VsaError, match=r"al\.jsonl\.lock: locked: another `vsa align` \(pid \d+ on .*\) is writing"):
             align_to_file(FakeAligner(), store, pairs, out, beta=0.0)
+    finally:
+        done.set()
+        t.join()
     assert align_to_file(FakeAligner(), store, pairs, out, beta=0.0)["written"] == 1
     assert not (tmp_path / "al.jsonl.lock").exists()
+
+
+# ----------------------------------------------------------------------------- hostile input: file names, pages
+
+HOSTILE_PARTS = ["x/../../../escape", "../up", "/tmp/abs", "..", ".", "a\\..\\..\\b", "<!--<script>", "x#1?%", "", " ",
+                 "\u0000nul", "CON", "a" * 300, "ünï/cødé", "-rf", ".hidden"]
+
+
+def _files(root: Path) -> set:
+    return {p for p in root.rglob("*")}
+
+
+def test_show_pictures_never_writes_outside_out(tmp_path, grey_image):
+    """Every file name vsa show derives from a record (key, path stem, sentid) stays one plain file in -o."""
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    recs = []
+    for i, part in enumerate(HOSTILE_PARTS):
+        recs.append({**alignment(), "key": part + ".jpg", "path": str(grey_image), "sentid": part})
+        recs.append({**alignment(), "key": f"k{i}.jpg", "path": str(grey_image), "sentid": part})
+    recs.append({**alignment(), "key": "GREY.jpg", "path": str(grey_image), "sentid": 3})  # grey-3 in another case
+    src = tmp_path / "al.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    caps = tmp_path / "caps.jsonl"
+    caps.write_bytes(b"".join(orjson.dumps({"key": p + ".jpg", "path": str(grey_image), "caption": p}) + b"\n"
+                              for p in HOSTILE_PARTS))
+    out = tmp_path / "a" / "b" / "c" / "out"
+    before = _files(tmp_path)
+    res = P.show_pictures(src, out, root=grey_image.parent, limit=0, side=64)
+    assert res["pictures"] == len(recs)
+    res = P.show_pictures(caps, out / "caps", root=grey_image.parent, limit=0, side=64)
+    assert res["pictures"] == len(HOSTILE_PARTS)
+    new = _files(tmp_path) - before
+    assert new and all(p == out or out in p.parents for p in new), sorted(new)
+    assert {p.parent for p in new} == {out.parent, out, out / "caps"}  # no folder other than out/caps made
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == len(recs)  # one file per picture, none overwritten (also not by case)
+    assert len({p.name.lower() for p in pngs}) == len(recs)
+    assert all(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*\.png", p.name) and len(p.name) < 200 for p in pngs)
+    assert len(list((out / "caps").glob("*.png"))) == len(HOSTILE_PARTS)
+    page = (out / "index.html").read_text()
+    assert sorted(re.findall(r'<img src="([^"]+)"', page)) == sorted(p.name for p in pngs)
+
+
+def test_show_cli_hostile_sentid_stays_in_out(tmp_path, grey_image):
+    """The issue's example: `"sentid": "x/../../../escape"` wrote escape.png three folders above -o."""
+    deep = tmp_path / "d1" / "d2" / "d3"
+    deep.mkdir(parents=True)
+    src = tmp_path / "al.jsonl"
+    src.write_bytes(orjson.dumps({**alignment(), "sentid": "x/../../../escape"}) + b"\n")
+    r = run_cli("show", src, "-o", deep / "out", "--images", grey_image.parent)
+    assert r.returncode == 0, r.stderr.decode()
+    assert not list(tmp_path.rglob("escape.png"))
+    assert [p.name for p in (deep / "out").iterdir() if p.suffix == ".png"] == ["grey-x_.._.._.._escape.png"]
+
+
+def test_malformed_records_are_one_line_errors(tmp_path, grey_image):
+    from vsa.errors import VsaError
+
+    good = alignment()
+    bad = [({**good, "snippets": [{**good["snippets"][0], "region": "2"}]}, "snippet 1: 'region'"),
+           ({**good, "snippets": [{**good["snippets"][0], "box": "abcd"}]}, "snippet 1: 'box'"),
+           ({**good, "snippets": [{**good["snippets"][0], "box": [1, 2, 3, float("nan")]}]}, "snippet 1: 'box'"),
+           ({**good, "snippets": "a dog"}, "'snippets' must be a list"),
+           ({**good, "path": 5}, "'path' must be a string")]
+    for rec, msg in bad:
+        src = tmp_path / "al.jsonl"
+        src.write_bytes(orjson.dumps(good) + b"\n" + orjson.dumps(rec) + b"\n")
+        with pytest.raises(VsaError) as e:
+            P.show_pictures(src, tmp_path / "o", "alignments", grey_image.parent)
+        assert str(e.value).startswith(f"{src}:2: ") and msg in str(e.value), str(e.value)
+
+
+def test_safe_part_and_script_json():
+    import json
+
+    for part in HOSTILE_PARTS:
+        s = P.safe_part(part)
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s) and len(s) <= 60 and "/" not in s, (part, s)
+    hostile = {"t": "</script><!--<script>&amp;\u2028\u2029'\"", "k": ["<img src=x onerror=alert(1)>"]}
+    blob = P.script_json(hostile)
+    assert not set("<>&\u2028\u2029") & set(blob)
+    assert json.loads(blob) == hostile
+    assert P.url("thumbs/x#1?%.jpg") == "thumbs/x%231%3F%25.jpg" and P.url("javascript:alert(1)").startswith("javascript%3A")
+
+
+def _hostile_dataset(tmp_path) -> Path:
+    """Images a/x.jpg and b/x.jpg (one file name, two folders) and keys that climb out of the image root."""
+    from PIL import Image
+
+    root = tmp_path / "imgs" / "r"
+    for sub, col in (("a", "red"), ("b", "blue"), ("up", "green")):
+        (tmp_path / "imgs" / sub if sub == "up" else root / sub).mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), "red").save(root / "a" / "x.jpg")
+    Image.new("RGB", (64, 64), "blue").save(root / "b" / "x.jpg")
+    Image.new("RGB", (64, 64), "green").save(tmp_path / "imgs" / "up" / "x.jpg")
+    ims = [{"filepath": fp, "filename": "x.jpg", "imgid": i, "split": "test", "sentids": [i],
+            "sentences": [{"raw": f"picture {i}", "tokens": ["picture", str(i)], "imgid": i, "sentid": i}]}
+           for i, fp in enumerate(["a", "b", "../up"])]
+    (tmp_path / "ds.json").write_bytes(orjson.dumps({"dataset": "hostile", "images": ims}))
+    return root
+
+
+def _ranks(keys, rank=1) -> dict:
+    return {"split": "test", "images": [{"key": k, "top": [i], "gt": [i], "rank": rank} for i, k in enumerate(keys)],
+            "sentences": [{"sentid": i, "top": [k], "gt": k, "rank": 1} for i, k in enumerate(keys)]}
+
+
+def test_retrieval_thumbs_are_distinct_and_inside_out(tmp_path):
+    from vsa.data import load_dataset
+
+    root = _hostile_dataset(tmp_path)
+    ds = load_dataset(tmp_path / "ds.json", root)
+    keys = [r.key for r in ds.images]
+    assert keys == ["a/x.jpg", "b/x.jpg", "../up/x.jpg"]
+    (tmp_path / "ranks.json").write_bytes(orjson.dumps(_ranks(keys)))
+    out = tmp_path / "o" / "p"
+    before = _files(tmp_path)
+    P.show_retrieval(tmp_path / "ranks.json", ds, out)
+    new = _files(tmp_path) - before
+    assert all(p in (tmp_path / "o", out) or out in p.parents for p in new), sorted(new)
+    assert {p.parent for p in new} == {tmp_path, tmp_path / "o", out, out / "thumbs"}
+    thumbs = sorted((out / "thumbs").glob("*.jpg"))
+    assert len(thumbs) == 3  # one per image, not one per file name
+    colours = {Image.open(t).convert("RGB").getpixel((30, 30)) for t in thumbs}
+    assert len(colours) == 3
+    page = (out / "retrieval.html").read_text()
+    for t in thumbs:
+        assert f'"thumbs/{t.name}"' in page
+
+
+@pytest.mark.parametrize("rank", ["<img src=x onerror=alert(1)>", "3", 0, -1, 1.5, True, [1], {"r": 1}])
+def test_retrieval_rank_must_be_a_whole_number(tmp_path, rank):
+    from vsa.data import load_dataset
+    from vsa.errors import VsaError
+
+    root = _hostile_dataset(tmp_path)
+    ds = load_dataset(tmp_path / "ds.json", root)
+    ranks = _ranks([r.key for r in ds.images])
+    ranks["images"][1]["rank"] = rank
+    (tmp_path / "ranks.json").write_bytes(orjson.dumps(ranks))
+    with pytest.raises(VsaError) as e:
+        P.show_retrieval(tmp_path / "ranks.json", ds, tmp_path / "o")
+    assert str(e.value).startswith(f"{tmp_path / 'ranks.json'}: images[1]: 'rank' must be a whole number"), str(e.value)
+    assert not (tmp_path / "o" / "retrieval.html").exists()
+
+
+def test_retrieval_hostile_rank_cli_exit_2(tmp_path):
+    root = _hostile_dataset(tmp_path)
+    ranks = _ranks(["a/x.jpg", "b/x.jpg", "../up/x.jpg"])
+    ranks["sentences"][2]["rank"] = "<img src=x onerror=alert(1)>"
+    (tmp_path / "ranks.json").write_bytes(orjson.dumps(ranks))
+    r = run_cli("show", tmp_path / "ranks.json", "-o", tmp_path / "o", "--dataset", tmp_path / "ds.json", "--images", root)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"vsa: error: {tmp_path / 'ranks.json'}: sentences[2]: 'rank' must be a whole number"), err
+
+
+def test_render_takes_line_breaks_in_any_text(grey_image):
+    """PIL's text layout fails on line breaks (\\n, \\r, U+0085, U+2029...) in the title, tags and notes."""
+    breaks = "a\nb\rc\x85d\u2028e\u2029f\x1cg"
+    rec = {**alignment(), "key": breaks, "sentid": breaks,
+           "snippets": [{**s, "text": breaks, "label": breaks} for s in alignment()["snippets"]]}
+    assert P.render(P.from_alignment(rec, grey_image), side=128).width > 128
+    cap = {"key": breaks, "caption": breaks, "regions": [{"box": [1, 2, 50, 60], "label": breaks, "caption": breaks}]}
+    assert P.render(P.from_caption(cap, grey_image), side=128).width > 128
+
+
+def test_page_links_are_url_encoded(tmp_path, grey_image):
+    pic = P.from_alignment(alignment(), grey_image)
+    page = P.write_pictures_page([(pic, 'x#1?%"<.png')], tmp_path).read_text()
+    assert '<img src="x%231%3F%25%22%3C.png"' in page
+    data = {"images": [{"key": "k", "thumb": "thumbs/x#1?%.jpg"}], "sentences": [], "i2t": [], "t2i": []}
+    page = P.write_retrieval_page(data, tmp_path).read_text()
+    assert '"thumb":"thumbs/x%231%3F%25.jpg"' in page
+
+
+@pytest.mark.parametrize("args,msg", [(["--side", "0"], "--side must be from 32 to 4096"),
+                                      (["--side", "5000"], "--side must be from 32 to 4096"),
+                                      (["--top", "0"], "--top must be >= 1"), (["--sentences", "-1"], "--sentences must be >= 1"),
+                                      (["--limit", "-1"], "--limit must be >= 0")])
+def test_show_option_bounds(tmp_path, grey_image, args, msg):
+    from typer.testing import CliRunner
+
+    from vsa.cli import app
+
+    src = tmp_path / "al.jsonl"
+    src.write_bytes(orjson.dumps(alignment()) + b"\n")
+    r = CliRunner().invoke(app, ["show", str(src), "-o", str(tmp_path / "o"), "--images", str(grey_image.parent), *args])
+    assert r.exit_code == 2 and msg in r.output, r.output
+    assert not (tmp_path / "o").exists()

@@ -1,8 +1,9 @@
 """`vsa show` pages in a real headless browser (Debian's chromium): no console errors, no broken images.
 
 Each page is loaded from disk (file://) through a copy with an error hook injected at the top of
-<head>: it records console.error calls, uncaught exceptions, failed resource loads and images that
-did not decode, and writes them into the DOM, which chromium's --dump-dom prints.  A screenshot of
+<head>: it records console.error calls, uncaught exceptions, failed resource loads, images that
+did not decode and dialogs (alert, confirm, prompt, print: what injected script would open), and
+writes them into the DOM, which chromium's --dump-dom prints.  A screenshot of
 every page is saved (into $VSA_SCREENSHOTS when set, else the test's tmp folder).  The hook is
 proven by pages broken on purpose.  Skips when chromium is absent (`.ci/install-chromium`).
 """
@@ -37,15 +38,23 @@ HOOK = """<script>
     else errs.push('uncaught: ' + e.message);
   }, true);
   window.addEventListener('unhandledrejection', function(e){ errs.push('unhandled rejection: ' + e.reason); });
+  ['alert', 'confirm', 'prompt', 'print'].forEach(function(f){
+    window[f] = function(m){ errs.push('dialog: ' + f + '(' + m + ')'); };
+  });
   window.addEventListener('load', function(){ setTimeout(function(){
     var imgs = document.images;
     for (var i = 0; i < imgs.length; i++) if (!imgs[i].complete || imgs[i].naturalWidth === 0) errs.push('broken image: ' + imgs[i].src);
     var pre = document.createElement('pre'); pre.id = '__vsa_check';
-    pre.textContent = JSON.stringify({errors: errs, images: imgs.length, text: document.body.innerText.length});
+    pre.textContent = JSON.stringify({errors: errs, images: imgs.length, text: document.body.innerText.length,
+      rows: document.querySelectorAll('tr.item').length, cards: document.querySelectorAll('.card').length,
+      srcs: Array.prototype.map.call(imgs, function(im){ return im.src; }), body: document.body.innerText,
+      title: document.title});
     document.body.appendChild(pre);
   }, 300); });
 })();
 </script>"""
+
+NO_DIALOGS = "<script>['alert', 'confirm', 'prompt', 'print'].forEach(function(f){ window[f] = function(){}; });</script>"
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", "--hide-scrollbars"]
@@ -62,19 +71,24 @@ def check_page(page: Path, tmp_path: Path, hash_: str = "") -> dict:
     assert "<head>" in src
     checked = page.with_name(f".check-{page.name}")
     checked.write_text(src.replace("<head>", "<head>" + HOOK, 1))
+    # the screenshot is of the page as it is, but a dialog would hold headless chromium until the timeout
+    # (the check above reports it)
+    unblocked = page.with_name(f".shot-{page.name}")
+    unblocked.write_text(src.replace("<head>", "<head>" + NO_DIALOGS, 1))
     try:
         url = checked.as_uri() + hash_
         r = _chromium(["--dump-dom", "--virtual-time-budget=5000", url], tmp_path / f"profile-{page.stem}")
         m = re.search(r'<pre id="__vsa_check">(.*?)</pre>', r.stdout.decode("utf-8", "replace"), re.S)
         assert m, f"the page did not finish loading in chromium: {r.stderr.decode()[-2000:]}"
         result = json.loads(html.unescape(m.group(1)))
+        shots = Path(os.environ.get("VSA_SCREENSHOTS") or tmp_path)
+        shots.mkdir(parents=True, exist_ok=True)
+        shot = shots / f"{page.parent.name}-{page.stem}{hash_.replace('#', '-').replace('=', '-')}.png"
+        _chromium([f"--screenshot={shot}", "--window-size=1280,1400", "--virtual-time-budget=5000",
+                   unblocked.as_uri() + hash_], tmp_path / f"profile-shot-{page.stem}")
     finally:
         checked.unlink(missing_ok=True)
-    shots = Path(os.environ.get("VSA_SCREENSHOTS") or tmp_path)
-    shots.mkdir(parents=True, exist_ok=True)
-    shot = shots / f"{page.parent.name}-{page.stem}{hash_.replace('#', '-').replace('=', '-')}.png"
-    _chromium([f"--screenshot={shot}", "--window-size=1280,1400", "--virtual-time-budget=5000", page.as_uri() + hash_],
-              tmp_path / f"profile-shot-{page.stem}")
+        unblocked.unlink(missing_ok=True)
     assert shot.exists(), f"no screenshot of {page}"
     with Image.open(shot) as im:
         assert len(im.convert("RGB").getcolors(1 << 20) or [0, 0]) > 10, "blank screenshot"
@@ -96,6 +110,7 @@ def assert_clean(result: dict, min_images: int):
     ('<script>console.error("something broke")</script>', "console.error: something broke"),
     ('<script>undefinedFunction()</script>', "uncaught"),
     ('<img src="data:image/png;base64,AAAA">', "failed to load"),
+    ('<img src="x" onerror="alert(1)">', "dialog: alert(1)"),
 ])
 def test_broken_pages_are_caught(tmp_path, body, expect):
     page = tmp_path / "broken.html"
@@ -178,3 +193,110 @@ def test_retrieval_page(tmp_path):
     next((out / "thumbs").glob("*.jpg")).unlink()
     res = check_page(out / "retrieval.html", tmp_path)
     assert any("thumbs/" in e for e in res["errors"]), res
+
+
+# ----------------------------------------------------------------------------- hostile captions, file names, ranks
+
+HOSTILE_TEXT = ["<!--<script>", "</script><script>alert(1)</script>", "<img src=x onerror=alert(2)>",
+                "\" onmouseover=\"alert(3)", "' onerror='alert(4)", "&amp; &lt;b&gt;", "a \u2028 b \u2029 c",
+                "${alert(6)}`"]
+# file names: `</script>.jpg` is the key of `script>.jpg` in the folder `<`; a/x.jpg and b/x.jpg share a name
+HOSTILE_FILES = [("", "<!--<script>.jpg"), ("", "<script>.jpg"), ("<", "script>.jpg"), ("", "q\"u'o.jpg"),
+                 ("", "x#1?.jpg"), ("", "100%.jpg"), ("", "50%25 a b.jpg"), ("", "&amp;.jpg"), ("a", "x.jpg"),
+                 ("b", "x.jpg")]
+
+
+def _hostile_images(root: Path) -> list[str]:
+    keys = []
+    for i, (sub, fn) in enumerate(HOSTILE_FILES):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        im = Image.new("RGB", (224, 224), (20 * i, 200 - 15 * i, 90))
+        ImageDraw.Draw(im).rectangle([10 + 10 * i, 40, 150, 170], fill=(240, 220, 30))
+        im.save(root / sub / fn, "JPEG")
+        keys.append(f"{sub}/{fn}" if sub else fn)
+    return keys
+
+
+def _assert_shows(res: dict, texts):
+    assert res["errors"] == [], res["errors"]  # no dialog, no script error, no broken picture
+    for t in texts:
+        assert t in res["body"], (t, res["body"][:2000])
+
+
+def test_hostile_retrieval_page(tmp_path):
+    keys = _hostile_images(tmp_path / "imgs")
+    n = len(keys)
+    ds = {"dataset": "<!--<script>", "images": []}
+    for i, (sub, fn) in enumerate(HOSTILE_FILES):
+        sents = [{"raw": HOSTILE_TEXT[i % len(HOSTILE_TEXT)], "imgid": i, "sentid": 2 * i},
+                 {"raw": f"plain caption {i}", "imgid": i, "sentid": 2 * i + 1}]
+        for s in sents:
+            s["tokens"] = s["raw"].split()
+        ds["images"].append({"filepath": sub, "filename": fn, "imgid": i, "split": "test", "sentids": [2 * i, 2 * i + 1],
+                             "sentences": sents})
+    (tmp_path / "ds.json").write_bytes(orjson.dumps(ds))
+    ranks = {"split": "</script>", "model": "<!--<script>", "summary": "</script><script>alert(5)</script>",
+             "images": [{"key": k, "top": [2 * i, (2 * i + 3) % (2 * n)], "gt": [2 * i, 2 * i + 1], "rank": 1}
+                        for i, k in enumerate(keys)],
+             "sentences": [{"sentid": s, "top": [keys[s // 2], keys[(s // 2 + 1) % n]], "gt": keys[s // 2], "rank": 1}
+                           for s in range(2 * n)]}
+    (tmp_path / "ranks.json").write_bytes(orjson.dumps(ranks))
+    out = tmp_path / "ret"
+    r = run_cli("show", tmp_path / "ranks.json", "-o", out, "--dataset", tmp_path / "ds.json", "--images", tmp_path / "imgs")
+    assert r.returncode == 0, r.stderr.decode()
+    shown = [t for t in HOSTILE_TEXT if "\u2028" not in t]
+    res = check_page(out / "retrieval.html", tmp_path)
+    _assert_shows(res, shown + [k for k in keys])
+    assert res["rows"] == n and res["images"] == n
+    assert len(set(res["srcs"])) == n  # a/x.jpg and b/x.jpg: two thumbnails
+    assert "</script>" in res["title"] and "<!--<script>" in res["body"]
+    res = check_page(out / "retrieval.html", tmp_path, "#mode=t2i")
+    _assert_shows(res, shown)
+    assert res["rows"] == 2 * n and res["images"] == 2 * 2 * n
+
+
+def test_retrieval_page_shows_a_text_rank_as_text(tmp_path):
+    """write_retrieval_page (the library) takes any rank; the page's script inserts it as text."""
+    from vsa.pictures import write_retrieval_page
+
+    (tmp_path / "thumbs").mkdir()
+    Image.new("RGB", (60, 60), "orange").save(tmp_path / "thumbs" / "t.jpg")
+    bad = "<img src=x onerror=alert(1)>"
+    data = {"summary": "s" * 60, "images": [{"key": "t.jpg", "thumb": "thumbs/t.jpg"}],
+            "sentences": [{"text": "one", "image": 0}, {"text": "other", "image": 0}],
+            "i2t": [{"image": 0, "top": [1], "gt": [0], "rank": bad}], "t2i": [{"sent": 0, "top": [], "gt": 0, "rank": bad}]}
+    write_retrieval_page(data, tmp_path)
+    for mode, images in (("", 1), ("#mode=t2i", 1)):
+        res = check_page(tmp_path / "retrieval.html", tmp_path, mode)
+        _assert_shows(res, [f"rank {bad}"])
+        assert res["rows"] == 1 and res["images"] == images
+
+
+def test_hostile_alignment_and_caption_pages(tmp_path):
+    keys = _hostile_images(tmp_path / "imgs")
+    recs = []
+    for i, k in enumerate(keys):
+        t = HOSTILE_TEXT[i % len(HOSTILE_TEXT)]
+        recs.append({"key": k, "sentid": ["x/../../../escape", "</script>", "#?%", 7][i % 4], "split": "test",
+                     "tokens": (t + " on the floor").split(), "beta": 1.0,
+                     "snippets": [{"start": 0, "end": 1, "text": t, "region": 1, "box": [40, 50, 150, 170], "label": t,
+                                   "score": 1.5},
+                                  {"start": 1, "end": 4, "text": "on the floor", "region": 0, "box": [0, 0, 224, 224],
+                                   "label": "image", "score": 0.4}]})
+    (tmp_path / "al.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    r = run_cli("show", tmp_path / "al.jsonl", "-o", tmp_path / "al", "--images", tmp_path / "imgs")
+    assert r.returncode == 0, r.stderr.decode()
+    res = check_page(tmp_path / "al" / "index.html", tmp_path)
+    shown = [t for t in HOSTILE_TEXT if "\u2028" not in t]
+    _assert_shows(res, shown)
+    assert res["cards"] == len(keys) and res["images"] == len(keys) and len(set(res["srcs"])) == len(keys)
+
+    caps = [{"path": str(tmp_path / "imgs" / k), "key": k, "caption": HOSTILE_TEXT[i % len(HOSTILE_TEXT)],
+             "regions": [{"box": [40, 50, 150, 170], "label": "</script>", "caption": "<!--<script>"}]}
+            for i, k in enumerate(keys)]
+    (tmp_path / "caps.jsonl").write_bytes(b"".join(orjson.dumps(c) + b"\n" for c in caps))
+    r = run_cli("show", tmp_path / "caps.jsonl", "-o", tmp_path / "caps")
+    assert r.returncode == 0, r.stderr.decode()
+    res = check_page(tmp_path / "caps" / "index.html", tmp_path)
+    _assert_shows(res, shown + keys)
+    assert res["cards"] == len(keys) and res["images"] == len(keys) and len(set(res["srcs"])) == len(keys)

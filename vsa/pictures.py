@@ -12,19 +12,29 @@ their box centre, so they never overlap and their lines rarely cross.
 
 Pages (:func:`write_pictures_page`, :func:`write_retrieval_page`) use no network, no server:
 images are files next to the page (relative links) and the little JavaScript is inline.
+
+Everything a page or a file name takes from input data (keys, sentids, captions, ranks) is hostile until
+escaped: text is HTML-escaped where it is inserted, links are URL-encoded, JSON inside a script element has
+``<``, ``>``, ``&`` and U+2028/9 as ``\\uXXXX``, and output file names are built by :func:`safe_part` from
+ASCII letters, digits, ``.``, ``_`` and ``-`` only, so none can leave the output folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 # colour-blind-friendly-ish, saturated, readable as text on white and as boxes on photos
 PALETTE = ["#e6194b", "#1f6fd1", "#2a9d3a", "#f58231", "#911eb4", "#0fa3a3", "#d6289b", "#8a5a14",
            "#5b6b00", "#000080", "#b8860b", "#c0392b"]
 WHOLE = "#404040"  # the whole-image region
+MIN_SIDE, MAX_SIDE = 32, 4096  # `vsa show --side`: the drawn image's long side, in pixels
 FONT_CANDIDATES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf",
                    "/Library/Fonts/Arial.ttf", "C:/Windows/Fonts/arial.ttf")
 BOLD_CANDIDATES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", "/usr/share/fonts/TTF/DejaVuSans-Bold.ttf",
@@ -77,6 +87,43 @@ def _font(size: int, bold: bool = False):
         return ImageFont.load_default()
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_part(text, limit: int = 60) -> str:
+    """``text`` as part of a file name: runs of anything but ASCII letters, digits, ``.``, ``_``, ``-`` become
+    ``_``, no leading or trailing dot, dash or underscore (never ``.`` or ``..``, no hidden file, no option-like
+    name), at most ``limit`` characters; ``"x"`` when nothing is left. Never holds a path separator."""
+    s = _UNSAFE.sub("_", str(text))[:limit].strip("._-")
+    return s or "x"
+
+
+def _out_file(out_dir: Path, name: str) -> Path:
+    """``out_dir / name`` for a name vsa built; refuses anything that is not one plain file name."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", name):
+        raise ValueError(f"not a safe output file name: {name!r}")
+    return Path(out_dir) / name
+
+
+def url(path: str) -> str:
+    """A relative link to the file ``path`` (``/``-separated): every character but letters, digits, ``/``
+    and ``-._~`` percent-encoded, so ``#``, ``?``, ``%`` and ``:`` are parts of the name."""
+    return quote(str(path), safe="/")
+
+
+def script_json(obj) -> str:
+    """``obj`` as JSON that is safe as the text of a ``<script>`` element: ``<``, ``>``, ``&`` and the line
+    separators U+2028/U+2029 written as ``\\uXXXX`` (they occur only inside JSON strings, where the escape
+    means the same character), so no ``</script>`` or ``<!--`` can end or change the element."""
+    import orjson
+
+    s = orjson.dumps(obj).decode()
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                    ("\u2029", "\\u2029")):
+        s = s.replace(ch, esc)
+    return s
+
+
 def _is_whole(box, label: str, width: int, height: int) -> bool:
     if label == "image":
         return True
@@ -87,18 +134,45 @@ def _is_whole(box, label: str, width: int, height: int) -> bool:
 # ----------------------------------------------------------------------------- from records
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _box(v, where: str) -> list[float]:
+    from vsa.errors import VsaError
+
+    if not (isinstance(v, list) and len(v) == 4 and all(_number(x) for x in v)):
+        raise VsaError(f"{where}: 'box' must be a list of 4 numbers [x1, y1, x2, y2], got {v!r:.80}")
+    return [float(x) for x in v]
+
+
+def _list(rec: dict, name: str, where: str = "the record") -> list:
+    from vsa.errors import VsaError
+
+    v = rec.get(name)
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
+        raise VsaError(f"{where}: '{name}' must be a list of objects, got {v!r:.80}")
+    return v
+
+
 def from_alignment(rec: dict, image: Path) -> Picture:
-    """A picture of one alignments-JSONL line (docs/formats.md)."""
+    """A picture of one alignments-JSONL line (docs/formats.md); VsaError (no file) on a malformed record."""
+    from vsa.errors import VsaError
+
     pic = Picture(Path(image), f"{rec.get('key', '')} #{rec.get('sentid', '')}")
     seg: list[tuple[str, int | None]] = []
-    for s in rec.get("snippets", []):
-        r = int(s["region"])
+    for k, s in enumerate(_list(rec, "snippets"), 1):
+        r = s.get("region")
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise VsaError(f"snippet {k}: 'region' must be a whole number >= 0, got {r!r:.80}")
         box = s.get("box")
         label = str(s.get("label", ""))
         if r == 0 or label == "image":
             pic.whole_regions.add(r)
         if box is not None:
-            pic.boxes[r] = (list(box), label)
+            pic.boxes[r] = (_box(box, f"snippet {k}"), label)
         note = f"{s['score']:.2f}" if isinstance(s.get("score"), (int, float)) else ""
         pic.labels.append(Label(str(s.get("text", "")), r, note))
         seg.append((str(s.get("text", "")), r))
@@ -114,12 +188,12 @@ def from_caption(rec: dict, image: Path) -> Picture:
         pic.title = str(rec.get("key") or rec.get("path") or "")
         return pic
     pic = Picture(Path(image), str(rec.get("key") or rec.get("path") or ""))
-    for i, reg in enumerate(rec.get("regions") or [], 1):
+    for i, reg in enumerate(_list(rec, "regions"), 1):
         box = reg.get("box")
         if box is None:
             continue
         label = str(reg.get("label", ""))
-        pic.boxes[i] = (list(box), label)
+        pic.boxes[i] = (_box(box, f"region {i}"), label)
         if label == "image":
             pic.whole_regions.add(i)
         pic.labels.append(Label(str(reg.get("caption", "")), i))
@@ -128,6 +202,12 @@ def from_caption(rec: dict, image: Path) -> Picture:
 
 
 # ----------------------------------------------------------------------------- drawing
+
+
+def _line(text) -> str:
+    """``text`` on one line for PIL: line breaks (``\\n``, ``\\r``, U+0085, U+2029, ...) make its text layout
+    fail, so every run of white space becomes one space."""
+    return " ".join(str(text).split())
 
 
 def _wrap(draw, text: str, font, width: int) -> list[str]:
@@ -186,6 +266,7 @@ def _draw_boxes(d, pic: Picture, is_whole, scale: float, W: int, H: int, top: in
         if r not in pic.boxes:
             continue
         box, label = pic.boxes[r]
+        label = _line(label)
         whole = is_whole(r)
         col = pic.colour(r, whole)
         x1, y1, x2, y2 = (v * scale for v in box)
@@ -257,7 +338,7 @@ def _draw_rows(d, pic: Picture, rows, ys, is_whole, centre, px: float, top: int,
         sub = "whole image" if whole else (pic.boxes.get(L.region, (None, ""))[1] or f"region {L.region}")
         if L.note:
             sub += f"  score {L.note}"
-        d.text((px + 26, end_y), sub, fill="#666666", font=f_small)
+        d.text((px + 26, end_y), _line(sub), fill="#666666", font=f_small)
         c = centre(L.region)
         if c is not None and not whole:
             cx, cyy = c[0], c[1] + top
@@ -316,7 +397,7 @@ def render(pic: Picture, side: int = 512, panel: int = 400, max_pixels: int | No
     canvas = Image.new("RGB", (W + panel, top + body_h + pad + len(sent_lines) * line_h + pad), "white")
     canvas.paste(im, (0, top))
     d = ImageDraw.Draw(canvas)
-    d.text((6, 6), pic.title, fill="#333333", font=f_title)
+    d.text((6, 6), _line(pic.title), fill="#333333", font=f_title)
     _draw_boxes(d, pic, is_whole, scale, W, H, top, f_small)
     _draw_rows(d, pic, rows, _place_rows(rows, is_whole, centre, top, body_h), is_whole, centre, W + pad, top,
                f_label, f_small)
@@ -354,7 +435,8 @@ def _sentence_html(pic: Picture, is_whole) -> str:
 
 
 def write_pictures_page(entries: list[tuple[Picture, str]], out_dir: Path, title: str = "vsa") -> Path:
-    """``entries``: (picture, PNG file name relative to ``out_dir``). Writes ``out_dir/index.html``."""
+    """``entries``: (picture, PNG file path relative to ``out_dir``, ``/``-separated; the page links it
+    URL-encoded). Writes ``out_dir/index.html``."""
     from vsa.io import atomic_write
 
     cards = []
@@ -365,7 +447,7 @@ def write_pictures_page(entries: list[tuple[Picture, str]], out_dir: Path, title
         cards.append(
             f'<div class="card" data-boxes="{n_boxes}" data-snippets="{len(pic.labels)}">'
             f'<div class="meta">{html.escape(pic.title)}</div>'
-            f'<img src="{html.escape(png)}" alt="{html.escape(pic.title)}">'
+            f'<img src="{html.escape(url(png))}" alt="{html.escape(pic.title)}">'
             f"{_sentence_html(pic, is_whole)}</div>")
     doc = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
@@ -382,7 +464,7 @@ RETRIEVAL_JS = r"""
 const D = JSON.parse(document.getElementById('data').textContent);
 const PER = 20;
 let mode = 'i2t', page = 0, filt = '';
-function esc(s){return s.replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
+function esc(s){return String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));}
 function items(){
   const L = mode === 'i2t' ? D.i2t : D.t2i;
   if (!filt) return L;
@@ -399,12 +481,12 @@ function draw(){
       const s = x.top.map((sid, k) => { const ok = x.gt.includes(sid);
         return `<div class="${ok?'ok':''}"><span class="rank">${k+1}.</span> ${ok?'&#10003; ':''}${esc(D.sentences[sid].text)}</div>`; }).join('');
       const miss = x.top.some(sid => x.gt.includes(sid)) ? '' :
-        `<div class="bad">correct (rank ${x.rank}): ${x.gt.slice(0, 2).map(sid => esc(D.sentences[sid].text)).join(' / ')}</div>`;
-      return `<tr class="item"><td>${thumb(x.image, false)}<div class="meta">${esc(D.images[x.image].key)}<br>first correct at rank ${x.rank}</div></td><td>${s}${miss}</td></tr>`;
+        `<div class="bad">correct (rank ${esc(x.rank)}): ${x.gt.slice(0, 2).map(sid => esc(D.sentences[sid].text)).join(' / ')}</div>`;
+      return `<tr class="item"><td>${thumb(x.image, false)}<div class="meta">${esc(D.images[x.image].key)}<br>first correct at rank ${esc(x.rank)}</div></td><td>${s}${miss}</td></tr>`;
     }
     const t = x.top.map((iid, k) => `<span><span class="rank">${k+1}</span>${thumb(iid, iid === x.gt)}</span>`).join(' ');
-    const miss = x.top.includes(x.gt) ? '' : ` <span class="bad">&nbsp;correct (rank ${x.rank}):</span>${thumb(x.gt, true)}`;
-    return `<tr class="item"><td style="max-width:320px">${esc(D.sentences[x.sent].text)}<div class="meta">correct image at rank ${x.rank}</div></td><td class="thumbs">${t}${miss}</td></tr>`;
+    const miss = x.top.includes(x.gt) ? '' : ` <span class="bad">&nbsp;correct (rank ${esc(x.rank)}):</span>${thumb(x.gt, true)}`;
+    return `<tr class="item"><td style="max-width:320px">${esc(D.sentences[x.sent].text)}<div class="meta">correct image at rank ${esc(x.rank)}</div></td><td class="thumbs">${t}${miss}</td></tr>`;
   }).join('');
   document.getElementById('rows').innerHTML = rows;
   document.getElementById('pos').textContent = `page ${page + 1} / ${n} (${L.length} ${mode === 'i2t' ? 'images' : 'sentences'})`;
@@ -424,27 +506,41 @@ draw();
 
 def write_retrieval_page(data: dict, out_dir: Path, title: str = "vsa retrieval") -> Path:
     """``data``: ``{"images": [{"key", "thumb"}], "sentences": [{"text", "image"}], "i2t": [{"image", "top": [sent idx],
-    "gt": [sent idx], "rank"}], "t2i": [{"sent", "top": [image idx], "gt": image idx, "rank"}], "summary": str}``."""
-    import orjson
-
+    "gt": [sent idx], "rank"}], "t2i": [{"sent", "top": [image idx], "gt": image idx, "rank"}], "summary": str}``;
+    ``thumb``: a file path relative to ``out_dir`` (``/``-separated), linked URL-encoded. The page's script
+    inserts every text (keys, sentences, ranks) HTML-escaped."""
     from vsa.io import atomic_write
 
-    blob = orjson.dumps(data).decode().replace("</", "<\\/")
+    data = {**data, "images": [{**im, "thumb": url(im["thumb"])} for im in data.get("images", [])]}
     doc = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-           f"<p class=\"meta\">{html.escape(data.get('summary', ''))}</p>"
+           f"<p class=\"meta\">{html.escape(str(data.get('summary', '')))}</p>"
            "<nav><button id=\"i2t\">Image annotation (image &rarr; sentences)</button>"
            "<button id=\"t2i\">Image search (sentence &rarr; images)</button> "
            "<input id=\"q\" placeholder=\"filter by word or file\"> "
            "<button id=\"prev\">&larr;</button><span id=\"pos\"></span><button id=\"next\">&rarr;</button></nav>"
            "<p class=\"meta\">Correct sentences are marked &#10003; in green; the correct image has a green frame.</p>"
            "<table><tbody id=\"rows\"></tbody></table>"
-           f"<script type=\"application/json\" id=\"data\">{blob}</script>"
+           f"<script type=\"application/json\" id=\"data\">{script_json(data)}</script>"
            f"<script>{RETRIEVAL_JS}</script></body></html>\n")
     out = Path(out_dir) / "retrieval.html"
     with atomic_write(out, "w") as fh:
         fh.write(doc)
     return out
+
+
+def thumb_name(key: str, src: Path) -> str:
+    """The thumbnail file name of image ``key`` read from ``src``: its stem made safe (:func:`safe_part`) and a
+    hash of the key, the image file's absolute path, size and modification time, so two images never share a
+    thumbnail (``a/x.jpg``, ``b/x.jpg``) and an image changed since an earlier run into the same folder gets a
+    new one."""
+    try:
+        st = os.stat(src)
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:  # write_thumb says why
+        stamp = ""
+    h = hashlib.sha1(f"{key}\0{os.path.abspath(src)}\0{stamp}".encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{safe_part(Path(str(key)).stem, 40)}-{h}.jpg"
 
 
 def write_thumb(src: Path, dst: Path, side: int = 160, max_pixels: int | None = None) -> None:
@@ -491,7 +587,8 @@ def retrieval_data(ranks: dict, ds, out_dir: Path, top: int = 5, source=None, pr
     Reads the ``--ranks-out`` format of :mod:`vsa.eval_align` (docs/formats.md): ``{"split", "model",
     "images": [{"key", "top": [sentid...], "gt": [sentid...], "rank"}], "sentences": [{"sentid", "top":
     [key...], "gt": key, "rank"}]}``; ``i2t``/``t2i`` for ``images``/``sentences`` and image ids for keys are
-    accepted too.  Thumbnails are written into ``out_dir/thumbs/``.
+    accepted too.  Thumbnails are written into ``out_dir/thumbs/``, one per image file (named by :func:`thumb_name`).
+    A ``rank`` must be a whole number from 1 (or absent); anything else is refused, naming the entry.
     """
     from vsa.errors import VsaError
 
@@ -514,12 +611,14 @@ def retrieval_data(ranks: dict, ds, out_dir: Path, top: int = 5, source=None, pr
     def img(ref):
         if isinstance(ref, dict):
             ref = _field(ref, _IMG_FIELDS, "image", source)
+        if not isinstance(ref, (str, int)) or isinstance(ref, bool):
+            raise VsaError(f"an image of the ranks must be a key or an image id, got {ref!r:.80}", source)
         r = by_key.get(ref) or by_name.get(Path(str(ref)).name) if isinstance(ref, str) else by_imgid.get(ref)
         if r is None:
             raise VsaError(f"image {ref!r} of the ranks is not in the dataset {ds.source}", source)
         if r.key not in img_index:
             img_index[r.key] = len(images)
-            images.append({"key": r.key, "thumb": f"thumbs/{Path(r.key).stem}.jpg", "_rec": r})
+            images.append({"key": r.key, "_rec": r})
         return img_index[r.key]
 
     def sent(ref):
@@ -534,20 +633,39 @@ def retrieval_data(ranks: dict, ds, out_dir: Path, top: int = 5, source=None, pr
             sents.append({"text": s.raw or " ".join(s.tokens), "image": img(r.key)})
         return sent_index[s.sentid]
 
+    i2t_name = "i2t" if "i2t" in ranks else "images"
+    t2i_name = "t2i" if "t2i" in ranks else "sentences"
+
+    def entry(e, where: str) -> dict:
+        if not isinstance(e, dict):
+            raise VsaError(f"{where}: expected an object, got {e!r:.80}", source)
+        rank = e.get("rank")
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+            raise VsaError(f"{where}: 'rank' must be a whole number from 1, got {rank!r:.80}", source)
+        return e
+
+    def ids(v, what: str, where: str) -> list:
+        if not isinstance(v, list):
+            raise VsaError(f"{where}: '{what}' must be a list, got {v!r:.80}", source)
+        return v
+
     out_i2t, out_t2i = [], []
-    for e in i2t:
+    for n, e in enumerate(i2t):
+        where = f"{i2t_name}[{n}]"
+        e = entry(e, where)
         gt = _field(e, _GT_FIELDS, "i2t", source, default=None)
         i = img(e)
         rec = images[i]["_rec"]
-        gt_ids = [sent(g) for g in gt] if gt is not None else [sent(s.sentid) for s in rec.sentences]
-        tops = [sent(x) for x in _field(e, _TOP_FIELDS, "i2t", source)[:top]]
+        gt_ids = [sent(g) for g in ids(gt, "gt", where)] if gt is not None else [sent(s.sentid) for s in rec.sentences]
+        tops = [sent(x) for x in ids(_field(e, _TOP_FIELDS, "i2t", source), "top", where)[:top]]
         rank = e.get("rank") or next((k + 1 for k, x in enumerate(tops) if x in gt_ids), None)
         out_i2t.append({"image": i, "top": tops, "gt": gt_ids, "rank": rank if rank is not None else f">{top}"})
-    for e in t2i:
-        s = sent(e)
+    for n, e in enumerate(t2i):
+        where = f"{t2i_name}[{n}]"
+        s = sent(entry(e, where))
         gt = _field(e, _GT_FIELDS, "t2i", source, default=None)
         gt_i = img(gt) if gt is not None else sents[s]["image"]
-        tops = [img(x) for x in _field(e, _TOP_FIELDS, "t2i", source)[:top]]
+        tops = [img(x) for x in ids(_field(e, _TOP_FIELDS, "t2i", source), "top", where)[:top]]
         rank = e.get("rank") or next((k + 1 for k, x in enumerate(tops) if x == gt_i), None)
         out_t2i.append({"sent": s, "top": tops, "gt": gt_i, "rank": rank if rank is not None else f">{top}"})
     out_dir = Path(out_dir)
@@ -557,9 +675,11 @@ def retrieval_data(ranks: dict, ds, out_dir: Path, top: int = 5, source=None, pr
         prog.start()
     try:
         for im in images:
-            dst = out_dir / im["thumb"]
+            src = ds.image_path(im["_rec"])
+            im["thumb"] = f"thumbs/{thumb_name(im['key'], src)}"
+            dst = _out_file(out_dir / "thumbs", im["thumb"][len("thumbs/"):])
             if not dst.exists():
-                write_thumb(ds.image_path(im["_rec"]), dst, max_pixels=max_pixels)
+                write_thumb(src, dst, max_pixels=max_pixels)
             if prog:
                 prog.advance(task)
     finally:
@@ -606,6 +726,9 @@ def image_path(rec: dict, root, source: Path, lineno: int) -> Path:
     its ``key`` under the image root ``root``."""
     from vsa.errors import VsaError
 
+    for f in ("path", "key"):
+        if rec.get(f) is not None and not isinstance(rec[f], str):
+            raise VsaError(f"'{f}' must be a string, got {rec[f]!r:.80}", source, lineno)
     cands = []
     if rec.get("path"):
         p = Path(rec["path"])
@@ -619,6 +742,20 @@ def image_path(rec: dict, root, source: Path, lineno: int) -> Path:
         raise VsaError("cannot find the image: the record has no 'path' and no image root is set "
                        "(pass --images or set [dataset] images in vsa.toml)", source, lineno)
     raise VsaError(f"image not found (tried {', '.join(map(str, cands))}; pass --images)", source, lineno)
+
+
+def picture_name(rec: dict, kind: str, used: set) -> str:
+    """The PNG file name of a record: the stem of its key (or path) and, for alignments, its sentid, each made
+    safe by :func:`safe_part`; ``-2``, ``-3``... where the name (in any case) is in ``used``, which gets it."""
+    base = safe_part(Path(str(rec.get("key") or rec.get("path") or "")).stem)
+    if kind == "alignments" and rec.get("sentid") not in (None, ""):
+        base += f"-{safe_part(rec['sentid'])}"
+    name, n = f"{base}.png", 1
+    while name.lower() in used:
+        n += 1
+        name = f"{base}-{n}.png"
+    used.add(name.lower())
+    return name
 
 
 def show_pictures(path: Path, out_dir: Path, kind: str | None = None, root=None, keys=None, split: str | None = None,
@@ -651,18 +788,19 @@ def show_pictures(path: Path, out_dir: Path, kind: str | None = None, root=None,
         per_image[key] += 1
         chosen.append((lineno, rec))
     entries: list[tuple[Picture, str]] = []
-    found = [(rec, image_path(rec, root, path, lineno)) for lineno, rec in chosen]  # fail before any work
+    pictures = []
+    for lineno, rec in chosen:  # fail before any work
+        img = image_path(rec, root, path, lineno)
+        try:
+            pictures.append((rec, from_alignment(rec, img) if kind == "alignments" else from_caption(rec, img)))
+        except VsaError as e:
+            raise VsaError(e.reason, path, lineno) if e.path is None else e from None
+    used: set[str] = set()  # lower case: one file per picture also where names differ only in case
     task = progress.add_task("show", total=len(chosen)) if progress is not None else None
-    for rec, img in found:
-        pic = from_alignment(rec, img) if kind == "alignments" else from_caption(rec, img)
-        stem = Path(str(rec.get("key") or rec.get("path"))).stem
-        name = f"{stem}-{rec['sentid']}.png" if kind == "alignments" else f"{stem}.png"
-        n = 1
-        while any(name == e[1] for e in entries):
-            n += 1
-            name = f"{Path(name).stem}-{n}.png"
+    for rec, pic in pictures:
+        name = picture_name(rec, kind, used)
         if not no_png:
-            save_png(render(pic, side=side, max_pixels=max_pixels), out_dir / name)
+            save_png(render(pic, side=side, max_pixels=max_pixels), _out_file(out_dir, name))
         entries.append((pic, name))
         if task is not None:
             progress.advance(task)

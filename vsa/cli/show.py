@@ -33,6 +33,14 @@ def show(
     from vsa import pictures as P
     from vsa.cli import workspace as W
     from vsa.cli.config import resolve
+    from vsa.errors import VsaError
+
+    # a picture is (side + panel) x (side + text) pixels: an unbounded --side runs out of memory
+    if not P.MIN_SIDE <= side <= P.MAX_SIDE:
+        raise VsaError(f"--side must be from {P.MIN_SIDE} to {P.MAX_SIDE} pixels, got {side}")
+    for flag, v, lo in (("--top", top, 1), ("--sentences", sentences, 1), ("--limit", limit, 0)):
+        if v < lo:
+            raise VsaError(f"{flag} must be >= {lo}, got {v}")
 
     root = resolve(images, "dataset.images", "--images", required=False)
     limit_px = W.max_pixels(None)
