@@ -37,10 +37,49 @@ def test_median_of_even_count_is_the_mean_of_the_middle_two():
     assert summarize(np.array([1, 2, 4, 100]))["medr"] == 3
 
 
-def test_ties_count_in_favour_of_the_true_item():
+def test_a_wrong_item_tied_with_the_true_one_ranks_ahead_of_it():
     s = np.array([[0.5, 0.5], [0.5, 0.5]])
-    assert i2t_ranks(s, np.array([0, 1])).tolist() == [1, 1]
-    assert t2i_ranks(s, np.array([0, 1])).tolist() == [1, 1]
+    assert i2t_ranks(s, np.array([0, 1])).tolist() == [2, 2]
+    assert t2i_ranks(s, np.array([0, 1])).tolist() == [2, 2]
+    # image 0's two true sentences tie with each other and one wrong sentence: only the wrong one counts
+    s = np.array([[0.7, 0.7, 0.7, 0.1], [0.0, 0.0, 0.9, 0.9]])
+    assert i2t_ranks(s, np.array([0, 0, 1, 1])).tolist() == [2, 1]
+
+
+def test_constant_scores_rank_every_true_item_last():
+    n = 20
+    owner = np.repeat(np.arange(n), 5)
+    m = retrieval_metrics(np.zeros((n, 5 * n)), owner)
+    assert m["rsum"] == 0 and m["t2i"]["medr"] == n and m["i2t"]["medr"] == 5 * n - 5 + 1
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_scores_are_an_error_not_a_rank(bad):
+    from vsa.errors import VsaError
+    from vsa.retrieval import NonFiniteScores, check_finite_scores
+
+    s = SCORES.copy()
+    s[1, 2] = bad
+    for f in (i2t_ranks, t2i_ranks, retrieval_metrics):
+        with pytest.raises(NonFiniteScores, match="1 of 8 scores are NaN or infinite"):
+            f(s, OWNER)
+    with pytest.raises(VsaError, match="^m.pt: the aligner's scores: 8 of 8"):
+        check_finite_scores(np.full((2, 4), bad), "the aligner's scores", "m.pt")
+
+
+def test_check_finite_features_names_the_file_and_the_first_bad_item():
+    import torch
+
+    from vsa.errors import VsaError
+    from vsa.retrieval import check_finite_features
+
+    x = np.zeros((600, 3, 2), np.float32)
+    check_finite_features(x, [f"k{i}" for i in range(600)], "f.npz")
+    x[517, 2, 1] = np.nan
+    x[590, 0, 0] = np.inf
+    for feats in (x, torch.from_numpy(x)):
+        with pytest.raises(VsaError, match="^f.npz: the features of 'k517' hold NaN or infinite values$"):
+            check_finite_features(feats, [f"k{i}" for i in range(600)], "f.npz")
 
 
 def test_retrieval_metrics_rsum():

@@ -42,7 +42,7 @@ def _model_scores(model_path, ds, split: str, features=None, device: str = "auto
     from vsa.checkpoint import load_checkpoint
     from vsa.runtime import pick_device
     from vsa.featstore import load_features
-    from vsa.retrieval import score_matrix
+    from vsa.retrieval import check_finite_features, check_finite_scores, score_matrix
     from vsa.featstore import check_extractor
     from vsa.splits import retrieval_split
 
@@ -56,7 +56,9 @@ def _model_scores(model_path, ds, split: str, features=None, device: str = "auto
     check_rows(aligner.cfg, store)
     R = region_rows(aligner.cfg)
     data = retrieval_split(ds, split, store, aligner.vocab, R, aligner.cfg.max_len)
+    check_finite_features(data.feats, data.keys, feats_path)
     S = score_matrix(aligner.model, data.feats, data.rmask, data.ids, data.lengths)
+    check_finite_scores(S, "the aligner's scores", model_path)
     if hubness is None:
         return S, data, feats_path, ckpt, None
     return hub_correct(aligner, S, data, ds, split, store, hubness), data, feats_path, ckpt, S
@@ -66,7 +68,7 @@ def hub_correct(aligner, scores, data, ds, split: str, store, cfg) -> np.ndarray
     """``scores`` of ``data`` corrected for hubness (:class:`vsa.retrieval.HubnessConfig` ``cfg``) with a bank of the
     first ``cfg.bank`` training images of ``ds`` and their sentences, read from the same features ``store``."""
     from vsa.align import region_rows
-    from vsa.retrieval import bank_means, debias, score_matrix
+    from vsa.retrieval import bank_means, check_finite_features, check_finite_scores, debias, score_matrix
     from vsa.splits import retrieval_split
 
     if split == "train":
@@ -78,10 +80,13 @@ def hub_correct(aligner, scores, data, ds, split: str, store, cfg) -> np.ndarray
                        f"first {cfg.bank} train images){'; missing: ' + missing[0] if missing else ''}", store.path)
     bank = retrieval_split(ds, "train", store, aligner.vocab, region_rows(aligner.cfg), aligner.cfg.max_len,
                            limit=cfg.bank)
+    check_finite_features(bank.feats, bank.keys, store.path)
     m = aligner.model
     img_hub = bank_means(score_matrix(m, data.feats, data.rmask, bank.ids, bank.lengths), cfg.k, 1)
     sent_hub = bank_means(score_matrix(m, bank.feats, bank.rmask, data.ids, data.lengths), cfg.k, 0)
-    return debias(scores, img_hub, sent_hub, cfg.weight)
+    out = debias(scores, img_hub, sent_hub, cfg.weight)
+    check_finite_scores(out, "the hubness-corrected scores", aligner.path)  # float32 may overflow where float64 did not
+    return out
 
 
 def combine_scores(mats: list[np.ndarray], weights: list[float] | None = None) -> np.ndarray:
@@ -110,7 +115,7 @@ def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, 
     ``hubness``: a :class:`vsa.retrieval.HubnessConfig`: each aligner's scores are corrected for hubness with a bank
     of the dataset's training items (before the ensemble and the re-ranking); ``hubness`` in the report holds its
     settings and the uncorrected figures."""
-    from vsa.retrieval import retrieval_metrics
+    from vsa.retrieval import check_finite_scores, retrieval_metrics
 
     paths = list(model_path) if isinstance(model_path, (list, tuple)) else [model_path]
     if isinstance(features, (list, tuple)):
@@ -138,6 +143,8 @@ def evaluate_aligner(model_path, ds, split: str, features=None, ranks_out=None, 
     if rerank is not None:
         first = m
         (scores, search), rr = _rerank(scores, data, ds, split, rerank, rerank_features, rerank_cfg, device, progress)
+        check_finite_scores(scores, "the re-ranked scores (the generator's log-probabilities?)", rerank)
+        check_finite_scores(search, "the re-ranked scores (the generator's log-probabilities?)", rerank)
         m = retrieval_metrics(scores, owner, search)
         rr["aligner"] = {k: first[k] for k in ("i2t", "t2i", "rsum")}
     name = " + ".join(str(p) for p in paths)

@@ -8,6 +8,9 @@ The paper evaluates on the test split (Flickr8k: 1000 images x 5000 sentences):
 
 ``R@K`` is the percentage of queries whose rank is at most K; ``medr`` the median rank
 (1-based; with an even number of queries the mean of the two middle ranks, so it can end in .5).
+A wrong item that ties with the right one ranks ahead of it: a model that scores everything alike (constant
+features, a collapsed model) ranks at chance or worse, never first. NaN or infinite scores have no rank: they
+are an error.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from vsa.errors import VsaError
 
 KS = (1, 5, 10)
 
@@ -79,28 +84,61 @@ def debias(scores: np.ndarray, image_hub: np.ndarray, sentence_hub: np.ndarray, 
             ).astype(np.float32)
 
 
+class NonFiniteScores(VsaError):
+    """Scores that hold NaN or infinite values (the model's weights, or the features it read)."""
+
+
+def check_finite_scores(scores: np.ndarray, what: str = "scores", path=None) -> None:
+    """A :class:`NonFiniteScores` error naming ``path`` unless every value of ``scores`` is finite: NaN compares
+    false with everything, so it would rank first (or last) by accident."""
+    s = np.asarray(scores)
+    if not np.isfinite(s).all():
+        bad = int((~np.isfinite(s)).sum())
+        raise NonFiniteScores(f"{what}: {bad} of {s.size} scores are NaN or infinite (the model's weights or the "
+                              "features it read hold NaN or infinite values)", path)
+
+
+def check_finite_features(feats, names, path=None, what: str = "features", chunk: int = 256) -> None:
+    """A one-line error naming ``path`` and the first item of ``names`` whose features (``feats``: an array, a tensor
+    or a :class:`vsa.featstore.RegionBank`, items along the first axis) hold NaN or infinite values; read ``chunk``
+    items at a time."""
+    import torch
+
+    for a in range(0, len(feats), chunk):
+        x = feats[a : a + chunk]
+        ok = torch.isfinite(x).flatten(1).all(1) if isinstance(x, torch.Tensor) else np.isfinite(
+            np.asarray(x).reshape(len(x), -1)).all(1)
+        bad = np.flatnonzero(~np.asarray(ok))
+        if len(bad):
+            n = a + int(bad[0])
+            raise VsaError(f"the {what} of {names[n]!r} hold NaN or infinite values", path)
+
+
 def i2t_ranks(scores: np.ndarray, sent_image: np.ndarray) -> np.ndarray:
-    """1-based rank of the first true sentence for every image. ``scores [N_img, N_sent]``, ``sent_image [N_sent]``."""
+    """1-based rank of the first true sentence for every image. ``scores [N_img, N_sent]``, ``sent_image [N_sent]``.
+    A wrong sentence that ties with the best true one ranks ahead of it; non-finite scores: :class:`NonFiniteScores`."""
     scores = np.asarray(scores)
     sent_image = np.asarray(sent_image)
+    check_finite_scores(scores)
     n_img = scores.shape[0]
     ranks = np.empty(n_img, dtype=np.int64)
     for i in range(n_img):
         row = scores[i]
-        true = row[sent_image == i]
-        if len(true) == 0:
+        mine = sent_image == i
+        if not mine.any():
             raise ValueError(f"image {i} has no sentence")
-        best = true.max()
-        ranks[i] = int((row > best).sum()) + 1  # ties are counted in the model's favour
+        best = row[mine].max()
+        ranks[i] = int(((row >= best) & ~mine).sum()) + 1  # a tie goes against the model
     return ranks
 
 
 def t2i_ranks(scores: np.ndarray, sent_image: np.ndarray) -> np.ndarray:
-    """1-based rank of the true image for every sentence."""
+    """1-based rank of the true image for every sentence; a wrong image that ties with it ranks ahead of it."""
     scores = np.asarray(scores)
     sent_image = np.asarray(sent_image)
+    check_finite_scores(scores)
     true = scores[sent_image, np.arange(scores.shape[1])]
-    return (scores > true[None, :]).sum(0).astype(np.int64) + 1
+    return (scores >= true[None, :]).sum(0).astype(np.int64)  # counts the true image itself: rank 1 when alone
 
 
 def summarize(ranks: np.ndarray, ks=KS) -> dict:
