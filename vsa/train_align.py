@@ -204,7 +204,10 @@ def _loss(model, cfg: AlignTrainConfig, V, vm, S, sm, img_of, hardest: bool):
 
 def train_epoch(model, opt, cfg: AlignTrainConfig, data: RetrievalSplit, epoch: int, progress=None, env=None, emb=None) -> dict:
     """One epoch (0-based ``epoch``) over ``data`` in global batches of ``cfg.batch_size`` sentences. ``emb`` is the
-    (DDP-wrapped, under torchrun) :class:`_Embed` of ``model``."""
+    (DDP-wrapped, under torchrun) :class:`_Embed` of ``model``. A NaN or infinite loss stops it
+    (:class:`vsa.trainer.Diverged`) before the step."""
+    from vsa.trainer import check_loss
+
     emb = emb if emb is not None else _Embed(model)
     model.train()
     for g in opt.param_groups:
@@ -226,6 +229,7 @@ def train_epoch(model, opt, cfg: AlignTrainConfig, data: RetrievalSplit, epoch: 
             continue  # too few images to give every rank one (only a tiny last batch): skipped everywhere
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             loss, scale = batch_loss(emb, model, cfg, data, idx, hardest, env, dev, flip)
+        check_loss(loss.detach(), f"epoch {epoch + 1}, batch {b + 1}")  # before a NaN gradient reaches the weights
         opt.zero_grad(set_to_none=True)
         (loss * scale).backward()  # DDP averages gradients over ranks: x world gives the global-batch gradient
         if cfg.clip_value:
@@ -262,7 +266,13 @@ class AlignStage:
         return train_epoch(self.model, self.opt, self.tcfg, self.train_data, epoch - 1, progress, self.env, self.emb)
 
     def validate(self, epoch: int) -> dict:
-        return evaluate_split(self.model, self.val_data)
+        from vsa.retrieval import NonFiniteScores
+        from vsa.trainer import Diverged
+
+        try:
+            return evaluate_split(self.model, self.val_data)
+        except NonFiniteScores as e:
+            raise Diverged(f"epoch {epoch}: val {e.reason}; nothing of this epoch was written") from None
 
     def may_stop(self, epoch: int) -> bool:
         return True
@@ -311,6 +321,7 @@ def train(mcfg: AlignModelConfig, tcfg: AlignTrainConfig, ds, features, out, res
     from vsa.checkpoint import config_from
     from vsa.data import Vocab, build_vocab
     from vsa.featstore import RegionBank, check_mirrored, load_features
+    from vsa.retrieval import check_finite_features
     from vsa.runtime import seed_all, set_threads
     from vsa.splits import retrieval_split
     from vsa.trainer import fit, load_last
@@ -340,10 +351,13 @@ def train(mcfg: AlignModelConfig, tcfg: AlignTrainConfig, ds, features, out, res
     R = region_rows(mcfg)
     train_data = retrieval_split(ds, "train", store, vocab, R, mcfg.max_len, tcfg.max_train_images, warn, skip_missing)
     val_data = retrieval_split(ds, "val", store, vocab, R, mcfg.max_len, tcfg.val_images, warn, skip_missing)
+    for part in (train_data, val_data):  # a NaN feature would make every loss NaN: name its image
+        check_finite_features(part.feats, part.keys, features)
     if flip_features is not None:
         mirrored = load_features(flip_features)
         check_mirrored(store, mirrored, train_data.keys, flip_features)
         train_data.flipped = RegionBank(mirrored, train_data.keys, R)
+        check_finite_features(train_data.flipped, train_data.keys, flip_features)
     info(f"train: {len(train_data.keys)} images, {len(train_data.ids)} sentences; val: {len(val_data.keys)} images, "
          f"{len(val_data.ids)} sentences; vocabulary {len(vocab)}; features {store.dim}-d, "
          f"up to {train_data.feats.shape[1]} regions ({time.time() - t0:.1f}s to load)")

@@ -346,6 +346,8 @@ def train(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, train_s
     model = build_model(mcfg)
     # feature standardisation from the training features
     mean, std = feature_moments(train_sp.feats, train_sp.mask)
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        raise VsaError("the training features hold NaN or infinite values")
     model.feat_mean.copy_(mean)
     model.feat_std.copy_(std.clamp_min(1e-3))
     model = model.to(torch.device(env.device))
@@ -373,6 +375,7 @@ def train_on(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, ds, 
     from vsa.data import build_vocab
     from vsa.featstore import FeatureStore
     from vsa.mrnn import region_rows, uses_regions
+    from vsa.retrieval import check_finite_features
     from vsa.runtime import set_threads
     from vsa.splits import caption_split, snippet_split
 
@@ -398,6 +401,10 @@ def train_on(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, ds, 
         if flip_features is not None:
             tr.flipped = mirrored_features(store, FeatureStore(flip_features), tr, regions, region_rows(mcfg),
                                            flip_features)
+    for sp in (tr, va):  # a NaN feature would make every loss NaN: name its item
+        check_finite_features(sp.feats, [_item_name(x) for x in sp.items], features)
+    if tr.flipped is not None:
+        check_finite_features(tr.flipped, [_item_name(x) for x in tr.items], flip_features)
     log = kw.get("log", print)
     log(f"train-mrnn: {len(tr.sents)} train sentences ({len(tr.feats)} items), {len(va.feats)} val items, "
         f"vocabulary {len(vocab)}, {mcfg.rnn}{' + attention' if mcfg.attention else ''} -> {out}")
@@ -406,6 +413,13 @@ def train_on(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, ds, 
     if flip_features is not None:
         meta["flip_features"] = str(Path(flip_features).resolve())
     return train(mcfg, tcfg, dcfg, tr, va, vocab, out, dict(store.meta), extra_meta=meta, **kw)
+
+
+def _item_name(item) -> str:
+    """An item of a :class:`CaptionSplit` as an error names it: the image key, or ``key region N``."""
+    if isinstance(item, tuple):
+        return f"{item[0]} region {item[1]}"
+    return getattr(item, "key", str(item))
 
 
 def mirrored_features(store, flipped, sp: CaptionSplit, regions: bool, max_regions: int, path) -> torch.Tensor:
@@ -475,11 +489,12 @@ def _xe_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, dd
     env = env or DistEnv()
     ddp = ddp if ddp is not None else model
     from vsa.mrnn import autocast
+    from vsa.trainer import check_loss
 
     model.train()
     dev = _dev(model)
     rng = np.random.RandomState(cfg.seed * 1000 + epoch)
-    total, n = 0.0, 0
+    total, n, steps = 0.0, 0, 0
     for batch in _batches(sp, cfg.batch_size, rng):
         if len(batch) < env.world:
             continue  # a last batch too small to give every rank a sentence: skipped on every rank
@@ -495,6 +510,8 @@ def _xe_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, dd
             logits = ddp(f, inp.to(dev), m, select=sel, rows=rows.to(dev))
         loss = torch.nn.functional.cross_entropy(logits.float(), tgt[sel], label_smoothing=cfg.label_smoothing,
                                                  reduction="sum") / n_tokens
+        check_loss(loss.detach(), f"epoch {epoch}, batch {steps + 1}")  # before a NaN gradient reaches the weights
+        steps += 1
         opt.zero_grad(set_to_none=True)
         (loss * env.world).backward()  # DDP averages over ranks: the sum is the global-batch mean
         if cfg.grad_clip:
@@ -571,6 +588,7 @@ def _scst_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, 
     ddp = ddp if ddp is not None else model
     dev = _dev(model)
     from vsa.mrnn import autocast
+    from vsa.trainer import check_loss
 
     # dropout off: the sampled and the re-scored policy are the same; on (scst_dropout): each pass draws its own
     # masks (the reference samples with dropout on and scores in the same pass), a regulariser
@@ -600,6 +618,7 @@ def _scst_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, 
         with autocast(dev, cfg.bf16):
             lp = sequence_logprob(ddp, f, m, seqs, rows)
         loss = -(adv.to(dev) * lp).sum() / (len(glob) * n)  # the mean over the global batch's samples
+        check_loss(loss.detach(), f"epoch {epoch} (self-critical), batch {s // B + 1}")
         opt.zero_grad(set_to_none=True)
         (loss * env.world).backward()
         if cfg.grad_clip:

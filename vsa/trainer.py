@@ -9,17 +9,51 @@ A stage (:class:`Stage`) provides only its batches, its step and its validation:
 * one JSON line per epoch in ``<out stem>.log.jsonl`` (loss, learning rate, val metrics, seconds);
 * torch.distributed: every rank trains its share (the stage's business), rank 0 alone validates, logs and
   writes, then tells the others whether to stop;
+* a loss that is NaN or infinite stops training with a one-line error (:class:`Diverged`) before anything of
+  that epoch is written, and a val figure that is NaN or infinite never counts as better: ``out`` only ever
+  holds finite weights;
 * Ctrl-C and SIGTERM: training stops between atomic checkpoint writes and :class:`vsa.runtime.Interrupted`
   (exit code 130 in the CLI) says which files are intact and how to continue.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from pathlib import Path
 from typing import Callable, Protocol
 
 from vsa.errors import VsaError
+
+
+class Diverged(VsaError):
+    """Training met a NaN or infinite loss (or weights): the step that made them is not kept."""
+
+
+def finite(x) -> bool:
+    """Is ``x`` a real number that is neither NaN nor infinite (a loss, a val figure)?"""
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def check_loss(loss, where: str, path=None) -> None:
+    """A :class:`Diverged` error unless ``loss`` (a number or a one-element tensor) is finite; ``where``: which step."""
+    if not finite(loss):
+        raise Diverged(f"{where}: the training loss is {float(loss)} (the features hold NaN or infinite values, or "
+                       "the model diverged: try a lower learning rate); nothing of this epoch was written", path)
+
+
+def nonfinite_weights(state_dict: dict) -> str | None:
+    """The name of the first floating-point tensor of ``state_dict`` that holds NaN or infinite values, else None."""
+    import torch
+
+    for k, v in state_dict.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return k
+    return None
 
 
 def last_path(out) -> Path:
@@ -106,14 +140,26 @@ def fit(stage: Stage, out, epochs: int, env, info: Callable = print, progress=No
     base = dict(meta or {})
     done_before = len(history)
 
+    written = []  # epochs whose model went to ``out`` in this call
+
     def save(epoch: int, improved: bool) -> None:
         parts = stage.checkpoint()
+        bad = nonfinite_weights(parts.get("state_dict") or {})
+        if bad is not None:
+            raise Diverged(f"epoch {epoch}: the weights ({bad}) hold NaN or infinite values, nothing of this epoch was "
+                           "written" + (f" (the best model so far is epoch {written[-1]}'s)" if written else ""), out)
         m = {**base, **parts.pop("meta", {}), "epoch": epoch, "best": best, "history": history,
              "seconds": round(seconds, 1), "stale": stale}
         if improved:
             save_checkpoint(out, meta=m, **parts)
+            written.append(epoch)
         save_checkpoint(last, meta=m, optimizer=stage.optimizer_state(), rng=torch.get_rng_state(), **parts)
 
+    writer = contextlib.ExitStack()
+    if env.is_main:  # one writer per checkpoint: a second run on the same --out is refused before its first epoch
+        from vsa.io import output_lock
+
+        writer.enter_context(output_lock(out, f"vsa train-{stage.kind}"))
     finished = False
     try:
         with sigterm_as_interrupt():
@@ -123,13 +169,17 @@ def fit(stage: Stage, out, epochs: int, env, info: Callable = print, progress=No
                 t = time.time()
                 stats = stage.train_epoch(epoch, progress)
                 t_train = time.time() - t
+                if "loss" in stats:
+                    check_loss(stats["loss"], f"epoch {epoch}")
                 if not env.is_main:  # rank 0 validates, saves and says whether to stop
                     D.barrier(env)
                     stale = D.broadcast_object(None, env)
                     continue
                 val = stage.validate(epoch) if validates(epoch, epochs, val_every) else None
                 seconds += time.time() - t
-                improved = val is not None and (best is None or val[stage.select] > best[stage.select])
+                # NaN compares false either way and inf beats everything: neither may pick the model
+                improved = val is not None and finite(val.get(stage.select)) and (
+                    best is None or val[stage.select] > best[stage.select])
                 if improved:
                     best = {"epoch": epoch, **{k: v for k, v in stats.items() if k == "phase"}, **val}
                     stale = 0
@@ -156,6 +206,7 @@ def fit(stage: Stage, out, epochs: int, env, info: Callable = print, progress=No
         raise Interrupted(f"interrupted; {f'the best checkpoint so far is {out}' if best else 'no epoch validated yet'}"
                           f", the last completed epoch is in {last} (continue with --resume)") from None
     finally:
+        writer.close()
         D.cleanup(env, sync=finished)
     return {"best": best, "history": history, "epochs": len(history) - done_before, "seconds": round(seconds, 1),
             "out": str(out), "log": str(log),
