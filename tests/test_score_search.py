@@ -229,6 +229,94 @@ def test_score_pairs_library_caches_consecutive_photos_and_skips_bad_lines(synth
         list(score_pairs(aligner, Encoder(), pairs))
 
 
+def test_score_search_and_grounding_read_every_word_of_a_long_query(synth, tmp_path):
+    """Training cuts sentences at max_len (40) words; a query, a scored sentence or a grounded caption is read
+    whole: every word has its own best region and snippet."""
+    from vsa.align import load_aligner
+    from vsa.featstore import load_features
+    from vsa.search import Index, build_index, photo_from_store, save_index, score_record, search_text
+    from vsa.snippets import ground_sentence
+    from tests.synth_align import WORDS
+
+    tmp, ds, feats, objs, _ = synth
+    aligner, store = load_aligner(tmp / "a.pt", "cpu"), load_features(feats)
+    assert aligner.cfg.max_len == 40
+    o = objs[0]
+    tokens = ["a", WORDS[o[0]], "and", "a", WORDS[o[1]], "near", "the", WORDS[o[2]]] * 8  # 64 words
+    photo = photo_from_store(store, ds.images[0].key)
+    rec = score_record(aligner, photo, " ".join(tokens))
+    assert [w["word"] for w in rec["words"]] == tokens
+    assert rec["words"][-1]["label"] == WORDS[o[2]]  # the 64th word still points at its object
+    assert rec["score"] != score_record(aligner, photo, " ".join(tokens[:40]))["score"]  # words 41-64 count
+    save_index(tmp_path / "idx.npz", aligner, build_index(aligner, None, store=store, keys=store.keys[:10]))
+    hits = search_text(aligner, Index(tmp_path / "idx.npz"), " ".join(tokens), 3, hubness=False)
+    assert len(hits) == 3 and all(len(h["words"]) == 64 for h in hits)
+    snippets = ground_sentence(aligner, photo, tokens)
+    assert sum(s["end"] - s["start"] for s in snippets) == 64 and snippets[-1]["end"] == 64
+
+
+@pytest.mark.parametrize("sentence", ["", "...", " ?! "])
+def test_score_a_sentence_without_words_is_refused_like_a_search_query(synth, sentence):
+    from vsa.align import load_aligner
+    from vsa.errors import VsaError
+    from vsa.featstore import load_features
+    from vsa.search import photo_from_store, score_pairs, score_record
+
+    tmp, ds, feats, _, _ = synth
+    aligner, store = load_aligner(tmp / "a.pt", "cpu"), load_features(feats)
+    with pytest.raises(VsaError, match="^the sentence has no words$"):
+        score_record(aligner, photo_from_store(store, ds.images[0].key), sentence)
+    key = ds.images[0].key
+    pairs = [(1, {"image": key, "sentence": "a dog"}), (4, {"image": key, "sentence": sentence})]
+    with pytest.raises(VsaError, match="^<stdin>:4: the sentence has no words$"):
+        list(score_pairs(aligner, None, pairs, store=store))
+    warned = []
+    kept = score_pairs(aligner, None, pairs, store=store, skip_bad=True, warn=warned.append)
+    assert [line for line, _ in kept] == [1]
+    assert warned == ["<stdin>:4: the sentence has no words"]
+
+
+def test_score_cli_refuses_a_punctuation_only_sentence(synth):
+    tmp, ds, feats, _, _ = synth
+    r = run_cli("score", ds.images[0].key, "...", "-m", tmp / "a.pt", "-f", feats)
+    assert r.returncode == 2 and r.stderr.decode() == "vsa: error: the sentence has no words\n" and not r.stdout
+
+
+def test_score_and_search_refuse_non_finite_features_and_scores(synth, tmp_path):
+    import numpy as np
+
+    from vsa.align import load_aligner
+    from vsa.errors import VsaError
+    from vsa.featstore import load_features
+    from vsa.search import Index, build_index, photo_from_store, save_index, search_sentences, search_text
+
+    tmp, ds, feats, _, _ = synth
+    a = dict(np.load(feats))
+    a["feats"] = a["feats"].copy()
+    a["feats"][int(a["offsets"][2]) + 1] = np.nan  # image 2's second region
+    np.savez(tmp_path / "nan.npz", **a)
+    aligner, store = load_aligner(tmp / "a.pt", "cpu"), load_features(tmp_path / "nan.npz")
+    with pytest.raises(VsaError, match="nan.npz: the features of 'img0002.jpg' hold NaN or infinite values"):
+        photo_from_store(store, "img0002.jpg")
+    r = run_cli("score", "img0002.jpg", "a dog", "-m", tmp / "a.pt", "-f", tmp_path / "nan.npz")
+    assert r.returncode == 2 and b"nan.npz: the features of 'img0002.jpg'" in r.stderr and not r.stdout
+    with pytest.raises(VsaError, match="img0002.jpg"):
+        build_index(aligner, None, store=store, keys=store.keys[:5])
+    # an index whose vectors went bad after it was built
+    good = load_features(feats)
+    save_index(tmp_path / "idx.npz", aligner, build_index(aligner, None, store=good, keys=store.keys[:5]))
+    idx = Index(tmp_path / "idx.npz")
+    idx.emb = np.array(idx.emb, dtype=np.float32)
+    idx.emb[int(idx.emb_offsets[3])] = np.inf
+    with pytest.raises(VsaError, match="idx.npz: the index's vectors or hubness terms of 'img0003.jpg'"):
+        search_text(aligner, idx, "a dog", 5, hubness=False)
+    photo = photo_from_store(good, "img0000.jpg")
+    photo.feats = photo.feats.copy()
+    photo.feats[0, 0] = np.nan
+    with pytest.raises(VsaError, match="the photo's features hold NaN or infinite values"):
+        search_sentences(aligner, photo, ["a dog"], hubness=False)
+
+
 def test_index_keys_and_inputs_library(synth, tmp_path):
     from vsa.errors import VsaError
     from vsa.featstore import load_features

@@ -67,7 +67,7 @@ class AlignModelConfig:
     out_relu: bool = False  # ReLU on the word output layer (eq. 6; with L2-normalised vectors it can die: off)
     max_regions: int = 20  # whole image + 19 detections
     cells: int = 0  # g: the features' g x g image cells after the boxes (`vsa embed --cells`; set from the features)
-    max_len: int = 40  # words per sentence (longer ones are cut)
+    max_len: int = 40  # words per training and eval sentence (longer ones are cut; a trained Aligner reads all)
     dropout: float = 0.2  # on word embeddings / RNN outputs (0.1 before the shipped RWC-13r recipe)
     dropout_regions: float = 0.2  # on CNN features (0 before the shipped RWC-13r recipe)
     region_drop: float = 0.0  # training only: each region row but the whole image is left out with this probability
@@ -575,11 +575,12 @@ class Aligner:
         return next(self.model.parameters()).device
 
     def encode_tokens(self, token_lists: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids, a word outside the vocabulary read as its alias when it has one (:meth:`read_as`)."""
+        """Token ids, a word outside the vocabulary read as its alias when it has one (:meth:`read_as`); every word
+        is kept (the recurrences take any length), so each word of a query or caption has its own vector."""
         stoi, al = self.vocab.stoi, self.aliases
         if al:
             token_lists = [[t if t in stoi else al.get(t, t) for t in toks] for toks in token_lists]
-        return pad_ids([self.vocab.encode(t) for t in token_lists], self.cfg.max_len)
+        return pad_ids([self.vocab.encode(t) for t in token_lists])
 
     @torch.inference_mode()
     def image_vectors(self, region_feats: np.ndarray, full: bool = False) -> np.ndarray:

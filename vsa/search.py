@@ -82,6 +82,8 @@ def photo_from_store(store, key: str) -> Photo:
     k = store.keys[i]
     boxes = store.boxes(k)
     feats = store[k]
+    if not np.isfinite(feats).all():
+        raise VsaError(f"the features of {k!r} hold NaN or infinite values", store.path)
     labels = store.labels(k) or ["image"] + ["region"] * (len(feats) - 1)
     scores = store.scores(k)
     size = tuple(int(x) for x in store.sizes[i]) if store.sizes is not None else (0, 0)
@@ -105,6 +107,8 @@ def score_record(aligner, photo: Photo, sentence: str, tokens: list[str] | None 
     ``score`` is the image-sentence score ``S_kl`` of the aligner; each word's best region is the
     argmax of ``v_i . s_t`` over the photo's regions, image cells excepted (brnn models only); ``oov`` lists the words that
     are not in the aligner's vocabulary, ``read_as`` those of them read as a known word (``{word: alias}``).
+    A sentence without words (empty, or punctuation only) is an error, as a query is in :func:`search_text`; so is a
+    score that is NaN or infinite.
     """
     from vsa.data import tokenize
 
@@ -112,11 +116,18 @@ def score_record(aligner, photo: Photo, sentence: str, tokens: list[str] | None 
     from vsa.mrf import grounding_mask
 
     tokens = tokens if tokens is not None else tokenize(sentence)
+    if not tokens:
+        raise VsaError("the sentence has no words")
     R = region_rows(aligner.cfg) if aligner.cfg.model == "brnn" else 1
     feats = photo.feats[:R]
+    if not np.isfinite(feats).all():
+        raise VsaError("the photo's features hold NaN or infinite values", photo.path)
+    score = aligner.score(feats, tokens)
+    if not np.isfinite(score):
+        raise VsaError(f"the score is {score}: the aligner's weights hold NaN or infinite values", aligner.path)
     rec = {"image": photo.path, "key": photo.key, "sentence": sentence, "tokens": tokens,
-           "oov": oov_words(aligner, tokens), "read_as": aligner.read_as(tokens), "score": round(aligner.score(feats, tokens), 4) if tokens else 0.0}
-    if aligner.cfg.model == "brnn" and tokens:
+           "oov": oov_words(aligner, tokens), "read_as": aligner.read_as(tokens), "score": round(score, 4)}
+    if aligner.cfg.model == "brnn":
         m = aligner.word_region_scores(feats, tokens)
         cells = grounding_mask(photo.labels[: m.shape[1]])
         words = []
@@ -166,7 +177,12 @@ def score_pairs(aligner, encoder: PhotoEncoder | None, pairs, store=None, skip_b
         try:
             if not isinstance(img, str) or not isinstance(sent, str):
                 raise VsaError("each line needs string fields 'image' and 'sentence'", source, line)
-            rec = score_record(aligner, photo(img), sent)
+            try:
+                rec = score_record(aligner, photo(img), sent)
+            except VsaError as e:
+                if e.path is not None:
+                    raise
+                raise VsaError(e.reason, source, line) from None  # the line's own fault: say which line
         except VsaError as e:
             if not skip_bad:
                 raise
@@ -370,8 +386,14 @@ def search_text(aligner, index: Index, query: str, k: int = 10, hubness: bool = 
     with torch.inference_mode():
         S, sm = aligner.model.embed_sentences(ids, lengths)
         raw = aligner.model.flat_score(V, reg_img, len(index), S, sm, G)[:, 0].float().numpy()
+    if not torch.isfinite(S).all():
+        raise VsaError("the query's vectors hold NaN or infinite values: the aligner's weights do", aligner.path)
     hub = index.store.hub if hubness else None
     scores = raw if hub is None else raw - float(index.meta["hubness"]["weight"]) * hub
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(bad):  # NaN would sort as the worst photo, hiding a broken index
+        raise VsaError(f"the index's vectors or hubness terms of {index.store.keys[bad[0]]!r} (and {len(bad) - 1} "
+                       "other photos) hold NaN or infinite values: rebuild it", index.path)
     order = np.argsort(-scores, kind="stable")[:k]
     oov, read_as = oov_words(aligner, tokens), aligner.read_as(tokens)
     out = []
@@ -481,6 +503,8 @@ def search_sentences(aligner, photo: Photo, sentences: list[str], k: int = 10, b
     from vsa.align import region_rows
 
     feats, mask = pad_regions([photo.feats], max_regions=region_rows(aligner.cfg))
+    if not torch.isfinite(feats).all():
+        raise VsaError("the photo's features hold NaN or infinite values", photo.path)
     raw = np.empty(len(sentences), dtype=np.float32)
     hub = np.zeros(len(sentences), dtype=np.float32) if bank is not None else None
     dev = aligner.device
@@ -489,14 +513,20 @@ def search_sentences(aligner, photo: Photo, sentences: list[str], k: int = 10, b
         n_bank = int(reg_img[-1]) + 1
     with torch.inference_mode():
         V, vm = aligner.model.embed_images(feats.to(dev), mask.to(dev))
+        # batches of sentences of like length: one very long line pads only its own batch
+        by_len = np.argsort([len(t) for t in toks], kind="stable")
         for a in range(0, len(toks), batch):
-            ids, lengths = aligner.encode_tokens(toks[a : a + batch])
+            part = by_len[a : a + batch]
+            ids, lengths = aligner.encode_tokens([toks[j] for j in part])
             S, sm = aligner.model.embed_sentences(ids.to(dev), lengths.to(dev))
-            raw[a : a + len(ids)] = aligner.model.score(V, vm, S, sm)[0].float().cpu().numpy()
+            raw[part] = aligner.model.score(V, vm, S, sm)[0].float().cpu().numpy()
             if hub is not None:
-                hub[a : a + len(ids)] = bank_means(aligner.model.flat_score(Vb, reg_img, n_bank, S, sm)
-                                                   .float().cpu().numpy(), hcfg.k, 0)
+                hub[part] = bank_means(aligner.model.flat_score(Vb, reg_img, n_bank, S, sm).float().cpu().numpy(),
+                                       hcfg.k, 0)
     scores = raw if hub is None else raw - hcfg.weight * hub
+    if not np.isfinite(scores).all():  # NaN would sort as the worst sentence, hiding a broken model
+        raise VsaError("the scores hold NaN or infinite values: the aligner's weights (or its image bank) do",
+                       aligner.path)
     order = np.argsort(-scores, kind="stable")[:k]
     out = []
     for r, j in enumerate(order, 1):
