@@ -175,3 +175,48 @@ def test_joined_with_real_flickr8k_split(flickr8k, tmp_path):
     warned = []
     assert len(fs.check_dataset(test, skip_missing=True, warn=warned.append)) == 5
     assert warned and "995 dataset image(s) have no features" in warned[0]
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_negative_offsets_and_duplicate_keys_are_refused(tmp_path, mmap):
+    a = arrays(["a.jpg", "b.jpg", "c.jpg"], [3, 1, 2])
+    neg = dict(a, offsets=np.array([-2, 3, 4, 6], np.int64))  # image 0 would read feats[-2:3]: nothing
+    np.savez(tmp_path / "neg.npz", **neg)
+    with pytest.raises(VsaError, match=rf"^{tmp_path / 'neg.npz'}: 'offsets' starts at -2, expected 0$"):
+        load_features(tmp_path / "neg.npz", mmap=mmap)
+    dup = dict(a, keys=np.array(["a.jpg", "b.jpg", "a.jpg"]))  # which features are a.jpg's?
+    np.savez(tmp_path / "dup.npz", **dup)
+    with pytest.raises(VsaError, match=rf"^{tmp_path / 'dup.npz'}: image key 'a.jpg' appears twice in 'keys'"):
+        load_features(tmp_path / "dup.npz", mmap=mmap)
+    st = load_features(_save(tmp_path / "ok.npz", a), mmap=mmap)
+    assert st.keys == ["a.jpg", "b.jpg", "c.jpg"]
+
+
+def test_search_index_emb_offsets_must_start_at_zero_and_never_decrease(tmp_path):
+    a = arrays(["a.jpg", "b.jpg"], [1, 2])
+    idx = dict(a, emb=np.ones((4, 3), np.float16), emb_offsets=np.array([1, 0, 4], np.int64),
+               paths=np.array(["x/a.jpg", "y/a.jpg"]))
+    np.savez(tmp_path / "i.npz", **idx)
+    with pytest.raises(VsaError, match="'emb_offsets' must start at 0 and never decrease"):
+        load_features(tmp_path / "i.npz")
+    np.savez(tmp_path / "j.npz", **dict(idx, keys=np.array(["a.jpg", "a.jpg"]), emb_offsets=np.array([0, 1, 4])))
+    assert load_features(tmp_path / "j.npz").paths == ["x/a.jpg", "y/a.jpg"]  # an index may hold two photos of a name
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_inconsistent_members_are_refused_from_their_headers_before_any_data_is_read(tmp_path, monkeypatch, mmap):
+    from vsa import io as vio
+
+    a = arrays(["a.jpg", "b.jpg"], [1, 2])
+    np.savez(tmp_path / "f.npz", **dict(a, labels=np.array(["image"] * 50000)))  # 50000 labels for 3 rows
+    read = []
+    real = vio.read_npz_members
+    monkeypatch.setattr(vio, "read_npz_members", lambda p, names: read.append(list(names)) or real(p, names))
+    with pytest.raises(VsaError, match=rf"^{tmp_path / 'f.npz'}: 'labels' has 50000 rows but 'feats' has 3$"):
+        load_features(tmp_path / "f.npz", mmap=mmap)
+    assert read == [["offsets"]]  # only the offsets (checked first, as the store does), never the labels
+
+
+def _save(p, a):
+    np.savez(p, **a)
+    return p

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -156,3 +157,167 @@ def test_text_stream_lines(tmp_path):
     assert lines[:2] == ["a.jpg", "sub/b c.jpg"]
     assert lines[2].encode("utf-8", "surrogateescape") == b"bad\xff.jpg"  # undecodable names survive
     assert len(lines) == 3
+
+
+# ----------------------------------------------------------------------------- one writer per output
+
+_HOLD = ("import sys\nfrom vsa.io import output_lock\nwith output_lock(sys.argv[1], 'vsa embed'):\n"
+         "    print('held', flush=True)\n    sys.stdin.read()\n")
+
+
+def _holder(out):
+    """A real second process holding the lock of ``out`` until its stdin closes."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"held\n"
+    return proc
+
+
+def test_a_second_writer_is_refused_at_once_naming_the_lock_file(tmp_path):
+    out = tmp_path / "same.npz"
+    proc = _holder(out)
+    try:
+        with pytest.raises(VsaError) as e:
+            with vio.output_lock(out, "vsa embed"):
+                pytest.fail("two writers of one output")
+        msg = str(e.value)
+        assert msg.startswith(f"{out}.lock: locked: another `vsa embed` (pid {proc.pid} on ")
+        assert f"is writing {out}" in msg and "\n" not in msg
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert not (tmp_path / "same.npz.lock").exists()  # the holder removed it
+    with vio.output_lock(out, "vsa embed") as lock:  # free again
+        assert lock.read_text().split()[0] == str(os.getpid())
+    assert not lock.exists()
+
+
+def test_the_lock_is_one_per_thread_and_taken_again_by_its_holder(tmp_path):
+    import threading
+
+    out = tmp_path / "o.npz"
+    errors = []
+    with vio.output_lock(out, "vsa embed"):
+        with vio.output_lock(out, "vsa embed"):  # the library under the command that locked first: no conflict
+            pass
+        assert vio.lock_path(out).exists()  # the inner block does not release the outer one
+
+        def other():
+            try:
+                with vio.output_lock(out, "vsa embed"):
+                    pass
+            except VsaError as e:
+                errors.append(str(e))
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert len(errors) == 1 and "locked: another `vsa embed`" in errors[0]
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
+    import signal
+
+    out = tmp_path / "same.npz"
+    proc = _holder(out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    lock = tmp_path / "same.npz.lock"
+    assert lock.read_text().split()[0] == str(proc.pid)  # left behind, naming a dead process
+    with vio.output_lock(out, "vsa embed"):
+        assert lock.read_text().split()[0] == str(os.getpid())
+    assert not lock.exists()
+
+
+def test_without_advisory_locks_a_dead_pid_is_taken_over_and_a_live_one_refused(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(vio, "_try_flock", lambda fd: None)  # Windows, or a file system without flock
+    out, lock = tmp_path / "o.npz", tmp_path / "o.npz.lock"
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    lock.write_text(f"{dead.pid} {host} vsa embed\n")
+    with vio.output_lock(out, "vsa embed"):
+        assert lock.read_text().split()[0] == str(os.getpid())
+    assert not lock.exists()
+    alive = _holder(tmp_path / "unrelated.npz")  # any live process of this host
+    try:
+        lock.write_text(f"{alive.pid} {host} vsa align\n")
+        with pytest.raises(VsaError, match=rf"locked: another `vsa align` \(pid {alive.pid} on "):
+            with vio.output_lock(out, "vsa embed"):
+                pass
+    finally:
+        alive.stdin.close()
+        alive.wait(timeout=60)
+    lock.write_text(f"{dead.pid} another-machine vsa embed\n")  # its pid cannot be checked from here: refused
+    with pytest.raises(VsaError, match="on another-machine"):
+        with vio.output_lock(out, "vsa embed"):
+            pass
+
+
+# ----------------------------------------------------------------------------- NPZ members checked before reading
+
+
+def _npy(arr) -> bytes:
+    b = io.BytesIO()
+    np.lib.format.write_array(b, np.asarray(arr), allow_pickle=False)
+    return b.getvalue()
+
+
+def _zip(path, members, compress=False):
+    import warnings
+    import zipfile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about duplicate names, which is the point
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as zf:
+            for name, data in members:
+                zf.writestr(name, data)
+    return path
+
+
+def _never_read(monkeypatch):
+    def read(*a, **k):
+        raise AssertionError("array data read before the members were checked")
+
+    monkeypatch.setattr(vio, "read_npz_members", read)
+
+
+def test_npz_duplicate_member_names_are_refused(tmp_path, monkeypatch):
+    p = _zip(tmp_path / "dup.npz", [("feats.npy", _npy(np.ones(3))), ("keys.npy", _npy(["a"])),
+                                    ("feats.npy", _npy(np.zeros(3)))])
+    _never_read(monkeypatch)
+    with pytest.raises(VsaError, match=rf"^{p}: member 'feats.npy' appears twice"):
+        vio.load_npz(p)
+
+
+def test_npz_member_larger_than_its_zip_entry_is_refused_before_reading(tmp_path, monkeypatch):
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": (50000, 10000)})
+    p = _zip(tmp_path / "forged.npz", [("feats.npy", head.getvalue() + bytes(64))], compress=True)
+    _never_read(monkeypatch)
+    with pytest.raises(VsaError, match=rf"^{p}: member 'feats': its zip entry holds \d+ bytes but its \.npy header "
+                                       r"declares 2000000\d+ \(<f4 \(50000, 10000\)\)"):
+        vio.load_npz(p)
+    with pytest.raises(VsaError, match="negative dimension"):
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": (-4, 2)})
+        vio.load_npz(_zip(tmp_path / "neg.npz", [("feats.npy", head.getvalue())]))
+    with pytest.raises(VsaError, match=r"member 'notes.txt' is not a \.npy array"):
+        vio.load_npz(_zip(tmp_path / "txt.npz", [("feats.npy", _npy(np.ones(2))), ("notes.txt", b"x" * 10)]))
+
+
+def test_npz_inflation_and_memory_caps(tmp_path, monkeypatch):
+    p = tmp_path / "bomb.npz"
+    np.savez_compressed(p, feats=np.zeros((512, 1024), np.float32), keys=np.array(["a"]))  # 2 MiB, deflates ~1000x
+    assert vio.load_npz(p)["feats"].shape == (512, 1024)  # under the absolute threshold: a small array is fine
+    monkeypatch.setattr(vio, "NPZ_BOMB_BYTES", 1 << 20)
+    with pytest.raises(VsaError, match=rf"^{p}: member 'feats': \d+ compressed bytes inflate to 2097152 \(over 100x"):
+        vio.load_npz(p)
+    q = tmp_path / "plain.npz"
+    vio.save_npz(q, {"feats": np.ones((256, 256), np.float32)})
+    with pytest.raises(VsaError, match=rf"^{q}: its arrays need 0\.00 GiB in memory, more than the 0\.00 GiB available"):
+        vio.load_npz(q, max_bytes=1000)
+    assert vio.load_npz(q, max_bytes=1 << 20)["feats"].shape == (256, 256)
+    members = vio.npz_members(q, max_bytes=1000, mapped=["feats"])  # memory-mapped: costs no memory
+    assert members["feats"].stored and members["feats"].nbytes == 256 * 256 * 4

@@ -142,69 +142,81 @@ def save_features(path, images: list[dict], dtype="float16", meta: dict | None =
 # ----------------------------------------------------------------------------- reading
 
 
-def memmap_npz_member(path, name: str):
+def memmap_npz_member(path, name: str, member=None):
     """Memory-map array ``name`` of an uncompressed NPZ (``np.savez``) without reading it.
 
     ``np.savez`` stores members uncompressed, so the ``.npy`` payload lies contiguous in the
     file; this maps it read-only, so features larger than RAM are paged in on demand.
-    Returns None when the member is compressed or not a plain array (callers then load it).
+    Returns None when the member is compressed or absent (callers then load it). ``member``: its
+    :class:`vsa.io.NpyMember` when already read (:func:`vsa.io.npz_members` checks every member first).
     """
-    import struct
-    import zipfile
+    from vsa.io import npz_members
 
-    member = name if name.endswith(".npy") else name + ".npy"
-    with zipfile.ZipFile(path) as zf:
-        try:
-            info = zf.getinfo(member)
-        except KeyError:
-            return None
-        if info.compress_type != zipfile.ZIP_STORED:
-            return None
-    with open(path, "rb") as fh:
-        fh.seek(info.header_offset)
-        local = fh.read(30)
-        if local[:4] != b"PK\x03\x04":
-            return None
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        start = info.header_offset + 30 + name_len + extra_len
-        fh.seek(start)
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-        else:
-            return None
-        if dtype.hasobject:
-            return None
-        offset = fh.tell()
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+    if member is None:
+        member = npz_members(path, mapped=[name]).get(name)
+    if member is None or not member.stored:
+        return None
+    return np.memmap(path, dtype=member.dtype, mode="r", offset=member.data_offset, shape=member.shape,
+                     order="F" if member.fortran else "C")
+
+
+def _check_members(members: dict, where) -> None:
+    """Arrays whose shapes cannot fit together, refused from their headers before any data is read (a forged
+    or inflated member costs nothing): one-line errors as :class:`FeatureStore` gives them on loaded arrays."""
+    shape = {k: m.shape for k, m in members.items()}
+    feats, keys = shape.get("feats"), shape.get("keys")
+    if feats is not None and len(feats) != 2:
+        raise VsaError(f"'feats' has shape {feats}, expected (rows, dims)", where)
+    if keys is not None and len(keys) != 1:
+        raise VsaError(f"'keys' has shape {keys}, expected (images,)", where)
+    n = keys[0] if keys is not None else None
+    R = feats[0] if feats is not None else None
+    if n is not None:
+        for name, want in (("offsets", (n + 1,)), ("emb_offsets", (n + 1,))):
+            if name in shape and shape[name] != want:
+                raise VsaError(f"'{name}' has shape {shape[name]}, expected {want} for {n} keys", where)
+        if "offsets" in shape and R is not None:  # small, and read anyway: checked first, as FeatureStore does
+            from vsa.io import read_npz_members
+
+            offsets = read_npz_members(where, ["offsets"])["offsets"]
+            if offsets[0] != 0:
+                raise VsaError(f"'offsets' starts at {int(offsets[0])}, expected 0", where)
+            if int(offsets[-1]) != R:
+                raise VsaError(f"'offsets' ends at {int(offsets[-1])} but 'feats' has {R} rows", where)
+        for name, want in (("sizes", (n, 2)), ("paths", (n,)), ("hub", (n,))):
+            if name in shape and shape[name] != want:
+                raise VsaError(f"'{name}' has shape {shape[name]}, expected {want} for {n} keys", where)
+        g = shape.get("emb_global")
+        if g is not None and (len(g) != 2 or g[0] != n or "emb" not in shape):
+            raise VsaError("'emb_global' does not match 'emb' and 'keys'", where)
+    if R is not None:
+        for name, dims in (("boxes", 2), ("scores", 1), ("labels", 1), ("image_index", 1)):
+            got = shape.get(name)
+            if got is not None and (len(got) != dims or got[0] != R):
+                raise VsaError(f"'{name}' has {got[0] if got else 0} rows but 'feats' has {R}", where)
+        if "boxes" in shape and shape["boxes"][1:] != (4,):
+            raise VsaError(f"'boxes' has shape {shape['boxes']}, expected ({R}, 4)", where)
+    if "emb" in shape and len(shape["emb"]) != 2:
+        raise VsaError(f"'emb' has shape {shape['emb']}, expected (rows, dims)", where)
+    if "meta" in shape and shape["meta"] != ():
+        raise VsaError(f"'meta' has shape {shape['meta']}, expected one JSON string", where)
 
 
 def _load_arrays(path, mmap: bool, required=REQUIRED) -> dict:
-    from vsa.io import load_npz
+    from vsa.io import npz_members, read_npz_members
 
     required = tuple(dict.fromkeys(REQUIRED + tuple(required)))
-    if not mmap:
-        return load_npz(path, required=required)
-    import zipfile
-
-    try:
-        feats = memmap_npz_member(path, "feats")
-    except (OSError, zipfile.BadZipFile, ValueError):
-        feats = None
-    if feats is None:
-        return load_npz(path, required=required)
-    # everything but the big matrix is small: load it normally
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            out = {k: z[k] for k in z.files if k != "feats"}
-    except Exception as e:
-        raise VsaError(f"not a readable NPZ file ({type(e).__name__}: {e})", path) from None
-    out["feats"] = feats
-    missing = [k for k in required if k not in out]
+    members = npz_members(path, mapped=("feats",) if mmap else ())
+    missing = [k for k in required if k not in members]
     if missing:
-        raise VsaError(f"missing key(s) {', '.join(missing)} (has: {', '.join(sorted(out))})", path)
+        raise VsaError(f"missing key(s) {', '.join(missing)} (has: {', '.join(sorted(members)) or 'none'})", path)
+    _check_members(members, path)
+    feats = memmap_npz_member(path, "feats", members["feats"]) if mmap else None
+    if feats is None:
+        return read_npz_members(path, members)
+    # everything but the big matrix is small: load it normally
+    out = read_npz_members(path, [k for k in members if k != "feats"])
+    out["feats"] = feats
     return out
 
 
@@ -232,6 +244,8 @@ class FeatureStore:
         where = self.path or "<features>"
         if self.offsets.shape != (n + 1,):
             raise VsaError(f"'offsets' has shape {self.offsets.shape}, expected ({n + 1},) for {n} keys", where)
+        if self.offsets[0] != 0:
+            raise VsaError(f"'offsets' starts at {int(self.offsets[0])}, expected 0", where)
         if int(self.offsets[-1]) != len(self.feats):
             raise VsaError(f"'offsets' ends at {int(self.offsets[-1])} but 'feats' has {len(self.feats)} rows", where)
         if np.any(np.diff(self.offsets) < 1):
@@ -255,6 +269,9 @@ class FeatureStore:
         if self.emb is not None and (self.emb_offsets is None or self.emb_offsets.shape != (n + 1,)
                                      or int(self.emb_offsets[-1]) != len(self.emb)):
             raise VsaError("'emb_offsets' does not match 'emb' and 'keys'", where)
+        if self.emb_offsets is not None and (self.emb_offsets[0] != 0 or np.any(np.diff(self.emb_offsets) < 0)):
+            raise VsaError(f"'emb_offsets' must start at 0 and never decrease (starts at {int(self.emb_offsets[0])})",
+                           where)
         self.paths = [str(p) for p in a["paths"]] if "paths" in a else None
         self.hub = np.asarray(a["hub"], dtype=np.float32) if "hub" in a else None
         if self.hub is not None and self.hub.shape != (n,):
@@ -263,6 +280,9 @@ class FeatureStore:
         if self.emb_global is not None and (self.emb is None or self.emb_global.ndim != 2 or len(self.emb_global) != n):
             raise VsaError("'emb_global' does not match 'emb' and 'keys'", where)
         self.index = {k: i for i, k in enumerate(self.keys)}
+        if len(self.index) != n and self.paths is None:  # a search index may hold two photos of one name
+            dup = next(k for i, k in enumerate(self.keys) if self.index[k] != i)
+            raise VsaError(f"image key {dup!r} appears twice in 'keys' (which features are its?)", where)
         # fall back to the file name when keys are paths
         self._by_name: dict[str, int] = {}
         for i, k in enumerate(self.keys):

@@ -12,7 +12,6 @@ atomically in dataset order at the end, after which the part is removed.  An int
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -126,32 +125,10 @@ def align_to_file(aligner, store, pairs: list[tuple], out: Path, beta: float, re
     out = Path(out)
     part = part_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(out):
+    from vsa.io import output_lock
+
+    with output_lock(out, "vsa align"):  # one writer per output: a second `vsa align -o OUT` is refused
         return _align_to_file(aligner, store, pairs, out, part, beta, resume, warn, progress, flush_every)
-
-
-@contextlib.contextmanager
-def _lock(out: Path):
-    """One writer per output: a second `vsa align -o OUT` while one runs is an error, not a torn part."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks, trust the user
-        yield
-        return
-    lock = out.with_name(out.name + ".lock")
-    fh = open(lock, "a+b")
-    try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise VsaError("another `vsa align` is writing this output now; wait for it or pick another -o", out) from None
-        yield
-    finally:
-        fh.close()
-        try:
-            lock.unlink()
-        except OSError:
-            pass
 
 
 def _align_to_file(aligner, store, pairs, out: Path, part: Path, beta, resume, warn, progress, flush_every) -> dict:

@@ -36,24 +36,27 @@ def search_index(
     from vsa.cli.common import progress
     from vsa.search import build_index, index_inputs, save_index
 
-    aligner = _aligner(_default_model(model), device)
-    if features is not None:
-        from vsa.featstore import load_features
+    from vsa.io import output_lock
 
-        store = load_features(features)
-        ds = None
-        if dataset is not None or split is not None:
-            from vsa.cli.workspace import open_dataset
+    with output_lock(out, "vsa search index"):  # one writer per index: a second run on the same -o is refused
+        aligner = _aligner(_default_model(model), device)
+        if features is not None:
+            from vsa.featstore import load_features
 
-            ds = open_dataset(dataset)
-        items = build_index(aligner, None, store=store, dataset=ds, split=split, skip_bad=skip_bad, warn=warn)
-    else:
-        inputs = index_inputs(photos)
-        encoder = _encoder(aligner, detector, top, device, cnn_weights)
-        with progress() as prog:
-            items = build_index(aligner, inputs, encoder, progress=prog, skip_bad=skip_bad, warn=warn,
-                                max_pixels=max_pixels(None))
-    save_index(out, aligner, items)
+            store = load_features(features)
+            ds = None
+            if dataset is not None or split is not None:
+                from vsa.cli.workspace import open_dataset
+
+                ds = open_dataset(dataset)
+            items = build_index(aligner, None, store=store, dataset=ds, split=split, skip_bad=skip_bad, warn=warn)
+        else:
+            inputs = index_inputs(photos)
+            encoder = _encoder(aligner, detector, top, device, cnn_weights)
+            with progress() as prog:
+                items = build_index(aligner, inputs, encoder, progress=prog, skip_bad=skip_bad, warn=warn,
+                                    max_pixels=max_pixels(None))
+        save_index(out, aligner, items)
     info(f"indexed {len(items)} photos -> {out}")
 
 
