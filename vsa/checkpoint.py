@@ -24,6 +24,7 @@ refuses any other object, so a malicious file cannot run code.
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,10 @@ def save_checkpoint(path, kind: str, model: Any, train: Any, decoding: Any, voca
         ckpt["optimizer"] = optimizer
     if rng is not None:
         ckpt["rng"] = rng
+    buf = io.BytesIO()  # torch's zip writer turns a failed write (a full disk) into "unexpected pos": write it here
+    torch.save(ckpt, buf)
     with deferred_signals(), atomic_write(path) as fh:  # Ctrl-C / SIGTERM land after the rename
-        torch.save(ckpt, fh)
+        fh.write(buf.getbuffer())
 
 
 # Version 1 kept one mixed ``config``. Its model and decoding fields are a closed, historical set, so the

@@ -24,7 +24,7 @@ from typing import IO, Any, Iterable, Iterator
 
 import orjson
 
-from vsa.errors import VsaError
+from vsa.errors import VsaError, name_disk_full, writing
 
 STDIO = "-"
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark (Windows editors write one): skipped
@@ -123,7 +123,8 @@ def atomic_write(path, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(OSError):  # the usual mode (0644 under umask 022), not mkstemp's 0600
             os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        name_disk_full(e, path, tmp)  # a failed write() names no file: the user's is the one to name
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -268,8 +269,9 @@ def output_lock(out, command: str) -> Iterator[Path]:
             os.close(fd)
             continue
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, me, 0)
+            with writing(lock):  # a full disk names the lock file
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, me, 0)
             _held_locks[key] = threading.get_ident()
             yield lock
         finally:
@@ -321,8 +323,9 @@ def open_output(path, binary: bool = True) -> Iterator[IO]:
     """Stdout for ``None``/``"-"``, else an atomic file."""
     if is_stdio(path):
         stream = data_stdout().buffer if binary else data_stdout()
-        yield stream
-        stream.flush()
+        with writing("<stdout>"):
+            yield stream
+            stream.flush()
     else:
         with atomic_write(path, "wb" if binary else "w") as fh:
             yield fh

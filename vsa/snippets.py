@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from vsa.errors import VsaError
+from vsa.errors import VsaError, writing
 from vsa.featstore import check_extractor
 from vsa.mrf import alignment_record
 
@@ -141,7 +141,7 @@ def _align_to_file(aligner, store, pairs, out: Path, part: Path, beta, resume, w
     task = progress.add_task("align", total=len(pairs)) if progress is not None else None
     step = (lambda: progress.advance(task)) if progress is not None else None
     n_new = 0
-    with open(part, "ab") as fh:
+    with writing(part), open(part, "ab") as fh:
         for i, r in enumerate(iter_alignments(aligner, store, pairs, beta, done, step)):
             fh.write(dumps(r) + b"\n")
             n_new += 1

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol
 
-from vsa.errors import VsaError
+from vsa.errors import VsaError, writing
 
 
 class Diverged(VsaError):
@@ -190,7 +190,7 @@ def fit(stage: Stage, out, epochs: int, env, info: Callable = print, progress=No
                 history.append(rec)
                 save(epoch, improved)
                 log.parent.mkdir(parents=True, exist_ok=True)
-                with open(log, "ab") as fh:
+                with writing(log), open(log, "ab") as fh:
                     append_jsonl(fh, rec)
                 if val is None:
                     info(f"epoch {epoch}/{epochs} loss {stats.get('loss', float('nan')):.4f} (not validated: val every "

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from vsa.errors import VsaError
+from vsa.errors import VsaError, disk_full, disk_full_message
 
 _console = None
 
@@ -65,10 +65,11 @@ def quiet_libraries() -> None:
 
 
 def guarded(fn):
-    """Decorator for command functions: VsaError -> one line on stderr, exit 2 (its ``exit_code``);
+    """Decorator for command functions: VsaError -> one line on stderr, exit 2 (its ``exit_code``); a full
+    disk or quota (ENOSPC, EDQUOT, also behind a library's own error) -> ``<file>: disk full (...)``, exit 2;
     Ctrl-C or SIGTERM -> ``vsa: error: interrupted``, exit 130 (:data:`vsa.runtime.INTERRUPTED`), the same
-    for every command (a library that keeps something on an interrupt says so with
-    :class:`vsa.runtime.Interrupted`).
+    for every command, also when a library raises an error of its own while handling it (a library that keeps
+    something on an interrupt says so with :class:`vsa.runtime.Interrupted`).
 
     While the command runs, ``sys.stdout`` points at stderr and vsa's writers use the held real stdout
     (:func:`vsa.io.data_only_stdout`): stdout carries only vsa's data, whatever a library prints.
@@ -93,8 +94,32 @@ def guarded(fn):
                 sys.stdout = None  # type: ignore[assignment]
             finally:
                 raise typer.Exit(0)
+        except Exception as e:
+            full = disk_full(e)  # ENOSPC / EDQUOT from any writer, also wrapped by a library (torch.save)
+            if full is not None:
+                fail(disk_full_message(full), VsaError.exit_code)
+            stop = _interrupt_behind(e)  # a library's own error while it handled Ctrl-C / SIGTERM
+            if stop is None:
+                raise
+            fail(str(stop) if isinstance(stop, VsaError) else "interrupted", INTERRUPTED)
 
     return wrapper
+
+
+def _interrupt_behind(exc: BaseException):
+    """The interrupt ``exc`` was raised while handling, if any: a KeyboardInterrupt, or the
+    :class:`vsa.runtime.Interrupted` that says what was kept (e.g. torch's DataLoader raises "worker killed by
+    signal" when the SIGTERM that stopped vsa reached its workers too)."""
+    from vsa.runtime import INTERRUPTED
+
+    seen = set()
+    exc = exc.__cause__ or exc.__context__
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, VsaError) and exc.exit_code == INTERRUPTED):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def parse_weights(text: str, n: int) -> list[float]:
