@@ -348,8 +348,48 @@ def _open_input(path) -> IO[bytes]:
 # ----------------------------------------------------------------------------- JSON / JSONL
 
 
-def dumps(obj: Any) -> bytes:
-    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+def _json_default(o):
+    """numpy values for the stdlib encoder of :func:`dumps` (orjson serialises them itself)."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"Type is not JSON serializable: {type(o).__name__}")
+
+
+def dumps(obj: Any, indent: bool = False) -> bytes:
+    """``obj`` as UTF-8 JSON. A string holding surrogate escapes (a file name that is not valid UTF-8, as
+    ``os.fsdecode`` gives it) cannot be UTF-8: it is written with JSON ``\\udcXX`` escapes, which
+    :func:`loads` (and Python's ``json``) read back as the same string, so ``os.fsencode`` gives the
+    original bytes."""
+    opt = orjson.OPT_SERIALIZE_NUMPY | (orjson.OPT_INDENT_2 if indent else 0)
+    try:
+        return orjson.dumps(obj, option=opt)
+    except TypeError as e:
+        if "surrogates" not in str(e):
+            raise
+    import json
+    import re
+
+    text = json.dumps(obj, ensure_ascii=False, default=_json_default, indent=2 if indent else None,
+                      separators=(",", ": ") if indent else (",", ":"))
+    # json's own text is ASCII: the only surrogates are those inside strings
+    return re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text).encode("utf-8")
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON (orjson); JSON text with ``\\udcXX`` escapes (a non-UTF-8 file name written by
+    :func:`dumps`), which orjson refuses, is read by Python's ``json`` into the surrogate-escaped string.
+    Raises ``orjson.JSONDecodeError``."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        if "surrogate" not in e.msg:
+            raise
+        import json
+
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise e from None
 
 
 def read_json(path) -> Any:
@@ -362,16 +402,15 @@ def read_json(path) -> Any:
     if data.startswith(_BOM):
         data = data[len(_BOM):]
     try:
-        return orjson.loads(data)
+        return loads(data)
     except orjson.JSONDecodeError as e:
         line = data[: e.pos].count(b"\n") + 1 if e.pos is not None else None
         raise VsaError(f"invalid JSON ({e.msg})", _display(path), line) from None
 
 
 def write_json(path, obj: Any, indent: bool = False) -> None:
-    opt = orjson.OPT_SERIALIZE_NUMPY | (orjson.OPT_INDENT_2 if indent else 0)
     with open_output(path) as fh:
-        fh.write(orjson.dumps(obj, option=opt))
+        fh.write(dumps(obj, indent))
         fh.write(b"\n")
 
 
@@ -390,7 +429,7 @@ def iter_jsonl(path, skip_bad: bool = False, warn=None, with_lineno: bool = Fals
             if not line:
                 continue
             try:
-                obj = orjson.loads(line)
+                obj = loads(line)
             except orjson.JSONDecodeError as e:
                 err = VsaError(f"invalid JSON line ({e.msg})", _display(path), lineno)
                 if skip_bad:

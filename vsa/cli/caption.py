@@ -76,7 +76,8 @@ def caption(
                 out.write(f"{lead}\t{g['label']} {[round(x) for x in g['box']]}\t{g['text']}\t{g['score']:.3f}\n"
                           .encode("utf-8", "surrogateescape"))
             for r in rec.get("regions", []):
-                out.write(f"{'' if bare else rec['path']}\t{r['label']} {[round(x) for x in r['box']]}\t{r['caption']}\n".encode())
+                out.write(f"{lead}\t{r['label']} {[round(x) for x in r['box']]}\t{r['caption']}\n"
+                          .encode("utf-8", "surrogateescape"))
         out.flush()
         results.append(rec)
     if coco_results is not None:
