@@ -31,22 +31,22 @@ def default_model() -> Path:
 
 class Captioner:
     def __init__(self, ckpt: dict, model_path: Path, device: str = "cpu", cnn_weights=None, region_ckpt: dict | None = None,
-                 aligner=None, jit: bool = True, model=None):
+                 aligner=None, jit: bool = True, model=None, region_path: Path | None = None):
         """``model``: the generator already built (e.g. a :class:`vsa.mrnn.GeneratorEnsemble` whose first
-        member is ``ckpt``), else built from ``ckpt``."""
+        member is ``ckpt``), else built from ``ckpt``; ``region_path``: the file of ``region_ckpt`` (for errors)."""
         from vsa.data import Vocab
         from vsa.mrnn import model_from_checkpoint
 
         self.path = model_path
         self.ckpt = ckpt
         self.device = device
-        self.model = model if model is not None else model_from_checkpoint(ckpt, device)
+        self.model = model if model is not None else model_from_checkpoint(ckpt, device, model_path)
         self.vocab = Vocab(ckpt["vocab"])
         self.cfg = ckpt["model"]  # the generator's MRNNConfig as a dict (decoding defaults: self.model.decoding)
         self.extractor_meta = ckpt.get("extractor") or {}
         self.cnn_weights = cnn_weights
         self._ex = None
-        self.region_model = model_from_checkpoint(region_ckpt, device) if region_ckpt else None
+        self.region_model = model_from_checkpoint(region_ckpt, device, region_path) if region_ckpt else None
         self.region_vocab = Vocab(region_ckpt["vocab"]) if region_ckpt else None
         # how the region model's training features were made (warp or roi crops); a box's row does not depend on the
         # image cells of `--cells` features, which describe no detection, so they are left out
@@ -92,7 +92,7 @@ class Captioner:
                                aligner)
         from vsa.decoding import mirror_weight
 
-        cap = cls(ck, path, dev, cnn_weights, rck, al, jit, model=gen)
+        cap = cls(ck, path, dev, cnn_weights, rck, al, jit, model=gen, region_path=region_model)
         cap.mirror = mirror_weight(cap.mirror, mirror)
         return cap
 

@@ -175,7 +175,27 @@ def load_checkpoint(path, kind: str | None = None) -> dict:
             "retrain it or use the vsa release that wrote it", p)
     if kind is not None and ckpt.get("kind") != kind:
         raise VsaError(f"is a '{ckpt.get('kind')}' checkpoint, expected '{kind}'", p)
+    _check_layout(ckpt, p, torch.Tensor)
     return ckpt
+
+
+def _check_layout(ckpt: dict, p: Path, tensor: type) -> None:
+    """The parts every stage reads, of the types it reads them as: a damaged or hand-made file is a one-line
+    error naming the part, not a traceback from the model code."""
+    for part in ("model", "vocab", "state_dict"):
+        if part not in ckpt:
+            raise VsaError(f"not a complete vsa checkpoint: no '{part}'", p)
+    for part in ("model", "train", "decoding", "extractor", "meta", "state_dict"):
+        v = ckpt.get(part)
+        if v is not None and not isinstance(v, dict):
+            raise VsaError(f"'{part}' must be a dict, got {type(v).__name__}", p)
+    vocab = ckpt["vocab"]
+    if not isinstance(vocab, (list, tuple)) or not all(isinstance(w, str) for w in vocab):
+        raise VsaError(f"'vocab' must be a list of words, got {type(vocab).__name__}", p)
+    bad = next((k for k, v in (ckpt["state_dict"] or {}).items() if not isinstance(k, str) or not isinstance(v, tensor)),
+               None)
+    if bad is not None:
+        raise VsaError(f"'state_dict' entry {bad!r:.80} is not a tensor", p)
 
 
 def config_from(cls, d: dict):

@@ -225,6 +225,54 @@ class Extractor:
             return pooled
 
 
+def cnn_state_dict(weights) -> dict:
+    """The state dict in the file ``weights`` (``--cnn-weights``; a ``{"state_dict": ...}`` wrapper is opened),
+    loaded with ``torch.load(weights_only=True)``: a pickle that would run code is refused without running it.
+    Anything but a dict of tensors is a one-line VsaError naming the file."""
+    import pickle
+    import warnings
+
+    import torch
+
+    from vsa.checkpoint import _unpickling_reason
+
+    p = Path(weights)
+    if not p.is_file():
+        raise VsaError("no such CNN weights file", p)
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: keep errors one line
+            warnings.simplefilter("ignore")
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise VsaError("refused: not a plain-tensor weights file, it would need to unpickle code "
+                       f"({_unpickling_reason(e)})", p) from None
+    except Exception as e:
+        raise VsaError(f"not a readable weights file ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})",
+                       p) from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        raise VsaError(f"not a state dict of CNN weights (holds {type(sd).__name__})", p)
+    bad = next((k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise VsaError(f"not a state dict of CNN weights: entry {bad!r:.80} is not a tensor", p)
+    return sd
+
+
+def fit_cnn_weights(net, sd: dict, name: str, weights) -> None:
+    """Load ``sd`` into ``net`` (all of its tensors, shape for shape); a one-line VsaError naming the file and the
+    first missing, unexpected or misshapen tensors otherwise."""
+    own = net.state_dict()
+    problems = [f"missing {k}" for k in own if k not in sd]
+    problems += [f"unexpected {k}" for k in sd if k not in own]
+    problems += [f"{k} has shape {list(sd[k].shape)}, {name}'s is {list(v.shape)}"
+                 for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise VsaError(f"not weights of {name}: {'; '.join(problems[:3])}{more}", weights)
+    net.load_state_dict(sd)
+
+
 def _efficientnet_lite(name: str, weights: str | None):
     import contextlib
     import io
@@ -246,9 +294,11 @@ def _efficientnet_lite(name: str, weights: str | None):
         else:
             raise VsaError(f"no packaged weights for {name}; pass --cnn-weights PATH")
         weights = F.get_model_file_path()
+    sd = cnn_state_dict(weights)  # from_pretrained(weights_path=) would torch.load it itself, unchecked
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        net = EfficientNet.from_pretrained(name, weights_path=weights)
+        net = EfficientNet.from_name(name)
+    fit_cnn_weights(net, sd, name, weights)
 
     class Pooled(torch.nn.Module):
         def __init__(self, m):
@@ -281,11 +331,7 @@ def _torchvision(name: str, weights: str | None):
                            f"pass --cnn-weights PATH to a local state dict") from None
     else:
         net = ctor(weights=None)
-        try:
-            sd = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise VsaError(f"cannot load CNN weights ({type(e).__name__}: {e})", weights) from None
-        net.load_state_dict(sd.get("state_dict", sd) if isinstance(sd, dict) else sd)
+        fit_cnn_weights(net, cnn_state_dict(weights), name, weights)
     # drop the classifier: features are the pooled penultimate layer
     dim = None
     for attr in ("fc", "classifier", "heads", "head"):

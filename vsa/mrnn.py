@@ -320,17 +320,100 @@ def build_model(cfg: MRNNConfig) -> nn.Module:
     return CaptionModel(cfg)
 
 
-def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> nn.Module:
-    """Rebuild a model from a loaded ``mrnn`` checkpoint (weights cast to float32); its decoding defaults
-    are ``model.decoding`` (:class:`vsa.decoding.DecodingConfig`)."""
-    from vsa.checkpoint import config_from
-    from vsa.decoding import DecodingConfig
+def _field_ok(v, default) -> bool:
+    """Is ``v`` a value of the type of the config field whose default is ``default``? (A field without a plain
+    default, or defaulting to None, takes any value.)"""
+    import dataclasses
+    import math
 
-    cfg = config_from(MRNNConfig, ckpt["model"])
-    model = build_model(cfg)
+    if default is None or default is dataclasses.MISSING:
+        return True
+    if isinstance(default, bool):
+        return isinstance(v, bool)
+    if isinstance(default, int):
+        return isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(default, float):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, type(default))
+
+
+def _typed_config(cls, d: dict, path, part: str):
+    """``cls`` from a checkpoint's ``part`` dict (unknown keys ignored); a value of the wrong type is a VsaError."""
+    import dataclasses
+
+    from vsa.checkpoint import config_from
+    from vsa.errors import VsaError
+
+    cfg = config_from(cls, d)
+    for f in dataclasses.fields(cls):
+        v = getattr(cfg, f.name)
+        if not _field_ok(v, f.default):
+            want = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(
+                type(f.default), type(f.default).__name__)
+            raise VsaError(f"'{part}' {f.name} must be {want}, got {v!r:.60}", path)
+    return cfg
+
+
+def check_generator_config(cfg: MRNNConfig, path=None) -> None:
+    """A one-line VsaError (naming ``path``) for a generator config no model can be built from."""
+    from vsa.errors import VsaError
+
+    if cfg.rnn not in RNNS:
+        raise VsaError(f"'model' rnn must be one of {', '.join(RNNS)}, got {cfg.rnn!r:.60}", path)
+    for name in ("feat_dim", "embed", "hidden", "att_dim", "max_regions"):
+        if getattr(cfg, name) < 1:
+            raise VsaError(f"'model' {name} must be at least 1, got {getattr(cfg, name)}", path)
+    if cfg.vocab_size < 5:
+        raise VsaError(f"'model' vocab_size must be at least 5 (4 special tokens and a word), got {cfg.vocab_size}", path)
+    if cfg.cells < 0:
+        raise VsaError(f"'model' cells must be at least 0, got {cfg.cells}", path)
+    if not 0 <= cfg.dropout < 1:
+        raise VsaError(f"'model' dropout must be at least 0 and below 1, got {cfg.dropout}", path)
+
+
+def _fit_weights(model: nn.Module, sd: dict, path) -> None:
+    """Check that ``sd`` holds exactly ``model``'s tensors, shape for shape; a one-line VsaError naming the first
+    missing, unexpected or misshapen ones otherwise."""
+    from vsa.errors import VsaError
+
+    own = model.state_dict()
+    problems = [f"missing {k}" for k in own if k not in sd]
+    problems += [f"unexpected {k}" for k in sd if k not in own]
+    problems += [f"{k} has shape {list(sd[k].shape)}, the model's is {list(v.shape)}"
+                 for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise VsaError(f"checkpoint weights do not fit its model config: {'; '.join(problems[:3])}{more}", path)
+
+
+def model_from_checkpoint(ckpt: dict, device: str = "cpu", path=None) -> nn.Module:
+    """Rebuild a model from a loaded ``mrnn`` checkpoint (weights cast to float32); its decoding defaults
+    are ``model.decoding`` (:class:`vsa.decoding.DecodingConfig`). A checkpoint whose config, decoding defaults,
+    vocabulary or weights do not make a model is a one-line VsaError naming ``path`` (its file) and what is wrong."""
+    from vsa.data import Vocab
+    from vsa.decoding import DecodingConfig
+    from vsa.errors import VsaError
+
+    cfg = _typed_config(MRNNConfig, ckpt["model"], path, "model")
+    check_generator_config(cfg, path)
+    dec = _typed_config(DecodingConfig, ckpt.get("decoding") or {}, path, "decoding")
+    if dec.beam < 1 or dec.max_len < 1:
+        raise VsaError(f"'decoding' beam and max_len must be at least 1, got {dec.beam} and {dec.max_len}", path)
+    if not 0 <= dec.mirror < 1:
+        raise VsaError(f"'decoding' mirror must be at least 0 and below 1, got {dec.mirror}", path)
+    n_words = len(Vocab(ckpt["vocab"]))
+    if n_words != cfg.vocab_size:
+        raise VsaError(f"the vocabulary has {n_words} entries (with the special tokens) but the model config "
+                       f"{cfg.vocab_size}", path)
+    dim = (ckpt.get("extractor") or {}).get("dim")
+    if isinstance(dim, int) and not isinstance(dim, bool) and dim != cfg.feat_dim:
+        raise VsaError(f"the extractor makes {dim}-dim features but the model config reads {cfg.feat_dim}", path)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    with torch.device("meta"):  # the shapes alone: a config of absurd sizes allocates nothing before it is refused
+        _fit_weights(build_model(cfg), sd, path)
+    model = build_model(cfg)
     model.load_state_dict(sd)
-    model.decoding = config_from(DecodingConfig, ckpt.get("decoding") or {})
+    model.decoding = dec
     return model.to(device).eval()
 
 
@@ -418,7 +501,7 @@ def load_generators(paths, device: str = "cpu", weights: list[float] | None = No
     cks = [load_checkpoint(p, "mrnn") for p in paths]
     if weights is not None and len(weights) != len(paths):
         raise VsaError(f"{len(weights)} weights for {len(paths)} generators")
-    models = [model_from_checkpoint(ck, device) for ck in cks]
+    models = [model_from_checkpoint(ck, device, p) for p, ck in zip(paths, cks)]
     if len(models) == 1:
         return models[0], cks[0]
     first = cks[0]
