@@ -242,6 +242,10 @@ class FeatureStore:
         self.keys = [str(k) for k in a["keys"]]
         n = len(self.keys)
         where = self.path or "<features>"
+        f = self.feats
+        if getattr(f, "ndim", 0) != 2 or f.shape[1] < 1 or f.dtype.kind not in "fiu":
+            raise VsaError(f"'feats' has shape {getattr(f, 'shape', '?')} and dtype {getattr(f, 'dtype', '?')}, "
+                           "expected numbers of shape (rows, dims) with dims >= 1", where)
         if self.offsets.shape != (n + 1,):
             raise VsaError(f"'offsets' has shape {self.offsets.shape}, expected ({n + 1},) for {n} keys", where)
         if self.offsets[0] != 0:
@@ -263,6 +267,8 @@ class FeatureStore:
             self.meta = json.loads(str(meta)) if meta is not None else {}
         except json.JSONDecodeError:
             raise VsaError("'meta' is not valid JSON", where) from None
+        if not isinstance(self.meta, dict):  # every reader takes settings from it by name
+            raise VsaError(f"'meta' must be a JSON object of settings, got {type(self.meta).__name__}", where)
         emb, emb_offsets = a.get("emb"), a.get("emb_offsets")
         self.emb = None if emb is None else np.asarray(emb, dtype=np.float32)
         self.emb_offsets = None if emb_offsets is None else np.asarray(emb_offsets, dtype=np.int64)

@@ -88,11 +88,75 @@ def part_path(out: Path) -> Path:
     return out.with_name(out.name + ".part")
 
 
-def read_part(part: Path, beta: float, warn=None) -> list[dict]:
-    """Finished records of an interrupted run (same beta); a torn last line is dropped."""
-    import orjson
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    from vsa.io import atomic_write, dumps
+
+def _number(v) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_snippets(snippets, n_words: int, source=None, line: int | None = None) -> list[dict]:
+    """``snippets`` as an alignment record holds them (docs/formats.md, "Alignments JSONL"): objects with whole
+    ``start`` < ``end`` within the ``n_words`` words, a whole ``region`` >= 0, and where present a ``box`` of 4
+    numbers, a ``label`` and ``text`` string, a numeric ``score``. Returns them; a one-line VsaError naming
+    ``source``:``line`` and the snippet otherwise."""
+    if not isinstance(snippets, list):
+        raise VsaError(f"'snippets' must be a list, got {snippets!r:.60}", source, line)
+    for k, sn in enumerate(snippets, 1):
+        what = f"snippet {k}"
+        if not isinstance(sn, dict):
+            raise VsaError(f"{what} must be an object, got {sn!r:.60}", source, line)
+        start, end = sn.get("start"), sn.get("end")
+        if not (_whole(start) and _whole(end) and 0 <= start < end <= n_words):
+            raise VsaError(f"{what}: 'start' and 'end' must be whole numbers with 0 <= start < end <= {n_words} "
+                           f"(the words), got {start!r:.30} and {end!r:.30}", source, line)
+        r = sn.get("region")
+        if not (_whole(r) and r >= 0):
+            raise VsaError(f"{what}: 'region' must be a whole number >= 0, got {r!r:.60}", source, line)
+        box = sn.get("box")
+        if box is not None and not (isinstance(box, list) and len(box) == 4 and all(_number(x) for x in box)):
+            raise VsaError(f"{what}: 'box' must be 4 numbers [x1, y1, x2, y2], got {box!r:.80}", source, line)
+        for name in ("label", "text"):
+            if sn.get(name) is not None and not isinstance(sn[name], str):
+                raise VsaError(f"{what}: '{name}' must be a string, got {sn[name]!r:.60}", source, line)
+        if sn.get("score") is not None and not _number(sn["score"]):
+            raise VsaError(f"{what}: 'score' must be a number, got {sn['score']!r:.60}", source, line)
+    return snippets
+
+
+def check_alignment_record(rec, source=None, line: int | None = None) -> dict:
+    """One line of ``vsa align``'s output, checked as its readers use it (docs/formats.md, "Alignments JSONL"):
+    a non-empty string ``key``, a whole ``sentid``, a list of string ``tokens``, ``snippets`` on them
+    (:func:`check_snippets`), and where present a string ``split`` and a numeric ``beta``. Returns ``rec``; a
+    one-line VsaError naming ``source``:``line`` and the field otherwise."""
+    if not isinstance(rec, dict):
+        raise VsaError("expected a JSON object on each line", source, line)
+    missing = [f for f in ("key", "sentid", "tokens", "snippets") if f not in rec]
+    if missing:
+        raise VsaError(f"not an alignment record: no {', '.join(repr(f) for f in missing)} "
+                       "(`vsa align` writes key, sentid, split, tokens, beta, snippets)", source, line)
+    if not isinstance(rec["key"], str) or not rec["key"]:
+        raise VsaError(f"'key' must be a non-empty string, got {rec['key']!r:.60}", source, line)
+    if not _whole(rec["sentid"]):
+        raise VsaError(f"'sentid' must be a whole number, got {rec['sentid']!r:.60}", source, line)
+    tokens = rec["tokens"]
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise VsaError(f"'tokens' must be a list of strings, got {tokens!r:.60}", source, line)
+    if rec.get("split") is not None and not isinstance(rec["split"], str):
+        raise VsaError(f"'split' must be a string, got {rec['split']!r:.60}", source, line)
+    if rec.get("beta") is not None and not _number(rec["beta"]):
+        raise VsaError(f"'beta' must be a number, got {rec['beta']!r:.60}", source, line)
+    check_snippets(rec["snippets"], len(tokens), source, line)
+    return rec
+
+
+def read_part(part: Path, beta: float, warn=None) -> list[dict]:
+    """Finished records of an interrupted run (same beta); a torn last line, or any line that is not a whole
+    alignment record (:func:`check_alignment_record`), is dropped and its pair redone."""
+    from vsa.io import atomic_write, dumps, loads
 
     if not part.exists():
         return []
@@ -100,10 +164,8 @@ def read_part(part: Path, beta: float, warn=None) -> list[dict]:
     with open(part, "rb") as fh:
         for line in fh:
             try:
-                r = orjson.loads(line)
-                if not isinstance(r, dict) or "key" not in r or "sentid" not in r or "snippets" not in r:
-                    raise ValueError
-            except (orjson.JSONDecodeError, ValueError):
+                r = check_alignment_record(loads(line))
+            except (ValueError, VsaError):  # orjson.JSONDecodeError is a ValueError
                 bad += 1
                 continue
             if float(r.get("beta", beta)) != float(beta):

@@ -105,15 +105,16 @@ def caption_split(ds, store, split: str, vocab, max_len: int, regions: bool = Fa
 
 
 def snippet_split(records: list[dict], store, split: str, vocab, max_len: int, source="alignments") -> CaptionSplit:
-    """(region feature, snippet) pairs from alignments JSONL records of ``split`` (``vsa align``)."""
+    """(region feature, snippet) pairs from alignments JSONL records of ``split`` (``vsa align``); a malformed
+    record is a one-line error naming ``source`` and its line (:func:`vsa.snippets.check_alignment_record`)."""
+    from vsa.snippets import check_alignment_record
+
     index: dict[tuple[str, int], int] = {}
     feats, sents, refs, toks, items = [], [], [], [], []
     for ln, rec in enumerate(records, 1):
+        key = check_alignment_record(rec, source, ln)["key"]
         if rec.get("split", "train") != split:
             continue
-        key = rec.get("key")
-        if key is None or "snippets" not in rec or "tokens" not in rec:
-            raise VsaError("alignment record needs 'key', 'tokens' and 'snippets'", source, ln)
         if key not in store:
             raise VsaError(f"image {key!r} is not in the features file {store.path}", source, ln)
         regs = store[key]
