@@ -355,17 +355,54 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
 # ----------------------------------------------------------------------------- dataset images as a checkpoint's training features
 
 
+def _detections_part(out: Path, detector: str, top: int) -> Path:
+    return out.with_name(f"{out.name}.regions-{detector}-top{top}.jsonl")
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(-1, 2)
+        return fh.read(1)
+
+
+def _read_detections(part: Path) -> dict:
+    """``{key: regions record}`` of a detections part; a torn last line is left out (its image is detected again)."""
+    from vsa.io import loads
+
+    found: dict = {}
+    if part.exists():
+        with open(part, "rb") as fh:
+            for line in fh:
+                try:
+                    rec = loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and isinstance(rec.get("key"), str) and isinstance(rec.get("regions"), list):
+                    found[rec["key"]] = rec
+    return found
+
+
 def embed_like_training(files: list, out, extractor_meta: dict, detector=None, top: int = 19, device: str = "auto",
                         cnn_weights=None, workers: int = 1, batch_size: int = 8, progress=None, warn=None,
-                        jit: bool = True, max_pixels: int | None = None, flip: bool = False) -> Path:
+                        jit: bool = True, max_pixels: int | None = None, flip: bool = False,
+                        resume: bool = False) -> Path:
     """Write the features NPZ of image files ``[(path, key)]`` at ``out`` as ``vsa regions FILES | vsa embed``
     made the training features described by ``extractor_meta`` (a checkpoint's ``extractor``): the CNN it
     names with its crop, context, grid and dtype, on the boxes of ``detector`` (a detector spec or a loaded
     detector; region features only, :func:`vsa.featurise.uses_detector`); ``flip``: of the mirrored images, as
-    ``vsa embed --flip`` makes them."""
+    ``vsa embed --flip`` makes them. ``resume``: keep finished work beside ``out`` as it is made (the detections in
+    ``<out>.regions-<detector>-top<top>.jsonl``, the features in ``<out>.parts/``, :func:`embed`) and take up
+    what an interrupted run with the same ``out`` left; removed when ``out`` is written."""
+    import contextlib
+
+    from vsa.errors import writing
+
+    out = Path(out)
     meta = dict(extractor_meta or {})
     extra = {}
+    det_part = None
     if uses_detector(meta):
+        from vsa.io import dumps
         from vsa.regions import DetectOptions, detect_files, load_detector
 
         det = detector if hasattr(detector, "detect") else load_detector(detector, device)
@@ -373,13 +410,27 @@ def embed_like_training(files: list, out, extractor_meta: dict, detector=None, t
         if warn is not None and want and det.name != want:
             warn(f"the model was trained on {want} regions; these come from {det.name}")
         task = progress.add_task("regions", total=len(files)) if progress is not None else None
-        items = []
-        for rec, err in detect_files(det, files, DetectOptions(top=top), workers=workers, max_pixels=max_pixels):
-            if err is not None:
-                raise VsaError(err)
-            items.append(EmbedItem(rec["key"], rec["path"], rec["regions"]))
-            if task is not None:
-                progress.advance(task)
+        det_part = _detections_part(out, det.name, top) if resume else None
+        found = _read_detections(det_part) if det_part is not None else {}
+        todo = [(path, key) for path, key in files if key not in found]
+        if task is not None:
+            progress.advance(task, len(files) - len(todo))
+        if det_part is not None:
+            det_part.parent.mkdir(parents=True, exist_ok=True)
+        keep = open(det_part, "ab") if det_part is not None else contextlib.nullcontext()
+        with writing(det_part or out), keep as fh:
+            if fh is not None and fh.tell() and _last_byte(det_part) != b"\n":
+                fh.write(b"\n")  # after a torn last line: the next record starts a line of its own
+            for rec, err in detect_files(det, todo, DetectOptions(top=top), workers=workers, max_pixels=max_pixels):
+                if err is not None:
+                    raise VsaError(err)
+                found[rec["key"]] = rec
+                if fh is not None:  # kept as it is made: an interrupted run detects only the rest
+                    fh.write(dumps(rec) + b"\n")
+                    fh.flush()
+                if task is not None:
+                    progress.advance(task)
+        items = [EmbedItem(key, found[key]["path"], found[key]["regions"]) for _, key in files]
         extra["detector"] = det.name
     else:
         items = [EmbedItem(key, str(path), None) for path, key in files]
@@ -390,18 +441,21 @@ def embed_like_training(files: list, out, extractor_meta: dict, detector=None, t
     if want and int(want) != int(ex.input_size):
         raise VsaError(f"the model was trained on {want}px inputs but {ex.name} uses {ex.input_size}px")
     embed(items, out, ex, batch_size=batch_size, workers=workers, context=spec.context, crop=spec.crop,
-          dtype=meta.get("dtype") or "float16", resume=False, max_pixels=max_pixels, progress=progress, warn=warn,
+          dtype=meta.get("dtype") or "float16", resume=resume, max_pixels=max_pixels, progress=progress, warn=warn,
           extra_meta=extra, grid=spec.grid, cells=spec.cells, flip=flip)
-    return Path(out)
+    if det_part is not None:
+        det_part.unlink(missing_ok=True)
+    return out
 
 
 def features_for_eval(model_path, ds, split: str, workdir, features=None, detector=None, device: str = "auto",
                       cache: dict | None = None, progress=None, warn=None, note=None, jit: bool = True,
-                      max_pixels: int | None = None, flip: bool = False) -> Path:
+                      max_pixels: int | None = None, flip: bool = False, resume: bool = False) -> Path:
     """The features NPZ to evaluate the checkpoint at ``model_path`` on ``split`` of ``ds``: an existing one
     (:func:`vsa.checkpoint.trained_features`), else computed from the dataset's images into ``workdir``
     (:func:`embed_like_training`; ``cache`` shares one computation between models whose training features were
-    made alike). ``flip``: the features of the mirrored images (the model's ``flip_features``, else computed)."""
+    made alike; ``resume``: finished work is kept in ``workdir`` as it is made and an interrupted run's taken up).
+    ``flip``: the features of the mirrored images (the model's ``flip_features``, else computed)."""
     from vsa.checkpoint import load_checkpoint, trained_features
 
     ck = load_checkpoint(model_path)
@@ -424,9 +478,15 @@ def features_for_eval(model_path, ds, split: str, workdir, features=None, detect
         what, flag = ("mirrored " + what, "--mirror-features") if flip else (what, "--features")
         note(f"computing {what} features of the {len(recs)} {split} images in {ds.image_root} for {Path(model_path).name} "
              f"(pass {flag} NPZ to reuse a `vsa embed` output)")
-    out = Path(workdir) / f"features-{len(cache or {})}.npz"
+    import hashlib
+
+    # named by what it holds, so a rerun in the same ``workdir`` resumes this file (``resume``) and no other
+    out = Path(workdir) / f"features-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+    if resume and note is not None and (out.with_name(out.name + ".parts").exists()
+                                        or any(out.parent.glob(out.name + ".regions-*.jsonl"))):
+        note(f"resuming the {what} features an interrupted run left in {out.parent}")
     embed_like_training([(ds.image_path(r), r.key) for r in recs], out, meta, detector=detector, device=device,
-                        progress=progress, warn=warn, jit=jit, max_pixels=max_pixels, flip=flip)
+                        progress=progress, warn=warn, jit=jit, max_pixels=max_pixels, flip=flip, resume=resume)
     if cache is not None:
         cache[key] = out
     return out

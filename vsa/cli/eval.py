@@ -15,6 +15,14 @@ def _stdout():
     return data_console()  # tables are this command's data: stdout
 
 
+def _cache_home() -> Path:
+    """Where features computed from the images wait for the rerun of an interrupted eval: $XDG_CACHE_HOME, else
+    ~/.cache (removed when the eval finishes)."""
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
 @app.command("eval")
 @guarded
 def evaluate(
@@ -49,7 +57,7 @@ def evaluate(
     from vsa.cli.common import parse_weights
     from vsa.cli.config import default_model
     from vsa.errors import VsaError
-    from vsa.evaluate import evaluate as run_eval
+    from vsa.evaluate import evaluate as run_eval, resume_folder
     from vsa.io import write_json
 
     models = list(model or []) or [default_model(kind, None, note) for kind in ("align", "mrnn")]
@@ -76,7 +84,8 @@ def evaluate(
                           max_pixels=W.max_pixels(None), progress=prog,
                           warn=warn, note=note, on_section=table, rerank=rerank, rerank_features=rerank_features,
                           rerank_cfg=rcfg, hubness=hcfg, mirror=mirror,
-                          mirror_features=W.eval_mirror_features(models, mirror_features, features))
+                          mirror_features=W.eval_mirror_features(models, mirror_features, features),
+                          workdir=resume_folder(_cache_home() / "vsa" / "eval", ds, split))
     if out is not None:
         write_json(out, report, indent=True)
     if as_json:
