@@ -86,7 +86,7 @@ def open_image(path, max_pixels: int | None = None):
             if w * h > limit:
                 raise ImageError(
                     f"image is {w}x{h} = {w * h} pixels, over the limit of {limit} (possible decompression bomb; "
-                    f"raise it with --max-pixels or VSA_MAX_PIXELS)", p)
+                    f"raise the limit with VSA_MAX_PIXELS=N, or with --max-pixels where the command has it)", p)
             im.load()
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im, p)

@@ -30,14 +30,20 @@ def regions(
     """Detect regions: the whole image + top detections per image, as JSONL (one line per image)."""
     from vsa.cli import workspace as W
     from vsa.cli.config import resolve
+    from vsa.errors import VsaError
+    from vsa.images import IMAGE_EXTS, find_images
     from vsa.io import resolve_input, stdin_is_piped, stdout_is_piped, text_stream_lines
     from vsa.regions import DetectOptions, write_regions
 
     if not inputs:
         if stdin_is_piped():
             inputs = list(text_stream_lines(resolve_input(None, "images", "IMAGES...")))
+            if not inputs:
+                raise VsaError("no image paths on stdin (one path per line): nothing to detect")
         else:
             inputs = [str(resolve(None, "dataset.images", "IMAGES... (or paths on stdin)"))]
+    if not find_images(inputs, missing_ok=skip_bad):  # an empty folder is a mistake, not an empty result
+        raise VsaError(f"no images found in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_EXTS))})")
     if out is None:
         out = "-" if stdout_is_piped() else str(resolve(None, "regions.out", "--out", required=False, default="-"))
     given = dict(top=int(resolve(top, "regions.top", "--top", default=19)), conf=conf, iou=iou, dedup=dedup, imgsz=imgsz)
