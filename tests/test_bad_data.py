@@ -13,7 +13,7 @@ from tests.conftest import run_cli
 from vsa.data import ImageRecord, load_dataset
 from vsa.errors import VsaError
 from vsa.featstore import FeatureStore
-from vsa.io import iter_jsonl, load_npz, read_json
+from vsa.io import iter_jsonl, load_npz, read_json, read_jsonl
 
 
 def assert_one_line_error(proc, *needles: str) -> str:
@@ -332,3 +332,142 @@ def test_image_in_dataset_but_not_in_features(tmp_path):
     assert len(warned) == 1 and "'9.jpg'" in warned[0]
     with pytest.raises(VsaError, match="'9.jpg' is not in the features file"):
         fs["9.jpg"]
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.update(feats=a["feats"][:, 0].copy()), r"'feats' has shape \(9,\)"),  # 1-D
+    (lambda a: a.update(feats=a["feats"].reshape(9, 2, 4)), r"'feats' has shape \(9, 2, 4\)"),  # 3-D
+    (lambda a: a.update(feats=np.zeros((9, 0), np.float32)), r"'feats' has shape \(9, 0\)"),  # no dimensions
+    (lambda a: a.update(meta=np.array(json.dumps([1, 2]))), "'meta' must be a JSON object of settings, got list"),
+    (lambda a: a.update(meta=np.array(json.dumps("settings"))), "'meta' must be a JSON object of settings, got str"),
+])
+def test_npz_feats_of_the_wrong_shape_and_meta_not_an_object(tmp_path, change, message, mmap):
+    a = features()
+    change(a)
+    with pytest.raises(VsaError, match=message) as e:
+        FeatureStore(save(tmp_path, a), mmap=mmap)
+    assert "\n" not in str(e.value) and str(e.value).startswith(str(tmp_path / "f.npz") + ": ")
+
+
+# ----------------------------------------------------------------------------- file names that are not UTF-8
+
+
+def test_non_utf8_file_names_round_trip_through_json_and_jsonl(tmp_path):
+    """A file name that is not valid UTF-8 (a Latin-1 'café' on a Linux disk) reaches vsa as os.fsdecode gives it,
+    with surrogate escapes: every JSON writer keeps it (as \\udcXX escapes, the file stays valid UTF-8) and every
+    reader gives the same string back, so os.fsencode gives the original bytes."""
+    import os
+
+    from vsa.io import JsonlWriter, write_json, write_jsonl
+
+    raw = b"photos/caf\xe9 \xff.jpg"
+    name = os.fsdecode(raw)
+    rec = {"key": Path(name).name, "path": name, "score": np.float32(0.5), "box": np.arange(4), "text": "Café 😀",
+           name: 1}
+    p = tmp_path / "r.jsonl"
+    write_jsonl(p, [rec, {"key": "plain.jpg"}])
+    data = p.read_bytes()
+    data.decode("utf-8")  # strict: still UTF-8
+    assert b"\\udce9" in data and b"\\udcff" in data
+    back = read_jsonl(p)
+    assert os.fsencode(back[0]["path"]) == raw and back[0]["key"] == "caf\udce9 \udcff.jpg"
+    assert back[0]["score"] == 0.5 and back[0]["box"] == [0, 1, 2, 3] and back[0]["text"] == "Café 😀"
+    assert back[0][name] == 1 and back[1] == {"key": "plain.jpg"}
+    assert json.loads(data.splitlines()[0]) == back[0]  # Python's json reads it the same
+    write_json(tmp_path / "r.json", [rec], indent=True)
+    assert os.fsencode(read_json(tmp_path / "r.json")[0]["path"]) == raw
+    with JsonlWriter(tmp_path / "w.jsonl") as w:
+        w.write({"path": name})
+    assert os.fsencode(next(iter_jsonl(tmp_path / "w.jsonl"))["path"]) == raw
+    # a line that is bad for another reason is still a one-line error with its line number
+    (tmp_path / "bad.jsonl").write_bytes(b'{"key": "a\\udce9"}\n{"key": "\\udce9" oops}\n')
+    with pytest.raises(VsaError, match=r"bad\.jsonl:2: invalid JSON line"):
+        read_jsonl(tmp_path / "bad.jsonl")
+    from vsa.io import dumps, loads
+
+    assert loads(dumps(rec))["path"] == name
+
+
+def test_regions_keeps_a_non_utf8_file_name(tmp_path, yolov5n):
+    import os
+    import shutil
+
+    from tests.conftest import FLICKR8K
+
+    src = next((FLICKR8K / "images").glob("*.jpg"), None) if (FLICKR8K / "images").exists() else None
+    if src is None:
+        pytest.skip("Flickr8K images not found")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(src, os.path.join(os.fsencode(folder), b"caf\xe9.jpg"))
+    out = tmp_path / "r.jsonl"
+    r = run_cli("regions", folder, "--detector", yolov5n, "-o", out)
+    assert r.returncode == 0, r.stderr.decode()
+    rec = read_jsonl(out)[0]
+    assert os.fsencode(rec["key"]) == b"caf\xe9.jpg" and os.path.exists(rec["path"])
+
+
+# ----------------------------------------------------------------------------- alignment records (`vsa align` output)
+
+
+def alignment(**change) -> dict:
+    rec = {"key": "0.jpg", "sentid": 7, "split": "train", "tokens": ["a", "dog", "runs"], "beta": 0.05,
+           "snippets": [{"start": 0, "end": 2, "text": "a dog", "region": 1, "box": [0.0, 0.0, 5.0, 5.0],
+                         "label": "dog", "score": 0.5},
+                        {"start": 2, "end": 3, "text": "runs", "region": 0, "box": [0, 0, 10, 10], "label": "image",
+                         "score": 0.1}]}
+    rec.update(change)
+    return rec
+
+
+def bad_snippet(**change) -> dict:
+    rec = alignment()
+    rec["snippets"][0].update(change)
+    return rec
+
+
+BAD_ALIGNMENTS = [
+    ({k: v for k, v in alignment().items() if k != "sentid"}, "not an alignment record: no 'sentid'"),
+    (alignment(sentid="7"), "'sentid' must be a whole number, got '7'"),
+    (alignment(key=5), "'key' must be a non-empty string"),
+    (alignment(tokens="a dog runs"), "'tokens' must be a list of strings"),
+    (alignment(snippets={"start": 0}), "'snippets' must be a list"),
+    (alignment(beta="high"), "'beta' must be a number"),
+    (bad_snippet(region="two"), "snippet 1: 'region' must be a whole number >= 0, got 'two'"),
+    (bad_snippet(region=1.5), "snippet 1: 'region' must be a whole number >= 0, got 1.5"),
+    (bad_snippet(region=-1), "snippet 1: 'region' must be a whole number >= 0, got -1"),
+    (bad_snippet(box=["a", 0, 1, 2]), "snippet 1: 'box' must be 4 numbers"),
+    (bad_snippet(box=[0, 1, 2]), "snippet 1: 'box' must be 4 numbers"),
+    (bad_snippet(end=9), r"snippet 1: 'start' and 'end' must be whole numbers with 0 <= start < end <= 3"),
+    (bad_snippet(start="0"), r"snippet 1: 'start' and 'end' must be whole numbers"),
+    (bad_snippet(score="high"), "snippet 1: 'score' must be a number"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_ALIGNMENTS)
+def test_malformed_alignment_record_names_file_line_and_field(tmp_path, bad, message):
+    """`train-mrnn --alignments` reads `vsa align` output: a malformed line is one error naming file, line and field."""
+    from vsa.data import Vocab
+    from vsa.splits import snippet_split
+
+    p = tmp_path / "al.jsonl"
+    p.write_text(json.dumps(alignment()) + "\n" + json.dumps(bad) + "\n")
+    store = FeatureStore(save(tmp_path, features()))
+    good = snippet_split(read_jsonl(p)[:1], store, "train", Vocab(["a", "dog", "runs"]), 20, p)
+    assert len(good.sents) == 2
+    with pytest.raises(VsaError, match=message) as e:
+        snippet_split(read_jsonl(p), store, "train", Vocab(["a", "dog", "runs"]), 20, p)
+    assert str(e.value).startswith(f"{p}:2: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("bad,message", BAD_ALIGNMENTS[1:8])
+def test_align_resume_redoes_malformed_part_records(tmp_path, bad, message):
+    """`vsa align`'s resume reads its own part file: a line that is not a whole record is redone, not trusted."""
+    from vsa.snippets import read_part
+
+    part = tmp_path / "al.jsonl.part"
+    part.write_text(json.dumps(alignment()) + "\n" + json.dumps(bad) + "\n")
+    kept = read_part(part, 0.05)
+    assert kept == [alignment()]
+    assert part.read_text().count("\n") == 1  # rewritten without the bad line

@@ -291,3 +291,35 @@ def test_grounding_embeds_the_photo_as_vsa_score_does(tmp_path, flickr8k, yolov5
     words = score_record(cap.aligner, enc.encode(photo), rec["caption"])["words"]
     per_word = [s["region"] for s in rec["snippets"] for _ in range(s["end"] - s["start"])]
     assert per_word == [w["region"] for w in words]
+
+
+def test_caption_keeps_a_file_name_that_is_not_utf8(tmp_path, yolov5n):
+    """A Latin-1 file name on a UTF-8 system: --json writes it (as \\udcXX escapes, valid UTF-8 that vsa and
+    Python's json read back to the same name), text mode writes its bytes, --regions lines too."""
+    import os
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    raw = os.path.join(os.fsencode(folder), b"caf\xe9.jpg")
+    _photo(os.fsdecode(raw))
+    r = run_cli("caption", folder, "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    from vsa.io import loads
+
+    rec = loads(r.stdout.splitlines()[0])
+    assert os.fsencode(rec["path"]) == raw and rec["caption"]
+    r.stdout.decode("utf-8")
+    r = run_cli("caption", folder, "--regions", "--detector", yolov5n, "--top", "1", "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    lines = r.stdout.split(b"\n")
+    assert lines[0].startswith(raw + b"\t") and len(lines) >= 3 and lines[1].startswith(raw + b"\t")
+
+
+def test_the_pixel_limit_message_names_what_raises_it_for_caption(tmp_path):
+    p = _photo(tmp_path / "photo.jpg")
+    r = run_cli("caption", p, "--threads", "1", env={"VSA_MAX_PIXELS": "1000"})
+    err = r.stderr.decode().splitlines()[-1]
+    assert r.returncode == 2 and "over the limit of 1000" in err, err
+    assert "VSA_MAX_PIXELS=N" in err and "--max-pixels where the command has it" in err, err
+    r = run_cli("caption", p, "--threads", "1", env={"VSA_MAX_PIXELS": str(320 * 240)})
+    assert r.returncode == 0, r.stderr.decode()

@@ -221,3 +221,116 @@ def test_the_shipped_models_load_in_the_current_layout(name):
         assert ck["train"]["scst_lr"] > 0 and "lr" not in ck["model"]
     else:
         assert ck["decoding"]["beta"] > 0 and ck["model"]["max_regions"] == 20
+
+
+# ----------------------------------------------------------------------------- caption checkpoints that make no model
+
+
+def _regions_generator() -> dict:
+    from vsa.assets import ASSETS
+
+    return torch.load(ASSETS / "mrnn-regions-flickr8k.pt", weights_only=True)  # the smallest shipped generator
+
+
+def _set(part: str, key: str, value):
+    return lambda ck: ck[part].__setitem__(key, value)
+
+
+BAD_GENERATORS = [
+    (_set("state_dict", "out.weight", torch.zeros(5, 3)), "weights do not fit its model config: out.weight has shape [5, 3]"),
+    (lambda ck: ck["state_dict"].pop("out.bias"), "weights do not fit its model config: missing out.bias"),
+    (_set("state_dict", "extra.weight", torch.zeros(2)), "unexpected extra.weight"),
+    (_set("state_dict", "out.bias", 3), "'state_dict' entry 'out.bias' is not a tensor"),
+    (lambda ck: ck.pop("state_dict"), "not a complete vsa checkpoint: no 'state_dict'"),
+    (_set("model", "hidden", "big"), "'model' hidden must be a whole number, got 'big'"),
+    (_set("model", "hidden", -3), "'model' hidden must be at least 1, got -3"),
+    (_set("model", "hidden", 10**6), "weights do not fit its model config"),  # refused before any allocation
+    (_set("model", "rnn", "gru"), "'model' rnn must be one of rnn, lstm, updown, got 'gru'"),
+    (_set("model", "dropout", 2.0), "'model' dropout must be at least 0 and below 1"),
+    (_set("model", "attention", "yes"), "'model' attention must be true or false"),
+    (_set("model", "feat_dim", 7), "the extractor makes 1280-dim features but the model config reads 7"),
+    (_set("decoding", "beam", "x"), "'decoding' beam must be a whole number, got 'x'"),
+    (_set("decoding", "beam", 0), "'decoding' beam and max_len must be at least 1"),
+    (_set("decoding", "mirror", 1.5), "'decoding' mirror must be at least 0 and below 1"),
+    (lambda ck: ck.__setitem__("vocab", ck["vocab"][:-5]), "the vocabulary has 2534 entries"),
+    (lambda ck: ck.__setitem__("vocab", 5), "'vocab' must be a list of words, got int"),
+    (lambda ck: ck.__setitem__("model", [1]), "'model' must be a dict, got list"),
+    (lambda ck: ck.__setitem__("extractor", "lite0"), "'extractor' must be a dict, got str"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_GENERATORS)
+def test_a_caption_checkpoint_that_makes_no_model_is_one_line_naming_the_file(tmp_path, change, message):
+    from vsa.mrnn import load_generators
+
+    ck = _regions_generator()
+    change(ck)
+    p = tmp_path / "bad.pt"
+    torch.save(ck, p)
+    with pytest.raises(VsaError) as e:
+        load_generators(p)
+    assert str(e.value).startswith(f"{p}: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_bad_region_caption_model_is_named(tmp_path):
+    from vsa.captioner import Captioner
+
+    ck = _regions_generator()
+    ck["state_dict"].pop("out.bias")
+    p = tmp_path / "regions-bad.pt"
+    torch.save(ck, p)
+    with pytest.raises(VsaError, match=f"^{p}: checkpoint weights do not fit its model config: missing out.bias$"):
+        Captioner.load(region_model=p, device="cpu")
+
+
+def test_a_bad_caption_checkpoint_via_cli(tmp_path):
+    ck = _regions_generator()
+    ck["model"]["hidden"] = "big"
+    p = tmp_path / "bad.pt"
+    torch.save(ck, p)
+    img = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(img)
+    r = run_cli("caption", img, "-m", p)
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert err.splitlines()[-1] == f"vsa: error: {p}: 'model' hidden must be a whole number, got 'big'", err
+    assert "Traceback" not in err and r.stdout == b""
+
+
+# ----------------------------------------------------------------------------- --cnn-weights
+
+
+@pytest.mark.parametrize("cnn", ["efficientnet-lite0", "resnet18"])
+def test_cnn_weights_that_would_run_code_are_refused_without_running_it(tmp_path, cnn):
+    from vsa.cnn import load_extractor
+
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as fh:
+        pickle.dump({"w": Evil(marker)}, fh)
+    with pytest.raises(VsaError, match="refused: not a plain-tensor weights file, it would need to unpickle code") as e:
+        load_extractor(cnn, str(evil), "cpu")
+    assert str(e.value).startswith(f"{evil}: ") and "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    (lambda: {"a": torch.zeros(3)}, "not weights of efficientnet-lite0: missing _conv_stem.weight"),
+    (lambda: [torch.zeros(3)], "not a state dict of CNN weights (holds list)"),
+    (lambda: {"state_dict": {"a": 3}}, "not a state dict of CNN weights: entry 'a' is not a tensor"),
+    (lambda: b"not a checkpoint", "not a"),
+])
+def test_cnn_weights_that_are_not_the_cnns_are_one_line(tmp_path, content, message):
+    from vsa.cnn import load_extractor
+
+    w = tmp_path / "w.pt"
+    c = content()
+    if isinstance(c, bytes):
+        w.write_bytes(c)
+    else:
+        torch.save(c, w)
+    with pytest.raises(VsaError) as e:
+        load_extractor("efficientnet-lite0", str(w), "cpu")
+    assert str(e.value).startswith(f"{w}: ") and message in str(e.value) and "\n" not in str(e.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +107,232 @@ def test_stdout_carries_data_only(tmp_path, argv):
     assert r.returncode == 0, r.stderr.decode()
     json.loads(r.stdout)  # stdout is pure JSON ...
     assert r.stderr.decode().startswith("warning: ")  # ... and the note went to stderr
+
+
+# ----------------------------------------------------------------------------- a full disk, an interrupt behind an error
+
+
+def _guarded(fn, capsys) -> tuple[int, str]:
+    """Run ``fn`` as a command body (vsa.cli.common.guarded): its exit code and stderr."""
+    import typer
+
+    from vsa.cli.common import guarded
+
+    with pytest.raises(typer.Exit) as e:
+        guarded(fn)()
+    return e.value.exit_code, capsys.readouterr().err
+
+
+def _disk_fills(monkeypatch, code: int = 28) -> None:
+    """Every file opened by vsa.io.atomic_write fails its first write as a full disk does: OSError(ENOSPC) from
+    write(), which names no file."""
+    import os
+
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, fh):
+            self._fh = fh
+
+        def write(self, data):
+            raise OSError(code, os.strerror(code))
+
+        def __getattr__(self, name):
+            return getattr(self._fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._fh.close()
+            return False
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **kw: Full(real(fd, *a, **kw)))
+
+
+@pytest.mark.parametrize("code", [28, 122])  # ENOSPC, EDQUOT (Linux)
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys, code):
+    from vsa.io import write_json
+
+    out = tmp_path / "report.json"
+    _disk_fills(monkeypatch, code)
+    rc, err = _guarded(lambda: write_json(out, {"a": 1}), capsys)
+    assert rc == 2
+    assert err.startswith(f"vsa: error: {out}: disk full (") and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+def test_a_full_disk_under_torch_save_is_one_line_naming_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """torch's zip writer reports a failed write as 'unexpected pos': the checkpoint's file is still named."""
+    import torch
+
+    from vsa.checkpoint import save_checkpoint
+
+    out = tmp_path / "m.pt"
+    _disk_fills(monkeypatch)
+    rc, err = _guarded(lambda: save_checkpoint(out, "mrnn", {}, {}, {}, ["a"], {}, {"w": torch.zeros(300)}), capsys)
+    assert rc == 2 and err == f"vsa: error: {out}: disk full (No space left on device); free some space and rerun\n"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_stdout_on_a_full_disk_is_one_line(tmp_path):
+    ds = tmp_path / "dataset_t.json"
+    ds.write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "train", "sentences": ["a dog"]}]}))
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run([sys.executable, "-m", "vsa", "data", "convert", str(ds)], stdout=full,
+                           stderr=subprocess.PIPE, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.decode() == "vsa: error: <stdout>: disk full (No space left on device); free some space and rerun\n"
+
+
+def test_an_error_raised_while_handling_an_interrupt_is_the_interrupt(capsys):
+    """A SIGTERM to the process group stops torch's DataLoader workers too: its own 'worker killed' error arrives
+    while vsa handles the KeyboardInterrupt. That is still an interrupt: one line, exit 130."""
+
+    def body():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Terminated.")
+
+    rc, err = _guarded(body, capsys)
+    assert (rc, err) == (130, "vsa: error: interrupted\n")
+
+    def unrelated():
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors are not swallowed
+        _guarded(unrelated, capsys)
+
+
+# ----------------------------------------------------------------------------- vsa regions with nothing to read
+
+
+def test_regions_on_an_empty_folder_is_an_error(tmp_path):
+    empty = tmp_path / "photos"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    out = tmp_path / "r.jsonl"
+    for argv, inp, needle in ([[empty, "-o", out], None, f"no images found in {empty} (looked for "],
+                              [["-o", out], b"", "no image paths on stdin"]):
+        r = run_cli("regions", *argv, input=inp)
+        err = r.stderr.decode()
+        assert r.returncode == 2 and err.count("\n") == 1 and needle in err, err
+        assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- an interrupted `vsa eval --images`
+
+
+def test_eval_features_made_from_images_resume_after_an_interrupt(tmp_path, monkeypatch):
+    """What `vsa eval` computes from the images (detections, then CNN features) is kept as it is made: after an
+    interrupt a rerun detects and embeds only the rest, and gives the features an uninterrupted run gives."""
+    import numpy as np
+    from PIL import Image
+
+    import vsa.features as F
+    import vsa.regions as R
+    from vsa.featstore import FeatureStore
+
+    files = []
+    for i in range(5):
+        p = tmp_path / "imgs" / f"{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (64, 48), (40 * i, 90, 200 - 30 * i)).save(p)
+        files.append((p, p.name))
+    meta = {"extractor": "efficientnet-lite0", "input": 224, "crop": "warp", "context": 0.0, "dtype": "float16",
+            "detector": "fake"}
+
+    class Fake:
+        name = "fake"
+
+        def detect(self, *a, **kw):
+            raise AssertionError("detect_files is replaced")
+
+    detected, forwards, stop = [], [], {}
+
+    def detect_files(det, todo, *a, **kw):
+        for path, key in todo:
+            if stop.get("detect") == len(detected):
+                raise KeyboardInterrupt
+            detected.append(key)
+            yield {"key": key, "path": str(path), "width": 64, "height": 48,
+                   "regions": [{"box": [0.0, 0.0, 64.0, 48.0], "score": 1.0, "label": "image"},
+                               {"box": [8.0, 8.0, 40.0, 30.0], "score": 0.9, "label": "dog"}]}, None
+
+    real_forward = F.forward
+
+    def forward(*a, **kw):
+        if stop.get("forward") == len(forwards):
+            raise KeyboardInterrupt
+        forwards.append(1)
+        return real_forward(*a, **kw)
+
+    monkeypatch.setattr(R, "detect_files", detect_files)
+    monkeypatch.setattr(F, "forward", forward)
+    out = tmp_path / "work" / "features.npz"
+
+    def run(**kw):
+        return F.embed_like_training(files, out, meta, detector=Fake(), device="cpu", batch_size=1, workers=0,
+                                     jit=False, **kw)
+
+    stop.update(detect=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(resume=True)
+    assert detected == ["0.png", "1.png"]
+    stop.update(detect=None, forward=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(resume=True)
+    assert detected == ["0.png", "1.png", "2.png", "3.png", "4.png"]  # only the rest detected
+    assert not out.exists() and list((tmp_path / "work" / "features.npz.parts").glob("part-*.npz"))
+    stop.update(forward=None)
+    forwards.clear()
+    run(resume=True)
+    assert len(forwards) == 3  # only the rest embedded (one image per forward)
+    assert sorted(q.name for q in (tmp_path / "work").iterdir()) == ["features.npz"]  # kept work removed
+    got = FeatureStore(out)
+    out = tmp_path / "fresh.npz"
+    run()
+    fresh = FeatureStore(out)
+    assert got.keys == fresh.keys == [f"{i}.png" for i in range(5)]
+    assert np.array_equal(np.asarray(got.feats), np.asarray(fresh.feats))
+
+
+def test_sigterm_during_eval_keeps_the_computed_features_and_the_rerun_resumes(tmp_path, flickr8k, yolov5n):
+    import os
+    import signal
+    import time
+
+    data = json.loads((flickr8k / "dataset_flickr8k.json").read_text())
+    test = [r for r in data["images"] if r["split"] == "test"][:8]
+    ds = tmp_path / "dataset_t.json"
+    ds.write_text(json.dumps({"dataset": "flickr8k", "images": test}))
+    cache = tmp_path / "cache"
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache), OMP_NUM_THREADS="2")
+    argv = ["eval", "--dataset", str(ds), "--images", str(flickr8k / "images"), "--detector", str(yolov5n),
+            "-m", "vsa/assets/align-flickr8k.pt", "--device", "cpu", "--json"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "vsa", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, cwd=root)
+
+    def detections():
+        return [q for q in cache.glob("vsa/eval/*/*.regions-*.jsonl")] if cache.exists() else []
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            detections() and detections()[0].read_bytes().count(b"\n") >= 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    last = err.rstrip("\n").splitlines()[-1]
+    assert last.startswith("vsa: error: interrupted: the features computed so far are kept in "), err
+    assert "rerun the same command to resume" in last and "Traceback" not in err
+    kept = Path(last.split(" kept in ")[1].split(";")[0])
+    assert kept.is_dir() and detections()
+    r = subprocess.run([sys.executable, "-m", "vsa", *argv], capture_output=True, env=env, cwd=root, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()
+    assert f"resuming the region features an interrupted run left in {kept}" in r.stderr.decode()
+    assert json.loads(r.stdout)["retrieval"]["images"] == 8
+    assert not kept.exists()  # removed once the eval is done
