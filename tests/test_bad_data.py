@@ -408,6 +408,28 @@ def test_regions_keeps_a_non_utf8_file_name(tmp_path, yolov5n):
     assert os.fsencode(rec["key"]) == b"caf\xe9.jpg" and os.path.exists(rec["path"])
 
 
+def test_show_pages_keep_a_non_utf8_file_name(tmp_path):
+    """`vsa show` of captions whose image has a Latin-1 name: the PNG and the page are written (the name shown as
+    its \\udcXX escapes), not a crash after every picture was drawn."""
+    import os
+
+    from PIL import Image
+
+    from vsa.io import write_jsonl
+    from vsa.pictures import show_pictures, write_retrieval_page
+
+    raw = os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg")
+    Image.new("RGB", (40, 30), "red").save(os.fsdecode(raw))
+    caps = tmp_path / "captions.jsonl"
+    write_jsonl(caps, [{"path": os.fsdecode(raw), "key": "caf\udce9.jpg", "caption": "a red wall"}])
+    res = show_pictures(caps, tmp_path / "show")
+    html = Path(res["page"]).read_bytes().decode("utf-8")
+    assert res["pictures"] == 1 and "caf\\udce9.jpg" in html
+    page = write_retrieval_page({"images": [{"key": "caf\udce9.jpg", "thumb": "thumbs/caf.jpg"}], "sentences": [],
+                                 "i2t": [], "t2i": []}, tmp_path / "ret")
+    assert "caf\\udce9.jpg" in page.read_bytes().decode("utf-8")
+
+
 # ----------------------------------------------------------------------------- alignment records (`vsa align` output)
 
 

@@ -115,9 +115,9 @@ def script_json(obj) -> str:
     """``obj`` as JSON that is safe as the text of a ``<script>`` element: ``<``, ``>``, ``&`` and the line
     separators U+2028/U+2029 written as ``\\uXXXX`` (they occur only inside JSON strings, where the escape
     means the same character), so no ``</script>`` or ``<!--`` can end or change the element."""
-    import orjson
+    from vsa.io import dumps  # a file name that is not UTF-8 becomes \udcXX escapes, as in every vsa JSON
 
-    s = orjson.dumps(obj).decode()
+    s = dumps(obj).decode()
     for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
                     ("\u2029", "\\u2029")):
         s = s.replace(ch, esc)
@@ -455,8 +455,8 @@ def write_pictures_page(entries: list[tuple[Picture, str]], out_dir: Path, title
            f"a frame around the whole image marks snippets grounded in the whole image.</p>"
            + "".join(cards) + "</body></html>\n")
     out = Path(out_dir) / "index.html"
-    with atomic_write(out, "w") as fh:
-        fh.write(doc)
+    with atomic_write(out) as fh:  # a file name that is not UTF-8 is shown as its \udcXX escapes
+        fh.write(doc.encode("utf-8", "backslashreplace"))
     return out
 
 
@@ -524,8 +524,8 @@ def write_retrieval_page(data: dict, out_dir: Path, title: str = "vsa retrieval"
            f"<script type=\"application/json\" id=\"data\">{script_json(data)}</script>"
            f"<script>{RETRIEVAL_JS}</script></body></html>\n")
     out = Path(out_dir) / "retrieval.html"
-    with atomic_write(out, "w") as fh:
-        fh.write(doc)
+    with atomic_write(out) as fh:  # a file name that is not UTF-8 is shown as its \udcXX escapes
+        fh.write(doc.encode("utf-8", "backslashreplace"))
     return out
 
 
