@@ -539,3 +539,111 @@ def test_grid_features_use_the_workspaces_grid_cnn_and_other_crops_its_cnn(tmp_p
     assert json.loads(str(np.load(tmp_path / "w.npz")["meta"]))["extractor"] == "efficientnet-lite0"
     r = run_cli("embed", "imgs", "--crop", "grid", "--cnn", "efficientnet-lite0", "-o", "g0.npz", cwd=tmp_path)
     assert r.returncode == 0 and json.loads(str(np.load(tmp_path / "g0.npz")["meta"]))["extractor"] == "efficientnet-lite0"
+
+
+# ----------------------------------------------------------------------------- one writer per output, a pixel budget
+
+
+def _wait_for(path, proc, what="the lock"):
+    deadline = time.time() + 120  # a bound on a hang, not a timing measurement
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, f"no {what}: {proc.stderr.read().decode()[-2000:]}"
+        time.sleep(0.05)
+
+
+def test_a_second_embed_on_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    folder = tmp_path / "imgs"
+    _images(folder, 15)
+    out = tmp_path / "same.npz"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "vsa", "embed", str(folder), "-o", str(out), "--part-every", "5", "--threads", "1"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        _wait_for(tmp_path / "same.npz.lock", first)
+        first.send_signal(signal.SIGSTOP)  # frozen while it holds the output: the second run meets it for sure
+        r = run_cli("embed", folder, "-o", out, "--part-every", "5", "--threads", "1")
+        err = r.stderr.decode().strip()
+        assert r.returncode == 2 and len(err.splitlines()) == 1, err
+        assert err == (f"vsa: error: {out}.lock: locked: another `vsa embed` (pid {first.pid} on {os.uname().nodename}) "
+                       f"is writing {out}; wait for it to finish or pick another output (a lock left by a crash on "
+                       "another machine can be deleted)")
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, ferr = first.communicate(timeout=300)
+    assert first.returncode == 0, ferr.decode()
+    assert np.load(out)["keys"].tolist() == sorted(p.name for p in folder.iterdir())  # the first kept all 15
+    assert not (tmp_path / "same.npz.lock").exists() and not (tmp_path / "same.npz.parts").exists()
+
+
+def test_a_run_killed_outright_leaves_a_lock_the_next_run_takes_over(tmp_path):
+    folder = tmp_path / "imgs"
+    _images(folder, 12)
+    out = tmp_path / "f.npz"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "vsa", "embed", str(folder), "-o", str(out), "--part-every", "2", "--threads", "1"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    _wait_for(tmp_path / "f.npz.parts", first, "part")
+    first.send_signal(signal.SIGKILL)  # no cleanup at all
+    first.communicate(timeout=60)
+    lock = tmp_path / "f.npz.lock"
+    assert lock.read_text().split()[0] == str(first.pid)  # left behind
+    r = run_cli("embed", folder, "-o", out, "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    assert re.search(r"\((\d+) resumed", r.stderr.decode()).group(1) != "0"
+    assert np.load(out)["keys"].shape == (12,) and not lock.exists()
+
+
+def test_embed_keeps_decoded_and_cropped_pixels_within_the_budget(ex, tmp_path, monkeypatch):
+    """Images being decoded, their crops waiting for the CNN: at most the budget of pixels alive at once, counted
+    by the objects themselves (freed when the pipeline lets go of them), in threads as on the CPU default."""
+    import threading
+    import weakref
+
+    import vsa.features as F
+    import vsa.images as vimg
+    from vsa.images import PixelBudget
+
+    paths = _images(tmp_path / "imgs", 8)
+    items = [EmbedItem(p.name, str(p), None) for p in paths]
+    lock, live = threading.Lock(), {"now": 0, "peak": 0}
+
+    def add(obj, n):
+        def free():
+            with lock:
+                live["now"] -= n
+        with lock:
+            live["now"] += n
+            live["peak"] = max(live["peak"], live["now"])
+        weakref.finalize(obj, free)
+        return obj
+
+    real_open, real_get = vimg.open_image, F._CropDataset.__getitem__
+
+    def counted_open(path, max_pixels=None):
+        im = real_open(path, max_pixels)
+        return add(im, im.size[0] * im.size[1])
+
+    def counted_get(self, i):
+        item = real_get(self, i)
+        if "crops" in item:
+            add(item["crops"], item["crops"].numel() // 3)
+        return item
+
+    monkeypatch.setattr(vimg, "open_image", counted_open)
+    monkeypatch.setattr(F._CropDataset, "__getitem__", counted_get)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the CPU default: threads decode a window, then the CNN runs on it
+    try:
+        embed(items, tmp_path / "free.npz", ex, workers=0, batch_size=16, resume=False)
+        unbounded = live["peak"]
+        live["peak"] = 0
+        one = 200 * 150 + 224 * 224  # the largest image and its one crop
+        budget = PixelBudget(2 * one)
+        embed(items, tmp_path / "tight.npz", ex, workers=0, batch_size=16, resume=False, budget=budget)
+    finally:
+        torch.set_num_threads(before)
+    assert unbounded > 4 * one  # without a budget the window holds them all
+    assert live["peak"] <= budget.total and budget.peak <= budget.total and budget.used == 0
+    a, b = np.load(tmp_path / "free.npz"), np.load(tmp_path / "tight.npz")
+    assert a["keys"].tolist() == b["keys"].tolist() == [p.name for p in paths]
+    assert np.allclose(a["feats"].astype(np.float32), b["feats"].astype(np.float32), atol=1e-2)

@@ -2,10 +2,11 @@
 
 Inputs are :class:`EmbedItem` (an image file and its regions, or None for the whole image), from a regions
 JSONL (:func:`items_from_regions`) or image files (:func:`collect_items` reads ``vsa embed``'s inputs). Images
-are decoded and prepared (on CPU in a pool of threads, between CNN forwards; with ``workers`` > 0 in DataLoader
-worker processes, which overlap the forward on an accelerator) and batched through the CNN by the one featurisation path
-(:mod:`vsa.featurise`); finished work is saved in parts (resume), ``--shard K/N`` takes a deterministic block
-(:func:`shard_of`) and :func:`merge_npz` joins shards. Files are read and written by :mod:`vsa.featstore` only.
+are decoded and prepared (on CPU in a pool of threads, between CNN forwards; with ``workers`` > 0 in worker
+processes, which overlap the forward on an accelerator), never more than a budget of pixels at once, and
+batched through the CNN by the one featurisation path (:mod:`vsa.featurise`); finished work is saved in parts
+(resume; one run per output: a lock), ``--shard K/N`` takes a deterministic block (:func:`shard_of`) and
+:func:`merge_npz` joins shards. Files are read and written by :mod:`vsa.featstore` only.
 :func:`embed_like_training` and :func:`features_for_eval` run the pipeline on dataset images as a checkpoint's
 training features were made (``vsa eval --images``). The CNNs themselves are :mod:`vsa.cnn`.
 """
@@ -101,7 +102,7 @@ def output_key(items: list[EmbedItem], crop: str, flip: bool = False) -> str | N
 
 
 class _CropDataset:
-    """Decodes an image and prepares its CNN inputs (:func:`vsa.featurise.prepare`; runs in DataLoader workers)."""
+    """Decodes an image and prepares its CNN inputs (:func:`vsa.featurise.prepare`; runs in worker processes)."""
 
     def __init__(self, items, prep, spec: CropSpec, max_pixels: int | None, flip: bool = False):
         self.items = items
@@ -112,6 +113,29 @@ class _CropDataset:
 
     def __len__(self):
         return len(self.items)
+
+    def cost(self, i) -> int:
+        """The most pixels item ``i`` holds while it is prepared: the decoded image (twice with ``flip``: the mirror
+        is a copy) and its crops, each an S x S image (warp: one per region; roi and grid: the image once)."""
+        from vsa.images import image_pixels
+
+        it = self.items[i]
+        px = image_pixels(it.path, self.max_pixels)
+        if not px:
+            return 0  # refused before decoding
+        crops = 1 if self.spec.crop in ("roi", "grid") else max(1, len(it.regions or ()))
+        S = int(self.prep.input_size)
+        return px * (2 if self.flip else 1) + crops * S * S
+
+    @staticmethod
+    def held(item) -> int:
+        """The pixels a prepared item still holds (its crops; the decoded image is gone)."""
+        return 0 if "error" in item else int(item["crops"].numel()) // 3
+
+    @staticmethod
+    def weight(item) -> int:
+        """What an item adds to a CNN batch (its crops)."""
+        return 1 if "error" in item else max(1, len(item["crops"]))
 
     def __getitem__(self, i):
         from vsa.images import ImageError, open_image
@@ -130,33 +154,19 @@ class _CropDataset:
             return {"index": i, "error": str(ImageError(f"cannot process image ({type(e).__name__}: {e})", it.path))}
 
 
-def _decode_in_threads(ds: _CropDataset, chunk: int, threads: int):
-    """``ds``'s items in order, decoded ``chunk`` at a time by ``threads`` threads of this process (PIL and the
-    tensor conversion release the GIL). Each chunk is decoded while the caller waits, then consumed: decoding
-    and the CNN forward take turns on all cores instead of competing for them, which on a CPU-only machine
-    beats worker processes (no oversubscribed OpenMP barriers, no tensors through shared memory)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if threads <= 1:
-        for i in range(len(ds)):
-            yield ds[i]
-        return
-    with ThreadPoolExecutor(threads, thread_name_prefix="vsa-decode") as pool:
-        for s in range(0, len(ds), chunk):
-            yield from pool.map(ds.__getitem__, range(s, min(len(ds), s + chunk)))
-
-
-def _worker_init(_):
-    import torch
-
-    torch.set_num_threads(1)  # decoding/cropping only: leave the cores to the CNN
-
-
 def merge_npz(inputs: list, out, meta: dict | None = None) -> int:
     """Join feature NPZs into one: ``--shard K/N`` outputs in K order, other files in the order given.
 
-    Duplicate keys keep the first; all inputs must share the extractor settings.
+    Duplicate keys keep the first; all inputs must share the extractor settings. A `vsa embed` writing ``out``
+    meanwhile refuses this, and this refuses it (:func:`vsa.io.output_lock`).
     """
+    from vsa.io import output_lock
+
+    with output_lock(out, "vsa embed merge"):
+        return _merge_npz(inputs, out, meta)
+
+
+def _merge_npz(inputs: list, out, meta: dict | None) -> int:
     from vsa.featstore import load_features, save_features
 
     loaded = [(p, load_features(p, mmap=False, required=("boxes", "scores", "labels", "sizes"))) for p in inputs]
@@ -214,23 +224,25 @@ def _load_done(parts_dir: Path, out: Path, settings: dict, warn=None) -> tuple[l
 def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 16, workers: int = 1,
           context: float = 0.0, crop: str = "warp", dtype: str = "float16", resume: bool = True, part_every: int = 500,
           skip_bad: bool = False, max_pixels: int | None = None, warn=None, progress=None, extra_meta: dict | None = None,
-          grid: int = 7, cells: int = 0, flip: bool = False) -> dict:
+          grid: int = 7, cells: int = 0, flip: bool = False, budget=None) -> dict:
     """Compute features of every item and write one NPZ at ``out`` (atomically).
 
     ``flip``: the features of each image mirrored left to right (its boxes mirrored with it; the keys stay the
     image's): the training-time augmentation of a generator (``vsa train-mrnn --flip-features``).
 
-    ``workers`` > 0 decodes in that many DataLoader worker processes (overlapping the forward: the choice for
+    ``workers`` > 0 decodes in that many worker processes (overlapping the forward: the choice for
     an accelerator); ``workers`` = 0 decodes in this process, in ``torch.get_num_threads()`` threads taking
-    turns with the forward (the choice on a CPU, where the forward already uses every core).
+    turns with the forward (the choice on a CPU, where the forward already uses every core). However many,
+    the pixels in flight (images being decoded, their crops waiting for the CNN) stay within ``budget``
+    (:func:`vsa.images.pixel_budget`; an image over it is prepared alone).
     Work is saved every ``part_every`` images into ``<out>.parts/`` (each part atomic). Rerunning
     with the same ``out`` and settings skips images found in a part or in a finished ``out``
     (resume; also after Ctrl-C or SIGTERM); at the end everything is merged into ``out`` in input
     order and the parts are removed. ``out`` then holds exactly the images of ``items``.
+    One run writes ``out`` at a time: ``<out>.lock`` is held throughout (:func:`vsa.io.output_lock`), and a
+    second run on the same ``out`` is refused at once.
     """
-    import torch
-
-    from vsa.featstore import load_features, save_features
+    from vsa.io import output_lock
 
     out = Path(out)
     seen: dict[str, str] = {}
@@ -239,7 +251,6 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
             raise VsaError(f"two inputs have the same image key {it.key!r} ({seen[it.key]} and {it.path}); "
                            "give their common folder instead of the files", it.path)
         seen[it.key] = it.path
-    parts_dir = out.with_name(out.name + ".parts")
     np_dtype = np.dtype(dtype)
     meta = dict(extractor.meta)
     spec = CropSpec(crop, float(context), int(grid), int(cells))
@@ -258,6 +269,19 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
     from vsa import __version__
 
     meta["vsa"] = __version__
+    with output_lock(out, "vsa embed"):  # its parts and resume are one writer's: a second run is refused
+        return _embed(items, out, extractor, meta, spec, np_dtype, batch_size, workers, resume, part_every, skip_bad,
+                      max_pixels, warn, progress, budget)
+
+
+def _embed(items, out: Path, extractor, meta: dict, spec: CropSpec, np_dtype, batch_size, workers, resume, part_every,
+           skip_bad, max_pixels, warn, progress, budget) -> dict:
+    import torch
+
+    from vsa.featstore import load_features, save_features
+    from vsa.images import PixelBudget, budgeted_batches, close_pool, pixel_budget, worker_pool
+
+    parts_dir = out.with_name(out.name + ".parts")
     settings = feature_settings(meta)
     if resume:
         sources, done = _load_done(parts_dir, out, settings, warn)
@@ -270,12 +294,20 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
     todo = [it for it in items if it.key not in done]
     stats = {"images": len(items), "skipped_done": len(items) - len(todo), "bad": 0, "regions": 0}
 
-    ds = _CropDataset(todo, extractor.prep, spec, max_pixels, flip)
-    if workers > 0 and len(todo) > 1:
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
-                                             prefetch_factor=4, worker_init_fn=_worker_init)
+    ds = _CropDataset(todo, extractor.prep, spec, max_pixels, meta.get("flip", False))
+    threads = torch.get_num_threads()
+    if workers > 0 and len(todo) > 1:  # worker processes decode ahead while the CNN runs
+        (pool, load), window, turns = worker_pool(ds.__getitem__, workers), 4 * workers, False
+    elif threads > 1:  # threads decode a window, then the CNN runs on it: they take turns for the cores
+        (pool, load), turns = worker_pool(ds.__getitem__, threads, threads=True), True
+        window = max(batch_size, 2 * threads)
     else:
-        loader = _decode_in_threads(ds, max(batch_size, 2 * torch.get_num_threads()), torch.get_num_threads())
+        pool, load, window, turns = None, ds.__getitem__, 1, False
+    budget = pixel_budget(budget, max_pixels)
+    total = budget.total if isinstance(budget, PixelBudget) else budget
+    batches = budgeted_batches(len(todo), ds.cost, load, budget, batch_size, weight=ds.weight, held=ds.held,
+                               pool=pool, window=window, turns=turns,
+                               here=(total // 4, ds.__getitem__) if workers > 0 else None)
     rows: list[dict] = []
     pending: list[dict] = []
     pending_n = 0
@@ -305,31 +337,38 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
             rows = []
 
     since_part = 0
+    finished = False
     try:
-        for item in loader:
-            if "error" in item:
-                if not skip_bad:
-                    raise VsaError(item["error"])
-                stats["bad"] += 1
-                if warn:
-                    warn(f"skipped: {item['error']}")
-            else:
-                pending.append(item)
-                pending_n += len(item["crops"])
-                stats["regions"] += item["n"]
-                if pending_n >= batch_size:
+        for batch in batches:
+            for item in batch:
+                if "error" in item:
+                    if not skip_bad:
+                        raise VsaError(item["error"])
+                    stats["bad"] += 1
+                    if warn:
+                        warn(f"skipped: {item['error']}")
+                else:
+                    pending.append(item)
+                    pending_n += len(item["crops"])
+                    stats["regions"] += item["n"]
+                    if pending_n >= batch_size:
+                        flush_forward()
+                since_part += 1
+                if progress is not None:
+                    progress.advance(task)
+                if since_part >= part_every:
                     flush_forward()
-            since_part += 1
-            if progress is not None:
-                progress.advance(task)
-            if since_part >= part_every:
-                flush_forward()
-                flush_part()
-                since_part = 0
-        flush_forward()
+                    flush_part()
+                    since_part = 0
+            item = None  # noqa: F841  the batch's pixels are released when the next is asked for: hold none of it
+            flush_forward()
+        finished = True
     except BaseException:
         flush_part()  # keep what is finished (Ctrl-C, SIGTERM, a bad image): a rerun resumes from it
         raise
+    finally:
+        batches.close()
+        close_pool(pool, abort=not finished)
     flush_part()
     # merge: parts and the earlier output, in input order, only the images asked for
     order = {it.key: i for i, it in enumerate(items)}

@@ -501,6 +501,9 @@ def load_detector(spec: str | os.PathLike | None = None, device: str = "auto"):
 
     spec = str(spec) if spec is not None else DEFAULT_DETECTOR
     dev = pick_device(device)
+    # the detectors' NMS, imported now: imported first inside detect(), the import leaves the frames under it in a
+    # reference cycle, and the images of that batch with them until the cycle collector runs (0.5 GB a 13300 px photo)
+    import torchvision.ops  # noqa: F401
     if is_yolov5_state_dict(spec):
         return YoloV5StateDict(Path(spec), dev)
     if Path(spec).is_dir():

@@ -42,11 +42,10 @@ def embed(
     if inputs and inputs[0] == "merge":
         return merge(inputs[1:], out)
 
-    from vsa.cli import workspace as W
     from vsa.cli.config import resolve
     from vsa.errors import VsaError
-    from vsa.features import collect_items, embed as run_embed, load_extractor, output_key
-    from vsa.io import resolve_input, stdin_is_piped
+    from vsa.features import collect_items, output_key
+    from vsa.io import output_lock, resolve_input, stdin_is_piped
 
     if not inputs:
         if stdin_is_piped():
@@ -59,6 +58,24 @@ def embed(
     if key is None and out is None:
         raise VsaError("--flip without --crop grid has no default output: pass --out/-o")
     out_path = resolve(out, key, "--out/-o")
+    with output_lock(out_path, "vsa embed"):  # before the CNN loads: a second run on this output is refused at once
+        st, t0 = _run(items, meta, out_path, cnn, cnn_weights, batch_size, workers, crop, grid, cells, flip, context,
+                      dtype, part_every, no_resume, skip_bad, max_pixels, device, threads)
+    dt = time.time() - t0
+    done = st["images"] - st["skipped_done"] - st["bad"]
+    info(f"embed: {st['written']} images in {out_path} ({st['skipped_done']} resumed, {st['bad']} bad), "
+         f"{st['regions'] / max(done, 1):.2f} regions/image, {done / max(dt, 1e-9):.1f} images/s")
+
+
+def _run(items, meta, out_path, cnn, cnn_weights, batch_size, workers, crop, grid, cells, flip, context, dtype,
+         part_every, no_resume, skip_bad, max_pixels, device, threads):
+    import time
+
+    from vsa.cli import workspace as W
+    from vsa.cli.config import resolve
+    from vsa.errors import VsaError
+    from vsa.features import embed as run_embed, load_extractor
+
     cnn_weights = resolve(cnn_weights, "features.cnn_weights", "--cnn-weights", required=False)
     if dtype not in ("float16", "float32"):
         raise VsaError(f"--dtype must be float16 or float32, got {dtype!r}")
@@ -82,10 +99,7 @@ def embed(
                            extra_meta=meta)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (vsa.cli.common.guarded): exit 130
         raise Interrupted(f"interrupted: finished work is kept in {out_path}.parts; rerun the same command to resume") from None
-    dt = time.time() - t0
-    done = st["images"] - st["skipped_done"] - st["bad"]
-    info(f"embed: {st['written']} images in {out_path} ({st['skipped_done']} resumed, {st['bad']} bad), "
-         f"{st['regions'] / max(done, 1):.2f} regions/image, {done / max(dt, 1e-9):.1f} images/s")
+    return st, t0
 
 
 def merge(inputs, out):
