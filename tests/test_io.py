@@ -321,3 +321,68 @@ def test_npz_inflation_and_memory_caps(tmp_path, monkeypatch):
     assert vio.load_npz(q, max_bytes=1 << 20)["feats"].shape == (256, 256)
     members = vio.npz_members(q, max_bytes=1000, mapped=["feats"])  # memory-mapped: costs no memory
     assert members["feats"].stored and members["feats"].nbytes == 256 * 256 * 4
+
+
+@pytest.fixture
+def held_elsewhere():
+    """Hold the lock of an output in another thread (as another run would), for the length of a test."""
+    import threading
+
+    stops = []
+
+    def hold(out):
+        held, stop = threading.Event(), threading.Event()
+
+        def run():
+            with vio.output_lock(out, "vsa embed"):
+                held.set()
+                stop.wait()
+
+        t = threading.Thread(target=run)
+        t.start()
+        held.wait()
+        stops.append((stop, t))
+
+    yield hold
+    for stop, t in stops:
+        stop.set()
+        t.join()
+
+
+@pytest.mark.parametrize("args", [
+    ["embed", "{imgs}", "-o", "{out}", "--part-every", "1"],
+    ["embed", "merge", "{imgs}/a.npz", "-o", "{out}"],
+    ["search", "index", "{imgs}", "-o", "{out}"],
+])
+def test_every_writer_of_an_output_takes_its_lock_first(tmp_path, held_elsewhere, args):
+    """Refused before anything is loaded or written: no CNN, no aligner, no part."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from vsa.cli import app
+
+    imgs, out = tmp_path / "imgs", tmp_path / "out.npz"
+    imgs.mkdir()
+    Image.new("RGB", (32, 32)).save(imgs / "a.png")
+    held_elsewhere(out)
+    r = CliRunner().invoke(app, [a.format(imgs=imgs, out=out) for a in args])
+    assert r.exit_code == 2, r.output
+    assert f"{out}.lock: locked: another `vsa embed` (pid {os.getpid()} on " in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "out.npz.lock"]
+
+
+def test_training_takes_the_checkpoints_lock_before_its_first_epoch(tmp_path, held_elsewhere):
+    from vsa.distributed import DistEnv
+    from vsa.trainer import fit
+
+    class Stage:
+        kind = "align"
+
+        def train_epoch(self, epoch, progress):
+            raise AssertionError("trained while another run writes the checkpoints")
+
+    out = tmp_path / "model.pt"
+    held_elsewhere(out)
+    with pytest.raises(VsaError, match=r"model\.pt\.lock: locked: another `vsa embed`"):
+        fit(Stage(), out, 1, DistEnv(device="cpu"), info=lambda *a: None)
+    assert not (tmp_path / "model.last.pt").exists()
