@@ -18,7 +18,7 @@ _vsa_options() {
         "vsa train-align") echo "--dataset -f --features --flip-features -o --out --log --model --rnn --score --loss --epochs --batch-size --lr --hidden --glove --set --seed --resume --min-count --threads --skip-missing --device --json -h --help" ;;
         "vsa score") echo "-m --model -f --features --detector --top --cnn-weights --json --skip-bad --device -h --help" ;;
         "vsa train-mrnn") echo "--dataset -f --features --flip-features -o --out --alignments --rnn --attention --no-attention --hidden --embed --dropout --epochs --scst-epochs --scst-lr --batch-size --lr --lr-decay --label-smoothing --set --max-len --min-count --patience --seed --threads --device --resume --no-beam-search --skip-missing --json -h --help" ;;
-        "vsa caption") echo "-m --model --weights --beam --max-len --length-penalty --mirror --json --coco-results --bare --regions --region-model --ground --aligner --detector --top --batch-size --device --cnn-weights --skip-bad --shard --threads -h --help" ;;
+        "vsa caption") echo "-m --model --weights --beam --max-len --length-penalty --mirror --json --coco-results --bare --regions --region-model --ground --aligner --detector --constrain --no-constrain --top --batch-size --device --cnn-weights --skip-bad --shard --threads -h --help" ;;
         "vsa align") echo "-m --model --dataset --images --features --split --beta -o --out --no-resume --skip-missing --limit --shard --device --threads -h --help" ;;
         "vsa eval") echo "--split -m --model --dataset --images --features --detector --beam --mirror --mirror-features --captions-out --ranks-out -o --out --json --ensemble --weights --rerank --rerank-features --rerank-k --rerank-weight --hubness --hubness-k --hubness-weight --hubness-bank --device -h --help" ;;
         "vsa show") echo "-o --out --images --dataset -k --key --split --limit --sentences --side --top --no-png -h --help" ;;
@@ -156,6 +156,7 @@ _vsa_value_kind() {
         "vsa caption --ground") echo "flag" ;;
         "vsa caption --aligner") echo "files" ;;
         "vsa caption --detector") echo "files" ;;
+        "vsa caption --constrain"|"vsa caption --no-constrain") echo "flag" ;;
         "vsa caption --top") echo "value" ;;
         "vsa caption --batch-size") echo "value" ;;
         "vsa caption --device") echo "value" ;;

@@ -150,6 +150,7 @@ complete -c vsa -n '__fish_seen_subcommand_from caption' -l region-model -r -F -
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l ground -d 'Also cut the caption into snippets, each grounded in a box (whole ima...'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l aligner -r -F -d 'Aligner for --ground (default: [align] model in vsa.toml if it exists...'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l detector -r -F -d 'Detector for --regions and --ground, and for a generator trained on d...'
+complete -c vsa -n '__fish_seen_subcommand_from caption' -l constrain -l no-constrain -d 'Constrained decoding: the caption must name the classes the detector...'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l top -x -d 'Regions described per image with --regions'
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l batch-size -x -d ''
 complete -c vsa -n '__fish_seen_subcommand_from caption' -l device -x -d 'auto (cuda when present), cpu, cuda'

@@ -273,3 +273,28 @@ def test_train_mrnn_stops_at_a_nan_loss_and_keeps_the_best_finite_model(tmp_path
     assert best["meta"]["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in best["state_dict"].values() if v.is_floating_point())
     assert load_checkpoint(T.last_path(tmp_path / "m.pt"))["meta"]["epoch"] == 1
+
+
+def test_generator_eval_refuses_nan_features_naming_the_file_and_the_image(tmp_path):
+    """Caption metrics over NaN features would score a model's confident nonsense: refused like the aligner's."""
+    from vsa import train_mrnn as T
+    from vsa.data import load_dataset
+    from vsa.eval_caption import generate_split
+
+    ds_path, feats = _mrnn_splits(tmp_path)
+    cfg = T.configs(rnn="lstm", embed=16, hidden=16, epochs=1, scst_epochs=0, batch_size=8, min_count=1)
+    T.train_on(*cfg, load_dataset(ds_path), feats, tmp_path / "m.pt", log=lambda *_: None, choose_decoding=False)
+    ds = load_dataset(ds_path)
+    split = next(s for s in ("test", "val", "train") if ds.split(s))
+    bad = _with_feats(feats, tmp_path / "bad.npz", math.nan,
+                      image=[r.key for r in load_features_keys(feats)].index(ds.split(split)[0].key))
+    with pytest.raises(VsaError, match=f"bad.npz: the features of '{ds.split(split)[0].key}' hold NaN"):
+        generate_split(tmp_path / "m.pt", ds, split, bad, device="cpu")
+    recs, caps, *_ = generate_split(tmp_path / "m.pt", ds, split, feats, device="cpu")
+    assert len(caps) == len(recs) > 0
+
+
+def load_features_keys(path):
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(key=str(k)) for k in np.load(path)["keys"]]

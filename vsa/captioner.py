@@ -112,10 +112,11 @@ class Captioner:
 
     def caption_features(self, feats, beam: int | None = None, max_len: int | None = None,
                          length_penalty: float | None = None, model=None, vocab=None,
-                         mirrored: bool = False) -> list[tuple[str, float]]:
+                         mirrored: bool = False, sets: list | None = None) -> list[tuple[str, float]]:
         """``feats`` ``[B, D]`` CNN features -> ``(caption, logprob)`` per row; ``mirrored``: ``feats`` hold each
         photo's and its mirror image's side by side (:meth:`featurise` with ``mirror``), decoded as one with weight
-        :attr:`mirror`."""
+        :attr:`mirror`; ``sets``: per row, the constraint sets its caption must meet
+        (:func:`vsa.decoding.constrained_beam_search`)."""
         import torch
 
         from vsa.decoding import constraints, decode
@@ -134,7 +135,12 @@ class Captioner:
         lp = float(length_penalty if length_penalty is not None else dec.length_penalty)
         feats = torch.as_tensor(feats, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
-            hyps = decode(model, feats, None, b, L, lp, **constraints(dec, vocab))
+            if sets is not None:
+                from vsa.decoding import constrained_beam_search
+
+                hyps = constrained_beam_search(model, feats, None, sets, b, L, lp, **constraints(dec, vocab))
+            else:
+                hyps = decode(model, feats, None, b, L, lp, **constraints(dec, vocab))
         return [(" ".join(vocab.decode(h.tokens)), round(h.logprob, 3)) for h in hyps]
 
     @property
@@ -202,22 +208,32 @@ class Captioner:
     def caption_files(self, items: Iterable[tuple[Path, str]], beam=None, max_len=None, length_penalty=None,
                       batch_size: int = 16, skip_bad: bool = False, warn=None, detector=None, top: int = 5,
                       workers: int = 2, regions: bool | None = None, ground: bool = False,
-                      max_pixels: int | None = None) -> Iterator[dict]:
+                      max_pixels: int | None = None, constrain: bool | dict | None = None) -> Iterator[dict]:
         """Caption ``(path, key)`` pairs; yields caption JSONL records (docs/formats.md) in input order.
 
-        ``detector``: a detector spec (:func:`vsa.regions.load_detector`) or an already loaded detector;
+        ``detector``: a detector spec (:func:`vsa.regions.load_detector`) or an already loaded detector (None: the
+        packaged one, where something reads boxes);
         ``regions`` (default: when a ``detector`` is given): describe its top boxes with the region model;
-        ``ground``: cut each caption into snippets grounded in the detector's boxes (needs the aligner)."""
+        ``ground``: cut each caption into snippets grounded in the detector's boxes (needs the aligner);
+        ``constrain``: each caption names the photo's confidently detected classes (constrained beam search; needs
+        the detector; the record's ``constraints`` lists them): True / False, None for the generator's own
+        default (``decoding.constrain``), or the keyword arguments of :func:`vsa.labels.constraint_sets`."""
         import functools
 
         import torch
 
         items = list(items)
+        if not isinstance(constrain, dict):
+            from vsa.decoding import constrain_settings
+
+            constrain = constrain_settings(self.model.decoding, constrain)
         if regions is None:
             regions = detector is not None and not ground
-        if (regions or ground) and detector is None:
-            raise VsaError("region captions and grounded captions need a detector")
-        if not (regions or ground or self.reads_boxes):
+        if (regions or ground or constrain is not None) and detector is None:
+            from vsa.regions import DEFAULT_DETECTOR
+
+            detector = DEFAULT_DETECTOR  # the detector inside the package, as the shipped models are the default
+        if not (regions or ground or self.reads_boxes or constrain is not None):
             detector = None  # nothing here reads boxes: never load it
         if detector is not None and not hasattr(detector, "detect"):
             from vsa.regions import load_detector
@@ -245,9 +261,18 @@ class Captioner:
                 if not good:
                     continue
                 feats = self.featurise([g[3] for g in good], mirror=bool(self.mirror))
-                caps = self.caption_features(feats, beam, max_len, length_penalty, mirrored=bool(self.mirror))
-                for (path, key, im, _), (c, lp) in zip(good, caps):
+                sets = labels = None
+                if constrain is not None:
+                    from vsa.labels import constraint_sets
+
+                    found = [constraint_sets(d, self.vocab.stoi, **constrain)
+                             for d in detector.detect([g[2] for g in good])]
+                    sets, labels = [f[0] for f in found], [f[1] for f in found]
+                caps = self.caption_features(feats, beam, max_len, length_penalty, mirrored=bool(self.mirror), sets=sets)
+                for i, ((path, key, im, _), (c, lp)) in enumerate(zip(good, caps)):
                     rec = {"path": str(path), "key": key, "caption": c, "logprob": lp}
+                    if labels is not None:
+                        rec["constraints"] = labels[i]
                     if ground:
                         rec["beta"], rec["snippets"] = self.ground(im, path, key, c, detector)
                     if regions:
@@ -324,7 +349,8 @@ def caption_images(images: list[tuple[Path, str]], model=None, beam=None, max_le
                    regions: bool = False, region_model=None, ground: bool = False, aligner=None, detector=None,
                    top: int = 5, batch_size: int = 16, device: str = "auto", cnn_weights=None, skip_bad: bool = False,
                    threads: int = 0, max_pixels: int | None = None, jit: bool = True, warn=None,
-                   weights: list[float] | None = None, mirror: float | None = None) -> Iterator[dict]:
+                   weights: list[float] | None = None, mirror: float | None = None,
+                   constrain: bool | dict | None = None) -> Iterator[dict]:
     """``vsa caption``: caption records (docs/formats.md) of ``images`` (``(path, key)``, e.g. from
     :func:`caption_inputs`), in order.
 
@@ -334,7 +360,8 @@ def caption_images(images: list[tuple[Path, str]], model=None, beam=None, max_le
     snippets on the boxes with the aligner checkpoint ``aligner``; both need ``detector`` (a spec or a loaded
     detector), which also gives its boxes to a generator trained on detector boxes (else such a model, trained
     with ``box_dropout`` on ``--cells`` features, reads the whole image and its cells). The detector is loaded
-    only when something reads its boxes. ``mirror``: :meth:`Captioner.load`.
+    only when something reads its boxes. ``mirror``: :meth:`Captioner.load`. ``constrain``:
+    :meth:`Captioner.caption_files`.
     """
     if regions and region_model is None:
         if not DEFAULT_REGION_MODEL.exists():
@@ -346,4 +373,4 @@ def caption_images(images: list[tuple[Path, str]], model=None, beam=None, max_le
     yield from cap.caption_files(images, beam=beam, max_len=max_len, length_penalty=length_penalty,
                                  batch_size=batch_size, skip_bad=skip_bad, warn=warn,
                                  detector=detector, top=top, regions=regions,
-                                 ground=ground, max_pixels=max_pixels)
+                                 ground=ground, max_pixels=max_pixels, constrain=constrain)

@@ -34,14 +34,18 @@ def _features_path(ck: dict, features):
 
 def generate_split(model_path, ds, split: str, features=None, beam: int | None = None, length_penalty: float | None = None,
                    device: str = "auto", batch_size: int = 100, weights: list[float] | None = None,
-                   mirror: float | None = None, mirror_features=None):
+                   mirror: float | None = None, mirror_features=None, detections: dict | None = None,
+                   constrain: dict | None = None):
     """Generated caption per image of ``split``: returns (records, captions, beam, length_penalty, mirror).
     ``model_path``: a generator checkpoint, or a list of them decoded as an ensemble
     (:class:`vsa.mrnn.GeneratorEnsemble`, ``weights`` per member; the decoding defaults are the first's).
     ``features``: a file (or None: the one the model was trained on), or for an ensemble one per member; members
     on different CNNs each read their own file (the first given for their CNN). ``mirror``: the weight of each
     image's mirror image (default: the model's ``decoding.mirror``); when above 0, ``mirror_features`` is the
-    file of the mirrored images (`vsa embed ... --flip`, same settings; one backbone only)."""
+    file of the mirrored images (`vsa embed ... --flip`, same settings; one backbone only). ``constrain``: the
+    keyword arguments of :func:`vsa.labels.constraint_sets` (min_score, max_sets, skip): each caption must name
+    the image's confidently detected classes (constrained beam search), read from ``detections`` (image key ->
+    its detections, as ``vsa regions`` writes them)."""
     import torch
 
     from vsa.checkpoint import load_checkpoint
@@ -49,6 +53,7 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     from vsa.decoding import constraints, decode, mirror_weight
     from vsa.featstore import FeatureStore, check_extractor
     from vsa.mrnn import load_generators, region_rows, uses_regions, with_mirror
+    from vsa.retrieval import check_finite_features
     from vsa.runtime import pick_device
     from vsa.splits import split_features
 
@@ -98,6 +103,8 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     for s in range(0, len(recs), batch_size):
         keys = [r.key for r in recs[s : s + batch_size]]
         parts = [split_features(store, keys, regions, rows) for store in stores]
+        for store, (pf, _) in zip(stores, parts):  # a NaN feature would decode as a confident caption
+            check_finite_features(pf, keys, store.path)
         f, m = parts[0]
         if len(parts) > 1:
             if any(p[0].shape[:-1] != f.shape[:-1] or (m is not None and not torch.equal(p[1], m)) for p in parts[1:]):
@@ -105,7 +112,15 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
             f = torch.cat([p[0] for p in parts], -1)
         f = f.to(dev)
         m = m.to(dev) if m is not None else None
-        for h in decode(model, f, m, b, model.decoding.max_len, lp, **cons):
+        if constrain is not None:
+            from vsa.decoding import constrained_beam_search
+            from vsa.labels import constraint_sets
+
+            sets = [constraint_sets((detections or {}).get(k, []), vocab.stoi, **constrain)[0] for k in keys]
+            hyps = constrained_beam_search(model, f, m, sets, b, model.decoding.max_len, lp, **cons)
+        else:
+            hyps = decode(model, f, m, b, model.decoding.max_len, lp, **cons)
+        for h in hyps:
             caps.append(" ".join(vocab.decode(h.tokens)))
     return recs, caps, b, lp, w
 

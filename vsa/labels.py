@@ -52,7 +52,7 @@ CLASS_WORDS: dict[str, tuple[str, ...]] = {
     "surfboard": ("surfboard", "surfboards", "surfer", "surfers", "surfing"),
     "tennis racket": ("racket", "rackets", "racquet", "racquets", "tennis"),
     "bottle": ("bottle", "bottles"),
-    "wine glass": ("wineglass", "glass", "glasses"),
+    "wine glass": ("wineglass", "wineglasses"),  # not "glasses": in captions those are worn
     "cup": ("cup", "cups", "mug", "mugs", "coffee"),
     "fork": ("fork", "forks"),
     "knife": ("knife", "knives"),

@@ -29,6 +29,7 @@ def caption(
     ground: bool = typer.Option(False, "--ground", help="Also cut the caption into snippets, each grounded in a box (whole image = region 0), with the aligner's chain MRF as `vsa align` does (needs a detector)."),
     aligner: Optional[Path] = typer.Option(None, "--aligner", help="Aligner for --ground (default: [align] model in vsa.toml if it exists, else the shipped Flickr8k grounding aligner)."),
     detector: Optional[str] = typer.Option(None, "--detector", help="Detector for --regions and --ground, and for a generator trained on detector boxes (default: $VSA_DETECTOR, [regions] detector in vsa.toml, else the YOLOv5n COCO detector inside vsa; loaded only where something reads boxes)."),
+    constrain: Optional[bool] = typer.Option(None, "--constrain/--no-constrain", help="Constrained decoding: the caption must name the classes the detector finds with confidence (the two most confident of score >= 0.5; a generator's decoding.constrain* settings). Default: the generator's own choice (made on val)."),
     top: int = typer.Option(5, "--top", help="Regions described per image with --regions."),
     batch_size: int = typer.Option(16, "--batch-size"),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
@@ -62,7 +63,8 @@ def caption(
                              aligner=default_model("align", aligner, note, "align-ground") if ground else None,
                              detector=W.detector(detector), top=top,
                              batch_size=batch_size, device=device, cnn_weights=cnn_weights, skip_bad=skip_bad,
-                             threads=threads, max_pixels=W.max_pixels(None), jit=W.jit(), warn=warn, mirror=mirror)
+                             threads=threads, max_pixels=W.max_pixels(None), jit=W.jit(), warn=warn, mirror=mirror,
+                             constrain=constrain)
     results = []
     out = data_stdout().buffer  # the real stdout: the command runs with sys.stdout on stderr (cli.common.guarded)
     for rec in records:
