@@ -431,60 +431,63 @@ def embed_like_training(files: list, out, extractor_meta: dict, detector=None, t
     detector; region features only, :func:`vsa.featurise.uses_detector`); ``flip``: of the mirrored images, as
     ``vsa embed --flip`` makes them. ``resume``: keep finished work beside ``out`` as it is made (the detections in
     ``<out>.regions-<detector>-top<top>.jsonl``, the features in ``<out>.parts/``, :func:`embed`) and take up
-    what an interrupted run with the same ``out`` left; removed when ``out`` is written."""
+    what an interrupted run with the same ``out`` left; removed when ``out`` is written. ``<out>.lock`` is held
+    throughout (:func:`vsa.io.output_lock`): a second run on the same ``out`` is refused before it detects anything."""
     import contextlib
 
     from vsa.errors import writing
+    from vsa.io import output_lock
 
     out = Path(out)
-    meta = dict(extractor_meta or {})
-    extra = {}
-    det_part = None
-    if uses_detector(meta):
-        from vsa.io import dumps
-        from vsa.regions import DetectOptions, detect_files, load_detector
+    with output_lock(out, "vsa eval"):  # its detections part and embed's parts are one run's: a second is refused
+        meta = dict(extractor_meta or {})
+        extra = {}
+        det_part = None
+        if uses_detector(meta):
+            from vsa.io import dumps
+            from vsa.regions import DetectOptions, detect_files, load_detector
 
-        det = detector if hasattr(detector, "detect") else load_detector(detector, device)
-        want = meta.get("detector")
-        if warn is not None and want and det.name != want:
-            warn(f"the model was trained on {want} regions; these come from {det.name}")
-        task = progress.add_task("regions", total=len(files)) if progress is not None else None
-        det_part = _detections_part(out, det.name, top) if resume else None
-        found = _read_detections(det_part) if det_part is not None else {}
-        todo = [(path, key) for path, key in files if key not in found]
-        if task is not None:
-            progress.advance(task, len(files) - len(todo))
+            det = detector if hasattr(detector, "detect") else load_detector(detector, device)
+            want = meta.get("detector")
+            if warn is not None and want and det.name != want:
+                warn(f"the model was trained on {want} regions; these come from {det.name}")
+            task = progress.add_task("regions", total=len(files)) if progress is not None else None
+            det_part = _detections_part(out, det.name, top) if resume else None
+            found = _read_detections(det_part) if det_part is not None else {}
+            todo = [(path, key) for path, key in files if key not in found]
+            if task is not None:
+                progress.advance(task, len(files) - len(todo))
+            if det_part is not None:
+                det_part.parent.mkdir(parents=True, exist_ok=True)
+            keep = open(det_part, "ab") if det_part is not None else contextlib.nullcontext()
+            with writing(det_part or out), keep as fh:
+                if fh is not None and fh.tell() and _last_byte(det_part) != b"\n":
+                    fh.write(b"\n")  # after a torn last line: the next record starts a line of its own
+                for rec, err in detect_files(det, todo, DetectOptions(top=top), workers=workers, max_pixels=max_pixels):
+                    if err is not None:
+                        raise VsaError(err)
+                    found[rec["key"]] = rec
+                    if fh is not None:  # kept as it is made: an interrupted run detects only the rest
+                        fh.write(dumps(rec) + b"\n")
+                        fh.flush()
+                    if task is not None:
+                        progress.advance(task)
+            items = [EmbedItem(key, found[key]["path"], found[key]["regions"]) for _, key in files]
+            extra["detector"] = det.name
+        else:
+            items = [EmbedItem(key, str(path), None) for path, key in files]
+        spec = CropSpec.from_meta(meta)
+        ex = load_extractor(meta.get("extractor") or "efficientnet-lite0", str(cnn_weights) if cnn_weights else None,
+                            device, jit)
+        want = meta.get("input")
+        if want and int(want) != int(ex.input_size):
+            raise VsaError(f"the model was trained on {want}px inputs but {ex.name} uses {ex.input_size}px")
+        embed(items, out, ex, batch_size=batch_size, workers=workers, context=spec.context, crop=spec.crop,
+              dtype=meta.get("dtype") or "float16", resume=resume, max_pixels=max_pixels, progress=progress, warn=warn,
+              extra_meta=extra, grid=spec.grid, cells=spec.cells, flip=flip)
         if det_part is not None:
-            det_part.parent.mkdir(parents=True, exist_ok=True)
-        keep = open(det_part, "ab") if det_part is not None else contextlib.nullcontext()
-        with writing(det_part or out), keep as fh:
-            if fh is not None and fh.tell() and _last_byte(det_part) != b"\n":
-                fh.write(b"\n")  # after a torn last line: the next record starts a line of its own
-            for rec, err in detect_files(det, todo, DetectOptions(top=top), workers=workers, max_pixels=max_pixels):
-                if err is not None:
-                    raise VsaError(err)
-                found[rec["key"]] = rec
-                if fh is not None:  # kept as it is made: an interrupted run detects only the rest
-                    fh.write(dumps(rec) + b"\n")
-                    fh.flush()
-                if task is not None:
-                    progress.advance(task)
-        items = [EmbedItem(key, found[key]["path"], found[key]["regions"]) for _, key in files]
-        extra["detector"] = det.name
-    else:
-        items = [EmbedItem(key, str(path), None) for path, key in files]
-    spec = CropSpec.from_meta(meta)
-    ex = load_extractor(meta.get("extractor") or "efficientnet-lite0", str(cnn_weights) if cnn_weights else None, device,
-                        jit)
-    want = meta.get("input")
-    if want and int(want) != int(ex.input_size):
-        raise VsaError(f"the model was trained on {want}px inputs but {ex.name} uses {ex.input_size}px")
-    embed(items, out, ex, batch_size=batch_size, workers=workers, context=spec.context, crop=spec.crop,
-          dtype=meta.get("dtype") or "float16", resume=resume, max_pixels=max_pixels, progress=progress, warn=warn,
-          extra_meta=extra, grid=spec.grid, cells=spec.cells, flip=flip)
-    if det_part is not None:
-        det_part.unlink(missing_ok=True)
-    return out
+            det_part.unlink(missing_ok=True)
+        return out
 
 
 def features_for_eval(model_path, ds, split: str, workdir, features=None, detector=None, device: str = "auto",
