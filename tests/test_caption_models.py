@@ -12,6 +12,7 @@ import torch
 from tests.conftest import run_cli
 from tests.test_caption_cli import _photo
 from vsa.checkpoint import save_checkpoint
+from vsa.errors import VsaError
 from vsa.mrnn import MRNNConfig, build_model
 
 WORDS = "a dog runs on the grass man in red shirt water".split()
@@ -60,10 +61,16 @@ def test_each_architecture_captions_a_photo_from_its_checkpoint(tmp_path, rnn, c
 
 
 def test_a_region_attention_model_without_its_regions_is_a_clear_error(tmp_path):
+    """The library, given no detector, says what the model needs; the CLI gives it the packaged detector."""
+    from vsa.captioner import caption_images
+
     photo = _photo(tmp_path / "photo.jpg")
     path, _ = _ckpt(tmp_path, "updown", dict(LITE0, crop="roi"))
-    r = run_cli("caption", photo, "--model", path, "--threads", "1")
-    assert r.returncode == 2 and "attends over detector regions" in r.stderr.decode()
+    with pytest.raises(VsaError, match="attends over detector regions"):
+        list(caption_images([(photo, "photo.jpg")], path, device="cpu", threads=1))
+    r = run_cli("caption", photo, "--model", path, "--threads", "1", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    assert orjson.loads(r.stdout.splitlines()[0])["caption"]
 
 
 def test_a_box_model_with_cells_captions_without_a_detector_on_the_whole_image_and_its_cells(tmp_path):
