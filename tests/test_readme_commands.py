@@ -168,7 +168,7 @@ def test_parse_catches_what_a_renamed_flag_or_wrong_positional_would_break():
 
 def test_readme_and_docs_commands_parse():
     readme = [a for w, a in ALL if w.startswith("README.md")]
-    assert len(readme) >= 30, f"only {len(readme)} vsa commands found in README.md: is the extractor broken?"
+    assert len(readme) >= 20, f"only {len(readme)} vsa commands found in README.md: is the extractor broken?"
     bad = []
     for where, argv in ALL:
         try:
