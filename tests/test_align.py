@@ -616,3 +616,24 @@ def test_mirrored_features_are_read_by_training_images_with_probability_flip(tmp
             train(*configs(**kw), ds, feats, tmp_path / "x.pt", info=lambda *a: None, flip_features=bad)
     with pytest.raises(Exception, match="flip must be"):
         parse_overrides(configs(), ["flip=2"])
+
+
+@pytest.mark.parametrize("group", [2, 5, 150])
+def test_epoch_order_keeps_each_chunk_together_however_many_sentences_an_image_has(group):
+    """An image with more than 100 x group sentences (a caption corpus of many captions per photo) gets chunks of
+    its own, never shared with the next image's, and every chunk's sentences sit side by side."""
+    from vsa.train_align import epoch_order
+
+    counts = [450, 3, 1, 260, 7]
+    sent_image = torch.cat([torch.full((n,), i) for i, n in enumerate(counts)])
+    order = epoch_order(sent_image, group, seed=3)
+    assert sorted(order.tolist()) == list(range(len(sent_image)))
+    # the image's sentences come in blocks of whole chunks: full ones of `group`, and one of n % group
+    imgs = sent_image[order].tolist()
+    i = 0
+    while i < len(imgs):
+        j = i
+        while j < len(imgs) and imgs[j] == imgs[i]:
+            j += 1
+        assert (j - i) % group in (0, counts[imgs[i]] % group), (imgs[i], j - i)
+        i = j

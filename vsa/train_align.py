@@ -111,10 +111,11 @@ def epoch_order(sent_image: torch.Tensor, group: int, seed: int) -> torch.Tensor
     run = torch.cumsum(starts, 0)
     pos = torch.arange(len(imgs)) - torch.nonzero(starts).flatten().repeat_interleave(
         torch.bincount(run - 1))
-    chunk_id = (run - 1) * 100 + pos // group
+    per_image = int(pos.max()) // group + 1  # chunk ids (image, chunk) kept apart however many sentences an image has
+    chunk_id = (run - 1) * per_image + pos // group
     uniq, inv = torch.unique(chunk_id, return_inverse=True)
     perm = torch.randperm(len(uniq), generator=gen)
-    key = perm[inv] * 100 + pos % group
+    key = perm[inv] * group + pos % group
     return by_img[torch.argsort(key)]
 
 
