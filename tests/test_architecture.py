@@ -71,3 +71,33 @@ def test_the_library_never_reads_the_workspace():
             if needle in src and not (m == "vsa.distributed" and needle == "os.environ"):  # torchrun's RANK/WORLD_SIZE
                 offenders.append(f"{m} uses {needle}")
     assert not offenders, offenders
+
+
+TRAINING = {"vsa.trainer", "vsa.train_align", "vsa.train_mrnn", "vsa.distributed"}
+INFERENCE = ["vsa.captioner", "vsa.rerank", "vsa.search", "vsa.eval_align", "vsa.eval_caption", "vsa.evaluate",
+             "vsa.snippets", "vsa.regions", "vsa.features", "vsa.featurise", "vsa.decoding", "vsa.mrnn", "vsa.align",
+             "vsa.pictures", "vsa.retrieval"]
+
+
+def test_inference_never_imports_training():
+    """Captioning, scoring, search, grounding and evaluation reach no training module, at the top of a file or
+    inside a function, directly or through another module: a user who only captions never loads the trainers."""
+    mods = _modules()
+    known = set(mods)
+    graph = {m: _imports(p, known) - {m} for m, p in mods.items()}
+    for start in INFERENCE:
+        seen, todo, via = {start}, [start], {start: None}
+        while todo:
+            u = todo.pop()
+            for v in graph.get(u, ()):
+                if v not in seen and not v.startswith("vsa.cli") and v not in TOOLS:
+                    seen.add(v)
+                    via[v] = u
+                    todo.append(v)
+        reached = sorted(seen & TRAINING)
+        if reached:
+            chain, x = [], reached[0]
+            while x is not None:
+                chain.append(x)
+                x = via[x]
+            raise AssertionError(f"{start} imports training code: {' <- '.join(chain)}")

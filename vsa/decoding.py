@@ -270,7 +270,7 @@ def sample(model, feats: torch.Tensor, mask: torch.Tensor | None = None, n: int 
     """``n`` sampled sentences per image, for self-critical training (no gradients).
 
     Returns ``seqs [B*n, T]`` (``<end>``-terminated, pad after); the caller re-scores the samples with
-    gradients through :func:`vsa.train_mrnn.sequence_logprob`. Each step runs only for the sentences
+    gradients through :func:`sequence_logprob`. Each step runs only for the sentences
     that have not ended.
     """
     B = feats.shape[0]
@@ -387,3 +387,22 @@ def constrained_beam_search(model, feats: torch.Tensor, mask: torch.Tensor | Non
                 break
         out.append(best if best is not None else Hyp([], NEG, NEG))
     return out
+
+
+def sequence_logprob(model, feats, mask, seqs: torch.Tensor, rows: torch.Tensor | None = None,
+                     constrained: bool = True) -> torch.Tensor:
+    """Summed log-probability of each sampled sequence (``<end>``-terminated, pad after), with gradients,
+    under exactly the distribution :func:`vsa.decoding.sample` draws from (same constraints; ``constrained``
+    False: the plain softmax, for sentences the model did not draw). Only the real positions are computed
+    (the pads after ``<end>`` are not)."""
+    B, T = seqs.shape
+    inp = torch.cat([torch.full((B, 1), Vocab.start, dtype=torch.long, device=seqs.device), seqs[:, :-1]], 1)
+    inp = torch.where(inp == Vocab.pad, torch.full_like(inp, Vocab.end), inp)
+    valid = seqs != Vocab.pad  # a prefix of each row
+    logits = model(feats, inp, mask, select=valid, rows=rows)  # [N, V], row-major over the valid positions
+    first = torch.zeros_like(valid)
+    first[:, 0] = True
+    logp = constrained_log_softmax(logits, first[valid]) if constrained else torch.log_softmax(logits.float(), -1)
+    lp = logp.gather(1, seqs[valid][:, None]).squeeze(1)
+    row = torch.arange(B, device=seqs.device)[:, None].expand(B, T)[valid]
+    return torch.zeros(B, device=lp.device, dtype=lp.dtype).index_add(0, row, lp)

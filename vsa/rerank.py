@@ -91,7 +91,7 @@ def caption_logprobs(model, feats_of, sentences: list[list[int]], pairs: np.ndar
     import torch
 
     from vsa.data import Vocab
-    from vsa.train_mrnn import sequence_logprob
+    from vsa.decoding import sequence_logprob
 
     order = np.lexsort((pairs[:, 1], pairs[:, 0]))
     out = np.zeros(len(pairs), dtype=np.float64)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from vsa.data import Vocab
-from vsa.decoding import DecodingConfig, decode, sample
+from vsa.decoding import DecodingConfig, decode, sample, sequence_logprob
 from vsa.errors import VsaError
 from vsa.mrnn import MRNNConfig, build_model
 from vsa.splits import CaptionSplit
@@ -525,27 +525,6 @@ def _xe_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, dd
 
         total = all_reduce_mean(total, env) * env.world
     return total / max(n, 1)
-
-
-def sequence_logprob(model, feats, mask, seqs: torch.Tensor, rows: torch.Tensor | None = None,
-                     constrained: bool = True) -> torch.Tensor:
-    """Summed log-probability of each sampled sequence (``<end>``-terminated, pad after), with gradients,
-    under exactly the distribution :func:`vsa.decoding.sample` draws from (same constraints; ``constrained``
-    False: the plain softmax, for sentences the model did not draw). Only the real positions are computed
-    (the pads after ``<end>`` are not)."""
-    from vsa.decoding import constrained_log_softmax
-
-    B, T = seqs.shape
-    inp = torch.cat([torch.full((B, 1), Vocab.start, dtype=torch.long, device=seqs.device), seqs[:, :-1]], 1)
-    inp = torch.where(inp == Vocab.pad, torch.full_like(inp, Vocab.end), inp)
-    valid = seqs != Vocab.pad  # a prefix of each row
-    logits = model(feats, inp, mask, select=valid, rows=rows)  # [N, V], row-major over the valid positions
-    first = torch.zeros_like(valid)
-    first[:, 0] = True
-    logp = constrained_log_softmax(logits, first[valid]) if constrained else torch.log_softmax(logits.float(), -1)
-    lp = logp.gather(1, seqs[valid][:, None]).squeeze(1)
-    row = torch.arange(B, device=seqs.device)[:, None].expand(B, T)[valid]
-    return torch.zeros(B, device=lp.device, dtype=lp.dtype).index_add(0, row, lp)
 
 
 END_WORD = "</s>"  # the sentence end as a CIDEr-D token: "... on a" without it matches the refs' "on a"
