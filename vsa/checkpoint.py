@@ -145,26 +145,50 @@ def _unpickling_reason(e: Exception) -> str:
     return (detail[0] if detail else lines[0] if lines else "unsupported content")[:160]
 
 
-def load_checkpoint(path, kind: str | None = None) -> dict:
-    """Load a vsa checkpoint safely; clear errors for wrong kind, version or format."""
+def load_tensors(path, what: str = "checkpoint"):
+    """``torch.load(path, weights_only=True)``: whatever a weights file holds, never code. A pickle that would run
+    code, a missing or unreadable file are one-line VsaErrors naming it (``what``: "checkpoint", "weights file")."""
     import pickle
+    import warnings
 
     import torch
 
-    import warnings
+    p = Path(path)
+    if not p.is_file():
+        raise VsaError(f"no such {what}", p)
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: keep errors one line
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise VsaError(f"refused: not a plain-tensor {what}, it would need to unpickle code "
+                       f"({_unpickling_reason(e)})", p) from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise VsaError(f"not a readable {what} ({type(e).__name__}: {first})", p) from None
+
+
+def weight_problems(own: dict, sd: dict, whose: str) -> str | None:
+    """How the tensors ``sd`` fail to fit a model whose state dict is ``own`` (missing, unexpected, misshapen:
+    the first three), or None when they fit; ``whose`` names the model in the shape message."""
+    problems = [f"missing {k}" for k in own if k not in sd]
+    problems += [f"unexpected {k}" for k in sd if k not in own]
+    problems += [f"{k} has shape {list(sd[k].shape)}, {whose} is {list(v.shape)}"
+                 for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return "; ".join(problems[:3]) + more
+
+
+def load_checkpoint(path, kind: str | None = None) -> dict:
+    """Load a vsa checkpoint safely; clear errors for wrong kind, version or format."""
+    import torch
 
     p = Path(path)
     if not p.exists():
         raise VsaError("no such checkpoint", p)
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: keep errors one line
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise VsaError("refused: not a plain-tensor checkpoint, it would need to unpickle code "
-                       f"({_unpickling_reason(e)})", p) from None
-    except Exception as e:
-        raise VsaError(f"not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})", p) from None
+    ckpt = load_tensors(p, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise VsaError("not a vsa checkpoint (no 'format': 'vsa' marker)", p)
     if ckpt.get("version") == 1 and ckpt.get("kind") in KINDS:

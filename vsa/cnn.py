@@ -229,26 +229,14 @@ def cnn_state_dict(weights) -> dict:
     """The state dict in the file ``weights`` (``--cnn-weights``; a ``{"state_dict": ...}`` wrapper is opened),
     loaded with ``torch.load(weights_only=True)``: a pickle that would run code is refused without running it.
     Anything but a dict of tensors is a one-line VsaError naming the file."""
-    import pickle
-    import warnings
-
     import torch
 
-    from vsa.checkpoint import _unpickling_reason
+    from vsa.checkpoint import load_tensors
 
     p = Path(weights)
     if not p.is_file():
         raise VsaError("no such CNN weights file", p)
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: keep errors one line
-            warnings.simplefilter("ignore")
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise VsaError("refused: not a plain-tensor weights file, it would need to unpickle code "
-                       f"({_unpickling_reason(e)})", p) from None
-    except Exception as e:
-        raise VsaError(f"not a readable weights file ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})",
-                       p) from None
+    sd = load_tensors(p, "weights file")
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd:
@@ -262,14 +250,11 @@ def cnn_state_dict(weights) -> dict:
 def fit_cnn_weights(net, sd: dict, name: str, weights) -> None:
     """Load ``sd`` into ``net`` (all of its tensors, shape for shape); a one-line VsaError naming the file and the
     first missing, unexpected or misshapen tensors otherwise."""
-    own = net.state_dict()
-    problems = [f"missing {k}" for k in own if k not in sd]
-    problems += [f"unexpected {k}" for k in sd if k not in own]
-    problems += [f"{k} has shape {list(sd[k].shape)}, {name}'s is {list(v.shape)}"
-                 for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    from vsa.checkpoint import weight_problems
+
+    problems = weight_problems(net.state_dict(), sd, f"{name}'s")
     if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise VsaError(f"not weights of {name}: {'; '.join(problems[:3])}{more}", weights)
+        raise VsaError(f"not weights of {name}: {problems}", weights)
     net.load_state_dict(sd)
 
 

@@ -376,14 +376,11 @@ def _fit_weights(model: nn.Module, sd: dict, path) -> None:
     missing, unexpected or misshapen ones otherwise."""
     from vsa.errors import VsaError
 
-    own = model.state_dict()
-    problems = [f"missing {k}" for k in own if k not in sd]
-    problems += [f"unexpected {k}" for k in sd if k not in own]
-    problems += [f"{k} has shape {list(sd[k].shape)}, the model's is {list(v.shape)}"
-                 for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    from vsa.checkpoint import weight_problems
+
+    problems = weight_problems(model.state_dict(), sd, "the model's")
     if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise VsaError(f"checkpoint weights do not fit its model config: {'; '.join(problems[:3])}{more}", path)
+        raise VsaError(f"checkpoint weights do not fit its model config: {problems}", path)
 
 
 def model_from_checkpoint(ckpt: dict, device: str = "cpu", path=None) -> nn.Module:

@@ -203,10 +203,9 @@ class YoloV5StateDict:
         self._geo: dict = {}
         self.name = folder.name
         self.device = device
-        try:
-            sd = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise VsaError(f"cannot load the detector's state dict: {_load_error(e)}", weights) from None
+        from vsa.checkpoint import load_tensors
+
+        sd = load_tensors(weights, "detector state dict")
         if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
             raise VsaError("the detector's weights are not a plain {name: tensor} state dict", weights)
         import contextlib
