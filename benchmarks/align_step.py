@@ -12,7 +12,7 @@ retrieval (prints figures; no pass/fail).
    padding (the code before either change), `vsa.align.Dropout` with them over the padding, packed recurrences
    (each recurrence step computes only the sentences still running: `ReluBRNN`, `last_state`) with the layers
    around the BRNN over the padding, torch's packed GRU module and the region vectors placed by `masked_scatter` (the
-   code of 2026-12-07's fourth session; all kinds share the BRNN's cheaper output stacking that came with the next
+   code before the layers moved to the real words; all kinds share the BRNN's cheaper output stacking that came with the next
    change, about 2% of a step), the code as it is (those layers on the real words only, the GRU's recurrence written
    out on the CPU, rows placed by `index_copy`), and the recipe
    shipped before the GRU branch (`global_encoder = "mean"`, `branch_loss` 0), with their ratios;
