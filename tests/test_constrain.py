@@ -26,7 +26,7 @@ def test_caption_constrain_names_what_the_detector_sees(bus, tmp_path):
     from vsa.captioner import caption_images
 
     rec, = caption_images([(bus, "bus.jpg")], constrain=True, device="cpu")
-    assert rec["constraints"][:2] == ["bus", "person"] or set(rec["constraints"]) == {"bus", "person"}
+    assert set(rec["constraints"]) == {"bus", "person"}
     words = rec["caption"].split()
     assert "bus" in words and {"man", "woman", "people", "person", "men", "women"} & set(words), rec["caption"]
     # --no-constrain: no constraints recorded; the CLI flag reaches the library

@@ -6,8 +6,8 @@ Load paths covered (each a test case below):
   detector      default (a planted yolo11n.pt in the working folder is never looked up), --detector FILE,
                 $VSA_DETECTOR, [regions] detector of vsa.toml, a YOLOv5 state-dict folder whose weights are a pickle,
                 a .yaml that is not ultralytics' own, and an ultralytics checkpoint made of layers (loads)
-  checkpoints   --model of score / caption / eval, --aligner and --region-model of caption, train-mrnn --resume
-                (all through vsa.checkpoint.load_checkpoint)
+  checkpoints   --model of score and caption, --aligner and --region-model of caption, the trainers' --resume
+                file (all through vsa.checkpoint.load_checkpoint)
   CNN weights   --cnn-weights for EfficientNet-Lite (the default CNN) and for a torchvision CNN; an OpenCLIP file
   arrays        features / index NPZ with an object array (vsa.io.load_npz, vsa.featstore), GloVe .npy
 """

@@ -145,9 +145,12 @@ def _unpickling_reason(e: Exception) -> str:
     return (detail[0] if detail else lines[0] if lines else "unsupported content")[:160]
 
 
-def load_tensors(path, what: str = "checkpoint"):
+def load_tensors(path, what: str = "checkpoint", allowed=()):
     """``torch.load(path, weights_only=True)``: whatever a weights file holds, never code. A pickle that would run
-    code, a missing or unreadable file are one-line VsaErrors naming it (``what``: "checkpoint", "weights file")."""
+    code, a missing or unreadable file are one-line VsaErrors naming it (``what``: "checkpoint", "weights file").
+    ``allowed``: ``(class, "module.Name")`` pairs the unpickler may also build (torch's ``safe_globals``), for files
+    such as ultralytics checkpoints whose layers are pickled objects (:func:`vsa.regions.load_ultralytics_checkpoint`
+    decides which)."""
     import pickle
     import warnings
 
@@ -157,7 +160,8 @@ def load_tensors(path, what: str = "checkpoint"):
     if not p.is_file():
         raise VsaError(f"no such {what}", p)
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: keep errors one line
+        # torch warns about pickle protocols on stderr: keep errors one line
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
             warnings.simplefilter("ignore")
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

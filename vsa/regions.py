@@ -125,7 +125,8 @@ def _read_meta(meta_path: Path) -> dict:
         try:
             names = [names[k] for k in sorted(names, key=int)]
         except (TypeError, ValueError):
-            raise VsaError("'names' of the detector's meta.json has keys that are not class numbers", meta_path) from None
+            raise VsaError("'names' of the detector's meta.json has keys that are not class numbers",
+                           meta_path) from None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise VsaError("the detector's meta.json needs 'names': a non-empty list of class names", meta_path)
     strides, anchors = meta.get("strides"), meta.get("anchors_pixels")
@@ -161,14 +162,8 @@ def _packaged_cfg(cfg) -> bool:
     return any(root.rglob(cfg)) or any(root.rglob(unified))
 
 
-def _load_error(e: Exception) -> str:
-    """One line for a failed ``torch.load(weights_only=True)``: a refused pickle says so, with torch's reason."""
-    import pickle
-
-    from vsa.checkpoint import _unpickling_reason
-
-    if isinstance(e, pickle.UnpicklingError):
-        return f"refused, it would need to unpickle code ({_unpickling_reason(e)})"
+def _one_line(e: Exception) -> str:
+    """``Type: first line of the message`` of a library's exception."""
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
@@ -206,7 +201,8 @@ class YoloV5StateDict:
         from vsa.checkpoint import load_tensors
 
         sd = load_tensors(weights, "detector state dict")
-        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in sd.items()):
             raise VsaError("the detector's weights are not a plain {name: tensor} state dict", weights)
         import contextlib
         import io
@@ -341,13 +337,11 @@ def _allowed_global(name: str):
     return None
 
 
-def load_ultralytics_checkpoint(path) -> dict:
-    """An ultralytics ``.pt`` checkpoint read without running code from it: torch's ``weights_only`` unpickler
-    with an allow-list of the network layers and plain data it names (:func:`_allowed_global`). A file that
-    names anything else (``os.system``, ``builtins.eval``, a class of another package) is refused, in one line."""
-    import pickle
-    import warnings
-
+def load_ultralytics_checkpoint(path):
+    """The detection model of an ultralytics ``.pt`` checkpoint, read without running code from it: torch's
+    ``weights_only`` unpickler with an allow-list of the network layers and plain data it names
+    (:func:`_allowed_global`), through :func:`vsa.checkpoint.load_tensors`. A file that names anything else
+    (``os.system``, ``builtins.eval``, a class of another package) is refused, in one line."""
     import torch
 
     p = Path(path)
@@ -356,7 +350,7 @@ def load_ultralytics_checkpoint(path) -> dict:
     try:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(p)
     except Exception as e:
-        raise VsaError(f"not a PyTorch checkpoint ({_load_error(e)})", p) from None
+        raise VsaError(f"not a PyTorch checkpoint ({_one_line(e)})", p) from None
     allowed, refused = [], []
     for name in needed:
         obj = _allowed_global(name)
@@ -373,18 +367,15 @@ def load_ultralytics_checkpoint(path) -> dict:
         raise VsaError(f"refused: loading it would call {', '.join(sorted(refused)[:3])}, and vsa loads only network "
                        "layers, tensors and plain data from a weights file (nothing that can run code); if you trust "
                        "the file, re-save the model alone with ultralytics (YOLO(path).save('clean.pt'))", p)
-    try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(allowed):
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise VsaError(f"cannot load the detector: {_load_error(e)}", p) from None
-    except Exception as e:
-        raise VsaError(f"cannot load the detector ({_load_error(e)})", p) from None
-    model = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
+    from vsa.checkpoint import load_tensors
+
+    ckpt = load_tensors(p, "detector weights file", allowed)
+    model = None
+    if isinstance(ckpt, dict):  # the EMA weights where training kept them, as ultralytics loads them
+        model = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "names"):
         raise VsaError("not an ultralytics detector checkpoint (no 'model' with class names)", p)
-    return {"model": model, "names": model.names}
+    return model
 
 
 _WHERE = ("leave --detector out to use the detector inside vsa, or point --detector (or VSA_DETECTOR, or "
@@ -410,7 +401,7 @@ def _fetch(name: str) -> Path:
             got = Path(attempt_download_asset(name))
     except Exception as e:
         got = None
-        why = _load_error(e)
+        why = _one_line(e)
     else:
         why = "nothing was downloaded"
     if got is None or not got.is_file():
@@ -448,7 +439,7 @@ class UltralyticsDetector:
         elif not p.exists() and len(p.parts) > 1:
             raise VsaError(f"no such detector weights file; {_WHERE}", p)
         else:
-            model = load_ultralytics_checkpoint(p if p.exists() else _fetch(spec))["model"]
+            model = load_ultralytics_checkpoint(p if p.exists() else _fetch(spec))
         model = model.float().eval()
         with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
             model = model.fuse(verbose=False)
@@ -494,7 +485,8 @@ def is_yolov5_state_dict(spec: str) -> bool:
 def load_detector(spec: str | os.PathLike | None = None, device: str = "auto"):
     """The detector ``spec`` names: a YOLOv5 state-dict folder (or its ``*state-dict*.pt``) such as the packaged
     :data:`DEFAULT_DETECTOR` (used when ``spec`` is None), else an ultralytics detector (:class:`UltralyticsDetector`:
-    a ``.pt`` path, or a release name such as ``yolo11n.pt`` downloaded when online). The spec is taken as given: the library reads no environment and no vsa.toml (the CLI resolves
+    a ``.pt`` path, or a release name such as ``yolo11n.pt`` downloaded when online). The spec is taken as given:
+    the library reads no environment and no vsa.toml (the CLI resolves
     ``--detector``, ``$VSA_DETECTOR`` and ``[regions] detector``: :func:`vsa.cli.workspace.detector`)."""
     from vsa.runtime import pick_device
 
