@@ -30,6 +30,14 @@ STDIO = "-"
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark (Windows editors write one): skipped
 
 
+def is_number(v) -> bool:
+    """A finite JSON number (not a bool, which Python counts as an int): what a record's score, box or setting
+    must be."""
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def is_stdio(path) -> bool:
     return path is None or os.fspath(path) == STDIO
 

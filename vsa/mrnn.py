@@ -324,7 +324,8 @@ def _field_ok(v, default) -> bool:
     """Is ``v`` a value of the type of the config field whose default is ``default``? (A field without a plain
     default, or defaulting to None, takes any value.)"""
     import dataclasses
-    import math
+
+    from vsa.io import is_number
 
     if default is None or default is dataclasses.MISSING:
         return True
@@ -333,7 +334,7 @@ def _field_ok(v, default) -> bool:
     if isinstance(default, int):
         return isinstance(v, int) and not isinstance(v, bool)
     if isinstance(default, float):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return is_number(v)
     return isinstance(v, type(default))
 
 

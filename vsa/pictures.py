@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -134,14 +133,11 @@ def _is_whole(box, label: str, width: int, height: int) -> bool:
 # ----------------------------------------------------------------------------- from records
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _box(v, where: str) -> list[float]:
     from vsa.errors import VsaError
+    from vsa.io import is_number
 
-    if not (isinstance(v, list) and len(v) == 4 and all(_number(x) for x in v)):
+    if not (isinstance(v, list) and len(v) == 4 and all(is_number(x) for x in v)):
         raise VsaError(f"{where}: 'box' must be a list of 4 numbers [x1, y1, x2, y2], got {v!r:.80}")
     return [float(x) for x in v]
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from vsa.errors import VsaError, writing
 from vsa.featstore import check_extractor
+from vsa.io import is_number
 from vsa.mrf import alignment_record
 
 
@@ -92,12 +93,6 @@ def _whole(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _number(v) -> bool:
-    import math
-
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def check_snippets(snippets, n_words: int, source=None, line: int | None = None) -> list[dict]:
     """``snippets`` as an alignment record holds them (docs/formats.md, "Alignments JSONL"): objects with whole
     ``start`` < ``end`` within the ``n_words`` words, a whole ``region`` >= 0, and where present a ``box`` of 4
@@ -117,12 +112,12 @@ def check_snippets(snippets, n_words: int, source=None, line: int | None = None)
         if not (_whole(r) and r >= 0):
             raise VsaError(f"{what}: 'region' must be a whole number >= 0, got {r!r:.60}", source, line)
         box = sn.get("box")
-        if box is not None and not (isinstance(box, list) and len(box) == 4 and all(_number(x) for x in box)):
+        if box is not None and not (isinstance(box, list) and len(box) == 4 and all(is_number(x) for x in box)):
             raise VsaError(f"{what}: 'box' must be 4 numbers [x1, y1, x2, y2], got {box!r:.80}", source, line)
         for name in ("label", "text"):
             if sn.get(name) is not None and not isinstance(sn[name], str):
                 raise VsaError(f"{what}: '{name}' must be a string, got {sn[name]!r:.60}", source, line)
-        if sn.get("score") is not None and not _number(sn["score"]):
+        if sn.get("score") is not None and not is_number(sn["score"]):
             raise VsaError(f"{what}: 'score' must be a number, got {sn['score']!r:.60}", source, line)
     return snippets
 
@@ -147,7 +142,7 @@ def check_alignment_record(rec, source=None, line: int | None = None) -> dict:
         raise VsaError(f"'tokens' must be a list of strings, got {tokens!r:.60}", source, line)
     if rec.get("split") is not None and not isinstance(rec["split"], str):
         raise VsaError(f"'split' must be a string, got {rec['split']!r:.60}", source, line)
-    if rec.get("beta") is not None and not _number(rec["beta"]):
+    if rec.get("beta") is not None and not is_number(rec["beta"]):
         raise VsaError(f"'beta' must be a number, got {rec['beta']!r:.60}", source, line)
     check_snippets(rec["snippets"], len(tokens), source, line)
     return rec
