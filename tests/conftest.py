@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -66,3 +67,28 @@ def run_cli(*args, input: bytes | None = None, cwd=None, env=None, timeout=600):
         e.update(env)
     return subprocess.run([sys.executable, "-m", "vsa", *map(str, args)], input=input, capture_output=True,
                           cwd=cwd, env=e, timeout=timeout)
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(out, command: str):
+    """``out``'s writer lock held, for the duration of the block, by another thread standing for a second run of
+    ``command`` (``vsa.io.output_lock`` is one per thread, so the test's own calls meet it as a second writer)."""
+    import threading
+
+    from vsa.io import output_lock
+
+    held, stop = threading.Event(), threading.Event()
+
+    def other_run():
+        with output_lock(out, command):
+            held.set()
+            stop.wait()
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    held.wait()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()

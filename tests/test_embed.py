@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import lock_held_elsewhere, run_cli
 from vsa.errors import VsaError
 from vsa.cnn import load_extractor
 from vsa.features import EmbedItem, embed, merge_npz, shard_of
@@ -652,31 +652,15 @@ def test_embed_keeps_decoded_and_cropped_pixels_within_the_budget(ex, tmp_path, 
 def test_eval_features_refuse_a_second_run_on_the_same_output(tmp_path):
     """`vsa eval --images` computing into a folder another run is computing into: refused before any detection or
     CNN, the other run's detections part untouched."""
-    import threading
-
     from vsa.features import embed_like_training
-    from vsa.io import output_lock
 
     paths = _images(tmp_path / "imgs", 1)
     out = tmp_path / "work" / "features.npz"
     part = tmp_path / "work" / "features.npz.regions-yolo-top19.jsonl"
     part.parent.mkdir()
     part.write_bytes(b'{"key": "im0.png"')  # the other run's, being written
-    held, stop = threading.Event(), threading.Event()
-
-    def other_run():
-        with output_lock(out, "vsa eval"):
-            held.set()
-            stop.wait()
-
-    t = threading.Thread(target=other_run)
-    t.start()
-    held.wait()
-    try:
+    with lock_held_elsewhere(out, "vsa eval"):
         with pytest.raises(VsaError, match=r"features\.npz\.lock: locked: another `vsa eval`"):
             embed_like_training([(paths[0], "im0.png")], out, {"extractor": "efficientnet-lite0", "detector": "yolo"},
                                 detector=object(), resume=True)
-    finally:
-        stop.set()
-        t.join()
     assert part.read_bytes() == b'{"key": "im0.png"' and not out.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import lock_held_elsewhere
 from vsa import io as vio
 from vsa.errors import VsaError
 
@@ -326,27 +328,8 @@ def test_npz_inflation_and_memory_caps(tmp_path, monkeypatch):
 @pytest.fixture
 def held_elsewhere():
     """Hold the lock of an output in another thread (as another run would), for the length of a test."""
-    import threading
-
-    stops = []
-
-    def hold(out):
-        held, stop = threading.Event(), threading.Event()
-
-        def run():
-            with vio.output_lock(out, "vsa embed"):
-                held.set()
-                stop.wait()
-
-        t = threading.Thread(target=run)
-        t.start()
-        held.wait()
-        stops.append((stop, t))
-
-    yield hold
-    for stop, t in stops:
-        stop.set()
-        t.join()
+    with contextlib.ExitStack() as stack:
+        yield lambda out: stack.enter_context(lock_held_elsewhere(out, "vsa embed"))
 
 
 @pytest.mark.parametrize("args", [

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import lock_held_elsewhere, run_cli
 from vsa import pictures as P
 
 GREY = (128, 128, 128)
@@ -317,29 +317,13 @@ def test_plain_caption_has_no_side_panel(grey_image):
 
 def test_second_writer_on_the_same_output_is_refused(tmp_path):
     from vsa.errors import VsaError
-    from vsa.io import output_lock
     from vsa.snippets import align_to_file
 
     store, pairs = fake_store_and_pairs(1, 1)
     out = tmp_path / "al.jsonl"
-    import threading
-
-    held, done = threading.Event(), threading.Event()
-
-    def other_run():  # as if another `vsa align -o al.jsonl` were running
-        with output_lock(out, "vsa align"):
-            held.set()
-            done.wait()
-
-    t = threading.Thread(target=other_run)
-    t.start()
-    held.wait()
-    try:
+    with lock_held_elsewhere(out, "vsa align"):  # as if another `vsa align -o al.jsonl` were running
         with pytest.raises(VsaError, match=r"al\.jsonl\.lock: locked: another `vsa align` \(pid \d+ on .*\) is writing"):
             align_to_file(FakeAligner(), store, pairs, out, beta=0.0)
-    finally:
-        done.set()
-        t.join()
     assert align_to_file(FakeAligner(), store, pairs, out, beta=0.0)["written"] == 1
     assert not (tmp_path / "al.jsonl.lock").exists()
 
