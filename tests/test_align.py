@@ -329,7 +329,7 @@ def test_region_drop_leaves_out_whole_regions_but_never_the_whole_image_and_only
 
 
 def test_dropout_keeps_each_value_with_probability_1_minus_p_and_rescales():
-    from vsa.align import Dropout
+    from vsa.nn import Dropout
 
     torch.manual_seed(0)
     d = Dropout(0.2)

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from vsa.assets import SHIPPED_MODELS
 from vsa.errors import VsaError
-from vsa.featstore import pad_regions  # the one region padding
+from vsa.featstore import image_rows, pad_regions  # the one region layout and padding
+from vsa.nn import Dropout, Standardize
 
 ASSET = SHIPPED_MODELS["align"]  # the Flickr8k aligner shipped in the package
 SCORES = ("sum-max", "mean-max", "sum-all", "global", "scan")
@@ -76,7 +77,7 @@ class AlignModelConfig:
 def region_rows(cfg: AlignModelConfig) -> int:
     """Rows of an image's features the model reads: 1 for the whole-image model, else the whole image, up to
     ``max_regions - 1`` boxes and the ``cells`` x ``cells`` cells."""
-    return 1 if cfg.model == "whole-image" else cfg.max_regions + cfg.cells * cfg.cells
+    return 1 if cfg.model == "whole-image" else image_rows(cfg.max_regions, cfg.cells)
 
 
 def check_rows(cfg: AlignModelConfig, store) -> None:
@@ -102,7 +103,7 @@ def check_config(cfg: AlignModelConfig) -> None:
             raise VsaError(f"unknown {name} {getattr(cfg, name)!r} (expected one of {', '.join(allowed)})")
     if cfg.hidden < 1:
         raise VsaError("hidden >= 1 is required")
-    if not 0.0 <= getattr(cfg, "region_drop", 0.0) < 1.0:
+    if not 0.0 <= cfg.region_drop < 1.0:
         raise VsaError(f"region_drop must be in [0, 1), got {cfg.region_drop}")
 
 
@@ -117,48 +118,12 @@ def _rows_to_padded(x: torch.Tensor, rows: torch.Tensor, B: int, T: int) -> torc
     return x.new_zeros(B * T, x.shape[-1]).index_copy(0, rows, x).view(B, T, -1)
 
 
-class FeatureStats(nn.Module):
-    """Standardise CNN features with the training set's per-dimension mean and std (saved with the model).
-
-    Pooled CNN features are all positive with a large common component; centring them lets the
-    projection separate images from the first steps instead of first unlearning that mean.
-    """
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
-
-    def set_moments(self, mean, std) -> None:
-        """Per-dimension mean and std of the training regions (:meth:`vsa.featstore.RegionBank.moments`)."""
-        self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
-        self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype).clamp(min=1e-3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` with the mask drawn by ``torch.rand`` on the CPU: PyTorch's CPU dropout draws it with
-    ``bernoulli_``, about twice as slow, and the region features' dropout alone took a tenth of a training step
-    on two cores. The same distribution (keep with probability ``1 - p``, scaled by ``1 / (1 - p)``), another
-    random stream; on other devices the fused kernel as before. No parameters: checkpoints are unchanged."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return super().forward(x)
-        if self.p == 1:
-            return x * 0
-        keep = (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
-        return x * keep
-
-
 class RegionEncoder(nn.Module):
     """``v_i = W_m cnn_i + b_m`` for every region (eq. 1), optionally L2-normalised."""
 
     def __init__(self, feat_dim: int, hidden: int, dropout: float = 0.0, norm: bool = True):
         super().__init__()
-        self.stats = FeatureStats(feat_dim)
+        self.stats = Standardize(feat_dim)
         self.proj = nn.Linear(feat_dim, hidden)
         self.drop = Dropout(dropout)
         self.norm = norm
@@ -424,17 +389,16 @@ class BRNNAligner(nn.Module):
         self.regions = RegionEncoder(feat_dim, cfg.hidden, cfg.dropout_regions, cfg.norm)
         self.words = SentenceBRNN(vocab_size, cfg.embed, cfg.hidden, cfg.rnn, cfg.dropout, cfg.norm, cfg.out_relu)
         self.region_dim = cfg.hidden
-        enc = getattr(cfg, "global_encoder", "mean")
-        if enc not in GLOBAL_ENCODERS:
-            raise VsaError(f"unknown global_encoder {enc!r} (expected one of {', '.join(GLOBAL_ENCODERS)})")
-        self.glob = GlobalBranch(feat_dim, cfg.embed, cfg.hidden, cfg.dropout) if enc == "gru" else None
+        if cfg.global_encoder not in GLOBAL_ENCODERS:
+            raise VsaError(f"unknown global_encoder {cfg.global_encoder!r} (expected one of {', '.join(GLOBAL_ENCODERS)})")
+        self.glob = GlobalBranch(feat_dim, cfg.embed, cfg.hidden, cfg.dropout) if cfg.global_encoder == "gru" else None
 
     @property
-    def stats(self) -> FeatureStats:
+    def stats(self) -> Standardize:
         return self.regions.stats
 
     def embed_images(self, feats: torch.Tensor, rmask: torch.Tensor):
-        p = getattr(self.cfg, "region_drop", 0.0)
+        p = self.cfg.region_drop
         if self.training and p > 0:  # whole boxes (and cells) left out: every word must do without its usual one
             keep = torch.rand(rmask.shape, device=rmask.device) >= p
             keep[:, 0] = True
@@ -463,7 +427,7 @@ class BRNNAligner(nn.Module):
         image first; :func:`flat_pair_scores`). With a global branch, ``Vr`` may hold the region channels only and
         ``glob_images [Bi, h]`` the branch's image vectors (a search index keeps them apart: half the memory read)."""
         local, glob = self.flat_score_parts(Vr, reg_img, Bi, S, smask, glob_images)
-        return local if glob is None else local + getattr(self.cfg, "global_weight", 0.0) * glob
+        return local if glob is None else local + self.cfg.global_weight * glob
 
     def score_parts(self, V, vmask, S, smask):
         """The score's two terms, ``(region score, global score or None)``: :meth:`score` is
@@ -476,9 +440,8 @@ class BRNNAligner(nn.Module):
         Sr = S[..., :h]
         if self.cfg.score == "global":
             return flat_pair_scores(Vr[first, :h], reg_img, Bi, Sr, smask, "global"), None
-        local = flat_pair_scores(Vr[:, :h], reg_img, Bi, Sr, smask, self.cfg.score,
-                                 getattr(self.cfg, "scan_lambda", 9.0))
-        if not getattr(self.cfg, "global_weight", 0.0):
+        local = flat_pair_scores(Vr[:, :h], reg_img, Bi, Sr, smask, self.cfg.score, self.cfg.scan_lambda)
+        if not self.cfg.global_weight:
             return local, None
         if self.glob is not None:
             G = Vr[first, h:] if glob_images is None else glob_images
@@ -494,12 +457,13 @@ class WholeImageModel(nn.Module):
     def __init__(self, cfg, vocab_size: int, feat_dim: int):
         super().__init__()
         self.cfg = cfg
-        self.stats = FeatureStats(feat_dim)
+        self.stats = Standardize(feat_dim)
         self.img = nn.Linear(feat_dim, cfg.hidden)
         self.embed = nn.Embedding(vocab_size, cfg.embed, padding_idx=0)
         self.gru = nn.GRU(cfg.embed, cfg.hidden, batch_first=True)
         self.drop = Dropout(cfg.dropout)
         self.drop_img = Dropout(cfg.dropout_regions)
+        self.region_dim = cfg.hidden  # all of its vectors' channels (it has no global branch)
 
     def embed_images(self, feats: torch.Tensor, rmask: torch.Tensor):
         v = _l2(self.img(self.drop_img(self.stats(feats[:, :1]))))  # the whole image is region 0
@@ -589,7 +553,7 @@ class Aligner:
         ``full`` keeps the extra channels of a global branch (what ``model.score`` needs)."""
         feats, mask = pad_regions([region_feats])
         V, _ = self.model.embed_images(feats.to(self.device), mask.to(self.device))
-        h = V.shape[-1] if full else getattr(self.model, "region_dim", V.shape[-1])
+        h = V.shape[-1] if full else self.model.region_dim
         return V[0, :, :h].float().cpu().numpy()
 
     @torch.inference_mode()
@@ -597,7 +561,7 @@ class Aligner:
         """Word vectors ``[T, h]`` of one tokenised sentence (``[1, h]`` for the whole-image model)."""
         ids, lengths = self.encode_tokens([tokens])
         S, smask = self.model.embed_sentences(ids.to(self.device), lengths.to(self.device))
-        return S[0][smask[0]][:, : getattr(self.model, "region_dim", S.shape[-1])].float().cpu().numpy()
+        return S[0][smask[0]][:, : self.model.region_dim].float().cpu().numpy()
 
     def word_region_scores(self, region_feats: np.ndarray, tokens: list[str]) -> np.ndarray:
         """The ``v_i . s_t`` matrix ``[T, R]`` of one image (``[R, D]`` CNN features) and one sentence."""

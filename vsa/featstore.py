@@ -406,6 +406,13 @@ def _gather(feats, starts: np.ndarray, counts: np.ndarray, R: int):
     return torch.from_numpy(out), torch.from_numpy(mask)
 
 
+def image_rows(max_regions: int, cells: int) -> int:
+    """Rows of an image's features a model reads, as one slice from the top: the whole image and up to
+    ``max_regions - 1`` boxes (or grid cells), then the ``cells`` x ``cells`` image cells that ``vsa embed --cells``
+    writes after them."""
+    return max_regions + cells * cells
+
+
 def pad_regions(regions, keys: list[str] | None = None, max_regions: int | None = None, width: int | None = None):
     """The region features of N images as a padded batch: ``(feats, mask)``, a float32 ``[N, R, D]`` tensor
     and a bool ``[N, R]`` tensor.

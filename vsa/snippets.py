@@ -30,9 +30,11 @@ def pairs_of(ds, split: str) -> list[tuple]:
 
 
 def _scores(aligner, feats: np.ndarray, tokens: list[str], cache: dict) -> np.ndarray:
-    """``[T, R]`` word-region scores; the image side is computed once per image when possible."""
-    if hasattr(aligner, "image_vectors") and hasattr(aligner, "word_vectors") and getattr(
-            getattr(aligner, "cfg", None), "model", "brnn") == "brnn":
+    """``[T, R]`` word-region scores; a trained region aligner (:class:`vsa.align.Aligner`) computes the image side
+    once per image, any other scorer gives :meth:`word_region_scores` of each pair."""
+    from vsa.align import Aligner
+
+    if isinstance(aligner, Aligner) and aligner.cfg.model == "brnn":
         if "V" not in cache:
             cache["V"] = aligner.image_vectors(feats)
         if not tokens:
@@ -42,13 +44,13 @@ def _scores(aligner, feats: np.ndarray, tokens: list[str], cache: dict) -> np.nd
 
 
 def aligner_beta(aligner, beta: float | None = None) -> float:
-    """The MRF's beta: ``beta`` if given, else the aligner's own (chosen on val and saved in its checkpoint
-    ``meta``), else :data:`vsa.mrf.DEFAULT_BETA`."""
+    """The MRF's beta: ``beta`` if given, else the aligner's own (chosen on val, in its checkpoint's
+    ``decoding``), else :data:`vsa.mrf.DEFAULT_BETA`."""
     from vsa.mrf import DEFAULT_BETA
 
     if beta is not None:
         return float(beta)
-    return float((getattr(aligner, "decoding", None) or {}).get("beta", DEFAULT_BETA))
+    return float(aligner.decoding.get("beta", DEFAULT_BETA))
 
 
 def ground_sentence(aligner, photo, tokens: list[str], beta: float | None = None) -> list[dict]:
