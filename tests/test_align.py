@@ -200,7 +200,7 @@ def test_epoch_order_is_a_permutation_with_groups():
     assert torch.equal(o, epoch_order(owner, 2, 3)) and not torch.equal(o, epoch_order(owner, 2, 4))
 
 
-SMALL = dict(hidden=32, embed=16, epochs=5, batch_size=32, lr=3e-3, min_count=1, lr_decay_epoch=0, threads=1)
+SMALL = dict(hidden=32, embed=16, epochs=5, batch_size=32, lr=3e-3, min_count=1, lr_decay=1.0, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +290,39 @@ def test_resume_continues_to_the_same_result(tmp_path):
     assert res["epochs"] == 1
     a, b = _tensors(tmp_path / "full.last.pt"), _tensors(tmp_path / "part.last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_schedule_counts_epochs_from_1(tmp_path):
+    from vsa.io import read_jsonl
+
+    ds, feats, _ = make_synthetic(tmp_path, n_train=40, n_val=10, n_test=10)
+    kw = {**SMALL, "epochs": 4, "lr_decay": 0.5, "lr_decay_start": 1, "lr_decay_every": 2, "warmup_epochs": 2}
+    lines = []
+    train(*configs(**kw), ds, feats, tmp_path / "a.pt", info=lines.append)
+    log = read_jsonl(tmp_path / "a.log.jsonl")
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4] and any(x.startswith("epoch 1/4 ") for x in lines)
+    # lr for lr_decay_start = 1 epoch, then halved every 2 epochs; the sum of violations for warmup_epochs = 2
+    assert [r["lr"] for r in log] == pytest.approx([3e-3, 1.5e-3, 1.5e-3, 7.5e-4])
+    assert [r["hardest"] for r in log] == [False, False, True, True]
+
+
+def test_a_former_setting_name_trains_with_a_note_on_stderr(tmp_path):
+    from tests.conftest import run_cli
+    from vsa.io import write_json
+
+    ds, feats, _ = make_synthetic(tmp_path, n_train=20, n_val=6, n_test=6)
+    write_json(tmp_path / "synthetic.json", ds.to_karpathy())
+    r = run_cli("train-align", "--dataset", tmp_path / "synthetic.json", "--features", feats, "-o", tmp_path / "a.pt",
+                "--epochs", "1", "--batch-size", "16", "--hidden", "16", "--min-count", "1", "--threads", "1",
+                "--set", "embed=8", "--set", "clip=1", "--set", "amp=false", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    err = r.stderr.decode()
+    assert "warning: --set clip=1: read as grad_clip=1.0 (clip is now named grad_clip)" in err
+    assert "warning: --set amp=false: read as bf16=False (amp is now named bf16)" in err
+    from vsa.checkpoint import load_checkpoint
+
+    t = load_checkpoint(tmp_path / "a.pt")["train"]
+    assert (t["grad_clip"], t["bf16"]) == (1.0, False) and "clip" not in t and "amp" not in t
 
 
 def test_validating_every_second_epoch_trains_the_same_weights_and_selects_among_validated_epochs(tmp_path):

@@ -80,6 +80,12 @@ def region_rows(cfg: AlignModelConfig) -> int:
     return 1 if cfg.model == "whole-image" else image_rows(cfg.max_regions, cfg.cells)
 
 
+def features_key(cfg: AlignModelConfig) -> str:
+    """The vsa.toml key naming the features an aligner of this config reads by default: the whole images for the
+    whole-image model, the regions otherwise."""
+    return "features.whole" if cfg.model == "whole-image" else "features.regions"
+
+
 def check_rows(cfg: AlignModelConfig, store) -> None:
     """Refuse features whose image cells differ from the model's (``vsa embed --cells``), and features with cells
     and more boxes per image than the model reads: the rows are read as one slice from the top

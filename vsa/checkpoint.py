@@ -226,35 +226,88 @@ def _check_layout(ckpt: dict, p: Path, tensor: type) -> None:
         raise VsaError(f"'state_dict' entry {bad!r:.80} is not a tensor", p)
 
 
+# ----------------------------------------------------------------------------- typed configs
+# A config dataclass may list the former names of its fields in a class attribute ``RENAMED``: old name -> new name,
+# or -> ``(new name, f)`` with ``f(value)`` giving ``{field: value}`` where the old setting meant something the new
+# one says otherwise. Checkpoints, ``--set`` and :func:`configs_from` read a former name as its new one.
+
+
+def renamed(cls) -> dict:
+    """``cls``'s former field names (its ``RENAMED``; none when it has no such attribute)."""
+    return dict(getattr(cls, "RENAMED", {}))
+
+
+def _translate(cls, key: str, value) -> dict:
+    """``{field: value}`` of one setting given under a former name ``key`` of ``cls``."""
+    new = renamed(cls)[key]
+    return new[1](value) if isinstance(new, tuple) else {new: value}
+
+
+def _new_name(cls, key: str) -> str:
+    new = renamed(cls)[key]
+    return new[0] if isinstance(new, tuple) else new
+
+
 def config_from(cls, d: dict):
-    """Rebuild a config dataclass from a checkpoint dict, ignoring unknown keys."""
+    """The config dataclass ``cls`` from its dict form (a checkpoint's ``model`` / ``train`` / ``decoding``): the
+    one reader of stored configs. A field the dict lacks gets the dataclass default, a former name is read as its
+    new one (``RENAMED``), other unknown keys are ignored (a newer vsa's fields)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+    kw = {k: v for k, v in d.items() if k in names}
+    for k, v in d.items():
+        if k not in names and k in renamed(cls):
+            kw.update(_translate(cls, k, v))
+    return cls(**kw)
 
 
-def apply_overrides(cfgs: Any, items: list[str], flag: str = "--set") -> Any:
+def configs_from(classes, fields: dict, what: str) -> tuple:
+    """One instance of each config class of ``classes`` from one set of ``fields`` (each class takes the fields it
+    has; former names as in :func:`config_from`); a name no class has is a one-line :class:`VsaError` naming
+    ``what`` ("aligner", "generator")."""
+    known = set().union(*({f.name for f in dataclasses.fields(c)} | set(renamed(c)) for c in classes))
+    unknown = set(fields) - known
+    if unknown:
+        raise VsaError(f"unknown {what} config field(s): {', '.join(sorted(unknown))}")
+    return tuple(config_from(c, fields) for c in classes)
+
+
+def _typed(cur, value: str):
+    """``value`` (a string) as the type of a field whose current value is ``cur``; ValueError if it is not one."""
+    if isinstance(cur, bool):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(value)
+        return value.lower() in ("true", "1", "yes")
+    return type(cur)(value)
+
+
+def apply_overrides(cfgs: Any, items: list[str], flag: str = "--set", note=None) -> Any:
     """Apply ``KEY=VALUE`` strings (``--set``) in place to the dataclass ``cfgs`` (or to a tuple of
     dataclasses with disjoint fields, e.g. a model config and its training config), converting each value to
-    the field's type; an unknown key or a bad value is a one-line :class:`VsaError`."""
+    the field's type; an unknown key or a bad value is a one-line :class:`VsaError`. A former name (``RENAMED``)
+    sets its new field, and ``note(message)`` (if given) says so."""
     group = cfgs if isinstance(cfgs, (tuple, list)) else (cfgs,)
     owner = {f.name: c for c in group for f in dataclasses.fields(c)}
+    former = {old: c for c in group for old in renamed(type(c))}
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in owner:
+        if not sep or (key not in owner and key not in former):
             raise VsaError(f"{flag} {item!r}: expected KEY=VALUE with KEY one of {', '.join(owner)}")
-        cfg = owner[key]
-        cur = getattr(cfg, key)
+        cfg = owner.get(key) or former[key]
+        field = key if key in owner else _new_name(type(cfg), key)
+        cur = getattr(cfg, field)
         try:
-            if isinstance(cur, bool):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                v = value.lower() in ("true", "1", "yes")
-            else:
-                v = type(cur)(value)
+            v = _typed(cur, value)
         except ValueError:
             raise VsaError(f"{flag} {item!r}: {value!r} is not a valid {type(cur).__name__}") from None
-        setattr(cfg, key, v)
+        if key in owner:
+            setattr(cfg, key, v)
+            continue
+        now = _translate(type(cfg), key, v)
+        if note is not None:
+            note(f"{flag} {item}: read as {', '.join(f'{k}={x}' for k, x in now.items())} ({key} is now named {field})")
+        for k, x in now.items():
+            setattr(cfg, k, x)
     return cfgs
 
 

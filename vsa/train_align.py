@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -46,32 +47,36 @@ class AlignTrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     epochs: int = 13
-    lr_decay_epoch: int = 11  # multiply the learning rate by lr_decay after this many epochs (0: never)
-    lr_decay: float = 0.1
+    lr_decay: float = 0.1  # the learning rate's factor at each decay (1: constant; vsa.trainer.step_decay)
+    lr_decay_start: int = 11  # epochs before the first decay
+    lr_decay_every: int = 0  # epochs between decays (0: decay once)
     batch_size: int = 128
     group: int = 2  # sentences of one image side by side in a batch (1: plain random pairs)
-    clip: float = 2.0  # gradient norm clip (0: none)
+    grad_clip: float = 2.0  # gradient norm clip (0: none)
     clip_value: float = 0.0  # elementwise clip (the paper: 5; 0: none)
     steps_per_epoch: int = 0  # 0: the whole train split; else stop each epoch after this many batches (smoke runs, benchmarks)
     # machine
     seed: int = 0
     threads: int = 0  # torch threads (0: leave torch's default)
-    amp: bool = True  # bfloat16 autocast on CUDA (CPU always runs float32)
+    bf16: bool = True  # bfloat16 autocast on CUDA (CPU always runs float32)
     # with mirrored training features (`vsa train-align --flip-features`, made by `vsa embed --flip`): the chance that
     # a training image reads its mirrored features in an epoch (val never)
     flip: float = 0.5
 
+    # former names, read from older checkpoints and --set (vsa.checkpoint.config_from, apply_overrides)
+    RENAMED: ClassVar[dict] = {
+        "clip": "grad_clip", "amp": "bf16",
+        # "decay once after this many epochs, 0: never"
+        "lr_decay_epoch": ("lr_decay_start", lambda n: {"lr_decay_start": n, "lr_decay_every": 0} if n else {"lr_decay": 1.0}),
+    }
+
 
 def configs(**fields) -> tuple[AlignModelConfig, AlignTrainConfig]:
-    """``(AlignModelConfig, AlignTrainConfig)`` from one set of field names (each belongs to one of them)."""
-    import dataclasses as dc
+    """``(AlignModelConfig, AlignTrainConfig)`` from one set of field names (each belongs to one of them; former
+    names read as their new ones)."""
+    from vsa.checkpoint import configs_from
 
-    names = {f.name for f in dc.fields(AlignModelConfig)}
-    unknown = set(fields) - names - {f.name for f in dc.fields(AlignTrainConfig)}
-    if unknown:
-        raise VsaError(f"unknown aligner config field(s): {', '.join(sorted(unknown))}")
-    return (AlignModelConfig(**{k: v for k, v in fields.items() if k in names}),
-            AlignTrainConfig(**{k: v for k, v in fields.items() if k not in names}))
+    return configs_from((AlignModelConfig, AlignTrainConfig), fields, "aligner")
 
 
 # ----------------------------------------------------------------------------- training
@@ -86,7 +91,10 @@ def make_optimizer(cfg: AlignTrainConfig, params):
 
 
 def lr_at(cfg: AlignTrainConfig, epoch: int) -> float:
-    return cfg.lr * (cfg.lr_decay if cfg.lr_decay_epoch and epoch >= cfg.lr_decay_epoch else 1.0)
+    """The learning rate of (1-based) ``epoch`` (:func:`vsa.trainer.step_decay`)."""
+    from vsa.trainer import step_decay
+
+    return step_decay(cfg.lr, cfg.lr_decay, cfg.lr_decay_start, cfg.lr_decay_every, epoch)
 
 
 def evaluate_split(model, data: RetrievalSplit) -> dict:
@@ -204,7 +212,7 @@ def _loss(model, cfg: AlignTrainConfig, V, vm, S, sm, img_of, hardest: bool):
 
 
 def train_epoch(model, opt, cfg: AlignTrainConfig, data: RetrievalSplit, epoch: int, progress=None, env=None, emb=None) -> dict:
-    """One epoch (0-based ``epoch``) over ``data`` in global batches of ``cfg.batch_size`` sentences. ``emb`` is the
+    """Epoch ``epoch`` (counted from 1) over ``data`` in global batches of ``cfg.batch_size`` sentences. ``emb`` is the
     (DDP-wrapped, under torchrun) :class:`_Embed` of ``model``. A NaN or infinite loss stops it
     (:class:`vsa.trainer.Diverged`) before the step."""
     from vsa.trainer import check_loss
@@ -213,30 +221,31 @@ def train_epoch(model, opt, cfg: AlignTrainConfig, data: RetrievalSplit, epoch: 
     model.train()
     for g in opt.param_groups:
         g["lr"] = lr_at(cfg, epoch)
-    hardest = cfg.loss == "max" and epoch >= cfg.warmup_epochs
-    order = epoch_order(data.sent_image, cfg.group, cfg.seed * 1000 + epoch)
-    flip = epoch_flips(data, cfg.flip, cfg.seed * 1000 + epoch + 500)  # the same draw on every rank
+    hardest = cfg.loss == "max" and epoch > cfg.warmup_epochs
+    seed = cfg.seed * 1000 + epoch - 1  # epoch 1 draws from seed * 1000: a seed's runs stay as they are
+    order = epoch_order(data.sent_image, cfg.group, seed)
+    flip = epoch_flips(data, cfg.flip, seed + 500)  # the same draw on every rank
     dev = next(model.parameters()).device
     n_batches = math.ceil(len(order) / cfg.batch_size)
     if cfg.steps_per_epoch:
         n_batches = min(n_batches, cfg.steps_per_epoch)
-    task = progress.add_task(f"epoch {epoch + 1}", total=n_batches) if progress is not None else None
+    task = progress.add_task(f"epoch {epoch}", total=n_batches) if progress is not None else None
     total, steps, seen = 0.0, 0, 0
     world = env.world if env is not None and env.enabled else 1
-    amp = dev.type == "cuda" and cfg.amp
+    bf16 = dev.type == "cuda" and cfg.bf16
     for b in range(n_batches):
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         if world > 1 and len(torch.unique(data.sent_image[idx])) < world:
             continue  # too few images to give every rank one (only a tiny last batch): skipped everywhere
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss, scale = batch_loss(emb, model, cfg, data, idx, hardest, env, dev, flip)
-        check_loss(loss.detach(), f"epoch {epoch + 1}, batch {b + 1}")  # before a NaN gradient reaches the weights
+        check_loss(loss.detach(), f"epoch {epoch}, batch {b + 1}")  # before a NaN gradient reaches the weights
         opt.zero_grad(set_to_none=True)
         (loss * scale).backward()  # DDP averages gradients over ranks: x world gives the global-batch gradient
         if cfg.clip_value:
             torch.nn.utils.clip_grad_value_(model.parameters(), cfg.clip_value)
-        if cfg.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         total += float(loss.detach())
         steps += 1
@@ -264,7 +273,7 @@ class AlignStage:
         self.opt = make_optimizer(tcfg, model.parameters())
 
     def train_epoch(self, epoch: int, progress) -> dict:
-        return train_epoch(self.model, self.opt, self.tcfg, self.train_data, epoch - 1, progress, self.env, self.emb)
+        return train_epoch(self.model, self.opt, self.tcfg, self.train_data, epoch, progress, self.env, self.emb)
 
     def validate(self, epoch: int) -> dict:
         from vsa.retrieval import NonFiniteScores
@@ -384,12 +393,12 @@ def train(mcfg: AlignModelConfig, tcfg: AlignTrainConfig, ds, features, out, res
                log=log, val_every=tcfg.val_every)
 
 
-def parse_overrides(cfgs, items: list[str]):
+def parse_overrides(cfgs, items: list[str], note=None):
     """Apply ``KEY=VALUE`` strings to ``(model config, train config)`` (or one of them), converting to each
-    field's type, and check the result."""
+    field's type, and check the result; ``note(message)`` hears of former names (:func:`vsa.checkpoint.apply_overrides`)."""
     from vsa.checkpoint import apply_overrides
 
-    apply_overrides(cfgs, items)
+    apply_overrides(cfgs, items, note=note)
     if isinstance(cfgs, tuple):
         check(*cfgs)
     return cfgs

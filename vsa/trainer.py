@@ -96,6 +96,16 @@ class Stage(Protocol):
     def restore(self, ckpt: dict) -> None: ...  # weights + optimiser state of a .last.pt checkpoint
 
 
+def step_decay(lr: float, decay: float, start: int, every: int, epoch: int) -> float:
+    """The learning rate of (1-based) ``epoch`` under the trainers' one schedule (``lr``, ``lr_decay``,
+    ``lr_decay_start``, ``lr_decay_every``): ``lr`` for the first ``start`` epochs, then multiplied by ``decay``
+    once, and again after every further ``every`` epochs (``every`` 0: only once)."""
+    if epoch <= start:
+        return lr
+    steps = 1 if every <= 0 else (epoch - start - 1) // every + 1
+    return lr * decay**steps
+
+
 def validates(epoch: int, epochs: int, every: int) -> bool:
     """Is ``epoch`` (1-based) one to validate: every ``every``-th epoch and always the last (``every`` <= 1: all)."""
     return every <= 1 or epoch % every == 0 or epoch == epochs

@@ -46,6 +46,7 @@ def train_align(
     from vsa.cli.config import resolve
     from vsa.runtime import pick_device
     from vsa.io import write_json
+    from vsa.align import features_key
     from vsa.train_align import configs, parse_overrides, train
 
     # the dataclasses hold every default; flags and --set only override
@@ -53,8 +54,8 @@ def train_align(
              "lr": lr, "hidden": hidden, "glove": glove, "threads": threads, "seed": seed}
     mcfg, tcfg = configs(**{k: v for k, v in flags.items() if v is not None})
     tcfg.min_count = resolve(min_count, "dataset.min_count", "--min-count", default=tcfg.min_count)
-    parse_overrides((mcfg, tcfg), set_ or [])  # type-checked; an unknown key is a one-line error
-    feats = resolve(features, "features.whole" if mcfg.model == "whole-image" else "features.regions", "--features")
+    parse_overrides((mcfg, tcfg), set_ or [], note=warn)  # type-checked; an unknown key is a one-line error
+    feats = resolve(features, features_key(mcfg), "--features")
     out = resolve(out, "align.model", "--out")
     ds = open_dataset(dataset)
     with progress(transient=True) as prog:
