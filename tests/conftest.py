@@ -56,17 +56,87 @@ def _fresh_workspace(monkeypatch):
     config.reset_workspace()
 
 
-def run_cli(*args, input: bytes | None = None, cwd=None, env=None, timeout=600):
-    """Run `python -m vsa ARGS` as a real subprocess; returns CompletedProcess (bytes)."""
+def run_cli(*args, input: bytes | None = None, cwd=None, env=None, timeout=600, process: bool = False):
+    """Run ``vsa ARGS`` and return a CompletedProcess (stdout/stderr as bytes).
+
+    In this process by default: the typer app runs with stdin/stdout/stderr, the environment, the working folder
+    and ``sys.argv`` of a fresh ``vsa`` process in place, and an exception that would end a process with a
+    traceback gives exit code 1 with the traceback on stderr. Starting Python and importing torch again costs
+    seconds a call, most of the suite's time. ``process=True`` (or ``VSA_TEST_SUBPROCESS=1`` for the whole
+    suite) starts a real ``python -m vsa`` instead: for what is about a process (first run, signals, pipes
+    between two processes, import costs)."""
     import subprocess
     import sys
 
-    e = dict(os.environ)
-    e.setdefault("OMP_NUM_THREADS", "2")
+    args = [str(a) for a in args]
+    if process or os.environ.get("VSA_TEST_SUBPROCESS") == "1":
+        e = dict(os.environ)
+        e.setdefault("OMP_NUM_THREADS", "2")
+        if env:
+            e.update(env)
+        return subprocess.run([sys.executable, "-m", "vsa", *args], input=input, capture_output=True,
+                              cwd=cwd, env=e, timeout=timeout)
+    code, out, err = _run_in_process(args, input, cwd, env)
+    return subprocess.CompletedProcess(["vsa", *args], code, out, err)
+
+
+def _run_in_process(args, input, cwd, env):
+    import io
+    import sys
+    import traceback
+
+    from vsa.cli import app, config
+
+    class Buffer(io.BytesIO):
+        def close(self):  # the text stream closes it when it is dropped; its bytes are read after
+            pass
+
+    def stream(buf, errors):
+        return io.TextIOWrapper(buf, encoding="utf-8", errors=errors, write_through=True)
+
+    out_b, err_b = Buffer(), Buffer()
+    saved = (sys.stdin, sys.stdout, sys.stderr, sys.argv, os.getcwd(), dict(os.environ))
+    # a stream that a library bound while the command ran (a logging handler) stays writable after it
+    sys.stdin = stream(io.BufferedReader(io.BytesIO(input or b"")), "strict")  # peek() as on a pipe
+    sys.stdout, sys.stderr = stream(out_b, "strict"), stream(err_b, "backslashreplace")
+    sys.argv = ["vsa", *args]
     if env:
-        e.update(env)
-    return subprocess.run([sys.executable, "-m", "vsa", *map(str, args)], input=input, capture_output=True,
-                          cwd=cwd, env=e, timeout=timeout)
+        os.environ.update({k: str(v) for k, v in env.items()})
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        config.reset_workspace()
+        app(args=args, prog_name="vsa", standalone_mode=True)
+    except SystemExit as e:
+        if e.code is None:
+            code = 0
+        elif isinstance(e.code, int):
+            code = e.code
+        else:
+            sys.stderr.write(f"{e.code}\n")
+            code = 1
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # what `vsa.cli.main` and Python's own handler do at the top of a process
+        from vsa.errors import VsaError
+
+        if isinstance(e, VsaError):
+            sys.stderr.write(f"vsa: error: {e}\n")
+            code = e.exit_code
+        else:
+            traceback.print_exc(file=sys.stderr)
+            code = 1
+    finally:
+        for s in (sys.stdout, sys.stderr):
+            if s is not None:
+                s.flush()
+        sys.stdin, sys.stdout, sys.stderr, sys.argv = saved[:4]
+        os.chdir(saved[4])
+        os.environ.clear()
+        os.environ.update(saved[5])
+        config.reset_workspace()
+    return code, out_b.getvalue(), err_b.getvalue()
 
 
 @contextlib.contextmanager
