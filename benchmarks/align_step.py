@@ -1,15 +1,15 @@
 """Where the aligner's training time goes: one training step of the shipped recipe with torch's CPU dropout against
-vsa's (`vsa.align.Dropout`), with the recurrences run over the padding against packed, and the per-epoch val
+vsa's (`vsa.nn.Dropout`), with the recurrences run over the padding against packed, and the per-epoch val
 retrieval (prints figures; no pass/fail).
 
     .venv/bin/python benchmarks/align_step.py [--threads 2] [--steps 20] [--epochs N] [--dataset DATASET_JSON]
 
-1. the shipped aligner's architecture (`AlignModelConfig` defaults + `global_encoder = "gru"`, 3 x 3 cells: the whole
+1. the shipped aligner's architecture (`AlignModelConfig` defaults, 3 x 3 cells: the whole
    image, up to 19 boxes and 9 cells, Lite0's 1280-d features, random values; boxes per image drawn as Flickr8K's
-   YOLOv5n detections: 1-19, 9.7 on average) trained with its loss (`branch_loss` 1) on batches of 128 sentences (2
+   YOLOv5n detections: 1-19, 9.7 on average) trained with its loss (`AlignTrainConfig` defaults: `branch_loss` 1) on batches of 128 sentences (2
    per image; lengths drawn from the dataset's train sentences, by default Flickr8K's in ../shared, else uniform
    6-17), milliseconds per step, interleaved in one process, for: `torch.nn.Dropout` with the recurrences over the
-   padding (the code before either change), `vsa.align.Dropout` with them over the padding, packed recurrences
+   padding (the code before either change), `vsa.nn.Dropout` with them over the padding, packed recurrences
    (each recurrence step computes only the sentences still running: `ReluBRNN`, `last_state`) with the layers
    around the BRNN over the padding, torch's packed GRU module and the region vectors placed by `masked_scatter` (the
    code before the layers moved to the real words; all kinds share the BRNN's cheaper output stacking that came with the next
@@ -129,14 +129,14 @@ def main() -> None:
             S, sm = m.embed_sentences(ids, lengths)
         finally:
             A.last_state, A.ReluBRNN.forward, A.SentenceBRNN.forward, A.RegionEncoder.forward = keep
-        t = tcfg if branch else AlignTrainConfig()
+        t = tcfg if branch else AlignTrainConfig(branch_loss=0.0)
         loss = _loss(m, t, V, vm, S, sm, img_of, True)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), tcfg.clip)
+        torch.nn.utils.clip_grad_norm_(m.parameters(), tcfg.grad_clip)
         opt.step()
 
-    old = A.AlignModelConfig(cells=3)
+    old = A.AlignModelConfig(cells=3, global_encoder="mean")
     kinds = {"torch dropout, padded": (*model_with(torch.nn.Dropout), "padded", True),
              "vsa dropout, padded": (*model_with(A.Dropout), "padded", True),
              "packed recurrences (before)": (*model_with(A.Dropout), "packed", True),
@@ -177,6 +177,7 @@ def main() -> None:
     train_min = epochs * steps * now / 1000 / 60
     print(f"shipped recipe, {epochs} epochs of {steps} steps: {train_min:.1f} min of steps + "
           f"{epochs * val_s / 60:.1f} min of val every epoch = {train_min + epochs * val_s / 60:.1f} min; "
+          f"with val_every={tcfg.val_every} {train_min + -(-epochs // tcfg.val_every) * val_s / 60:.1f} min; "
           f"with val_every={epochs} {train_min + val_s / 60:.1f} min (goal: 20; batches are read from the features "
           f"file besides)")
 

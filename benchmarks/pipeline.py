@@ -127,7 +127,7 @@ def main() -> None:
          "images.txt", n_img, "images"),
         ("embed-grid-flip", "embed grid, mirrored images", ["embed", "--crop", "grid", "--cnn", "efficientnet-lite2", "--flip",
                                                             *threads], "images.txt", n_img, "images"),
-        ("train-align", "train-align (shipped recipe, GloVe)", ["train-align", "--epochs", "10", "--set", "lr_decay_epoch=8",
+        ("train-align", "train-align (shipped recipe, GloVe)", ["train-align", "--epochs", "10", "--set", "lr_decay_start=8",
                                                                 "--glove", "kumo", *threads], None, n_train_sent, "sentences"),
         ("align", "align (train snippets)", ["align", "--split", "train", "-o", "work/alignments.jsonl", *threads], None,
          n_train_sent, "sentences"),

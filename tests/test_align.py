@@ -200,7 +200,9 @@ def test_epoch_order_is_a_permutation_with_groups():
     assert torch.equal(o, epoch_order(owner, 2, 3)) and not torch.equal(o, epoch_order(owner, 2, 4))
 
 
-SMALL = dict(hidden=32, embed=16, epochs=5, batch_size=32, lr=3e-3, min_count=1, lr_decay=1.0, threads=1)
+# small and explicit: a mean-word global term, no branch loss, val after every epoch
+SMALL = dict(hidden=32, embed=16, epochs=5, batch_size=32, lr=3e-3, min_count=1, lr_decay=1.0, threads=1,
+             global_encoder="mean", branch_loss=0.0, val_every=1)
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +334,7 @@ def test_validating_every_second_epoch_trains_the_same_weights_and_selects_among
     kw = {**SMALL, "epochs": 3}
     train(*configs(**kw), ds, feats, tmp_path / "all.pt", info=lambda *a: None)
     lines = []
-    res = train(*configs(**kw, val_every=2), ds, feats, tmp_path / "some.pt", info=lines.append)
+    res = train(*configs(**{**kw, "val_every": 2}), ds, feats, tmp_path / "some.pt", info=lines.append)
     log = [json.loads(x) for x in (tmp_path / "some.log.jsonl").read_text().splitlines()]
     assert ["val" in r for r in log] == [False, True, True]  # epoch 2, and the last
     assert not log[0]["best"] and any("epoch 1/3" in x and "not validated" in x for x in lines)
@@ -395,7 +397,7 @@ def test_gru_global_branch_trains_and_keeps_word_region_scores(tmp_path):
     from vsa.retrieval import retrieval_metrics, score_matrix
     from vsa.splits import retrieval_split
 
-    res = train(*configs(**SMALL, global_encoder="gru"), ds, feats, tmp_path / "g.pt", info=lambda *a: None)
+    res = train(*configs(**{**SMALL, "global_encoder": "gru"}), ds, feats, tmp_path / "g.pt", info=lambda *a: None)
     assert res["best"]["i2t"]["r1"] >= 60
     al = load_aligner(tmp_path / "g.pt")
     st = load_features(feats)
@@ -457,7 +459,7 @@ def test_branch_loss_adds_the_ranking_loss_of_each_score_term_alone(enc):
     assert not torch.allclose(local, glob)
     for hardest in (False, True):
         one = ranking_loss(local + 0.5 * glob, img_of, 0.2, hardest)
-        assert torch.equal(_loss(m, AlignTrainConfig(), V, vm, S, sm, img_of, hardest), one)
+        assert torch.equal(_loss(m, AlignTrainConfig(branch_loss=0.0), V, vm, S, sm, img_of, hardest), one)
         both = _loss(m, AlignTrainConfig(branch_loss=0.5), V, vm, S, sm, img_of, hardest)
         parts = ranking_loss(local, img_of, 0.2, hardest) + ranking_loss(glob, img_of, 0.2, hardest)
         assert float(parts) > 0 and torch.allclose(both, one + 0.5 * parts)
@@ -477,9 +479,11 @@ def test_overrides_are_typed_and_checked():
             parse_overrides(configs(), bad)
 
 
-@pytest.mark.parametrize("fields", [dict(score="mean-max"), dict(score="sum-max", global_weight=0.0),
-                                    dict(score="sum-all"), dict(score="global"), dict(global_encoder="gru"),
-                                    dict(score="scan", scan_lambda=4.0),
+@pytest.mark.parametrize("fields", [dict(score="mean-max", global_encoder="mean"),
+                                    dict(score="sum-max", global_weight=0.0), dict(score="sum-all", global_encoder="mean"),
+                                    dict(score="global", global_encoder="mean"), dict(score="global"),
+                                    dict(global_encoder="gru"),
+                                    dict(score="scan", scan_lambda=4.0, global_encoder="mean"),
                                     dict(model="whole-image")])
 def test_flat_score_of_a_search_index_equals_the_padded_score(fields):
     """`vsa search` scores unpadded region vectors (`flat_score`); it must equal the padded `score` training uses."""

@@ -56,7 +56,8 @@ def _train(tmp_path, ds_json, feats, out, nproc: int):
     args = ["train-align", "--dataset", str(ds_json), "--features", str(feats), "-o", str(out),
             "--epochs", "3", "--batch-size", "40", "--hidden", "32", "--lr", "3e-3", "--min-count", "1",
             "--seed", "5", "--threads", "1", "--device", "cpu",
-            "--set", "embed=16", "--set", "dropout=0", "--set", "dropout_regions=0", "--set", "lr_decay_epoch=0", "--set", "warmup_epochs=1"]
+            "--set", "embed=16", "--set", "dropout=0", "--set", "dropout_regions=0", "--set", "lr_decay=1", "--set", "warmup_epochs=1",
+            "--set", "val_every=1"]
     return _launch(tmp_path, args, nproc)
 
 

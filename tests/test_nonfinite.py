@@ -16,7 +16,8 @@ from vsa.errors import VsaError
 
 torch.set_num_threads(1)
 
-SMALL = dict(hidden=32, embed=16, batch_size=32, lr=3e-3, min_count=1, lr_decay_epoch=0, threads=1)
+SMALL = dict(hidden=32, embed=16, batch_size=32, lr=3e-3, min_count=1, lr_decay=1.0, threads=1, global_encoder="mean",
+             branch_loss=0.0, val_every=1)
 
 
 def _with_feats(src, dst, fill=None, image: int | None = None):

@@ -42,3 +42,22 @@ def test_former_names_in_set_and_configs_set_the_new_fields_and_say_so():
     assert notes == ["--set clip=3: read as grad_clip=3.0 (clip is now named grad_clip)",
                      "--set lr_decay_epoch=0: read as lr_decay=1.0 (lr_decay_epoch is now named lr_decay_start)"]
 
+
+
+def test_the_aligner_defaults_are_the_shipped_aligners_recipe():
+    """Bare `vsa train-align` trains the shipped recipe: its configs' defaults are what the shipped checkpoint was
+    trained with, but for what comes from the features (cells), GloVe (an optional package: `--glove kumo`) and the
+    machine's threads."""
+    import dataclasses
+
+    from vsa.align import AlignModelConfig
+    from vsa.assets import SHIPPED_MODELS
+    from vsa.checkpoint import config_from, load_checkpoint
+    from vsa.train_align import AlignTrainConfig
+
+    ck = load_checkpoint(SHIPPED_MODELS["align"], kind="align")
+    diff = {}
+    for cls, part in ((AlignModelConfig, "model"), (AlignTrainConfig, "train")):
+        shipped, default = dataclasses.asdict(config_from(cls, ck[part])), dataclasses.asdict(cls())
+        diff.update({k: (default[k], shipped[k]) for k in default if default[k] != shipped[k]})
+    assert diff == {"cells": (0, 3), "glove": ("", "kumo"), "threads": (0, 1)}

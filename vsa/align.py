@@ -53,14 +53,15 @@ GLOBAL_ENCODERS = ("mean", "gru")
 @dataclass
 class AlignModelConfig:
     """The alignment model's architecture: everything needed to rebuild it (training settings are
-    :class:`vsa.train_align.AlignTrainConfig`)."""
+    :class:`vsa.train_align.AlignTrainConfig`). The defaults are the shipped aligner's (``cells`` comes from the
+    features)."""
 
     model: str = "brnn"  # brnn (the paper) | whole-image (ablation baseline)
     rnn: str = "brnn"  # brnn (ReLU RNN as in the paper) | gru | lstm
     score: str = "mean-max"  # sum-max (paper eq. 8) | mean-max | sum-all (eq. 7) | global | scan (SCAN t2i attention)
     scan_lambda: float = 9.0  # score = "scan": inverse temperature of the word-to-region attention (SCAN's lambda_1)
     global_weight: float = 1.0  # add this times a global score (whole image vs. sentence) to `score`
-    global_encoder: str = "mean"  # the global term's sentence vector: mean (of the word vectors) | gru (own GRU + image map)
+    global_encoder: str = "gru"  # the global term's sentence vector: gru (own GRU + image map) | mean (of the word vectors)
     hidden: int = 512  # h: size of the shared region/word space
     embed: int = 300  # word vector size
     norm: bool = True  # L2-normalise region and word vectors
@@ -444,9 +445,12 @@ class BRNNAligner(nn.Module):
         h = self.region_dim
         first = _first_rows(reg_img, Bi)
         Sr = S[..., :h]
-        if self.cfg.score == "global":
-            return flat_pair_scores(Vr[first, :h], reg_img, Bi, Sr, smask, "global"), None
-        local = flat_pair_scores(Vr[:, :h], reg_img, Bi, Sr, smask, self.cfg.score, self.cfg.scan_lambda)
+        if self.cfg.score == "global":  # already the whole image against the mean word: only a GRU branch adds to it
+            local = flat_pair_scores(Vr[first, :h], reg_img, Bi, Sr, smask, "global")
+            if self.glob is None:
+                return local, None
+        else:
+            local = flat_pair_scores(Vr[:, :h], reg_img, Bi, Sr, smask, self.cfg.score, self.cfg.scan_lambda)
         if not self.cfg.global_weight:
             return local, None
         if self.glob is not None:

