@@ -77,7 +77,7 @@ def main() -> None:
     env = setup("cpu")
     tokens = int(sum(int(n) + 1 for n in lens))
     print(f"torch {torch.__version__}, {args.threads} threads, cpu {torch.backends.cpu.get_cpu_capability()}, "
-          f"load average {os.getloadavg()[0]:.1f}; model {cfg.rnn} hidden {cfg.hidden} vocab {cfg.vocab_size}; "
+          f"load average {os.getloadavg()[0]:.1f}; model {cfg.arch} hidden {cfg.hidden} vocab {cfg.vocab_size}; "
           f"{len(sents)} sentences, {tokens} tokens")
 
     _xe_epoch(model, opt, sp, tcfg, 0, env=env)  # warm-up

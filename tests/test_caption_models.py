@@ -20,7 +20,7 @@ WORDS = "a dog runs on the grass man in red shirt water".split()
 
 def _ckpt(tmp_path, rnn: str, extractor: dict, cells: int = 0, sharp: float = 1.0) -> tuple:
     torch.manual_seed(0)
-    cfg = MRNNConfig(rnn=rnn, vocab_size=len(WORDS) + 4, feat_dim=1280, embed=16, hidden=24, att_dim=8, cells=cells)
+    cfg = MRNNConfig(arch=rnn, vocab_size=len(WORDS) + 4, feat_dim=1280, embed=16, hidden=24, att_dim=8, cells=cells)
     model = build_model(cfg).eval()
     with torch.no_grad():
         model.out.bias[1] += 2.0  # <end> plausible: short captions
@@ -174,6 +174,10 @@ def test_an_ensemble_of_generators_mixes_their_word_probabilities(tmp_path):
         ens = GeneratorEnsemble([a, c], [1.0, 1.0], slices=[(0, 1280), (1280, 1344)])
         pe, _ = ens.step(tok, ens.init_state(torch.cat([feats, fc], -1)))
     assert torch.allclose(pe.exp(), 0.5 * pa.exp() + 0.5 * pc.exp(), atol=1e-6)
+    # weights that mix nothing are a one-line error (the library's too: --weights is checked before it)
+    for w in ([1.0, float("nan")], [0.0, 0.0], [-1.0, 2.0], [1.0]):
+        with pytest.raises(VsaError, match="non-negative weights"):
+            GeneratorEnsemble([a, b], w)
 
 
 def test_caption_with_two_models_decodes_them_as_one_ensemble(tmp_path):

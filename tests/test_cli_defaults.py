@@ -54,7 +54,7 @@ def test_trainer_help_defaults_are_the_dataclass_defaults(command, classes):
             assert text == str(want), (name, text, want)
     # what the help shows is what a run uses: the documented figures of the shipped recipe
     if command == "train-mrnn":
-        assert compared["hidden"] == "512" and compared["epochs"] == "10" and compared["rnn"] == "updown"
+        assert compared["hidden"] == "512" and compared["epochs"] == "10" and compared["arch"] == "updown"
 
 
 @pytest.mark.parametrize("command", ["train-mrnn", "train-align"])

@@ -13,7 +13,7 @@ from vsa.mrnn import MRNNConfig, build_model
 def _model(rnn="lstm", seed=0, V=30, D=8, attention=False):
     """A small random generator (``rnn="updown"`` reads ``[B, R, D]`` regions)."""
     torch.manual_seed(seed)
-    cfg = MRNNConfig(rnn=rnn, vocab_size=V, feat_dim=D, embed=12, hidden=16, dropout=0.0, attention=attention, att_dim=8)
+    cfg = MRNNConfig(arch=rnn, vocab_size=V, feat_dim=D, embed=12, hidden=16, dropout=0.0, attention=attention, att_dim=8)
     m = build_model(cfg).eval()
     with torch.no_grad():  # make <end> plausible so sentences finish
         m.out.bias[Vocab.end] += 1.5

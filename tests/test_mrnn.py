@@ -65,7 +65,7 @@ def test_tiny_model_overfits_two_captions_exactly(rnn, attention):
     torch.manual_seed(0)
     vocab = Vocab(WORDS)
     caps = [["a", "dog", "runs", "on", "the", "grass"], ["two", "people", "sit", "on", "a", "bench"]]
-    cfg = MRNNConfig(rnn=rnn, vocab_size=len(vocab), feat_dim=8, embed=16, hidden=32, dropout=0.0, attention=attention,
+    cfg = MRNNConfig(arch=rnn, vocab_size=len(vocab), feat_dim=8, embed=16, hidden=32, dropout=0.0, attention=attention,
                      att_dim=8)
     model = build_model(cfg)
     feats = torch.randn(2, 8)
@@ -86,7 +86,7 @@ def test_tiny_model_overfits_two_captions_exactly(rnn, attention):
 
 def test_paper_rnn_sees_the_image_only_at_the_first_step():
     torch.manual_seed(0)
-    cfg = MRNNConfig(rnn="rnn", vocab_size=10, feat_dim=4, embed=6, hidden=5, dropout=0.0)
+    cfg = MRNNConfig(arch="rnn", vocab_size=10, feat_dim=4, embed=6, hidden=5, dropout=0.0)
     model = build_model(cfg).eval()
     st = model.init_state(torch.randn(2, 4))
     tok = torch.tensor([Vocab.start, Vocab.start])
@@ -103,7 +103,7 @@ def test_paper_rnn_sees_the_image_only_at_the_first_step():
 
 def test_checkpoint_round_trip_and_half_export(tmp_path):
     ds, store, vocab, tr, va = _splits(tmp_path)
-    cfg = T.configs(rnn="lstm", embed=16, hidden=16, epochs=1, scst_epochs=0, batch_size=8, seed=3)
+    cfg = T.configs(arch="lstm", embed=16, hidden=16, epochs=1, scst_epochs=0, batch_size=8, seed=3)
     out = tmp_path / "m.pt"
     T.train(*cfg, tr, va, vocab, out, store.meta, log=lambda *_: None, choose_decoding=False)
     ck = load_checkpoint(out, "mrnn")
@@ -131,7 +131,7 @@ def test_checkpoint_round_trip_and_half_export(tmp_path):
 
 def _train(tmp_path, name, epochs, resume=False, seed=7):
     ds, store, vocab, tr, va = _splits(tmp_path)
-    cfg = T.configs(rnn="lstm", embed=16, hidden=16, epochs=epochs, scst_epochs=0, batch_size=8, seed=seed,
+    cfg = T.configs(arch="lstm", embed=16, hidden=16, epochs=epochs, scst_epochs=0, batch_size=8, seed=seed,
                     patience=99)
     out = tmp_path / name
     T.train(*cfg, tr, va, vocab, out, store.meta, resume=resume, log=lambda *_: None, choose_decoding=False)
@@ -162,7 +162,7 @@ def test_resume_without_last_checkpoint_is_a_clear_error(tmp_path):
 
 def test_scst_phase_runs_and_keeps_best(tmp_path):
     ds, store, vocab, tr, va = _splits(tmp_path)
-    cfg = T.configs(rnn="lstm", embed=16, hidden=16, epochs=2, scst_epochs=2, batch_size=10, seed=1, patience=99,
+    cfg = T.configs(arch="lstm", embed=16, hidden=16, epochs=2, scst_epochs=2, batch_size=10, seed=1, patience=99,
                     scst_lr=4e-4, scst_lr_decay=0.5)
     out = tmp_path / "s.pt"
     summary = T.train(*cfg, tr, va, vocab, out, store.meta, log=lambda *_: None, choose_decoding=False)
@@ -177,7 +177,7 @@ def test_scst_phase_runs_and_keeps_best(tmp_path):
 
 def test_updown_packed_teacher_forcing_equals_full_and_step_by_step():
     torch.manual_seed(0)
-    cfg = MRNNConfig(rnn="updown", vocab_size=12, feat_dim=6, embed=8, hidden=10, att_dim=5, dropout=0.0)
+    cfg = MRNNConfig(arch="updown", vocab_size=12, feat_dim=6, embed=8, hidden=10, att_dim=5, dropout=0.0)
     model = build_model(cfg).eval()
     feats = torch.randn(2, 4, 6)  # two images, 4 regions each
     mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
@@ -201,7 +201,7 @@ def test_scst_rescores_samples_under_the_distribution_they_were_drawn_from():
 
     torch.manual_seed(0)
     for rnn in ("lstm", "updown"):
-        cfg = MRNNConfig(rnn=rnn, vocab_size=15, feat_dim=6, embed=8, hidden=10, att_dim=5, dropout=0.0)
+        cfg = MRNNConfig(arch=rnn, vocab_size=15, feat_dim=6, embed=8, hidden=10, att_dim=5, dropout=0.0)
         model = build_model(cfg).eval()
         with torch.no_grad():
             model.out.bias[Vocab.unk] += 3.0  # much mass on a token that is never sampled
@@ -246,7 +246,7 @@ def test_sample_stops_each_sentence_at_its_end():
     from vsa.decoding import sample
 
     torch.manual_seed(1)
-    cfg = MRNNConfig(rnn="updown", vocab_size=12, feat_dim=6, embed=8, hidden=10, att_dim=5, dropout=0.0)
+    cfg = MRNNConfig(arch="updown", vocab_size=12, feat_dim=6, embed=8, hidden=10, att_dim=5, dropout=0.0)
     model = build_model(cfg).eval()
     with torch.no_grad():
         model.out.bias[Vocab.end] += 1.5  # sentences of varied lengths
@@ -299,7 +299,7 @@ def test_cider_reward_counts_the_sentence_end():
 def test_scst_on_a_small_task_raises_the_reward_and_the_greedy_score(tmp_path):
     torch.set_num_threads(1)
     ds, store, vocab, tr, va = _splits(tmp_path, n_train=40, n_val=10)
-    cfg = T.configs(rnn="lstm", embed=16, hidden=32, epochs=2, scst_epochs=8, batch_size=20, seed=1, patience=99,
+    cfg = T.configs(arch="lstm", embed=16, hidden=32, epochs=2, scst_epochs=8, batch_size=20, seed=1, patience=99,
                     lr=3e-3, scst_lr=3e-3, dropout=0.0)
     hist = T.train(*cfg, tr, va, vocab, tmp_path / "m.pt", store.meta, log=lambda *_: None,
                    choose_decoding=False)["history"]
@@ -329,7 +329,7 @@ def test_scst_dropout_switches_dropout_on_for_sampling_and_rescoring(tmp_path, m
     monkeypatch.setattr(T, "sequence_logprob", spy_lp)
     for flag in (False, True):
         seen.clear()
-        cfg = T.configs(rnn="lstm", embed=16, hidden=16, epochs=1, scst_epochs=1, batch_size=10, seed=1,
+        cfg = T.configs(arch="lstm", embed=16, hidden=16, epochs=1, scst_epochs=1, batch_size=10, seed=1,
                         scst_dropout=flag)
         T.train(*cfg, tr, va, vocab, tmp_path / f"d{flag}.pt", store.meta, log=lambda *_: None,
                 choose_decoding=False)
@@ -400,7 +400,7 @@ def test_a_box_generator_reads_its_cells_beyond_max_regions_and_trains_with_box_
     path = tmp_path / "boxes.npz"
     save_features(path, recs, meta={"extractor": "efficientnet-lite0", "dim": 16, "input": 224, "crop": "warp",
                                     "cells": 2, "detector": "yolov5n"})
-    cfg = T.configs(rnn="updown", embed=8, hidden=8, att_dim=4, max_regions=2, epochs=1, scst_epochs=1,
+    cfg = T.configs(arch="updown", embed=8, hidden=8, att_dim=4, max_regions=2, epochs=1, scst_epochs=1,
                     batch_size=10, box_dropout=0.5, seed=0)
     out = tmp_path / "b.pt"
     T.train_on(*cfg, load_dataset(ds_path), path, out, log=lambda *_: None, choose_decoding=False)
@@ -429,7 +429,7 @@ def test_flip_features_are_read_by_training_images_with_probability_flip(tmp_pat
     # train_on reads --flip-features into the training split only, and records it
     ds_path, feat_path = tmp_path / "dataset_tiny.json", tmp_path / "whole.npz"
     flipped = mirrored_copy(feat_path, tmp_path / "flip.npz")
-    cfg = T.configs(rnn="lstm", embed=8, hidden=8, epochs=1, scst_epochs=1, batch_size=10, seed=0, flip=0.5)
+    cfg = T.configs(arch="lstm", embed=8, hidden=8, epochs=1, scst_epochs=1, batch_size=10, seed=0, flip=0.5)
     seen = {}
     real = T.train
 
@@ -508,7 +508,7 @@ def test_eval_decodes_each_image_with_its_mirror_image_when_the_generator_asks(t
                                 meta=np.array(json.dumps({**json.loads(str(z["meta"])), "flip": True}))))
     np.savez(plain_path, **z)
     torch.manual_seed(0)
-    cfg = MRNNConfig(rnn="lstm", vocab_size=len(WORDS) + 4, feat_dim=32, embed=16, hidden=24)
+    cfg = MRNNConfig(arch="lstm", vocab_size=len(WORDS) + 4, feat_dim=32, embed=16, hidden=24)
     model = build_model(cfg).eval()
     path = tmp_path / "g.pt"
     meta = {"features": str(feat_path), "flip_features": str(flip_path)}

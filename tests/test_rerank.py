@@ -70,7 +70,7 @@ def test_caption_logprobs_equal_the_step_by_step_sum_in_any_pair_order():
     from vsa.mrnn import MRNNConfig, build_model
 
     torch.manual_seed(0)
-    model = build_model(MRNNConfig(rnn="lstm", embed=8, hidden=12, vocab_size=20, feat_dim=6, dropout=0.0)).eval()
+    model = build_model(MRNNConfig(arch="lstm", embed=8, hidden=12, vocab_size=20, feat_dim=6, dropout=0.0)).eval()
     feats = torch.randn(5, 6)
     sents = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
     pairs = np.array([[4, 2], [0, 0], [3, 1], [0, 3], [2, 2], [1, 0], [4, 3]])

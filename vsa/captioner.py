@@ -42,7 +42,7 @@ class Captioner:
         self.device = device
         self.model = model if model is not None else model_from_checkpoint(ckpt, device, model_path)
         self.vocab = Vocab(ckpt["vocab"])
-        self.cfg = ckpt["model"]  # the generator's MRNNConfig as a dict (decoding defaults: self.model.decoding)
+        self.cfg = self.model.cfg  # MRNNConfig (an ensemble's first member's); decoding defaults: self.model.decoding
         self.extractor_meta = ckpt.get("extractor") or {}
         self.cnn_weights = cnn_weights
         self._ex = None
@@ -162,7 +162,7 @@ class Captioner:
             from vsa.mrnn import uses_regions
 
             crop = self.extractor_meta.get("crop")
-            if self.reads_boxes and self.detector is None and not int(self.cfg.get("cells") or 0):
+            if self.reads_boxes and self.detector is None and not self.cfg.cells:
                 raise VsaError(f"this model attends over detector regions ({crop} features): pass --detector, or "
                                "caption photos with a grid-attention or whole-image model", self.path)
             self._featuriser = Featuriser(self.extractor_meta, self.detector if self.reads_boxes else None,

@@ -67,20 +67,18 @@ class MRNNTrainConfig:
 
 
 def configs(**fields) -> tuple[MRNNConfig, MRNNTrainConfig, DecodingConfig]:
-    """The three configs from one set of field names; ``max_len`` sets the training and the decoding one."""
-    groups = (MRNNConfig, MRNNTrainConfig, DecodingConfig)
-    names = [{f.name for f in dataclasses.fields(c)} for c in groups]
-    unknown = set(fields) - set().union(*names)
-    if unknown:
-        raise VsaError(f"unknown generator config field(s): {', '.join(sorted(unknown))}")
-    return tuple(c(**{k: v for k, v in fields.items() if k in n}) for c, n in zip(groups, names))  # type: ignore
+    """The three configs from one set of field names (former names read as their new ones); ``max_len`` sets the
+    training and the decoding one."""
+    from vsa.checkpoint import configs_from
+
+    return configs_from((MRNNConfig, MRNNTrainConfig, DecodingConfig), fields, "generator")  # type: ignore
 
 
 def check(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig) -> None:
-    from vsa.mrnn import RNNS
+    from vsa.caption_models import caption_model_names
 
-    if mcfg.rnn not in RNNS:
-        raise VsaError(f"--rnn must be one of {', '.join(RNNS)}, got {mcfg.rnn!r}")
+    if mcfg.arch not in caption_model_names():
+        raise VsaError(f"--arch must be one of {', '.join(caption_model_names())}, got {mcfg.arch!r}")
     if tcfg.batch_size < 1 or tcfg.scst_samples < 1 or dcfg.beam < 1 or dcfg.max_len < 1:
         raise VsaError("batch_size, scst_samples, beam and max_len must be >= 1")
     if not 0.0 <= tcfg.flip <= 1.0:
@@ -407,7 +405,7 @@ def train_on(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, ds, 
         check_finite_features(tr.flipped, [_item_name(x) for x in tr.items], flip_features)
     log = kw.get("log", print)
     log(f"train-mrnn: {len(tr.sents)} train sentences ({len(tr.feats)} items), {len(va.feats)} val items, "
-        f"vocabulary {len(vocab)}, {mcfg.rnn}{' + attention' if mcfg.attention else ''} -> {out}")
+        f"vocabulary {len(vocab)}, {mcfg.arch}{' + attention' if mcfg.attention else ''} -> {out}")
     meta = {"features": str(Path(features).resolve()), "dataset": ds.name,
             "mode": "regions" if alignments is not None else "image"}
     if flip_features is not None:
@@ -503,7 +501,7 @@ def _xe_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, dd
         idx, inp, tgt = batch_tensors(mine)
         items, rows = torch.unique(idx, return_inverse=True)  # each image featurised once
         f, m = _sub(sp, items, dev, flips(sp, len(items), cfg.flip, rng))
-        m = drop_boxes(m, getattr(model.cfg, "cells", 0), cfg.box_dropout, rng)
+        m = drop_boxes(m, model.cfg.cells, cfg.box_dropout, rng)
         tgt = tgt.to(dev)
         sel = tgt != 0
         with autocast(dev, cfg.bf16):
@@ -585,7 +583,7 @@ def _scst_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, 
             continue
         idx = glob[share(len(glob), env)]
         f, m = _sub(sp, idx, dev, flips(sp, len(idx), cfg.flip, rng))
-        m = drop_boxes(m, getattr(model.cfg, "cells", 0), cfg.box_dropout, rng)
+        m = drop_boxes(m, model.cfg.cells, cfg.box_dropout, rng)
         with autocast(dev, cfg.bf16):
             seqs = sample(model, f, m, n, max_len)
         words = [sample_words(row, itos) for row in seqs.tolist()]

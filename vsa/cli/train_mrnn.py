@@ -12,17 +12,31 @@ from vsa.cli.common import config_command, guarded, info, progress, warn
 
 
 MRNN_CONFIGS = ("vsa.mrnn:MRNNConfig", "vsa.train_mrnn:MRNNTrainConfig", "vsa.decoding:DecodingConfig")
+ARCH_HELP = "Caption model architecture, a name registered in vsa.caption_models."
 
 
-@app.command("train-mrnn", cls=config_command(*MRNN_CONFIGS))
+class TrainMRNNCommand(config_command(*MRNN_CONFIGS)):
+    """Its ``--help`` lists the registered architectures (imported, as the config defaults are, only then)."""
+
+    def format_help(self, ctx, formatter):
+        from vsa.caption_models import describe
+
+        for p in self.params:
+            if p.name == "arch":
+                p.help = f"{ARCH_HELP[:-1]}: {describe()}."
+        return super().format_help(ctx, formatter)
+
+
+@app.command("train-mrnn", cls=TrainMRNNCommand)
 @guarded
 def train_mrnn(
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Caption dataset (default: [dataset] path in vsa.toml)."),
-    features: Optional[Path] = typer.Option(None, "--features", "-f", help="Features NPZ (default: [features] whole, or [features] regions with --attention/--alignments)."),
+    features: Optional[Path] = typer.Option(None, "--features", "-f", help="Features NPZ (default: the features the architecture reads: [features] grid, regions or whole; regions with --alignments)."),
     flip_features: Optional[Path] = typer.Option(None, "--flip-features", help="The same features of the mirrored images (`vsa embed ... --flip`): each training image reads them with probability flip (--set flip=P). Default (when --features is not given either): [features] grid_flip of vsa.toml for a grid generator, when that file exists."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Best-on-val checkpoint (default: [mrnn] model). The latest epoch goes to <stem>.last.pt."),
     alignments: Optional[Path] = typer.Option(None, "--alignments", help="Snippet alignments JSONL (`vsa align`): train on (region feature, snippet) pairs for region descriptions."),
-    rnn: Optional[str] = typer.Option(None, "--rnn", help="updown (top-down attention over regions/grid, the default), lstm, or rnn (the paper's multimodal RNN)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
+    rnn: Optional[str] = typer.Option(None, "--rnn", hidden=True, help="Former name of --arch."),
     attention: Optional[bool] = typer.Option(None, "--attention/--no-attention", help="lstm/rnn: also attend over the region features of a regions features file."),
     hidden: Optional[int] = typer.Option(None, "--hidden", help="RNN hidden size."),
     embed: Optional[int] = typer.Option(None, "--embed", help="Word embedding size."),
@@ -46,21 +60,27 @@ def train_mrnn(
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Skip dataset images that have no features."),
     as_json: bool = typer.Option(False, "--json", help="Print the training summary as JSON on stdout."),
 ):
-    """Train the multimodal RNN caption generator (best-on-val checkpoint, --resume, Ctrl-C safe)."""
+    """Train the caption generator (best-on-val checkpoint, --resume, Ctrl-C safe)."""
     from vsa.cli.config import resolve
     from vsa.cli.workspace import open_dataset
+    from vsa.errors import VsaError
     from vsa.mrnn import features_key
     from vsa.train_mrnn import configs, parse_overrides, train_on
 
+    if rnn is not None:
+        if arch is not None and arch != rnn:
+            raise VsaError(f"--rnn is the former name of --arch: give one of them, not --arch {arch} and --rnn {rnn}")
+        warn("--rnn is now named --arch")
+        arch = rnn
     # the dataclasses hold every default; flags and --set only override
-    flags = {"rnn": rnn, "attention": attention, "hidden": hidden, "embed": embed, "dropout": dropout, "epochs": epochs,
-             "scst_epochs": scst_epochs, "scst_lr": scst_lr, "batch_size": batch_size, "lr": lr, "lr_decay": lr_decay,
-             "label_smoothing": label_smoothing, "max_len": max_len, "patience": patience, "seed": seed,
-             "threads": threads}
+    flags = {"arch": arch, "attention": attention, "hidden": hidden, "embed": embed, "dropout": dropout,
+             "epochs": epochs, "scst_epochs": scst_epochs, "scst_lr": scst_lr, "batch_size": batch_size, "lr": lr,
+             "lr_decay": lr_decay, "label_smoothing": label_smoothing, "max_len": max_len, "patience": patience,
+             "seed": seed, "threads": threads}
     given = {k: v for k, v in flags.items() if v is not None}
     mcfg, tcfg, dcfg = configs(**given)
     tcfg.min_count = int(resolve(min_count, "dataset.min_count", "--min-count", default=tcfg.min_count))
-    parse_overrides((mcfg, tcfg, dcfg), set_ or [])  # type-checked; an unknown key is a one-line error
+    parse_overrides((mcfg, tcfg, dcfg), set_ or [], note=warn)  # type-checked; an unknown key is a one-line error
     key = "features.regions" if alignments is not None else features_key(mcfg)
     feats_path = resolve(features, key, "--features")
     if flip_features is None and features is None and key == "features.grid" and alignments is None:
