@@ -134,7 +134,10 @@ def _features_key(ck: dict) -> str:
     """The vsa.toml key naming the features a checkpoint reads by default."""
     cfg = ck.get("model") or {}  # the model config (load_checkpoint converts version-1 files)
     if ck["kind"] == "align":
-        return "features.whole" if cfg.get("model") == "whole-image" else "features.regions"
+        from vsa.align import AlignModelConfig, features_key as align_features_key
+        from vsa.checkpoint import config_from
+
+        return align_features_key(config_from(AlignModelConfig, cfg))
     from vsa.mrnn import features_key
 
     return features_key(cfg)
