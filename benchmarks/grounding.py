@@ -4,9 +4,9 @@
         [--dataset ../shared/data/flickr8k/dataset_flickr8k.json] [--split test]
 
 `vsa align` on every test sentence (the aligner's own beta), then, of the words naming a COCO class the
-detector knows ("dog", "man", "bicycle", ...; `vsa.snippets.LABEL_WORDS`) in sentences of images where the
+detector knows ("dog", "man", "bicycle", ...; `analysis.LABEL_WORDS`) in sentences of images where the
 detector found a box of that class, the share whose snippet lies on a box of that class
-(`vsa.snippets.noun_grounding`), overall and for the most frequent classes.
+(`analysis.noun_grounding`, benchmarks/analysis.py), overall and for the most frequent classes.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def main() -> None:
     from vsa.data import load_dataset
     from vsa.featstore import load_features
     from vsa.io import read_jsonl
-    from vsa.snippets import align_split, label_agreement, noun_grounding
+    from analysis import label_agreement, noun_grounding
+    from vsa.snippets import align_split
 
     ds = load_dataset(args.dataset)
     with tempfile.TemporaryDirectory() as tmp:

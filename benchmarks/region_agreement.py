@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from vsa.eval_caption import region_agreement
+from analysis import region_agreement
 from vsa.io import read_jsonl
 
 

@@ -120,7 +120,7 @@ def test_a_box_model_reads_the_detectors_boxes(tmp_path, flickr8k, yolov5n):
 
 
 def test_region_agreement_counts_captions_that_name_their_box():
-    from vsa.eval_caption import region_agreement
+    from benchmarks.analysis import region_agreement
 
     recs = [{"regions": [{"label": "person", "caption": "a young boy"}, {"label": "dog", "caption": "two dogs"},
                          {"label": "bicycle", "caption": "a black dog"}, {"label": "traffic light", "caption": "a pole"}]},

@@ -96,7 +96,7 @@ def test_empty_and_bad_input():
 
 
 def test_label_agreement_counts_snippets_naming_their_box():
-    from vsa.snippets import label_agreement
+    from benchmarks.analysis import label_agreement
 
     recs = [{"snippets": [{"start": 0, "end": 3, "text": "a black dog", "region": 2, "label": "dog"},
                           {"start": 3, "end": 4, "text": "jumps", "region": 0, "label": "image"},
@@ -111,7 +111,7 @@ def test_label_agreement_counts_snippets_naming_their_box():
 
 
 def test_noun_grounding_counts_class_words_on_boxes_of_their_class():
-    from vsa.snippets import noun_grounding
+    from benchmarks.analysis import noun_grounding
 
     labels = {"a.jpg": ["image", "dog", "person"], "b.jpg": ["image", "car"]}
     recs = [

@@ -163,30 +163,3 @@ def render_generation(report: dict, console) -> None:
             p = paper.get(k)
             t.add_row(k, "-" if p is None else f"{p:.1f}", f"{report[k]:.1f}")
     console.print(t)
-
-
-def region_agreement(records) -> dict:
-    """How often a region caption names what the detector found in its box.
-
-    ``records``: caption records with ``regions`` (``vsa caption --regions --json``). Counted over the regions
-    whose detector label has caption words in :data:`vsa.snippets.LABEL_WORDS` (person: man, woman, boy, ...;
-    dog: dog, puppy, ...): ``agree`` is the share whose caption holds one of them; ``by_label`` per class.
-    """
-    from vsa.data import tokenize
-    from vsa.snippets import LABEL_WORDS
-
-    n = hit = 0
-    by: dict = {}
-    for rec in records:
-        for r in rec.get("regions", []):
-            lab = r.get("label", "")
-            if lab not in LABEL_WORDS:
-                continue
-            ok = bool(set(tokenize(r.get("caption", ""))) & LABEL_WORDS[lab])
-            n += 1
-            hit += ok
-            b = by.setdefault(lab, [0, 0])
-            b[0] += 1
-            b[1] += ok
-    return {"regions": n, "agree": round(hit / max(n, 1), 4),
-            "by_label": {k: {"regions": v[0], "agree": round(v[1] / v[0], 4)} for k, v in sorted(by.items(), key=lambda kv: -kv[1][0])}}
