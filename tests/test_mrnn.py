@@ -160,6 +160,17 @@ def test_resume_without_last_checkpoint_is_a_clear_error(tmp_path):
         _train(tmp_path, "none.pt", 1, resume=True)
 
 
+def test_beam_search_refuses_a_beam_below_one():
+    from vsa.decoding import beam_search, constrained_beam_search
+    from vsa.errors import VsaError
+
+    model = build_model(MRNNConfig(arch="lstm", vocab_size=12, feat_dim=4, embed=4, hidden=4)).eval()
+    for search in (lambda: beam_search(model, torch.randn(1, 4), beam=0),
+                   lambda: constrained_beam_search(model, torch.randn(1, 4), None, [[]], beam=0)):
+        with pytest.raises(VsaError, match="^the beam size must be at least 1, got 0$"):
+            search()
+
+
 def test_scst_phase_runs_and_keeps_best(tmp_path):
     ds, store, vocab, tr, va = _splits(tmp_path)
     cfg = T.configs(arch="lstm", embed=16, hidden=16, epochs=2, scst_epochs=2, batch_size=10, seed=1, patience=99,
