@@ -134,6 +134,19 @@ def test_train_mrnn_then_eval_generation(tmp_path):
     assert r.returncode == 2 and "nope.npz" in r.stderr.decode()
 
 
+def test_train_mrnn_writes_its_metrics_log_where_log_says(tmp_path):
+    """As `vsa train-align --log`: one JSON line per epoch, epochs counted from 1."""
+    ds, feats = tiny_dataset(tmp_path, n_train=6, n_val=2, n_test=1)
+    log = tmp_path / "logs" / "run.jsonl"
+    r = run_cli("train-mrnn", "--dataset", ds, "--features", feats, "--out", tmp_path / "m.pt", "--log", log,
+                "--epochs", "2", "--scst-epochs", "0", "--hidden", "8", "--embed", "8", "--min-count", "1",
+                "--threads", "1", "--no-beam-search", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    recs = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert [x["epoch"] for x in recs] == [1, 2] and all("val" in x and "loss" in x for x in recs)
+    assert orjson.loads(r.stdout)["log"] == str(log) and not (tmp_path / "m.log.jsonl").exists()
+
+
 def test_train_mrnn_reads_the_workspaces_mirrored_grid_when_it_exists(tmp_path):
     from tests.synth_align import mirrored_copy
     from vsa.checkpoint import load_checkpoint

@@ -101,11 +101,11 @@ def test_paper_rnn_sees_the_image_only_at_the_first_step():
         assert torch.allclose(lp, torch.log_softmax(logits[:, t], -1), atol=1e-5)
 
 
-def test_checkpoint_round_trip_and_half_export(tmp_path):
+def test_checkpoint_round_trip(tmp_path):
     ds, store, vocab, tr, va = _splits(tmp_path)
     cfg = T.configs(arch="lstm", embed=16, hidden=16, epochs=1, scst_epochs=0, batch_size=8, seed=3)
     out = tmp_path / "m.pt"
-    T.train(*cfg, tr, va, vocab, out, store.meta, log=lambda *_: None, choose_decoding=False)
+    T.train(*cfg, tr, va, vocab, out, store.meta, info=lambda *_: None, choose_decoding=False)
     ck = load_checkpoint(out, "mrnn")
     assert ck["vocab"] == vocab.words and ck["extractor"]["extractor"] == "efficientnet-lite0"
     assert ck["model"]["vocab_size"] == len(vocab) and ck["model"]["feat_dim"] == 32 and ck["train"]["seed"] == 3
@@ -117,14 +117,7 @@ def test_checkpoint_round_trip_and_half_export(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k]), k
     assert [h.tokens for h in greedy(m2, feats)] == a
-    # float16 export: half the bytes, loads back as float32, same captions on these inputs
-    half = tmp_path / "h.pt"
-    T.export_half(out, half)
-    hk = load_checkpoint(half)
-    assert all(v.dtype == torch.float16 for v in hk["state_dict"].values() if v.is_floating_point())
-    assert "optimizer" not in hk and "optimizer" not in hk["meta"]
-    m3 = model_from_checkpoint(hk)
-    assert next(m3.parameters()).dtype == torch.float32
+    assert "optimizer" not in ck and "optimizer" not in ck["meta"]
     # last checkpoint holds the optimiser for --resume
     assert "optimizer" in load_checkpoint(T.last_path(out))
 
@@ -134,7 +127,7 @@ def _train(tmp_path, name, epochs, resume=False, seed=7):
     cfg = T.configs(arch="lstm", embed=16, hidden=16, epochs=epochs, scst_epochs=0, batch_size=8, seed=seed,
                     patience=99)
     out = tmp_path / name
-    T.train(*cfg, tr, va, vocab, out, store.meta, resume=resume, log=lambda *_: None, choose_decoding=False)
+    T.train(*cfg, tr, va, vocab, out, store.meta, resume=resume, info=lambda *_: None, choose_decoding=False)
     return load_checkpoint(T.last_path(out))["state_dict"]
 
 
@@ -160,6 +153,19 @@ def test_resume_without_last_checkpoint_is_a_clear_error(tmp_path):
         _train(tmp_path, "none.pt", 1, resume=True)
 
 
+def test_the_learning_rate_decays_after_lr_decay_start_then_every_lr_decay_every_epochs():
+    """The aligner's schedule and names (vsa.trainer.step_decay); the default every=1 is the per-epoch decay."""
+    lrs = lambda **kw: [T.xe_lr(T.configs(lr=1.0, lr_decay=0.5, **kw)[1], e) for e in range(1, 8)]  # noqa: E731
+    assert lrs(lr_decay_start=2) == [1.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125]  # every=1: each epoch after 2
+    assert lrs(lr_decay_start=2) == [1.0 * 0.5 ** max(0, e - 2) for e in range(1, 8)]
+    assert lrs(lr_decay_start=2, lr_decay_every=2) == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.125]
+    assert lrs(lr_decay_start=3, lr_decay_every=0) == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]  # 0: decay once
+    from vsa.errors import VsaError
+
+    with pytest.raises(VsaError, match="lr_decay_every must be >= 0"):
+        T.check(*T.configs(lr_decay_every=-1))
+
+
 def test_beam_search_refuses_a_beam_below_one():
     from vsa.decoding import beam_search, constrained_beam_search
     from vsa.errors import VsaError
@@ -176,7 +182,7 @@ def test_scst_phase_runs_and_keeps_best(tmp_path):
     cfg = T.configs(arch="lstm", embed=16, hidden=16, epochs=2, scst_epochs=2, batch_size=10, seed=1, patience=99,
                     scst_lr=4e-4, scst_lr_decay=0.5)
     out = tmp_path / "s.pt"
-    summary = T.train(*cfg, tr, va, vocab, out, store.meta, log=lambda *_: None, choose_decoding=False)
+    summary = T.train(*cfg, tr, va, vocab, out, store.meta, info=lambda *_: None, choose_decoding=False)
     phases = [h["phase"] for h in summary["history"]]
     assert phases == ["xe", "xe", "scst", "scst"]
     assert [h["lr"] for h in summary["history"][2:]] == [4e-4, 2e-4]  # scst_lr, then x scst_lr_decay per epoch
@@ -312,7 +318,7 @@ def test_scst_on_a_small_task_raises_the_reward_and_the_greedy_score(tmp_path):
     ds, store, vocab, tr, va = _splits(tmp_path, n_train=40, n_val=10)
     cfg = T.configs(arch="lstm", embed=16, hidden=32, epochs=2, scst_epochs=8, batch_size=20, seed=1, patience=99,
                     lr=3e-3, scst_lr=3e-3, dropout=0.0)
-    hist = T.train(*cfg, tr, va, vocab, tmp_path / "m.pt", store.meta, log=lambda *_: None,
+    hist = T.train(*cfg, tr, va, vocab, tmp_path / "m.pt", store.meta, info=lambda *_: None,
                    choose_decoding=False)["history"]
     xe = [h for h in hist if h["phase"] == "xe"]
     sc = [h for h in hist if h["phase"] == "scst"]
@@ -342,7 +348,7 @@ def test_scst_dropout_switches_dropout_on_for_sampling_and_rescoring(tmp_path, m
         seen.clear()
         cfg = T.configs(arch="lstm", embed=16, hidden=16, epochs=1, scst_epochs=1, batch_size=10, seed=1,
                         scst_dropout=flag)
-        T.train(*cfg, tr, va, vocab, tmp_path / f"d{flag}.pt", store.meta, log=lambda *_: None,
+        T.train(*cfg, tr, va, vocab, tmp_path / f"d{flag}.pt", store.meta, info=lambda *_: None,
                 choose_decoding=False)
         assert seen and set(seen) == {("sample", flag), ("rescore", flag)}
 
@@ -414,14 +420,14 @@ def test_a_box_generator_reads_its_cells_beyond_max_regions_and_trains_with_box_
     cfg = T.configs(arch="updown", embed=8, hidden=8, att_dim=4, max_regions=2, epochs=1, scst_epochs=1,
                     batch_size=10, box_dropout=0.5, seed=0)
     out = tmp_path / "b.pt"
-    T.train_on(*cfg, load_dataset(ds_path), path, out, log=lambda *_: None, choose_decoding=False)
+    T.train_on(*cfg, load_dataset(ds_path), path, out, info=lambda *_: None, choose_decoding=False)
     ck = load_checkpoint(out)
     assert ck["model"]["cells"] == 2 and ck["train"]["box_dropout"] == 0.5
     assert region_rows(ck["model"]) == 2 + 4  # the whole image and one box, then the four cells
     with pytest.raises(Exception, match="box_dropout"):
         T.check(*T.configs(box_dropout=1.5))
     with pytest.raises(Exception, match="box_dropout .* needs a region generator"):  # no cells: nothing to do
-        T.train_on(*cfg, load_dataset(ds_path), feat_path, tmp_path / "w.pt", log=lambda *_: None)
+        T.train_on(*cfg, load_dataset(ds_path), feat_path, tmp_path / "w.pt", info=lambda *_: None)
 
 
 def test_flip_features_are_read_by_training_images_with_probability_flip(tmp_path):
@@ -457,7 +463,7 @@ def test_flip_features_are_read_by_training_images_with_probability_flip(tmp_pat
 
     T.train, T._sub, out = spy, sub, tmp_path / "g.pt"
     try:
-        T.train_on(*cfg, load_dataset(ds_path), feat_path, out, log=lambda *_: None, choose_decoding=False,
+        T.train_on(*cfg, load_dataset(ds_path), feat_path, out, info=lambda *_: None, choose_decoding=False,
                    flip_features=flipped)
     finally:
         T.train, T._sub = real, real_sub
@@ -471,7 +477,7 @@ def test_flip_features_are_read_by_training_images_with_probability_flip(tmp_pat
                       "made differently .*input"),
                      (mirrored_copy(feat_path, tmp_path / "b3.npz", drop=1), "have no mirrored features")):
         with pytest.raises(Exception, match=msg):
-            T.train_on(*cfg, load_dataset(ds_path), feat_path, tmp_path / "x.pt", log=lambda *_: None, flip_features=bad)
+            T.train_on(*cfg, load_dataset(ds_path), feat_path, tmp_path / "x.pt", info=lambda *_: None, flip_features=bad)
     with pytest.raises(Exception, match="flip must be"):
         T.check(*T.configs(flip=2.0))
 

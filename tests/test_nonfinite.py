@@ -237,7 +237,7 @@ def test_train_mrnn_refuses_nan_features_naming_the_file_and_the_image(tmp_path)
     ds_path, feats = _mrnn_splits(tmp_path, math.nan)
     cfg = T.configs(rnn="lstm", embed=16, hidden=16, epochs=1, scst_epochs=0, batch_size=8, min_count=1)
     with pytest.raises(VsaError, match="bad.npz: the features of 'img003.jpg' hold NaN or infinite values"):
-        T.train_on(*cfg, load_dataset(ds_path), feats, tmp_path / "m.pt", log=lambda *_: None,
+        T.train_on(*cfg, load_dataset(ds_path), feats, tmp_path / "m.pt", info=lambda *_: None,
                    choose_decoding=False)
     assert not list(tmp_path.glob("m*"))
 
@@ -269,7 +269,7 @@ def test_train_mrnn_stops_at_a_nan_loss_and_keeps_the_best_finite_model(tmp_path
     monkeypatch.setattr(T, "_xe_epoch", epoch)
     cfg = T.configs(rnn="lstm", embed=16, hidden=16, epochs=3, scst_epochs=0, batch_size=8, min_count=1, patience=99)
     with pytest.raises(Diverged, match="epoch 2, batch 2: the training loss is nan"):
-        T.train_on(*cfg, load_dataset(ds_path), feats, tmp_path / "m.pt", log=lambda *_: None, choose_decoding=False)
+        T.train_on(*cfg, load_dataset(ds_path), feats, tmp_path / "m.pt", info=lambda *_: None, choose_decoding=False)
     best = load_checkpoint(tmp_path / "m.pt")
     assert best["meta"]["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in best["state_dict"].values() if v.is_floating_point())
@@ -284,7 +284,7 @@ def test_generator_eval_refuses_nan_features_naming_the_file_and_the_image(tmp_p
 
     ds_path, feats = _mrnn_splits(tmp_path)
     cfg = T.configs(rnn="lstm", embed=16, hidden=16, epochs=1, scst_epochs=0, batch_size=8, min_count=1)
-    T.train_on(*cfg, load_dataset(ds_path), feats, tmp_path / "m.pt", log=lambda *_: None, choose_decoding=False)
+    T.train_on(*cfg, load_dataset(ds_path), feats, tmp_path / "m.pt", info=lambda *_: None, choose_decoding=False)
     ds = load_dataset(ds_path)
     split = next(s for s in ("test", "val", "train") if ds.split(s))
     bad = _with_feats(feats, tmp_path / "bad.npz", math.nan,

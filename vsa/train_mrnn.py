@@ -1,9 +1,8 @@
 """Training loop of the caption generator (``vsa train-mrnn``).
 
-Cross-entropy with teacher forcing (Adam, dropout, optional label smoothing, per-epoch
-LR decay), val perplexity and val BLEU/CIDEr (greedy, simple tokenizer) after every
-epoch, best-on-val-CIDEr checkpoint, early stopping; then optionally self-critical
-fine-tuning (SCST, CIDEr-D reward, mean-of-samples baseline); finally the decoding
+Cross-entropy with teacher forcing (Adam, dropout, optional label smoothing, step LR decay), val perplexity and
+val BLEU/CIDEr (greedy, simple tokenizer) after every epoch, best-on-val-CIDEr checkpoint, early stopping; then
+optionally self-critical fine-tuning (SCST, CIDEr-D reward, mean-of-samples baseline); finally the decoding
 defaults (beam size, length penalty) are chosen on val and stored in the checkpoint.
 
 :class:`MRNNTrainConfig` holds the training choices, beside the model's :class:`vsa.mrnn.MRNNConfig`
@@ -36,13 +35,14 @@ SEARCH_PENALTIES = (0.0, 0.7)
 class MRNNTrainConfig:
     """How the generator is trained (its architecture is :class:`vsa.mrnn.MRNNConfig`)."""
 
-    epochs: int = 10  # cross-entropy epochs (early stopping on val CIDEr; 10: val CIDEr 43.13 vs 41.08 at 6, after SCST 46.00 vs 44.88)
+    epochs: int = 10  # cross-entropy epochs (early stopping on val CIDEr)
     batch_size: int = 100  # sentences (all sentences of an image in the same batch)
     lr: float = 5e-4
-    lr_decay: float = 0.8  # per epoch, after lr_decay_start epochs
-    lr_decay_start: int = 2
+    lr_decay: float = 0.8  # the learning rate's factor at each decay (1: constant; vsa.trainer.step_decay)
+    lr_decay_start: int = 2  # epochs before the first decay
+    lr_decay_every: int = 1  # epochs between decays (0: decay once)
     weight_decay: float = 0.0
-    grad_clip: float = 2.0
+    grad_clip: float = 2.0  # gradient norm clip (0: none)
     label_smoothing: float = 0.0
     max_len: int = 20  # words per training sentence (longer ones are cut)
     min_count: int = 5  # vocabulary: words seen at least this often in train
@@ -50,10 +50,11 @@ class MRNNTrainConfig:
     seed: int = 0
     threads: int = 0  # torch threads (0: leave as is)
     bf16: bool = True  # bfloat16 autocast in training on CUDA (CPUs train in float32: faster there)
-    # SCST fine-tuning (self-critical, CIDEr-D reward) after cross-entropy training
-    scst_epochs: int = 15  # val CIDEr still rising: 15 (Lite2, seed 1) 51.95 greedy at SCST epoch 14 vs 50.80 at 9 of 10
+    # SCST fine-tuning (self-critical, CIDEr-D reward) after cross-entropy training; its val CIDEr rises for many
+    # epochs at this learning rate schedule
+    scst_epochs: int = 15
     scst_lr: float = 1e-4
-    scst_lr_decay: float = 0.85  # SCST learning rate x this per SCST epoch after the first (1e-4 -> 2.3e-5 at 10)
+    scst_lr_decay: float = 0.85  # SCST learning rate x this per SCST epoch after the first
     scst_samples: int = 5
     scst_dropout: bool = False  # sample and re-score with dropout on (as the reference does) instead of off
     scst_meteor: float = 0.0  # reward CIDEr-D + this x METEOR (per sentence; needs Java): longer, recall-richer captions
@@ -81,6 +82,9 @@ def check(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig) -> None
         raise VsaError(f"--arch must be one of {', '.join(caption_model_names())}, got {mcfg.arch!r}")
     if tcfg.batch_size < 1 or tcfg.scst_samples < 1 or dcfg.beam < 1 or dcfg.max_len < 1:
         raise VsaError("batch_size, scst_samples, beam and max_len must be >= 1")
+    for name in ("lr_decay_start", "lr_decay_every"):
+        if getattr(tcfg, name) < 0:
+            raise VsaError(f"{name} must be >= 0, got {getattr(tcfg, name)}")
     if not 0.0 <= tcfg.flip <= 1.0:
         raise VsaError(f"flip must be in [0, 1], got {tcfg.flip}")
     if not 0.0 <= tcfg.box_dropout <= 1.0:
@@ -203,7 +207,7 @@ def val_scores(model, sp: CaptionSplit, vocab: Vocab, beam: int = 1, max_len: in
 def feature_moments(feats: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 256):
     """Per-dimension mean and (unbiased) std of ``feats`` ``[M, D]`` or ``[M, R, D]`` over the real rows
     (``mask`` ``[M, R]``), ``chunk`` items at a time (:func:`vsa.featstore.chunked_moments`): no copy of the
-    whole split (it was three, 4.5 GB for the Flickr8K grid)."""
+    whole split, which for a grid of cells per image is gigabytes."""
     from vsa.featstore import chunked_moments
 
     D = feats.shape[-1]
@@ -218,9 +222,11 @@ def _set_lr(opt, lr: float) -> None:
 
 
 def xe_lr(cfg: MRNNTrainConfig, epoch: int) -> float:
-    """Cross-entropy learning rate of (1-based) ``epoch``: ``lr``, decayed by ``lr_decay`` per epoch after
-    ``lr_decay_start``."""
-    return cfg.lr * (cfg.lr_decay ** (epoch - cfg.lr_decay_start)) if epoch > cfg.lr_decay_start else cfg.lr
+    """Cross-entropy learning rate of (1-based) ``epoch``: ``lr`` for the first ``lr_decay_start`` epochs, then x
+    ``lr_decay`` once and again after every further ``lr_decay_every`` epochs (:func:`vsa.trainer.step_decay`)."""
+    from vsa.trainer import step_decay
+
+    return step_decay(cfg.lr, cfg.lr_decay, cfg.lr_decay_start, cfg.lr_decay_every, epoch)
 
 
 def scst_lr(cfg: MRNNTrainConfig, epoch: int) -> float:
@@ -302,11 +308,13 @@ def _describe(epoch, stats, val, improved) -> str:
 
 
 def train(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, train_sp: CaptionSplit,
-          val_sp: CaptionSplit, vocab: Vocab, out, extractor: dict, resume: bool = False, log=print,
+          val_sp: CaptionSplit, vocab: Vocab, out, extractor: dict, resume: bool = False, info=print, log=None,
           extra_meta: dict | None = None, choose_decoding: bool = True, device: str = "cpu",
           overrides: list[str] | None = None, progress=None) -> dict:
     """Train, keeping the best-on-val checkpoint at ``out``; returns :func:`vsa.trainer.fit`'s summary
-    (``best`` holds the best epoch's val scores, ``best["CIDEr"]``) with ``decoding`` (the val search).
+    (``best`` holds the best epoch's val scores, ``best["CIDEr"]``) with ``decoding`` (the val search,
+    :func:`choose_beam`, unless ``choose_decoding`` is False). ``info``: the progress lines; ``log``: the metrics
+    JSONL, one line per epoch (default ``<out stem>.log.jsonl``).
 
     With ``resume`` the configs come from ``<out stem>.last.pt`` except the number of epochs (``tcfg``'s
     ``epochs`` and ``scst_epochs``), and ``overrides`` (``KEY=VALUE``, as ``--set``; e.g. ``scst_lr=5e-5``)
@@ -352,12 +360,12 @@ def train(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, train_s
     stage = MRNNStage(model, mcfg, tcfg, dcfg, train_sp, val_sp, vocab, extractor, env, out)
     if env.enabled:
         torch.manual_seed(tcfg.seed + 1000 * env.rank)  # different dropout masks on different ranks
-        log(f"distributed: {env.world} processes ({'nccl' if env.device.startswith('cuda') else 'gloo'}), "
-            f"global batch {tcfg.batch_size} split over them")
-    summary = fit(stage, out, tcfg.epochs + tcfg.scst_epochs, env, log, progress, patience=tcfg.patience,
-                  resume=state, meta=dict(extra_meta or {}), describe=_describe)
+        info(f"distributed: {env.world} processes ({'nccl' if env.device.startswith('cuda') else 'gloo'}), "
+             f"global batch {tcfg.batch_size} split over them")
+    summary = fit(stage, out, tcfg.epochs + tcfg.scst_epochs, env, info, progress, patience=tcfg.patience,
+                  resume=state, meta=dict(extra_meta or {}), describe=_describe, log=log)
     if choose_decoding and env.is_main and out.exists():
-        summary["decoding"] = choose_beam(out, val_sp, vocab, log=log)
+        summary["decoding"] = choose_beam(out, val_sp, vocab, info=info)
     return summary
 
 
@@ -403,9 +411,9 @@ def train_on(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, ds, 
         check_finite_features(sp.feats, [_item_name(x) for x in sp.items], features)
     if tr.flipped is not None:
         check_finite_features(tr.flipped, [_item_name(x) for x in tr.items], flip_features)
-    log = kw.get("log", print)
-    log(f"train-mrnn: {len(tr.sents)} train sentences ({len(tr.feats)} items), {len(va.feats)} val items, "
-        f"vocabulary {len(vocab)}, {mcfg.arch}{' + attention' if mcfg.attention else ''} -> {out}")
+    info = kw.get("info", print)
+    info(f"train-mrnn: {len(tr.sents)} train sentences ({len(tr.feats)} items), {len(va.feats)} val items, "
+         f"vocabulary {len(vocab)}, {mcfg.arch}{' + attention' if mcfg.attention else ''} -> {out}")
     meta = {"features": str(Path(features).resolve()), "dataset": ds.name,
             "mode": "regions" if alignments is not None else "image"}
     if flip_features is not None:
@@ -431,11 +439,12 @@ def mirrored_features(store, flipped, sp: CaptionSplit, regions: bool, max_regio
     return split_features(flipped, keys, regions, max_regions)[0]
 
 
-def parse_overrides(cfgs, items: list[str]):
-    """Apply ``KEY=VALUE`` strings (``--set``) to ``(model, train, decoding)`` configs, type-checked."""
+def parse_overrides(cfgs, items: list[str], note=None):
+    """Apply ``KEY=VALUE`` strings (``--set``) to ``(model, train, decoding)`` configs, type-checked, and check the
+    result; ``note(message)`` hears of former names (:func:`vsa.checkpoint.apply_overrides`)."""
     from vsa.checkpoint import apply_overrides
 
-    apply_overrides(cfgs, items)
+    apply_overrides(cfgs, items, note=note)
     if isinstance(cfgs, tuple) and len(cfgs) == 3:
         check(*cfgs)
     return cfgs
@@ -615,7 +624,7 @@ def _scst_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, 
 
 
 def choose_beam(path, val_sp: CaptionSplit, vocab: Vocab, beams=SEARCH_BEAMS, penalties=SEARCH_PENALTIES,
-                log=print) -> dict:
+                info=print) -> dict:
     """Pick beam size and length penalty on val (by CIDEr, then BLEU-4); store them in the checkpoint's
     decoding defaults."""
     from vsa.checkpoint import load_checkpoint, save_checkpoint
@@ -629,22 +638,11 @@ def choose_beam(path, val_sp: CaptionSplit, vocab: Vocab, beams=SEARCH_BEAMS, pe
         for lp in penalties if b > 1 else (0.0,):
             sc = val_scores(model, val_sp, vocab, b, dec.max_len, lp)
             results.append({"beam": b, "length_penalty": lp, **sc})
-            log(f"val beam {b} lp {lp:.1f}: BLEU-4 {sc['BLEU-4']:5.2f} CIDEr {sc['CIDEr']:5.2f}")
+            info(f"val beam {b} lp {lp:.1f}: BLEU-4 {sc['BLEU-4']:5.2f} CIDEr {sc['CIDEr']:5.2f}")
     best = max(results, key=lambda r: (r["CIDEr"], r["BLEU-4"]))
     decoding = dataclasses.replace(dec, beam=best["beam"], length_penalty=best["length_penalty"])
     meta = dict(ck["meta"], decoding_search=results)
     save_checkpoint(path, "mrnn", ck["model"], ck["train"], decoding, ck["vocab"], ck["extractor"], ck["state_dict"],
                     meta)
-    log(f"decoding default: beam {best['beam']}, length penalty {best['length_penalty']}")
+    info(f"decoding default: beam {best['beam']}, length penalty {best['length_penalty']}")
     return {"beam": best["beam"], "length_penalty": best["length_penalty"], "search": results}
-
-
-def export_half(src, dst) -> None:
-    """Copy a checkpoint with float16 weights (half the size; loading casts back to float32)."""
-    from vsa.checkpoint import load_checkpoint, save_checkpoint
-
-    ck = load_checkpoint(src, "mrnn")
-    sd = {k: v.half() if v.is_floating_point() else v for k, v in ck["state_dict"].items()}
-    # no optimiser state (not in ``out``), and no path to this machine's training features
-    meta = {k: v for k, v in ck["meta"].items() if k != "features"}
-    save_checkpoint(dst, "mrnn", ck["model"], ck["train"], ck["decoding"], ck["vocab"], ck["extractor"], sd, meta)

@@ -34,6 +34,7 @@ def train_mrnn(
     features: Optional[Path] = typer.Option(None, "--features", "-f", help="Features NPZ (default: the features the architecture reads: [features] grid, regions or whole; regions with --alignments)."),
     flip_features: Optional[Path] = typer.Option(None, "--flip-features", help="The same features of the mirrored images (`vsa embed ... --flip`): each training image reads them with probability flip (--set flip=P). Default (when --features is not given either): [features] grid_flip of vsa.toml for a grid generator, when that file exists."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Best-on-val checkpoint (default: [mrnn] model). The latest epoch goes to <stem>.last.pt."),
+    log: Optional[Path] = typer.Option(None, "--log", help="Metrics log, one JSON line per epoch (default: <out stem>.log.jsonl)."),
     alignments: Optional[Path] = typer.Option(None, "--alignments", help="Snippet alignments JSONL (`vsa align`): train on (region feature, snippet) pairs for region descriptions."),
     arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
     rnn: Optional[str] = typer.Option(None, "--rnn", hidden=True, help="Former name of --arch."),
@@ -46,7 +47,7 @@ def train_mrnn(
     scst_lr: Optional[float] = typer.Option(None, "--scst-lr", help="Learning rate of the self-critical epochs (with --resume: changes the checkpoint's)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sentences per batch (all sentences of an image together)."),
     lr: Optional[float] = typer.Option(None, "--lr"),
-    lr_decay: Optional[float] = typer.Option(None, "--lr-decay", help="LR factor per epoch after epoch lr_decay_start (--set lr_decay_start=N)."),
+    lr_decay: Optional[float] = typer.Option(None, "--lr-decay", help="Cross-entropy learning rate factor at each decay: after lr_decay_start epochs, then every lr_decay_every epochs (--set lr_decay_start=N, lr_decay_every=N; 0: once)."),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any MRNNConfig / MRNNTrainConfig / DecodingConfig field, KEY=VALUE (repeatable), e.g. --set grad_clip=1."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Maximum words per sentence (trained and generated)."),
@@ -94,7 +95,7 @@ def train_mrnn(
     with progress(transient=True) as prog:
         summary = train_on(mcfg, tcfg, dcfg, ds, feats_path, out, alignments=alignments, resume=resume,
                            overrides=[f"{k}={v}" for k, v in given.items()] + list(set_ or []) if resume else None,
-                           log=info, warn=warn, choose_decoding=not no_beam_search, device=device,
+                           info=info, log=log, warn=warn, choose_decoding=not no_beam_search, device=device,
                            skip_missing=skip_missing, progress=prog, flip_features=flip_features)
     if summary.get("rank", 0) != 0:  # torchrun: rank 0 reports
         return
