@@ -70,8 +70,8 @@ class AlignModelConfig:
     max_regions: int = 20  # whole image + 19 detections
     cells: int = 0  # g: the features' g x g image cells after the boxes (`vsa embed --cells`; set from the features)
     max_len: int = 40  # words per training and eval sentence (longer ones are cut; a trained Aligner reads all)
-    dropout: float = 0.2  # on word embeddings / RNN outputs (0.1 before the shipped RWC-13r recipe)
-    dropout_regions: float = 0.2  # on CNN features (0 before the shipped RWC-13r recipe)
+    dropout: float = 0.2  # on word embeddings / RNN outputs
+    dropout_regions: float = 0.2  # on CNN features
     region_drop: float = 0.0  # training only: each region row but the whole image is left out with this probability
 
 
@@ -612,7 +612,8 @@ def aligner_from_checkpoint(ckpt: dict, path=None, device: str = "cpu") -> Align
 
 
 def load_weights(model: nn.Module, sd: dict) -> None:
-    """``load_state_dict``; checkpoints from before feature standardisation get the identity (mean 0, std 1)."""
+    """``load_state_dict``; a checkpoint without the standardisation buffers (``stats.mean`` / ``stats.std``) reads
+    its features as they are (mean 0, std 1)."""
     own = model.state_dict()
     sd = dict(sd)
     for k in own:

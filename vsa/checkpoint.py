@@ -89,7 +89,7 @@ _V1_DECODING = {"align": {"beta"}, "mrnn": {"beam", "length_penalty", "max_len",
 
 def _from_v1(ckpt: dict) -> dict:
     """A version-1 checkpoint (one mixed ``config``; optimiser/RNG state inside ``meta`` with string keys)
-    in the version-2 layout. The three models shipped before version 2 load through this."""
+    in the version-2 layout."""
     kind = ckpt.get("kind")
     config = dict(ckpt.get("config") or {})
     meta = dict(ckpt.get("meta") or {})
@@ -111,7 +111,7 @@ def _from_v1(ckpt: dict) -> dict:
         out["rng"] = meta.pop("rng")
     if "train_seconds" in meta and "seconds" not in meta:
         meta["seconds"] = meta.pop("train_seconds")
-    if kind == "mrnn":  # val metrics were flat "val_CIDEr" keys; now best[...] and history[i]["val"][...]
+    if kind == "mrnn":  # version 1 kept val metrics as flat "val_CIDEr" keys; version 2 as best[...], history[i]["val"]
         meta = _mrnn_records_from_v1(meta)
     out["meta"] = meta
     return out

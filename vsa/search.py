@@ -287,16 +287,16 @@ class Index:
         """The region vectors of every photo unpadded, as torch tensors, made once per index:
         ``(V [Nr, h] float32, image of each row [Nr], G)`` (what the aligner's ``flat_score`` takes). ``h``: the
         aligner's region channels (``region_dim``) when its vectors have more (a global branch's): V then holds only
-        those, and G ``[photos, g]`` the global branch's image vectors (the index's ``emb_global``; in an index written
-        before it existed, row 0's extra channels), else G is None."""
+        those, and G ``[photos, g]`` the global branch's image vectors (the index's ``emb_global``; in an index without
+        it, row 0's extra channels), else G is None."""
         import torch
 
         if getattr(self, "_flat", None) is None or self._flat[3] != h:
             off = np.asarray(self.emb_offsets, dtype=np.int64)
             emb, G = np.asarray(self.emb), None
-            if self.store.emb_global is not None:  # written apart (since 2026-12-07)
+            if self.store.emb_global is not None:  # the global branch's image vectors, written apart
                 G = torch.from_numpy(self.store.emb_global)
-            elif h is not None and h < emb.shape[1]:  # an older index: the branch's channels on every row
+            elif h is not None and h < emb.shape[1]:  # an index without them: the branch's channels on every row
                 G = torch.from_numpy(emb[off[:-1], h:].astype(np.float32))
                 emb = emb[:, :h]
             V = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))

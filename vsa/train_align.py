@@ -165,8 +165,8 @@ def image_feats(data: RetrievalSplit, img: torch.Tensor, flip: torch.Tensor | No
 
 
 def epoch_flips(data: RetrievalSplit, p: float, seed: int) -> torch.Tensor | None:
-    """Which images read their mirrored features this epoch (each with probability ``p``); None without them, so
-    runs without mirrored features draw nothing and stay as they were."""
+    """Which images read their mirrored features this epoch (each with probability ``p``); None without them: a run
+    without mirrored features draws nothing, so its random streams do not depend on ``flip``."""
     if data.flipped is None or p <= 0:
         return None
     return torch.rand(len(data.keys), generator=torch.Generator().manual_seed(seed)) < p
