@@ -17,7 +17,7 @@ _vsa_options() {
         "vsa embed") echo "-o --out --cnn --cnn-weights --batch-size --workers --crop --grid --cells --flip --context --dtype --shard --part-every --no-resume --skip-bad --max-pixels --device --threads -h --help" ;;
         "vsa train-align") echo "--dataset -f --features --flip-features -o --out --log --model --rnn --score --loss --epochs --batch-size --lr --hidden --glove --set --seed --resume --min-count --threads --skip-missing --device --json -h --help" ;;
         "vsa score") echo "-m --model -f --features --detector --top --cnn-weights --json --skip-bad --device -h --help" ;;
-        "vsa train-mrnn") echo "--dataset -f --features --flip-features -o --out --alignments --rnn --attention --no-attention --hidden --embed --dropout --epochs --scst-epochs --scst-lr --batch-size --lr --lr-decay --label-smoothing --set --max-len --min-count --patience --seed --threads --device --resume --no-beam-search --skip-missing --json -h --help" ;;
+        "vsa train-mrnn") echo "--dataset -f --features --flip-features -o --out --log --alignments --arch --attention --no-attention --hidden --embed --dropout --epochs --scst-epochs --scst-lr --batch-size --lr --lr-decay --label-smoothing --set --max-len --min-count --patience --seed --threads --device --resume --search-settings --search-images --no-beam-search --skip-missing --json -h --help" ;;
         "vsa caption") echo "-m --model --weights --beam --max-len --length-penalty --mirror --json --coco-results --bare --regions --region-model --ground --aligner --detector --constrain --no-constrain --top --batch-size --device --cnn-weights --skip-bad --shard --threads -h --help" ;;
         "vsa align") echo "-m --model --dataset --images --features --split --beta -o --out --no-resume --skip-missing --limit --shard --device --threads -h --help" ;;
         "vsa eval") echo "--split -m --model --dataset --images --features --detector --beam --mirror --mirror-features --captions-out --ranks-out -o --out --json --ensemble --weights --rerank --rerank-features --rerank-k --rerank-weight --hubness --hubness-k --hubness-weight --hubness-bank --device -h --help" ;;
@@ -117,8 +117,9 @@ _vsa_value_kind() {
         "vsa train-mrnn -f"|"vsa train-mrnn --features") echo "files" ;;
         "vsa train-mrnn --flip-features") echo "files" ;;
         "vsa train-mrnn -o"|"vsa train-mrnn --out") echo "files" ;;
+        "vsa train-mrnn --log") echo "files" ;;
         "vsa train-mrnn --alignments") echo "files" ;;
-        "vsa train-mrnn --rnn") echo "value" ;;
+        "vsa train-mrnn --arch") echo "value" ;;
         "vsa train-mrnn --attention"|"vsa train-mrnn --no-attention") echo "flag" ;;
         "vsa train-mrnn --hidden") echo "value" ;;
         "vsa train-mrnn --embed") echo "value" ;;
@@ -138,6 +139,8 @@ _vsa_value_kind() {
         "vsa train-mrnn --threads") echo "value" ;;
         "vsa train-mrnn --device") echo "value" ;;
         "vsa train-mrnn --resume") echo "flag" ;;
+        "vsa train-mrnn --search-settings") echo "value" ;;
+        "vsa train-mrnn --search-images") echo "value" ;;
         "vsa train-mrnn --no-beam-search") echo "flag" ;;
         "vsa train-mrnn --skip-missing") echo "flag" ;;
         "vsa train-mrnn --json") echo "flag" ;;

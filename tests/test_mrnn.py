@@ -166,6 +166,28 @@ def test_the_learning_rate_decays_after_lr_decay_start_then_every_lr_decay_every
         T.check(*T.configs(lr_decay_every=-1))
 
 
+def test_the_decoding_search_after_the_epochs_is_announced_and_bounded(tmp_path):
+    ds, store, vocab, tr, va = _splits(tmp_path)
+    lines = []
+    cfg = T.configs(arch="lstm", embed=16, hidden=16, epochs=1, scst_epochs=0, batch_size=8, search_settings=2,
+                    search_images=3)
+    summary = T.train(*cfg, tr, va, vocab, tmp_path / "m.pt", store.meta, info=lines.append)
+    said = [ln for ln in lines if "choosing the decoding defaults" in ln]
+    assert len(said) == 1 and lines.index(said[0]) == [ln.startswith("val beam") for ln in lines].index(True) - 1
+    assert "2 (beam, length penalty) settings from (1, 0.0) to (3, 0.0)" in said[0]
+    assert "3 of the 4 val images" in said[0]
+    search = load_checkpoint(tmp_path / "m.pt")["meta"]["decoding_search"]
+    assert [(r["beam"], r["length_penalty"], r["images"]) for r in search] == [(1, 0.0, 3), (3, 0.0, 3)]
+    assert summary["decoding"]["search"] == search
+    assert T.search_grid() == [(1, 0.0), (3, 0.0), (3, 0.7), (5, 0.0), (5, 0.7), (7, 0.0), (7, 0.7)]
+    # none at all: the checkpoint keeps the decoding defaults it was trained with
+    cfg = T.configs(arch="lstm", embed=16, hidden=16, epochs=1, scst_epochs=0, batch_size=8, search_settings=0)
+    lines.clear()
+    summary = T.train(*cfg, tr, va, vocab, tmp_path / "n.pt", store.meta, info=lines.append)
+    assert "decoding" not in summary and not any("decoding" in ln for ln in lines)
+    assert "decoding_search" not in load_checkpoint(tmp_path / "n.pt")["meta"]
+
+
 def test_beam_search_refuses_a_beam_below_one():
     from vsa.decoding import beam_search, constrained_beam_search
     from vsa.errors import VsaError

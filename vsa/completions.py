@@ -94,6 +94,8 @@ def _is_pathy(param) -> bool:
     ann = _annotation(param)
     if isinstance(ann, type) and issubclass(ann, Path):
         return True
+    if ann in (int, float):  # a count or a size, whatever its name says (--search-images)
+        return False
     ptype = getattr(param, "type", None)
     if ptype is not None and type(ptype).__name__ == "Path":
         return True

@@ -3,7 +3,7 @@
 Cross-entropy with teacher forcing (Adam, dropout, optional label smoothing, step LR decay), val perplexity and
 val BLEU/CIDEr (greedy, simple tokenizer) after every epoch, best-on-val-CIDEr checkpoint, early stopping; then
 optionally self-critical fine-tuning (SCST, CIDEr-D reward, mean-of-samples baseline); finally the decoding
-defaults (beam size, length penalty) are chosen on val and stored in the checkpoint.
+defaults (beam size, length penalty) are chosen on val (a bounded, announced search) and stored in the checkpoint.
 
 :class:`MRNNTrainConfig` holds the training choices, beside the model's :class:`vsa.mrnn.MRNNConfig`
 and the decoding defaults :class:`vsa.decoding.DecodingConfig`. :class:`MRNNStage` gives the batches,
@@ -65,6 +65,11 @@ class MRNNTrainConfig:
     # with mirrored training features (`vsa train-mrnn --flip-features`, made by `vsa embed --flip`): the chance that
     # a training image reads its mirrored features in a batch (cross-entropy and SCST; val never)
     flip: float = 0.5
+    # after the epochs, beam size and length penalty are chosen on val (choose_beam): the first search_settings of the
+    # (beam, length penalty) settings, cheapest first (0: no search), each decoding the first search_images val images
+    # (0: all)
+    search_settings: int = 7
+    search_images: int = 1000
 
 
 def configs(**fields) -> tuple[MRNNConfig, MRNNTrainConfig, DecodingConfig]:
@@ -82,7 +87,7 @@ def check(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig) -> None
         raise VsaError(f"--arch must be one of {', '.join(caption_model_names())}, got {mcfg.arch!r}")
     if tcfg.batch_size < 1 or tcfg.scst_samples < 1 or dcfg.beam < 1 or dcfg.max_len < 1:
         raise VsaError("batch_size, scst_samples, beam and max_len must be >= 1")
-    for name in ("lr_decay_start", "lr_decay_every"):
+    for name in ("lr_decay_start", "lr_decay_every", "search_settings", "search_images"):
         if getattr(tcfg, name) < 0:
             raise VsaError(f"{name} must be >= 0, got {getattr(tcfg, name)}")
     if not 0.0 <= tcfg.flip <= 1.0:
@@ -364,8 +369,8 @@ def train(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, train_s
              f"global batch {tcfg.batch_size} split over them")
     summary = fit(stage, out, tcfg.epochs + tcfg.scst_epochs, env, info, progress, patience=tcfg.patience,
                   resume=state, meta=dict(extra_meta or {}), describe=_describe, log=log)
-    if choose_decoding and env.is_main and out.exists():
-        summary["decoding"] = choose_beam(out, val_sp, vocab, info=info)
+    if choose_decoding and tcfg.search_settings and env.is_main and out.exists():
+        summary["decoding"] = choose_beam(out, val_sp, vocab, tcfg.search_settings, tcfg.search_images, info=info)
     return summary
 
 
@@ -623,22 +628,43 @@ def _scst_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, 
 # ----------------------------------------------------------------------------- decoding defaults
 
 
-def choose_beam(path, val_sp: CaptionSplit, vocab: Vocab, beams=SEARCH_BEAMS, penalties=SEARCH_PENALTIES,
-                info=print) -> dict:
-    """Pick beam size and length penalty on val (by CIDEr, then BLEU-4); store them in the checkpoint's
-    decoding defaults."""
+def search_grid(limit: int | None = None, beams=SEARCH_BEAMS, penalties=SEARCH_PENALTIES) -> list[tuple[int, float]]:
+    """The (beam, length penalty) settings the decoding search tries, cheapest first (greedy, then growing beams,
+    each with every penalty): the first ``limit`` of them (None: all)."""
+    grid = [(b, lp) for b in beams for lp in (penalties if b > 1 else (0.0,))]
+    return grid if limit is None else grid[:limit]
+
+
+def head(sp: CaptionSplit, n: int) -> CaptionSplit:
+    """The first ``n`` items of ``sp`` with their sentences and references (``sp`` itself when ``n`` is 0 or not
+    below its size)."""
+    if not n or n >= len(sp.feats):
+        return sp
+    return CaptionSplit(sp.feats[:n], None if sp.mask is None else sp.mask[:n], [s for s in sp.sents if s[0] < n],
+                        sp.refs[:n], sp.ref_tokens[:n], sp.items[:n])
+
+
+def choose_beam(path, val_sp: CaptionSplit, vocab: Vocab, settings: int | None = None, images: int = 0, info=print,
+                beams=SEARCH_BEAMS, penalties=SEARCH_PENALTIES) -> dict:
+    """Pick beam size and length penalty on val (by CIDEr, then BLEU-4) among the first ``settings`` of
+    :func:`search_grid` (None: all), decoding the first ``images`` val images (0: all); store them in the
+    checkpoint's decoding defaults. Says first what it is about to do: it runs after the epochs."""
     from vsa.checkpoint import load_checkpoint, save_checkpoint
     from vsa.mrnn import model_from_checkpoint
 
+    grid = search_grid(settings, beams, penalties)
+    sp = head(val_sp, images)
+    info(f"train-mrnn: choosing the decoding defaults on val: {len(grid)} (beam, length penalty) settings from "
+         f"{grid[0]} to {grid[-1]}, each decoding {len(sp.feats)} of the {len(val_sp.feats)} val images "
+         "(search_settings, search_images; --no-beam-search skips it)")
     ck = load_checkpoint(path, "mrnn")
     model = model_from_checkpoint(ck)
     dec = model.decoding
     results = []
-    for b in beams:
-        for lp in penalties if b > 1 else (0.0,):
-            sc = val_scores(model, val_sp, vocab, b, dec.max_len, lp)
-            results.append({"beam": b, "length_penalty": lp, **sc})
-            info(f"val beam {b} lp {lp:.1f}: BLEU-4 {sc['BLEU-4']:5.2f} CIDEr {sc['CIDEr']:5.2f}")
+    for b, lp in grid:
+        sc = val_scores(model, sp, vocab, b, dec.max_len, lp)
+        results.append({"beam": b, "length_penalty": lp, "images": len(sp.feats), **sc})
+        info(f"val beam {b} lp {lp:.1f}: BLEU-4 {sc['BLEU-4']:5.2f} CIDEr {sc['CIDEr']:5.2f}")
     best = max(results, key=lambda r: (r["CIDEr"], r["BLEU-4"]))
     decoding = dataclasses.replace(dec, beam=best["beam"], length_penalty=best["length_penalty"])
     meta = dict(ck["meta"], decoding_search=results)

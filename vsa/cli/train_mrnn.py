@@ -57,7 +57,9 @@ def train_mrnn(
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (0: all)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda; under torchrun each rank its own GPU."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <stem>.last.pt with its configs (the flags given and --set change them)."),
-    no_beam_search: bool = typer.Option(False, "--no-beam-search", help="Skip choosing beam size / length penalty on val."),
+    search_settings: Optional[int] = typer.Option(None, "--search-settings", help="After the epochs, beam size and length penalty are chosen on val among this many (beam, length penalty) settings, cheapest first (greedy, then growing beams); 0: no search."),
+    search_images: Optional[int] = typer.Option(None, "--search-images", help="Val images each setting of that search decodes (the first ones; 0: all)."),
+    no_beam_search: bool = typer.Option(False, "--no-beam-search", help="Skip that search: the checkpoint keeps the decoding defaults it was trained with."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Skip dataset images that have no features."),
     as_json: bool = typer.Option(False, "--json", help="Print the training summary as JSON on stdout."),
 ):
@@ -77,7 +79,7 @@ def train_mrnn(
     flags = {"arch": arch, "attention": attention, "hidden": hidden, "embed": embed, "dropout": dropout,
              "epochs": epochs, "scst_epochs": scst_epochs, "scst_lr": scst_lr, "batch_size": batch_size, "lr": lr,
              "lr_decay": lr_decay, "label_smoothing": label_smoothing, "max_len": max_len, "patience": patience,
-             "seed": seed, "threads": threads}
+             "seed": seed, "threads": threads, "search_settings": search_settings, "search_images": search_images}
     given = {k: v for k, v in flags.items() if v is not None}
     mcfg, tcfg, dcfg = configs(**given)
     tcfg.min_count = int(resolve(min_count, "dataset.min_count", "--min-count", default=tcfg.min_count))
