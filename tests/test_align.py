@@ -481,7 +481,8 @@ def test_overrides_are_typed_and_checked():
 
 @pytest.mark.parametrize("fields", [dict(score="mean-max", global_encoder="mean"),
                                     dict(score="sum-max", global_weight=0.0), dict(score="sum-all", global_encoder="mean"),
-                                    dict(score="global", global_encoder="mean"), dict(score="global"),
+                                    dict(score="global", global_encoder="mean"),
+                                    dict(score="global", global_encoder="gru"),
                                     dict(global_encoder="gru"),
                                     dict(score="scan", scan_lambda=4.0, global_encoder="mean"),
                                     dict(model="whole-image")])
