@@ -221,7 +221,6 @@ complete -c vsa -n '__fish_seen_subcommand_from show' -l no-png -d 'Write the HT
 complete -c vsa -n '__fish_seen_subcommand_from show' -s h -l help -d 'Show help and exit'
 complete -c vsa -n '__fish_seen_subcommand_from show' -F
 
-
 # vsa data
 complete -c vsa -n '__fish_seen_subcommand_from data; and not __fish_seen_subcommand_from stats convert' -a stats -d 'Images and sentences per split, vocabulary size, sentence lengths'
 complete -c vsa -n '__fish_seen_subcommand_from data; and not __fish_seen_subcommand_from stats convert' -a convert -d 'Write canonical Karpathy split JSON from any supported layout'
