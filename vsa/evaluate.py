@@ -100,7 +100,8 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
             if on_section is not None:
                 on_section("retrieval", report["retrieval"])
         if generators:
-            from vsa.decoding import mirror_weight
+            from vsa.checkpoint import config_from
+            from vsa.decoding import DecodingConfig, mirror_weight
             from vsa.eval_caption import evaluate_generator
 
             from vsa.mrnn import backbone
@@ -113,7 +114,8 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
                     per_cnn[cnns[i]] = feats(i)
             fs = [per_cnn[cnns[i]] for i in generators]
             mf = None
-            if mirror_weight(heads[generators[0]][2].get("mirror", 0.0), mirror) and len(per_cnn) == 1:  # (across backbones: generate_split refuses)
+            trained = config_from(DecodingConfig, heads[generators[0]][2]).mirror  # the first generator's default
+            if mirror_weight(trained, mirror) and len(per_cnn) == 1:  # (across backbones: generate_split refuses)
                 mf = features_for_eval(g[0], ds, split, tmp, mirror_features, detector, device, computed, progress,
                                        warn, note, jit=jit, max_pixels=max_pixels, flip=True, resume=resume)
             report["generation"] = evaluate_generator(g if len(g) > 1 else g[0], ds, split,
