@@ -3,8 +3,6 @@ checkpoints and `vsa caption` take it as they take the built-in ones."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import orjson
 import pytest
@@ -73,7 +71,6 @@ def _features_as_embed_makes_them(tmp_path, photo):
 
 def test_a_new_architecture_is_one_class_that_trains_decodes_and_captions(tmp_path, registry, monkeypatch):
     from vsa import train_mrnn as T
-    from vsa.checkpoint import load_checkpoint
     from vsa.data import Vocab, load_dataset
     from vsa.decoding import beam_search, constraints, decode, greedy, sequence_logprob
     from vsa.mrnn import GeneratorEnsemble, load_generators
