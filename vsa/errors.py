@@ -30,11 +30,6 @@ class VsaError(Exception):
         super().__init__(f"{where}{message}")
 
 
-class NotImplementedStage(VsaError):
-    def __init__(self, stage: str):
-        super().__init__(f"'vsa {stage}' is not implemented yet")
-
-
 # "no space left on device" and "disk quota exceeded": both mean the output does not fit
 DISK_FULL = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 

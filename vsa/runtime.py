@@ -73,11 +73,13 @@ def sigterm_as_interrupt():
 
 def parse_shard(shard: str) -> tuple[int, int]:
     """``"K/N"`` -> ``(K, N)`` with 1 <= K <= N (a one-line error otherwise)."""
+    parts = str(shard).split("/")
     try:
-        k, n = (int(x) for x in shard.split("/"))
-        assert 1 <= k <= n
-    except (ValueError, AssertionError):
-        raise VsaError(f"--shard must be K/N with 1 <= K <= N, got {shard!r}") from None
+        k, n = (int(x) for x in parts) if len(parts) == 2 else (0, 0)
+    except ValueError:
+        k, n = 0, 0
+    if not 1 <= k <= n:
+        raise VsaError(f"--shard must be K/N with 1 <= K <= N, got {shard!r}")
     return k, n
 
 
