@@ -51,6 +51,83 @@ def _with_terminal_stdin(args, cwd):
         os.close(leader)
 
 
+# ----------------------------------------------------------------------------- 1. one input rule
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, flickr8k):
+    """A `vsa init` workspace whose [dataset] images holds 2 photos."""
+    ws = tmp_path_factory.mktemp("ws")
+    _photos(flickr8k, ws / "Images", 2)
+    r = _vsa(["init", "--dataset", "captions.txt", "--images", "Images"], ws, subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr.decode()
+    return ws
+
+
+def test_bare_regions_in_a_workspace_reads_its_images_whatever_stdin_is(workspace):
+    """A terminal, /dev/null (make, CI), an empty pipe: `vsa regions` reads [dataset] images every time. Piped
+    paths do not change that (a warning says how to read them: `-`)."""
+    outs = {}
+    outs["terminal"] = _with_terminal_stdin(["regions"], workspace)
+    outs["/dev/null"] = _vsa(["regions"], workspace, subprocess.DEVNULL)
+    r, w = os.pipe()
+    os.close(w)  # an empty pipe
+    try:
+        outs["empty pipe"] = _vsa(["regions"], workspace, r)
+    finally:
+        os.close(r)
+    for how, p in outs.items():
+        assert p.returncode == 0, (how, p.stderr.decode())
+        keys = sorted(json.loads(ln)["key"] for ln in p.stdout.splitlines())
+        assert keys == sorted(x.name for x in (workspace / "Images").iterdir()), how
+    some = next((workspace / "Images").iterdir())
+    piped = subprocess.run([*VSA, "regions"], input=f"{some}\n".encode(), capture_output=True, cwd=workspace,
+                           env=_env(), timeout=600)
+    assert piped.returncode == 0 and len(piped.stdout.splitlines()) == 2, piped.stderr.decode()
+    assert "reading [dataset] images of vsa.toml" in piped.stderr.decode()
+    assert "pass - to read image paths (one per line) from stdin" in piped.stderr.decode()
+    dash = subprocess.run([*VSA, "regions", "-"], input=f"{some}\n".encode(), capture_output=True, cwd=workspace,
+                          env=_env(), timeout=600)
+    assert dash.returncode == 0, dash.stderr.decode()
+    assert [json.loads(ln)["key"] for ln in dash.stdout.splitlines()] == [some.name]
+
+
+def test_bare_regions_without_a_workspace_reads_a_pipe_and_names_the_fix_otherwise(tmp_path, flickr8k):
+    photo = _photos(flickr8k, tmp_path / "p", 1)[0]["filename"]
+    p = _with_terminal_stdin(["regions"], tmp_path)
+    assert p.returncode == 2 and p.stdout == b""
+    assert p.stderr.decode() == ("vsa: error: no images given: pass IMAGES... (files or folders), or pipe image "
+                                 "paths (one per line) into it, or set [dataset] images in vsa.toml (`vsa init`)\n")
+    p = _vsa(["regions"], tmp_path, subprocess.DEVNULL)
+    assert p.returncode == 2 and p.stderr.decode() == ("vsa: error: no image paths on stdin (one path per line): "
+                                                       "nothing to detect\n")
+    r = run_cli("regions", input=f"p/{photo}\n".encode(), cwd=tmp_path)  # `find ... | vsa regions`
+    assert r.returncode == 0, r.stderr.decode()
+    assert [json.loads(ln)["key"] for ln in r.stdout.splitlines()] == [photo]
+
+
+def test_bare_embed_reads_a_pipe_never_a_workspace_file(workspace, tmp_path):
+    """`vsa embed` without inputs reads stdin, in a workspace too (the regions file vsa.toml names would take the
+    place of the headline pipe); a terminal or an empty stdin is a one-line error naming the fix."""
+    regions = workspace / "work" / "regions.jsonl"  # [regions] out of the workspace, there already
+    regions.parent.mkdir(exist_ok=True)
+    p = _vsa(["regions", "Images", "-o", regions], workspace, subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr.decode()
+    p = _with_terminal_stdin(["embed", "-o", tmp_path / "t.npz"], workspace)
+    assert p.returncode == 2 and p.stderr.decode() == (
+        f"vsa: error: no input given: pass REGIONS.jsonl (e.g. {regions}) or IMAGES..., or pipe `vsa regions` "
+        "(or image paths, one per line) into it\n")
+    p = _vsa(["embed", "-o", tmp_path / "n.npz"], workspace, subprocess.DEVNULL)
+    assert p.returncode == 2 and p.stderr.decode() == ("vsa: error: nothing on stdin: pipe `vsa regions IMAGES` into "
+                                                       "it, or pass REGIONS.jsonl or IMAGES...\n")
+    assert not (tmp_path / "t.npz").exists() and not (tmp_path / "n.npz").exists()
+    one = regions.read_bytes().splitlines()[0] + b"\n"
+    r = run_cli("embed", "-o", tmp_path / "one.npz", "--threads", "2", input=one, cwd=workspace)
+    assert r.returncode == 0, r.stderr.decode()
+    with np.load(tmp_path / "one.npz", allow_pickle=False) as z:
+        assert z["keys"].tolist() == [json.loads(one)["key"]]  # the pipe, not the workspace's two images
+
+
 # ----------------------------------------------------------------------------- 8. input checks
 
 

@@ -122,6 +122,59 @@ def _interrupt_behind(exc: BaseException):
     return None
 
 
+def stdin_is_terminal() -> bool:
+    """Is stdin an interactive terminal (or missing)? Reading it would wait for typing, not for a pipe."""
+    try:
+        return sys.stdin is None or sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return True
+
+
+def _stdin_is_a_pipe_or_file() -> bool:
+    """Was something piped or redirected into stdin (``|``, ``<`` a file), as against a terminal or /dev/null?"""
+    import stat
+
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (AttributeError, ValueError, OSError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def command_inputs(given, what: str, usage: str, stdin_holds: str, default_key: str | None = None) -> list[str]:
+    """Where a command's inputs come from. One rule, the same whatever stdin is (a terminal, a pipe, /dev/null in
+    a Makefile or CI):
+
+    1. the inputs on the command line, ``-`` among them standing for stdin;
+    2. none: the workspace's ``default_key`` (e.g. ``[dataset] images`` of vsa.toml), when the command has one and
+       vsa.toml sets it; stdin is not read then (said on stderr when something was piped into it);
+    3. else stdin, unless it is a terminal (reading it would wait for typing): nothing arriving on it is the
+       command's error for empty input;
+    4. else a one-line error naming the fix.
+
+    ``what``: the inputs in words ("images"); ``usage``: how to give them ("IMAGES..."); ``stdin_holds``: what
+    stdin is read as ("image paths (one per line)")."""
+    if given:
+        return [str(x) for x in given]
+    if default_key is not None:
+        from vsa.cli.config import workspace
+
+        value = workspace().get(default_key)
+        if value is not None:
+            if _stdin_is_a_pipe_or_file():
+                section, _, name = default_key.partition(".")
+                warn(f"reading [{section}] {name} of vsa.toml ({value}), not stdin: pass - to read {stdin_holds} "
+                     f"from stdin")
+            return [str(value)]
+    if not stdin_is_terminal():
+        return ["-"]
+    hint = ""
+    if default_key is not None:
+        section, _, name = default_key.partition(".")
+        hint = f", or set [{section}] {name} in vsa.toml (`vsa init`)"
+    raise VsaError(f"no {what} given: pass {usage}, or pipe {stdin_holds} into it{hint}")
+
+
 def parse_weights(text: str, n: int) -> list[float]:
     """``--weights`` of an ensemble: ``n`` comma-separated non-negative numbers, not all zero."""
     try:

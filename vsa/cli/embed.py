@@ -6,14 +6,14 @@ from typing import List, Optional
 import typer
 
 from vsa.cli import app
-from vsa.cli.common import guarded, info, progress, warn
+from vsa.cli.common import command_inputs, guarded, info, progress, warn
 
 
 
 @app.command("embed")
 @guarded
 def embed(
-    inputs: Optional[List[str]] = typer.Argument(None, help="Regions JSONL (file or '-'), or image files/folders (whole image only). Default: stdin."),
+    inputs: Optional[List[str]] = typer.Argument(None, help="Regions JSONL (a file, or - for stdin), or image files/folders (whole image only). Default: stdin (e.g. `vsa regions imgs/ | vsa embed -o f.npz`)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output NPZ (default: [features] regions in vsa.toml)."),
     cnn: Optional[str] = typer.Option(None, "--cnn", help="efficientnet-lite0 (default; with --crop grid: [features] grid_cnn, efficientnet-lite2 in a `vsa init` workspace), efficientnet-lite2, a torchvision model name, or open_clip:MODEL/TAG (an OpenCLIP image tower, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k; pip install 'vsa[clip]')."),
     cnn_weights: Optional[str] = typer.Option(None, "--cnn-weights", help="Local weights file for --cnn (torchvision and open_clip models need one offline)."),
@@ -42,16 +42,17 @@ def embed(
     if inputs and inputs[0] == "merge":
         return merge(inputs[1:], out)
 
-    from vsa.cli.config import resolve
+    from vsa.cli.config import resolve, workspace
     from vsa.errors import VsaError
     from vsa.features import collect_items, output_key
-    from vsa.io import output_lock, resolve_input, stdin_is_piped
+    from vsa.io import output_lock
 
-    if not inputs:
-        if stdin_is_piped():
-            inputs = [resolve_input(None, "regions JSONL or images", "INPUTS...")]
-        else:
-            inputs = [str(resolve(None, "regions.out", "INPUTS... (regions JSONL or images, or pipe them on stdin)"))]
+    # no workspace default here: the regions file vsa.toml names would take the place of a pipe into the command
+    named = workspace().get("regions.out")
+    inputs = command_inputs(inputs, "input", f"REGIONS.jsonl{f' (e.g. {named})' if named else ''} or IMAGES...",
+                            "`vsa regions` (or image paths, one per line)")
+    if inputs == ["-"] and _stdin_is_empty():
+        raise VsaError("nothing on stdin: pipe `vsa regions IMAGES` into it, or pass REGIONS.jsonl or IMAGES...")
 
     items, meta = collect_items(inputs, shard, skip_bad=skip_bad, warn=warn)
     key = output_key(items, crop, flip)
@@ -65,6 +66,22 @@ def embed(
     done = st["images"] - st["skipped_done"] - st["bad"]
     info(f"embed: {st['written']} images in {out_path} ({st['skipped_done']} resumed, {st['bad']} bad), "
          f"{st['regions'] / max(done, 1):.2f} regions/image, {done / max(dt, 1e-9):.1f} images/s")
+
+
+def _stdin_is_empty() -> bool:
+    """Does stdin end before its first byte (waits for the first byte of a pipe)?"""
+    import sys
+
+    buf = getattr(sys.stdin, "buffer", None)
+    peek = getattr(buf, "peek", None)
+    if peek is not None:
+        return peek(1) == b""
+    if buf is not None and buf.seekable():
+        pos = buf.tell()
+        empty = buf.read(1) == b""
+        buf.seek(pos)
+        return empty
+    return False
 
 
 def _run(items, meta, out_path, cnn, cnn_weights, batch_size, workers, crop, grid, cells, flip, context, dtype,

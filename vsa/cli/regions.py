@@ -5,13 +5,13 @@ from typing import List, Optional
 import typer
 
 from vsa.cli import app
-from vsa.cli.common import guarded, info, progress, warn
+from vsa.cli.common import command_inputs, guarded, info, progress, warn
 
 
 @app.command("regions")
 @guarded
 def regions(
-    inputs: Optional[List[str]] = typer.Argument(None, help="Image files and folders (recursive). Paths on stdin when omitted."),
+    inputs: Optional[List[str]] = typer.Argument(None, help="Image files and folders (recursive); - reads image paths from stdin. Default: [dataset] images of vsa.toml, else the paths piped in."),
     detector: Optional[str] = typer.Option(None, "--detector", "-d", help="An ultralytics .pt (a path, or a release name such as yolo11n.pt, downloaded when online) or a YOLOv5 state-dict folder. Default: $VSA_DETECTOR, [regions] detector in vsa.toml, else the YOLOv5n COCO detector inside vsa (offline)."),
     top: Optional[int] = typer.Option(None, "--top", help="Detections kept per image (plus the whole image). Default 19."),
     conf: Optional[float] = typer.Option(None, "--conf", help="Minimum detection score. Default 0.03: low on purpose, the paper keeps weak detections."),
@@ -32,16 +32,16 @@ def regions(
     from vsa.cli.config import resolve
     from vsa.errors import VsaError
     from vsa.images import IMAGE_EXTS, find_images
-    from vsa.io import resolve_input, stdin_is_piped, stdout_is_piped, text_stream_lines
+    from vsa.io import stdout_is_piped, text_stream_lines
     from vsa.regions import DetectOptions, write_regions
 
-    if not inputs:
-        if stdin_is_piped():
-            inputs = list(text_stream_lines(resolve_input(None, "images", "IMAGES...")))
-            if not inputs:
-                raise VsaError("no image paths on stdin (one path per line): nothing to detect")
-        else:
-            inputs = [str(resolve(None, "dataset.images", "IMAGES... (or paths on stdin)"))]
+    inputs = command_inputs(inputs, "images", "IMAGES... (files or folders)", "image paths (one per line)",
+                            "dataset.images")
+    if "-" in inputs:  # stdin: one image path (file or folder) per line
+        stdin_paths = list(text_stream_lines("-"))
+        if not stdin_paths:
+            raise VsaError("no image paths on stdin (one path per line): nothing to detect")
+        inputs = [p for x in inputs for p in (stdin_paths if x == "-" else [x])]
     if not find_images(inputs, missing_ok=skip_bad):  # an empty folder is a mistake, not an empty result
         raise VsaError(f"no images found in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_EXTS))})")
     if out is None:
