@@ -128,6 +128,61 @@ def test_bare_embed_reads_a_pipe_never_a_workspace_file(workspace, tmp_path):
         assert z["keys"].tolist() == [json.loads(one)["key"]]  # the pipe, not the workspace's two images
 
 
+# ----------------------------------------------------------------------------- 2. progress in a log
+
+
+def test_progress_lines_on_a_stderr_that_is_not_a_terminal(tmp_path, flickr8k):
+    """`vsa regions` into a log (stderr not a terminal): a plain progress line every N images
+    ($VSA_PROGRESS_EVERY), with count, share, rate, elapsed time and ETA, and a last line when done."""
+    _photos(flickr8k, tmp_path / "p", 7)
+    r = run_cli("regions", tmp_path / "p", "-o", tmp_path / "r.jsonl", env={"VSA_PROGRESS_EVERY": "3"})
+    assert r.returncode == 0, r.stderr.decode()
+    lines = r.stderr.decode().splitlines()
+    prog = [ln for ln in lines if ln.startswith("regions: ") and "/7 (" in ln]
+    assert [ln.split(",")[0] for ln in prog] == ["regions: 3/7 (43%)", "regions: 6/7 (86%)", "regions: 7/7 (100%)"]
+    assert all("/s" in ln or "s each" in ln for ln in prog) and all("elapsed " in ln for ln in prog)
+    assert "eta " in prog[0] and prog[-1].endswith(", done")
+    assert not any("\x1b" in ln or "\u2501" in ln for ln in lines)  # no terminal codes, no bar
+    bad = run_cli("regions", tmp_path / "p", "-o", tmp_path / "x.jsonl", env={"VSA_PROGRESS_EVERY": "often"})
+    assert bad.returncode == 2 and bad.stderr.decode() == (
+        "vsa: error: VSA_PROGRESS_EVERY must be a number of items (e.g. 100) or of seconds (e.g. 30s), got 'often'\n")
+
+
+def test_line_progress_every_n_seconds_and_quiet_for_short_tasks(capsys):
+    """The default off a terminal: a line every 20 s of a task (a fake clock here); a task done sooner prints
+    nothing; the rate is the recent one, the last line the mean."""
+    from vsa.cli.common import LineProgress
+
+    now = [0.0]
+    prog = LineProgress(every_s=20.0, clock=lambda: now[0])
+    with prog:
+        short = prog.add_task("short", total=3)
+        for _ in range(3):
+            now[0] += 1.0
+            prog.advance(short)
+        long = prog.add_task("embed", total=10)
+        for _ in range(10):
+            now[0] += 7.0
+            prog.advance(long)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["embed: 3/10 (30%), 7.0 s each, elapsed 0:21, eta 0:49",
+                   "embed: 6/10 (60%), 7.0 s each, elapsed 0:42, eta 0:28",
+                   "embed: 9/10 (90%), 7.0 s each, elapsed 1:03, eta 0:07",
+                   "embed: 10/10 (100%), 7.0 s each, elapsed 1:10, done"]
+
+
+def test_progress_is_rich_on_a_terminal_and_lines_elsewhere(monkeypatch):
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from vsa.cli import common
+
+    monkeypatch.setattr(common, "_console", Console(stderr=True, force_terminal=False))
+    assert isinstance(common.progress(), common.LineProgress)
+    monkeypatch.setattr(common, "_console", Console(stderr=True, force_terminal=True))
+    assert isinstance(common.progress(), Progress)
+
+
 # ----------------------------------------------------------------------------- 8. input checks
 
 

@@ -188,8 +188,17 @@ def parse_weights(text: str, n: int) -> list[float]:
     return w
 
 
+ENV_PROGRESS_EVERY = "VSA_PROGRESS_EVERY"
+PROGRESS_EVERY_S = 20.0  # a progress line this often on a stderr that is not a terminal (a log file, CI)
+
+
 def progress(transient: bool = False):
-    """A rich Progress on stderr with a bar, counts, rate and ETA."""
+    """Progress on stderr: rich's live bar with counts, rate and ETA on a terminal; elsewhere (a log file, CI,
+    ``2>&1 | tee``) plain lines, one every 20 s of work (:class:`LineProgress`; ``$VSA_PROGRESS_EVERY``: ``N`` for
+    every N items, ``Ns`` for every N seconds). Both have the methods of rich's Progress that vsa's library calls
+    (``add_task``, ``advance``, ``remove_task``, ``start``, ``stop``, and use as a context manager)."""
+    if not console().is_terminal:
+        return LineProgress(*_progress_every())
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -255,3 +264,112 @@ def config_defaults(*configs: str) -> dict:
         for f in dataclasses.fields(getattr(importlib.import_module(mod), cls)):
             out.setdefault(f.name, f.default)
     return out
+
+
+def _progress_every() -> tuple[int | None, float | None]:
+    """``(items, seconds)`` between progress lines, from ``$VSA_PROGRESS_EVERY`` (``N`` items or ``Ns``)."""
+    text = os.environ.get(ENV_PROGRESS_EVERY, "").strip()
+    if not text:
+        return None, PROGRESS_EVERY_S
+    try:
+        if text.endswith("s"):
+            seconds = float(text[:-1])
+            if seconds > 0:
+                return None, seconds
+        else:
+            n = int(text)
+            if n > 0:
+                return n, None
+    except ValueError:
+        pass
+    raise VsaError(f"{ENV_PROGRESS_EVERY} must be a number of items (e.g. 100) or of seconds (e.g. 30s), got {text!r}")
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+
+
+class LineProgress:
+    """Progress as plain lines on stderr, for a stderr that is not a terminal: ``embed: 1200/8000 (15%), 3.1/s,
+    elapsed 6:27, eta 36:33`` every ``every_items`` items or every ``every_s`` seconds of a task (whichever is
+    set), and a last line when a task that printed one completes. A task shorter than that prints nothing: the
+    command's own summary line says what it did. The rate (and ETA) is that of the work since the previous line,
+    so work a resumed run found done counts as speed in the first line only; the last line gives the mean."""
+
+    def __init__(self, every_items: int | None = None, every_s: float | None = PROGRESS_EVERY_S, clock=None):
+        import time
+
+        self.every_items, self.every_s = every_items, every_s
+        self.clock = clock or time.monotonic
+        self.tasks: dict[int, dict] = {}
+        self._next_id = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def add_task(self, description: str, total: float | None = None, **_) -> int:
+        now = self.clock()
+        self._next_id += 1
+        self.tasks[self._next_id] = {"what": description, "total": total, "done": 0, "t0": now, "last_t": now,
+                                     "last_n": 0, "printed": False, "finished": False}
+        return self._next_id
+
+    def remove_task(self, task: int) -> None:
+        self.tasks.pop(task, None)
+
+    def update(self, task: int, advance: float | None = None, completed: float | None = None,
+               total: float | None = None, **_) -> None:
+        t = self.tasks.get(task)
+        if t is None:
+            return
+        if total is not None:
+            t["total"] = total
+        if completed is not None:
+            self.advance(task, completed - t["done"])
+        elif advance:
+            self.advance(task, advance)
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        t = self.tasks.get(task)
+        if t is None:
+            return
+        now = self.clock()
+        t["done"] += advance
+        done, total = t["done"], t["total"]
+        if total is not None and done >= total:
+            if t["printed"] and not t["finished"]:
+                self._line(t, now, final=True)
+            t["finished"] = True
+            return
+        due = ((self.every_items is not None and done - t["last_n"] >= self.every_items)
+               or (self.every_s is not None and now - t["last_t"] >= self.every_s))
+        if due:
+            self._line(t, now)
+
+    def _line(self, t: dict, now: float, final: bool = False) -> None:
+        done, total = t["done"], t["total"]
+        n = f"{done:g}"
+        parts = [f"{n}/{total:g} ({100 * done / total:.0f}%)" if total else n]
+        t0, n0 = (t["t0"], 0) if final else (t["last_t"], t["last_n"])  # the last line: the mean rate
+        rate = (done - n0) / (now - t0) if now > t0 and done > n0 else None
+        if rate:
+            parts.append(f"{rate:.0f}/s" if rate >= 100 else f"{rate:.1f}/s" if rate >= 1 else f"{1 / rate:.1f} s each")
+        parts.append(f"elapsed {_clock(now - t['t0'])}")
+        if final:
+            parts.append("done")
+        elif rate and total:
+            parts.append(f"eta {_clock((total - done) / rate)}")
+        sys.stderr.write(f"{t['what']}: {', '.join(parts)}\n")
+        sys.stderr.flush()
+        t.update(printed=True, last_t=now, last_n=done)
