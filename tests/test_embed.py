@@ -119,7 +119,7 @@ def test_uint8_pixels_are_normalised_on_the_device_exactly_as_preprocess_does(ex
 def test_npz_layout_from_regions(ex, tmp_path):
     paths = _images(tmp_path / "imgs", 3)
     jl = _regions_jsonl(paths, tmp_path / "r.jsonl")
-    r = run_cli("embed", jl, "-o", tmp_path / "f.npz", "--threads", "2")
+    r = run_cli("embed", jl, "-o", tmp_path / "f.npz", "--cells", "0", "--threads", "2")
     assert r.returncode == 0, r.stderr.decode()
     a = np.load(tmp_path / "f.npz", allow_pickle=False)
     assert sorted(a.files) == sorted(["feats", "image_index", "offsets", "boxes", "scores", "labels", "keys", "sizes", "meta"])
@@ -347,7 +347,8 @@ def _store_rows(npz, key):
 
 @pytest.mark.parametrize("crop", ["warp", "roi"])
 def test_featuriser_gives_the_region_features_embed_writes(ex, tmp_path, crop):
-    """Featuriser (score, search, caption) on the regions of a regions JSONL == `vsa embed` of that JSONL."""
+    """Featuriser (score, search, caption) on the regions of a regions JSONL == `vsa embed` of that JSONL (with its
+    default image cells after the boxes, which the Featuriser adds from the meta)."""
     from vsa.featurise import Featuriser
 
     paths = _images(tmp_path / "imgs", 3)
@@ -363,7 +364,7 @@ def test_featuriser_gives_the_region_features_embed_writes(ex, tmp_path, crop):
     for rec, p in zip(recs, paths):
         got = f.features(Image.open(p).convert("RGB"), rec["regions"])
         want = st[p.name]
-        assert got.dtype == np.float32 and got.shape == want.shape == (3, 1280)
+        assert got.dtype == np.float32 and got.shape == want.shape == (3 + 9, 1280)
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)  # batch-composition noise only
 
 
@@ -457,7 +458,7 @@ def test_cells_after_the_boxes_from_the_whole_image_map(ex, tmp_path):
     paths = _images(tmp_path / "imgs", 2)
     jl = _regions_jsonl(paths, tmp_path / "r.jsonl")
     args = ("--dtype", "float32", "--threads", "2")
-    for name, extra in (("w", ()), ("wc", ("--cells", "3")), ("rc", ("--crop", "roi", "--cells", "3"))):
+    for name, extra in (("w", ("--cells", "0")), ("wc", ("--cells", "3")), ("rc", ("--crop", "roi", "--cells", "3"))):
         r = run_cli("embed", jl, "-o", tmp_path / f"{name}.npz", *extra, *args)
         assert r.returncode == 0, r.stderr.decode()
     r = run_cli("embed", tmp_path / "imgs", "-o", tmp_path / "g.npz", "--crop", "grid", "--grid", "3", *args)

@@ -52,7 +52,7 @@ def test_regions_pipe_embed_on_a_first_run(tmp_path, flickr8k, yolov5n):
     assert e_out == b""
     with np.load(out, allow_pickle=False) as z:
         assert list(z["keys"]) == [PHOTO]
-        assert z["feats"].shape == (len(recs[0]["regions"]), 1280)
+        assert z["feats"].shape == (len(recs[0]["regions"]) + 9, 1280)  # + the 3x3 image cells the shipped aligner reads
 
 
 def test_library_prints_go_to_stderr(tmp_path):

@@ -183,6 +183,56 @@ def test_progress_is_rich_on_a_terminal_and_lines_elsewhere(monkeypatch):
     assert isinstance(common.progress(), Progress)
 
 
+# ----------------------------------------------------------------------------- 6. the README's pipe and eval
+
+
+def test_readme_headline_pipe_makes_features_the_shipped_models_evaluate_on(tmp_path, flickr8k):
+    """`vsa regions IMGS | vsa embed -o f.npz` (two real processes), then `vsa eval --split test --dataset D
+    --features f.npz` with the shipped aligner and generator: the aligner reads f.npz (the 3x3 cells of its
+    recipe are in it), the generator, on another CNN, its own features computed from the images."""
+    from vsa.assets import SHIPPED_MODELS
+    from vsa.checkpoint import load_checkpoint
+
+    ds = tmp_path / "ds"
+    recs = _photos(flickr8k, ds / "images", 8)
+    (ds / "dataset_tiny.json").write_text(json.dumps({"dataset": "tiny", "images": recs}))
+    out = tmp_path / "f.npz"
+    regions = subprocess.Popen([*VSA, "regions", str(ds / "images")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=tmp_path, env=_env())
+    embed = subprocess.Popen([*VSA, "embed", "-o", str(out)], stdin=regions.stdout, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=tmp_path, env=_env())
+    regions.stdout.close()
+    e_out, e_err = embed.communicate(timeout=600)
+    assert regions.wait(timeout=600) == 0, regions.stderr.read().decode()
+    assert embed.returncode == 0 and e_out == b"", e_err.decode()
+    with np.load(out, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        labels = z["labels"].tolist()
+    recipe = load_checkpoint(SHIPPED_MODELS["align"])["extractor"]
+    assert meta["cells"] == recipe["cells"] == 3 and labels.count("cell") == 9 * len(recs)
+    assert (meta["extractor"], meta["crop"]) == (recipe["extractor"], recipe["crop"])
+
+    r = run_cli("eval", "--split", "test", "--dataset", ds / "dataset_tiny.json", "--features", out, "--json",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    rep = json.loads(r.stdout)
+    assert rep["retrieval"]["images"] == len(recs) and rep["retrieval"]["features"] == str(out)
+    assert rep["generation"]["images"] == len(recs)
+    assert (f"{out} holds efficientnet-lite0 region features; mrnn-flickr8k.pt reads efficientnet-lite2 grid "
+            "features: not from this file") in r.stderr.decode()
+
+
+def test_embed_cells_default_follows_the_input():
+    """Detector regions get the shipped aligner's cells; whole images and grids none (their models read none)."""
+    from vsa.cli.embed import _default_cells
+    from vsa.features import EmbedItem
+
+    boxes = [EmbedItem("a.jpg", "a.jpg", [{"box": [0, 0, 10, 10], "label": "image"}])]
+    whole = [EmbedItem("a.jpg", "a.jpg", None)]
+    assert _default_cells(boxes, "warp") == _default_cells(boxes, "roi") == 3
+    assert _default_cells(whole, "warp") == 0 and _default_cells(whole, "grid") == 0
+
+
 # ----------------------------------------------------------------------------- 8. input checks
 
 

@@ -61,8 +61,8 @@ def test_open_clip_features_name_the_backbone_and_train_an_aligner(tmp_path):
     from vsa.checkpoint import load_checkpoint
 
     folder, regions, ds = _photos(tmp_path)
-    r = run_cli("embed", regions, "--cnn", SPEC, "--crop", "warp", "-o", tmp_path / "feats.npz", "--threads", "1",
-                "--workers", "0", env={"OMP_NUM_THREADS": "1"})
+    r = run_cli("embed", regions, "--cnn", SPEC, "--crop", "warp", "--cells", "0", "-o", tmp_path / "feats.npz",
+                "--threads", "1", "--workers", "0", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr.decode()
     meta, feats, offsets = _meta(tmp_path / "feats.npz")
     # the backbone, its input size and normalisation (open_clip's for the model) are in the meta

@@ -21,7 +21,7 @@ def embed(
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding/cropping: 0 = threads of this process taking turns with the CNN (the default on CPU, where the CNN uses every core); N = N worker processes overlapping the CNN (default 2 on CUDA)."),
     crop: str = typer.Option("warp", "--crop", help="warp: each box cropped and warped to 224 (paper, R-CNN style, one CNN pass per region); roi: RoIAlign on the whole image's feature map (one pass per image, ~Nx faster, coarser); grid: the whole image then the cells of its last feature map (--grid; for attention captioning, no detector)."),
     grid: int = typer.Option(7, "--grid", help="Cells per side with --crop grid (7 = the native 7x7 map at 224 px)."),
-    cells: int = typer.Option(0, "--cells", help="With --crop warp/roi: add the G x G cells of the image after the boxes (label 'cell': context the aligner scores, never a grounded box; warp pools them from the whole image's feature map). 0 = none."),
+    cells: Optional[int] = typer.Option(None, "--cells", help="With --crop warp/roi: add the G x G cells of the image after the boxes (label 'cell': context the aligner scores, never a grounded box; warp pools them from the whole image's feature map); 0 = none. Default: for detector regions, the shipped aligner's recipe (3: the features it reads); for whole images and --crop grid, 0."),
     flip: bool = typer.Option(False, "--flip", help="Features of the images mirrored left to right (boxes mirrored with them; keys unchanged): training-time augmentation for `vsa train-mrnn --flip-features`."),
     context: float = typer.Option(0.0, "--context", help="Pad each box by this fraction of its size per side before warping."),
     dtype: str = typer.Option("float16", "--dtype", help="float16 or float32 features."),
@@ -55,6 +55,8 @@ def embed(
         raise VsaError("nothing on stdin: pipe `vsa regions IMAGES` into it, or pass REGIONS.jsonl or IMAGES...")
 
     items, meta = collect_items(inputs, shard, skip_bad=skip_bad, warn=warn)
+    if cells is None:
+        cells = _default_cells(items, crop)
     key = output_key(items, crop, flip)
     if key is None and out is None:
         raise VsaError("--flip without --crop grid has no default output: pass --out/-o")
@@ -66,6 +68,17 @@ def embed(
     done = st["images"] - st["skipped_done"] - st["bad"]
     info(f"embed: {st['written']} images in {out_path} ({st['skipped_done']} resumed, {st['bad']} bad), "
          f"{st['regions'] / max(done, 1):.2f} regions/image, {done / max(dt, 1e-9):.1f} images/s")
+
+
+def _default_cells(items, crop: str) -> int:
+    """``--cells`` when not given: for detector regions (warp or roi crops), the image cells of the shipped aligner's
+    features, so that `vsa regions IMAGES | vsa embed` makes features it reads; none for whole images and grids."""
+    if crop == "grid" or not any(it.regions for it in items):
+        return 0
+    from vsa.assets import SHIPPED_MODELS
+    from vsa.checkpoint import load_checkpoint
+
+    return int((load_checkpoint(SHIPPED_MODELS["align"]).get("extractor") or {}).get("cells") or 0)
 
 
 def _stdin_is_empty() -> bool:

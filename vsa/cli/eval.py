@@ -23,6 +23,40 @@ def _cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
 
+def _features_for(models: list, features):
+    """One ``--features`` file for several models (an aligner and a generator, as without ``--model``): the file
+    for the models whose CNN and crop made it, the others' default (the features they were trained on, else
+    computed from the images), said on stderr. When it fits none, every model reads it (and says why not)."""
+    if not features or len(features) != 1 or len(models) < 2:
+        return features
+    from vsa.checkpoint import load_checkpoint
+    from vsa.cli.common import note
+    from vsa.errors import VsaError
+    from vsa.featstore import check_extractor, load_features
+
+    path = Path(features[0])
+    try:
+        meta = load_features(path).meta
+    except (VsaError, OSError, ValueError):
+        return features  # reported where it is read
+
+    def recipe(m: dict) -> str:
+        return f"{m.get('extractor')} {'grid' if m.get('crop') == 'grid' else 'region'} features"
+
+    per_model = []
+    for m in models:
+        ex = load_checkpoint(m).get("extractor") or {}
+        try:
+            check_extractor(ex, meta, path)
+            fits = (ex.get("crop") == "grid") == (meta.get("crop") == "grid")
+        except VsaError:
+            fits = False
+        per_model.append(path if fits else None)
+        if not fits:
+            note(f"{path} holds {recipe(meta)}; {Path(str(m)).name} reads {recipe(ex)}: not from this file")
+    return features if not any(per_model) else per_model
+
+
 @app.command("eval")
 @guarded
 def evaluate(
@@ -62,7 +96,7 @@ def evaluate(
 
     models = list(model or []) or [default_model(kind, None, note) for kind in ("align", "mrnn")]
     ds = W.open_dataset(dataset, images)
-    feats = W.eval_features(models, features)
+    feats = W.eval_features(models, _features_for(models, features))
     if weights is not None and not ensemble:
         raise VsaError("--weights needs --ensemble")
     w = parse_weights(weights, len(models)) if weights else None

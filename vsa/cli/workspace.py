@@ -76,7 +76,7 @@ def eval_features(models: list, features=None) -> list:
         given = given * len(models)
     out: list = []
     for i, m in enumerate(models):
-        if given:
+        if given and given[i] is not None:  # None: this model's default, as without --features
             out.append(Path(given[i]))
             continue
         ck = load_checkpoint(m)
