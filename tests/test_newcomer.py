@@ -233,6 +233,35 @@ def test_embed_cells_default_follows_the_input():
     assert _default_cells(whole, "warp") == 0 and _default_cells(whole, "grid") == 0
 
 
+# ----------------------------------------------------------------------------- 7. vocabulary sizes
+
+
+def test_data_stats_says_the_vocabulary_size_the_trainers_report(tmp_path):
+    """`vsa data stats` counts words; the trainers count the model's vocabulary, 4 special tokens more: stats
+    gives both, and names the trainers' figure."""
+    import re
+
+    from tests.synth_align import make_synthetic
+    from vsa.io import write_json
+
+    ds, feats, _ = make_synthetic(tmp_path, n_train=30, n_val=10, n_test=10)
+    write_json(tmp_path / "s.json", ds.to_karpathy())
+    r = run_cli("train-align", "--dataset", tmp_path / "s.json", "--features", feats, "-o", tmp_path / "a.pt",
+                "--hidden", "16", "--epochs", "1", "--batch-size", "32", "--min-count", "1", "--threads", "1",
+                "--set", "embed=8")
+    assert r.returncode == 0, r.stderr.decode()
+    trainer = int(re.search(r"vocabulary (\d+)", r.stderr.decode()).group(1))
+    s = run_cli("data", "stats", tmp_path / "s.json", "--min-count", "1")
+    assert s.returncode == 0, s.stderr.decode()
+    line = s.stdout.decode().splitlines()[-1]
+    words = int(re.match(r"vocabulary: (\d+) words seen >= 1 times in train", line).group(1))
+    assert words + 4 == trainer
+    assert line.endswith(f"with the 4 special tokens every model adds (<pad> <unk> <start> <end>), {trainer}: the "
+                         "size the trainers report")
+    js = json.loads(run_cli("data", "stats", tmp_path / "s.json", "--min-count", "1", "--json").stdout)
+    assert js["vocab_size"] == words and js["vocab_size_with_specials"] == trainer
+
+
 # ----------------------------------------------------------------------------- 8. input checks
 
 

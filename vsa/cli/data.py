@@ -36,8 +36,11 @@ def stats_cmd(
     """Images and sentences per split, vocabulary size, sentence lengths."""
     from vsa.data import stats
 
+    from vsa.data import SPECIALS
+
     ds = open_dataset(dataset, images, splits, seed)
     st = stats(ds, _min_count(min_count))
+    st["vocab_size_with_specials"] = st["vocab_size"] + len(SPECIALS)  # what the trainers report as "vocabulary"
     if as_json:
         from vsa.io import write_json
 
@@ -56,7 +59,9 @@ def stats_cmd(
     out = data_console(width=max(data_console().width, 88))  # the table is this command's data: stdout
     out.print(t)
     out.print(f"vocabulary: {st['vocab_size']} words seen >= {st['min_count']} times in train "
-              f"({st['train_words_distinct']} distinct train words)", highlight=False)
+              f"({st['train_words_distinct']} distinct train words); with the {len(SPECIALS)} special tokens "
+              f"every model adds ({' '.join(SPECIALS)}), {st['vocab_size_with_specials']}: the size the trainers "
+              f"report", highlight=False, markup=False, soft_wrap=True)
 
 
 @data_app.command("convert")
