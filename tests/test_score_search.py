@@ -597,3 +597,72 @@ def test_search_sentences_hubness_with_the_aligners_image_bank_ranks_as_eval_ann
     export_aligner(tmp_path / "old.pt", tmp_path / "new.pt", bank=tmp / "synthetic.json", image_bank_features=feats)
     Vn, regn = load_aligner(tmp_path / "new.pt").image_bank
     assert torch.equal(regn, reg_img) and torch.allclose(Vn, V, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- the tables people read
+
+
+def test_region_names_say_which_box_or_which_cell():
+    from vsa.search import region_name, region_names, words_by_region
+
+    labels = ["image", "dog", "person", "dog"] + ["cell"] * 9
+    names = region_names(labels)
+    assert names[:4] == ["whole image", "dog #1", "person #2", "dog #3"]
+    assert names[4:] == [f"{p} cell" for p in ("top-left", "top", "top-right", "left", "centre", "right",
+                                               "bottom-left", "bottom", "bottom-right")]
+    grid = region_names(["image"] + ["grid"] * 49)
+    assert grid[1] == "grid row 1, col 1" and grid[12] == "grid row 2, col 5" and grid[49] == "grid row 7, col 7"
+    assert region_names(["image", "cell", "cell"])[1:] == ["cell 1", "cell 2"]  # not a square: counted
+    words = [{"word": "a", "region": 1}, {"word": "dog", "region": 1}, {"word": "runs", "region": 0},
+             {"word": "on", "region": 12}, {"word": "grass", "region": 12}]
+    assert words_by_region(words, names) == "a dog -> dog #1; runs -> whole image; on grass -> bottom-right cell"
+    assert region_name("image", 0) == "whole image" and region_name("kite", 4) == "kite #4"
+
+
+def test_score_table_names_each_words_region(synth):
+    from tests.synth_align import WORDS
+
+    tmp, ds, feats, objs, _ = synth
+    rec, o = ds.images[-1], objs[-1]
+    r = run_cli("score", rec.key, f"a {WORDS[o[0]]} and a {WORDS[o[1]]}", "-m", tmp / "a.pt", "-f", feats)
+    assert r.returncode == 0, r.stderr.decode()
+    out = r.stdout.decode()
+    assert out.splitlines()[0].startswith(f"{rec.key}: score ")
+    # the object words on their boxes, by class and rank among the photo's boxes (region 0 is the whole image)
+    for k in (0, 1):
+        assert f"{WORDS[o[k]]} #" in out
+
+
+def test_search_table_shows_whole_file_names_and_named_regions(flickr8k, yolov5n, shipped, tmp_path):
+    """`vsa search text` for people: every photo's file name whole (long folders too), each run of words with
+    its region by name (a box by class and rank, the whole image, a cell by its place), never a bare `cell`;
+    --json as it was."""
+    import json
+    import re
+    import shutil
+
+    data = json.loads((flickr8k / "dataset_flickr8k.json").read_text())
+    test = [im for im in data["images"] if im["split"] == "test"][:3]
+    folder = tmp_path / "holiday photos from the summer of two thousand and twenty four"
+    folder.mkdir()
+    for im in test:
+        shutil.copy(flickr8k / "images" / im["filename"], folder / im["filename"])
+    idx = tmp_path / "idx.npz"
+    r = run_cli("search", "index", folder, "--detector", yolov5n, "-o", idx)
+    assert r.returncode == 0, r.stderr.decode()
+    q = "a dog runs through the grass"
+    r = run_cli("search", "text", q, "-i", idx)
+    assert r.returncode == 0, r.stderr.decode()
+    out = r.stdout.decode()
+    rows = [ln for ln in out.splitlines() if str(folder) in ln]
+    assert len(rows) == 3 and "\u2026" not in out  # one line per photo, nothing cut short
+    for im in test:
+        assert str(folder / im["filename"]) in out
+    runs = [part for ln in rows for part in ln.split("\u2502")[-2].strip().split("; ")]
+    assert runs and all(" -> " in part for part in runs)
+    named = re.compile(r"^(whole image|\S.* #\d+|(top-left|top|top-right|left|centre|right|bottom-left|bottom|"
+                       r"bottom-right) cell)$")
+    assert all(named.match(part.split(" -> ")[1]) for part in runs), runs
+    hits = [orjson.loads(x) for x in run_cli("search", "text", q, "-i", idx, "--json").stdout.splitlines()]
+    assert set(hits[0]) == {"rank", "key", "path", "score", "oov", "read_as", "aligner_score", "hub", "words"}
+    assert set(hits[0]["words"][0]) == {"word", "region", "label", "box"}

@@ -535,3 +535,60 @@ def search_sentences(aligner, photo: Photo, sentences: list[str], k: int = 10, b
             rec.update(aligner_score=round(float(raw[j]), 4), hub=round(float(hub[j]), 4))
         out.append({**rec, "oov": oov_words(aligner, toks[j]), "read_as": aligner.read_as(toks[j])})
     return out
+
+
+# ----------------------------------------------------------------------------- how tables name regions
+
+CELL_PLACES = ("top-left", "top", "top-right", "left", "centre", "right", "bottom-left", "bottom", "bottom-right")
+
+
+def region_names(labels: list[str]) -> list[str]:
+    """How a table names each region of a photo (its ``labels``, whole image first): ``whole image``; a detector
+    box by class and rank among the boxes, ``dog #2``; an image cell (``vsa embed --cells``, label ``cell``) or a
+    grid cell (``--crop grid``, label ``grid``) by its place, ``top-left cell`` in a 3 x 3 grid, else ``cell
+    row 2, col 5`` (cells are row-major after the boxes)."""
+    import math
+
+    names: list[str] = []
+    cells = {kind: [i for i, lab in enumerate(labels) if str(lab) == kind] for kind in ("cell", "grid")}
+    for i, lab in enumerate(labels):
+        lab = str(lab)
+        if lab == "image" or (i == 0 and lab in ("", "region")):
+            names.append("whole image")
+        elif lab in cells:
+            at = cells[lab]
+            g = math.isqrt(len(at))
+            k = at.index(i)
+            if g * g != len(at):
+                names.append(f"{lab} {k + 1}")
+            elif g == 3:
+                names.append(f"{CELL_PLACES[k]} {lab}")
+            else:
+                names.append(f"{lab} row {k // g + 1}, col {k % g + 1}")
+        else:
+            names.append(f"{lab or 'region'} #{i}")
+    return names
+
+
+def region_name(label, region) -> str:
+    """A region named from its own record alone: ``whole image``, else ``<label> #<region>`` (``dog #2``)."""
+    label = str(label or "")
+    return "whole image" if label == "image" else f"{label or 'region'} #{region}"
+
+
+def words_by_region(words: list[dict], names: list[str] | None = None) -> str:
+    """A sentence's words and their best regions, runs of words on one region together:
+    ``a dog -> dog #1; runs through the grass -> bottom cell``. ``names``: :func:`region_names` of the photo
+    (default: each word's own ``label`` and ``region``)."""
+    runs: list[tuple[str, list[str]]] = []
+    for w in words:
+        r = w.get("region")
+        if names is not None and isinstance(r, int) and 0 <= r < len(names):
+            name = names[r]
+        else:
+            name = region_name(w.get("label"), r)
+        if runs and runs[-1][0] == name:
+            runs[-1][1].append(str(w["word"]))
+        else:
+            runs.append((name, [str(w["word"])]))
+    return "; ".join(f"{' '.join(ws)} -> {name}" for name, ws in runs)

@@ -32,6 +32,14 @@ def data_console(**kw):
     return Console(file=data_stdout(), **kw)
 
 
+def table_console():
+    """:func:`data_console` for a table whose cells must be read whole (file names, sentences): as wide as the
+    terminal (long cells wrap, none is cut), and off a terminal (a file, a pipe) wide enough for one line per
+    row."""
+    out = data_console()
+    return out if out.is_terminal else data_console(width=100_000)
+
+
 def info(msg: str) -> None:
     """A log line on stderr (rich markup allowed: callers escape user text)."""
     console().print(msg, highlight=False, soft_wrap=True)

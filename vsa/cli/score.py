@@ -8,24 +8,31 @@ from typing import Optional
 import typer
 
 from vsa.cli import app
-from vsa.cli.common import data_console, guarded, warn
+from vsa.cli.common import command_inputs, guarded, table_console, warn
 from vsa.cli.workspace import CNN_HELP, DETECTOR_HELP, MODEL_HELP, aligner as _aligner, default_aligner as _default_model, encoder as _encoder, max_pixels, say_oov as _say_oov
 
 
-def _score_table(rec: dict):
+def _print_score(rec: dict) -> None:
+    """The score, then each word's best region (by name: ``whole image``, ``dog #2``), its box and word-region
+    score ``v.s``; file names and words whole."""
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"{rec['image']}: score {rec['score']:.3f}", title_justify="left")
-    t.add_column("word")
-    t.add_column("best region")
-    t.add_column("box", justify="right")
-    t.add_column("v.s", justify="right")
-    for w in rec.get("words", []):
-        t.add_row(w["word"] if w["known"] else f"{w['word']} (unknown)", f"{w['region']} {w['label']}",
+    from vsa.search import region_name
+
+    out = table_console()
+    out.print(escape(f"{rec['image']}: score {rec['score']:.3f}"), highlight=False)
+    if not rec.get("words"):
+        return
+    t = Table()
+    t.add_column("word", overflow="fold")
+    t.add_column("best region", overflow="fold")
+    t.add_column("box", justify="right", no_wrap=True)
+    t.add_column("v.s", justify="right", no_wrap=True)
+    for w in rec["words"]:
+        t.add_row(escape(w["word"] if w["known"] else f"{w['word']} (unknown)"), escape(region_name(w["label"], w["region"])),
                   " ".join(f"{v:.0f}" for v in w["box"]), f"{w['dot']:.3f}")
-    return t
-
-
+    out.print(t)
 
 
 @app.command("score")
@@ -65,7 +72,7 @@ def score_cmd(
             with JsonlWriter("-") as w:
                 w.write(rec)
         else:
-            data_console().print(_score_table(rec))
+            _print_score(rec)
         return
     if not stdin_is_piped():
         raise VsaError("no photo given: pass IMAGE SENTENCE, or pipe JSONL {\"image\": ..., \"sentence\": ...} on stdin")

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from vsa.cli import app
-from vsa.cli.common import data_console, guarded, info, warn
+from vsa.cli.common import guarded, info, table_console, warn
 from vsa.cli.workspace import CNN_HELP, DETECTOR_HELP, MODEL_HELP, aligner as _aligner, default_aligner as _default_model, encoder as _encoder, max_pixels, say_oov as _say_oov
 
 search_app = typer.Typer(help="Index a folder of photos once; rank photos for a text query, or sentences for a photo.",
@@ -109,17 +109,26 @@ def search_text_cmd(
             for h in hits:
                 w.write(h)
         return
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"{query!r}: {len(idx)} photos" + (f", re-ranked by {rerank}" if rcfg else ""))
-    cols = ("rank", "score") + (("aligner rank", "log p") if rcfg else ()) + ("photo", "words -> regions")
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("photo", "words -> regions") else "right")
+    from vsa.search import region_names, words_by_region
+
+    out = table_console()
+    t = Table()
+    for c in ("rank", "score") + (("aligner rank", "log p") if rcfg else ()):
+        t.add_column(c, justify="right", no_wrap=True)
+    # whole file names where the terminal has room for them, else folded; never cut short
+    t.add_column("photo", overflow="fold", min_width=min(max([len(h["path"]) for h in hits] + [5]), out.width // 2))
+    t.add_column("words -> best region", overflow="fold")
     for h in hits:
-        words = ", ".join(f"{w['word']}->{w['label']}" for w in h.get("words", []) if w["label"] != "image")
+        words = ""
+        if h.get("words"):
+            words = words_by_region(h["words"], region_names(idx.store.labels(h["key"]) or []) or None)
         extra = (str(h["aligner_rank"]), f"{h['logp']:.2f}") if rcfg else ()
-        t.add_row(str(h["rank"]), f"{h['score']:.3f}", *extra, h["path"], words)
-    data_console().print(t)
+        t.add_row(str(h["rank"]), f"{h['score']:.3f}", *extra, escape(h["path"]), escape(words))
+    out.print(escape(f"{query!r}: {len(idx)} photos" + (f", re-ranked by {rerank}" if rcfg else "")), highlight=False)
+    out.print(t)
 
 
 @search_app.command("sentences")
@@ -157,11 +166,15 @@ def search_sentences_cmd(
             for h in hits:
                 w.write(h)
         return
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"{photo.path}")
-    for c in ("rank", "score", "sentence"):
-        t.add_column(c, justify="right" if c != "sentence" else "left")
+    t = Table()
+    for c in ("rank", "score"):
+        t.add_column(c, justify="right", no_wrap=True)
+    t.add_column("sentence", overflow="fold")
     for h in hits:
-        t.add_row(str(h["rank"]), f"{h['score']:.3f}", h["sentence"])
-    data_console().print(t)
+        t.add_row(str(h["rank"]), f"{h['score']:.3f}", escape(h["sentence"]))
+    out = table_console()
+    out.print(escape(str(photo.path)), highlight=False)
+    out.print(t)
