@@ -76,6 +76,43 @@ def test_render_caption_with_regions(grey_image):
     assert len(found) == 2
 
 
+def grounded_caption_with_regions(path) -> dict:
+    """What `vsa caption --ground --regions --json` writes: the caption's snippets on boxes, and each of the top
+    boxes described on its own (``regions``), one of them a box that also holds a snippet."""
+    return {"path": str(path), "key": "grey.jpg", "caption": "a dog runs on the grass", "beta": 1.0,
+            "snippets": alignment()["snippets"],
+            "regions": [{"box": [20.0, 30.0, 100.0, 120.0], "label": "dog", "score": 0.9, "caption": "a black dog"},
+                        {"box": [150.0, 10.0, 220.0, 60.0], "label": "frisbee", "score": 0.4,
+                         "caption": "a red frisbee"}]}
+
+
+def test_grounded_caption_draws_the_region_phrases_too(grey_image):
+    rec = grounded_caption_with_regions(grey_image)
+    pic = P.from_caption(rec, grey_image)
+    phrases = [L for L in pic.labels if L.phrase]
+    assert [(L.text, pic.boxes[L.region][1]) for L in phrases] == [("a black dog", "dog"), ("a red frisbee", "frisbee")]
+    assert phrases[0].region == 2  # the dog box of the snippet "a dog": one box, not two
+    assert phrases[1].region not in {s["region"] for s in rec["snippets"]}
+    assert [L.text for L in pic.labels if not L.phrase] == ["a dog", "runs", "on the grass"]
+    im = P.render(pic, side=448)
+    x1, y1, x2, y2 = (round(v * 2) for v in rec["regions"][1]["box"])  # the frisbee box, drawn in its colour
+    assert np.asarray(im.convert("RGB"))[28 + y2, (x1 + x2) // 2].tolist() == list(hexrgb(pic.colour(phrases[1].region)))
+    panel = np.asarray(im)[:, 448:].reshape(-1, 3)
+    assert hexrgb(pic.colour(phrases[1].region)) in {tuple(c) for c in np.unique(panel, axis=0)}
+
+
+def test_show_page_lists_the_region_phrases(tmp_path, grey_image):
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(orjson.dumps(grounded_caption_with_regions(grey_image)) + b"\n")
+    for extra in ((), ("--no-png",)):
+        r = run_cli("show", src, "-o", tmp_path / "o", *extra)
+        assert r.returncode == 0, r.stderr.decode()
+        page = (tmp_path / "o" / "index.html").read_text()
+        assert 'data-snippets="3" data-phrases="2"' in page
+        assert re.findall(r'class="phrases">(.*?)</ul>', page)[0].count("<li>") == 2
+        assert ">a black dog</span> <span class=\"meta\">dog</span>" in page and "a red frisbee" in page
+
+
 def test_show_alignments_cli_writes_pngs_and_page(tmp_path, grey_image):
     recs = [alignment(), {**alignment(), "sentid": 4, "snippets": alignment()["snippets"][:1]}]
     src = tmp_path / "al.jsonl"

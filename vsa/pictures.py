@@ -45,6 +45,7 @@ class Label:
     text: str
     region: int  # index into Picture.boxes
     note: str = ""  # e.g. the score
+    phrase: bool = False  # a region's own phrase (`vsa caption --regions`), not a snippet of the sentence
 
 
 @dataclass
@@ -177,23 +178,29 @@ def from_alignment(rec: dict, image: Path) -> Picture:
 
 
 def from_caption(rec: dict, image: Path) -> Picture:
-    """A picture of one captions-JSONL line: the caption, and region captions if present; a grounded caption
-    (``vsa caption --ground``: ``snippets``) is drawn as an alignment, its snippets on their boxes."""
+    """A picture of one captions-JSONL line: the caption, and the phrases of its ``regions`` (``vsa caption
+    --regions``: each detector box described on its own) on their boxes; a grounded caption (``vsa caption
+    --ground``: ``snippets``) is drawn as an alignment, its snippets on their boxes, with the region phrases
+    beside them (a box that holds a snippet and a phrase is one box)."""
     if rec.get("snippets"):
         pic = from_alignment(rec, image)
         pic.title = str(rec.get("key") or rec.get("path") or "")
-        return pic
-    pic = Picture(Path(image), str(rec.get("key") or rec.get("path") or ""))
+    else:
+        pic = Picture(Path(image), str(rec.get("key") or rec.get("path") or ""))
+        pic.sentences.append([(str(rec.get("caption", "")), None)])
     for i, reg in enumerate(_list(rec, "regions"), 1):
         box = reg.get("box")
         if box is None:
             continue
-        label = str(reg.get("label", ""))
-        pic.boxes[i] = (_box(box, f"region {i}"), label)
+        box, label = _box(box, f"region {i}"), str(reg.get("label", ""))
+        r = next((k for k, (b, lab) in pic.boxes.items()
+                  if lab == label and max(abs(x - y) for x, y in zip(b, box)) <= 0.5), None)
+        if r is None:
+            r = max(pic.boxes, default=0) + 1
+            pic.boxes[r] = (box, label)
         if label == "image":
-            pic.whole_regions.add(i)
-        pic.labels.append(Label(str(reg.get("caption", "")), i))
-    pic.sentences.append([(str(rec.get("caption", "")), None)])
+            pic.whole_regions.add(r)
+        pic.labels.append(Label(str(reg.get("caption", "")), r, phrase=True))
     return pic
 
 
@@ -240,13 +247,15 @@ def _sentence_lines(pic: Picture, measure, font, width: float) -> list[list[tupl
 def _panel_rows(pic: Picture, is_whole, centre, measure, font, width: float) -> list[tuple]:
     """Side-panel rows ``(Label, wrapped lines)``: one per region, its snippets in sentence order joined by a
     dot (one line to each box); object regions sorted by box-centre height, whole-image ones last."""
-    grouped: dict[int, Label] = {}
+    grouped: dict[tuple, Label] = {}  # a region's snippets in one row, its own phrase in another
     for L in pic.labels:
-        if L.region in grouped:
-            g = grouped[L.region]
-            grouped[L.region] = Label(f"{g.text}  \u00b7  {L.text}", L.region, ", ".join(x for x in (g.note, L.note) if x))
+        at = (L.region, L.phrase)
+        if at in grouped:
+            g = grouped[at]
+            grouped[at] = Label(f"{g.text}  \u00b7  {L.text}", L.region, ", ".join(x for x in (g.note, L.note) if x),
+                                L.phrase)
         else:
-            grouped[L.region] = Label(L.text, L.region, L.note)
+            grouped[at] = Label(L.text, L.region, L.note, L.phrase)
     labels = sorted(grouped.values(), key=lambda L: (is_whole(L.region) or centre(L.region) is None,
                                                      (centre(L.region) or (0, 0))[1]))
     return [(L, _wrap(measure, L.text, font, width)) for L in labels]
@@ -322,6 +331,7 @@ def _place_rows(rows, is_whole, centre, top: int, body_h: int) -> list[float]:
 def _draw_rows(d, pic: Picture, rows, ys, is_whole, centre, px: float, top: int, f_label, f_small) -> None:
     """Panel rows (colour swatch, wrapped snippet text, the region's name and score) with leader lines to
     their boxes."""
+    mixed = len({L.phrase for L in pic.labels}) > 1  # snippets and region phrases: say which rows are phrases
     for (L, wrapped), y in zip(rows, ys):
         whole = is_whole(L.region)
         col = pic.colour(L.region, whole)
@@ -334,6 +344,8 @@ def _draw_rows(d, pic: Picture, rows, ys, is_whole, centre, px: float, top: int,
         sub = "whole image" if whole else (pic.boxes.get(L.region, (None, ""))[1] or f"region {L.region}")
         if L.note:
             sub += f"  score {L.note}"
+        if L.phrase and mixed:
+            sub += "  (region phrase)"
         d.text((px + 26, end_y), _line(sub), fill="#666666", font=f_small)
         c = centre(L.region)
         if c is not None and not whole:
@@ -430,6 +442,18 @@ def _sentence_html(pic: Picture, is_whole) -> str:
     return "".join(parts)
 
 
+def _phrases_html(pic: Picture, is_whole) -> str:
+    """The region phrases of a caption (``vsa caption --regions``), each in its box's colour."""
+    items = []
+    for L in pic.labels:
+        if L.phrase:
+            col = pic.colour(L.region, is_whole(L.region))
+            where = "whole image" if is_whole(L.region) else pic.boxes.get(L.region, (None, ""))[1]
+            items.append(f'<li><span class="snip" style="color:{col};border-color:{col}" data-region="{L.region}">'
+                         f'{html.escape(L.text)}</span> <span class="meta">{html.escape(where)}</span></li>')
+    return f'<ul class="phrases">{"".join(items)}</ul>' if items else ""
+
+
 def write_pictures_page(entries: list[tuple[Picture, str]], out_dir: Path, title: str = "vsa") -> Path:
     """``entries``: (picture, PNG file path relative to ``out_dir``, ``/``-separated; the page links it
     URL-encoded). Writes ``out_dir/index.html``."""
@@ -440,11 +464,13 @@ def write_pictures_page(entries: list[tuple[Picture, str]], out_dir: Path, title
         def is_whole(r, pic=pic):
             return r in pic.whole_regions or (r in pic.boxes and pic.boxes[r][1] == "image")
         n_boxes = len({L.region for L in pic.labels if L.region in pic.boxes})
+        n_phrases = sum(L.phrase for L in pic.labels)
         cards.append(
-            f'<div class="card" data-boxes="{n_boxes}" data-snippets="{len(pic.labels)}">'
+            f'<div class="card" data-boxes="{n_boxes}" data-snippets="{len(pic.labels) - n_phrases}" '
+            f'data-phrases="{n_phrases}">'
             f'<div class="meta">{html.escape(pic.title)}</div>'
             f'<img src="{html.escape(url(png))}" alt="{html.escape(pic.title)}">'
-            f"{_sentence_html(pic, is_whole)}</div>")
+            f"{_sentence_html(pic, is_whole)}{_phrases_html(pic, is_whole)}</div>")
     doc = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
            f"<p class=\"meta\">{len(entries)} picture(s). Each snippet is joined to the centre of its box; "
