@@ -3,7 +3,7 @@
 
 _vsa_subcommands() {
     case "$1" in
-        "vsa") echo "init regions embed train-align score train-mrnn caption align eval show data search" ;;
+        "vsa") echo "init regions embed train-align score train-mrnn caption align eval show completion data search" ;;
         "vsa data") echo "stats convert" ;;
         "vsa search") echo "index text sentences" ;;
     esac
@@ -11,7 +11,7 @@ _vsa_subcommands() {
 
 _vsa_options() {
     case "$1" in
-        "vsa") echo "--version -h --help" ;;
+        "vsa") echo "--version --install-completion --show-completion -h --help" ;;
         "vsa init") echo "--dataset --images --detector --out --force --path -h --help" ;;
         "vsa regions") echo "-d --detector --top --conf --iou --dedup --imgsz --batch-size --workers -o --out --skip-bad --max-pixels --shard --device --threads -h --help" ;;
         "vsa embed") echo "-o --out --cnn --cnn-weights --batch-size --workers --crop --grid --cells --flip --context --dtype --shard --part-every --no-resume --skip-bad --max-pixels --device --threads -h --help" ;;
@@ -22,6 +22,7 @@ _vsa_options() {
         "vsa align") echo "-m --model --dataset --images --features --split --beta -o --out --no-resume --skip-missing --limit --shard --device --threads -h --help" ;;
         "vsa eval") echo "--split -m --model --dataset --images --features --detector --beam --mirror --mirror-features --captions-out --ranks-out -o --out --json --ensemble --weights --rerank --rerank-features --rerank-k --rerank-weight --hubness --hubness-k --hubness-weight --hubness-bank --device -h --help" ;;
         "vsa show") echo "-o --out --images --dataset -k --key --split --limit --sentences --side --top --no-png -h --help" ;;
+        "vsa completion") echo "--install -h --help" ;;
         "vsa data") echo "-h --help" ;;
         "vsa data stats") echo "--images --splits --min-count --seed --json -h --help" ;;
         "vsa data convert") echo "-o --out --images --splits --seed -h --help" ;;
@@ -36,6 +37,8 @@ _vsa_options() {
 _vsa_value_kind() {
     case "$1 $2" in
         "vsa --version") echo "flag" ;;
+        "vsa --install-completion") echo "flag" ;;
+        "vsa --show-completion") echo "flag" ;;
         "vsa -h"|"vsa --help") echo "flag" ;;
         "vsa init --dataset") echo "files" ;;
         "vsa init --images") echo "files" ;;
@@ -220,6 +223,9 @@ _vsa_value_kind() {
         "vsa show --no-png") echo "flag" ;;
         "vsa show -h"|"vsa show --help") echo "flag" ;;
         "vsa show ARGS") echo "files" ;;
+        "vsa completion --install") echo "flag" ;;
+        "vsa completion -h"|"vsa completion --help") echo "flag" ;;
+        "vsa completion ARGS") echo "value" ;;
         "vsa data -h"|"vsa data --help") echo "flag" ;;
         "vsa data stats --images") echo "files" ;;
         "vsa data stats --splits") echo "files" ;;

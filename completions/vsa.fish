@@ -14,9 +14,12 @@ complete -c vsa -n '__fish_use_subcommand' -a caption -d 'Describe images: one l
 complete -c vsa -n '__fish_use_subcommand' -a align -d 'Snippet alignment (chain MRF, exact Viterbi) of every sentence to its...'
 complete -c vsa -n '__fish_use_subcommand' -a eval -d 'Retrieval (aligner) and caption metrics (generator) on a split, besid...'
 complete -c vsa -n '__fish_use_subcommand' -a show -d 'Pictures of grounded snippets and captions (PNG + a static HTML page)...'
+complete -c vsa -n '__fish_use_subcommand' -a completion -d 'Shell completion: print the script for bash, zsh or fish, or --instal...'
 complete -c vsa -n '__fish_use_subcommand' -a data -d 'Caption datasets: statistics and conversion to Karpathy JSON'
 complete -c vsa -n '__fish_use_subcommand' -a search -d 'Index a folder of photos once; rank photos for a text query, or sente...'
 complete -c vsa -n '__fish_use_subcommand' -l version -d 'Print the version and exit'
+complete -c vsa -n '__fish_use_subcommand' -l install-completion -d 'Install shell completion for your $SHELL (bash, zsh, fish) and exit'
+complete -c vsa -n '__fish_use_subcommand' -l show-completion -d 'Print the completion script for your $SHELL and exit'
 complete -c vsa -n '__fish_use_subcommand' -s h -l help -d 'Show help and exit'
 
 # vsa init
@@ -220,6 +223,10 @@ complete -c vsa -n '__fish_seen_subcommand_from show' -l top -x -d 'Retrieval pa
 complete -c vsa -n '__fish_seen_subcommand_from show' -l no-png -d 'Write the HTML page only (retrieval pages have no PNGs)'
 complete -c vsa -n '__fish_seen_subcommand_from show' -s h -l help -d 'Show help and exit'
 complete -c vsa -n '__fish_seen_subcommand_from show' -F
+
+# vsa completion
+complete -c vsa -n '__fish_seen_subcommand_from completion' -l install -d 'Write the script where the shell finds it (and say what a new shell n...'
+complete -c vsa -n '__fish_seen_subcommand_from completion' -s h -l help -d 'Show help and exit'
 
 # vsa data
 complete -c vsa -n '__fish_seen_subcommand_from data; and not __fish_seen_subcommand_from stats convert' -a stats -d 'Images and sentences per split, vocabulary size, sentence lengths'

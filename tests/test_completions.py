@@ -142,3 +142,54 @@ def test_zsh_completes_on_a_terminal(tmp_path):
     assert "vsa data stats " in zsh_complete("vsa data st", "ats ", tmp_path, tmp_path)
     assert "--min-count " in zsh_complete("vsa data stats --mi", "n-count ", tmp_path, tmp_path)
     assert "feats.npz " in zsh_complete("vsa data convert --out fe", "ats.npz ", tmp_path, tmp_path)
+
+
+# ----------------------------------------------------------------------------- from the vsa command itself
+
+
+def test_help_says_how_to_get_completion():
+    from tests.conftest import run_cli
+
+    r = run_cli("--help")
+    text = " ".join(r.stdout.decode().split())
+    assert r.returncode == 0 and "Shell completion (bash, zsh, fish): `vsa --install-completion`" in text
+    assert "--install-completion" in text and "--show-completion" in text and "completion" in text.split("Commands:")[1]
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_vsa_prints_the_shipped_scripts(shell):
+    """`vsa completion SHELL` and `vsa --show-completion` (shell from $SHELL) print the script of completions/."""
+    from tests.conftest import run_cli
+
+    shipped = (ROOT / "completions" / FILES[shell]).read_bytes()
+    r = run_cli("completion", shell)
+    assert r.returncode == 0 and r.stdout == shipped, r.stderr.decode()
+    r = run_cli("--show-completion", env={"SHELL": f"/usr/bin/{shell}"})
+    assert r.returncode == 0 and r.stdout == shipped, r.stderr.decode()
+
+
+def test_install_completion_writes_where_each_shell_looks(tmp_path):
+    from tests.conftest import run_cli
+
+    env = {"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
+           "ZDOTDIR": str(tmp_path / "z")}
+    where = {"bash": tmp_path / "data" / "bash-completion" / "completions" / "vsa",
+             "zsh": tmp_path / "z" / ".zfunc" / "_vsa",
+             "fish": tmp_path / "cfg" / "fish" / "completions" / "vsa.fish"}
+    for shell, path in where.items():
+        r = run_cli("--install-completion", env={**env, "SHELL": f"/bin/{shell}"})
+        assert r.returncode == 0 and r.stdout == b"", r.stderr.decode()
+        assert path.read_bytes() == (ROOT / "completions" / FILES[shell]).read_bytes()
+        assert r.stderr.decode().startswith(f"wrote {path}\n")
+    assert "fpath=(" in run_cli("completion", "zsh", "--install", env=env).stderr.decode()
+    # the installed bash script completes
+    p = subprocess.run(["bash", "-c", f'source "{where["bash"]}"; COMP_WORDS=(vsa compl); COMP_CWORD=1; _vsa; '
+                        'printf "%s\\n" "${COMPREPLY[@]}"'], capture_output=True, text=True, timeout=60)
+    assert p.stdout.split() == ["completion"], p.stderr
+    bad = run_cli("--install-completion", env={**env, "SHELL": "/bin/tcsh"})
+    assert bad.returncode == 2 and bad.stderr.decode() == (
+        "vsa: error: cannot tell your shell from $SHELL (tcsh): name it, `vsa completion bash|zsh|fish --install` "
+        "(or without --install: print the script)\n")
+    bad = run_cli("completion", "powershell")
+    assert bad.returncode == 2 and bad.stderr.decode() == (
+        "vsa: error: no completion for 'powershell': the shells are bash, zsh, fish\n")

@@ -19,7 +19,8 @@ app = typer.Typer(
         "Deep visual-semantic alignments (Karpathy & Fei-Fei, CVPR 2015): detect regions, embed them, "
         "align words to regions, generate and score image descriptions.\n\n"
         "Commands read and write JSONL / NPZ and pipe: `vsa regions imgs/ | vsa embed -o feats.npz`. "
-        "Defaults come from ./vsa.toml (see `vsa init`)."
+        "Defaults come from ./vsa.toml (see `vsa init`).\n\n"
+        "Shell completion (bash, zsh, fish): `vsa --install-completion`, or `vsa completion SHELL` to print the script."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -36,10 +37,26 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _completion_flag(action: str):
+    def callback(value: bool) -> None:
+        if value:
+            from vsa.cli.completion import root_flag
+
+            root_flag(action)
+
+    return callback
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print the version and exit."),
+    install_completion: bool = typer.Option(False, "--install-completion", callback=_completion_flag("install"),
+                                            is_eager=True, expose_value=False,
+                                            help="Install shell completion for your $SHELL (bash, zsh, fish) and exit."),
+    show_completion: bool = typer.Option(False, "--show-completion", callback=_completion_flag("show"),
+                                         is_eager=True, expose_value=False,
+                                         help="Print the completion script for your $SHELL and exit."),
 ) -> None:
     pass
 
@@ -57,6 +74,7 @@ from vsa.cli import caption  # noqa: E402,F401
 from vsa.cli import align  # noqa: E402,F401
 from vsa.cli import eval  # noqa: E402,F401
 from vsa.cli import show  # noqa: E402,F401
+from vsa.cli import completion  # noqa: E402,F401
 
 
 def main() -> None:
