@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from vsa.cli import app
-from vsa.cli.common import command_inputs, guarded, table_console, warn
+from vsa.cli.common import guarded, table_console, warn
 from vsa.cli.workspace import CNN_HELP, DETECTOR_HELP, MODEL_HELP, aligner as _aligner, default_aligner as _default_model, encoder as _encoder, max_pixels, say_oov as _say_oov
 
 
