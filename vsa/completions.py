@@ -168,7 +168,7 @@ def bash_script(tree: Cmd) -> str:
     nl = "\n"
     return f"""\
 # bash completion for vsa ({HEADER})
-# Use: source completions/vsa.bash, or copy it to ~/.local/share/bash-completion/completions/vsa
+# Use: `vsa --install-completion` (copies it to ~/.local/share/bash-completion/completions/vsa), or source it
 
 _vsa_subcommands() {{
     case "$1" in
@@ -313,7 +313,7 @@ def zsh_script(tree: Cmd) -> str:
     return f"""\
 #compdef vsa
 # zsh completion for vsa ({HEADER})
-# Use: put this file (named _vsa) in a folder on $fpath before `compinit`, or `source` it after compinit.
+# Use: `vsa --install-completion`, or put this file (named _vsa) in a folder on $fpath before `compinit`, or `source` it after compinit.
 
 {chr(10).join(fns)}
 if [ "$funcstack[1]" = "_vsa" ]; then
@@ -342,7 +342,7 @@ def _fish_condition(c: Cmd, siblings_of_children: list[str]) -> str:
 
 def fish_script(tree: Cmd) -> str:
     lines = [f"# fish completion for vsa ({HEADER})",
-             "# Use: copy to ~/.config/fish/completions/vsa.fish", "", "complete -c vsa -f"]
+             "# Use: `vsa --install-completion` (copies it to ~/.config/fish/completions/vsa.fish)", "", "complete -c vsa -f"]
     for c in tree.walk():
         children = [s.name for s in c.subcommands]
         cond = _fish_text(_fish_condition(c, children))
