@@ -46,9 +46,9 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    import vsa.align as A
+    import vsa.alignment.model as A
     from vsa.retrieval import score_matrix
-    from vsa.train_align import AlignTrainConfig, _loss
+    from vsa.alignment.train import AlignTrainConfig, _loss
 
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)

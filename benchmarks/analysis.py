@@ -103,13 +103,13 @@ def noun_grounding(records, labels_of) -> dict:
 
 
 def beta_sweep(aligner, store, pairs: list[tuple], betas: Iterable[float], progress=None) -> dict:
-    """Snippet statistics (:func:`vsa.mrf.snippet_stats`, :func:`label_agreement`) of ``pairs`` (``(ImageRecord,
-    Sentence)``, :func:`vsa.snippets.pairs_of`) for several betas: how the MRF's beta is chosen on val.
+    """Snippet statistics (:func:`vsa.alignment.mrf.snippet_stats`, :func:`label_agreement`) of ``pairs`` (``(ImageRecord,
+    Sentence)``, :func:`vsa.alignment.snippets.pairs_of`) for several betas: how the MRF's beta is chosen on val.
 
     The word-region scores are computed once per pair and decoded with every beta.
     """
-    from vsa.mrf import alignment_record, snippet_stats
-    from vsa.snippets import word_region_scores
+    from vsa.alignment.mrf import alignment_record, snippet_stats
+    from vsa.alignment.snippets import word_region_scores
 
     betas = list(betas)
     recs: dict[float, list] = {b: [] for b in betas}

@@ -40,8 +40,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from vsa.cnn import load_extractor
-    from vsa.features import EmbedItem, embed
+    from vsa.features.cnn import load_extractor
+    from vsa.features.embed import EmbedItem, embed
     from vsa.images import find_images, open_image
     from vsa.regions import load_detector, whole_image_region
 

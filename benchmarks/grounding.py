@@ -32,10 +32,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from vsa.data import load_dataset
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
     from vsa.io import read_jsonl
     from analysis import label_agreement, noun_grounding
-    from vsa.snippets import align_split
+    from vsa.alignment.snippets import align_split
 
     ds = load_dataset(args.dataset)
     with tempfile.TemporaryDirectory() as tmp:

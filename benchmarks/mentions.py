@@ -5,7 +5,7 @@ For each COCO class with caption words (vsa.labels.CLASS_WORDS), an image of the
 predicts the class when it names it. Prints per-class precision / recall / F1 and micro / macro F1 over the
 classes with at least --min-positives positives, beside BLEU-4, METEOR and CIDEr, for plain beam search and for
 each constrained-decoding setting given (the caption must name the photo's confidently detected classes:
-vsa.decoding.constrained_beam_search).
+vsa.generator.decoding.constrained_beam_search).
 
 Usage:
     vsa regions IMAGES --detector vsa/assets/yolov5n-coco -o regions.jsonl       # the photos' detections
@@ -84,9 +84,9 @@ def main() -> None:
     import torch
 
     from vsa.assets import SHIPPED_MODELS
-    from vsa.caption_metrics import score_captions
+    from vsa.generator.metrics import score_captions
     from vsa.data import load_dataset
-    from vsa.eval_caption import generate_split
+    from vsa.generator.evaluate import generate_split
     from vsa.io import read_jsonl
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

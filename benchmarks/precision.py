@@ -8,7 +8,7 @@ process and interleaved over ``--rounds`` rounds so that load drifts hit every v
 1. a plain matrix product of the generator's largest training shape ([100, 1536] x [1536, 2048]) in float32 and in
    bfloat16: GFLOP/s;
 2. one cross-entropy epoch of the shipped generator's architecture (random weights, ``--images`` x 5 sentences of
-   Flickr8K's lengths, the trainer's own loop ``vsa.train_mrnn._xe_epoch``) as variants: ``float32``; ``autocast``
+   Flickr8K's lengths, the trainer's own loop ``vsa.generator.train._xe_epoch``) as variants: ``float32``; ``autocast``
    (torch.autocast("cpu", bfloat16) around the step, float32 weights); ``bf16-weights`` (the model and its inputs
    cast to bfloat16 once, the optimiser on them: the cost of the arithmetic alone, without the float32 master copy a
    real recipe would keep). Median seconds per epoch and the ratio to float32.
@@ -55,17 +55,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from vsa.checkpoint import config_from, load_checkpoint
     from vsa.distributed import setup
-    from vsa.mrnn import MRNNConfig, build_model
+    from vsa.generator.model import GeneratorConfig, build_model
     from vsa.splits import CaptionSplit
-    from vsa.train_mrnn import MRNNTrainConfig, _xe_epoch
+    from vsa.generator.train import GeneratorTrainConfig, _xe_epoch
 
     flags = cpu_flags()
     print(f"torch {torch.__version__}, {args.threads} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
           f"avx512_bf16 {'avx512_bf16' in flags}, amx_bf16 {'amx_bf16' in flags}, load {os.getloadavg()[0]:.1f}")
 
     ck = load_checkpoint(ROOT / "vsa" / "assets" / "mrnn-flickr8k.pt")
-    cfg = config_from(MRNNConfig, ck["model"])
-    tcfg = MRNNTrainConfig(flip=0.0)
+    cfg = config_from(GeneratorConfig, ck["model"])
+    tcfg = GeneratorTrainConfig(flip=0.0)
     rng = np.random.default_rng(0)
     ds_path = SHARED / "data" / "flickr8k" / "dataset_flickr8k.json"
     lengths = ([min(len(s["tokens"]), tcfg.max_len) for im in json.loads(ds_path.read_text())["images"]

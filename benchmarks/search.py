@@ -52,8 +52,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from vsa.align import load_aligner
-    from vsa.featstore import load_features
+    from vsa.alignment.model import load_aligner
+    from vsa.features.store import load_features
     from vsa.search import Index, photo_from_store, save_index, search_text
 
     aligner = load_aligner(args.model)

@@ -93,7 +93,7 @@ def _rss_anon(pid: int) -> int:
 def replicate(src: Path, dst: Path, times: int) -> None:
     import numpy as np
 
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
     from vsa.io import save_npz
 
     if dst.exists():

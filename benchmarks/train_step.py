@@ -4,14 +4,14 @@ matrix-multiply rate (prints figures; no pass/fail).
     .venv/bin/python benchmarks/train_step.py [--threads 2] [--images 200]
 
 1. the shipped generator's architecture (read from vsa/assets/mrnn-flickr8k.pt; fresh random weights) trained for one
-   cross-entropy epoch by the trainer's own loop (`vsa.train_mrnn._xe_epoch`) on ``--images`` images x 5 sentences
+   cross-entropy epoch by the trainer's own loop (`vsa.generator.train._xe_epoch`) on ``--images`` images x 5 sentences
    with Flickr8K's train sentence lengths (random words, random 50 x 1280 features): seconds per batch, tokens/s;
 2. the floating-point work of that epoch counted from the architecture (matrix products only: forward 2 x MACs,
    backward twice the forward) and the rate it implies, against the rate of one plain matrix product of the step's
    largest shape ([100, 1536] x [1536, 2048]) in the same process: the share of the machine's GEMM rate the step
    reaches;
 3. the top operators of one epoch by self CPU time (torch profiler);
-4. the floor this gives for the shipped recipe (`MRNNTrainConfig`'s XE + SCST epochs over 30,000 sentences; an SCST
+4. the floor this gives for the shipped recipe (`GeneratorTrainConfig`'s XE + SCST epochs over 30,000 sentences; an SCST
    epoch costs about what an XE epoch does: 5 samples per image, re-scored with gradients): minutes at the measured
    rate and at the plain-GEMM rate.
 
@@ -53,14 +53,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from vsa.checkpoint import config_from, load_checkpoint
-    from vsa.mrnn import MRNNConfig, build_model
+    from vsa.generator.model import GeneratorConfig, build_model
     from vsa.splits import CaptionSplit
-    from vsa.train_mrnn import MRNNTrainConfig, _xe_epoch
+    from vsa.generator.train import GeneratorTrainConfig, _xe_epoch
     from vsa.distributed import setup
 
     ck = load_checkpoint(ROOT / "vsa" / "assets" / "mrnn-flickr8k.pt")
-    cfg = config_from(MRNNConfig, ck["model"])
-    tcfg = MRNNTrainConfig(flip=0.0)
+    cfg = config_from(GeneratorConfig, ck["model"])
+    tcfg = GeneratorTrainConfig(flip=0.0)
     rng = np.random.default_rng(0)
     ds_path = SHARED / "data" / "flickr8k" / "dataset_flickr8k.json"
     if ds_path.exists():

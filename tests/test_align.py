@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vsa.align import ReluBRNN, last_state, load_aligner, pair_scores, ranking_loss
-from vsa.train_align import configs, epoch_order, parse_overrides, train
+from vsa.alignment.model import ReluBRNN, last_state, load_aligner, pair_scores, ranking_loss
+from vsa.alignment.train import configs, epoch_order, parse_overrides, train
 
 from tests.synth_align import WORDS, make_synthetic
 
@@ -164,7 +164,7 @@ def test_last_state_written_out_has_the_gru_modules_values_and_gradients():
 
 @pytest.mark.parametrize("rnn", ["brnn", "gru", "lstm"])
 def test_sentence_rnn_values_and_gradients_are_those_of_the_padded_computation(rnn):
-    from vsa.align import SentenceBRNN, _l2
+    from vsa.alignment.model import SentenceBRNN, _l2
 
     torch.manual_seed(0)
     m = SentenceBRNN(50, 8, 6, rnn, dropout=0.0)
@@ -226,7 +226,7 @@ def test_loss_falls_and_retrieval_learns_the_known_answer(trained):
 
 def test_word_region_scores_point_at_the_named_objects(trained):
     tmp, ds, feats, objs, _ = trained
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
 
     al = load_aligner(tmp / "a.pt")
     st = load_features(feats)
@@ -245,7 +245,7 @@ def test_word_region_scores_point_at_the_named_objects(trained):
 def test_checkpoint_round_trip(trained):
     tmp, ds, feats, _, res = trained
     from vsa.checkpoint import load_checkpoint
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
     from vsa.retrieval import retrieval_metrics, score_matrix
     from vsa.splits import retrieval_split
 
@@ -346,7 +346,7 @@ def test_validating_every_second_epoch_trains_the_same_weights_and_selects_among
 
 
 def test_region_drop_leaves_out_whole_regions_but_never_the_whole_image_and_only_in_training():
-    from vsa.align import AlignModelConfig, BRNNAligner, check_config
+    from vsa.alignment.model import AlignModelConfig, BRNNAligner, check_config
     from vsa.errors import VsaError
 
     torch.manual_seed(0)
@@ -393,7 +393,7 @@ def test_whole_image_model_and_variants_train(tmp_path):
 
 def test_gru_global_branch_trains_and_keeps_word_region_scores(tmp_path):
     ds, feats, objs = make_synthetic(tmp_path, n_train=80, n_val=30, n_test=30)
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
     from vsa.retrieval import retrieval_metrics, score_matrix
     from vsa.splits import retrieval_split
 
@@ -428,7 +428,7 @@ def test_gru_global_branch_trains_and_keeps_word_region_scores(tmp_path):
     # the file keeps the branch's image vector once per photo, not in extra channels of every region row
     assert idx.store.emb.shape[1] == 32 and idx.store.emb_global.shape == (len(idx), 32)
     # an index written before `emb_global` (the branch's channels on every row, zeros below row 0) ranks the same
-    from vsa.featstore import save_features
+    from vsa.features.store import save_features
 
     off = idx.emb_offsets
     old = [np.concatenate([idx.store.emb[a:b], np.zeros((b - a, 32), np.float32)], 1) for a, b in zip(off[:-1], off[1:])]
@@ -443,8 +443,8 @@ def test_gru_global_branch_trains_and_keeps_word_region_scores(tmp_path):
 
 @pytest.mark.parametrize("enc", ["mean", "gru"])
 def test_branch_loss_adds_the_ranking_loss_of_each_score_term_alone(enc):
-    from vsa.align import AlignModelConfig, BRNNAligner
-    from vsa.train_align import AlignTrainConfig, _loss
+    from vsa.alignment.model import AlignModelConfig, BRNNAligner
+    from vsa.alignment.train import AlignTrainConfig, _loss
 
     torch.manual_seed(0)
     m = BRNNAligner(AlignModelConfig(hidden=8, embed=4, global_weight=0.5, global_encoder=enc), 12, 6).eval()
@@ -488,8 +488,8 @@ def test_overrides_are_typed_and_checked():
                                     dict(model="whole-image")])
 def test_flat_score_of_a_search_index_equals_the_padded_score(fields):
     """`vsa search` scores unpadded region vectors (`flat_score`); it must equal the padded `score` training uses."""
-    from vsa.align import AlignModelConfig, build_model
-    from vsa.featstore import pad_regions
+    from vsa.alignment.model import AlignModelConfig, build_model
+    from vsa.features.store import pad_regions
 
     torch.manual_seed(0)
     model = build_model(AlignModelConfig(**fields, hidden=16, embed=8), vocab_size=20, feat_dim=12).eval()
@@ -540,9 +540,9 @@ def test_flat_score_of_a_search_index_equals_the_padded_score(fields):
 def test_glove_initialises_words_and_aliases_unknown_ones(tmp_path):
     """`--glove FILE.txt`: known words start from their GloVe vector (projected to `embed`); the checkpoint keeps,
     for GloVe words outside the vocabulary, their nearest known word, which the aligner reads them as."""
-    from vsa.align import load_aligner
+    from vsa.alignment.model import load_aligner
     from vsa.checkpoint import load_checkpoint
-    from vsa.glove import glove_aliases
+    from vsa.alignment.glove import glove_aliases
 
     rng = np.random.default_rng(0)
     base = {w: rng.normal(size=8) for w in WORDS}
@@ -568,7 +568,7 @@ def test_glove_initialises_words_and_aliases_unknown_ones(tmp_path):
     assert not torch.equal(a.encode_tokens([["zzz"]])[0], a.encode_tokens([["cat"]])[0])  # still unknown
     # the initial word vectors are GloVe's through a fixed projection (checked on a fresh table)
     from vsa.data import Vocab
-    from vsa.glove import init_glove
+    from vsa.alignment.glove import init_glove
 
     table = torch.nn.Embedding(len(vocab), 16)
     assert init_glove(table, Vocab(vocab), str(glove)) == len(WORDS)
@@ -582,9 +582,9 @@ def test_image_cells_are_read_beyond_max_regions_and_recorded(tmp_path):
     """Features with `cells` (vsa embed --cells): the model reads max_regions rows plus the cells (a cap of
     max_regions alone would cut them off silently), records `cells` in its config; more boxes than it reads
     (which would push the cells out) and resuming on features with other cells are refused."""
-    from vsa.align import region_rows
+    from vsa.alignment.model import region_rows
     from vsa.errors import VsaError
-    from vsa.featstore import load_features, save_features
+    from vsa.features.store import load_features, save_features
 
     ds, feats, _ = make_synthetic(tmp_path, n_train=40, n_val=10, n_test=10)
     st = load_features(feats, mmap=False)
@@ -603,7 +603,7 @@ def test_image_cells_are_read_beyond_max_regions_and_recorded(tmp_path):
     assert "up to 8 regions" in msgs[0]  # the whole image and 3 boxes, then the 2 x 2 cells
     al = load_aligner(tmp_path / "c.pt")
     assert al.cfg.cells == 2 and region_rows(al.cfg) == 8
-    from vsa.eval_align import _model_scores
+    from vsa.alignment.evaluate import _model_scores
 
     S, *_ = _model_scores(tmp_path / "c.pt", ds, "test", tmp_path / "cells.npz", device="cpu")
     assert S.shape == (10, 50)
@@ -616,9 +616,9 @@ def test_image_cells_are_read_beyond_max_regions_and_recorded(tmp_path):
 def test_mirrored_features_are_read_by_training_images_with_probability_flip(tmp_path):
     from tests.synth_align import mirrored_copy
     from vsa.checkpoint import load_checkpoint
-    from vsa.featstore import RegionBank, load_features
+    from vsa.features.store import RegionBank, load_features
     from vsa.splits import retrieval_split
-    from vsa.train_align import epoch_flips, image_feats
+    from vsa.alignment.train import epoch_flips, image_feats
     from vsa.data import build_vocab
 
     ds, feats, _ = make_synthetic(tmp_path, n_train=80, n_val=30, n_test=10)
@@ -660,7 +660,7 @@ def test_mirrored_features_are_read_by_training_images_with_probability_flip(tmp
 def test_epoch_order_keeps_each_chunk_together_however_many_sentences_an_image_has(group):
     """An image with more than 100 x group sentences (a caption corpus of many captions per photo) gets chunks of
     its own, never shared with the next image's, and every chunk's sentences sit side by side."""
-    from vsa.train_align import epoch_order
+    from vsa.alignment.train import epoch_order
 
     counts = [450, 3, 1, 260, 7]
     sent_image = torch.cat([torch.full((n,), i) for i, n in enumerate(counts)])

@@ -73,9 +73,9 @@ def test_the_library_never_reads_the_workspace():
     assert not offenders, offenders
 
 
-TRAINING = {"vsa.trainer", "vsa.train_align", "vsa.train_mrnn", "vsa.distributed"}
-INFERENCE = ["vsa.captioner", "vsa.rerank", "vsa.search", "vsa.eval_align", "vsa.eval_caption", "vsa.evaluate",
-             "vsa.snippets", "vsa.regions", "vsa.features", "vsa.featurise", "vsa.decoding", "vsa.mrnn", "vsa.align",
+TRAINING = {"vsa.trainer", "vsa.alignment.train", "vsa.generator.train", "vsa.distributed"}
+INFERENCE = ["vsa.generator.captioner", "vsa.rerank", "vsa.search", "vsa.alignment.evaluate", "vsa.generator.evaluate", "vsa.evaluate",
+             "vsa.alignment.snippets", "vsa.regions", "vsa.features.embed", "vsa.features.featuriser", "vsa.generator.decoding", "vsa.generator.model", "vsa.alignment.model",
              "vsa.pictures", "vsa.retrieval"]
 
 

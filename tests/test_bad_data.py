@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import run_cli
 from vsa.data import ImageRecord, load_dataset
 from vsa.errors import VsaError
-from vsa.featstore import FeatureStore
+from vsa.features.store import FeatureStore
 from vsa.io import iter_jsonl, load_npz, read_json, read_jsonl
 
 
@@ -486,7 +486,7 @@ def test_malformed_alignment_record_names_file_line_and_field(tmp_path, bad, mes
 @pytest.mark.parametrize("bad,message", BAD_ALIGNMENTS[1:8])
 def test_align_resume_redoes_malformed_part_records(tmp_path, bad, message):
     """`vsa align`'s resume reads its own part file: a line that is not a whole record is redone, not trusted."""
-    from vsa.snippets import read_part
+    from vsa.alignment.snippets import read_part
 
     part = tmp_path / "al.jsonl.part"
     part.write_text(json.dumps(alignment()) + "\n" + json.dumps(bad) + "\n")

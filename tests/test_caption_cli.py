@@ -22,6 +22,7 @@ def _photo(path):
     return path
 
 
+@pytest.mark.slow
 def test_caption_prints_one_line_per_image_with_the_shipped_model(tmp_path):
     p = _photo(tmp_path / "photo.jpg")
     r = run_cli("caption", p, "--threads", "1")
@@ -51,6 +52,7 @@ def test_caption_prints_one_line_per_image_with_the_shipped_model(tmp_path):
     assert parts == [["b.png"], ["c.jpg", "photo.jpg"]]
 
 
+@pytest.mark.slow
 def test_caption_does_not_import_the_detector(tmp_path):
     import subprocess
     import sys
@@ -76,6 +78,7 @@ def test_caption_bad_image_is_one_line_error_and_skip_bad_goes_on(tmp_path):
     assert r.returncode == 0 and len(r.stdout.decode().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_train_mrnn_then_eval_generation(tmp_path):
     ds, feats = tiny_dataset(tmp_path, n_train=10, n_val=4, n_test=4)
     out = tmp_path / "m.pt"
@@ -169,6 +172,7 @@ def test_train_mrnn_reads_the_workspaces_mirrored_grid_when_it_exists(tmp_path):
     assert r.returncode == 0 and "flip_features" not in load_checkpoint(tmp_path / "m.pt")["meta"]
 
 
+@pytest.mark.slow
 def test_sigterm_keeps_the_last_good_checkpoints(tmp_path):
     import os
     import signal
@@ -200,8 +204,9 @@ def test_sigterm_keeps_the_last_good_checkpoints(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_region_captions_with_the_shipped_region_model(tmp_path, flickr8k, yolov5n):
-    from vsa.captioner import DEFAULT_REGION_MODEL
+    from vsa.generator.captioner import DEFAULT_REGION_MODEL
 
     if not DEFAULT_REGION_MODEL.exists():
         pytest.skip("the shipped region caption model is not built")
@@ -231,6 +236,7 @@ def test_region_captions_with_the_shipped_region_model(tmp_path, flickr8k, yolov
     assert orjson.loads(r.stdout.splitlines()[0])["regions"] == regs
 
 
+@pytest.mark.slow
 def test_grounded_caption_cuts_the_caption_into_snippets_on_boxes_and_draws_it(tmp_path, flickr8k, yolov5n):
     from PIL import Image
 
@@ -283,12 +289,13 @@ def test_grounded_caption_cuts_the_caption_into_snippets_on_boxes_and_draws_it(t
     assert tuple(im[(y1 + y2) // 2 + top, x1 + 1]) == col  # the object snippet's box, in its colour
 
 
+@pytest.mark.slow
 def test_grounding_embeds_the_photo_as_vsa_score_does(tmp_path, flickr8k, yolov5n):
     """With beta 0 every word sits on its own best region: the same regions `vsa score` names for each word,
     so the grounded caption's regions and features are the aligner's (roi features, top 19 boxes)."""
     import torch
 
-    from vsa.captioner import Captioner
+    from vsa.generator.captioner import Captioner
     from vsa.assets import SHIPPED_MODELS
     from vsa.regions import load_detector
     from vsa.search import PhotoEncoder, score_record

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from vsa.caption_metrics import CiderD, score_captions
+from vsa.generator.metrics import CiderD, score_captions
 
 GTS = {
     1: ["a dog runs on the grass", "a brown dog is running in a field", "the dog plays outside"],
@@ -33,6 +33,7 @@ def test_perfect_and_disjoint_captions():
     assert s["CIDEr"] > 100
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("java") is None, reason="the PTB tokenizer and METEOR need Java")
 def test_ptb_tokenizer_and_meteor():
     res = {1: "A dog runs on the grass.", 2: "Two people sit on a bench!", 3: "zebra"}
@@ -55,9 +56,10 @@ def test_cider_d_matches_pycocoevalcap_when_idf_is_the_same_corpus():
     assert ours == pytest.approx(list(theirs), abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
 def test_meteor_reward_is_cider_d_plus_weighted_per_sentence_meteor():
-    from vsa.caption_metrics import MeteorSegments, MixedReward
+    from vsa.generator.metrics import MeteorSegments, MixedReward
 
     end = "</s>"
     corpus = [[r.split() + [end] for r in GTS[k]] for k in GTS]
@@ -82,7 +84,7 @@ def test_a_meteor_java_process_that_dies_is_a_one_line_error_not_a_hang(monkeypa
 
     import pycocoevalcap.meteor.meteor as M
 
-    from vsa.caption_metrics import MeteorSegments
+    from vsa.generator.metrics import MeteorSegments
     from vsa.errors import VsaError
 
     if shutil.which("java") is None:

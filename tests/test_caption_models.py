@@ -13,14 +13,14 @@ from tests.conftest import run_cli
 from tests.test_caption_cli import _photo
 from vsa.checkpoint import save_checkpoint
 from vsa.errors import VsaError
-from vsa.mrnn import MRNNConfig, build_model
+from vsa.generator.model import GeneratorConfig, build_model
 
 WORDS = "a dog runs on the grass man in red shirt water".split()
 
 
 def _ckpt(tmp_path, rnn: str, extractor: dict, cells: int = 0, sharp: float = 1.0) -> tuple:
     torch.manual_seed(0)
-    cfg = MRNNConfig(arch=rnn, vocab_size=len(WORDS) + 4, feat_dim=1280, embed=16, hidden=24, att_dim=8, cells=cells)
+    cfg = GeneratorConfig(arch=rnn, vocab_size=len(WORDS) + 4, feat_dim=1280, embed=16, hidden=24, att_dim=8, cells=cells)
     model = build_model(cfg).eval()
     with torch.no_grad():
         model.out.bias[1] += 2.0  # <end> plausible: short captions
@@ -35,10 +35,11 @@ def _ckpt(tmp_path, rnn: str, extractor: dict, cells: int = 0, sharp: float = 1.
 LITE0 = {"extractor": "efficientnet-lite0", "dim": 1280, "input": 224, "resize": "squash"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rnn,crop", [("rnn", None), ("lstm", None), ("updown", "grid")])
 def test_each_architecture_captions_a_photo_from_its_checkpoint(tmp_path, rnn, crop):
     from vsa.data import Vocab
-    from vsa.decoding import DecodingConfig, constraints, decode
+    from vsa.generator.decoding import DecodingConfig, constraints, decode
 
     photo = _photo(tmp_path / "photo.jpg")
     # the features a training run would have used, made by `vsa embed` (whole image, or --crop grid)
@@ -62,7 +63,7 @@ def test_each_architecture_captions_a_photo_from_its_checkpoint(tmp_path, rnn, c
 
 def test_a_region_attention_model_without_its_regions_is_a_clear_error(tmp_path):
     """The library, given no detector, says what the model needs; the CLI gives it the packaged detector."""
-    from vsa.captioner import caption_images
+    from vsa.generator.captioner import caption_images
 
     photo = _photo(tmp_path / "photo.jpg")
     path, _ = _ckpt(tmp_path, "updown", dict(LITE0, crop="roi"))
@@ -75,7 +76,7 @@ def test_a_region_attention_model_without_its_regions_is_a_clear_error(tmp_path)
 
 def test_a_box_model_with_cells_captions_without_a_detector_on_the_whole_image_and_its_cells(tmp_path):
     from vsa.data import Vocab
-    from vsa.decoding import DecodingConfig, constraints, decode
+    from vsa.generator.decoding import DecodingConfig, constraints, decode
 
     photo = _photo(tmp_path / "photo.jpg")
     r = run_cli("embed", photo, "--cells", "3", "-o", tmp_path / "f.npz", "--dtype", "float32", "--threads", "1")
@@ -85,7 +86,7 @@ def test_a_box_model_with_cells_captions_without_a_detector_on_the_whole_image_a
     extractor = dict(json.loads(str(f["meta"])), detector="yolov5n-coco")
     path, model = _ckpt(tmp_path, "updown", extractor, cells=3)
     # the library given no detector loads none (the CLI gives it the packaged one: the box test below)
-    from vsa.captioner import caption_images
+    from vsa.generator.captioner import caption_images
 
     rec, = caption_images([(photo, "photo.jpg")], path, device="cpu", threads=1)
     feats = torch.from_numpy(f["feats"])[None]
@@ -94,9 +95,10 @@ def test_a_box_model_with_cells_captions_without_a_detector_on_the_whole_image_a
     assert rec["caption"] == " ".join(Vocab(WORDS).decode(want.tokens))
 
 
+@pytest.mark.slow
 def test_a_box_model_reads_the_detectors_boxes(tmp_path, flickr8k, yolov5n):
     from vsa.data import Vocab
-    from vsa.decoding import DecodingConfig, constraints, decode
+    from vsa.generator.decoding import DecodingConfig, constraints, decode
 
     photo = flickr8k / "images" / "2677656448_6b7e7702af.jpg"  # a dog and a person: boxes
     r = run_cli("regions", photo, "--detector", yolov5n, "--threads", "1", "-o", tmp_path / "r.jsonl")
@@ -132,8 +134,8 @@ def test_region_agreement_counts_captions_that_name_their_box():
 
 def test_an_ensemble_of_generators_mixes_their_word_probabilities(tmp_path):
     from vsa.data import Vocab
-    from vsa.decoding import DecodingConfig, constraints, decode
-    from vsa.mrnn import GeneratorEnsemble
+    from vsa.generator.decoding import DecodingConfig, constraints, decode
+    from vsa.generator.model import GeneratorEnsemble
 
     grid = dict(LITE0, crop="grid", grid=7)
     a_path, a = _ckpt(tmp_path, "updown", grid)
@@ -180,10 +182,11 @@ def test_an_ensemble_of_generators_mixes_their_word_probabilities(tmp_path):
             GeneratorEnsemble([a, b], w)
 
 
+@pytest.mark.slow
 def test_caption_with_two_models_decodes_them_as_one_ensemble(tmp_path):
     from vsa.data import Vocab
-    from vsa.decoding import DecodingConfig, constraints, decode
-    from vsa.mrnn import GeneratorEnsemble
+    from vsa.generator.decoding import DecodingConfig, constraints, decode
+    from vsa.generator.model import GeneratorEnsemble
 
     photo = _photo(tmp_path / "photo.jpg")
     r = run_cli("embed", photo, "-o", tmp_path / "f.npz", "--dtype", "float32", "--threads", "1", "--crop", "grid")
@@ -235,12 +238,12 @@ def test_mirror_decoding_mixes_the_photo_and_its_mirror_image(tmp_path):
     makes the mirror image's features as `vsa embed --flip` does, `--mirror 0` decodes the photo alone."""
     from PIL import Image
 
-    from vsa.captioner import Captioner
+    from vsa.generator.captioner import Captioner
     from vsa.data import Vocab
-    from vsa.decoding import DecodingConfig, constraints, decode
+    from vsa.generator.decoding import DecodingConfig, constraints, decode
     from vsa.errors import VsaError
-    from vsa.featurise import Featuriser
-    from vsa.mrnn import GeneratorEnsemble, with_mirror
+    from vsa.features.featuriser import Featuriser
+    from vsa.generator.model import GeneratorEnsemble, with_mirror
 
     torch.set_num_threads(1)
     grid = dict(LITE0, crop="grid", grid=7)

@@ -12,7 +12,7 @@ from torch import nn
 from tests.conftest import run_cli
 from tests.test_caption_cli import _photo
 from tests.test_mrnn import tiny_dataset
-from vsa.caption_models import CaptionModelBase, base, register_caption_model
+from vsa.generator.models import CaptionModelBase, base, register_caption_model
 
 
 class ToyGRU(CaptionModelBase):
@@ -69,11 +69,12 @@ def _features_as_embed_makes_them(tmp_path, photo):
     return ds_path, feat_path, torch.from_numpy(f["feats"][:1])
 
 
+@pytest.mark.slow
 def test_a_new_architecture_is_one_class_that_trains_decodes_and_captions(tmp_path, registry, monkeypatch):
-    from vsa import train_mrnn as T
+    from vsa.generator import train as T
     from vsa.data import Vocab, load_dataset
-    from vsa.decoding import beam_search, constraints, decode, greedy, sequence_logprob
-    from vsa.mrnn import GeneratorEnsemble, load_generators
+    from vsa.generator.decoding import beam_search, constraints, decode, greedy, sequence_logprob
+    from vsa.generator.model import GeneratorEnsemble, load_generators
 
     torch.set_num_threads(1)
     photo = _photo(tmp_path / "photo.jpg")
@@ -132,18 +133,18 @@ def test_a_new_architecture_is_one_class_that_trains_decodes_and_captions(tmp_pa
 
 
 def test_reading_regions_and_the_default_features_are_the_architectures_own(registry):
-    from vsa.mrnn import MRNNConfig, build_model, features_key, region_rows, uses_regions
+    from vsa.generator.model import GeneratorConfig, build_model, features_key, region_rows, uses_regions
 
     for arch, regions, key in (("toy-gru", False, "features.whole"), ("toy-regions", True, "features.regions"),
                                ("updown", True, "features.grid"), ("lstm", False, "features.whole"),
                                ("rnn", False, "features.whole")):
-        cfg = MRNNConfig(arch=arch, vocab_size=9, feat_dim=4, embed=4, hidden=4, att_dim=4, max_regions=3)
+        cfg = GeneratorConfig(arch=arch, vocab_size=9, feat_dim=4, embed=4, hidden=4, att_dim=4, max_regions=3)
         assert (uses_regions(cfg), features_key(cfg)) == (regions, key), arch
         assert (uses_regions({"arch": arch}), features_key({"arch": arch})) == (regions, key), arch  # a checkpoint's dict
         assert region_rows(cfg) == 3
-    lstm = MRNNConfig(arch="lstm", attention=True)
+    lstm = GeneratorConfig(arch="lstm", attention=True)
     assert uses_regions(lstm) and features_key(lstm) == "features.regions"
-    assert type(build_model(MRNNConfig(arch="toy-regions", vocab_size=9, feat_dim=4))) is ToyRegions
+    assert type(build_model(GeneratorConfig(arch="toy-regions", vocab_size=9, feat_dim=4))) is ToyRegions
     with pytest.raises(ValueError, match="already registered"):
         register_caption_model("lstm")(ToyGRU)
 
@@ -151,16 +152,16 @@ def test_reading_regions_and_the_default_features_are_the_architectures_own(regi
 def test_an_unknown_architecture_is_one_line_naming_the_registered_ones(tmp_path):
     from vsa.checkpoint import save_checkpoint
     from vsa.errors import VsaError
-    from vsa.mrnn import MRNNConfig, build_model
+    from vsa.generator.model import GeneratorConfig, build_model
 
     with pytest.raises(VsaError, match=r"^unknown caption model architecture 'transformer' \(registered: lstm, rnn, "
                                        r"updown\)$"):
-        build_model(MRNNConfig(arch="transformer", vocab_size=9, feat_dim=4))
+        build_model(GeneratorConfig(arch="transformer", vocab_size=9, feat_dim=4))
     ds, feats = tiny_dataset(tmp_path, n_train=4, n_val=2, n_test=1)
     r = run_cli("train-mrnn", "--dataset", ds, "--features", feats, "--out", tmp_path / "m.pt", "--arch", "transformer")
     assert r.returncode == 2 and r.stderr.decode().splitlines()[-1] == (
         "vsa: error: --arch must be one of lstm, rnn, updown, got 'transformer'")
-    model = build_model(MRNNConfig(arch="lstm", vocab_size=9, feat_dim=4, embed=4, hidden=4))
+    model = build_model(GeneratorConfig(arch="lstm", vocab_size=9, feat_dim=4, embed=4, hidden=4))
     bad = tmp_path / "bad.pt"
     save_checkpoint(bad, "mrnn", {**vars(model.cfg), "arch": "transformer"}, {}, {}, list("abcde"), {},
                     model.state_dict())
@@ -181,14 +182,14 @@ def test_train_mrnn_help_lists_the_registered_architectures(registry):
 
 def test_the_former_name_rnn_still_reads_as_arch(tmp_path):
     """Checkpoints written before the rename (the shipped ones), `--rnn`, `--set rnn=` and configs(rnn=)."""
-    from vsa import train_mrnn as T
+    from vsa.generator import train as T
     from vsa.assets import SHIPPED_MODELS
     from vsa.checkpoint import load_checkpoint
 
     for name, arch in (("mrnn", "updown"), ("mrnn-regions", "lstm")):
         ck = load_checkpoint(SHIPPED_MODELS[name])
         assert ck["model"]["rnn"] == arch and "arch" not in ck["model"]  # as shipped
-        from vsa.mrnn import model_from_checkpoint
+        from vsa.generator.model import model_from_checkpoint
 
         assert model_from_checkpoint(ck).cfg.arch == arch
     assert T.configs(rnn="lstm")[0].arch == "lstm"

@@ -184,8 +184,8 @@ def test_optimizer_and_rng_state_are_stored_as_they_are(tmp_path):
 def test_version_1_checkpoints_convert_on_load(tmp_path):
     """A version-1 file (one mixed ``config``, optimiser state with string keys and the aligner's beta in
     ``meta``) loads in the version-2 layout."""
-    from vsa.align import AlignModelConfig, build_model
-    from vsa.align import load_aligner
+    from vsa.alignment.model import AlignModelConfig, build_model
+    from vsa.alignment.model import load_aligner
 
     model = build_model(AlignModelConfig(hidden=16, embed=8), 10, 6)
     opt = torch.optim.Adam(model.parameters())
@@ -214,7 +214,7 @@ def test_the_shipped_models_load_in_the_current_layout(name):
     ck = load_checkpoint(ASSETS / f"{name}.pt")
     assert ck["version"] == VERSION and {"model", "train", "decoding", "vocab", "extractor"} <= set(ck)
     if ck["kind"] == "mrnn":
-        from vsa.mrnn import model_from_checkpoint
+        from vsa.generator.model import model_from_checkpoint
 
         model = model_from_checkpoint(ck)
         assert model.decoding.beam >= 1 and model.decoding.max_len == 20
@@ -261,7 +261,7 @@ BAD_GENERATORS = [
 
 @pytest.mark.parametrize("change,message", BAD_GENERATORS)
 def test_a_caption_checkpoint_that_makes_no_model_is_one_line_naming_the_file(tmp_path, change, message):
-    from vsa.mrnn import load_generators
+    from vsa.generator.model import load_generators
 
     ck = _regions_generator()
     change(ck)
@@ -273,7 +273,7 @@ def test_a_caption_checkpoint_that_makes_no_model_is_one_line_naming_the_file(tm
 
 
 def test_a_bad_region_caption_model_is_named(tmp_path):
-    from vsa.captioner import Captioner
+    from vsa.generator.captioner import Captioner
 
     ck = _regions_generator()
     ck["state_dict"].pop("out.bias")
@@ -304,7 +304,7 @@ def test_a_bad_caption_checkpoint_via_cli(tmp_path):
 
 @pytest.mark.parametrize("cnn", ["efficientnet-lite0", "resnet18"])
 def test_cnn_weights_that_would_run_code_are_refused_without_running_it(tmp_path, cnn):
-    from vsa.cnn import load_extractor
+    from vsa.features.cnn import load_extractor
 
     marker = tmp_path / "PWNED"
     evil = tmp_path / "evil.pt"
@@ -323,7 +323,7 @@ def test_cnn_weights_that_would_run_code_are_refused_without_running_it(tmp_path
     (lambda: b"not a checkpoint", "not a"),
 ])
 def test_cnn_weights_that_are_not_the_cnns_are_one_line(tmp_path, content, message):
-    from vsa.cnn import load_extractor
+    from vsa.features.cnn import load_extractor
 
     w = tmp_path / "w.pt"
     c = content()

@@ -39,6 +39,7 @@ def test_help_lists_every_stage():
     assert r.stderr == b""
 
 
+@pytest.mark.slow
 def test_every_command_has_help():
     paths = all_command_paths()
     assert ["data", "stats"] in paths and ["data", "convert"] in paths
@@ -87,6 +88,7 @@ def test_unknown_command_and_option_exit_2():
     assert r.returncode == 2 and b"Invalid value for '--min-count'" in r.stderr
 
 
+@pytest.mark.slow
 def test_closed_pipe_is_quiet(flickr8k):
     """`vsa data convert big.json | head -c 100`: exit 0, no traceback."""
     p = subprocess.Popen([sys.executable, "-m", "vsa", "data", "convert", str(flickr8k / "dataset_flickr8k.json")],
@@ -224,15 +226,16 @@ def test_regions_on_an_empty_folder_is_an_error(tmp_path):
 # ----------------------------------------------------------------------------- an interrupted `vsa eval --images`
 
 
+@pytest.mark.slow
 def test_eval_features_made_from_images_resume_after_an_interrupt(tmp_path, monkeypatch):
     """What `vsa eval` computes from the images (detections, then CNN features) is kept as it is made: after an
     interrupt a rerun detects and embeds only the rest, and gives the features an uninterrupted run gives."""
     import numpy as np
     from PIL import Image
 
-    import vsa.features as F
+    import vsa.features.embed as F
     import vsa.regions as R
-    from vsa.featstore import FeatureStore
+    from vsa.features.store import FeatureStore
 
     files = []
     for i in range(5):
@@ -298,6 +301,7 @@ def test_eval_features_made_from_images_resume_after_an_interrupt(tmp_path, monk
     assert np.array_equal(np.asarray(got.feats), np.asarray(fresh.feats))
 
 
+@pytest.mark.slow
 def test_sigterm_during_eval_keeps_the_computed_features_and_the_rerun_resumes(tmp_path, flickr8k, yolov5n):
     import os
     import signal

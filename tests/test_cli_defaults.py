@@ -29,8 +29,8 @@ def _shown(value) -> str:
 
 
 @pytest.mark.parametrize("command,classes", [
-    ("train-mrnn", ("vsa.mrnn:MRNNConfig", "vsa.train_mrnn:MRNNTrainConfig", "vsa.decoding:DecodingConfig")),
-    ("train-align", ("vsa.align:AlignModelConfig", "vsa.train_align:AlignTrainConfig")),
+    ("train-mrnn", ("vsa.generator.model:GeneratorConfig", "vsa.generator.train:GeneratorTrainConfig", "vsa.generator.decoding:DecodingConfig")),
+    ("train-align", ("vsa.alignment.model:AlignModelConfig", "vsa.alignment.train:AlignTrainConfig")),
 ])
 def test_trainer_help_defaults_are_the_dataclass_defaults(command, classes):
     import importlib

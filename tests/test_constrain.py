@@ -22,8 +22,9 @@ def bus() -> Path:
     return p
 
 
+@pytest.mark.slow
 def test_caption_constrain_names_what_the_detector_sees(bus, tmp_path):
-    from vsa.captioner import caption_images
+    from vsa.generator.captioner import caption_images
 
     rec, = caption_images([(bus, "bus.jpg")], constrain=True, device="cpu")
     assert set(rec["constraints"]) == {"bus", "person"}

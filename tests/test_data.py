@@ -119,6 +119,7 @@ def test_tokenizer_matches_karpathy_tokens_except_standalone_punctuation(flickr8
     assert differ == 26
 
 
+@pytest.mark.slow
 def test_flickr8k_vocabulary_size_and_the_papers_2538(flickr8k):
     ds = load_dataset(flickr8k / "dataset_flickr8k.json")
     vocab = build_vocab(ds, 5)
@@ -203,6 +204,7 @@ def test_seeded_split_is_deterministic_and_order_free():
 # ----------------------------------------------------------------------------- (a) Karpathy JSON, (b) token files
 
 
+@pytest.mark.slow
 def test_real_karpathy_json_and_token_files_agree(flickr8k):
     a = load_dataset(flickr8k / "dataset_flickr8k.json")
     b = load_dataset(flickr8k / "text")
@@ -221,6 +223,7 @@ def test_real_karpathy_json_and_token_files_agree(flickr8k):
     assert b.notes == ["92 images with captions are in no split list and were left out"]
 
 
+@pytest.mark.slow
 def test_cli_stats_identical_on_both_real_layouts(flickr8k):
     a = stats_json(flickr8k / "dataset_flickr8k.json")
     b = stats_json(flickr8k / "text")
@@ -230,6 +233,7 @@ def test_cli_stats_identical_on_both_real_layouts(flickr8k):
     assert a["vocab_size"] == b["vocab_size"] == 2535
 
 
+@pytest.mark.slow
 def test_cli_stats_table(flickr8k):
     p = run_cli("data", "stats", flickr8k / "dataset_flickr8k.json")
     assert p.returncode == 0, p.stderr.decode()

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from vsa.data import Vocab
-from vsa.decoding import beam_search, decode, greedy
-from vsa.mrnn import MRNNConfig, build_model
+from vsa.generator.decoding import beam_search, decode, greedy
+from vsa.generator.model import GeneratorConfig, build_model
 
 
 def _model(rnn="lstm", seed=0, V=30, D=8, attention=False):
     """A small random generator (``rnn="updown"`` reads ``[B, R, D]`` regions)."""
     torch.manual_seed(seed)
-    cfg = MRNNConfig(arch=rnn, vocab_size=V, feat_dim=D, embed=12, hidden=16, dropout=0.0, attention=attention, att_dim=8)
+    cfg = GeneratorConfig(arch=rnn, vocab_size=V, feat_dim=D, embed=12, hidden=16, dropout=0.0, attention=attention, att_dim=8)
     m = build_model(cfg).eval()
     with torch.no_grad():  # make <end> plausible so sentences finish
         m.out.bias[Vocab.end] += 1.5
@@ -89,7 +89,7 @@ def test_beam_finds_at_least_greedy_likelihood_on_average():
 
 
 def test_bad_endings_are_never_generated():
-    from vsa.decoding import bad_ending_ids
+    from vsa.generator.decoding import bad_ending_ids
 
     vocab = Vocab(["a", "dog", "on", "the", "grass", "runs"] + [f"w{i}" for i in range(20)])
     m = _model("lstm", seed=5, V=len(vocab))
@@ -132,7 +132,7 @@ def test_block_repeats_never_emits_a_repeated_word_or_trigram(rnn):
 
 @pytest.mark.parametrize("rnn", ["lstm", "updown"])
 def test_block_content_repeats_uses_each_word_once_but_the_reusable_ones(rnn):
-    """With ``reusable`` ids (the function words of :func:`vsa.decoding.function_word_ids`) no other word
+    """With ``reusable`` ids (the function words of :func:`vsa.generator.decoding.function_word_ids`) no other word
     appears twice in a caption ("a man and a man" cannot happen), while the reusable ones still may."""
     V = 12
     m = _model(rnn, seed=3, V=V, attention=rnn == "updown")
@@ -159,7 +159,7 @@ def test_block_content_repeats_uses_each_word_once_but_the_reusable_ones(rnn):
 
 def test_function_words_come_from_the_vocabulary():
     from vsa.data import Vocab as V
-    from vsa.decoding import DecodingConfig, constraints, function_word_ids
+    from vsa.generator.decoding import DecodingConfig, constraints, function_word_ids
 
     vocab = V(["a", "man", "on", "two", "dog"])
     assert function_word_ids(vocab) == frozenset({vocab.stoi["a"], vocab.stoi["on"], vocab.stoi["two"]})
@@ -171,7 +171,7 @@ def test_function_words_come_from_the_vocabulary():
 
 
 def test_constrained_search_without_constraints_is_beam_search():
-    from vsa.decoding import constrained_beam_search
+    from vsa.generator.decoding import constrained_beam_search
 
     m = _model("lstm", seed=4)
     feats = torch.randn(5, 8)
@@ -186,7 +186,7 @@ def test_constrained_search_contains_a_word_of_every_set_and_never_repeats_a_tri
     """Each image gets 0-3 disjunctive sets of words that plain search rarely writes; every caption holds one
     word of each of its sets (the state machine answers from the all-met state), with the repeat rules on, and
     is as likely as the model makes it (its log-probability re-scored step by step)."""
-    from vsa.decoding import constrained_beam_search
+    from vsa.generator.decoding import constrained_beam_search
 
     V = 24
     m = _model(rnn, seed=5, V=V, attention=rnn == "updown")

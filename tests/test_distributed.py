@@ -12,7 +12,7 @@ import torch
 
 from tests.synth_align import make_synthetic
 from vsa.distributed import DistEnv
-from vsa.train_align import rank_share
+from vsa.alignment.train import rank_share
 
 
 def _free_port() -> int:
@@ -61,6 +61,7 @@ def _train(tmp_path, ds_json, feats, out, nproc: int):
     return _launch(tmp_path, args, nproc)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path):
     from vsa.checkpoint import load_checkpoint
     from vsa.io import read_jsonl, write_json
@@ -94,6 +95,7 @@ def _train_mrnn(tmp_path, ds, feats, out, nproc: int):
     return _launch(tmp_path, args, nproc)
 
 
+@pytest.mark.slow
 def test_train_mrnn_two_gloo_processes_match_one_process(tmp_path):
     from tests.test_mrnn import tiny_dataset
     from vsa.checkpoint import load_checkpoint

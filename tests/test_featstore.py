@@ -9,7 +9,7 @@ import pytest
 
 from vsa.data import load_dataset
 from vsa.errors import VsaError
-from vsa.featstore import FeatureStore, load_features, memmap_npz_member
+from vsa.features.store import FeatureStore, load_features, memmap_npz_member
 
 
 def arrays(keys, n_regions, dim=6, dtype=np.float16):
@@ -56,7 +56,7 @@ def test_memmapped_and_loaded_stores_agree(npz, tmp_path):
 def test_region_bank_reads_the_same_padded_batches_as_dense_padding(npz):
     import torch
 
-    from vsa.featstore import RegionBank, pad_regions
+    from vsa.features.store import RegionBank, pad_regions
 
     p, a = npz
     st = FeatureStore(p)
@@ -79,7 +79,7 @@ def test_pad_regions_of_arrays_and_of_a_store():
     kept count unless a width is given."""
     import torch
 
-    from vsa.featstore import pad_regions
+    from vsa.features.store import pad_regions
 
     st = FeatureStore(None, arrays(["a.jpg", "b.jpg", "c.jpg"], [3, 1, 20]))
     feats, mask = pad_regions(st, ["b.jpg", "a.jpg"])
@@ -101,7 +101,7 @@ def test_pad_regions_of_arrays_and_of_a_store():
 def test_writer_and_reader_round_trip_and_the_index_superset(npz, tmp_path):
     """save_features writes what load_features reads (a file of the documented layout, here one np.savez made by
     hand, goes through unchanged); with emb and paths it is a search index, which is also a features file."""
-    from vsa.featstore import INDEX, load_features, save_features
+    from vsa.features.store import INDEX, load_features, save_features
 
     p, a = npz
     st = load_features(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ def empty_home_env(home) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_regions_pipe_embed_on_a_first_run(tmp_path, flickr8k, yolov5n):
     """`vsa regions PHOTO --detector D | vsa embed -o f.npz` under an empty HOME: stdout of regions is JSONL only
     (ultralytics creates its settings file on first use and announces it), and embed makes the NPZ."""
@@ -104,6 +106,7 @@ def _tiny_test_split(flickr8k, path, n=4):
     return [flickr8k / "images" / im["filename"] for im in test]
 
 
+@pytest.mark.slow
 def test_eval_without_model_or_toml_uses_the_shipped_models_on_features_it_computes(tmp_path, flickr8k, yolov5n):
     """In an empty folder, `vsa eval --images --detector` evaluates the shipped aligner and generator, says so on
     stderr, and computes the features exactly as `vsa regions | vsa embed --cells 3` (and `vsa embed IMAGES --crop grid --cnn efficientnet-lite2`) make them."""
@@ -150,6 +153,7 @@ def test_eval_without_model_or_toml_uses_the_shipped_models_on_features_it_compu
     assert mine == theirs
 
 
+@pytest.mark.slow
 def test_score_names_words_out_of_the_vocabulary(flickr8k, yolov5n):
     from tests.conftest import run_cli
 

@@ -362,6 +362,7 @@ def test_regions_detect_only_a_budget_of_pixels_at_a_time(tmp_path, monkeypatch)
     assert live.peak <= 250000
 
 
+@pytest.mark.slow
 def test_no_detected_image_stays_alive_after_its_batch(yolov5n, flickr8k, tmp_path):
     """In a fresh process (as `vsa regions` runs), each batch's images are freed once detected. The first
     detections used to import torchvision's NMS under the batch's frames, which that import left in a reference

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vsa.mrf import alignment_record, align_sentence, energy, snippet_stats, snippets, viterbi
+from vsa.alignment.mrf import alignment_record, align_sentence, energy, snippet_stats, snippets, viterbi
 
 
 def brute_force(U: np.ndarray, beta: float) -> float:
@@ -132,7 +132,7 @@ def test_noun_grounding_counts_class_words_on_boxes_of_their_class():
 def test_image_cells_score_but_are_never_grounded():
     """Regions labelled `cell` (`vsa embed --cells`) are context for the score: the MRF skips them even where
     a word's best score is on a cell; with nothing but cells they are used (never an empty choice)."""
-    from vsa.mrf import grounding_mask
+    from vsa.alignment.mrf import grounding_mask
 
     tokens = ["a", "dog", "on", "grass"]
     U = np.zeros((4, 4))

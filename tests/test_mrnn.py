@@ -12,10 +12,10 @@ import torch
 from tests.synth_align import mirrored_copy
 from vsa.checkpoint import load_checkpoint
 from vsa.data import Vocab, load_dataset
-from vsa.decoding import greedy
-from vsa.featstore import FeatureStore
-from vsa.mrnn import MRNNConfig, build_model, model_from_checkpoint
-from vsa import train_mrnn as T
+from vsa.generator.decoding import greedy
+from vsa.features.store import FeatureStore
+from vsa.generator.model import GeneratorConfig, build_model, model_from_checkpoint
+from vsa.generator import train as T
 from vsa.splits import caption_split
 
 WORDS = "a dog runs on the grass two people sit bench man rides bike red car street child plays in water".split()
@@ -59,13 +59,14 @@ def _splits(tmp_path, **kw):
     return ds, store, vocab, tr, va
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rnn,attention", [("rnn", False), ("lstm", False), ("lstm", True), ("updown", True)])
 def test_tiny_model_overfits_two_captions_exactly(rnn, attention):
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest on a busy machine
     torch.manual_seed(0)
     vocab = Vocab(WORDS)
     caps = [["a", "dog", "runs", "on", "the", "grass"], ["two", "people", "sit", "on", "a", "bench"]]
-    cfg = MRNNConfig(arch=rnn, vocab_size=len(vocab), feat_dim=8, embed=16, hidden=32, dropout=0.0, attention=attention,
+    cfg = GeneratorConfig(arch=rnn, vocab_size=len(vocab), feat_dim=8, embed=16, hidden=32, dropout=0.0, attention=attention,
                      att_dim=8)
     model = build_model(cfg)
     feats = torch.randn(2, 8)
@@ -86,7 +87,7 @@ def test_tiny_model_overfits_two_captions_exactly(rnn, attention):
 
 def test_paper_rnn_sees_the_image_only_at_the_first_step():
     torch.manual_seed(0)
-    cfg = MRNNConfig(arch="rnn", vocab_size=10, feat_dim=4, embed=6, hidden=5, dropout=0.0)
+    cfg = GeneratorConfig(arch="rnn", vocab_size=10, feat_dim=4, embed=6, hidden=5, dropout=0.0)
     model = build_model(cfg).eval()
     st = model.init_state(torch.randn(2, 4))
     tok = torch.tensor([Vocab.start, Vocab.start])
@@ -189,10 +190,10 @@ def test_the_decoding_search_after_the_epochs_is_announced_and_bounded(tmp_path)
 
 
 def test_beam_search_refuses_a_beam_below_one():
-    from vsa.decoding import beam_search, constrained_beam_search
+    from vsa.generator.decoding import beam_search, constrained_beam_search
     from vsa.errors import VsaError
 
-    model = build_model(MRNNConfig(arch="lstm", vocab_size=12, feat_dim=4, embed=4, hidden=4)).eval()
+    model = build_model(GeneratorConfig(arch="lstm", vocab_size=12, feat_dim=4, embed=4, hidden=4)).eval()
     for search in (lambda: beam_search(model, torch.randn(1, 4), beam=0),
                    lambda: constrained_beam_search(model, torch.randn(1, 4), None, [[]], beam=0)):
         with pytest.raises(VsaError, match="^the beam size must be at least 1, got 0$"):
@@ -216,7 +217,7 @@ def test_scst_phase_runs_and_keeps_best(tmp_path):
 
 def test_updown_packed_teacher_forcing_equals_full_and_step_by_step():
     torch.manual_seed(0)
-    cfg = MRNNConfig(arch="updown", vocab_size=12, feat_dim=6, embed=8, hidden=10, att_dim=5, dropout=0.0)
+    cfg = GeneratorConfig(arch="updown", vocab_size=12, feat_dim=6, embed=8, hidden=10, att_dim=5, dropout=0.0)
     model = build_model(cfg).eval()
     feats = torch.randn(2, 4, 6)  # two images, 4 regions each
     mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
@@ -236,11 +237,11 @@ def test_scst_rescores_samples_under_the_distribution_they_were_drawn_from():
     """The samples' log-probabilities with gradients must be those of the sampling distribution
     (``<unk>``/``<pad>``/``<start>`` never, ``<end>`` not first): with the plain softmax instead,
     the probability of never-sampled tokens drifts up while the reward rises."""
-    from vsa.decoding import NEG, _forbid, sample
+    from vsa.generator.decoding import NEG, _forbid, sample
 
     torch.manual_seed(0)
     for rnn in ("lstm", "updown"):
-        cfg = MRNNConfig(arch=rnn, vocab_size=15, feat_dim=6, embed=8, hidden=10, att_dim=5, dropout=0.0)
+        cfg = GeneratorConfig(arch=rnn, vocab_size=15, feat_dim=6, embed=8, hidden=10, att_dim=5, dropout=0.0)
         model = build_model(cfg).eval()
         with torch.no_grad():
             model.out.bias[Vocab.unk] += 3.0  # much mass on a token that is never sampled
@@ -266,7 +267,7 @@ def test_scst_rescores_samples_under_the_distribution_they_were_drawn_from():
 def test_draw_follows_the_probabilities_and_never_draws_a_forbidden_token():
     """The inverse-CDF sampler behind SCST: frequencies match the distribution (200,000 draws, within
     0.5 points per token), zero-probability tokens (the sampler's forbidden ones) never come out."""
-    from vsa.decoding import draw
+    from vsa.generator.decoding import draw
 
     torch.manual_seed(0)
     p = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0]) * 7.0  # unnormalised, zeros inside and at both ends
@@ -282,10 +283,10 @@ def test_draw_follows_the_probabilities_and_never_draws_a_forbidden_token():
 def test_sample_stops_each_sentence_at_its_end():
     """Finished sentences leave the batch: every row is a prefix ending in ``<end>`` (or max_len words), pads
     after, the width is the longest row, and the words are never <unk>/<pad>/<start>."""
-    from vsa.decoding import sample
+    from vsa.generator.decoding import sample
 
     torch.manual_seed(1)
-    cfg = MRNNConfig(arch="updown", vocab_size=12, feat_dim=6, embed=8, hidden=10, att_dim=5, dropout=0.0)
+    cfg = GeneratorConfig(arch="updown", vocab_size=12, feat_dim=6, embed=8, hidden=10, att_dim=5, dropout=0.0)
     model = build_model(cfg).eval()
     with torch.no_grad():
         model.out.bias[Vocab.end] += 1.5  # sentences of varied lengths
@@ -303,7 +304,7 @@ def test_sample_stops_each_sentence_at_its_end():
 
 def test_feature_moments_are_those_of_the_real_regions():
     """Chunked float64 standardisation moments equal torch's mean/std over the masked rows (padding excluded)."""
-    from vsa.train_mrnn import feature_moments
+    from vsa.generator.train import feature_moments
 
     torch.manual_seed(0)
     x = torch.randn(300, 4, 7) * 3 + 2
@@ -317,7 +318,7 @@ def test_feature_moments_are_those_of_the_real_regions():
 
 def test_cider_reward_counts_the_sentence_end():
     """``... on the`` cut short must not earn the n-grams of ``... on the grass``: the reward sees ``</s>``."""
-    from vsa.caption_metrics import CiderD
+    from vsa.generator.metrics import CiderD
 
     vocab = Vocab(WORDS)
     refs = [["a", "dog", "runs", "on", "the", "grass"], ["a", "dog", "runs", "on", "the", "green", "grass"]]
@@ -376,10 +377,10 @@ def test_scst_dropout_switches_dropout_on_for_sampling_and_rescoring(tmp_path, m
 
 
 def test_export_generator_ships_float16_weights_that_caption_alike(tmp_path):
-    """`python -m vsa.mrnn SRC DST`: float16 weights, no optimiser state, no path of this machine; greedy
+    """`python -m vsa.generator.model SRC DST`: float16 weights, no optimiser state, no path of this machine; greedy
     captions of the export equal the trained model's."""
     from vsa.checkpoint import load_checkpoint as load
-    from vsa.mrnn import export_generator
+    from vsa.generator.model import export_generator
 
     _train(tmp_path, "g.pt", 3)
     src = tmp_path / "g.pt"
@@ -393,7 +394,7 @@ def test_export_generator_ships_float16_weights_that_caption_alike(tmp_path):
     with torch.inference_mode():
         ga, gb = greedy(a, feats, max_len=8), greedy(b.float(), feats, max_len=8)
     assert [h.tokens for h in ga] == [h.tokens for h in gb] and any(h.tokens for h in ga)
-    # decoding defaults chosen on val go into the export (`python -m vsa.mrnn SRC DST beam=5 mirror=0.5`)
+    # decoding defaults chosen on val go into the export (`python -m vsa.generator.model SRC DST beam=5 mirror=0.5`)
     from vsa.errors import VsaError
 
     export_generator(src, tmp_path / "ship2.pt", decoding=["beam=5", "mirror=0.5"])
@@ -422,9 +423,9 @@ def test_box_dropout_drops_an_images_boxes_and_keeps_the_whole_image_and_its_cel
 
 
 def test_a_box_generator_reads_its_cells_beyond_max_regions_and_trains_with_box_dropout(tmp_path):
-    from vsa.featstore import save_features
-    from vsa.featurise import grid_boxes
-    from vsa.mrnn import region_rows
+    from vsa.features.store import save_features
+    from vsa.features.featuriser import grid_boxes
+    from vsa.generator.model import region_rows
 
     ds_path, feat_path = tiny_dataset(tmp_path, dim=16)
     whole = FeatureStore(feat_path)
@@ -505,7 +506,7 @@ def test_flip_features_are_read_by_training_images_with_probability_flip(tmp_pat
 
 
 def test_scst_reward_mixes_meteor_only_when_asked(tmp_path):
-    from vsa.caption_metrics import CiderD, MixedReward
+    from vsa.generator.metrics import CiderD, MixedReward
 
     ds, store, vocab, tr, va = _splits(tmp_path)
     assert isinstance(T.scst_reward(tr, T.configs()[1]), CiderD)
@@ -527,15 +528,16 @@ def test_scst_meteor_is_checked_before_training(monkeypatch):
     T.check(*T.configs())
 
 
+@pytest.mark.slow
 def test_eval_decodes_each_image_with_its_mirror_image_when_the_generator_asks(tmp_path):
     """`decoding.mirror` in `vsa eval`: the mirrored images' features (`vsa embed --flip`) side by side with the images'
-    (the same captions as :func:`vsa.mrnn.with_mirror` on them); errors name the fix."""
+    (the same captions as :func:`vsa.generator.model.with_mirror` on them); errors name the fix."""
     from tests.conftest import run_cli
     from vsa.checkpoint import save_checkpoint
-    from vsa.decoding import DecodingConfig, constraints, decode
+    from vsa.generator.decoding import DecodingConfig, constraints, decode
     from vsa.errors import VsaError
-    from vsa.eval_caption import generate_split
-    from vsa.mrnn import with_mirror
+    from vsa.generator.evaluate import generate_split
+    from vsa.generator.model import with_mirror
 
     torch.set_num_threads(1)
     ds_path, feat_path = tiny_dataset(tmp_path)
@@ -547,7 +549,7 @@ def test_eval_decodes_each_image_with_its_mirror_image_when_the_generator_asks(t
                                 meta=np.array(json.dumps({**json.loads(str(z["meta"])), "flip": True}))))
     np.savez(plain_path, **z)
     torch.manual_seed(0)
-    cfg = MRNNConfig(arch="lstm", vocab_size=len(WORDS) + 4, feat_dim=32, embed=16, hidden=24)
+    cfg = GeneratorConfig(arch="lstm", vocab_size=len(WORDS) + 4, feat_dim=32, embed=16, hidden=24)
     model = build_model(cfg).eval()
     path = tmp_path / "g.pt"
     meta = {"features": str(feat_path), "flip_features": str(flip_path)}

@@ -64,6 +64,7 @@ def workspace(tmp_path_factory, flickr8k):
     return ws
 
 
+@pytest.mark.slow
 def test_bare_regions_in_a_workspace_reads_its_images_whatever_stdin_is(workspace):
     """A terminal, /dev/null (make, CI), an empty pipe: `vsa regions` reads [dataset] images every time. Piped
     paths do not change that (a warning says how to read them: `-`)."""
@@ -106,6 +107,7 @@ def test_bare_regions_without_a_workspace_reads_a_pipe_and_names_the_fix_otherwi
     assert [json.loads(ln)["key"] for ln in r.stdout.splitlines()] == [photo]
 
 
+@pytest.mark.slow
 def test_bare_embed_reads_a_pipe_never_a_workspace_file(workspace, tmp_path):
     """`vsa embed` without inputs reads stdin, in a workspace too (the regions file vsa.toml names would take the
     place of the headline pipe); a terminal or an empty stdin is a one-line error naming the fix."""
@@ -186,6 +188,7 @@ def test_progress_is_rich_on_a_terminal_and_lines_elsewhere(monkeypatch):
 # ----------------------------------------------------------------------------- 6. the README's pipe and eval
 
 
+@pytest.mark.slow
 def test_readme_headline_pipe_makes_features_the_shipped_models_evaluate_on(tmp_path, flickr8k):
     """`vsa regions IMGS | vsa embed -o f.npz` (two real processes), then `vsa eval --split test --dataset D
     --features f.npz` with the shipped aligner and generator: the aligner reads f.npz (the 3x3 cells of its
@@ -225,7 +228,7 @@ def test_readme_headline_pipe_makes_features_the_shipped_models_evaluate_on(tmp_
 def test_embed_cells_default_follows_the_input():
     """Detector regions get the shipped aligner's cells; whole images and grids none (their models read none)."""
     from vsa.cli.embed import _default_cells
-    from vsa.features import EmbedItem
+    from vsa.features.embed import EmbedItem
 
     boxes = [EmbedItem("a.jpg", "a.jpg", [{"box": [0, 0, 10, 10], "label": "image"}])]
     whole = [EmbedItem("a.jpg", "a.jpg", None)]

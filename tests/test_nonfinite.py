@@ -112,7 +112,7 @@ def test_non_finite_weights_are_never_written_even_with_a_finite_loss_and_val(tm
 @pytest.fixture(scope="module")
 def aligner(tmp_path_factory):
     from vsa.io import write_json
-    from vsa.train_align import configs, train
+    from vsa.alignment.train import configs, train
 
     tmp = tmp_path_factory.mktemp("nonfinite")
     ds, feats, _ = make_synthetic(tmp, n_train=40, n_val=10, n_test=10)
@@ -131,7 +131,7 @@ def test_eval_refuses_nan_features_naming_the_file_and_the_image(aligner):
 
 
 def test_eval_one_infinite_value_or_a_hubness_bank_image_is_refused(aligner):
-    from vsa.eval_align import evaluate_aligner
+    from vsa.alignment.evaluate import evaluate_aligner
     from vsa.retrieval import HubnessConfig
 
     tmp, ds, feats = aligner
@@ -145,7 +145,7 @@ def test_eval_one_infinite_value_or_a_hubness_bank_image_is_refused(aligner):
 
 
 def test_eval_of_constant_features_is_not_perfect_search(aligner):
-    from vsa.eval_align import evaluate_aligner
+    from vsa.alignment.evaluate import evaluate_aligner
 
     tmp, ds, feats = aligner
     zero = _with_feats(feats, tmp / "zero.npz", 0.0)
@@ -158,7 +158,7 @@ def test_eval_of_constant_features_is_not_perfect_search(aligner):
 
 def test_eval_refuses_an_aligner_with_nan_weights_naming_it(aligner):
     from vsa.checkpoint import load_checkpoint
-    from vsa.eval_align import evaluate_aligner
+    from vsa.alignment.evaluate import evaluate_aligner
 
     tmp, ds, feats = aligner
     ck = load_checkpoint(tmp / "a.pt")
@@ -187,7 +187,7 @@ def test_train_align_refuses_nan_features_naming_the_file_and_the_image(tmp_path
 
 
 def test_train_align_a_single_infinite_value_is_refused_in_the_library_too(tmp_path):
-    from vsa.train_align import configs, train
+    from vsa.alignment.train import configs, train
 
     ds, feats, _ = make_synthetic(tmp_path, n_train=20, n_val=6, n_test=6)
     bad = _with_feats(feats, tmp_path / "inf.npz", math.inf, image=23)  # a val image
@@ -197,9 +197,9 @@ def test_train_align_a_single_infinite_value_is_refused_in_the_library_too(tmp_p
 
 
 def test_train_align_stops_at_a_nan_loss_and_keeps_the_best_finite_model(tmp_path, monkeypatch):
-    import vsa.align as A
+    import vsa.alignment.model as A
     from vsa.checkpoint import load_checkpoint
-    from vsa.train_align import configs, train
+    from vsa.alignment.train import configs, train
     from vsa.trainer import Diverged
 
     ds, feats, _ = make_synthetic(tmp_path, n_train=40, n_val=10, n_test=10)
@@ -231,7 +231,7 @@ def _mrnn_splits(tmp_path, bad=None):
 
 
 def test_train_mrnn_refuses_nan_features_naming_the_file_and_the_image(tmp_path):
-    from vsa import train_mrnn as T
+    from vsa.generator import train as T
     from vsa.data import load_dataset
 
     ds_path, feats = _mrnn_splits(tmp_path, math.nan)
@@ -243,7 +243,7 @@ def test_train_mrnn_refuses_nan_features_naming_the_file_and_the_image(tmp_path)
 
 
 def test_train_mrnn_stops_at_a_nan_loss_and_keeps_the_best_finite_model(tmp_path, monkeypatch):
-    from vsa import train_mrnn as T
+    from vsa.generator import train as T
     from vsa.checkpoint import load_checkpoint
     from vsa.data import load_dataset
     from vsa.trainer import Diverged
@@ -278,9 +278,9 @@ def test_train_mrnn_stops_at_a_nan_loss_and_keeps_the_best_finite_model(tmp_path
 
 def test_generator_eval_refuses_nan_features_naming_the_file_and_the_image(tmp_path):
     """Caption metrics over NaN features would score a model's confident nonsense: refused like the aligner's."""
-    from vsa import train_mrnn as T
+    from vsa.generator import train as T
     from vsa.data import load_dataset
-    from vsa.eval_caption import generate_split
+    from vsa.generator.evaluate import generate_split
 
     ds_path, feats = _mrnn_splits(tmp_path)
     cfg = T.configs(rnn="lstm", embed=16, hidden=16, epochs=1, scst_epochs=0, batch_size=8, min_count=1)

@@ -57,6 +57,7 @@ def _meta(npz):
         return json.loads(str(a["meta"])), a["feats"].astype(np.float32), a["offsets"]
 
 
+@pytest.mark.slow
 def test_open_clip_features_name_the_backbone_and_train_an_aligner(tmp_path):
     from vsa.checkpoint import load_checkpoint
 
@@ -89,6 +90,7 @@ def test_open_clip_features_name_the_backbone_and_train_an_aligner(tmp_path):
     assert ck["extractor"]["mean"] == meta["mean"] and ck["extractor"]["input"] == 224
 
 
+@pytest.mark.slow
 def test_open_clip_errors_are_one_line(tmp_path):
     folder, regions, _ = _photos(tmp_path, n=1)
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # what an offline machine sees, without the retries
@@ -111,11 +113,12 @@ def test_open_clip_errors_are_one_line(tmp_path):
     assert "no such open_clip weights file" in err(folder, "--cnn", "open_clip:ViT-S-32", "--cnn-weights", tmp_path / "no.pt")
 
 
+@pytest.mark.slow
 def test_open_clip_local_weights_file(tmp_path):
     """--cnn-weights PATH: an image-tower state dict or a whole open_clip model, loaded with weights_only."""
     import torch
 
-    from vsa.cnn import load_extractor
+    from vsa.features.cnn import load_extractor
     from vsa.errors import VsaError
 
     torch.set_num_threads(1)

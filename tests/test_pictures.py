@@ -165,7 +165,7 @@ class FakeAligner:
 
 def fake_store_and_pairs(n_images=4, n_sent=3):
     from vsa.data import ImageRecord, Sentence
-    from vsa.featstore import FeatureStore
+    from vsa.features.store import FeatureStore
 
     keys = [f"im{i}.jpg" for i in range(n_images)]
     R = 3
@@ -180,7 +180,7 @@ def fake_store_and_pairs(n_images=4, n_sent=3):
 
 
 def test_align_to_file_resumes_and_is_atomic(tmp_path):
-    from vsa.snippets import align_to_file, part_path
+    from vsa.alignment.snippets import align_to_file, part_path
 
     store, pairs = fake_store_and_pairs()
     out = tmp_path / "al.jsonl"
@@ -220,7 +220,7 @@ def test_align_to_file_resumes_and_is_atomic(tmp_path):
 
 def test_extractor_mismatch_is_an_error():
     from vsa.errors import VsaError
-    from vsa.featstore import check_extractor
+    from vsa.features.store import check_extractor
 
     check_extractor({"extractor": "a", "dim": 4}, {"extractor": "a", "dim": 4}, "f.npz", "aligner")
     with pytest.raises(VsaError, match="aligner was trained on 'a'"):
@@ -231,12 +231,12 @@ def test_extractor_mismatch_is_an_error():
 
 
 def _tiny_aligner(tmp_path, dim=8):
-    """A real (untrained) aligner checkpoint from vsa.align, on dim-d features."""
+    """A real (untrained) aligner checkpoint from vsa.alignment.model, on dim-d features."""
     torch = pytest.importorskip("torch")
-    from vsa.align import build_model
+    from vsa.alignment.model import build_model
     from vsa.checkpoint import save_checkpoint
     from vsa.data import SPECIALS
-    from vsa.align import AlignModelConfig
+    from vsa.alignment.model import AlignModelConfig
 
     cfg = AlignModelConfig(hidden=16, embed=8)
     words = list(SPECIALS) + ["a", "dog", "runs", "on", "grass", "the", "cat"]
@@ -302,6 +302,7 @@ def test_regions_of_one_picture_get_distinct_colours(grey_image):
     assert len(set(cols)) == 4 and P.WHOLE not in cols
 
 
+@pytest.mark.slow
 def test_align_cli_sigint_keeps_old_output_and_part(tmp_path, monkeypatch):
     """Ctrl-C in the middle of `vsa align -o`: the old output stays, the part is kept, a rerun resumes."""
     import signal
@@ -354,7 +355,7 @@ def test_plain_caption_has_no_side_panel(grey_image):
 
 def test_second_writer_on_the_same_output_is_refused(tmp_path):
     from vsa.errors import VsaError
-    from vsa.snippets import align_to_file
+    from vsa.alignment.snippets import align_to_file
 
     store, pairs = fake_store_and_pairs(1, 1)
     out = tmp_path / "al.jsonl"

@@ -49,6 +49,7 @@ def test_auto_imgsz():
     assert auto_imgsz([Image.new("RGB", (1, 1))]) == 64
 
 
+@pytest.mark.slow
 def test_dog_captions_get_a_dog_box(detector, flickr8k):
     ds = json.loads((flickr8k / "dataset_flickr8k.json").read_bytes())
     caps = {im["filename"]: im["sentences"] for im in ds["images"]}
@@ -85,6 +86,7 @@ def test_top_limits_detections(detector, flickr8k):
     assert [d["score"] for d in many] == sorted((d["score"] for d in many), reverse=True)
 
 
+@pytest.mark.slow
 def test_cli_regions_jsonl(tmp_path, yolov5n, flickr8k):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -115,6 +117,7 @@ def test_cli_regions_jsonl(tmp_path, yolov5n, flickr8k):
     assert all(parts) and parts[0] + parts[1] == lines
 
 
+@pytest.mark.slow
 def test_cli_regions_bad_image_and_stdin(tmp_path, yolov5n, flickr8k):
     good = flickr8k / "images" / DOG_IMAGES[0]
     bad = tmp_path / "broken.jpg"
@@ -137,6 +140,7 @@ def test_offline_detector_error_says_how_to_fix(tmp_path, monkeypatch):
         load_detector(str(tmp_path), device="cpu")  # a folder that is not a YOLOv5 state-dict folder
 
 
+@pytest.mark.slow
 def test_ultralytics_detector_path(tmp_path, monkeypatch):
     """Any ultralytics-loadable model (here: an untrained yolov8n built from its yaml, no download)."""
     monkeypatch.chdir(tmp_path)
@@ -164,6 +168,7 @@ def _bogus_workspace(tmp_path, monkeypatch):
     config.reset_workspace()
 
 
+@pytest.mark.slow
 def test_the_library_loads_the_detector_it_is_given(tmp_path, monkeypatch, yolov5n, detector, flickr8k):
     """load_detector / write_regions read neither $VSA_DETECTOR nor vsa.toml: the same detector, the same records."""
     import vsa.regions as R

@@ -67,10 +67,10 @@ def test_only_the_top_k_move_and_the_rest_keep_the_aligner_order():
 
 def test_caption_logprobs_equal_the_step_by_step_sum_in_any_pair_order():
     from vsa.data import Vocab
-    from vsa.mrnn import MRNNConfig, build_model
+    from vsa.generator.model import GeneratorConfig, build_model
 
     torch.manual_seed(0)
-    model = build_model(MRNNConfig(arch="lstm", embed=8, hidden=12, vocab_size=20, feat_dim=6, dropout=0.0)).eval()
+    model = build_model(GeneratorConfig(arch="lstm", embed=8, hidden=12, vocab_size=20, feat_dim=6, dropout=0.0)).eval()
     feats = torch.randn(5, 6)
     sents = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
     pairs = np.array([[4, 2], [0, 0], [3, 1], [0, 3], [2, 2], [1, 0], [4, 3]])
@@ -127,7 +127,7 @@ def test_retrieval_table_of_an_ensemble_with_and_without_rerank():
     """`vsa eval` without --json prints this table; an ensemble's config is a list (this used to raise)."""
     from rich.console import Console
 
-    from vsa.eval_align import render_retrieval
+    from vsa.alignment.evaluate import render_retrieval
 
     fig = {"r1": 30.0, "r5": 60.0, "r10": 70.0, "medr": 3}
     report = {"model": "a.pt + w.pt", "images": 10, "sentences": 50, "i2t": fig, "t2i": fig, "rsum": 320.0,
@@ -149,10 +149,10 @@ def test_retrieval_table_of_an_ensemble_with_and_without_rerank():
 def test_search_text_rerank_orders_as_eval_search_and_lifts_a_weak_aligner(trained):
     """`vsa search text --rerank`: per query, the aligner's top k re-ordered by log p(query | photo) (the search
     direction of `vsa eval --rerank`, where the prior is a constant), photos read from --rerank-features."""
-    from vsa.align import load_aligner
-    from vsa.captioner import Captioner
+    from vsa.alignment.model import load_aligner
+    from vsa.generator.captioner import Captioner
     from vsa.data import load_dataset
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
     from vsa.search import Index, rerank_hits, rerank_text, search_text
 
     tmp, feats = trained

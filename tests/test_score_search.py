@@ -41,7 +41,7 @@ def test_train_align_cli_writes_checkpoints_and_log(synth):
 def test_combine_scores_standardises_each_model_by_hand():
     import numpy as np
 
-    from vsa.eval_align import combine_scores
+    from vsa.alignment.evaluate import combine_scores
 
     a = np.array([[1.0, 3.0], [5.0, 7.0]])  # mean 4, std sqrt(5)
     b = np.array([[10.0, 0.0], [0.0, 10.0]])  # mean 5, std 5
@@ -115,7 +115,7 @@ def test_eval_retrieval_report_and_ranks(synth):
     # the human table shows the figures
     from rich.console import Console
 
-    from vsa.eval_align import PAPER, _fmt, render_retrieval
+    from vsa.alignment.evaluate import PAPER, _fmt, render_retrieval
 
     con = Console(record=True, width=100)
     render_retrieval({**rep, "paper": PAPER["flickr8k"]}, con)
@@ -136,8 +136,8 @@ def test_eval_library_reads_no_vsa_toml_and_the_cli_does(synth, tmp_path, monkey
     from vsa.cli.workspace import eval_features
     from vsa.data import load_dataset
     from vsa.errors import VsaError
-    from vsa.eval_align import _features_for, evaluate_aligner
-    from vsa.eval_caption import _features_path
+    from vsa.alignment.evaluate import _features_for, evaluate_aligner
+    from vsa.generator.evaluate import _features_path
 
     tmp, _, feats, _, _ = synth
     ds = load_dataset(tmp / "synthetic.json")
@@ -200,9 +200,9 @@ def test_score_stdin_skip_bad_and_errors(synth):
 def test_score_pairs_library_caches_consecutive_photos_and_skips_bad_lines(synth):
     """vsa.search.score_pairs (the loop behind `vsa score` on stdin) takes explicit arguments: each run of
     pairs of one photo encodes it once; bad lines are errors naming the line, or warnings with skip_bad."""
-    from vsa.align import load_aligner
+    from vsa.alignment.model import load_aligner
     from vsa.errors import VsaError
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
     from vsa.search import photo_from_store, score_pairs, score_photo, score_record
 
     tmp, ds, feats, _, _ = synth
@@ -232,10 +232,10 @@ def test_score_pairs_library_caches_consecutive_photos_and_skips_bad_lines(synth
 def test_score_search_and_grounding_read_every_word_of_a_long_query(synth, tmp_path):
     """Training cuts sentences at max_len (40) words; a query, a scored sentence or a grounded caption is read
     whole: every word has its own best region and snippet."""
-    from vsa.align import load_aligner
-    from vsa.featstore import load_features
+    from vsa.alignment.model import load_aligner
+    from vsa.features.store import load_features
     from vsa.search import Index, build_index, photo_from_store, save_index, score_record, search_text
-    from vsa.snippets import ground_sentence
+    from vsa.alignment.snippets import ground_sentence
     from tests.synth_align import WORDS
 
     tmp, ds, feats, objs, _ = synth
@@ -257,9 +257,9 @@ def test_score_search_and_grounding_read_every_word_of_a_long_query(synth, tmp_p
 
 @pytest.mark.parametrize("sentence", ["", "...", " ?! "])
 def test_score_a_sentence_without_words_is_refused_like_a_search_query(synth, sentence):
-    from vsa.align import load_aligner
+    from vsa.alignment.model import load_aligner
     from vsa.errors import VsaError
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
     from vsa.search import photo_from_store, score_pairs, score_record
 
     tmp, ds, feats, _, _ = synth
@@ -285,9 +285,9 @@ def test_score_cli_refuses_a_punctuation_only_sentence(synth):
 def test_score_and_search_refuse_non_finite_features_and_scores(synth, tmp_path):
     import numpy as np
 
-    from vsa.align import load_aligner
+    from vsa.alignment.model import load_aligner
     from vsa.errors import VsaError
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
     from vsa.search import Index, build_index, photo_from_store, save_index, search_sentences, search_text
 
     tmp, ds, feats, _, _ = synth
@@ -319,7 +319,7 @@ def test_score_and_search_refuse_non_finite_features_and_scores(synth, tmp_path)
 
 def test_index_keys_and_inputs_library(synth, tmp_path):
     from vsa.errors import VsaError
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
     from vsa.search import index_inputs, index_keys
 
     tmp, ds, feats, _, _ = synth
@@ -365,7 +365,7 @@ def test_search_index_text_and_sentences(synth):
     r = run_cli("search", "sentences", ds.images[-1].key, "-i", idx, "-c", corpus, "--json")
     assert orjson.loads(r.stdout)["oov"] == ["zebra"] and b"(line 1): not in the vocabulary: zebra" in r.stderr
     # an index is tied to its model
-    from vsa.train_align import configs, train
+    from vsa.alignment.train import configs, train
 
     other = tmp / "b.pt"
     train(*configs(hidden=32, embed=16, epochs=1, min_count=1, seed=3), ds, feats, other, info=lambda *a: None)
@@ -378,7 +378,7 @@ def test_search_index_text_and_sentences(synth):
 
 @pytest.fixture(scope="module")
 def shipped():
-    from vsa.align import ASSET
+    from vsa.alignment.model import ASSET
 
     if not ASSET.exists():
         pytest.skip("the shipped aligner vsa/assets/align-flickr8k.pt is not built yet")
@@ -391,6 +391,7 @@ GOOD = "two dogs play in the snow in front of a fence"
 BAD = "a man and a woman in festive costumes dancing"
 
 
+@pytest.mark.slow
 def test_score_real_photo(flickr8k, yolov5n, shipped):
     img = str(flickr8k / "images" / PHOTO)
     pairs = b"".join(orjson.dumps({"image": img, "sentence": s}) + b"\n" for s in (GOOD, BAD))
@@ -405,6 +406,7 @@ def test_score_real_photo(flickr8k, yolov5n, shipped):
     assert all(len(w["box"]) == 4 for w in good["words"])
 
 
+@pytest.mark.slow
 def test_search_real_photos(flickr8k, yolov5n, shipped, tmp_path):
     import json
 
@@ -424,8 +426,8 @@ def test_search_real_photos(flickr8k, yolov5n, shipped, tmp_path):
         hits_all.append(hits[0]["key"] == im["filename"])
     assert sum(hits_all) >= 3  # 4 photos: its own photo comes first for (nearly) every caption
     # re-ranked by the shipped generator, which reads each candidate photo file (its own CNN, no detector)
-    from vsa.align import load_aligner
-    from vsa.captioner import DEFAULT_MODEL, Captioner
+    from vsa.alignment.model import load_aligner
+    from vsa.generator.captioner import DEFAULT_MODEL, Captioner
     from vsa.search import Index, rerank_text, search_text
 
     r = run_cli("search", "text", test[0]["sentences"][0]["raw"], "-i", idx, "--json", "--rerank", DEFAULT_MODEL)
@@ -444,8 +446,8 @@ def test_search_real_photos(flickr8k, yolov5n, shipped, tmp_path):
 def test_eval_hubness_bank_from_train_and_its_errors(synth, tmp_path):
     """`vsa eval --hubness`: the report's figures are the scores corrected with a bank of the first training images
     and their sentences (recomputed here from the model), `hubness.aligner` holds the plain figures."""
-    from vsa.align import load_aligner, region_rows
-    from vsa.featstore import load_features
+    from vsa.alignment.model import load_aligner, region_rows
+    from vsa.features.store import load_features
     from vsa.retrieval import bank_means, debias, retrieval_metrics, score_matrix
     from vsa.splits import retrieval_split
 
@@ -489,7 +491,7 @@ def test_search_index_hubness_terms_rank_as_eval_search_does(synth, tmp_path):
     """`vsa train-align` keeps its first training images' sentences as a bank; `vsa search index` stores each photo's
     mean of its k best scores against them and `vsa search text` ranks by score - weight x that (the search direction
     of `vsa eval --hubness` with the same bank, k and weight); --no-hubness ranks by the aligner's score."""
-    from vsa.align import load_aligner
+    from vsa.alignment.model import load_aligner
     from vsa.retrieval import IndexHubnessConfig
     from vsa.search import Index, search_text
 
@@ -526,7 +528,7 @@ def test_search_index_hubness_terms_rank_as_eval_search_does(synth, tmp_path):
     assert "hub" not in plain[0] and [h["score"] for h in plain] == sorted((h["score"] for h in plain), reverse=True)
     assert sorted(h["score"] for h in plain) == sorted(h["aligner_score"] for h in hits)
     # an aligner without a bank (trained before banks, not re-exported): an index without terms, plain ranking
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
     from vsa.search import build_index, save_index
 
     al.bank = []
@@ -559,9 +561,9 @@ def test_search_sentences_hubness_with_the_aligners_image_bank_ranks_as_eval_ann
     import numpy as np
     import torch
 
-    from vsa.align import export_aligner, load_aligner, region_rows
-    from vsa.eval_align import hub_correct
-    from vsa.featstore import load_features
+    from vsa.alignment.model import export_aligner, load_aligner, region_rows
+    from vsa.alignment.evaluate import hub_correct
+    from vsa.features.store import load_features
     from vsa.retrieval import HubnessConfig, SentenceHubnessConfig, score_matrix
     from vsa.search import photo_from_store, search_sentences
     from vsa.splits import retrieval_split
@@ -633,6 +635,7 @@ def test_score_table_names_each_words_region(synth):
         assert f"{WORDS[o[k]]} #" in out
 
 
+@pytest.mark.slow
 def test_search_table_shows_whole_file_names_and_named_regions(flickr8k, yolov5n, shipped, tmp_path):
     """`vsa search text` for people: every photo's file name whole (long folders too), each run of words with
     its region by name (a box by class and rank, the whole image, a cell by its place), never a bare `cell`;

@@ -1,4 +1,4 @@
-"""The shared building blocks of the models (vsa.nn) and the feature rows they read (vsa.featstore.image_rows)."""
+"""The shared building blocks of the models (vsa.nn) and the feature rows they read (vsa.features.store.image_rows)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def test_standardize_keeps_a_constant_dimension_finite():
 
 
 def test_the_aligner_standardises_with_the_shared_module_and_reads_its_rows_from_the_top():
-    from vsa.align import AlignModelConfig, build_model, region_rows
-    from vsa.featstore import image_rows
+    from vsa.alignment.model import AlignModelConfig, build_model, region_rows
+    from vsa.features.store import image_rows
 
     m = build_model(AlignModelConfig(hidden=8, embed=4, global_encoder="gru"), 10, 6)
     assert isinstance(m.stats, Standardize)

@@ -112,6 +112,7 @@ def assert_clean(result: dict, min_images: int):
     ('<img src="data:image/png;base64,AAAA">', "failed to load"),
     ('<img src="x" onerror="alert(1)">', "dialog: alert(1)"),
 ])
+@pytest.mark.slow
 def test_broken_pages_are_caught(tmp_path, body, expect):
     page = tmp_path / "broken.html"
     page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>b</title></head><body><p>{'x' * 80}</p>{body}</body></html>")
@@ -121,6 +122,7 @@ def test_broken_pages_are_caught(tmp_path, body, expect):
         assert_clean(res, 0)
 
 
+@pytest.mark.slow
 def test_clean_page_passes(tmp_path):
     Image.new("RGB", (20, 20), "red").save(tmp_path / "ok.png")
     page = tmp_path / "ok.html"
@@ -143,6 +145,7 @@ def _images(folder: Path, n: int) -> list[str]:
     return keys
 
 
+@pytest.mark.slow
 def test_alignment_and_caption_pages(tmp_path):
     keys = _images(tmp_path / "imgs", 3)
     recs = []
@@ -163,6 +166,7 @@ def test_alignment_and_caption_pages(tmp_path):
     assert_clean(check_page(tmp_path / "caps" / "index.html", tmp_path), 3)
 
 
+@pytest.mark.slow
 def test_retrieval_page(tmp_path):
     keys = _images(tmp_path / "imgs", 6)
     ds = {"dataset": "tiny", "images": [
@@ -223,6 +227,7 @@ def _assert_shows(res: dict, texts):
         assert t in res["body"], (t, res["body"][:2000])
 
 
+@pytest.mark.slow
 def test_hostile_retrieval_page(tmp_path):
     keys = _hostile_images(tmp_path / "imgs")
     n = len(keys)
@@ -255,6 +260,7 @@ def test_hostile_retrieval_page(tmp_path):
     assert res["rows"] == 2 * n and res["images"] == 2 * 2 * n
 
 
+@pytest.mark.slow
 def test_retrieval_page_shows_a_text_rank_as_text(tmp_path):
     """write_retrieval_page (the library) takes any rank; the page's script inserts it as text."""
     from vsa.pictures import write_retrieval_page
@@ -272,6 +278,7 @@ def test_retrieval_page_shows_a_text_rank_as_text(tmp_path):
         assert res["rows"] == 1 and res["images"] == images
 
 
+@pytest.mark.slow
 def test_hostile_alignment_and_caption_pages(tmp_path):
     keys = _hostile_images(tmp_path / "imgs")
     recs = []

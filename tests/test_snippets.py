@@ -17,7 +17,7 @@ class AlternatingAligner:
 
 def _store_and_pairs():
     from vsa.data import ImageRecord, Sentence
-    from vsa.featstore import FeatureStore
+    from vsa.features.store import FeatureStore
 
     keys = ["a.jpg", "b.jpg"]
     arrays = {"feats": np.ones((6, 4), np.float32), "offsets": np.array([0, 3, 6]), "keys": np.array(keys),
@@ -39,7 +39,7 @@ def test_beta_sweep_decodes_each_pair_with_every_beta_longer_snippets_at_higher_
 
 
 def test_word_region_scores_of_any_scorer_are_its_own():
-    from vsa.snippets import word_region_scores
+    from vsa.alignment.snippets import word_region_scores
 
     store, pairs = _store_and_pairs()
     U = word_region_scores(AlternatingAligner(), store["a.jpg"], ["a", "dog"], {})

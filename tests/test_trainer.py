@@ -20,7 +20,7 @@ def test_step_decay_keeps_lr_for_start_epochs_then_decays_every_n_epochs():
 def test_the_shipped_aligner_recipe_reads_under_the_new_setting_names():
     from vsa.assets import SHIPPED_MODELS
     from vsa.checkpoint import config_from, load_checkpoint
-    from vsa.train_align import AlignTrainConfig, lr_at
+    from vsa.alignment.train import AlignTrainConfig, lr_at
 
     ck = load_checkpoint(SHIPPED_MODELS["align"], kind="align")
     assert {"clip", "amp", "lr_decay_epoch"} <= set(ck["train"])  # the file as it was written
@@ -31,7 +31,7 @@ def test_the_shipped_aligner_recipe_reads_under_the_new_setting_names():
 
 
 def test_former_names_in_set_and_configs_set_the_new_fields_and_say_so():
-    from vsa.train_align import configs, parse_overrides
+    from vsa.alignment.train import configs, parse_overrides
 
     m, t = configs(clip=1.5, amp=False, lr_decay_epoch=4)
     assert (t.grad_clip, t.bf16, t.lr_decay_start, t.lr_decay_every) == (1.5, False, 4, 0)
@@ -50,10 +50,10 @@ def test_the_aligner_defaults_are_the_shipped_aligners_recipe():
     machine's threads."""
     import dataclasses
 
-    from vsa.align import AlignModelConfig
+    from vsa.alignment.model import AlignModelConfig
     from vsa.assets import SHIPPED_MODELS
     from vsa.checkpoint import config_from, load_checkpoint
-    from vsa.train_align import AlignTrainConfig
+    from vsa.alignment.train import AlignTrainConfig
 
     ck = load_checkpoint(SHIPPED_MODELS["align"], kind="align")
     diff = {}

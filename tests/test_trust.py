@@ -9,7 +9,7 @@ Load paths covered (each a test case below):
   checkpoints   --model of score and caption, --aligner and --region-model of caption, the trainers' --resume
                 file (all through vsa.checkpoint.load_checkpoint)
   CNN weights   --cnn-weights for EfficientNet-Lite (the default CNN) and for a torchvision CNN; an OpenCLIP file
-  arrays        features / index NPZ with an object array (vsa.io.load_npz, vsa.featstore), GloVe .npy
+  arrays        features / index NPZ with an object array (vsa.io.load_npz, vsa.features.store), GloVe .npy
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def test_a_pickled_last_checkpoint_is_refused_on_resume(planted):
 
 @pytest.mark.parametrize("cnn", ["efficientnet-lite0", "resnet18"])
 def test_pickled_cnn_weights_are_refused(planted, cnn):
-    from vsa.cnn import load_extractor
+    from vsa.features.cnn import load_extractor
 
     folder, _ = planted
     with pytest.raises(VsaError):
@@ -164,7 +164,7 @@ def test_pickled_cnn_weights_are_refused(planted, cnn):
 
 def test_pickled_open_clip_weights_are_refused(planted):
     pytest.importorskip("open_clip")
-    from vsa.cnn import load_extractor
+    from vsa.features.cnn import load_extractor
 
     folder, _ = planted
     with pytest.raises(VsaError):
@@ -172,7 +172,7 @@ def test_pickled_open_clip_weights_are_refused(planted):
 
 
 def test_object_arrays_in_an_npz_are_refused(planted):
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
     from vsa.io import load_npz
 
     folder, marker = planted
@@ -184,7 +184,7 @@ def test_object_arrays_in_an_npz_are_refused(planted):
 
 
 def test_a_pickled_glove_matrix_is_refused(planted):
-    from vsa.glove import glove_vectors
+    from vsa.alignment.glove import glove_vectors
 
     folder, marker = planted
     g = folder / "glove"

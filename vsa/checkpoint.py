@@ -6,8 +6,8 @@ Every trainable stage saves one file holding, under fixed keys::
       "format": "vsa",            # marks a vsa checkpoint
       "version": 2,               # bumped on incompatible changes (version 1 files are converted on load)
       "kind": "align" | "mrnn",   # which stage wrote it
-      "model": {...},             # the model config (AlignModelConfig / MRNNConfig): enough to rebuild it
-      "train": {...},             # the training config (AlignTrainConfig / MRNNTrainConfig)
+      "model": {...},             # the model config (AlignModelConfig / GeneratorConfig): enough to rebuild it
+      "train": {...},             # the training config (AlignTrainConfig / GeneratorTrainConfig)
       "decoding": {...},          # inference defaults chosen on val (generator: beam, ...; aligner: beta)
       "vocab": ["a", "dog", ...], # vocabulary words (special tokens excluded)
       "extractor": {...},         # feature extractor name and settings (from the features NPZ)

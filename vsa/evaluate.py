@@ -1,6 +1,6 @@
-"""``vsa eval``: retrieval metrics of aligners (:mod:`vsa.eval_align`) and caption metrics of generators
-(:mod:`vsa.eval_caption`) on one split of a dataset, on given features or on features computed from the
-dataset's images as each model's training features were made (:func:`vsa.features.features_for_eval`).
+"""``vsa eval``: retrieval metrics of aligners (:mod:`vsa.alignment.evaluate`) and caption metrics of generators
+(:mod:`vsa.generator.evaluate`) on one split of a dataset, on given features or on features computed from the
+dataset's images as each model's training features were made (:func:`vsa.features.embed.features_for_eval`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
     ``models`` on ``split`` of ``ds``.
 
     An aligner gives ``retrieval`` (several aligners only with ``ensemble``: their standardised scores averaged,
-    :func:`vsa.eval_align.evaluate_aligner`), a generator ``generation``
-    (:func:`vsa.eval_caption.evaluate_generator`; several generators only with ``ensemble``: decoded as one,
+    :func:`vsa.alignment.evaluate.evaluate_aligner`), a generator ``generation``
+    (:func:`vsa.generator.evaluate.evaluate_generator`; several generators only with ``ensemble``: decoded as one,
     their word probabilities averaged, on the first one's features). ``weights``: one per model, in the order
     of ``models``, each kind's own weighting its members.
     ``features``: a features file or None per model; None: the file the model was trained on, else computed from
@@ -45,7 +45,7 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
     callbacks.
     """
     from vsa.checkpoint import load_checkpoint
-    from vsa.features import features_for_eval
+    from vsa.features.embed import features_for_eval
 
     models = list(models)
     given = list(features) if features is not None else [None] * len(models)
@@ -83,7 +83,7 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
                                      note, jit=jit, max_pixels=max_pixels, resume=resume)
 
         if aligners:
-            from vsa.eval_align import evaluate_aligner
+            from vsa.alignment.evaluate import evaluate_aligner
 
             fs = [feats(i) for i in aligners]
             paths = [models[i] for i in aligners]
@@ -101,10 +101,10 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
                 on_section("retrieval", report["retrieval"])
         if generators:
             from vsa.checkpoint import config_from
-            from vsa.decoding import DecodingConfig, mirror_weight
-            from vsa.eval_caption import evaluate_generator
+            from vsa.generator.decoding import DecodingConfig, mirror_weight
+            from vsa.generator.evaluate import evaluate_generator
 
-            from vsa.mrnn import backbone
+            from vsa.generator.model import backbone
 
             g = [models[i] for i in generators]
             per_cnn: dict = {}  # members on one CNN read the features of its first member (found or made once)

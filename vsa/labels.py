@@ -1,5 +1,5 @@
 """Detector labels as caption words: the words people use for each COCO class, and the constraint sets that
-constrained decoding (:func:`vsa.decoding.constrained_beam_search`) builds from a photo's detections.
+constrained decoding (:func:`vsa.generator.decoding.constrained_beam_search`) builds from a photo's detections.
 
 ``CLASS_WORDS[label]`` is a disjunction of single words, singular and plural and the usual synonyms ("person":
 man, woman, boy, girl, child, people, ...); a caption names the class when it contains one of them. The same

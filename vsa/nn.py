@@ -19,7 +19,7 @@ class Standardize(nn.Module):
         self.register_buffer("std", torch.ones(dim))
 
     def set_moments(self, mean, std) -> None:
-        """Per-dimension mean and std of the training regions (:meth:`vsa.featstore.RegionBank.moments`)."""
+        """Per-dimension mean and std of the training regions (:meth:`vsa.features.store.RegionBank.moments`)."""
         self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
         self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype).clamp(min=1e-3))
 

@@ -606,7 +606,7 @@ def retrieval_data(ranks: dict, ds, out_dir: Path, top: int = 5, source=None, pr
                    max_pixels: int | None = None) -> dict:
     """Page data for :func:`write_retrieval_page` from ``vsa eval --ranks-out`` JSON and the dataset.
 
-    Reads the ``--ranks-out`` format of :mod:`vsa.eval_align` (docs/formats.md): ``{"split", "model",
+    Reads the ``--ranks-out`` format of :mod:`vsa.alignment.evaluate` (docs/formats.md): ``{"split", "model",
     "images": [{"key", "top": [sentid...], "gt": [sentid...], "rank"}], "sentences": [{"sentid", "top":
     [key...], "gt": key, "rank"}]}``; ``i2t``/``t2i`` for ``images``/``sentences`` and image ids for keys are
     accepted too.  Thumbnails are written into ``out_dir/thumbs/``, one per image file (named by :func:`thumb_name`).

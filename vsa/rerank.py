@@ -91,7 +91,7 @@ def caption_logprobs(model, feats_of, sentences: list[list[int]], pairs: np.ndar
     import torch
 
     from vsa.data import Vocab
-    from vsa.decoding import sequence_logprob
+    from vsa.generator.decoding import sequence_logprob
 
     order = np.lexsort((pairs[:, 1], pairs[:, 0]))
     out = np.zeros(len(pairs), dtype=np.float64)
@@ -116,7 +116,7 @@ def check_generator_features(extractor: dict | None, feat_dim: int, store) -> No
     """A one-line error unless the features ``store`` were made by the generator's CNN (its checkpoint's
     ``extractor`` record) with its feature size ``feat_dim``."""
     from vsa.errors import VsaError
-    from vsa.featstore import check_extractor
+    from vsa.features.store import check_extractor
 
     check_extractor(extractor, store.meta, store.path, "generator")
     if store.dim != feat_dim:
@@ -127,7 +127,7 @@ def generator_logp(gen_path, store, keys: list[str], sentences: list[list[str]],
     """``logp(pairs)`` for :func:`pmi_rerank` from the generator checkpoint ``gen_path`` on the features ``store``
     (its ``keys[i]`` is image i; ``sentences[j]`` the tokens of sentence j)."""
     from vsa.data import Vocab
-    from vsa.mrnn import load_generators, region_rows, uses_regions
+    from vsa.generator.model import load_generators, region_rows, uses_regions
     from vsa.runtime import pick_device
     from vsa.splits import split_features
 

@@ -100,7 +100,7 @@ def check_finite_scores(scores: np.ndarray, what: str = "scores", path=None) -> 
 
 def check_finite_features(feats, names, path=None, what: str = "features", chunk: int = 256) -> None:
     """A one-line error naming ``path`` and the first item of ``names`` whose features (``feats``: an array, a tensor
-    or a :class:`vsa.featstore.RegionBank`, items along the first axis) hold NaN or infinite values; read ``chunk``
+    or a :class:`vsa.features.store.RegionBank`, items along the first axis) hold NaN or infinite values; read ``chunk``
     items at a time."""
     import torch
 

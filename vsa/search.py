@@ -1,13 +1,13 @@
 """Scoring and search with a trained aligner: ``vsa score`` and ``vsa search``.
 
-New photos go through the one featurisation path (:mod:`vsa.featurise`), as the aligner's training features
+New photos go through the one featurisation path (:mod:`vsa.features.featuriser`), as the aligner's training features
 were made: the whole image + the detector's top boxes (when those features came from boxes), embedded by the
 CNN the aligner was trained on with its crop mode (all named in the checkpoint's ``extractor`` meta); the
 aligner then maps regions and words into one space.
 
 An *index* (``vsa search index``) is a features NPZ (docs/formats.md) plus ``emb``, the region vectors
 ``[R, h]`` (float16) of the aligner, and ``paths``; it is built once per photo folder, written and read by
-:mod:`vsa.featstore` (:func:`~vsa.featstore.save_features`, :func:`~vsa.featstore.load_features`).
+:mod:`vsa.features.store` (:func:`~vsa.features.store.save_features`, :func:`~vsa.features.store.load_features`).
 """
 
 from __future__ import annotations
@@ -35,22 +35,22 @@ class Photo:
     feats: np.ndarray  # [R, D] float32
 
     def record(self) -> dict:
-        """The image record :func:`vsa.featstore.save_features` takes."""
+        """The image record :func:`vsa.features.store.save_features` takes."""
         return {"key": self.key, "size": self.size, "feats": self.feats, "boxes": self.boxes, "scores": self.scores,
                 "labels": self.labels}
 
 
 class PhotoEncoder:
     """Photos -> :class:`Photo` (regions + features) as the aligner's training features were made: the one
-    featurisation path, :class:`vsa.featurise.Featuriser` (detector and CNN loaded on first use).
+    featurisation path, :class:`vsa.features.featuriser.Featuriser` (detector and CNN loaded on first use).
 
     ``detector`` is a detector spec (:func:`vsa.regions.load_detector`) or an already loaded detector, used
     only when the features ``extractor_meta`` describes came from detector boxes; ``extractor`` an already
-    loaded :class:`vsa.cnn.Extractor` of the CNN ``extractor_meta`` names."""
+    loaded :class:`vsa.features.cnn.Extractor` of the CNN ``extractor_meta`` names."""
 
     def __init__(self, extractor_meta: dict, detector=None, top: int = 19, device: str = "cpu", cnn_weights=None,
                  whole_only: bool = False, extractor=None, jit: bool = True):
-        from vsa.featurise import Featuriser
+        from vsa.features.featuriser import Featuriser
 
         self.featuriser = Featuriser(extractor_meta, detector, extractor=extractor, top=top, device=device,
                                      cnn_weights=cnn_weights, whole_only=whole_only, jit=jit)
@@ -112,8 +112,8 @@ def score_record(aligner, photo: Photo, sentence: str, tokens: list[str] | None 
     """
     from vsa.data import tokenize
 
-    from vsa.align import region_rows
-    from vsa.mrf import grounding_mask
+    from vsa.alignment.model import region_rows
+    from vsa.alignment.mrf import grounding_mask
 
     tokens = tokens if tokens is not None else tokenize(sentence)
     if not tokens:
@@ -206,7 +206,7 @@ def model_fingerprint(aligner) -> str:
 
 
 def region_vectors(aligner, photos: list[Photo]) -> list[np.ndarray]:
-    from vsa.align import region_rows
+    from vsa.alignment.model import region_rows
 
     return [aligner.image_vectors(p.feats[: region_rows(aligner.cfg)], full=True) for p in photos]
 
@@ -239,8 +239,8 @@ def photo_hubs(aligner, emb: list[np.ndarray], k: int, photos_per_chunk: int = 2
 def save_index(path, aligner, photos: list[Photo], meta_extra: dict | None = None) -> None:
     """Write the search index of ``photos`` (docs/formats.md, "Search index NPZ": a features NPZ plus the
     aligner's region vectors, and each photo's hubness term when the aligner has a bank of training sentences)
-    with :func:`vsa.featstore.save_features`."""
-    from vsa.featstore import save_features
+    with :func:`vsa.features.store.save_features`."""
+    from vsa.features.store import save_features
     from vsa.retrieval import IndexHubnessConfig
 
     if not photos:
@@ -265,7 +265,7 @@ class Index:
     """A search index: photos, their regions and the aligner's region vectors."""
 
     def __init__(self, path):
-        from vsa.featstore import INDEX, load_features
+        from vsa.features.store import INDEX, load_features
 
         self.path = Path(path)
         self.store = load_features(path, required=INDEX)
@@ -432,14 +432,14 @@ def rerank_hits(hits: list[dict], logp, k: int = 10, weight: float | None = None
 def rerank_text(hits: list[dict], query: str, generator, store=None, k: int = 10, weight: float | None = None,
                 max_pixels: int | None = None) -> list[dict]:
     """Re-rank :func:`search_text`'s candidates ``hits`` for ``query`` with a caption generator
-    (:class:`vsa.captioner.Captioner`): ``log p(query | photo)`` by teacher forcing on the generator's inputs of
+    (:class:`vsa.generator.captioner.Captioner`): ``log p(query | photo)`` by teacher forcing on the generator's inputs of
     each photo, from ``store`` (a features NPZ made with the generator's CNN, looked up by the photo's key) or
     else made from the photo file (``max_pixels``: :func:`vsa.images.open_image`'s limit); then
     :func:`rerank_hits`."""
     import torch
 
     from vsa.data import tokenize
-    from vsa.mrnn import region_rows, uses_regions
+    from vsa.generator.model import region_rows, uses_regions
     from vsa.rerank import query_logprobs
 
     if not hits:
@@ -491,7 +491,7 @@ def search_sentences(aligner, photo: Photo, sentences: list[str], k: int = 10, b
     import torch
 
     from vsa.data import tokenize
-    from vsa.featstore import pad_regions
+    from vsa.features.store import pad_regions
     from vsa.retrieval import SentenceHubnessConfig, bank_means
 
     hcfg = SentenceHubnessConfig()
@@ -500,7 +500,7 @@ def search_sentences(aligner, photo: Photo, sentences: list[str], k: int = 10, b
     if not sentences:
         raise VsaError("the sentence corpus is empty")
     toks = [tokenize(s) for s in sentences]
-    from vsa.align import region_rows
+    from vsa.alignment.model import region_rows
 
     feats, mask = pad_regions([photo.feats], max_regions=region_rows(aligner.cfg))
     if not torch.isfinite(feats).all():

@@ -36,8 +36,8 @@ def retrieval_split(ds, split: str, store, vocab, max_regions: int, max_len: int
     """Region features (at most ``max_regions`` per image, read on demand) and encoded sentences (cut at
     ``max_len`` words) of one split; images without features: error, or skipped with a warning when
     ``skip_missing``."""
-    from vsa.align import pad_ids
-    from vsa.featstore import RegionBank
+    from vsa.alignment.model import pad_ids
+    from vsa.features.store import RegionBank
 
     recs = [r for r in ds.split(split) if r.sentences]
     recs = store.check_dataset(recs, skip_missing=skip_missing, warn=warn)
@@ -71,8 +71,8 @@ class CaptionSplit:
 
 def stack_regions(store, keys: list[str], max_regions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded float32 ``[N, R, D]`` regions (whole image first) and mask ``[N, R]`` of ``keys``, R = the most
-    regions any of them has, at most ``max_regions`` (:func:`vsa.featstore.pad_regions`)."""
-    from vsa.featstore import pad_regions
+    regions any of them has, at most ``max_regions`` (:func:`vsa.features.store.pad_regions`)."""
+    from vsa.features.store import pad_regions
 
     return pad_regions(store, keys, max_regions)
 
@@ -106,8 +106,8 @@ def caption_split(ds, store, split: str, vocab, max_len: int, regions: bool = Fa
 
 def snippet_split(records: list[dict], store, split: str, vocab, max_len: int, source="alignments") -> CaptionSplit:
     """(region feature, snippet) pairs from alignments JSONL records of ``split`` (``vsa align``); a malformed
-    record is a one-line error naming ``source`` and its line (:func:`vsa.snippets.check_alignment_record`)."""
-    from vsa.snippets import check_alignment_record
+    record is a one-line error naming ``source`` and its line (:func:`vsa.alignment.snippets.check_alignment_record`)."""
+    from vsa.alignment.snippets import check_alignment_record
 
     index: dict[tuple[str, int], int] = {}
     feats, sents, refs, toks, items = [], [], [], [], []

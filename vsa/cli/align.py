@@ -1,4 +1,4 @@
-"""``vsa align``: sentences -> snippets grounded in boxes (the library: vsa.snippets)."""
+"""``vsa align``: sentences -> snippets grounded in boxes (the library: vsa.alignment.snippets)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def align(
     from vsa.cli.config import default_model, resolve, workspace
     from vsa.cli.workspace import open_dataset
     from vsa.errors import VsaError
-    from vsa.snippets import align_split
+    from vsa.alignment.snippets import align_split
 
     if beta is not None and beta < 0:
         raise VsaError(f"--beta must be >= 0, got {beta}")

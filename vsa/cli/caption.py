@@ -1,4 +1,4 @@
-"""``vsa caption`` (the library: vsa.captioner)."""
+"""``vsa caption`` (the library: vsa.generator.captioner)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def caption(
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0: all)."),
 ):
     """Describe images: one line per image, `PATH<TAB>caption` (or --bare, --json, --coco-results)."""
-    from vsa.captioner import caption_images, caption_inputs
+    from vsa.generator.captioner import caption_images, caption_inputs
     from vsa.cli import workspace as W
     from vsa.cli.common import note
     from vsa.cli.common import parse_weights

@@ -44,7 +44,7 @@ def embed(
 
     from vsa.cli.config import resolve, workspace
     from vsa.errors import VsaError
-    from vsa.features import collect_items, output_key
+    from vsa.features.embed import collect_items, output_key
     from vsa.io import output_lock
 
     # no workspace default here: the regions file vsa.toml names would take the place of a pipe into the command
@@ -104,7 +104,7 @@ def _run(items, meta, out_path, cnn, cnn_weights, batch_size, workers, crop, gri
     from vsa.cli import workspace as W
     from vsa.cli.config import resolve
     from vsa.errors import VsaError
-    from vsa.features import embed as run_embed, load_extractor
+    from vsa.features.embed import embed as run_embed, load_extractor
 
     cnn_weights = resolve(cnn_weights, "features.cnn_weights", "--cnn-weights", required=False)
     if dtype not in ("float16", "float32"):
@@ -135,7 +135,7 @@ def _run(items, meta, out_path, cnn, cnn_weights, batch_size, workers, crop, gri
 def merge(inputs, out):
     """Join `vsa embed --shard K/N` outputs into one NPZ (same format as a single run)."""
     from vsa.errors import VsaError
-    from vsa.features import merge_npz
+    from vsa.features.embed import merge_npz
 
     if not inputs or out is None:
         raise VsaError("usage: vsa embed merge SHARD.npz... -o OUT.npz")

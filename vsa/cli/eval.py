@@ -32,7 +32,7 @@ def _features_for(models: list, features):
     from vsa.checkpoint import load_checkpoint
     from vsa.cli.common import note
     from vsa.errors import VsaError
-    from vsa.featstore import check_extractor, load_features
+    from vsa.features.store import check_extractor, load_features
 
     path = Path(features[0])
     try:
@@ -107,9 +107,9 @@ def evaluate(
         if as_json:
             return
         if name == "retrieval":
-            from vsa.eval_align import render_retrieval as render
+            from vsa.alignment.evaluate import render_retrieval as render
         else:
-            from vsa.eval_caption import render_generation as render
+            from vsa.generator.evaluate import render_generation as render
         render(section, _stdout())
 
     with progress(transient=True) as prog:

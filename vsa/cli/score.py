@@ -1,4 +1,4 @@
-"""``vsa score``: image-sentence scores (the library: vsa.align, vsa.search)."""
+"""``vsa score``: image-sentence scores (the library: vsa.alignment.model, vsa.search)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def score_cmd(
     aligner = _aligner(_default_model(model), device)
     store = None
     if features is not None:
-        from vsa.featstore import load_features
+        from vsa.features.store import load_features
 
         store = load_features(features)
     encoder = _encoder(aligner, detector, top, device, cnn_weights)

@@ -41,7 +41,7 @@ def search_index(
     with output_lock(out, "vsa search index"):  # one writer per index: a second run on the same -o is refused
         aligner = _aligner(_default_model(model), device)
         if features is not None:
-            from vsa.featstore import load_features
+            from vsa.features.store import load_features
 
             store = load_features(features)
             ds = None
@@ -93,12 +93,12 @@ def search_text_cmd(
     idx.check_model(aligner)
     hits = search_text(aligner, idx, query, k if rcfg is None else max(k, rcfg.k), hubness=not no_hubness)
     if rcfg is not None:
-        from vsa.captioner import Captioner
+        from vsa.generator.captioner import Captioner
         from vsa.search import rerank_text
 
         store = None
         if rerank_features is not None:
-            from vsa.featstore import load_features
+            from vsa.features.store import load_features
 
             store = load_features(rerank_features)
         gen = Captioner.load(rerank, "cpu", cnn_weights)

@@ -1,4 +1,4 @@
-"""``vsa train-align``: resolve flags + vsa.toml, one call to :func:`vsa.train_align.train`."""
+"""``vsa train-align``: resolve flags + vsa.toml, one call to :func:`vsa.alignment.train.train`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from vsa.cli import app
 from vsa.cli.common import config_command, guarded, info, warn
 
 
-ALIGN_CONFIGS = ("vsa.align:AlignModelConfig", "vsa.train_align:AlignTrainConfig")
+ALIGN_CONFIGS = ("vsa.alignment.model:AlignModelConfig", "vsa.alignment.train:AlignTrainConfig")
 
 
 @app.command("train-align", cls=config_command(*ALIGN_CONFIGS))
@@ -49,8 +49,8 @@ def train_align(
     from vsa.cli.config import resolve
     from vsa.runtime import pick_device
     from vsa.io import write_json
-    from vsa.align import features_key
-    from vsa.train_align import configs, parse_overrides, train
+    from vsa.alignment.model import features_key
+    from vsa.alignment.train import configs, parse_overrides, train
 
     # the dataclasses hold every default; flags and --set only override
     flags = {"model": model, "rnn": rnn, "score": score, "loss": loss, "epochs": epochs, "batch_size": batch_size,

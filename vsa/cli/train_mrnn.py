@@ -1,4 +1,4 @@
-"""``vsa train-mrnn``: resolve flags + vsa.toml, one call to :func:`vsa.train_mrnn.train`."""
+"""``vsa train-mrnn``: resolve flags + vsa.toml, one call to :func:`vsa.generator.train.train`."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from vsa.cli import app
 from vsa.cli.common import config_command, guarded, info, progress, warn
 
 
-MRNN_CONFIGS = ("vsa.mrnn:MRNNConfig", "vsa.train_mrnn:MRNNTrainConfig", "vsa.decoding:DecodingConfig")
-ARCH_HELP = "Caption model architecture, a name registered in vsa.caption_models."
+MRNN_CONFIGS = ("vsa.generator.model:GeneratorConfig", "vsa.generator.train:GeneratorTrainConfig", "vsa.generator.decoding:DecodingConfig")
+ARCH_HELP = "Caption model architecture, a name registered in vsa.generator.models."
 
 
 class TrainMRNNCommand(config_command(*MRNN_CONFIGS)):
     """Its ``--help`` lists the registered architectures (imported, as the config defaults are, only then)."""
 
     def format_help(self, ctx, formatter):
-        from vsa.caption_models import describe
+        from vsa.generator.models import describe
 
         for p in self.params:
             if p.name == "arch":
@@ -49,7 +49,7 @@ def train_mrnn(
     lr: Optional[float] = typer.Option(None, "--lr"),
     lr_decay: Optional[float] = typer.Option(None, "--lr-decay", help="Cross-entropy learning rate factor at each decay: after lr_decay_start epochs, then every lr_decay_every epochs (--set lr_decay_start=N, lr_decay_every=N; 0: once)."),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Any MRNNConfig / MRNNTrainConfig / DecodingConfig field, KEY=VALUE (repeatable), e.g. --set grad_clip=1."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Any GeneratorConfig / GeneratorTrainConfig / DecodingConfig field, KEY=VALUE (repeatable), e.g. --set grad_clip=1."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Maximum words per sentence (trained and generated)."),
     min_count: Optional[int] = typer.Option(None, "--min-count", help="Vocabulary threshold (default [dataset] min_count or 5)."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Stop after this many epochs without val CIDEr gain."),
@@ -67,8 +67,8 @@ def train_mrnn(
     from vsa.cli.config import resolve
     from vsa.cli.workspace import open_dataset
     from vsa.errors import VsaError
-    from vsa.mrnn import features_key
-    from vsa.train_mrnn import configs, parse_overrides, train_on
+    from vsa.generator.model import features_key
+    from vsa.generator.train import configs, parse_overrides, train_on
 
     if rnn is not None:
         if arch is not None and arch != rnn:

@@ -116,7 +116,7 @@ def eval_mirror_features(models: list, mirror_features=None, features=None) -> O
 def _same_cnn(ck: dict, path: Path, model) -> bool:
     """Whether the workspace's features file ``path`` was made by the CNN ``ck`` was trained on; says so when not."""
     from vsa.errors import VsaError
-    from vsa.featstore import check_extractor, load_features
+    from vsa.features.store import check_extractor, load_features
 
     try:
         meta = load_features(path).meta  # memory-mapped: only the small arrays are read
@@ -134,11 +134,11 @@ def _features_key(ck: dict) -> str:
     """The vsa.toml key naming the features a checkpoint reads by default."""
     cfg = ck.get("model") or {}  # the model config (load_checkpoint converts version-1 files)
     if ck["kind"] == "align":
-        from vsa.align import AlignModelConfig, features_key as align_features_key
+        from vsa.alignment.model import AlignModelConfig, features_key as align_features_key
         from vsa.checkpoint import config_from
 
         return align_features_key(config_from(AlignModelConfig, cfg))
-    from vsa.mrnn import features_key
+    from vsa.generator.model import features_key
 
     return features_key(cfg)
 
@@ -160,7 +160,7 @@ def open_dataset(dataset: Optional[Path], images: Optional[Path] = None, splits:
 
 
 def aligner(model: Optional[Path], device: str):
-    from vsa.align import load_aligner
+    from vsa.alignment.model import load_aligner
     from vsa.runtime import pick_device
 
     return load_aligner(model, pick_device(device))

@@ -5,8 +5,8 @@ val BLEU/CIDEr (greedy, simple tokenizer) after every epoch, best-on-val-CIDEr c
 optionally self-critical fine-tuning (SCST, CIDEr-D reward, mean-of-samples baseline); finally the decoding
 defaults (beam size, length penalty) are chosen on val (a bounded, announced search) and stored in the checkpoint.
 
-:class:`MRNNTrainConfig` holds the training choices, beside the model's :class:`vsa.mrnn.MRNNConfig`
-and the decoding defaults :class:`vsa.decoding.DecodingConfig`. :class:`MRNNStage` gives the batches,
+:class:`GeneratorTrainConfig` holds the training choices, beside the model's :class:`vsa.generator.model.GeneratorConfig`
+and the decoding defaults :class:`vsa.generator.decoding.DecodingConfig`. :class:`GeneratorStage` gives the batches,
 the steps and the val scores to :func:`vsa.trainer.fit`, which owns the loop, the best (``out``) and
 last (``<out stem>.last.pt``) checkpoints, the metrics log, resume and interrupts.
 """
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from vsa.data import Vocab
-from vsa.decoding import DecodingConfig, decode, sample, sequence_logprob
+from vsa.generator.decoding import DecodingConfig, decode, sample, sequence_logprob
 from vsa.errors import VsaError
-from vsa.mrnn import MRNNConfig, build_model
+from vsa.generator.model import GeneratorConfig, build_model
 from vsa.splits import CaptionSplit
 from vsa.trainer import last_path  # noqa: F401  (re-exported: the CLI names the resume file)
 
@@ -32,8 +32,8 @@ SEARCH_PENALTIES = (0.0, 0.7)
 
 
 @dataclass
-class MRNNTrainConfig:
-    """How the generator is trained (its architecture is :class:`vsa.mrnn.MRNNConfig`)."""
+class GeneratorTrainConfig:
+    """How the generator is trained (its architecture is :class:`vsa.generator.model.GeneratorConfig`)."""
 
     epochs: int = 10  # cross-entropy epochs (early stopping on val CIDEr)
     batch_size: int = 100  # sentences (all sentences of an image in the same batch)
@@ -72,16 +72,16 @@ class MRNNTrainConfig:
     search_images: int = 1000
 
 
-def configs(**fields) -> tuple[MRNNConfig, MRNNTrainConfig, DecodingConfig]:
+def configs(**fields) -> tuple[GeneratorConfig, GeneratorTrainConfig, DecodingConfig]:
     """The three configs from one set of field names (former names read as their new ones); ``max_len`` sets the
     training and the decoding one."""
     from vsa.checkpoint import configs_from
 
-    return configs_from((MRNNConfig, MRNNTrainConfig, DecodingConfig), fields, "generator")  # type: ignore
+    return configs_from((GeneratorConfig, GeneratorTrainConfig, DecodingConfig), fields, "generator")  # type: ignore
 
 
-def check(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig) -> None:
-    from vsa.caption_models import caption_model_names
+def check(mcfg: GeneratorConfig, tcfg: GeneratorTrainConfig, dcfg: DecodingConfig) -> None:
+    from vsa.generator.models import caption_model_names
 
     if mcfg.arch not in caption_model_names():
         raise VsaError(f"--arch must be one of {', '.join(caption_model_names())}, got {mcfg.arch!r}")
@@ -182,7 +182,7 @@ def perplexity(model, sp: CaptionSplit, batch_size: int = 256) -> float:
 @torch.no_grad()
 def generate(model, sp: CaptionSplit, vocab: Vocab, beam: int = 1, max_len: int = 20, length_penalty: float = 0.0,
              batch_size: int = 100) -> list[str]:
-    from vsa.decoding import constraints
+    from vsa.generator.decoding import constraints
 
     model.eval()
     dec = getattr(model, "decoding", None) or DecodingConfig()
@@ -198,7 +198,7 @@ def generate(model, sp: CaptionSplit, vocab: Vocab, beam: int = 1, max_len: int 
 
 def val_scores(model, sp: CaptionSplit, vocab: Vocab, beam: int = 1, max_len: int = 20, length_penalty: float = 0.0,
                metrics=("BLEU", "CIDEr"), tokenizer: str = "simple") -> dict:
-    from vsa.caption_metrics import score_captions
+    from vsa.generator.metrics import score_captions
 
     caps = generate(model, sp, vocab, beam, max_len, length_penalty)
     gts = {i: r for i, r in enumerate(sp.refs)}
@@ -211,9 +211,9 @@ def val_scores(model, sp: CaptionSplit, vocab: Vocab, beam: int = 1, max_len: in
 
 def feature_moments(feats: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 256):
     """Per-dimension mean and (unbiased) std of ``feats`` ``[M, D]`` or ``[M, R, D]`` over the real rows
-    (``mask`` ``[M, R]``), ``chunk`` items at a time (:func:`vsa.featstore.chunked_moments`): no copy of the
+    (``mask`` ``[M, R]``), ``chunk`` items at a time (:func:`vsa.features.store.chunked_moments`): no copy of the
     whole split, which for a grid of cells per image is gigabytes."""
-    from vsa.featstore import chunked_moments
+    from vsa.features.store import chunked_moments
 
     D = feats.shape[-1]
     mean, std = chunked_moments(feats[a : a + chunk][mask[a : a + chunk]] if mask is not None
@@ -226,7 +226,7 @@ def _set_lr(opt, lr: float) -> None:
         g["lr"] = lr
 
 
-def xe_lr(cfg: MRNNTrainConfig, epoch: int) -> float:
+def xe_lr(cfg: GeneratorTrainConfig, epoch: int) -> float:
     """Cross-entropy learning rate of (1-based) ``epoch``: ``lr`` for the first ``lr_decay_start`` epochs, then x
     ``lr_decay`` once and again after every further ``lr_decay_every`` epochs (:func:`vsa.trainer.step_decay`)."""
     from vsa.trainer import step_decay
@@ -234,20 +234,20 @@ def xe_lr(cfg: MRNNTrainConfig, epoch: int) -> float:
     return step_decay(cfg.lr, cfg.lr_decay, cfg.lr_decay_start, cfg.lr_decay_every, epoch)
 
 
-def scst_lr(cfg: MRNNTrainConfig, epoch: int) -> float:
+def scst_lr(cfg: GeneratorTrainConfig, epoch: int) -> float:
     """Self-critical learning rate of (1-based, counting the cross-entropy epochs) ``epoch``: ``scst_lr`` in the
     first SCST epoch, x ``scst_lr_decay`` per SCST epoch after it."""
     return cfg.scst_lr * cfg.scst_lr_decay ** max(0, epoch - cfg.epochs - 1)
 
 
-class MRNNStage:
+class GeneratorStage:
     """The generator's part of :func:`vsa.trainer.fit`: cross-entropy epochs ``1..epochs``, then SCST epochs
     (from the best cross-entropy weights, a fresh Adam at ``scst_lr``); val perplexity + greedy BLEU/CIDEr."""
 
     kind = "mrnn"
     select = "CIDEr"
 
-    def __init__(self, model, mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, train_sp: CaptionSplit,
+    def __init__(self, model, mcfg: GeneratorConfig, tcfg: GeneratorTrainConfig, dcfg: DecodingConfig, train_sp: CaptionSplit,
                  val_sp: CaptionSplit, vocab: Vocab, extractor: dict, env, out):
         from vsa import distributed as D
 
@@ -312,7 +312,7 @@ def _describe(epoch, stats, val, improved) -> str:
             f"BLEU-4 {val['BLEU-4']:5.2f}  CIDEr {val['CIDEr']:5.2f}{'  *best' if improved else ''}")
 
 
-def train(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, train_sp: CaptionSplit,
+def train(mcfg: GeneratorConfig, tcfg: GeneratorTrainConfig, dcfg: DecodingConfig, train_sp: CaptionSplit,
           val_sp: CaptionSplit, vocab: Vocab, out, extractor: dict, resume: bool = False, info=print, log=None,
           extra_meta: dict | None = None, choose_decoding: bool = True, device: str = "cpu",
           overrides: list[str] | None = None, progress=None) -> dict:
@@ -344,9 +344,9 @@ def train(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, train_s
         if state["vocab"] != vocab.words:
             raise VsaError("the checkpoint's vocabulary differs from this dataset's (same dataset and --min-count?)",
                            last_path(out))
-        mcfg = config_from(MRNNConfig, state["model"])
+        mcfg = config_from(GeneratorConfig, state["model"])
         # the run's length is the caller's (tcfg's epochs / scst_epochs); every other choice the checkpoint's
-        tcfg = dataclasses.replace(config_from(MRNNTrainConfig, state["train"]), epochs=tcfg.epochs,
+        tcfg = dataclasses.replace(config_from(GeneratorTrainConfig, state["train"]), epochs=tcfg.epochs,
                                    scst_epochs=tcfg.scst_epochs)
         dcfg = config_from(DecodingConfig, state["decoding"])
         apply_overrides((mcfg, tcfg, dcfg), overrides or [])
@@ -362,7 +362,7 @@ def train(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, train_s
     model.feat_mean.copy_(mean)
     model.feat_std.copy_(std.clamp_min(1e-3))
     model = model.to(torch.device(env.device))
-    stage = MRNNStage(model, mcfg, tcfg, dcfg, train_sp, val_sp, vocab, extractor, env, out)
+    stage = GeneratorStage(model, mcfg, tcfg, dcfg, train_sp, val_sp, vocab, extractor, env, out)
     if env.enabled:
         torch.manual_seed(tcfg.seed + 1000 * env.rank)  # different dropout masks on different ranks
         info(f"distributed: {env.world} processes ({'nccl' if env.device.startswith('cuda') else 'gloo'}), "
@@ -374,7 +374,7 @@ def train(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, train_s
     return summary
 
 
-def train_on(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, ds, features, out, alignments=None,
+def train_on(mcfg: GeneratorConfig, tcfg: GeneratorTrainConfig, dcfg: DecodingConfig, ds, features, out, alignments=None,
              warn=None, skip_missing: bool = False, flip_features=None, **kw) -> dict:
     """:func:`train` on the train/val images of ``ds`` with the features file ``features`` (whole image, or
     regions/grid cells for an attention model); with ``alignments`` (a ``vsa align`` JSONL) on (region,
@@ -384,8 +384,8 @@ def train_on(mcfg: MRNNConfig, tcfg: MRNNTrainConfig, dcfg: DecodingConfig, ds, 
     from pathlib import Path
 
     from vsa.data import build_vocab
-    from vsa.featstore import FeatureStore
-    from vsa.mrnn import region_rows, uses_regions
+    from vsa.features.store import FeatureStore
+    from vsa.generator.model import region_rows, uses_regions
     from vsa.retrieval import check_finite_features
     from vsa.runtime import set_threads
     from vsa.splits import caption_split, snippet_split
@@ -436,7 +436,7 @@ def _item_name(item) -> str:
 def mirrored_features(store, flipped, sp: CaptionSplit, regions: bool, max_regions: int, path) -> torch.Tensor:
     """The mirrored features (``flipped``, a FeatureStore made by ``vsa embed --flip``) of ``sp``'s images, laid out
     as ``sp.feats``; a one-line error unless they are the same features of the same images, mirrored."""
-    from vsa.featstore import check_mirrored
+    from vsa.features.store import check_mirrored
     from vsa.splits import split_features
 
     keys = [r.key for r in sp.items]
@@ -494,13 +494,13 @@ def _ticker(progress, what: str, total: int):
     return tick
 
 
-def _xe_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, ddp=None, env=None, tick=lambda: None) -> float:
+def _xe_epoch(model, opt, sp: CaptionSplit, cfg: GeneratorTrainConfig, epoch: int, ddp=None, env=None, tick=lambda: None) -> float:
     """One teacher-forced epoch; ``ddp`` is the (DDP-wrapped) model that runs the forward pass."""
     from vsa.distributed import DistEnv, share
 
     env = env or DistEnv()
     ddp = ddp if ddp is not None else model
-    from vsa.mrnn import autocast
+    from vsa.generator.model import autocast
     from vsa.trainer import check_loss
 
     model.train()
@@ -558,16 +558,16 @@ def ends(refs: list[list[str]]) -> list[list[str]]:
     return [list(r) + [END_WORD] for r in refs]
 
 
-def scst_reward(sp: CaptionSplit, cfg: MRNNTrainConfig):
+def scst_reward(sp: CaptionSplit, cfg: GeneratorTrainConfig):
     """The SCST reward's scorer: CIDEr-D with document frequencies from ``sp``'s references (``</s>`` kept), plus
     ``scst_meteor`` x METEOR when that is > 0."""
-    from vsa.caption_metrics import CiderD, MixedReward
+    from vsa.generator.metrics import CiderD, MixedReward
 
     cider = CiderD([ends(r) for r in sp.ref_tokens])
     return MixedReward(cider, cfg.scst_meteor, END_WORD) if cfg.scst_meteor > 0 else cider
 
 
-def _scst_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, scorer, vocab: Vocab, ddp=None, env=None,
+def _scst_epoch(model, opt, sp: CaptionSplit, cfg: GeneratorTrainConfig, epoch: int, scorer, vocab: Vocab, ddp=None, env=None,
                 tick=lambda: None, max_len: int = 20) -> float:
     """Self-critical sequence training: reward ``scorer`` (CIDEr-D, :func:`scst_reward`), baseline the mean reward
     of the other samples.
@@ -578,7 +578,7 @@ def _scst_epoch(model, opt, sp: CaptionSplit, cfg: MRNNTrainConfig, epoch: int, 
     env = env or DistEnv()
     ddp = ddp if ddp is not None else model
     dev = _dev(model)
-    from vsa.mrnn import autocast
+    from vsa.generator.model import autocast
     from vsa.trainer import check_loss
 
     # dropout off: the sampled and the re-scored policy are the same; on (scst_dropout): each pass draws its own
@@ -650,7 +650,7 @@ def choose_beam(path, val_sp: CaptionSplit, vocab: Vocab, settings: int | None =
     :func:`search_grid` (None: all), decoding the first ``images`` val images (0: all); store them in the
     checkpoint's decoding defaults. Says first what it is about to do: it runs after the epochs."""
     from vsa.checkpoint import load_checkpoint, save_checkpoint
-    from vsa.mrnn import model_from_checkpoint
+    from vsa.generator.model import model_from_checkpoint
 
     grid = search_grid(settings, beams, penalties)
     sp = head(val_sp, images)

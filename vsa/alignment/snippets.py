@@ -1,7 +1,7 @@
 """``vsa align``: snippet alignments of a dataset split, streamed and resumable.
 
 For every image-sentence pair of a split: the aligner's word-region scores ``[T, R]``
-(:meth:`vsa.align.Aligner.word_region_scores`), the chain MRF (:mod:`vsa.mrf`), and one JSONL
+(:meth:`vsa.alignment.model.Aligner.word_region_scores`), the chain MRF (:mod:`vsa.alignment.mrf`), and one JSONL
 record (docs/formats.md, "Alignments JSONL").
 
 Written to a file, work goes first into ``<out>.part`` (one record per line, appended as it is
@@ -18,9 +18,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from vsa.errors import VsaError, writing
-from vsa.featstore import check_extractor
+from vsa.features.store import check_extractor
 from vsa.io import is_number
-from vsa.mrf import alignment_record
+from vsa.alignment.mrf import alignment_record
 
 
 def pairs_of(ds, split: str) -> list[tuple]:
@@ -30,9 +30,9 @@ def pairs_of(ds, split: str) -> list[tuple]:
 
 
 def word_region_scores(aligner, feats: np.ndarray, tokens: list[str], cache: dict) -> np.ndarray:
-    """``[T, R]`` word-region scores; a trained region aligner (:class:`vsa.align.Aligner`) computes the image side
+    """``[T, R]`` word-region scores; a trained region aligner (:class:`vsa.alignment.model.Aligner`) computes the image side
     once per image, any other scorer gives :meth:`word_region_scores` of each pair."""
-    from vsa.align import Aligner
+    from vsa.alignment.model import Aligner
 
     if isinstance(aligner, Aligner) and aligner.cfg.model == "brnn":
         if "V" not in cache:
@@ -45,8 +45,8 @@ def word_region_scores(aligner, feats: np.ndarray, tokens: list[str], cache: dic
 
 def aligner_beta(aligner, beta: float | None = None) -> float:
     """The MRF's beta: ``beta`` if given, else the aligner's own (chosen on val, in its checkpoint's
-    ``decoding``), else :data:`vsa.mrf.DEFAULT_BETA`."""
-    from vsa.mrf import DEFAULT_BETA
+    ``decoding``), else :data:`vsa.alignment.mrf.DEFAULT_BETA`."""
+    from vsa.alignment.mrf import DEFAULT_BETA
 
     if beta is not None:
         return float(beta)
@@ -57,7 +57,7 @@ def ground_sentence(aligner, photo, tokens: list[str], beta: float | None = None
     """Snippets of any tokenised sentence (a generated caption, a query) on the regions of one photo
     (:class:`vsa.search.Photo`, whole image first): the snippet dicts of an alignment record, made by the
     same word-region scores and chain MRF as ``vsa align``, over the aligner's first ``max_regions`` regions."""
-    from vsa.align import region_rows
+    from vsa.alignment.model import region_rows
 
     R = region_rows(aligner.cfg)
     U = word_region_scores(aligner, photo.feats[:R], list(tokens), {})
@@ -236,12 +236,12 @@ def align_split(model, features, ds, split: str = "train", out=None, beta: float
     :func:`aligner_beta`). ``skip_missing``: leave out dataset images without features (default: an error);
     ``limit``: only the first N pairs; ``shard`` ``K/N``: a deterministic 1/N of them. ``progress``: a rich
     Progress to advance. Returns ``{"pairs", "resumed" (None for stdout), "beta", "stats"}``
-    (:func:`vsa.mrf.snippet_stats` of the records written).
+    (:func:`vsa.alignment.mrf.snippet_stats` of the records written).
     """
-    from vsa.align import load_aligner
-    from vsa.featstore import load_features
+    from vsa.alignment.model import load_aligner
+    from vsa.features.store import load_features
     from vsa.io import JsonlWriter, is_stdio
-    from vsa.mrf import snippet_stats
+    from vsa.alignment.mrf import snippet_stats
     from vsa.runtime import pick_device, set_threads
 
     set_threads(threads)

@@ -1,9 +1,9 @@
-"""The caption generator: its config (:class:`MRNNConfig`), building a model of it, loading one from a checkpoint,
+"""The caption generator: its config (:class:`GeneratorConfig`), building a model of it, loading one from a checkpoint,
 ensembles and mirror decoding.
 
-The architectures live in :mod:`vsa.caption_models`, registered by name (``MRNNConfig.arch``): the paper's
+The architectures live in :mod:`vsa.generator.models`, registered by name (``GeneratorConfig.arch``): the paper's
 multimodal RNN (``rnn``, Sec. 3.2), neuraltalk2's LSTM (``lstm``), and top-down attention over grid cells or
-regions (``updown``, the default). :class:`vsa.caption_models.CaptionModel` states what every one of them provides:
+regions (``updown``, the default). :class:`vsa.generator.models.CaptionModel` states what every one of them provides:
 one step interface for decoding (``init_state``, ``step``) and a teacher-forced ``forward``.
 """
 
@@ -15,15 +15,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from vsa.caption_models import caption_model_class, caption_model_names
+from vsa.generator.models import caption_model_class, caption_model_names
 
 
 @dataclass
-class MRNNConfig:
+class GeneratorConfig:
     """The generator's architecture: everything needed to rebuild it (training settings are
-    :class:`vsa.train_mrnn.MRNNTrainConfig`, decoding defaults :class:`vsa.decoding.DecodingConfig`)."""
+    :class:`vsa.generator.train.GeneratorTrainConfig`, decoding defaults :class:`vsa.generator.decoding.DecodingConfig`)."""
 
-    arch: str = "updown"  # a registered architecture (vsa.caption_models): updown, lstm, rnn, ...
+    arch: str = "updown"  # a registered architecture (vsa.generator.models): updown, lstm, rnn, ...
     vocab_size: int = 0  # including the 4 special tokens (set from the vocabulary)
     feat_dim: int = 1280  # set from the features
     embed: int = 512
@@ -38,12 +38,12 @@ class MRNNConfig:
     RENAMED: ClassVar[dict] = {"rnn": "arch"}
 
 
-def _config(cfg) -> MRNNConfig:
-    """``cfg``, or its dict form (as a checkpoint stores it) as an :class:`MRNNConfig`."""
+def _config(cfg) -> GeneratorConfig:
+    """``cfg``, or its dict form (as a checkpoint stores it) as an :class:`GeneratorConfig`."""
     if isinstance(cfg, dict):
         from vsa.checkpoint import config_from
 
-        return config_from(MRNNConfig, cfg)
+        return config_from(GeneratorConfig, cfg)
     return cfg
 
 
@@ -68,8 +68,8 @@ def uses_regions(cfg) -> bool:
     return bool(caption_model_class(cfg.arch).reads_regions(cfg))
 
 
-def build_model(cfg: MRNNConfig) -> nn.Module:
-    """A new model of ``cfg``: the architecture registered as ``cfg.arch`` (:mod:`vsa.caption_models`); an unknown
+def build_model(cfg: GeneratorConfig) -> nn.Module:
+    """A new model of ``cfg``: the architecture registered as ``cfg.arch`` (:mod:`vsa.generator.models`); an unknown
     name is a one-line error."""
     return caption_model_class(cfg.arch)(cfg)
 
@@ -116,7 +116,7 @@ def _typed_config(cls, d: dict, path, part: str):
     return cfg
 
 
-def check_generator_config(cfg: MRNNConfig, path=None) -> None:
+def check_generator_config(cfg: GeneratorConfig, path=None) -> None:
     """A one-line VsaError (naming ``path``) for a generator config no model can be built from."""
     from vsa.errors import VsaError
 
@@ -147,13 +147,13 @@ def _fit_weights(model: nn.Module, sd: dict, path) -> None:
 
 def model_from_checkpoint(ckpt: dict, device: str = "cpu", path=None) -> nn.Module:
     """Rebuild a model from a loaded ``mrnn`` checkpoint (weights cast to float32); its decoding defaults
-    are ``model.decoding`` (:class:`vsa.decoding.DecodingConfig`). A checkpoint whose config, decoding defaults,
+    are ``model.decoding`` (:class:`vsa.generator.decoding.DecodingConfig`). A checkpoint whose config, decoding defaults,
     vocabulary or weights do not make a model is a one-line VsaError naming ``path`` (its file) and what is wrong."""
     from vsa.data import Vocab
-    from vsa.decoding import DecodingConfig
+    from vsa.generator.decoding import DecodingConfig
     from vsa.errors import VsaError
 
-    cfg = _typed_config(MRNNConfig, ckpt["model"], path, "model")
+    cfg = _typed_config(GeneratorConfig, ckpt["model"], path, "model")
     check_generator_config(cfg, path)
     dec = _typed_config(DecodingConfig, ckpt.get("decoding") or {}, path, "decoding")
     if dec.beam < 1 or dec.max_len < 1:
@@ -206,7 +206,7 @@ class GeneratorEnsemble(nn.Module):
         self.blocks = [[i for i, k in enumerate(keys) if k == b] for b in dict.fromkeys(keys)]
         self.register_buffer("log_w", torch.log(w / w.sum()))
         self.cfg = members[0].cfg
-        from vsa.decoding import DecodingConfig
+        from vsa.generator.decoding import DecodingConfig
 
         self.decoding = getattr(members[0], "decoding", None) or DecodingConfig()
 
@@ -232,7 +232,7 @@ def with_mirror(model, weight: float):
     a :class:`GeneratorEnsemble` of the model with itself, weights ``1 - weight`` : ``weight``, whose input is the
     photo's features and the mirror image's side by side along the last axis (``torch.cat([f, f_mirror], -1)``);
     ``model`` itself when ``weight`` is 0. ``model`` may be an ensemble (members on one backbone)."""
-    from vsa.decoding import mirror_weight
+    from vsa.generator.decoding import mirror_weight
     from vsa.errors import VsaError
 
     weight = mirror_weight(weight)
@@ -255,7 +255,7 @@ def load_generators(paths, device: str = "cpu", weights: list[float] | None = No
     vocabulary, extractor or kind of input are refused with the member's path. ``mixed_backbones``: members may
     come from different CNNs (same crop and layout); the ensemble then reads their features side by side, one
     block per backbone in order of first appearance (``model.blocks``: the member indices of each block), as
-    :func:`vsa.eval_caption.generate_split` builds them."""
+    :func:`vsa.generator.evaluate.generate_split` builds them."""
     from itertools import accumulate
 
     from vsa.checkpoint import load_checkpoint
@@ -294,11 +294,11 @@ def load_generators(paths, device: str = "cpu", weights: list[float] | None = No
 
 def export_generator(src, dst, half: bool = True, decoding: list[str] | None = None) -> dict:
     """Write a compact inference copy of a trained generator (float16 weights, no optimiser state): how
-    ``vsa/assets/mrnn-flickr8k.pt`` and ``mrnn-regions-flickr8k.pt`` are made (``python -m vsa.mrnn SRC DST
-    [FIELD=VALUE ...]``; ``decoding``: ``FIELD=VALUE`` strings of :class:`vsa.decoding.DecodingConfig` chosen on
+    ``vsa/assets/mrnn-flickr8k.pt`` and ``mrnn-regions-flickr8k.pt`` are made (``python -m vsa.generator.model SRC DST
+    [FIELD=VALUE ...]``; ``decoding``: ``FIELD=VALUE`` strings of :class:`vsa.generator.decoding.DecodingConfig` chosen on
     val, replacing the trained file's)."""
     from vsa.checkpoint import apply_overrides, export_checkpoint
-    from vsa.decoding import DecodingConfig
+    from vsa.generator.decoding import DecodingConfig
 
     items = list(decoding or [])
     dec = apply_overrides(DecodingConfig(), items, "decoding")
@@ -307,10 +307,10 @@ def export_generator(src, dst, half: bool = True, decoding: list[str] | None = N
     return export_checkpoint(src, dst, "mrnn", keep, half, decoding={k: getattr(dec, k) for k in given})
 
 
-if __name__ == "__main__":  # python -m vsa.mrnn SRC DST [FIELD=VALUE ...]
+if __name__ == "__main__":  # python -m vsa.generator.model SRC DST [FIELD=VALUE ...]
     import sys
 
     if len(sys.argv) < 3:
-        sys.exit("usage: python -m vsa.mrnn TRAINED.pt OUT.pt [DECODING_FIELD=VALUE ...]  (e.g. beam=5 mirror=0.5)")
+        sys.exit("usage: python -m vsa.generator.model TRAINED.pt OUT.pt [DECODING_FIELD=VALUE ...]  (e.g. beam=5 mirror=0.5)")
     info = export_generator(sys.argv[1], sys.argv[2], decoding=sys.argv[3:])
     print({k: v for k, v in info.items() if k not in ("history", "decoding_search")})

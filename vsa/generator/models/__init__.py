@@ -1,8 +1,8 @@
 """Caption model architectures (the generators of ``vsa train-mrnn`` / ``vsa caption``) and their registry.
 
-:mod:`vsa.caption_models.base` states the interface (:class:`CaptionModel`) and holds the registry; every other
+:mod:`vsa.generator.models.base` states the interface (:class:`CaptionModel`) and holds the registry; every other
 module of this package is an architecture that registers itself, and importing this package imports them all, so
-an architecture added here is one file. ``MRNNConfig.arch`` names one; :func:`vsa.mrnn.build_model` builds it.
+an architecture added here is one file. ``GeneratorConfig.arch`` names one; :func:`vsa.generator.model.build_model` builds it.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from vsa.caption_models.base import (  # noqa: F401  (the package's interface)
+from vsa.generator.models.base import (  # noqa: F401  (the package's interface)
     CaptionModel,
     CaptionModelBase,
     caption_model_class,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from vsa.caption_metrics import KEYS
+from vsa.generator.metrics import KEYS
 from vsa.errors import VsaError
 
 # Karpathy & Fei-Fei, CVPR 2015, Table 2 (generation, full images); METEOR/CIDEr only for COCO
@@ -38,7 +38,7 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
                    constrain: dict | None = None):
     """Generated caption per image of ``split``: returns (records, captions, beam, length_penalty, mirror).
     ``model_path``: a generator checkpoint, or a list of them decoded as an ensemble
-    (:class:`vsa.mrnn.GeneratorEnsemble`, ``weights`` per member; the decoding defaults are the first's).
+    (:class:`vsa.generator.model.GeneratorEnsemble`, ``weights`` per member; the decoding defaults are the first's).
     ``features``: a file (or None: the one the model was trained on), or for an ensemble one per member; members
     on different CNNs each read their own file (the first given for their CNN). ``mirror``: the weight of each
     image's mirror image (default: the model's ``decoding.mirror``); when above 0, ``mirror_features`` is the
@@ -50,9 +50,9 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
 
     from vsa.checkpoint import load_checkpoint
     from vsa.data import Vocab
-    from vsa.decoding import constraints, decode, mirror_weight
-    from vsa.featstore import FeatureStore, check_extractor
-    from vsa.mrnn import load_generators, region_rows, uses_regions, with_mirror
+    from vsa.generator.decoding import constraints, decode, mirror_weight
+    from vsa.features.store import FeatureStore, check_extractor
+    from vsa.generator.model import load_generators, region_rows, uses_regions, with_mirror
     from vsa.retrieval import check_finite_features
     from vsa.runtime import pick_device
     from vsa.splits import split_features
@@ -113,7 +113,7 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
         f = f.to(dev)
         m = m.to(dev) if m is not None else None
         if constrain is not None:
-            from vsa.decoding import constrained_beam_search
+            from vsa.generator.decoding import constrained_beam_search
             from vsa.labels import constraint_sets
 
             sets = [constraint_sets((detections or {}).get(k, []), vocab.stoi, **constrain)[0] for k in keys]
@@ -129,7 +129,7 @@ def evaluate_generator(model_path, ds, split, features=None, beam=None, captions
                        weights: list[float] | None = None, mirror: float | None = None, mirror_features=None) -> dict:
     """Caption metrics of a generator (or of a list of them as an ensemble, ``weights`` per member) on ``split``
     (``mirror``, ``mirror_features``: :func:`generate_split`)."""
-    from vsa.caption_metrics import score_captions
+    from vsa.generator.metrics import score_captions
 
     t0 = time.time()
     recs, caps, b, lp, w = generate_split(model_path, ds, split, features, beam, None, device, weights=weights,

@@ -1,7 +1,7 @@
 """Greedy and beam-search decoding, batched over images.
 
-Greedy, beam and constrained beam search take a caption model (:class:`vsa.caption_models.CaptionModel`:
-``init_state(feats, mask)`` / ``step(tokens, state)``) or an ensemble of them (:class:`vsa.mrnn.GeneratorEnsemble`)
+Greedy, beam and constrained beam search take a caption model (:class:`vsa.generator.models.CaptionModel`:
+``init_state(feats, mask)`` / ``step(tokens, state)``) or an ensemble of them (:class:`vsa.generator.model.GeneratorEnsemble`)
 and return, per image, hypotheses as :class:`Hyp` (word ids without
 ``<start>``/``<end>``, summed log-probability, ranking score).  ``max_len`` bounds the
 number of words; a sentence cut there has no ``<end>``.  With ``length_penalty`` alpha > 0
@@ -34,7 +34,7 @@ class DecodingConfig:
     block_repeats: bool = True  # never repeat a word twice in a row or a trigram (decoding constraint)
     block_content_repeats: bool = True  # never use a word twice but function words (a, on, two, ...) (constraint)
     # test-time augmentation: the photo and its left-right mirror decoded as one, each step's word probabilities
-    # mixed (1 - mirror) : mirror (:func:`vsa.mrnn.with_mirror`); 0: the photo alone (half the decoding work)
+    # mixed (1 - mirror) : mirror (:func:`vsa.generator.model.with_mirror`); 0: the photo alone (half the decoding work)
     mirror: float = 0.0
     # constrained decoding (vsa.labels, constrained_beam_search): the caption must name the detector's classes
     # found with at least this score, the most confident first, at most constrain_sets of them, none of the
@@ -394,7 +394,7 @@ def constrained_beam_search(model, feats: torch.Tensor, mask: torch.Tensor | Non
 def sequence_logprob(model, feats, mask, seqs: torch.Tensor, rows: torch.Tensor | None = None,
                      constrained: bool = True) -> torch.Tensor:
     """Summed log-probability of each sampled sequence (``<end>``-terminated, pad after), with gradients,
-    under exactly the distribution :func:`vsa.decoding.sample` draws from (same constraints; ``constrained``
+    under exactly the distribution :func:`vsa.generator.decoding.sample` draws from (same constraints; ``constrained``
     False: the plain softmax, for sentences the model did not draw). Only the real positions are computed
     (the pads after ``<end>`` are not)."""
     B, T = seqs.shape

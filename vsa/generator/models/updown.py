@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vsa.caption_models.base import CaptionModelBase, register_caption_model, reorder_state
+from vsa.generator.models.base import CaptionModelBase, register_caption_model, reorder_state
 from vsa.nn import additive_attention
 
 

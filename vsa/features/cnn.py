@@ -5,7 +5,7 @@ model (ImageNet weights, or a local state dict), or an OpenCLIP image tower (``o
 extractor preprocesses images (:class:`Preprocess`: whole images squashed to S x S, boxes cropped and warped
 to S x S, never centre-cropped), runs the CNN (a traced + frozen TorchScript copy on CPU), and pools its last
 feature map for ``--crop roi`` (RoIAlign) and ``--crop grid``. How region inputs are built from these is
-:mod:`vsa.featurise`; the embed pipeline is :mod:`vsa.features`.
+:mod:`vsa.features.featuriser`; the embed pipeline is :mod:`vsa.features.embed`.
 """
 
 from __future__ import annotations
