@@ -101,3 +101,47 @@ def test_inference_never_imports_training():
                 chain.append(x)
                 x = via[x]
             raise AssertionError(f"{start} imports training code: {' <- '.join(chain)}")
+
+
+def _docstring_only(path: Path) -> bool:
+    body = ast.parse(path.read_text()).body
+    return len(body) <= 1 and all(isinstance(n, ast.Expr) for n in body)
+
+
+def _levels() -> dict[str, int]:
+    """Each library module's level: 0 when it imports no other vsa module, else one more than the highest level
+    among the modules it imports (top-level or function-local imports; packages' ``__init__`` counted too)."""
+    mods = _modules()
+    known = set(mods)
+    lib = {m: {d for d in _imports(p, known) if not d.startswith("vsa.cli") and d not in TOOLS and d not in ("vsa", m)}
+           for m, p in mods.items() if not m.startswith("vsa.cli") and m not in TOOLS and m != "vsa"}
+    lib = {m: d for m, d in lib.items() if not _docstring_only(mods[m])}  # a package's docstring alone: no level
+    level: dict[str, int] = {}
+
+    def of(m: str) -> int:
+        if m not in level:
+            level[m] = 1 + max((of(d) for d in lib.get(m, ()) if d in lib), default=-1)
+        return level[m]
+
+    for m in lib:
+        of(m)
+    return level
+
+
+def test_the_architecture_pages_level_table_is_the_code_s():
+    """docs/architecture.md's "Dependency order" block lists every library module at the level its imports give
+    it, so the page cannot drift from the code (regenerate the block with ``python tests/test_architecture.py``)."""
+    doc = (PKG.parent / "docs" / "architecture.md").read_text()
+    block = doc.split("## Dependency order", 1)[1].split("```", 2)[1].strip("\n")
+    assert block == level_block(), "docs/architecture.md's level table differs from the code:\n" + level_block()
+
+
+def level_block() -> str:
+    by: dict[int, list[str]] = {}
+    for m, n in _levels().items():
+        by.setdefault(n, []).append(m.removeprefix("vsa."))
+    return "\n".join(f"{n}  {', '.join(sorted(by[n]))}" for n in sorted(by))
+
+
+if __name__ == "__main__":
+    print(level_block())

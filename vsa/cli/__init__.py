@@ -61,20 +61,24 @@ def _root(
     pass
 
 
-# command modules register themselves on `app` when imported (order = --help order)
-from vsa.cli import init  # noqa: E402,F401
-from vsa.cli import data  # noqa: E402,F401
-from vsa.cli import regions  # noqa: E402,F401
-from vsa.cli import embed  # noqa: E402,F401
-from vsa.cli import train_align  # noqa: E402,F401
-from vsa.cli import score  # noqa: E402,F401
-from vsa.cli import search  # noqa: E402,F401
-from vsa.cli import train_mrnn  # noqa: E402,F401
-from vsa.cli import caption  # noqa: E402,F401
-from vsa.cli import align  # noqa: E402,F401
-from vsa.cli import eval  # noqa: E402,F401
-from vsa.cli import show  # noqa: E402,F401
-from vsa.cli import completion  # noqa: E402,F401
+# Command modules register themselves on `app` when imported. The pipeline's commands come in this order in
+# `vsa --help`; any other module of this package is a command too, listed after them, so a new command is one file
+# (`vsa/cli/<name>.py`; then regenerate completions/ with `python -m vsa.completions`).
+_ORDER = ("init", "data", "regions", "embed", "train_align", "score", "search", "train_mrnn", "caption", "align",
+          "eval", "show", "completion")
+_NOT_COMMANDS = {"common", "config", "workspace"}
+
+
+def _register_commands() -> None:
+    import importlib
+    import pkgutil
+
+    found = {m.name for m in pkgutil.iter_modules(__path__)} - _NOT_COMMANDS
+    for name in [n for n in _ORDER if n in found] + sorted(found - set(_ORDER)):
+        importlib.import_module(f"{__name__}.{name}")
+
+
+_register_commands()
 
 
 def main() -> None:
