@@ -38,11 +38,12 @@ class DecodingConfig:
     mirror: float = 0.0
     # constrained decoding (vsa.labels, constrained_beam_search): the caption must name the detector's classes
     # found with at least this score, the most confident first, at most constrain_sets of them, none of the
-    # comma-separated constrain_skip; on by default where the val rule of docs/generator.md chose it
+    # comma-separated constrain_skip. The values are the ones val chose (docs/generator.md): one class, and not
+    # person, which the generator names by itself and whose forced words ("person") read worse than its own
     constrain: bool = False
     constrain_score: float = 0.5
-    constrain_sets: int = 2
-    constrain_skip: str = ""
+    constrain_sets: int = 1
+    constrain_skip: str = "person"
 
 
 def constrain_settings(dec: DecodingConfig, on: bool | None = None) -> dict | None:
