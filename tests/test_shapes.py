@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,6 +30,30 @@ def test_standardize_keeps_a_constant_dimension_finite():
     s.set_moments([1.0, 2.0], [0.0, 4.0])
     assert s.std.tolist() == pytest.approx([1e-3, 4.0])
     assert torch.isfinite(s(torch.tensor([[1.0, 2.0], [7.0, 6.0]]))).all()
+
+
+@pytest.mark.parametrize("arch", ["rnn", "updown"])
+def test_the_generator_standardises_with_the_shared_module_under_its_checkpoint_keys(arch):
+    """The caption models hold the aligner's Standardize; their checkpoints keep `feat_mean` / `feat_std` (the
+    shipped generators' keys), in the same place, and read back into it."""
+    from vsa.generator.model import GeneratorConfig, build_model, model_from_checkpoint
+    import vsa.assets
+
+    m = build_model(GeneratorConfig(arch=arch, vocab_size=12, feat_dim=6, hidden=8, embed=4, cells=0))
+    assert isinstance(m.stats, Standardize)
+    m.stats.set_moments(torch.arange(6.0), [0.0, 1, 2, 3, 4, 5])
+    sd = m.state_dict()
+    assert list(sd)[:2] == ["feat_mean", "feat_std"] and not any(k.startswith("stats.") for k in sd)
+    assert sd["feat_std"][0] == pytest.approx(1e-3)  # set_moments' floor, as for the aligner
+    m2 = build_model(m.cfg)
+    m2.load_state_dict(sd)
+    assert torch.equal(m2.stats.mean, m.stats.mean) and torch.equal(m2.stats.std, m.stats.std)
+    x = torch.rand(2, 6) + 1
+    assert torch.equal(m.prepare(x)[0], m.stats(x)[:, None])
+    ck = torch.load(Path(vsa.assets.__file__).parent / "mrnn-flickr8k.pt", map_location="cpu", weights_only=True)
+    shipped = model_from_checkpoint(ck)
+    assert torch.equal(shipped.stats.mean, ck["state_dict"]["feat_mean"].float())
+    assert list(shipped.state_dict()) == list(ck["state_dict"])
 
 
 def test_the_aligner_standardises_with_the_shared_module_and_reads_its_rows_from_the_top():

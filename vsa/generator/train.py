@@ -359,8 +359,7 @@ def train(mcfg: GeneratorConfig, tcfg: GeneratorTrainConfig, dcfg: DecodingConfi
     mean, std = feature_moments(train_sp.feats, train_sp.mask)
     if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
         raise VsaError("the training features hold NaN or infinite values")
-    model.feat_mean.copy_(mean)
-    model.feat_std.copy_(std.clamp_min(1e-3))
+    model.stats.set_moments(mean, std)
     model = model.to(torch.device(env.device))
     stage = GeneratorStage(model, mcfg, tcfg, dcfg, train_sp, val_sp, vocab, extractor, env, out)
     if env.enabled:

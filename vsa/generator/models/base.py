@@ -4,8 +4,8 @@ Everything that trains, decodes, mixes or scores generators talks to a caption m
 alone:
 
 * training (:mod:`vsa.generator.train`): the teacher-forced ``forward`` (cross-entropy; self-critical re-scoring through
-  :func:`vsa.generator.decoding.sequence_logprob`), the ``feat_mean`` / ``feat_std`` buffers it sets to the training features'
-  moments before the first epoch, ``cfg.cells`` (box dropout);
+  :func:`vsa.generator.decoding.sequence_logprob`), the standardisation ``stats`` (:class:`vsa.nn.Standardize`) it sets
+  to the training features' moments before the first epoch, ``cfg.cells`` (box dropout);
 * decoding (:mod:`vsa.generator.decoding`: greedy, beam search, constrained beam search, sampling): ``init_state`` and
   ``step``; a state is a dict of tensors whose first axis is the batch, so hypotheses are kept, repeated and dropped
   with ``index_select(0, rows)`` whatever the state holds;
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from vsa.errors import VsaError
+from vsa.nn import Standardize
 
 if TYPE_CHECKING:
     from vsa.generator.decoding import DecodingConfig
@@ -39,8 +40,8 @@ class CaptionModel(Protocol):
     """What a caption model provides (an ``nn.Module``); ``cfg`` is its :class:`vsa.generator.model.GeneratorConfig`."""
 
     cfg: Any  # vsa.generator.model.GeneratorConfig (not imported here: vsa.generator.model imports this package)
-    feat_mean: torch.Tensor  # [feat_dim] buffers: the training features' per-dimension mean and std, which
-    feat_std: torch.Tensor  # init_state standardises with; saved in the checkpoint
+    stats: Standardize  # the training features' per-dimension mean and std, which init_state standardises with;
+    # saved in the checkpoint as `feat_mean` / `feat_std`
     decoding: DecodingConfig  # set by whoever loads or trains it (the checkpoint's decoding defaults)
 
     @classmethod
@@ -103,8 +104,23 @@ def reorder_state(st: dict, index: torch.Tensor) -> dict:
     return {k: v.index_select(0, index) for k, v in st.items()}
 
 
+def _stats_keys_out(module, state_dict, prefix, local_metadata):
+    """State-dict hook: ``stats.mean`` / ``stats.std`` under their checkpoint names, in place and in order."""
+    names = {prefix + k: prefix + v for k, v in module._STATS_KEYS.items()}
+    items = [(names.get(k, k), v) for k, v in state_dict.items()]
+    state_dict.clear()
+    state_dict.update(items)
+
+
+def _stats_keys_in(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """Load pre-hook: a checkpoint's ``feat_mean`` / ``feat_std`` into ``stats``."""
+    for k, v in module._STATS_KEYS.items():
+        if prefix + v in state_dict:
+            state_dict[prefix + k] = state_dict.pop(prefix + v)
+
+
 class CaptionModelBase(nn.Module):
-    """The common part of a caption model: the feature buffers and their standardisation (:meth:`prepare`),
+    """The common part of a caption model: the features' standardisation (``stats``, :meth:`prepare`),
     ``step`` from one step's logits (:meth:`logits`), a teacher-forced ``forward`` running :meth:`logits` over the
     sentence, and the inputs of a whole-image model. A subclass builds its layers after calling this ``__init__``
     and gives :meth:`init_state` and :meth:`logits`; it may replace ``forward`` by a faster one giving the same
@@ -112,11 +128,16 @@ class CaptionModelBase(nn.Module):
 
     summary = ""  # a few words for `vsa train-mrnn --help`
 
+    # the state-dict keys of ``stats``'s buffers: a generator's checkpoints name them so (docs/formats.md)
+    _STATS_KEYS = {"stats.mean": "feat_mean", "stats.std": "feat_std"}
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("feat_mean", torch.zeros(cfg.feat_dim))
-        self.register_buffer("feat_std", torch.ones(cfg.feat_dim))
+        self.stats = Standardize(cfg.feat_dim)
+        # the private registrations: present in every torch vsa supports (>= 2.1)
+        self._register_state_dict_hook(_stats_keys_out)
+        self._register_load_state_dict_pre_hook(_stats_keys_in, with_module=True)
 
     @classmethod
     def reads_regions(cls, cfg) -> bool:
@@ -126,9 +147,6 @@ class CaptionModelBase(nn.Module):
     def features_key(cls, cfg) -> str:
         return "features.regions" if cls.reads_regions(cfg) else "features.whole"
 
-    def normalise(self, feats: torch.Tensor) -> torch.Tensor:
-        return (feats - self.feat_mean) / self.feat_std
-
     def prepare(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``feats`` ``[B, D]`` or ``[B, R, D]`` as standardised float32 rows ``[B, R, D]`` (a vector is one row,
         the whole image) and their mask ``[B, R]`` (all rows real when ``mask`` is None)."""
@@ -136,7 +154,7 @@ class CaptionModelBase(nn.Module):
             feats = feats[:, None]
         if mask is None:
             mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
-        return self.normalise(feats.float()), mask
+        return self.stats(feats.float()), mask
 
     def init_state(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
