@@ -343,3 +343,22 @@ def test_the_pixel_limit_message_names_what_raises_it_for_caption(tmp_path):
     assert "VSA_MAX_PIXELS=N" in err and "--max-pixels where the command has it" in err, err
     r = run_cli("caption", p, "--threads", "1", env={"VSA_MAX_PIXELS": str(320 * 240)})
     assert r.returncode == 0, r.stderr.decode()
+
+
+def test_caption_reads_its_inputs_as_regions_does(tmp_path, monkeypatch):
+    """No paths: a pipe is read without '-' (`find ... | vsa caption`), an empty one is a one-line error, and a
+    terminal gets the one-line error naming both ways in (the command line, or a pipe)."""
+    import vsa.cli.common as common
+
+    p = _photo(tmp_path / "photo.jpg")
+    r = run_cli("caption", "--threads", "1", "--mirror", "0", input=f"{p}\n".encode())
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode().startswith(f"{p}\t")
+    r = run_cli("caption", "--threads", "1", input=b"")
+    assert (r.returncode, r.stdout) == (2, b"")
+    assert r.stderr.decode().endswith("vsa: error: no image paths on stdin (one path per line): nothing to caption\n")
+    monkeypatch.setattr(common, "stdin_is_terminal", lambda: True)
+    r = run_cli("caption", "--threads", "1", input=b"")
+    assert (r.returncode, r.stdout) == (2, b"")
+    assert r.stderr.decode() == ("vsa: error: no images given: pass IMAGES... (files or folders), or pipe image paths "
+                                 "(one per line) into it\n")

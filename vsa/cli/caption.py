@@ -8,13 +8,13 @@ from typing import List, Optional
 import typer
 
 from vsa.cli import app
-from vsa.cli.common import console, guarded, info, progress, warn
+from vsa.cli.common import command_inputs, guarded, warn
 
 
 @app.command("caption")
 @guarded
 def caption(
-    inputs: Optional[List[str]] = typer.Argument(None, help="Image files or folders; '-' reads image paths from stdin (one per line)."),
+    inputs: Optional[List[str]] = typer.Argument(None, help="Image files or folders; - reads image paths from stdin (one per line). Default: the paths piped in."),
     model: Optional[List[Path]] = typer.Option(None, "--model", "-m", help="Generator checkpoint (default: [mrnn] model in vsa.toml if it exists, else the Flickr8k model shipped with vsa); given twice or more, the generators are decoded as one ensemble (word probabilities averaged)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="With several --model: comma-separated weights, one per generator (default: equal)."),
     beam: Optional[int] = typer.Option(None, "--beam", help="Beam size (default: the model's, chosen on val)."),
@@ -44,16 +44,9 @@ def caption(
     from vsa.cli.common import note
     from vsa.cli.common import parse_weights
     from vsa.cli.config import default_model
-    from vsa.errors import VsaError
     from vsa.io import data_stdout, dumps
 
-    items = list(inputs or [])
-    if not items:
-        from vsa.io import stdin_is_piped
-
-        if not stdin_is_piped():
-            raise VsaError("no images given: pass IMAGE... or a folder, or pipe paths on stdin with '-'")
-        items = ["-"]
+    items = command_inputs(inputs, "images", "IMAGES... (files or folders)", "image paths (one per line)")
     paths = caption_inputs(items, shard)
     models = list(model or [])
     w = parse_weights(weights, len(models)) if weights is not None else None

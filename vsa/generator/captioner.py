@@ -333,7 +333,10 @@ def caption_inputs(inputs, shard: str | None = None) -> list[tuple[Path, str]]:
     paths: list[tuple[Path, str]] = []
     for it in items:
         if it == "-":
-            paths.extend((Path(p), Path(p).name) for p in text_stream_lines("-"))
+            piped = [(Path(p), Path(p).name) for p in text_stream_lines("-")]
+            if not piped:
+                raise VsaError("no image paths on stdin (one path per line): nothing to caption")
+            paths.extend(piped)
         else:
             paths.extend(find_images([it]))
     if shard:
