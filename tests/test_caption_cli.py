@@ -362,3 +362,33 @@ def test_caption_reads_its_inputs_as_regions_does(tmp_path, monkeypatch):
     assert (r.returncode, r.stdout) == (2, b"")
     assert r.stderr.decode() == ("vsa: error: no images given: pass IMAGES... (files or folders), or pipe image paths "
                                  "(one per line) into it\n")
+
+
+@pytest.mark.slow
+def test_eval_says_how_far_the_captioning_of_a_split_is(tmp_path):
+    """`vsa eval` of a generator into a log (stderr not a terminal): a progress line every N images captioned
+    ($VSA_PROGRESS_EVERY), as `vsa regions` and `vsa embed` give, and a last line when the split is done."""
+    import torch
+
+    from vsa.checkpoint import save_checkpoint
+    from vsa.generator.model import GeneratorConfig, build_model
+
+    ds, feats = tiny_dataset(tmp_path, n_train=1, n_val=1, n_test=250)
+    words = "a dog runs on the grass".split()
+    torch.manual_seed(0)
+    cfg = GeneratorConfig(arch="lstm", vocab_size=len(words) + 4, feat_dim=32, embed=8, hidden=8)
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.out.bias[1] += 3.0  # <end> likely: short captions
+    path = tmp_path / "g.pt"
+    save_checkpoint(path, "mrnn", cfg, {}, {"beam": 1, "mirror": 0.0}, words,
+                    {"extractor": "efficientnet-lite0", "dim": 32, "input": 224}, model.state_dict(),
+                    {"features": str(feats)})
+    r = run_cli("eval", "--model", path, "--dataset", ds, "--split", "test", "--json",
+                env={"VSA_PROGRESS_EVERY": "100"})
+    assert r.returncode == 0, r.stderr.decode()
+    assert orjson.loads(r.stdout)["generation"]["images"] == 250
+    lines = [ln for ln in r.stderr.decode().splitlines() if ln.startswith("captioning: ")]
+    assert [ln.split(",")[0] for ln in lines] == ["captioning: 100/250 (40%)", "captioning: 200/250 (80%)",
+                                                 "captioning: 250/250 (100%)"]
+    assert "eta " in lines[0] and lines[-1].endswith(", done")

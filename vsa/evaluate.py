@@ -122,7 +122,7 @@ def evaluate(models: list, ds, split: str, features: list | None = None, detecto
                                                       features=fs if len(g) > 1 else fs[0], beam=beam,
                                                       captions_out=captions_out, device=device,
                                                       weights=weights_of(generators), mirror=mirror,
-                                                      mirror_features=mf)
+                                                      mirror_features=mf, progress=progress)
             _name_computed(report["generation"], computed, ds)
             if on_section is not None:
                 on_section("generation", report["generation"])

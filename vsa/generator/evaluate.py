@@ -35,7 +35,7 @@ def _features_path(ck: dict, features):
 def generate_split(model_path, ds, split: str, features=None, beam: int | None = None, length_penalty: float | None = None,
                    device: str = "auto", batch_size: int = 100, weights: list[float] | None = None,
                    mirror: float | None = None, mirror_features=None, detections: dict | None = None,
-                   constrain: dict | None = None):
+                   constrain: dict | None = None, progress=None):
     """Generated caption per image of ``split``: returns (records, captions, beam, length_penalty, mirror).
     ``model_path``: a generator checkpoint, or a list of them decoded as an ensemble
     (:class:`vsa.generator.model.GeneratorEnsemble`, ``weights`` per member; the decoding defaults are the first's).
@@ -45,7 +45,8 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     file of the mirrored images (`vsa embed ... --flip`, same settings; one backbone only). ``constrain``: the
     keyword arguments of :func:`vsa.labels.constraint_sets` (min_score, max_sets, skip): each caption must name
     the image's confidently detected classes (constrained beam search), read from ``detections`` (image key ->
-    its detections, as ``vsa regions`` writes them)."""
+    its detections, as ``vsa regions`` writes them). ``progress``: told of each batch of images captioned (an object
+    with rich's ``add_task`` / ``advance``, as :func:`vsa.cli.common.progress` gives; None: silent)."""
     import torch
 
     from vsa.checkpoint import load_checkpoint
@@ -100,6 +101,7 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
     caps: list[str] = []
     cons = constraints(model.decoding, vocab)
     regions, rows = uses_regions(model.cfg), region_rows(model.cfg)
+    task = progress.add_task("captioning", total=len(recs)) if progress is not None else None
     for s in range(0, len(recs), batch_size):
         keys = [r.key for r in recs[s : s + batch_size]]
         parts = [split_features(store, keys, regions, rows) for store in stores]
@@ -122,18 +124,21 @@ def generate_split(model_path, ds, split: str, features=None, beam: int | None =
             hyps = decode(model, f, m, b, model.decoding.max_len, lp, **cons)
         for h in hyps:
             caps.append(" ".join(vocab.decode(h.tokens)))
+        if progress is not None:
+            progress.advance(task, len(keys))
     return recs, caps, b, lp, w
 
 
 def evaluate_generator(model_path, ds, split, features=None, beam=None, captions_out=None, device="auto",
-                       weights: list[float] | None = None, mirror: float | None = None, mirror_features=None) -> dict:
+                       weights: list[float] | None = None, mirror: float | None = None, mirror_features=None,
+                       progress=None) -> dict:
     """Caption metrics of a generator (or of a list of them as an ensemble, ``weights`` per member) on ``split``
-    (``mirror``, ``mirror_features``: :func:`generate_split`)."""
+    (``mirror``, ``mirror_features``, ``progress``: :func:`generate_split`)."""
     from vsa.generator.metrics import score_captions
 
     t0 = time.time()
     recs, caps, b, lp, w = generate_split(model_path, ds, split, features, beam, None, device, weights=weights,
-                                          mirror=mirror, mirror_features=mirror_features)
+                                          mirror=mirror, mirror_features=mirror_features, progress=progress)
     ids = [r.cocoid if r.cocoid is not None else r.imgid for r in recs]
     gts = {i: [s.raw for s in r.sentences] for i, r in zip(ids, recs)}
     res = dict(zip(ids, caps))
