@@ -513,7 +513,7 @@ def test_flat_score_of_a_search_index_equals_the_padded_score(fields):
     assert torch.allclose(got, padded, atol=1e-6)
     # and both are the formulas, pair by pair
     cfg = model.cfg
-    h = getattr(model, "region_dim", V.shape[-1])
+    h = model.region_dim
     for i, f in enumerate(feats):
         for j, t in enumerate(lengths.tolist()):
             v, w = V[i, : len(f) if cfg.model == "brnn" else 1], S[j, :t]

@@ -580,3 +580,16 @@ def test_eval_decodes_each_image_with_its_mirror_image_when_the_generator_asks(t
     gen = json.loads(r.stdout)["generation"]
     assert gen["mirror"] == 0.5 and gen["mirror_features"] == str(flip_path)
     assert [c["caption"] for c in json.loads((tmp_path / "caps.json").read_text())] == want
+
+
+def test_a_built_generator_and_an_ensemble_of_built_ones_carry_the_default_decoding():
+    """`decoding` is part of every caption model (the checkpoint's replaces the defaults): nothing reads it through a
+    fallback."""
+    from vsa.generator.decoding import DecodingConfig
+    from vsa.generator.model import GeneratorEnsemble
+
+    a = build_model(GeneratorConfig(arch="lstm", vocab_size=12, feat_dim=4, embed=4, hidden=4))
+    assert a.decoding == DecodingConfig()
+    a.decoding = DecodingConfig(beam=2)
+    b = build_model(a.cfg)
+    assert GeneratorEnsemble([a, b]).decoding == DecodingConfig(beam=2)

@@ -253,8 +253,8 @@ def save_index(path, aligner, photos: list[Photo], meta_extra: dict | None = Non
         hub = photo_hubs(aligner, emb, cfg.k)
         meta["hubness"] = {"k": cfg.k, "weight": cfg.weight, "bank": len(aligner.bank)}
     meta.update(meta_extra or {})
-    h, glob = getattr(aligner.model, "region_dim", None), None
-    if h is not None and emb[0].shape[1] > h:  # a global branch's image vector sits in row 0's extra channels only
+    h, glob = aligner.model.region_dim, None
+    if emb[0].shape[1] > h:  # a global branch's image vector sits in row 0's extra channels only
         glob = np.stack([e[0, h:] for e in emb])
         emb = [e[:, :h] for e in emb]
     save_features(path, [p.record() for p in photos], "float16", meta, emb=emb, paths=[p.path for p in photos],
@@ -273,6 +273,7 @@ class Index:
         self.emb_offsets = self.store.emb_offsets
         self.paths = self.store.paths or list(self.store.keys)
         self.meta = self.store.meta
+        self._flat = None  # flat()'s tensors, made on first use
 
     def __len__(self) -> int:
         return len(self.store)
@@ -291,7 +292,7 @@ class Index:
         it, row 0's extra channels), else G is None."""
         import torch
 
-        if getattr(self, "_flat", None) is None or self._flat[3] != h:
+        if self._flat is None or self._flat[3] != h:
             off = np.asarray(self.emb_offsets, dtype=np.int64)
             emb, G = np.asarray(self.emb), None
             if self.store.emb_global is not None:  # the global branch's image vectors, written apart
@@ -381,7 +382,7 @@ def search_text(aligner, index: Index, query: str, k: int = 10, hubness: bool = 
     tokens = tokenize(query)
     if not tokens:
         raise VsaError("the query has no words")
-    V, reg_img, G = index.flat(getattr(aligner.model, "region_dim", None))
+    V, reg_img, G = index.flat(aligner.model.region_dim)
     ids, lengths = aligner.encode_tokens([tokens])
     with torch.inference_mode():
         S, sm = aligner.model.embed_sentences(ids, lengths)
@@ -404,7 +405,7 @@ def search_text(aligner, index: Index, query: str, k: int = 10, hubness: bool = 
             rec.update(aligner_score=round(float(raw[i]), 4), hub=round(float(hub[i]), 4))
         if aligner.cfg.model == "brnn":
             a, b = index.emb_offsets[i], index.emb_offsets[i + 1]
-            h = getattr(aligner.model, "region_dim", S.shape[-1])  # word-region dots use the region channels only
+            h = aligner.model.region_dim  # word-region dots use the region channels only
             m = S[0][sm[0]][:, :h].float().numpy() @ index.emb[a:b, :h].T  # [T, R]
             boxes, labels = index.store.boxes(index.store.keys[i]), index.store.labels(index.store.keys[i])
             rec["words"] = [{"word": w, "region": int(m[t].argmax()), "label": labels[int(m[t].argmax())] if labels else "",

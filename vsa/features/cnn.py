@@ -183,7 +183,7 @@ class Extractor:
     def _feature_map(self, batch, crop: str):
         """``(x, fm)``: the batch on the device and the CNN's last feature map (float32); call inside
         inference mode. ``crop`` names the mode for the error when the CNN has no feature map."""
-        if getattr(self.net, "fmap", None) is None:
+        if not self.has_fmap:
             raise self.no_fmap(crop)
         x = self.normalise(batch)
         return x, self._fast("fmap", x)(x).float()

@@ -206,9 +206,7 @@ class GeneratorEnsemble(nn.Module):
         self.blocks = [[i for i, k in enumerate(keys) if k == b] for b in dict.fromkeys(keys)]
         self.register_buffer("log_w", torch.log(w / w.sum()))
         self.cfg = members[0].cfg
-        from vsa.generator.decoding import DecodingConfig
-
-        self.decoding = getattr(members[0], "decoding", None) or DecodingConfig()
+        self.decoding = members[0].decoding
 
     def init_state(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
         def own(i):
@@ -238,7 +236,7 @@ def with_mirror(model, weight: float):
     weight = mirror_weight(weight)
     if not weight:
         return model
-    if getattr(model, "slices", None) is not None:
+    if isinstance(model, GeneratorEnsemble) and model.slices is not None:
         raise VsaError("mirror decoding of an ensemble across backbones is not supported: pass --mirror 0")
     d = model.cfg.feat_dim
     return GeneratorEnsemble([model, model], [1 - weight, weight], [(0, d), (d, 2 * d)]).eval()

@@ -185,7 +185,7 @@ def generate(model, sp: CaptionSplit, vocab: Vocab, beam: int = 1, max_len: int 
     from vsa.generator.decoding import constraints
 
     model.eval()
-    dec = getattr(model, "decoding", None) or DecodingConfig()
+    dec = model.decoding
     cons = constraints(dec, vocab)
     out = []
     for s in range(0, len(sp.feats), batch_size):
@@ -429,7 +429,7 @@ def _item_name(item) -> str:
     """An item of a :class:`CaptionSplit` as an error names it: the image key, or ``key region N``."""
     if isinstance(item, tuple):
         return f"{item[0]} region {item[1]}"
-    return getattr(item, "key", str(item))
+    return item.key
 
 
 def mirrored_features(store, flipped, sp: CaptionSplit, regions: bool, max_regions: int, path) -> torch.Tensor:

@@ -24,16 +24,14 @@ checkpoint is loaded). :class:`CaptionModelBase` gives the common parts.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from vsa.errors import VsaError
+from vsa.generator.decoding import DecodingConfig
 from vsa.nn import Standardize
-
-if TYPE_CHECKING:
-    from vsa.generator.decoding import DecodingConfig
 
 
 class CaptionModel(Protocol):
@@ -42,7 +40,7 @@ class CaptionModel(Protocol):
     cfg: Any  # vsa.generator.model.GeneratorConfig (not imported here: vsa.generator.model imports this package)
     stats: Standardize  # the training features' per-dimension mean and std, which init_state standardises with;
     # saved in the checkpoint as `feat_mean` / `feat_std`
-    decoding: DecodingConfig  # set by whoever loads or trains it (the checkpoint's decoding defaults)
+    decoding: DecodingConfig  # the checkpoint's decoding defaults, set by whoever loads or trains it (or DecodingConfig())
 
     @classmethod
     def reads_regions(cls, cfg) -> bool:
@@ -134,6 +132,7 @@ class CaptionModelBase(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
+        self.decoding = DecodingConfig()  # the defaults until a checkpoint's or the trainer's replace them
         self.stats = Standardize(cfg.feat_dim)
         # the private registrations: present in every torch vsa supports (>= 2.1)
         self._register_state_dict_hook(_stats_keys_out)
