@@ -119,12 +119,7 @@ def test_write_json_indent_and_stdout(tmp_path):
 
 def test_stdin_conventions(monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'{"a": 1}\n\n{"a": 2}\n')))
-    assert vio.resolve_input(None) == "-"  # a non-tty stdin counts as piped
     assert vio.read_jsonl("-") == [{"a": 1}, {"a": 2}]
-    monkeypatch.setattr(vio, "stdin_is_piped", lambda: False)
-    with pytest.raises(VsaError, match="no regions given: pass REGIONS or pipe it on stdin"):
-        vio.resolve_input(None, "regions", "REGIONS")
-    assert vio.resolve_input("x.jsonl") == "x.jsonl"
 
 
 def test_stdin_errors_say_stdin():

@@ -669,3 +669,15 @@ def test_search_table_shows_whole_file_names_and_named_regions(flickr8k, yolov5n
     hits = [orjson.loads(x) for x in run_cli("search", "text", q, "-i", idx, "--json").stdout.splitlines()]
     assert set(hits[0]) == {"rank", "key", "path", "score", "oov", "read_as", "aligner_score", "hub", "words"}
     assert set(hits[0]["words"][0]) == {"word", "region", "label", "box"}
+
+
+def test_score_without_a_photo_on_a_terminal_names_both_ways_in(monkeypatch):
+    """No IMAGE SENTENCE and stdin a terminal (the rule of cli.common, as regions and caption read it): a one-line
+    error, not a wait for typing."""
+    import vsa.cli.common as common
+
+    monkeypatch.setattr(common, "stdin_is_terminal", lambda: True)
+    r = run_cli("score")
+    assert (r.returncode, r.stdout) == (2, b"")
+    assert r.stderr.decode().splitlines()[-1] == ('vsa: error: no photo given: pass IMAGE SENTENCE, or pipe JSONL '
+                                                  '{"image": ..., "sentence": ...} on stdin')

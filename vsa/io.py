@@ -42,13 +42,6 @@ def is_stdio(path) -> bool:
     return path is None or os.fspath(path) == STDIO
 
 
-def stdin_is_piped() -> bool:
-    try:
-        return not sys.stdin.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 def stdout_is_piped() -> bool:
     try:
         return not data_stdout().isatty()
@@ -87,15 +80,6 @@ def data_only_stdout() -> Iterator[None]:
     finally:
         sys.stdout = real
         _held_stdout = None
-
-
-def resolve_input(path, what: str = "input", flag: str = "INPUT"):
-    """Return ``path``, or ``"-"`` when it is omitted and stdin is piped; else raise."""
-    if path is None:
-        if stdin_is_piped():
-            return STDIO
-        raise VsaError(f"no {what} given: pass {flag} or pipe it on stdin")
-    return path
 
 
 def _display(path) -> str:

@@ -51,7 +51,8 @@ def score_cmd(
 ):
     """Image-sentence score and, for each word, its best region (box, class)."""
     from vsa.errors import VsaError
-    from vsa.io import JsonlWriter, iter_jsonl, stdin_is_piped
+    from vsa.cli.common import stdin_is_terminal
+    from vsa.io import JsonlWriter, iter_jsonl
     from vsa.search import score_pairs, score_photo
 
     aligner = _aligner(_default_model(model), device)
@@ -74,7 +75,7 @@ def score_cmd(
         else:
             _print_score(rec)
         return
-    if not stdin_is_piped():
+    if stdin_is_terminal():
         raise VsaError("no photo given: pass IMAGE SENTENCE, or pipe JSONL {\"image\": ..., \"sentence\": ...} on stdin")
     pairs = iter_jsonl("-", skip_bad=skip_bad, warn=warn, with_lineno=True)
     with JsonlWriter("-") as w:
