@@ -263,6 +263,20 @@ def test_data_stats_says_the_vocabulary_size_the_trainers_report(tmp_path):
                          "size the trainers report")
     js = json.loads(run_cli("data", "stats", tmp_path / "s.json", "--min-count", "1", "--json").stdout)
     assert js["vocab_size"] == words and js["vocab_size_with_specials"] == trainer
+    assert f"vocabulary {trainer} ({words} words + 4 special tokens);" in r.stderr.decode()
+
+
+def test_train_mrnn_says_its_vocabulary_as_train_align_and_data_stats_do(tmp_path):
+    from tests.test_mrnn import tiny_dataset
+
+    ds, feats = tiny_dataset(tmp_path, n_train=6, n_val=2, n_test=1)
+    r = run_cli("train-mrnn", "--dataset", ds, "--features", feats, "--out", tmp_path / "m.pt", "--epochs", "1",
+                "--scst-epochs", "0", "--hidden", "8", "--embed", "8", "--min-count", "1", "--threads", "1",
+                "--no-beam-search", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    js = json.loads(run_cli("data", "stats", ds, "--min-count", "1", "--json").stdout)
+    words = js["vocab_size"]
+    assert f"vocabulary {words + 4} ({words} words + 4 special tokens)," in r.stderr.decode()
 
 
 # ----------------------------------------------------------------------------- 8. input checks

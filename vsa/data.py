@@ -139,6 +139,11 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.itos)
 
+    def size_text(self) -> str:
+        """The size as the trainers report it, with the words `vsa data stats` counts: ``1004 (1000 words + 4
+        special tokens)``."""
+        return f"{len(self)} ({len(self.words)} words + {len(SPECIALS)} special tokens)"
+
     def encode(self, tokens: Iterable[str]) -> list[int]:
         return [self.stoi.get(t, self.unk) for t in tokens]
 

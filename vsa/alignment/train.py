@@ -372,7 +372,7 @@ def train(mcfg: AlignModelConfig, tcfg: AlignTrainConfig, ds, features, out, res
         train_data.flipped = RegionBank(mirrored, train_data.keys, R)
         check_finite_features(train_data.flipped, train_data.keys, flip_features)
     info(f"train: {len(train_data.keys)} images, {len(train_data.ids)} sentences; val: {len(val_data.keys)} images, "
-         f"{len(val_data.ids)} sentences; vocabulary {len(vocab)}; features {store.dim}-d, "
+         f"{len(val_data.ids)} sentences; vocabulary {vocab.size_text()}; features {store.dim}-d, "
          f"up to {train_data.feats.shape[1]} regions ({time.time() - t0:.1f}s to load)")
     model = build_model(mcfg, len(vocab), store.dim).to(env.device)
     if mcfg.standardize and not state:

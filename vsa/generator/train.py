@@ -417,7 +417,7 @@ def train_on(mcfg: GeneratorConfig, tcfg: GeneratorTrainConfig, dcfg: DecodingCo
         check_finite_features(tr.flipped, [_item_name(x) for x in tr.items], flip_features)
     info = kw.get("info", print)
     info(f"train-mrnn: {len(tr.sents)} train sentences ({len(tr.feats)} items), {len(va.feats)} val items, "
-         f"vocabulary {len(vocab)}, {mcfg.arch}{' + attention' if mcfg.attention else ''} -> {out}")
+         f"vocabulary {vocab.size_text()}, {mcfg.arch}{' + attention' if mcfg.attention else ''} -> {out}")
     meta = {"features": str(Path(features).resolve()), "dataset": ds.name,
             "mode": "regions" if alignments is not None else "image"}
     if flip_features is not None:
