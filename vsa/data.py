@@ -403,13 +403,19 @@ def _records_from_captions(
     return recs
 
 
+def _captions_file(path, name: str) -> Path:
+    """A layout's captions file: ``path``, or the file ``name`` in it when ``path`` is a folder; it must exist."""
+    path = Path(path)
+    found = path / name if path.is_dir() else path
+    if not found.exists():
+        raise VsaError("no such file", found)
+    return found
+
+
 def load_flickr_tokens(path: Path, image_root: Path | None = None, splits: Path | None = None, seed: int = 0) -> CaptionDataset:
     """The official ``Flickr8k.token.txt`` (``<image>.jpg#<n><TAB><caption>``) plus split lists."""
-    path = Path(path)
-    token_file = path / "Flickr8k.token.txt" if path.is_dir() else path
+    token_file = _captions_file(path, "Flickr8k.token.txt")
     folder = token_file.parent
-    if not token_file.exists():
-        raise VsaError("no such file", token_file)
     captions: dict[str, list[str]] = {}
     for lineno, line in enumerate(_read_text(token_file).splitlines(), 1):
         if not line.strip():
@@ -433,11 +439,8 @@ def load_flickr_tokens(path: Path, image_root: Path | None = None, splits: Path 
 
 def load_kaggle(path: Path, image_root: Path | None = None, splits: Path | None = None, seed: int = 0) -> CaptionDataset:
     """Kaggle ``captions.txt``: CSV ``image,caption`` with a header line; split lists or a seeded split."""
-    path = Path(path)
-    cap = path / "captions.txt" if path.is_dir() else path
+    cap = _captions_file(path, "captions.txt")
     folder = cap.parent
-    if not cap.exists():
-        raise VsaError("no such file", cap)
     captions: dict[str, list[str]] = {}
     reader = csv.reader(io.StringIO(_read_text(cap), newline=""))
     try:

@@ -474,6 +474,7 @@ class JsonlWriter:
 
 
 def write_jsonl(path, records: Iterable[Any]) -> int:
+    """Write ``records`` as JSONL to ``path`` (``"-"`` or None: stdout) with :class:`JsonlWriter`; their count."""
     n = 0
     with JsonlWriter(path) as w:
         for r in records:

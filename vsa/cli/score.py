@@ -52,7 +52,7 @@ def score_cmd(
     """Image-sentence score and, for each word, its best region (box, class)."""
     from vsa.errors import VsaError
     from vsa.cli.common import stdin_is_terminal
-    from vsa.io import JsonlWriter, iter_jsonl
+    from vsa.io import JsonlWriter, iter_jsonl, write_jsonl
     from vsa.search import score_pairs, score_photo
 
     aligner = _aligner(_default_model(model), device)
@@ -70,8 +70,7 @@ def score_cmd(
         rec = score_photo(aligner, encoder, image, sentence, store=store, max_pixels=limit)
         _say_oov(rec["oov"], "", rec["read_as"])
         if as_json:
-            with JsonlWriter("-") as w:
-                w.write(rec)
+            write_jsonl("-", [rec])
         else:
             _print_score(rec)
         return

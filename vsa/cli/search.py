@@ -84,7 +84,7 @@ def search_text_cmd(
 ):
     """Rank the indexed photos for a text query."""
     from vsa.cli.workspace import rerank_config
-    from vsa.io import JsonlWriter
+    from vsa.io import write_jsonl
     from vsa.search import Index, search_text
 
     rcfg = rerank_config(rerank, rerank_k, rerank_weight, rerank_features)
@@ -105,9 +105,7 @@ def search_text_cmd(
         hits = rerank_text(hits, query, gen, store, k, rcfg.weight, max_pixels(None))
     _say_oov(hits[0]["oov"] if hits else [], "", hits[0]["read_as"] if hits else None)
     if as_json:
-        with JsonlWriter("-") as w:
-            for h in hits:
-                w.write(h)
+        write_jsonl("-", hits)
         return
     from rich.markup import escape
     from rich.table import Table
@@ -147,7 +145,7 @@ def search_sentences_cmd(
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda."),
 ):
     """Rank the sentences of a corpus for one photo (image annotation by retrieval)."""
-    from vsa.io import JsonlWriter
+    from vsa.io import write_jsonl
     from vsa.search import Index, read_corpus, search_sentences
 
     photo, aligner = None, None
@@ -162,9 +160,7 @@ def search_sentences_cmd(
     for h in hits:
         _say_oov(h["oov"], f"rank {h['rank']} (line {h['line']}): ", h["read_as"])
     if as_json:
-        with JsonlWriter("-") as w:
-            for h in hits:
-                w.write(h)
+        write_jsonl("-", hits)
         return
     from rich.markup import escape
     from rich.table import Table

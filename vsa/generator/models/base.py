@@ -158,6 +158,13 @@ class CaptionModelBase(nn.Module):
     def init_state(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def sentence_states(self, feats: torch.Tensor, mask: torch.Tensor | None = None,
+                        rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The teacher-forced ``forward``'s first state: :meth:`init_state` of the images, row ``rows[b]`` for
+        sentence ``b`` (each image's features given once; None: one sentence per image)."""
+        st = self.init_state(feats, mask)
+        return st if rows is None else reorder_state(st, rows)
+
     def logits(self, tokens: torch.Tensor, st: dict) -> tuple[torch.Tensor, dict]:
         """One word for every row: ``tokens`` ``[B]`` -> the next word's logits ``[B, V]`` and the next state."""
         raise NotImplementedError
@@ -168,9 +175,7 @@ class CaptionModelBase(nn.Module):
 
     def forward(self, feats: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None = None,
                 select: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        st = self.init_state(feats, mask)
-        if rows is not None:
-            st = reorder_state(st, rows)
+        st = self.sentence_states(feats, mask, rows)
         out = []
         for t in range(inputs.shape[1]):
             logits, st = self.logits(inputs[:, t], st)

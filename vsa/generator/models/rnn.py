@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vsa.generator.models.base import CaptionModelBase, register_caption_model, reorder_state
+from vsa.generator.models.base import CaptionModelBase, register_caption_model
 from vsa.nn import additive_attention
 
 
@@ -69,9 +69,7 @@ class _Recurrent(CaptionModelBase):
 
     def forward(self, feats: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None = None,
                 select: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        st = self.init_state(feats, mask)
-        if rows is not None:
-            st = reorder_state(st, rows)
+        st = self.sentence_states(feats, mask, rows)
         if self.cfg.attention:  # each step attends with the state before it: one step at a time
             out = []
             for t in range(inputs.shape[1]):

@@ -73,9 +73,7 @@ class UpDown(CaptionModelBase):
 
     def forward(self, feats: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None = None,
                 select: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        st = self.init_state(feats, mask)
-        if rows is not None:
-            st = reorder_state(st, rows)
+        st = self.sentence_states(feats, mask, rows)
         gx = self.att_x(self.drop(self.embed(inputs)))  # [B, T, 4H], all steps at once
         T = inputs.shape[1]
         # one [B, 4H] tensor per step (unbind): slicing step t out of gx would cost, in the backward pass, a zero
