@@ -80,6 +80,17 @@ def run_cli(*args, input: bytes | None = None, cwd=None, env=None, timeout=600, 
     return subprocess.CompletedProcess(["vsa", *args], code, out, err)
 
 
+def _process_threads() -> None:
+    """torch's threads as a `vsa` subprocess of :func:`run_cli` starts with (OMP_NUM_THREADS, 2 unless set): a
+    command's `--threads N` must not outlive it, and the float sums (so the scores) are then a process's."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    n = os.environ.get("OMP_NUM_THREADS", "2")
+    if torch is not None and n.isdigit() and int(n) > 0:
+        torch.set_num_threads(int(n))
+
+
 def _run_in_process(args, input, cwd, env):
     import io
     import sys
@@ -100,8 +111,10 @@ def _run_in_process(args, input, cwd, env):
     sys.stdin = stream(io.BufferedReader(io.BytesIO(input or b"")), "strict")  # peek() as on a pipe
     sys.stdout, sys.stderr = stream(out_b, "strict"), stream(err_b, "backslashreplace")
     sys.argv = ["vsa", *args]
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
     if env:
         os.environ.update({k: str(v) for k, v in env.items()})
+    _process_threads()
     code = 0
     try:
         if cwd is not None:
@@ -136,6 +149,7 @@ def _run_in_process(args, input, cwd, env):
         os.environ.clear()
         os.environ.update(saved[5])
         config.reset_workspace()
+        _process_threads()
     return code, out_b.getvalue(), err_b.getvalue()
 
 
