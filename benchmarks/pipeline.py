@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/pipeline.py --quick    # a 500-image subset (375 train / 62 val / 63 test)
 
 Runs the README's commands with a `vsa.toml` made by `vsa init` in a temporary folder (`--workdir` keeps
-it): regions, embed (regions (warp crops, the paper's), whole images, grid, the grid of the mirrored images), train-align (the shipped aligner's recipe), align
-(the train split's snippets), train-mrnn (the shipped generator's recipe), eval of both on test. Each stage
+it): regions, embed (warp crops and 3x3 cells, of the photos and their mirror images), train-align, align (the
+train split's snippets), embed (the Lite2 grid, of the photos and their mirror images), train-mrnn, eval of both
+on test: README.md's "Train on your own captions", whose trainer defaults are the shipped recipes. Each stage
 is a real `vsa` process; the table gives its wall time, items per second, peak memory (resident set of the
 process and its children, sampled every 0.2 s) and, at the end, the test figures. A benchmark prints, it
 does not assert. Run it on an otherwise idle machine and say which machine in docs/benchmarks.md.
@@ -85,8 +86,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="keep the workspace here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
     ap.add_argument("--only", default="", help="comma-separated stage ids to run (in a kept --workdir whose earlier "
-                    "stages ran): regions, embed-regions, embed-whole, embed-grid, embed-grid-flip, train-align, align, train-mrnn, "
-                    "eval-align, eval-mrnn")
+                    "stages ran): regions, embed-regions, embed-regions-flip, train-align, align, embed-grid, "
+                    "embed-grid-flip, train-mrnn, eval")
     args = ap.parse_args()
 
     data = SHARED / "data" / "flickr8k"
@@ -97,8 +98,8 @@ def main() -> None:
     tmp = None
     work = args.workdir or Path(tmp := tempfile.mkdtemp(prefix="vsa-pipeline-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)  # the user's environment: no OpenMP tuning (OMP_WAIT_POLICY=PASSIVE, set here until
-    # 2026-12-03, made the training steps 25% slower at 2 threads: the threads sleep between the many small ops)
+    env = dict(os.environ)  # the user's environment: no OpenMP tuning (OMP_WAIT_POLICY=PASSIVE makes the training
+    # steps slower at 2 threads: the threads sleep between the many small ops)
     vsa = [sys.executable, "-m", "vsa"]
     threads = ["--threads", str(args.threads)] if args.threads else []
     dataset = data / "dataset_flickr8k.json"
@@ -111,31 +112,31 @@ def main() -> None:
     n_train_sent = sum(len(im["sentences"]) for im in ds if im["split"] == "train")
     n_test = sum(1 for im in ds if im["split"] == "test")
     (work / "images.txt").write_text("".join(f"{data / 'images' / im['filename']}\n" for im in ds))
-    if not args.only:
+    if not (work / "vsa.toml").exists():
         subprocess.run(vsa + ["init", "--dataset", str(dataset), "--images", str(data / "images"), "--detector",
                               str(detector), "--out", "work", "--force"], cwd=work, env=env, check=True,
                        capture_output=True)
 
-    # (id, what, command, stdin, items, unit); the recipes are the shipped models' (docs/alignment.md, docs/generator.md)
+    # (id, what, command, stdin, items, unit): the commands of README.md's "Train on your own captions", whose
+    # trainer defaults are the shipped recipes (docs/alignment.md, docs/generator.md)
     stages = [
-        ("regions", "regions (YOLOv5n, whole image + top 19)", ["regions", "-o", "work/regions.jsonl", *threads],
+        ("regions", "regions (YOLOv5n, whole image + top 19)", ["regions", "-", "-o", "work/regions.jsonl", *threads],
          "images.txt", n_img, "images"),
-        ("embed-regions", "embed regions (--crop warp --cells 3)", ["embed", "work/regions.jsonl", "--cells", "3", *threads], None,
-         n_img, "images"),
-        ("embed-whole", "embed whole images", ["embed", "-o", "work/whole.npz", *threads], "images.txt", n_img, "images"),
-        ("embed-grid", "embed grid (Lite2, 7x7 + whole)", ["embed", "--crop", "grid", "--cnn", "efficientnet-lite2", *threads],
-         "images.txt", n_img, "images"),
-        ("embed-grid-flip", "embed grid, mirrored images", ["embed", "--crop", "grid", "--cnn", "efficientnet-lite2", "--flip",
+        ("embed-regions", "embed regions (warp crops + 3x3 cells)", ["embed", "work/regions.jsonl", "-o",
+                                                                     "work/feats.npz", *threads], None, n_img, "images"),
+        ("embed-regions-flip", "embed regions, mirrored images", ["embed", "work/regions.jsonl", "--flip", "-o",
+                                                                  "work/feats-flip.npz", *threads], None, n_img, "images"),
+        ("train-align", "train-align (shipped recipe, GloVe)", ["train-align", "--features", "work/feats.npz",
+                                                                "--flip-features", "work/feats-flip.npz", "--glove",
+                                                                "kumo", *threads], None, n_train_sent, "sentences"),
+        ("align", "align (train snippets)", ["align", "--split", "train", *threads], None, n_train_sent, "sentences"),
+        ("embed-grid", "embed grid (Lite2, 7x7 + whole)", ["embed", "-", "--crop", "grid", "-o", "work/grid.npz",
                                                             *threads], "images.txt", n_img, "images"),
-        ("train-align", "train-align (shipped recipe, GloVe)", ["train-align", "--epochs", "10", "--set", "lr_decay_start=8",
-                                                                "--glove", "kumo", *threads], None, n_train_sent, "sentences"),
-        ("align", "align (train snippets)", ["align", "--split", "train", "-o", "work/alignments.jsonl", *threads], None,
-         n_train_sent, "sentences"),
-        ("train-mrnn", "train-mrnn (shipped recipe)", ["train-mrnn", *threads], None, n_train_sent, "sentences"),
-        ("eval-align", "eval aligner (test)", ["eval", "--split", "test", "--model", "work/align.pt", "--json"], None,
-         n_test, "images"),
-        ("eval-mrnn", "eval generator (test)", ["eval", "--split", "test", "--model", "work/mrnn.pt", "--json"], None,
-         n_test, "images"),
+        ("embed-grid-flip", "embed grid, mirrored images", ["embed", "-", "--crop", "grid", "--flip", "-o",
+                                                            "work/grid-flip.npz", *threads], "images.txt", n_img, "images"),
+        ("train-mrnn", "train-mrnn (shipped recipe)", ["train-mrnn", "--features", "work/grid.npz", "--flip-features",
+                                                       "work/grid-flip.npz", *threads], None, n_train_sent, "sentences"),
+        ("eval", "eval aligner and generator (test)", ["eval", "--split", "test", "--json"], None, n_test, "images"),
     ]
     if args.only:
         want = set(args.only.split(","))
@@ -162,8 +163,8 @@ def main() -> None:
         if cmd[0] == "eval":
             reports[name] = json.loads(out_path.read_text())
     print(f"{'total':42s} {total:8.1f} s ({total / 60:.1f} min)")
-    ret = reports.get("eval aligner (test)", {}).get("retrieval")
-    gen = reports.get("eval generator (test)", {}).get("generation")
+    ret = reports.get("eval aligner and generator (test)", {}).get("retrieval")
+    gen = reports.get("eval aligner and generator (test)", {}).get("generation")
     if ret:
         i, t = ret["i2t"], ret["t2i"]
         print(f"test retrieval: i2t R@1/5/10 {i['r1']}/{i['r5']}/{i['r10']} t2i {t['r1']}/{t['r5']}/{t['r10']} rsum {ret['rsum']}")
