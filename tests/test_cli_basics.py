@@ -340,3 +340,27 @@ def test_sigterm_during_eval_keeps_the_computed_features_and_the_rerun_resumes(t
     assert f"resuming the region features an interrupted run left in {kept}" in r.stderr.decode()
     assert json.loads(r.stdout)["retrieval"]["images"] == 8
     assert not kept.exists()  # removed once the eval is done
+
+
+def test_a_sigterm_swallowed_during_a_fork_still_stops_the_command():
+    """A SIGTERM that lands while an at-fork callback runs (logging's, at each fork of a worker) raises its
+    KeyboardInterrupt inside the callback, where Python prints "Exception ignored" and goes on: the next progress
+    step raises it again, so the command stops; outside the command nothing is left pending."""
+    import os
+    import signal
+    import time
+
+    from vsa.cli.common import LineProgress
+    from vsa.runtime import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass  # what Python does with an exception raised in an at-fork callback
+        p = LineProgress(every_items=1000)
+        task = p.add_task("work", total=10)
+        with pytest.raises(KeyboardInterrupt):
+            p.advance(task)
+    p.advance(task)  # the command is over: nothing pending

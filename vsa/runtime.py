@@ -52,23 +52,42 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_interrupt_pending = False
+
+
 def _raise_interrupt(signum, frame):
+    global _interrupt_pending
+    _interrupt_pending = True
     raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Raise again the KeyboardInterrupt of a SIGTERM that Python swallowed: a signal that lands while an at-fork
+    callback runs (logging's, at every fork of a worker process) raises inside that callback, where Python prints
+    "Exception ignored" and goes on. Long loops call this between items (the CLI's progress does), so the command
+    still stops. Only in the main thread, where the signal handler runs."""
+    import threading
+
+    if _interrupt_pending and threading.current_thread() is threading.main_thread():
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """Within the block SIGTERM raises KeyboardInterrupt, like Ctrl-C, so both stop a command the same way
     (between atomic writes). A no-op outside the main thread."""
+    global _interrupt_pending
     try:
         old = signal.signal(signal.SIGTERM, _raise_interrupt)
     except ValueError:  # not the main thread
         yield
         return
+    _interrupt_pending = False
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+        _interrupt_pending = False
 
 
 def parse_shard(shard: str) -> tuple[int, int]:

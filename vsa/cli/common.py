@@ -232,6 +232,18 @@ def progress(transient: bool = False):
             if self.live.is_started:
                 self.stop()
 
+        def advance(self, *args, **kwargs):
+            from vsa.runtime import raise_if_interrupted
+
+            raise_if_interrupted()  # a SIGTERM swallowed during a fork still stops the command
+            super().advance(*args, **kwargs)
+
+        def update(self, *args, **kwargs):
+            from vsa.runtime import raise_if_interrupted
+
+            raise_if_interrupted()
+            super().update(*args, **kwargs)
+
     return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -349,6 +361,9 @@ class LineProgress:
             self.advance(task, advance)
 
     def advance(self, task: int, advance: float = 1) -> None:
+        from vsa.runtime import raise_if_interrupted
+
+        raise_if_interrupted()
         t = self.tasks.get(task)
         if t is None:
             return
