@@ -14,8 +14,9 @@ retrieval (prints figures; no pass/fail).
    around the BRNN over the padding, torch's packed GRU module and the region vectors placed by `masked_scatter` (the
    code before the layers moved to the real words; all kinds share the BRNN's cheaper output stacking that came with the next
    change, about 2% of a step), the code as it is (those layers on the real words only, the GRU's recurrence written
-   out on the CPU, rows placed by `index_copy`), and the recipe
-   shipped before the GRU branch (`global_encoder = "mean"`, `branch_loss` 0), with their ratios;
+   out on the CPU, rows placed by `index_copy`), the same under `torch.autocast("cpu", bfloat16)` (does a CPU with
+   native bfloat16 make the step faster?), and the recipe shipped before the GRU branch (`global_encoder = "mean"`,
+   `branch_loss` 0), with their ratios;
 2. the val retrieval every epoch runs (1000 images x 5000 sentences, `vsa.retrieval.score_matrix`): seconds;
 3. what this gives for the shipped recipe (its epochs of 235 steps): minutes of training, of validation every epoch,
    and with ``--set val_every`` equal to the epochs (validated once, at the end); ``--epochs`` for another count.
@@ -116,7 +117,7 @@ def main() -> None:
         ones = torch.full_like(lengths, e.shape[1])
         return packed_brnn(self, e, ones) * (torch.arange(e.shape[1])[None] < lengths[:, None])[..., None]
 
-    def step(m, opt, code="now", branch=True):
+    def step(m, opt, code="now", branch=True, bf16=False):
         keep = A.last_state, A.ReluBRNN.forward, A.SentenceBRNN.forward, A.RegionEncoder.forward
         if code == "padded":
             A.last_state, A.ReluBRNN.forward, A.SentenceBRNN.forward = padded_last_state, padded_brnn, padded_words
@@ -124,13 +125,14 @@ def main() -> None:
             A.last_state, A.SentenceBRNN.forward = module_last_state, padded_words
         if code != "now":
             A.RegionEncoder.forward = masked_regions
-        try:
-            V, vm = m.embed_images(feats, rmask)
-            S, sm = m.embed_sentences(ids, lengths)
-        finally:
-            A.last_state, A.ReluBRNN.forward, A.SentenceBRNN.forward, A.RegionEncoder.forward = keep
         t = tcfg if branch else AlignTrainConfig(branch_loss=0.0)
-        loss = _loss(m, t, V, vm, S, sm, img_of, True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            try:
+                V, vm = m.embed_images(feats, rmask)
+                S, sm = m.embed_sentences(ids, lengths)
+            finally:
+                A.last_state, A.ReluBRNN.forward, A.SentenceBRNN.forward, A.RegionEncoder.forward = keep
+            loss = _loss(m, t, V, vm, S, sm, img_of, True)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), tcfg.grad_clip)
@@ -141,6 +143,7 @@ def main() -> None:
              "vsa dropout, padded": (*model_with(A.Dropout), "padded", True),
              "packed recurrences (before)": (*model_with(A.Dropout), "packed", True),
              "now": (*model_with(A.Dropout), "now", True),
+             "now, CPU bfloat16 autocast": (*model_with(A.Dropout), "now", True, True),
              "no GRU branch (RWC-13rf)": (*model_with(A.Dropout, old), "now", False)}
     times = {k: [] for k in kinds}
     for kind in kinds.values():
@@ -163,7 +166,8 @@ def main() -> None:
           f"packed recurrences / padded {packed / ms['vsa dropout, padded']:.3f}; "
           f"now / packed recurrences {now / packed:.3f}; now / torch dropout, padded "
           f"{now / ms['torch dropout, padded']:.3f}; shipped recipe / no GRU branch "
-          f"{now / ms['no GRU branch (RWC-13rf)']:.3f}")
+          f"{now / ms['no GRU branch (RWC-13rf)']:.3f}; bfloat16 autocast / float32 "
+          f"{ms['now, CPU bfloat16 autocast'] / now:.3f} (CPU capability {torch.backends.cpu.get_cpu_capability()})")
 
     vfeats, vmask = images(1000)
     vids, vlen = sentences(5000)
