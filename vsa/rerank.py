@@ -23,8 +23,8 @@ import numpy as np
 class RerankConfig:
     """Re-ranking defaults (``vsa eval --rerank``; flags override)."""
 
-    k: int = 20  # candidates per query re-scored (val, RWC-13 + the Lite2 generator: k 10 -> 296.3 rsum, 20 -> 315.9)
-    weight: float = 4.0  # PMI against the aligner's score, both standardised per list (val: 1 / 2 / 4 / 8 -> 307.1 / 314.4 / 315.9 / 310.0)
+    k: int = 20  # candidates per query re-scored: the generator costs a forward per candidate (k chosen on val)
+    weight: float = 4.0  # PMI against the aligner's score, both standardised per list (chosen on val)
 
 
 def candidates(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
