@@ -94,6 +94,8 @@ CLASS_WORDS: dict[str, tuple[str, ...]] = {
     "toothbrush": ("toothbrush", "toothbrushes"),
 }
 
+COCO_CLASSES: tuple[str, ...] = tuple(CLASS_WORDS)  # the 80 COCO classes in the detector's order
+
 
 def names_class(tokens, label: str) -> bool:
     """Does a tokenised sentence name the class ``label``?"""
@@ -120,3 +122,33 @@ def constraint_sets(detections: list[dict], stoi: dict[str, int], min_score: flo
         if len(sets) >= max_sets:
             break
     return sets, labels
+
+
+# The words a label-reading generator writes for a box of each class (singular, plural), copied from the box even
+# when the training captions never used them: the class name's head word and its plural, or the word people use.
+_COPY_OVERRIDES = {
+    "person": ("person", "people"), "skis": ("ski", "skis"), "sports ball": ("ball", "balls"),
+    "traffic light": ("light", "lights"), "dining table": ("table", "tables"), "potted plant": ("plant", "plants"),
+    "wine glass": ("glass", "glasses"), "hot dog": ("hotdog", "hotdogs"), "cell phone": ("phone", "phones"),
+    "teddy bear": ("teddy", "teddies"), "mouse": ("mouse", "mice"), "knife": ("knife", "knives"),
+    "sheep": ("sheep", "sheep"), "broccoli": ("broccoli", "broccoli"), "scissors": ("scissors", "scissors"),
+    "hair drier": ("dryer", "dryers"), "tv": ("tv", "tvs"), "fire hydrant": ("hydrant", "hydrants"),
+    "parking meter": ("meter", "meters"), "stop sign": ("sign", "signs"), "tennis racket": ("racket", "rackets"),
+    "baseball bat": ("bat", "bats"), "baseball glove": ("glove", "gloves"),
+}
+
+
+def _plural(word: str) -> str:
+    if word.endswith(("s", "sh", "ch", "x")):
+        return word + "es"
+    if word.endswith("y") and word[-2:-1] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def copy_words(label: str) -> tuple[str, str]:
+    """(singular, plural) a caption writes for a box labelled ``label`` (a COCO class or any class name)."""
+    if label in _COPY_OVERRIDES:
+        return _COPY_OVERRIDES[label]
+    head = label.split()[-1]
+    return head, _plural(head)

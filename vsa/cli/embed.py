@@ -22,6 +22,7 @@ def embed(
     crop: str = typer.Option("warp", "--crop", help="warp: each box cropped and warped to 224 (paper, R-CNN style, one CNN pass per region); roi: RoIAlign on the whole image's feature map (one pass per image, ~Nx faster, coarser); grid: the whole image then the cells of its last feature map (--grid; for attention captioning, no detector)."),
     grid: int = typer.Option(7, "--grid", help="Cells per side with --crop grid (7 = the native 7x7 map at 224 px)."),
     cells: Optional[int] = typer.Option(None, "--cells", help="With --crop warp/roi: add the G x G cells of the image after the boxes (label 'cell': context the aligner scores, never a grounded box; warp pools them from the whole image's feature map); 0 = none. Default: for detector regions, the shipped aligner's recipe (3: the features it reads); for whole images and --crop grid, 0."),
+    labels: bool = typer.Option(False, "--labels", help="Also write each box's detector class (one-hot over the COCO classes), score and place after its CNN features: the inputs of a label-reading generator (`vsa train-mrnn --arch updown-labels`)."),
     flip: bool = typer.Option(False, "--flip", help="Features of the images mirrored left to right (boxes mirrored with them; keys unchanged): training-time augmentation for `vsa train-mrnn --flip-features`."),
     context: float = typer.Option(0.0, "--context", help="Pad each box by this fraction of its size per side before warping."),
     dtype: str = typer.Option("float16", "--dtype", help="float16 or float32 features."),
@@ -63,7 +64,7 @@ def embed(
     out_path = resolve(out, key, "--out/-o")
     with output_lock(out_path, "vsa embed"):  # before the CNN loads: a second run on this output is refused at once
         st, t0 = _run(items, meta, out_path, cnn, cnn_weights, batch_size, workers, crop, grid, cells, flip, context,
-                      dtype, part_every, no_resume, skip_bad, max_pixels, device, threads)
+                      dtype, part_every, no_resume, skip_bad, max_pixels, device, threads, labels)
     dt = time.time() - t0
     done = st["images"] - st["skipped_done"] - st["bad"]
     info(f"embed: {st['written']} images in {out_path} ({st['skipped_done']} resumed, {st['bad']} bad), "
@@ -98,13 +99,17 @@ def _stdin_is_empty() -> bool:
 
 
 def _run(items, meta, out_path, cnn, cnn_weights, batch_size, workers, crop, grid, cells, flip, context, dtype,
-         part_every, no_resume, skip_bad, max_pixels, device, threads):
+         part_every, no_resume, skip_bad, max_pixels, device, threads, labels=False):
     import time
 
     from vsa.cli import workspace as W
     from vsa.cli.config import resolve
     from vsa.errors import VsaError
     from vsa.features.embed import embed as run_embed, load_extractor
+    from vsa.labels import COCO_CLASSES
+
+    if labels and crop == "grid":
+        raise VsaError("--labels writes detector boxes' classes: it goes with regions (--crop warp or roi)")
 
     cnn_weights = resolve(cnn_weights, "features.cnn_weights", "--cnn-weights", required=False)
     if dtype not in ("float16", "float32"):
@@ -126,7 +131,7 @@ def _run(items, meta, out_path, cnn, cnn_weights, batch_size, workers, crop, gri
         with progress() as prog:
             st = run_embed(items, out_path, ex, batch_size=batch_size, workers=workers, context=context, crop=crop, dtype=dtype,
                            resume=not no_resume, part_every=part_every, skip_bad=skip_bad, max_pixels=W.max_pixels(max_pixels), warn=warn, progress=prog, grid=grid, cells=cells, flip=flip,
-                           extra_meta=meta)
+                           extra_meta=meta, labels=COCO_CLASSES if labels else ())
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (vsa.cli.common.guarded): exit 130
         raise Interrupted(f"interrupted: finished work is kept in {out_path}.parts; rerun the same command to resume") from None
     return st, t0

@@ -224,8 +224,11 @@ def _load_done(parts_dir: Path, out: Path, settings: dict, warn=None) -> tuple[l
 def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 16, workers: int = 1,
           context: float = 0.0, crop: str = "warp", dtype: str = "float16", resume: bool = True, part_every: int = 500,
           skip_bad: bool = False, max_pixels: int | None = None, warn=None, progress=None, extra_meta: dict | None = None,
-          grid: int = 7, cells: int = 0, flip: bool = False, budget=None) -> dict:
+          grid: int = 7, cells: int = 0, flip: bool = False, budget=None, labels=()) -> dict:
     """Compute features of every item and write one NPZ at ``out`` (atomically).
+
+    ``labels``: class names (e.g. :data:`vsa.labels.COCO_CLASSES`): each row also carries its box's class one-hot,
+    score and geometry (:func:`vsa.features.featuriser.label_channels`), the input of a label-reading generator.
 
     ``flip``: the features of each image mirrored left to right (its boxes mirrored with it; the keys stay the
     image's): the training-time augmentation of a generator (``vsa train-mrnn --flip-features``).
@@ -253,8 +256,13 @@ def embed(items: list[EmbedItem], out, extractor: Extractor, batch_size: int = 1
         seen[it.key] = it.path
     np_dtype = np.dtype(dtype)
     meta = dict(extractor.meta)
-    spec = CropSpec(crop, float(context), int(grid), int(cells))
+    spec = CropSpec(crop, float(context), int(grid), int(cells), tuple(labels or ()))
     meta.update({"crop": crop, "context": float(context), "dtype": np_dtype.name})
+    if spec.labels:
+        from vsa.features.featuriser import label_width
+
+        meta["labels"] = list(spec.labels)
+        meta["dim"] = int(meta["dim"]) + label_width(spec.labels)
     if spec.cells:
         meta["cells"] = spec.cells
     if flip:

@@ -48,6 +48,7 @@ class CropSpec:
     context: float = 0.0
     grid: int = 7
     cells: int = 0
+    labels: tuple = ()  # class names: each row also carries its box's class (one-hot), score and geometry
 
     def __post_init__(self):
         if self.crop not in CROPS:
@@ -61,7 +62,7 @@ class CropSpec:
         """The spec a features ``meta`` (or a checkpoint's ``extractor``) records."""
         meta = meta or {}
         return cls(meta.get("crop") or "warp", float(meta.get("context") or 0.0), int(meta.get("grid") or 7),
-                   int(meta.get("cells") or 0))
+                   int(meta.get("cells") or 0), tuple(meta.get("labels") or ()))
 
 
 def uses_detector(meta: dict) -> bool:
@@ -164,7 +165,45 @@ def forward(extractor, prepared: list[dict], spec: CropSpec) -> np.ndarray:
         feats = torch.cat(out)
     else:
         feats = extractor(batch)
-    return feats.cpu().numpy()
+    return with_labels(feats.cpu().numpy(), prepared, spec)
+
+
+LABEL_EXTRAS = ("score", "x1", "y1", "x2", "y2", "area")  # the channels after a labelled row's class one-hot
+
+
+def label_width(labels) -> int:
+    """Channels :func:`label_channels` appends to each row for a label set of ``len(labels)`` classes."""
+    return len(labels) + len(LABEL_EXTRAS) if labels else 0
+
+
+def label_channels(regions: list[dict], size: tuple[int, int], labels) -> np.ndarray:
+    """Float32 ``[R, C + 6]``: per region the one-hot of its class among ``labels`` (zero for the whole image, the
+    cells and a class outside the set), then its detector score and its box in ``[0, 1]`` image coordinates (x1,
+    y1, x2, y2) and area, all zero for a row that is not a detected box. A generator that reads labels
+    (:mod:`vsa.generator.models.labelled`) embeds the class and copies its name into the caption."""
+    index = {n: i for i, n in enumerate(labels)}
+    w, h = (float(v) or 1.0 for v in size)
+    out = np.zeros((len(regions), label_width(labels)), dtype=np.float32)
+    C = len(labels)
+    for j, r in enumerate(regions):
+        c = index.get(r.get("label"))
+        if c is None or r.get("label") in ("image", CELL_LABEL):
+            continue
+        x1, y1, x2, y2 = (float(v) for v in r["box"])
+        x1, x2 = min(max(x1 / w, 0.0), 1.0), min(max(x2 / w, 0.0), 1.0)
+        y1, y2 = min(max(y1 / h, 0.0), 1.0), min(max(y2 / h, 0.0), 1.0)
+        out[j, c] = 1.0
+        out[j, C:] = (float(r.get("score", 1.0)), x1, y1, x2, y2, max(x2 - x1, 0.0) * max(y2 - y1, 0.0))
+    return out
+
+
+def with_labels(feats: np.ndarray, prepared: list[dict], spec: CropSpec) -> np.ndarray:
+    """``feats`` (``[sum n, D]`` of ``prepared``, image by image) with :func:`label_channels` after the CNN's
+    channels when ``spec.labels`` names a label set."""
+    if not spec.labels:
+        return feats
+    extra = [label_channels(p["regions"], p["size"], spec.labels) for p in prepared]
+    return np.concatenate([feats, np.concatenate(extra).astype(feats.dtype)], 1)
 
 
 def check_fmap(extractor, spec: CropSpec) -> None:
@@ -213,6 +252,11 @@ class Featuriser:
 
             self._det = load_detector(self.detector_spec, self.device)
             want = self.meta.get("detector")
+            if self.spec.labels and list(getattr(self._det, "names", None) or []) != list(self.spec.labels):
+                self._det = None
+                raise VsaError(f"the model reads the class labels of {want or 'its training detector'} "
+                               f"({len(self.spec.labels)} classes) and the detector {self.detector_spec or 'given'} "
+                               f"has another label set: use {want or 'that detector'}")
             if self.warn is not None and want and self._det.name != want:
                 self.warn(f"the model was trained on {want} regions; these come from {self._det.name}")
         return self._det
@@ -245,7 +289,7 @@ class Featuriser:
         if regions is not None and self.spec.crop == "grid":
             raise VsaError("grid features are made of the image's cells, not of given boxes")
         regs = self.regions(im) if regions is None else region_list(im.size, regions, self.spec)
-        return {**prepare(self.extractor.prep, im, regs, self.spec), "regions": regs}
+        return {**prepare(self.extractor.prep, im, regs, self.spec), "regions": regs, "size": im.size}
 
     def forward(self, prepared: list[dict]) -> list[np.ndarray]:
         """Features of prepared photos in one CNN batch: float32 ``[R_i, D]`` per photo."""

@@ -22,7 +22,7 @@ REQUIRED = ("feats", "offsets", "keys")
 INDEX = ("emb", "emb_offsets")  # the search index's extra arrays (with ``paths``)
 
 
-SETTINGS = ("extractor", "dim", "input", "resize", "mean", "std", "crop", "context", "dtype", "grid", "cells", "flip")
+SETTINGS = ("extractor", "dim", "input", "resize", "mean", "std", "crop", "context", "dtype", "grid", "cells", "flip", "labels")
 
 
 def feature_settings(meta: dict, **override) -> dict:

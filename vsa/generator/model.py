@@ -33,6 +33,7 @@ class GeneratorConfig:
     att_dim: int = 256
     max_regions: int = 64  # regions per image read from a regions/grid features file (whole image first)
     cells: int = 0  # g: the features' g x g image cells after the boxes (`vsa embed --cells`; set from the features)
+    labels: int = 0  # classes whose one-hot, score and box follow each row's CNN channels (`vsa embed --labels`)
 
     # former names, read from older checkpoints and --set (vsa.checkpoint.config_from, apply_overrides)
     RENAMED: ClassVar[dict] = {"rnn": "arch"}
@@ -127,8 +128,8 @@ def check_generator_config(cfg: GeneratorConfig, path=None) -> None:
             raise VsaError(f"'model' {name} must be at least 1, got {getattr(cfg, name)}", path)
     if cfg.vocab_size < 5:
         raise VsaError(f"'model' vocab_size must be at least 5 (4 special tokens and a word), got {cfg.vocab_size}", path)
-    if cfg.cells < 0:
-        raise VsaError(f"'model' cells must be at least 0, got {cfg.cells}", path)
+    if cfg.cells < 0 or cfg.labels < 0:
+        raise VsaError(f"'model' cells and labels must be at least 0, got {cfg.cells} and {cfg.labels}", path)
     if not 0 <= cfg.dropout < 1:
         raise VsaError(f"'model' dropout must be at least 0 and below 1, got {cfg.dropout}", path)
 

