@@ -224,3 +224,27 @@ def test_constraint_sets_from_detections():
     assert labels == ["horse", "person"] and sets == [frozenset({5, 6}), frozenset({8, 9})]
     sets, labels = constraint_sets(dets, stoi, min_score=0.5, max_sets=3, skip=("person",))
     assert labels == ["horse", "cup"]
+
+
+@pytest.mark.parametrize("arch", ["updown", "lstm"])
+def test_scored_samples_have_the_rescored_log_probabilities_and_gradients(arch):
+    """Self-critical training draws its samples with gradients (one pass) where it re-scored them (two): the
+    log-probabilities and their gradients must be the re-scoring's."""
+    from vsa.generator.decoding import sample_scored, sequence_logprob
+
+    torch.manual_seed(0)
+    cfg = GeneratorConfig(arch=arch, vocab_size=30, feat_dim=8, embed=16, hidden=16, att_dim=8, dropout=0.0)
+    model = build_model(cfg).eval()
+    feats = torch.randn(3, 5, 8) if arch == "updown" else torch.randn(3, 8)
+    mask = torch.ones(3, 5, dtype=torch.bool) if arch == "updown" else None
+    seqs, lp = sample_scored(model, feats, mask, n=4, max_len=7)
+    assert seqs.shape[0] == 12 and lp.shape == (12,) and lp.requires_grad
+    w = torch.randn(12)
+    g1 = torch.autograd.grad((w * lp).sum(), list(model.parameters()), allow_unused=True)
+    rows = torch.arange(3).repeat_interleave(4)
+    ref = sequence_logprob(model, feats, mask, seqs, rows)
+    g2 = torch.autograd.grad((w * ref).sum(), list(model.parameters()), allow_unused=True)
+    assert torch.allclose(lp, ref, atol=1e-4)
+    for a, b in zip(g1, g2):
+        if a is not None or b is not None:
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)

@@ -116,3 +116,66 @@ def test_glove_missing_for_a_class_is_one_line_naming_it(tmp_path):
 def test_features_without_labels_are_refused():
     with pytest.raises(VsaError, match="vsa embed REGIONS"):
         UpDownLabels.training_vocab(Vocab(["a"]), {"crop": "roi"})
+
+
+class _OtherDetector:
+    name = "my-detector"
+    names = ["apple", "pear"]
+
+    def detect(self, images, opt=None, **kw):
+        return [[] for _ in images]
+
+
+def test_a_detector_of_another_label_set_is_refused_naming_both():
+    from vsa.features.featuriser import Featuriser
+    from vsa.labels import COCO_CLASSES
+
+    meta = {"extractor": "efficientnet-lite0", "crop": "roi", "labels": list(COCO_CLASSES), "detector": "yolov5n-coco"}
+    with pytest.raises(VsaError, match="80 class labels of yolov5n-coco.*my-detector has another label set"):
+        Featuriser(meta, _OtherDetector())
+    Featuriser({k: v for k, v in meta.items() if k != "labels"}, _OtherDetector())  # unlabelled features: any detector
+
+
+@pytest.mark.slow
+def test_caption_json_counts_the_boxes_read_and_says_when_there_were_none(tmp_path):
+    """A label generator on the packaged detector through `vsa caption --json`: a photo of a bus has boxes; a plain
+    grey picture has none and is captioned from the whole image and its cells, which the record says."""
+    import ultralytics
+    from pathlib import Path
+
+    from PIL import Image
+
+    from tests.conftest import run_cli
+    from vsa.labels import COCO_CLASSES
+
+    rng = np.random.RandomState(0)
+    names = list(COCO_CLASSES)
+    width = 1280 + label_width(names)
+    vocab = UpDownLabels.training_vocab(Vocab(["a", "on", "the", "street"]), {"labels": names})
+
+    def item(i):
+        regs = [{"box": [0, 0, 10, 10], "label": "image", "score": 1.0},
+                {"box": [1, 1, 8, 8], "label": "bus", "score": 0.9}]
+        return np.concatenate([rng.randn(2, 1280).astype(np.float32), label_channels(regs, (10, 10), names)], 1)
+
+    x = torch.from_numpy(np.stack([item(i) for i in range(8)]))
+    sents = [(i, vocab.encode(["a", "bus", "on", "the", "street"])) for i in range(8)]
+    refs = [["a bus on the street"]] * 8
+    sp = CaptionSplit(x, torch.ones(8, 2, dtype=torch.bool), sents, refs, [[r[0].split()] for r in refs], list(range(8)))
+    glove = tmp_path / "g.txt"
+    glove.write_text("".join(w + " " + " ".join(["0.1"] * GLOVE_DIM) + "\n" for c in names for w in c.split()))
+    meta = {"extractor": "efficientnet-lite0", "dim": width, "input": 224, "resize": "squash",
+            "mean": [0.498] * 3, "std": [0.502] * 3, "crop": "roi", "context": 0.0, "cells": 2, "labels": names,
+            "detector": "yolov5n-coco"}
+    out = tmp_path / "lab.pt"
+    train(GeneratorConfig(arch="updown-labels", labels=len(names), embed=16, hidden=16, att_dim=8),
+          GeneratorTrainConfig(epochs=1, batch_size=8, scst_epochs=0, search_settings=0, flip=0.0, glove=str(glove)),
+          DecodingConfig(max_len=6), sp, sp, vocab, out, meta, info=lambda *a: None)
+    bus = Path(ultralytics.__file__).parent / "assets" / "bus.jpg"
+    grey = tmp_path / "grey.png"
+    Image.new("RGB", (200, 150), (128, 128, 128)).save(grey)
+    r = run_cli("caption", bus, grey, "--model", out, "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    recs = [__import__("orjson").loads(line) for line in r.stdout.splitlines()]
+    assert recs[0]["boxes"] >= 3 and "note" not in recs[0]
+    assert recs[1]["boxes"] == 0 and recs[1]["note"].startswith("no detections")

@@ -231,7 +231,7 @@ class Featuriser:
         self.spec = CropSpec.from_meta(self.meta)
         loaded = hasattr(detector, "detect")
         self.detector_spec = None if loaded else detector
-        self._det = detector if loaded else None
+        self._det = self._check_labels(detector) if loaded else None
         self._ex = extractor
         self.top = top
         self.device = device
@@ -240,6 +240,18 @@ class Featuriser:
         self.boxes = boxes
         self.jit = jit
         self.warn = warn
+
+    def _check_labels(self, det):
+        """``det``, unless the features carry class labels (``spec.labels``) of another label set than its own: a
+        one-line error naming both."""
+        names = list(getattr(det, "names", None) or [])
+        if self.spec.labels and names != list(self.spec.labels):
+            want = self.meta.get("detector") or "its training detector"
+            got = getattr(det, "name", None) or self.detector_spec or "the given detector"
+            raise VsaError(f"the model reads the {len(self.spec.labels)} class labels of {want}, and the detector "
+                           f"{got} has another label set ({len(names)} classes: {', '.join(names[:3])}, ...): "
+                           f"caption with {want}")
+        return det
 
     @property
     def uses_detector(self) -> bool:
@@ -252,11 +264,8 @@ class Featuriser:
 
             self._det = load_detector(self.detector_spec, self.device)
             want = self.meta.get("detector")
-            if self.spec.labels and list(getattr(self._det, "names", None) or []) != list(self.spec.labels):
-                self._det = None
-                raise VsaError(f"the model reads the class labels of {want or 'its training detector'} "
-                               f"({len(self.spec.labels)} classes) and the detector {self.detector_spec or 'given'} "
-                               f"has another label set: use {want or 'that detector'}")
+            det, self._det = self._det, None
+            self._det = self._check_labels(det)
             if self.warn is not None and want and self._det.name != want:
                 self.warn(f"the model was trained on {want} regions; these come from {self._det.name}")
         return self._det

@@ -56,6 +56,8 @@ class Captioner:
         self.jit = jit  # False: never trace the CNN (vsa.features.embed.Extractor.jit)
         self._encoder = None
         self._featuriser = None
+        self._region_featuriser = None
+        self.last_mask = None  # featurise's padding mask
         self.detector = None  # a loaded detector: the boxes of a generator that reads them (caption_files sets it)
         self.mirror = float(self.model.decoding.mirror)  # weight of the mirror image (decoding.mirror; 0: off)
         self._mirrored = None
@@ -112,11 +114,12 @@ class Captioner:
 
     def caption_features(self, feats, beam: int | None = None, max_len: int | None = None,
                          length_penalty: float | None = None, model=None, vocab=None,
-                         mirrored: bool = False, sets: list | None = None) -> list[tuple[str, float]]:
+                         mirrored: bool = False, sets: list | None = None, mask=None) -> list[tuple[str, float]]:
         """``feats`` ``[B, D]`` CNN features -> ``(caption, logprob)`` per row; ``mirrored``: ``feats`` hold each
         photo's and its mirror image's side by side (:meth:`featurise` with ``mirror``), decoded as one with weight
         :attr:`mirror`; ``sets``: per row, the constraint sets its caption must meet
-        (:func:`vsa.generator.decoding.constrained_beam_search`)."""
+        (:func:`vsa.generator.decoding.constrained_beam_search`); ``mask`` ``[B, R]``: the real rows of padded region
+        features (:attr:`last_mask` of :meth:`featurise`)."""
         import torch
 
         from vsa.generator.decoding import constraints, decode
@@ -134,13 +137,15 @@ class Captioner:
         L = int(max_len if max_len is not None else dec.max_len)
         lp = float(length_penalty if length_penalty is not None else dec.length_penalty)
         feats = torch.as_tensor(feats, dtype=torch.float32, device=self.device)
+        if mask is not None:
+            mask = torch.as_tensor(mask, dtype=torch.bool, device=self.device)
         with torch.inference_mode():
             if sets is not None:
                 from vsa.generator.decoding import constrained_beam_search
 
-                hyps = constrained_beam_search(model, feats, None, sets, b, L, lp, **constraints(dec, vocab))
+                hyps = constrained_beam_search(model, feats, mask, sets, b, L, lp, **constraints(dec, vocab))
             else:
-                hyps = decode(model, feats, None, b, L, lp, **constraints(dec, vocab))
+                hyps = decode(model, feats, mask, b, L, lp, **constraints(dec, vocab))
         return [(" ".join(vocab.decode(h.tokens)), round(h.logprob, 3)) for h in hyps]
 
     @property
@@ -180,10 +185,21 @@ class Captioner:
         from vsa.generator.model import uses_regions
 
         n = len(prepared)
+        self.last_mask = None  # the padding mask of the last call's rows ([B, R], True = a real row), None: no padding
         if mirror:
             prepared = prepared + [p["mirror"] for p in prepared]
         feats = self.featuriser.forward(prepared)
-        x = np.stack(feats) if uses_regions(self.cfg) else np.stack([f[0] for f in feats])
+        if not uses_regions(self.cfg):
+            x = np.stack([f[0] for f in feats])
+        elif len({len(f) for f in feats}) == 1:
+            x = np.stack(feats)
+        else:  # photos with different numbers of boxes: zero rows after each photo's own, masked
+            R = max(len(f) for f in feats)
+            x = np.zeros((len(feats), R, feats[0].shape[1]), np.float32)
+            self.last_mask = np.zeros((n, R), bool)
+            for i, f in enumerate(feats):
+                x[i, : len(f)] = f
+                self.last_mask[i % n, : len(f)] = True  # a mirror image has its photo's boxes, mirrored
         return np.concatenate([x[:n], x[n:]], -1) if mirror else x
 
     # ------------------------------------------------------------------ files
@@ -229,7 +245,7 @@ class Captioner:
             constrain = constrain_settings(self.model.decoding, constrain)
         if regions is None:
             regions = detector is not None and not ground
-        if (regions or ground or constrain is not None) and detector is None:
+        if (regions or ground or constrain is not None or (self.reads_boxes and self.cfg.labels)) and detector is None:
             from vsa.regions import DEFAULT_DETECTOR
 
             detector = DEFAULT_DETECTOR  # the detector inside the package, as the shipped models are the default
@@ -268,9 +284,14 @@ class Captioner:
                     found = [constraint_sets(d, self.vocab.stoi, **constrain)
                              for d in detector.detect([g[2] for g in good])]
                     sets, labels = [f[0] for f in found], [f[1] for f in found]
-                caps = self.caption_features(feats, beam, max_len, length_penalty, mirrored=bool(self.mirror), sets=sets)
+                caps = self.caption_features(feats, beam, max_len, length_penalty, mirrored=bool(self.mirror), sets=sets,
+                                             mask=self.last_mask)
                 for i, ((path, key, im, _), (c, lp)) in enumerate(zip(good, caps)):
                     rec = {"path": str(path), "key": key, "caption": c, "logprob": lp}
+                    if self.reads_boxes:  # the detector's boxes the generator read (none: the image and its cells)
+                        rec["boxes"] = sum(r.get("label") not in ("image", "cell") for r in good[i][3]["regions"])
+                        if not rec["boxes"]:
+                            rec["note"] = "no detections: captioned from the whole image and its cells"
                     if labels is not None:
                         rec["constraints"] = labels[i]
                     if ground:
@@ -294,7 +315,12 @@ class Captioner:
         from vsa.features.featuriser import Featuriser
 
         # the region features exactly as the region model's training features were made (``region_meta``)
-        feats = Featuriser(self.region_meta, extractor=self.extractor).features(im, dets)
+        if self._region_featuriser is None:
+            same = self.region_meta.get("extractor", "efficientnet-lite0") == self.extractor_meta.get(
+                "extractor", "efficientnet-lite0")
+            self._region_featuriser = Featuriser(self.region_meta, extractor=self.extractor if same else None,
+                                                 device=self.device, cnn_weights=self.cnn_weights if same else None)
+        feats = self._region_featuriser.features(im, dets)
         caps = self.caption_features(feats, beam, max_len, length_penalty, self.region_model, self.region_vocab)
         return [{"box": d["box"], "label": d["label"], "score": d.get("score"), "caption": c} for d, (c, _) in zip(dets, caps)]
 

@@ -273,9 +273,20 @@ def sample(model, feats: torch.Tensor, mask: torch.Tensor | None = None, n: int 
     """``n`` sampled sentences per image, for self-critical training (no gradients).
 
     Returns ``seqs [B*n, T]`` (``<end>``-terminated, pad after); the caller re-scores the samples with
-    gradients through :func:`sequence_logprob`. Each step runs only for the sentences
-    that have not ended.
+    gradients through :func:`sequence_logprob` (or draws them with :func:`sample_scored`). Each step runs only for
+    the sentences that have not ended.
     """
+    return _sample(model, feats, mask, n, max_len, temperature, False)[0]
+
+
+def sample_scored(model, feats: torch.Tensor, mask: torch.Tensor | None = None, n: int = 5, max_len: int = 20):
+    """:func:`sample` with gradients: ``(seqs, logprob)``, ``logprob [B*n]`` each sentence's summed log-probability
+    under the distribution it was drawn from, the value (and gradient) :func:`sequence_logprob` gives it, without
+    running the model a second time over the samples."""
+    return _sample(model, feats, mask, n, max_len, 1.0, True)
+
+
+def _sample(model, feats, mask, n: int, max_len: int, temperature: float, scored: bool):
     B = feats.shape[0]
     st = model.init_state(feats, mask)
     st = {k: v.repeat_interleave(n, 0) for k, v in st.items()}
@@ -283,10 +294,17 @@ def sample(model, feats: torch.Tensor, mask: torch.Tensor | None = None, n: int 
     seqs = torch.full((B * n, max_len), Vocab.pad, dtype=torch.long, device=dev)
     alive = torch.arange(B * n, device=dev)  # the rows of ``seqs`` still going, in the state's order
     tok = torch.full((B * n,), Vocab.start, dtype=torch.long, device=dev)
+    parts, where = [], []  # scored: each step's log-probabilities of the drawn words, and their rows
     T = 0
     for t in range(max_len):
         logp, st = model.step(tok, st)
-        tok = draw(torch.softmax(_forbid(logp, t) / temperature, -1))
+        if scored:  # the constrained distribution of constrained_log_softmax, renormalised, with gradients
+            logp = torch.log_softmax(_forbid(logp.float().clone(), t), -1)
+            tok = draw(logp.detach().exp())
+            parts.append(logp.gather(1, tok[:, None]).squeeze(1))
+            where.append(alive)
+        else:
+            tok = draw(torch.softmax(_forbid(logp, t) / temperature, -1))
         seqs[alive, t] = tok
         T = t + 1
         going = tok != Vocab.end
@@ -296,7 +314,10 @@ def sample(model, feats: torch.Tensor, mask: torch.Tensor | None = None, n: int 
             keep = going.nonzero().squeeze(1)
             alive, tok = alive[keep], tok[keep]
             st = {k: v.index_select(0, keep) for k, v in st.items()}
-    return seqs[:, :T]
+    lp = None
+    if scored:
+        lp = torch.zeros(B * n, device=dev).index_add(0, torch.cat(where), torch.cat(parts))
+    return seqs[:, :T], lp
 
 
 @torch.no_grad()

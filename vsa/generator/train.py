@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vsa.data import Vocab
-from vsa.generator.decoding import DecodingConfig, decode, sample, sequence_logprob
+from vsa.generator.decoding import DecodingConfig, decode, sample, sample_scored, sequence_logprob
 from vsa.errors import VsaError
 from vsa.generator.model import GeneratorConfig, build_model
 from vsa.splits import CaptionSplit
@@ -608,16 +608,21 @@ def _scst_epoch(model, opt, sp: CaptionSplit, cfg: GeneratorTrainConfig, epoch: 
         idx = glob[share(len(glob), env)]
         f, m = _sub(sp, idx, dev, flips(sp, len(idx), cfg.flip, rng))
         m = drop_boxes(m, model.cfg.cells, cfg.box_dropout, rng)
+        lp = None
         with autocast(dev, cfg.bf16):
-            seqs = sample(model, f, m, n, max_len)
+            if env.enabled:  # DDP synchronises gradients of a forward through its wrapper: re-score below
+                seqs = sample(model, f, m, n, max_len)
+            else:  # one pass: the drawn words' log-probabilities keep their gradients
+                seqs, lp = sample_scored(model, f, m, n, max_len)
         words = [sample_words(row, itos) for row in seqs.tolist()]
         refs = [ref_end[int(i)] for i in idx for _ in range(n)]
         r = torch.tensor(scorer.score(words, refs)).view(len(idx), n)
         base = (r.sum(1, keepdim=True) - r) / max(n - 1, 1)
         adv = (r - base).flatten()
         rows = torch.arange(len(idx), device=dev).repeat_interleave(n)  # sample j reads image j // n
-        with autocast(dev, cfg.bf16):
-            lp = sequence_logprob(ddp, f, m, seqs, rows)
+        if lp is None:
+            with autocast(dev, cfg.bf16):
+                lp = sequence_logprob(ddp, f, m, seqs, rows)
         loss = -(adv.to(dev) * lp).sum() / (len(glob) * n)  # the mean over the global batch's samples
         check_loss(loss.detach(), f"epoch {epoch} (self-critical), batch {s // B + 1}")
         opt.zero_grad(set_to_none=True)
