@@ -14,7 +14,7 @@ _vsa_options() {
         "vsa") echo "--version --install-completion --show-completion -h --help" ;;
         "vsa init") echo "--dataset --images --detector --out --force --path -h --help" ;;
         "vsa regions") echo "-d --detector --top --conf --iou --dedup --imgsz --batch-size --workers -o --out --skip-bad --max-pixels --shard --device --threads -h --help" ;;
-        "vsa embed") echo "-o --out --cnn --cnn-weights --batch-size --workers --crop --grid --cells --flip --context --dtype --shard --part-every --no-resume --skip-bad --max-pixels --device --threads -h --help" ;;
+        "vsa embed") echo "-o --out --cnn --cnn-weights --batch-size --workers --crop --grid --cells --labels --flip --context --dtype --shard --part-every --no-resume --skip-bad --max-pixels --device --threads -h --help" ;;
         "vsa train-align") echo "--dataset -f --features --flip-features -o --out --log --model --rnn --score --loss --epochs --batch-size --lr --hidden --glove --set --seed --resume --min-count --threads --skip-missing --device --json -h --help" ;;
         "vsa score") echo "-m --model -f --features --detector --top --cnn-weights --json --skip-bad --device -h --help" ;;
         "vsa train-mrnn") echo "--dataset -f --features --flip-features -o --out --log --alignments --arch --attention --no-attention --hidden --embed --dropout --epochs --scst-epochs --scst-lr --batch-size --lr --lr-decay --label-smoothing --set --max-len --min-count --patience --seed --threads --device --resume --search-settings --search-images --no-beam-search --skip-missing --json -h --help" ;;
@@ -71,6 +71,7 @@ _vsa_value_kind() {
         "vsa embed --crop") echo "value" ;;
         "vsa embed --grid") echo "value" ;;
         "vsa embed --cells") echo "value" ;;
+        "vsa embed --labels") echo "flag" ;;
         "vsa embed --flip") echo "flag" ;;
         "vsa embed --context") echo "value" ;;
         "vsa embed --dtype") echo "value" ;;

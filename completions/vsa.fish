@@ -58,6 +58,7 @@ complete -c vsa -n '__fish_seen_subcommand_from embed' -l workers -x -d 'Decodin
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l crop -x -d 'warp: each box cropped and warped to 224 (paper, R-CNN style, one CNN...'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l grid -x -d 'Cells per side with --crop grid (7 = the native 7x7 map at 224 px)'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l cells -x -d 'With --crop warp/roi: add the G x G cells of the image after the boxe...'
+complete -c vsa -n '__fish_seen_subcommand_from embed' -l labels -d 'Also write each box\'s detector class (one-hot over the COCO classes),...'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l flip -d 'Features of the images mirrored left to right (boxes mirrored with th...'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l context -x -d 'Pad each box by this fraction of its size per side before warping'
 complete -c vsa -n '__fish_seen_subcommand_from embed' -l dtype -x -d 'float16 or float32 features'
