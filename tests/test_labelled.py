@@ -179,3 +179,29 @@ def test_caption_json_counts_the_boxes_read_and_says_when_there_were_none(tmp_pa
     recs = [__import__("orjson").loads(line) for line in r.stdout.splitlines()]
     assert recs[0]["boxes"] >= 3 and "note" not in recs[0]
     assert recs[1]["boxes"] == 0 and recs[1]["note"].startswith("no detections")
+
+
+def test_init_from_copies_fitting_weights_and_vocabulary_rows_by_word(tmp_path):
+    """`--set init=CKPT`: a label model starts from a grid model's weights, word rows matched by word."""
+    from vsa.checkpoint import save_checkpoint
+    from vsa.generator.train import init_from
+
+    torch.manual_seed(0)
+    old_vocab = Vocab(["a", "dog", "runs"])
+    grid = build_model(GeneratorConfig(arch="updown", vocab_size=len(old_vocab), feat_dim=CNN, embed=8, hidden=8,
+                                       att_dim=4))
+    path = tmp_path / "grid.pt"
+    save_checkpoint(path, "mrnn", grid.cfg, GeneratorTrainConfig(), DecodingConfig(), old_vocab.words, {},
+                    grid.state_dict())
+    vocab = UpDownLabels.training_vocab(Vocab(["dog", "a", "jumps"]), {"labels": CLASSES})
+    lab = build_model(GeneratorConfig(arch="updown-labels", labels=len(CLASSES), vocab_size=len(vocab),
+                                      feat_dim=CNN + label_width(CLASSES), embed=8, hidden=8, att_dim=4))
+    before = lab.copy_v.weight.clone()
+    said = init_from(lab, path, vocab)
+    assert "by word" in said
+    for w in ("a", "dog", "<end>"):
+        assert torch.equal(lab.embed.weight[vocab.stoi[w]], grid.embed.weight[old_vocab.stoi[w]])
+        assert torch.equal(lab.out.weight[vocab.stoi[w]], grid.out.weight[old_vocab.stoi[w]])
+    assert not torch.equal(lab.embed.weight[vocab.stoi["jumps"]], grid.embed.weight[old_vocab.stoi["runs"]])
+    assert torch.equal(lab.lang.weight_hh, grid.lang.weight_hh) and torch.equal(lab.att_embed.weight, grid.att_embed.weight)
+    assert torch.equal(lab.copy_v.weight, before)  # the pointer is new

