@@ -151,3 +151,35 @@ def region_agreement(records) -> dict:
             b[1] += ok
     return {"regions": n, "agree": round(hit / max(n, 1), 4),
             "by_label": {k: {"regions": v[0], "agree": round(v[1] / v[0], 4)} for k, v in sorted(by.items(), key=lambda kv: -kv[1][0])}}
+
+
+def caption_grounding(records) -> dict:
+    """Where a generated caption names a class the detector found in the photo, does its grounded snippet land on
+    a box of that class?
+
+    ``records``: ``vsa caption --ground --regions --json`` records (``snippets`` with their box ``label``,
+    ``regions`` the photo's top detections). Counted over the class words (:data:`vsa.labels.CLASS_WORDS`) of
+    each snippet whose class is among the photo's detections: ``on_class`` is the share whose snippet's box has
+    that label; ``by_label`` per class."""
+    from vsa.data import tokenize
+    from vsa.labels import CLASS_WORDS
+
+    word_class = {w: c for c, ws in CLASS_WORDS.items() for w in ws}
+    n = hit = 0
+    by: dict = {}
+    for rec in records:
+        found = {r.get("label") for r in rec.get("regions", [])}
+        for s in rec.get("snippets", []):
+            for w in tokenize(s.get("text", "")):
+                c = word_class.get(w)
+                if c is None or c not in found:
+                    continue
+                ok = s.get("label") == c
+                n += 1
+                hit += ok
+                b = by.setdefault(c, [0, 0])
+                b[0] += 1
+                b[1] += ok
+    return {"words": n, "on_class": round(hit / max(n, 1), 4),
+            "by_label": {k: {"words": v[0], "on_class": round(v[1] / v[0], 4)}
+                         for k, v in sorted(by.items(), key=lambda kv: -kv[1][0])}}
