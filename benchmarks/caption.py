@@ -1,6 +1,6 @@
 """`vsa caption` speed: cold start of one photo vs `python -c "import torch"`, and folder throughput.
 
-Usage: python benchmarks/caption.py [IMAGE_FOLDER] [--n 64] [--threads 2]
+Usage: python benchmarks/caption.py [IMAGE_FOLDER] [--n 64] [--threads 2] [--model GEN.pt]
 Prints wall times and the ratio (goal <= 1.8) measured in the same run, then images/s in folder mode.
 """
 
@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--n", type=int, default=64, help="images for the folder-mode throughput")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--model", default=None, help="a generator checkpoint (default: the shipped one)")
     a = ap.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     files = sorted(p for p in Path(a.folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[: a.n]
@@ -44,7 +45,7 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     for f in files:
         shutil.copy(f, tmp / f.name)
-    vsa = [sys.executable, "-m", "vsa", "caption", "--threads", str(a.threads)]
+    vsa = [sys.executable, "-m", "vsa", "caption", "--threads", str(a.threads)] + (["--model", a.model] if a.model else [])
     t_torch, _ = wall([sys.executable, "-c", "import torch"], env, a.repeat)
     t_one, r = wall(vsa + [str(tmp / files[0].name)], env, a.repeat)
     print(f"python -c 'import torch'   {t_torch:6.2f} s")
