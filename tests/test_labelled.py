@@ -205,3 +205,25 @@ def test_init_from_copies_fitting_weights_and_vocabulary_rows_by_word(tmp_path):
     assert not torch.equal(lab.embed.weight[vocab.stoi["jumps"]], grid.embed.weight[old_vocab.stoi["runs"]])
     assert torch.equal(lab.lang.weight_hh, grid.lang.weight_hh) and torch.equal(lab.att_embed.weight, grid.att_embed.weight)
     assert torch.equal(lab.copy_v.weight, before)  # the pointer is new
+
+
+@pytest.mark.slow
+def test_region_captions_name_the_class_of_their_box():
+    """`vsa caption --regions`: each box's phrase holds a word of its detector class (constrained decoding on the
+    box's label, whenever the region model has such a word), here with the shipped region model on a street
+    photo whose boxes are people and a bus."""
+    import orjson
+    import ultralytics
+    from pathlib import Path
+
+    from tests.conftest import run_cli
+    from vsa.data import tokenize
+    from vsa.labels import CLASS_WORDS
+
+    bus = Path(ultralytics.__file__).parent / "assets" / "bus.jpg"
+    r = run_cli("caption", bus, "--regions", "--top", "4", "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    regions = orjson.loads(r.stdout.splitlines()[0])["regions"]
+    assert {g["label"] for g in regions} >= {"person", "bus"}
+    for g in regions:
+        assert set(tokenize(g["caption"])) & set(CLASS_WORDS[g["label"]]), g

@@ -321,7 +321,15 @@ class Captioner:
             self._region_featuriser = Featuriser(self.region_meta, extractor=self.extractor if same else None,
                                                  device=self.device, cnn_weights=self.cnn_weights if same else None)
         feats = self._region_featuriser.features(im, dets)
-        caps = self.caption_features(feats, beam, max_len, length_penalty, self.region_model, self.region_vocab)
+        # each box's phrase names the box's class (a word of vsa.labels.CLASS_WORDS the region model can write:
+        # constrained decoding), so a region caption never contradicts the detector
+        from vsa.labels import CLASS_WORDS
+
+        stoi = self.region_vocab.stoi
+        sets = [[frozenset(stoi[w] for w in CLASS_WORDS.get(d["label"], ()) if w in stoi)] for d in dets]
+        sets = [s if s[0] else [] for s in sets]
+        caps = self.caption_features(feats, beam, max_len, length_penalty, self.region_model, self.region_vocab,
+                                     sets=sets)
         return [{"box": d["box"], "label": d["label"], "score": d.get("score"), "caption": c} for d, (c, _) in zip(dets, caps)]
 
     def ground(self, im, path, key: str, caption: str, detector) -> tuple[float, list[dict]]:
