@@ -93,7 +93,7 @@ def main() -> None:
     T.sequence_logprob = timed("re-score forward", relp)
     scorer.score = timed("reward", scorer.score)
     env = setup("cpu")
-    modes = {"re-score (two passes)": timed("sample", two_passes), "scored sampling (one pass)":
+    modes = {"re-score (two passes)": two_passes, "scored sampling (one pass)":
              timed("sample", counting_scored)}
     start = {k: v.clone() for k, v in model.state_dict().items()}
     T.sample_scored = modes["re-score (two passes)"]
