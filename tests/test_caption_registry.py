@@ -129,7 +129,7 @@ def test_a_new_architecture_is_one_class_that_trains_decodes_and_captions(tmp_pa
     r = run_cli("caption", photo, "--model", out, "--threads", "1")
     err = r.stderr.decode().strip().splitlines()
     assert r.returncode == 2 and len(err) == 1, err
-    assert err[0] == f"vsa: error: {out}: 'model' arch must be one of lstm, rnn, toy-regions, updown, got 'toy-gru'"
+    assert err[0] == f"vsa: error: {out}: 'model' arch must be one of lstm, rnn, toy-regions, updown, updown-labels, got 'toy-gru'"
 
 
 def test_reading_regions_and_the_default_features_are_the_architectures_own(registry):
@@ -155,19 +155,19 @@ def test_an_unknown_architecture_is_one_line_naming_the_registered_ones(tmp_path
     from vsa.generator.model import GeneratorConfig, build_model
 
     with pytest.raises(VsaError, match=r"^unknown caption model architecture 'transformer' \(registered: lstm, rnn, "
-                                       r"updown\)$"):
+                                       r"updown, updown-labels\)$"):
         build_model(GeneratorConfig(arch="transformer", vocab_size=9, feat_dim=4))
     ds, feats = tiny_dataset(tmp_path, n_train=4, n_val=2, n_test=1)
     r = run_cli("train-mrnn", "--dataset", ds, "--features", feats, "--out", tmp_path / "m.pt", "--arch", "transformer")
     assert r.returncode == 2 and r.stderr.decode().splitlines()[-1] == (
-        "vsa: error: --arch must be one of lstm, rnn, updown, got 'transformer'")
+        "vsa: error: --arch must be one of lstm, rnn, updown, updown-labels, got 'transformer'")
     model = build_model(GeneratorConfig(arch="lstm", vocab_size=9, feat_dim=4, embed=4, hidden=4))
     bad = tmp_path / "bad.pt"
     save_checkpoint(bad, "mrnn", {**vars(model.cfg), "arch": "transformer"}, {}, {}, list("abcde"), {},
                     model.state_dict())
     r = run_cli("caption", _photo(tmp_path / "p.jpg"), "--model", bad)
     assert r.returncode == 2 and r.stderr.decode().splitlines()[-1] == (
-        f"vsa: error: {bad}: 'model' arch must be one of lstm, rnn, updown, got 'transformer'")
+        f"vsa: error: {bad}: 'model' arch must be one of lstm, rnn, updown, updown-labels, got 'transformer'")
 
 
 def test_train_mrnn_help_lists_the_registered_architectures(registry):

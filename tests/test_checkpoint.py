@@ -245,7 +245,7 @@ BAD_GENERATORS = [
     (_set("model", "hidden", "big"), "'model' hidden must be a whole number, got 'big'"),
     (_set("model", "hidden", -3), "'model' hidden must be at least 1, got -3"),
     (_set("model", "hidden", 10**6), "weights do not fit its model config"),  # refused before any allocation
-    (_set("model", "rnn", "gru"), "'model' arch must be one of lstm, rnn, updown, got 'gru'"),
+    (_set("model", "rnn", "gru"), "'model' arch must be one of lstm, rnn, updown, updown-labels, got 'gru'"),
     (_set("model", "dropout", 2.0), "'model' dropout must be at least 0 and below 1"),
     (_set("model", "attention", "yes"), "'model' attention must be true or false"),
     (_set("model", "feat_dim", 7), "the extractor makes 1280-dim features but the model config reads 7"),

@@ -352,20 +352,26 @@ def test_scst_on_a_small_task_raises_the_reward_and_the_greedy_score(tmp_path):
 
 
 def test_scst_dropout_switches_dropout_on_for_sampling_and_rescoring(tmp_path, monkeypatch):
-    """``scst_dropout`` (the reference's way) samples and re-scores in training mode; the default in eval mode."""
+    """``scst_dropout`` (the reference's way) samples in training mode, the default in eval mode; on one process
+    the samples' log-probabilities come from the sampling pass itself (no re-scoring forward)."""
     ds, store, vocab, tr, va = _splits(tmp_path)
     seen = []
-    real_sample, real_lp = T.sample, T.sequence_logprob
+    real_sample, real_lp, real_scored = T.sample, T.sequence_logprob, T.sample_scored
 
     def spy_sample(model, *a, **k):
         seen.append(("sample", model.training))
         return real_sample(model, *a, **k)
+
+    def spy_scored(model, *a, **k):
+        seen.append(("scored sample", model.training))
+        return real_scored(model, *a, **k)
 
     def spy_lp(model, *a, **k):
         seen.append(("rescore", model.training))
         return real_lp(model, *a, **k)
 
     monkeypatch.setattr(T, "sample", spy_sample)
+    monkeypatch.setattr(T, "sample_scored", spy_scored)
     monkeypatch.setattr(T, "sequence_logprob", spy_lp)
     for flag in (False, True):
         seen.clear()
@@ -373,7 +379,7 @@ def test_scst_dropout_switches_dropout_on_for_sampling_and_rescoring(tmp_path, m
                         scst_dropout=flag)
         T.train(*cfg, tr, va, vocab, tmp_path / f"d{flag}.pt", store.meta, info=lambda *_: None,
                 choose_decoding=False)
-        assert seen and set(seen) == {("sample", flag), ("rescore", flag)}
+        assert seen and set(seen) == {("scored sample", flag)}
 
 
 def test_export_generator_ships_float16_weights_that_caption_alike(tmp_path):
