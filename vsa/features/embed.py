@@ -492,7 +492,7 @@ def embed_like_training(files: list, out, extractor_meta: dict, detector=None, t
             raise VsaError(f"the model was trained on {want}px inputs but {ex.name} uses {ex.input_size}px")
         embed(items, out, ex, batch_size=batch_size, workers=workers, context=spec.context, crop=spec.crop,
               dtype=meta.get("dtype") or "float16", resume=resume, max_pixels=max_pixels, progress=progress, warn=warn,
-              extra_meta=extra, grid=spec.grid, cells=spec.cells, flip=flip)
+              extra_meta=extra, grid=spec.grid, cells=spec.cells, flip=flip, labels=spec.labels)
         if det_part is not None:
             det_part.unlink(missing_ok=True)
         return out
