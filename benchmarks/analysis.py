@@ -136,21 +136,14 @@ def region_agreement(records) -> dict:
     """
     from vsa.data import tokenize
 
-    n = hit = 0
-    by: dict = {}
-    for rec in records:
-        for r in rec.get("regions", []):
-            lab = r.get("label", "")
-            if lab not in LABEL_WORDS:
-                continue
-            ok = bool(set(tokenize(r.get("caption", ""))) & LABEL_WORDS[lab])
-            n += 1
-            hit += ok
-            b = by.setdefault(lab, [0, 0])
-            b[0] += 1
-            b[1] += ok
-    return {"regions": n, "agree": round(hit / max(n, 1), 4),
-            "by_label": {k: {"regions": v[0], "agree": round(v[1] / v[0], 4)} for k, v in sorted(by.items(), key=lambda kv: -kv[1][0])}}
+    def hits():
+        for rec in records:
+            for r in rec.get("regions", []):
+                lab = r.get("label", "")
+                if lab in LABEL_WORDS:
+                    yield lab, bool(set(tokenize(r.get("caption", ""))) & LABEL_WORDS[lab])
+
+    return _tally(hits(), "regions", "agree")
 
 
 def caption_grounding(records) -> dict:
@@ -165,21 +158,30 @@ def caption_grounding(records) -> dict:
     from vsa.labels import CLASS_WORDS
 
     word_class = {w: c for c, ws in CLASS_WORDS.items() for w in ws}
+
+    def hits():
+        for rec in records:
+            found = {r.get("label") for r in rec.get("regions", [])}
+            for s in rec.get("snippets", []):
+                for w in tokenize(s.get("text", "")):
+                    c = word_class.get(w)
+                    if c is not None and c in found:
+                        yield c, s.get("label") == c
+
+    return _tally(hits(), "words", "on_class")
+
+
+def _tally(hits, count: str, share: str) -> dict:
+    """``(label, ok)`` pairs -> ``{count: n, share: fraction ok, "by_label": {label: {count, share}}}``, labels by
+    count, most first."""
     n = hit = 0
     by: dict = {}
-    for rec in records:
-        found = {r.get("label") for r in rec.get("regions", [])}
-        for s in rec.get("snippets", []):
-            for w in tokenize(s.get("text", "")):
-                c = word_class.get(w)
-                if c is None or c not in found:
-                    continue
-                ok = s.get("label") == c
-                n += 1
-                hit += ok
-                b = by.setdefault(c, [0, 0])
-                b[0] += 1
-                b[1] += ok
-    return {"words": n, "on_class": round(hit / max(n, 1), 4),
-            "by_label": {k: {"words": v[0], "on_class": round(v[1] / v[0], 4)}
+    for lab, ok in hits:
+        n += 1
+        hit += ok
+        b = by.setdefault(lab, [0, 0])
+        b[0] += 1
+        b[1] += ok
+    return {count: n, share: round(hit / max(n, 1), 4),
+            "by_label": {k: {count: v[0], share: round(v[1] / v[0], 4)}
                          for k, v in sorted(by.items(), key=lambda kv: -kv[1][0])}}

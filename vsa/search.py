@@ -467,8 +467,8 @@ def rerank_text(hits: list[dict], query: str, generator, store=None, k: int = 10
                 raise VsaError(f"photo {h['path']!r} is not a file: re-ranking reads each candidate photo; pass "
                                "--rerank-features with the generator's features of the indexed images")
             prepared.append(generator.featuriser.prepare(open_image(h["path"], max_pixels)))
-        feats = torch.as_tensor(generator.featurise(prepared), dtype=torch.float32)
-        mask = None if generator.last_mask is None else torch.as_tensor(generator.last_mask)
+        feats, mask = generator.featurise(prepared)
+        feats, mask = torch.as_tensor(feats, dtype=torch.float32), None if mask is None else torch.as_tensor(mask)
 
     def feats_of(images):
         return feats[images], None if mask is None else mask[images]

@@ -262,10 +262,8 @@ class Featuriser:
         if self._det is None:
             from vsa.regions import load_detector
 
-            self._det = load_detector(self.detector_spec, self.device)
+            self._det = self._check_labels(load_detector(self.detector_spec, self.device))
             want = self.meta.get("detector")
-            det, self._det = self._det, None
-            self._det = self._check_labels(det)
             if self.warn is not None and want and self._det.name != want:
                 self.warn(f"the model was trained on {want} regions; these come from {self._det.name}")
         return self._det

@@ -57,7 +57,6 @@ class Captioner:
         self._encoder = None
         self._featuriser = None
         self._region_featuriser = None
-        self.last_mask = None  # featurise's padding mask
         self.detector = None  # a loaded detector: the boxes of a generator that reads them (caption_files sets it)
         self.mirror = float(self.model.decoding.mirror)  # weight of the mirror image (decoding.mirror; 0: off)
         self._mirrored = None
@@ -119,7 +118,7 @@ class Captioner:
         photo's and its mirror image's side by side (:meth:`featurise` with ``mirror``), decoded as one with weight
         :attr:`mirror`; ``sets``: per row, the constraint sets its caption must meet
         (:func:`vsa.generator.decoding.constrained_beam_search`); ``mask`` ``[B, R]``: the real rows of padded region
-        features (:attr:`last_mask` of :meth:`featurise`)."""
+        features (as :meth:`featurise` gives it)."""
         import torch
 
         from vsa.generator.decoding import constraints, decode
@@ -176,8 +175,9 @@ class Captioner:
         return self._featuriser
 
     def featurise(self, prepared: list[dict], mirror: bool = False):
-        """Prepared photos (:meth:`vsa.features.featuriser.Featuriser.prepare`) -> the generator's inputs: one pooled
-        vector ``[B, D]``, or the whole image + grid cells ``[B, 1 + g*g, D]`` for a grid model; ``mirror``: the
+        """Prepared photos (:meth:`vsa.features.featuriser.Featuriser.prepare`) -> ``(feats, mask)``, the generator's
+        inputs: one pooled vector ``[B, D]`` (mask None), or region rows ``[B, R, D]`` (the whole image + grid cells,
+        or + boxes) padded to the photo with the most, with their ``[B, R]`` mask (True = a real row); ``mirror``: the
         mirror images' (each prepared photo's ``"mirror"``, made by :meth:`_load`; one CNN batch) beside them on the
         last axis, the input of :func:`vsa.generator.model.with_mirror` (:meth:`caption_features` decodes it)."""
         import numpy as np
@@ -185,22 +185,17 @@ class Captioner:
         from vsa.generator.model import uses_regions
 
         n = len(prepared)
-        self.last_mask = None  # the padding mask of the last call's rows ([B, R], True = a real row), None: no padding
         if mirror:
             prepared = prepared + [p["mirror"] for p in prepared]
         feats = self.featuriser.forward(prepared)
         if not uses_regions(self.cfg):
-            x = np.stack([f[0] for f in feats])
-        elif len({len(f) for f in feats}) == 1:
-            x = np.stack(feats)
+            x, mask = np.stack([f[0] for f in feats]), None
         else:  # photos with different numbers of boxes: zero rows after each photo's own, masked
-            R = max(len(f) for f in feats)
-            x = np.zeros((len(feats), R, feats[0].shape[1]), np.float32)
-            self.last_mask = np.zeros((n, R), bool)
-            for i, f in enumerate(feats):
-                x[i, : len(f)] = f
-                self.last_mask[i % n, : len(f)] = True  # a mirror image has its photo's boxes, mirrored
-        return np.concatenate([x[:n], x[n:]], -1) if mirror else x
+            from vsa.features.store import pad_regions
+
+            x, mask = pad_regions(feats)
+            x, mask = x.numpy(), mask[:n].numpy()  # a mirror image has its photo's boxes, mirrored
+        return (np.concatenate([x[:n], x[n:]], -1) if mirror else x), mask
 
     # ------------------------------------------------------------------ files
 
@@ -276,7 +271,7 @@ class Captioner:
                     good.append((path, key, im, x))
                 if not good:
                     continue
-                feats = self.featurise([g[3] for g in good], mirror=bool(self.mirror))
+                feats, mask = self.featurise([g[3] for g in good], mirror=bool(self.mirror))
                 sets = labels = None
                 if constrain is not None:
                     from vsa.labels import constraint_sets
@@ -285,7 +280,7 @@ class Captioner:
                              for d in detector.detect([g[2] for g in good])]
                     sets, labels = [f[0] for f in found], [f[1] for f in found]
                 caps = self.caption_features(feats, beam, max_len, length_penalty, mirrored=bool(self.mirror), sets=sets,
-                                             mask=self.last_mask)
+                                             mask=mask)
                 for i, ((path, key, im, _), (c, lp)) in enumerate(zip(good, caps)):
                     rec = {"path": str(path), "key": key, "caption": c, "logprob": lp}
                     if self.reads_boxes:  # the detector's boxes the generator read (none: the image and its cells)
@@ -323,11 +318,9 @@ class Captioner:
         feats = self._region_featuriser.features(im, dets)
         # each box's phrase names the box's class (a word of vsa.labels.CLASS_WORDS the region model can write:
         # constrained decoding), so a region caption never contradicts the detector
-        from vsa.labels import CLASS_WORDS
+        from vsa.labels import constraint_sets
 
-        stoi = self.region_vocab.stoi
-        sets = [[frozenset(stoi[w] for w in CLASS_WORDS.get(d["label"], ()) if w in stoi)] for d in dets]
-        sets = [s if s[0] else [] for s in sets]
+        sets = [constraint_sets([d], self.region_vocab.stoi, min_score=float("-inf"), max_sets=1)[0] for d in dets]
         caps = self.caption_features(feats, beam, max_len, length_penalty, self.region_model, self.region_vocab,
                                      sets=sets)
         return [{"box": d["box"], "label": d["label"], "score": d.get("score"), "caption": c} for d, (c, _) in zip(dets, caps)]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vsa.data import Vocab
-from vsa.generator.models import CaptionModelBase
+from vsa.generator.models import CaptionModelBase, caption_model_class
 from vsa.generator.decoding import DecodingConfig, decode, sample, sample_scored, sequence_logprob
 from vsa.errors import VsaError
 from vsa.generator.model import GeneratorConfig, build_model
@@ -410,8 +410,6 @@ def train_on(mcfg: GeneratorConfig, tcfg: GeneratorTrainConfig, dcfg: DecodingCo
     if flip_features is not None and alignments is not None:
         raise VsaError("--flip-features is for image captioning, not for region (snippet) training", flip_features)
     vocab = build_vocab(ds, tcfg.min_count)
-    from vsa.generator.models import caption_model_class
-
     arch = caption_model_class(mcfg.arch)
     if hasattr(arch, "training_vocab"):  # an architecture that writes words of the features' labels
         vocab = arch.training_vocab(vocab, store.meta)
