@@ -14,6 +14,9 @@ alone:
 * re-ranking (:mod:`vsa.rerank`): ``forward`` through :func:`vsa.generator.decoding.sequence_logprob`;
 * inputs: ``reads_regions(cfg)`` and ``features_key(cfg)``, asked of the class before any model is built (by
   training, ``vsa caption``, ``vsa eval`` and the workspace's defaults).
+* optional, for an architecture that writes its features' labels (:mod:`vsa.generator.models.labelled`): the
+  classmethod ``training_vocab(vocab, features_meta)`` (the training vocabulary it needs) and ``setup(vocab,
+  features_meta, glove)`` (its tables, before the first training step); training calls them when present.
 
 An architecture is a class registered under a name with ``@register_caption_model("name")``; ``GeneratorConfig.arch``
 names it and a checkpoint stores that name, never code, and the weights (``state_dict``). The built-in
